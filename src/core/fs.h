@@ -1,0 +1,20 @@
+// File helpers that never leave a half-written file behind.
+#pragma once
+
+#include <filesystem>
+#include <string>
+#include <string_view>
+
+#include "core/result.h"
+
+namespace sn {
+
+Result<std::string> read_file(const std::filesystem::path& path);
+// Writes to PATH.tmp-<pid>, fsyncs, then renames over PATH: readers see the old
+// file or the new one, never a torn one, even if the process is killed.
+Status write_file_atomic(const std::filesystem::path& path, std::string_view data,
+                         int mode = 0644);
+// Creates DIR (and parents) and checks that it is writable.
+Status ensure_directory(const std::filesystem::path& dir);
+
+}  // namespace sn

@@ -1,0 +1,146 @@
+#include "core/job.h"
+
+#include <fmt/format.h>
+
+#include "core/toml_reader.h"
+
+namespace sn {
+
+int64_t ModelConfig::layer_parameter_count() const {
+  // ln1, attention qkv + out, ln2, mlp in + out (weights and biases)
+  int64_t d = d_model;
+  return 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * d_ff + d_ff) + (d_ff * d + d);
+}
+
+int64_t ModelConfig::parameter_count() const {
+  return vocab * d_model + seq_len * d_model + layers * layer_parameter_count() + 2 * d_model;
+}
+
+ModelConfig read_model_table(TomlTable& t) {
+  ModelConfig m;
+  m.layers = t.integer("layers", m.layers, 1, 4096);
+  m.d_model = t.integer("d_model", m.d_model, 1, 1 << 16);
+  m.heads = t.integer("heads", m.heads, 1, 1024);
+  m.d_ff = t.integer("d_ff", 4 * m.d_model, 1, 1 << 20);
+  m.vocab = t.integer("vocab", m.vocab, 16, 1 << 20);
+  m.seq_len = t.integer("seq_len", m.seq_len, 2, 1 << 20);
+  if (!t.failed() && m.d_model % m.heads != 0)
+    t.fail("heads", fmt::format("model.d_model ({}) must be divisible by model.heads ({})",
+                                m.d_model, m.heads));
+  return m;
+}
+
+static JobConfig read_job(TomlFile& file) {
+  JobConfig job;
+  TomlTable root = file.root();
+  job.name = root.string("name", job.name);
+
+  TomlTable model = root.table("model");
+  job.model = read_model_table(model);
+  model.reject_unknown_keys();
+
+  TomlTable data = root.table("data");
+  job.data.corpus = data.string("corpus", job.data.corpus);
+  job.data.cache_dir = data.string("cache_dir", job.data.cache_dir);
+  job.data.holdout_fraction = data.number("holdout_fraction", job.data.holdout_fraction, 0.0, 0.5);
+  data.reject_unknown_keys();
+
+  TomlTable parallel = root.table("parallel");
+  auto& p = job.parallel;
+  p.stages = parallel.integer("stages", p.stages, 1, 1024);
+  p.replicas = parallel.integer("replicas", p.replicas, 1, 1024);
+  p.micro_batches = parallel.integer("micro_batches", p.micro_batches, 1, 4096);
+  p.schedule = parallel.choice("schedule", p.schedule, {"1f1b", "gpipe"});
+  p.allreduce_chunk_bytes =
+      parallel.integer("allreduce_chunk_bytes", p.allreduce_chunk_bytes, 1024, int64_t(1) << 30);
+  if (!parallel.failed() && p.stages > job.model.layers)
+    parallel.fail("stages", fmt::format("parallel.stages ({}) exceeds model.layers ({})",
+                                        p.stages, job.model.layers));
+  parallel.reject_unknown_keys();
+
+  TomlTable train = root.table("train");
+  auto& t = job.train;
+  t.global_batch = train.integer("global_batch", t.global_batch, 1, 1 << 24);
+  t.steps = train.integer("steps", t.steps, 1, int64_t(1) << 40);
+  t.seed = static_cast<uint64_t>(train.integer("seed", static_cast<int64_t>(t.seed), 0, INT64_MAX));
+  t.checkpoint_every = train.integer("checkpoint_every", t.checkpoint_every, 0, INT64_MAX);
+  t.lr = train.number("lr", t.lr, 0.0, 10.0);
+  t.beta1 = train.number("beta1", t.beta1, 0.0, 0.999999);
+  t.beta2 = train.number("beta2", t.beta2, 0.0, 0.999999);
+  t.eps = train.number("eps", t.eps, 0.0, 1.0);
+  t.weight_decay = train.number("weight_decay", t.weight_decay, 0.0, 10.0);
+  t.warmup_steps = train.integer("warmup_steps", t.warmup_steps, 0, INT64_MAX);
+  t.eval_every = train.integer("eval_every", t.eval_every, 0, INT64_MAX);
+  if (!train.failed() && t.global_batch % (p.replicas * p.micro_batches) != 0)
+    train.fail("global_batch",
+               fmt::format("train.global_batch ({}) must be divisible by parallel.replicas × "
+                           "parallel.micro_batches ({} × {})",
+                           t.global_batch, p.replicas, p.micro_batches));
+  train.reject_unknown_keys();
+
+  TomlTable comp = root.table("compression");
+  auto& c = job.compression;
+  c.activations = comp.choice("activations", c.activations, {"none", "fp16", "quant", "aqsgd"});
+  c.forward_bits = comp.integer("forward_bits", c.forward_bits, 2, 8);
+  c.backward_bits = comp.integer("backward_bits", c.backward_bits, 2, 8);
+  c.gradients = comp.choice("gradients", c.gradients, {"none", "fp16", "cocktail"});
+  c.gradient_bits = comp.integer("gradient_bits", c.gradient_bits, 2, 8);
+  c.random_fraction = comp.number("random_fraction", c.random_fraction, 1e-6, 1.0);
+  c.topk_fraction = comp.number("topk_fraction", c.topk_fraction, 1e-6, 1.0);
+  comp.reject_unknown_keys();
+
+  root.reject_unknown_keys();
+  return job;
+}
+
+Result<JobConfig> parse_job_string(std::string_view text, const std::string& display_name) {
+  SN_ASSIGN(TomlFile file, TomlFile::parse_string(text, display_name));
+  JobConfig job = read_job(file);
+  SN_TRY(file.status());
+  job.source = display_name;
+  return job;
+}
+
+Result<JobConfig> parse_job_file(const std::filesystem::path& path) {
+  SN_ASSIGN(TomlFile file, TomlFile::parse_file(path));
+  JobConfig job = read_job(file);
+  SN_TRY(file.status());
+  job.source = path;
+  return job;
+}
+
+std::string job_to_toml(const JobConfig& j) {
+  auto q = [](const std::string& s) {
+    std::string out = "\"";
+    for (char c : s) {
+      if (c == '"' || c == '\\') out.push_back('\\');
+      out.push_back(c);
+    }
+    return out + "\"";
+  };
+  std::string out;
+  out += fmt::format("name = {}\n\n", q(j.name));
+  out += fmt::format("[model]\nlayers = {}\nd_model = {}\nheads = {}\nd_ff = {}\nvocab = {}\nseq_len = {}\n\n",
+                     j.model.layers, j.model.d_model, j.model.heads, j.model.d_ff, j.model.vocab,
+                     j.model.seq_len);
+  out += fmt::format("[data]\ncorpus = {}\ncache_dir = {}\nholdout_fraction = {:.17g}\n\n",
+                     q(j.data.corpus), q(j.data.cache_dir), j.data.holdout_fraction);
+  out += fmt::format("[parallel]\nstages = {}\nreplicas = {}\nmicro_batches = {}\nschedule = {}\nallreduce_chunk_bytes = {}\n\n",
+                     j.parallel.stages, j.parallel.replicas, j.parallel.micro_batches,
+                     q(j.parallel.schedule), j.parallel.allreduce_chunk_bytes);
+  out += fmt::format("[train]\nglobal_batch = {}\nsteps = {}\nseed = {}\ncheckpoint_every = {}\n"
+                     "lr = {:.17g}\nbeta1 = {:.17g}\nbeta2 = {:.17g}\neps = {:.17g}\n"
+                     "weight_decay = {:.17g}\nwarmup_steps = {}\neval_every = {}\n\n",
+                     j.train.global_batch, j.train.steps, j.train.seed, j.train.checkpoint_every,
+                     j.train.lr, j.train.beta1, j.train.beta2, j.train.eps, j.train.weight_decay,
+                     j.train.warmup_steps, j.train.eval_every);
+  out += fmt::format("[compression]\nactivations = {}\nforward_bits = {}\nbackward_bits = {}\n"
+                     "gradients = {}\ngradient_bits = {}\nrandom_fraction = {:.17g}\ntopk_fraction = {:.17g}\n",
+                     q(j.compression.activations), j.compression.forward_bits,
+                     j.compression.backward_bits, q(j.compression.gradients),
+                     j.compression.gradient_bits, j.compression.random_fraction,
+                     j.compression.topk_fraction);
+  return out;
+}
+
+}  // namespace sn

@@ -1,0 +1,89 @@
+// The job file: what to train, on what data, how to split it, and how to
+// optimise. Plain structs with defaults; parse_job validates every field in one
+// place and reports `file:line: what is wrong`. No tensors here, so the
+// scheduler and CLI can read jobs without LibTorch.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "core/result.h"
+
+namespace sn {
+
+class TomlTable;
+
+struct ModelConfig {
+  int64_t layers = 4;
+  int64_t d_model = 64;
+  int64_t heads = 4;
+  int64_t d_ff = 256;
+  int64_t vocab = 512;
+  int64_t seq_len = 64;
+
+  int64_t parameter_count() const;          // including the tied embedding once
+  int64_t layer_parameter_count() const;    // one transformer block
+};
+
+struct DataConfig {
+  // A text file, or "fortunes" for the Debian fortunes corpus.
+  std::string corpus = "fortunes";
+  std::string cache_dir;                    // empty: $XDG_CACHE_HOME/solvernet or ~/.cache/solvernet
+  double holdout_fraction = 0.05;           // sequences kept out of training for held-out loss
+};
+
+struct ParallelConfig {
+  int64_t stages = 1;                       // P: pipeline stages
+  int64_t replicas = 1;                     // D: data-parallel replicas of each stage
+  int64_t micro_batches = 1;                // per replica per step
+  std::string schedule = "1f1b";            // "1f1b" or "gpipe"
+  int64_t allreduce_chunk_bytes = 1 << 20;  // ring all-reduce message size
+};
+
+struct TrainConfig {
+  int64_t global_batch = 8;                 // sequences per optimizer step, over all replicas
+  int64_t steps = 20;
+  uint64_t seed = 1;
+  int64_t checkpoint_every = 0;             // 0: no periodic checkpoints
+  double lr = 3e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+  int64_t warmup_steps = 0;
+  int64_t eval_every = 0;                   // 0: held-out loss only at the end
+};
+
+struct CompressionConfig {
+  std::string activations = "none";         // none | fp16 | quant | aqsgd
+  int64_t forward_bits = 4;
+  int64_t backward_bits = 8;
+  std::string gradients = "none";           // none | fp16 | cocktail
+  int64_t gradient_bits = 4;
+  double random_fraction = 0.1;             // CocktailSGD: random subset kept
+  double topk_fraction = 0.2;               // CocktailSGD: top-k of that subset
+};
+
+struct JobConfig {
+  std::string name = "job";
+  ModelConfig model;
+  DataConfig data;
+  ParallelConfig parallel;
+  TrainConfig train;
+  CompressionConfig compression;
+  std::filesystem::path source;             // the file it was read from, for messages
+
+  int64_t sequences_per_micro_batch() const {
+    return train.global_batch / (parallel.replicas * parallel.micro_batches);
+  }
+};
+
+Result<JobConfig> parse_job_file(const std::filesystem::path& path);
+Result<JobConfig> parse_job_string(std::string_view text, const std::string& display_name);
+// Reads a [model] table (also used by `solvernet plan --model FILE`).
+ModelConfig read_model_table(TomlTable& table);
+// Serialises a job back to TOML (sent to nodes; parse(to_toml(j)) == j).
+std::string job_to_toml(const JobConfig& job);
+
+}  // namespace sn

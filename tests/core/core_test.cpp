@@ -1,0 +1,138 @@
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "core/fs.h"
+#include "core/hash.h"
+#include "core/job.h"
+#include "core/keys.h"
+#include "core/merkle.h"
+#include "core/process.h"
+
+namespace fs = std::filesystem;
+using namespace sn;
+
+static fs::path temp_dir(const std::string& name) {
+  auto dir = fs::temp_directory_path() / ("sn-core-test-" + name + "-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  return dir;
+}
+
+TEST(Keys, CreatedOnceThenReloadedWithSameId) {
+  auto dir = temp_dir("keys");
+  auto first = NodeKey::load_or_create(dir);
+  ASSERT_TRUE(first.ok()) << first.message();
+  auto second = NodeKey::load_or_create(dir);
+  ASSERT_TRUE(second.ok()) << second.message();
+  EXPECT_EQ(first->node_id(), second->node_id());
+  EXPECT_EQ(first->node_id().size(), 64u);
+  EXPECT_EQ(fs::status(dir / "node.key").permissions() & fs::perms::others_read, fs::perms::none);
+  fs::remove_all(dir);
+}
+
+TEST(Keys, SignatureRejectsTamperedMessage) {
+  NodeKey key = NodeKey::generate();
+  std::string msg = "announce node at 127.0.0.1:7000";
+  Signature sig = key.sign(as_bytes(msg));
+  EXPECT_TRUE(verify_signature(key.public_key(), as_bytes(msg), sig));
+  std::string tampered = msg;
+  tampered[5] ^= 1;
+  EXPECT_FALSE(verify_signature(key.public_key(), as_bytes(tampered), sig));
+  NodeKey other = NodeKey::generate();
+  EXPECT_FALSE(verify_signature(other.public_key(), as_bytes(msg), sig));
+}
+
+TEST(Keys, CorruptKeyFileIsAnError) {
+  auto dir = temp_dir("corrupt");
+  fs::create_directories(dir);
+  ASSERT_TRUE(write_file_atomic(dir / "node.key", "garbage").ok());
+  auto key = NodeKey::load_or_create(dir);
+  ASSERT_FALSE(key.ok());
+  EXPECT_NE(key.message().find("node.key"), std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST(Hash, HexRoundTrip) {
+  Hash256 h = hash_string("abc");
+  auto back = from_hex(to_hex(h));
+  ASSERT_TRUE(back.ok());
+  EXPECT_EQ(std::string(h.begin(), h.end()), *back);
+  EXPECT_FALSE(from_hex("abz").ok());
+}
+
+TEST(Merkle, ProofsVerifyAndDetectTampering) {
+  for (size_t n : {1u, 2u, 3u, 5u, 8u, 13u}) {
+    std::vector<Hash256> leaves;
+    for (size_t i = 0; i < n; ++i) leaves.push_back(merkle_leaf(as_bytes(std::to_string(i))));
+    Hash256 root = merkle_root(leaves);
+    for (size_t i = 0; i < n; ++i) {
+      auto proof = merkle_proof(leaves, i);
+      EXPECT_TRUE(merkle_verify(root, leaves[i], proof)) << n << " " << i;
+      Hash256 wrong = merkle_leaf(as_bytes("x"));
+      EXPECT_FALSE(merkle_verify(root, wrong, proof));
+    }
+  }
+}
+
+TEST(Job, ParsesAndRoundTrips) {
+  auto job = parse_job_string(R"(
+name = "tiny"
+[model]
+layers = 4
+d_model = 64
+heads = 4
+[parallel]
+stages = 2
+replicas = 2
+micro_batches = 2
+[train]
+global_batch = 8
+steps = 5
+lr = 0.001
+)", "job.toml");
+  ASSERT_TRUE(job.ok()) << job.message();
+  EXPECT_EQ(job->parallel.stages, 2);
+  EXPECT_EQ(job->model.d_ff, 256);
+  EXPECT_EQ(job->sequences_per_micro_batch(), 2);
+  auto again = parse_job_string(job_to_toml(*job), "again.toml");
+  ASSERT_TRUE(again.ok()) << again.message();
+  EXPECT_EQ(job_to_toml(*again), job_to_toml(*job));
+}
+
+TEST(Job, ErrorsNameFileAndLine) {
+  auto bad = parse_job_string("[model]\nlayers = 2\n\n[parallel]\nstages = 0\n", "j.toml");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.message(), "j.toml:5: parallel.stages must be in [1, 1024], got 0");
+  EXPECT_EQ(bad.error().exit_code, kExitBadInput);
+
+  auto typo = parse_job_string("[train]\nstepz = 3\n", "j.toml");
+  ASSERT_FALSE(typo.ok());
+  EXPECT_EQ(typo.message(), "j.toml:2: unknown key train.stepz");
+
+  auto indivisible = parse_job_string("[parallel]\nreplicas = 3\n[train]\nglobal_batch = 8\n", "j.toml");
+  ASSERT_FALSE(indivisible.ok());
+  EXPECT_NE(indivisible.message().find("j.toml:4: train.global_batch (8) must be divisible"), std::string::npos);
+
+  auto syntax = parse_job_string("[model\n", "j.toml");
+  ASSERT_FALSE(syntax.ok());
+  EXPECT_EQ(syntax.message().rfind("j.toml:1:", 0), 0u);
+}
+
+TEST(Process, RunCommandCapturesOutputAndFailure) {
+  auto out = run_command({"sh", "-c", "echo hello"});
+  ASSERT_TRUE(out.ok()) << out.message();
+  EXPECT_EQ(*out, "hello\n");
+  auto fail = run_command({"sh", "-c", "echo oops >&2; exit 3"});
+  ASSERT_FALSE(fail.ok());
+  EXPECT_NE(fail.message().find("status 3"), std::string::npos);
+  EXPECT_NE(fail.message().find("oops"), std::string::npos);
+}
+
+TEST(Process, TerminateReapsChild) {
+  auto child = ChildProcess::spawn({"sleep", "30"});
+  ASSERT_TRUE(child.ok());
+  pid_t pid = child->pid();
+  EXPECT_TRUE(child->running());
+  child->terminate(std::chrono::milliseconds(500));
+  EXPECT_NE(::kill(pid, 0), 0);
+}
