@@ -1,0 +1,68 @@
+#include "net/rpc.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+namespace sn::net {
+
+std::shared_ptr<grpc::Channel> make_channel(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  args.SetMaxSendMessageSize(kMaxMessageBytes);
+  // Fail fast on a dead peer rather than waiting for reconnect back-off.
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+Result<std::pair<std::string, int>> split_host_port(const std::string& address) {
+  auto colon = address.rfind(':');
+  if (colon == std::string::npos || colon == 0)
+    return input_error("bad address \"{}\": expected HOST:PORT", address);
+  std::string host = address.substr(0, colon);
+  std::string port_text = address.substr(colon + 1);
+  try {
+    size_t used = 0;
+    int port = std::stoi(port_text, &used);
+    if (used != port_text.size() || port < 0 || port > 65535) throw std::out_of_range("port");
+    return std::make_pair(host, port);
+  } catch (const std::exception&) {
+    return input_error("bad address \"{}\": port must be a number in 0..65535", address);
+  }
+}
+
+// gRPC binds with SO_REUSEPORT, so a taken port can look free to it; check
+// with a plain socket first so "port in use" is reported as such.
+static bool tcp_port_in_use(int port) {
+  if (port == 0) return false;
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_ANY);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  bool in_use = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0;
+  ::close(fd);
+  return in_use;
+}
+
+Result<RunningServer> start_server(const std::string& listen, grpc::Service* service) {
+  SN_ASSIGN(auto host_port, split_host_port(listen));
+  if (tcp_port_in_use(host_port.second))
+    return input_error("cannot listen on {}: port {} is in use", listen, host_port.second);
+  grpc::ServerBuilder builder;
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  RunningServer running;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &running.port);
+  builder.RegisterService(service);
+  running.server = builder.BuildAndStart();
+  if (!running.server || running.port == 0)
+    return input_error("cannot listen on {}: address unavailable or port in use", listen);
+  return running;
+}
+
+}  // namespace sn::net

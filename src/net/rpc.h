@@ -1,0 +1,41 @@
+// gRPC plumbing shared by every process: channels and servers with the
+// message-size limits tensors need, and status conversion.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+
+#include "core/result.h"
+
+namespace sn::net {
+
+// Largest message on the wire (a 64 MB tensor plus headers).
+inline constexpr int kMaxMessageBytes = 256 << 20;
+
+std::shared_ptr<grpc::Channel> make_channel(const std::string& address);
+
+// Starts SERVICE on LISTEN ("host:port"; port 0 picks a free one). Fails with a
+// one-line error if the address is malformed or the port is in use.
+struct RunningServer {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+};
+Result<RunningServer> start_server(const std::string& listen, grpc::Service* service);
+
+// Splits "host:port"; error names the bad value.
+Result<std::pair<std::string, int>> split_host_port(const std::string& address);
+
+inline Error from_grpc(const grpc::Status& status, const std::string& what) {
+  return make_error("{}: {}", what, status.error_message().empty()
+                                        ? std::string("gRPC code ") + std::to_string(status.error_code())
+                                        : status.error_message());
+}
+
+inline grpc::Status to_grpc(const Error& error,
+                            grpc::StatusCode code = grpc::StatusCode::INVALID_ARGUMENT) {
+  return grpc::Status(code, error.message);
+}
+
+}  // namespace sn::net
