@@ -106,6 +106,13 @@ Result<JobConfig> parse_job_file(const std::filesystem::path& path) {
   JobConfig job = read_job(file);
   SN_TRY(file.status());
   job.source = path;
+  // Relative data paths are relative to the job file, so a job can ship its data.
+  auto resolve = [&](std::string& value) {
+    if (!value.empty() && value != "fortunes" && std::filesystem::path(value).is_relative())
+      value = (path.parent_path() / value).lexically_normal().string();
+  };
+  resolve(job.data.corpus);
+  if (!job.data.cache_dir.empty()) resolve(job.data.cache_dir);
   return job;
 }
 

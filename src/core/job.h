@@ -27,7 +27,7 @@ struct ModelConfig {
 };
 
 struct DataConfig {
-  // A text file, or "fortunes" for the Debian fortunes corpus.
+  // A text file (relative to the job file), or "fortunes" for the Debian fortunes corpus.
   std::string corpus = "fortunes";
   std::string cache_dir;                    // empty: $XDG_CACHE_HOME/solvernet or ~/.cache/solvernet
   double holdout_fraction = 0.05;           // sequences kept out of training for held-out loss
