@@ -2,10 +2,8 @@
 // exchanging signed tensor messages over emulated links.
 #include <gtest/gtest.h>
 
-#include <atomic>
 
-#include "net/rpc.h"
-#include "net/transport.h"
+#include "net/local_mesh.h"
 
 using namespace sn;
 using namespace sn::net;
@@ -13,47 +11,19 @@ using namespace std::chrono_literals;
 
 namespace {
 
-class DeliveringService final : public solvernet::v1::Node::Service {
- public:
-  std::atomic<JobTransport*> transport{nullptr};
-  grpc::Status Send(grpc::ServerContext*, const solvernet::v1::TensorMessage* request,
-                    solvernet::v1::Empty*) override {
-    JobTransport* t = transport.load();
-    if (!t) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "no job");
-    auto status = t->deliver(*request);
-    return status.ok() ? grpc::Status::OK : to_grpc(status.error());
-  }
-};
-
 struct Pair {
-  NodeKey key_a = NodeKey::generate();
-  NodeKey key_b = NodeKey::generate();
-  DeliveringService service_a, service_b;
-  RunningServer server_a, server_b;
-  std::unique_ptr<JobTransport> a, b;
   Topology topology;
+  std::unique_ptr<LocalMesh> mesh;
+  JobTransport* a = nullptr;
+  JobTransport* b = nullptr;
 
   explicit Pair(const std::string& topology_text) {
     auto topo = parse_topology_string(topology_text, "t.toml");
     EXPECT_TRUE(topo.ok()) << topo.message();
     topology = *topo;
-    server_a = std::move(start_server("127.0.0.1:0", &service_a).value());
-    server_b = std::move(start_server("127.0.0.1:0", &service_b).value());
-    std::vector<MemberInfo> members = {
-        {key_a.node_id(), key_a.public_key(), "127.0.0.1:" + std::to_string(server_a.port), "west", 0, 0},
-        {key_b.node_id(), key_b.public_key(), "127.0.0.1:" + std::to_string(server_b.port), "east", 1, 0}};
-    a = std::move(JobTransport::create("job1", key_a, members, 0, &topology, {}).value());
-    b = std::move(JobTransport::create("job1", key_b, members, 1, &topology, {}).value());
-    service_a.transport = a.get();
-    service_b.transport = b.get();
-  }
-  ~Pair() {
-    service_a.transport = nullptr;
-    service_b.transport = nullptr;
-    a.reset();
-    b.reset();
-    server_a.server->Shutdown();
-    server_b.server->Shutdown();
+    mesh = std::move(LocalMesh::create({"west", "east"}, &topology).value());
+    a = &mesh->member(0);
+    b = &mesh->member(1);
   }
 };
 
@@ -136,7 +106,7 @@ TEST(Transport, RejectsForgedAndForeignMessages) {
   // A message signed by a key that is not a member.
   NodeKey stranger = NodeKey::generate();
   auto m = make_message("act", 0, 10);
-  m.set_job_id("job1");
+  m.set_job_id("mesh");
   m.set_from_node_id(stranger.node_id());
   auto sig = stranger.sign(tensor_message_digest(m));
   m.set_signature(sig.data(), sig.size());
@@ -146,9 +116,9 @@ TEST(Transport, RejectsForgedAndForeignMessages) {
 
   // A member's message with its payload altered after signing.
   auto forged = make_message("act", 0, 10);
-  forged.set_job_id("job1");
-  forged.set_from_node_id(p.key_a.node_id());
-  auto good_sig = p.key_a.sign(tensor_message_digest(forged));
+  forged.set_job_id("mesh");
+  forged.set_from_node_id(p.mesh->key(0).node_id());
+  auto good_sig = p.mesh->key(0).sign(tensor_message_digest(forged));
   forged.set_signature(good_sig.data(), good_sig.size());
   forged.mutable_tensor()->mutable_data()->at(0) = 'x';
   auto bad = p.b->deliver(forged);
@@ -177,12 +147,11 @@ TEST(Transport, ReceiveTimesOutAndAbortWakesWaiters) {
 
 TEST(Transport, VanishedPeerSurfacesAsSendError) {
   Pair p(kTopology);
-  p.service_b.transport = nullptr;
-  p.server_b.server->Shutdown();
+  p.mesh->kill(1);
   ASSERT_TRUE(p.a->send(1, make_message("act", 0, 10), Traffic::kPipeline).ok());
   auto flushed = p.a->flush(30000ms);
   ASSERT_FALSE(flushed.ok());
-  EXPECT_NE(flushed.message().find("stage 1, replica 0"), std::string::npos);
+  EXPECT_NE(flushed.message().find("stage 0, replica 1"), std::string::npos);
   EXPECT_FALSE(p.a->send(1, make_message("act", 1, 10), Traffic::kPipeline).ok());
 }
 

@@ -1,0 +1,36 @@
+// N job members in one process, each with its own gRPC server on 127.0.0.1
+// and its own JobTransport: the real transport, for benchmarks and tests that
+// do not need separate processes.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "net/rpc.h"
+#include "net/transport.h"
+
+namespace sn::net {
+
+class LocalMesh {
+ public:
+  // REGIONS[i] is member i's region in TOPOLOGY (null: links not emulated).
+  static Result<std::unique_ptr<LocalMesh>> create(const std::vector<std::string>& regions,
+                                                   const Topology* topology, EmulationScale scale = {});
+  ~LocalMesh();
+
+  size_t size() const { return transports_.size(); }
+  JobTransport& member(size_t i) { return *transports_.at(i); }
+  const NodeKey& key(size_t i) const { return *keys_.at(i); }
+  // Stops member I's server, as if its process died.
+  void kill(size_t i);
+
+ private:
+  class DeliveringService;
+  std::vector<std::unique_ptr<NodeKey>> keys_;
+  std::vector<std::unique_ptr<DeliveringService>> services_;
+  std::vector<RunningServer> servers_;
+  std::vector<std::unique_ptr<JobTransport>> transports_;
+};
+
+}  // namespace sn::net
