@@ -47,6 +47,8 @@ class [[nodiscard]] Result {
   T& operator*() & { return value(); }
   const T& operator*() const& { return value(); }
 
+  T value_or(T fallback) const& { return ok() ? std::get<0>(state_) : std::move(fallback); }
+
   const Error& error() const { return std::get<1>(state_); }
   const std::string& message() const { return error().message; }
 

@@ -1,0 +1,207 @@
+// solvernet devnet: the whole network on this machine — a DHT bootstrap and N
+// node processes on 127.0.0.1 over emulated links — running one job end to end.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <iostream>
+
+#include "cli/command.h"
+#include "cli/job_runner.h"
+#include "cli/signals.h"
+#include "core/fs.h"
+#include "core/log.h"
+#include "core/process.h"
+
+namespace sn::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct DevnetArgs {
+  int nodes = 0;
+  std::string topology = std::string(SOLVERNET_SOURCE_DIR) + "/examples/topologies/two-regions.toml";
+  std::string job = std::string(SOLVERNET_SOURCE_DIR) + "/examples/jobs/tiny.toml";
+  int64_t steps = 0;
+  std::string summary_json;
+  std::string out;
+  std::string emulate;
+  std::string algo = "ours";
+  std::string init;
+  bool keep = false;
+  bool json = false;
+};
+
+int free_port(int type) {
+  int fd = ::socket(AF_INET, type, 0);
+  if (fd < 0) return 0;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
+    port = ntohs(addr.sin_port);
+  ::close(fd);
+  return port;
+}
+
+std::string tail_of(const fs::path& log, size_t lines) {
+  auto text = read_file(log);
+  if (!text.ok()) return "";
+  std::vector<std::string> all;
+  size_t start = 0;
+  for (size_t i = 0; i <= text->size(); ++i)
+    if (i == text->size() || (*text)[i] == '\n') {
+      if (i > start) all.push_back(text->substr(start, i - start));
+      start = i + 1;
+    }
+  std::string out;
+  for (size_t i = all.size() > lines ? all.size() - lines : 0; i < all.size(); ++i) out += "    " + all[i] + "\n";
+  return out;
+}
+
+// Owns the devnet's processes and temp dir; the destructor stops and removes them.
+class Devnet {
+ public:
+  ~Devnet() {
+    for (auto& child : nodes_) child.terminate(std::chrono::milliseconds(3000));
+    dht_.terminate(std::chrono::milliseconds(2000));
+    if (!dir_.empty() && !keep_) {
+      std::error_code ec;
+      fs::remove_all(dir_, ec);
+    }
+  }
+
+  Status start(const DevnetArgs& args, const Topology& topology, int nodes) {
+    keep_ = args.keep;
+    char tmpl[] = "/tmp/solvernet-devnet-XXXXXX";
+    if (!::mkdtemp(tmpl)) return make_error("cannot create a temp dir in /tmp");
+    dir_ = tmpl;
+    std::string self = self_executable().string();
+    dht_port_ = free_port(SOCK_DGRAM);
+    if (dht_port_ == 0) return make_error("no free UDP port for the DHT bootstrap");
+    SpawnOptions dht_options;
+    dht_options.stdout_path = dht_options.stderr_path = dir_ / "dht.log";
+    SN_ASSIGN(dht_, ChildProcess::spawn({self, "dht", "--port", std::to_string(dht_port_)}, dht_options));
+    auto regions = topology.device_regions();
+    for (int i = 0; i < nodes; ++i) {
+      SpawnOptions options;
+      options.stdout_path = options.stderr_path = dir_ / fmt::format("node{}.log", i);
+      std::vector<std::string> argv = {self, "node", "--data", (dir_ / fmt::format("node{}", i)).string(),
+                                       "--listen", "127.0.0.1:0", "--dht-port", "0",
+                                       "--bootstrap", bootstrap(), "--region",
+                                       topology.regions[static_cast<size_t>(regions[static_cast<size_t>(i)])].name,
+                                       "--parent-pid", std::to_string(::getpid())};
+      SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
+      nodes_.push_back(std::move(child));
+    }
+    return ok_status();
+  }
+
+  // The log tails of processes that have exited, for error messages.
+  std::string dead_processes_report() {
+    std::string report;
+    for (size_t i = 0; i < nodes_.size(); ++i)
+      if (!nodes_[i].running())
+        report += fmt::format("  node {} exited; last lines of {}:\n{}", i, (dir_ / fmt::format("node{}.log", i)).string(),
+                              tail_of(dir_ / fmt::format("node{}.log", i), 5));
+    if (!dht_.running()) report += "  the DHT bootstrap exited:\n" + tail_of(dir_ / "dht.log", 5);
+    return report;
+  }
+
+  std::string bootstrap() const { return "127.0.0.1:" + std::to_string(dht_port_); }
+  const fs::path& dir() const { return dir_; }
+  ChildProcess& node(size_t i) { return nodes_.at(i); }
+
+ private:
+  fs::path dir_;
+  bool keep_ = false;
+  int dht_port_ = 0;
+  ChildProcess dht_;
+  std::vector<ChildProcess> nodes_;
+};
+
+int run_devnet(const DevnetArgs& args) {
+  init_logging("devnet", "warn");
+  install_stop_handlers();
+  auto job = parse_job_file(args.job);
+  if (!job.ok()) return fail("devnet", job.message(), job.error().exit_code);
+  auto topology = parse_topology_file(args.topology);
+  if (!topology.ok()) return fail("devnet", topology.message(), 2);
+  RunSpec spec;
+  spec.job = *job;
+  if (args.steps > 0) spec.job.train.steps = args.steps;
+  spec.topology = *topology;
+  spec.emulate = args.emulate;
+  spec.algo = args.algo;
+  spec.quiet = args.json;
+  spec.initial_weights = args.init;
+  const int needed = static_cast<int>(spec.job.parallel.stages * spec.job.parallel.replicas);
+  const int nodes = args.nodes > 0 ? args.nodes : std::max(needed, topology->device_count());
+  if (nodes < needed)
+    return fail("devnet", fmt::format("--nodes {} is fewer than the job's {} stages × {} replicas", nodes,
+                                      spec.job.parallel.stages, spec.job.parallel.replicas), 2);
+  if (nodes > topology->device_count())
+    return fail("devnet", fmt::format("{}: the topology has places for {} nodes, --nodes asks for {}", args.topology,
+                                      topology->device_count(), nodes), 2);
+  fs::path model_out = args.out;
+  if (model_out.empty())
+    model_out = args.summary_json.empty() ? fs::path("devnet-model.safetensors")
+                                          : fs::path(args.summary_json).parent_path() / "devnet-model.safetensors";
+  spec.model_out = model_out;
+
+  Devnet devnet;
+  if (auto started = devnet.start(args, *topology, nodes); !started.ok()) return fail("devnet", started.message());
+  if (!args.json)
+    std::cerr << fmt::format("devnet: {} nodes on topology \"{}\", DHT bootstrap {}, logs in {}\n", nodes,
+                             topology->name, devnet.bootstrap(), devnet.dir().string());
+  auto found = discover_nodes({devnet.bootstrap()}, static_cast<size_t>(nodes), std::chrono::seconds(60));
+  if (stop_requested()) return fail("devnet", "interrupted", 130);
+  if (!found.ok()) return fail("devnet", found.message() + "\n" + devnet.dead_processes_report());
+  if (!args.json) std::cerr << fmt::format("devnet: all {} nodes discovered\n", found->size());
+
+  auto summary = run_job_on_nodes(spec, *found);
+  if (!summary.ok()) {
+    std::string report = devnet.dead_processes_report();
+    return fail("devnet", summary.message() + (report.empty() ? "" : "\n" + report),
+                stop_requested() ? 130 : summary.error().exit_code);
+  }
+  (*summary)["devnet_dir"] = args.keep ? devnet.dir().string() : "";
+  if (!args.summary_json.empty()) {
+    auto written = write_file_atomic(args.summary_json, summary->dump(2) + "\n");
+    if (!written.ok()) return fail("devnet", written.message());
+  }
+  if (args.json)
+    std::cout << summary->dump(2) << std::endl;
+  else {
+    print_summary_table(*summary);
+    if (!args.summary_json.empty()) std::cout << "  summary                " << args.summary_json << "\n";
+  }
+  return 0;
+}
+
+CommandRegistration devnet_command(
+    "devnet", "Run the whole network on this machine and train one job end to end",
+    [](CLI::App& app) -> std::function<int()> {
+      auto args = std::make_shared<DevnetArgs>();
+      app.add_option("--nodes", args->nodes, "Node processes (default: the topology's node count)");
+      app.add_option("--topology", args->topology, "Topology file")->capture_default_str();
+      app.add_option("--job", args->job, "Job file")->capture_default_str();
+      app.add_option("--steps", args->steps, "Override train.steps");
+      app.add_option("--summary-json", args->summary_json, "Write the summary JSON here");
+      app.add_option("--out", args->out, "Write the final model here (default: beside the summary, or ./)");
+      app.add_option("--emulate", args->emulate, "raw | scaled (default: the topology's mode)")
+          ->check(CLI::IsMember({"raw", "scaled"}));
+      app.add_option("--algo", args->algo, "Placement: ours | dtfm | random | naive")->capture_default_str();
+      app.add_option("--init", args->init, "Start from these weights (safetensors)");
+      app.add_flag("--keep", args->keep, "Keep the temp dir (logs, node data) afterwards");
+      app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
+      return [args] { return run_devnet(*args); };
+    });
+
+}  // namespace
+}  // namespace sn::cli

@@ -1,0 +1,119 @@
+// solvernet node: contribute this machine — serve jobs over gRPC and announce
+// itself in the DHT until stopped.
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <iostream>
+#include <mutex>
+
+#include "cli/command.h"
+#include "cli/signals.h"
+#include "core/keys.h"
+#include "core/log.h"
+#include "core/process.h"
+#include "net/announce.h"
+#include "net/discovery.h"
+#include "net/rpc.h"
+#include "net/topology.h"
+#include "train/train.h"
+
+namespace sn::cli {
+namespace {
+
+struct NodeArgs {
+  std::string data_dir;
+  std::string listen = "127.0.0.1:7000";
+  std::string advertise;
+  int dht_port = 4222;
+  std::vector<std::string> bootstrap;
+  std::string region = "default";
+  std::string topology;
+  int parent_pid = 0;
+  std::string log_level = "info";
+  int peer_timeout_s = 60;
+};
+
+int run_node(const NodeArgs& args) {
+  block_stop_signals();
+  if (args.parent_pid > 0) die_with_parent(args.parent_pid);
+  auto key = NodeKey::load_or_create(args.data_dir);
+  if (!key.ok()) return fail("node", key.message(), 2);
+  init_logging("node " + key->node_id().substr(0, 8), args.log_level);
+  train::init_single_threaded();
+
+  if (!args.topology.empty()) {
+    auto topology = parse_topology_file(args.topology);
+    if (!topology.ok()) return fail("node", topology.message(), 2);
+    if (topology->region_index(args.region) < 0)
+      return fail("node", "region \"" + args.region + "\" is not in " + args.topology, 2);
+  }
+
+  std::mutex info_mutex;
+  solvernet::v1::NodeInfo info = net::local_node_info(*key, args.region);
+  std::unique_ptr<net::Discovery> discovery;
+
+  train::NodeServiceOptions options;
+  options.key = &*key;
+  options.data_dir = args.data_dir;
+  options.peer_timeout = std::chrono::seconds(args.peer_timeout_s);
+  options.signed_info = [&] {
+    std::lock_guard<std::mutex> lock(info_mutex);
+    return net::sign_node_info(info, *key);
+  };
+  options.on_job_change = [&](const std::string& job_id) {
+    std::lock_guard<std::mutex> lock(info_mutex);
+    info.set_busy_job_id(job_id);
+    if (discovery) discovery->update_announcement(info);
+  };
+  auto service = train::make_node_service(options);
+  auto server = net::start_server(args.listen, service.get());
+  if (!server.ok()) return fail("node", server.message(), 2);
+  auto host = net::split_host_port(args.advertise.empty() ? args.listen : args.advertise);
+  if (!host.ok()) return fail("node", host.message(), 2);
+  std::string address = host->first + ":" + std::to_string(args.advertise.empty() ? server->port : host->second);
+  if (host->first == "0.0.0.0") return fail("node", "listening on 0.0.0.0: give --advertise HOST:PORT that peers can reach", 2);
+  {
+    std::lock_guard<std::mutex> lock(info_mutex);
+    info.set_address(address);
+  }
+
+  auto started = net::Discovery::start(static_cast<uint16_t>(args.dht_port), args.bootstrap);
+  if (!started.ok()) {
+    server->server->Shutdown();
+    return fail("node", started.message(), 2);
+  }
+  {
+    std::lock_guard<std::mutex> lock(info_mutex);
+    discovery = std::move(started).value();
+    discovery->announce(info, *key);
+  }
+  std::cout << "node " << key->node_id() << " listening on " << address << " (dht port "
+            << discovery->port() << ", region " << args.region << ", "
+            << static_cast<int>(info.compute_gflops()) << " GFLOP/s)" << std::endl;
+
+  int signal_number = wait_for_stop_signal();
+  spdlog::info("stopping on signal {}", signal_number);
+  discovery->stop();
+  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  return 0;
+}
+
+CommandRegistration node_command(
+    "node", "Run a node: serve training work and announce it in the DHT",
+    [](CLI::App& app) -> std::function<int()> {
+      auto args = std::make_shared<NodeArgs>();
+      app.add_option("--data", args->data_dir, "Data dir: node key, checkpoints")->required();
+      app.add_option("--listen", args->listen, "gRPC address HOST:PORT (port 0: any free)")->capture_default_str();
+      app.add_option("--advertise", args->advertise, "Address peers should use, if not --listen");
+      app.add_option("--dht-port", args->dht_port, "UDP port of the DHT (0: any free)")->capture_default_str();
+      app.add_option("--bootstrap", args->bootstrap, "DHT node to join, HOST:PORT (repeatable)");
+      app.add_option("--region", args->region, "Region name (as in the topology file)")->capture_default_str();
+      app.add_option("--topology", args->topology, "Topology file, to check --region against");
+      app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long to wait for a peer's tensor")->capture_default_str();
+      app.add_option("--log-level", args->log_level, "trace|debug|info|warn|error")->capture_default_str();
+      app.add_option("--parent-pid", args->parent_pid, "Exit when this process dies (used by devnet)")->group("");
+      return [args] { return run_node(*args); };
+    });
+
+}  // namespace
+}  // namespace sn::cli

@@ -1,0 +1,82 @@
+// solvernet train: run a training job on the network (or, with --local, in
+// this process as the reference).
+#include <iostream>
+
+#include "cli/command.h"
+#include "cli/job_runner.h"
+#include "core/fs.h"
+#include "core/log.h"
+
+namespace sn::cli {
+namespace {
+
+struct TrainArgs {
+  std::string job_file;
+  std::vector<std::string> bootstrap;
+  bool local = false;
+  std::string topology_file;
+  std::string emulate;
+  std::string algo = "ours";
+  std::string out;
+  std::string init;
+  int64_t steps = 0;
+  bool json = false;
+  int wait_s = 60;
+};
+
+int run_train(const TrainArgs& args) {
+  init_logging("train", "warn");
+  auto job = parse_job_file(args.job_file);
+  if (!job.ok()) return fail("train", job.message(), job.error().exit_code);
+  RunSpec spec;
+  spec.job = *job;
+  if (args.steps > 0) spec.job.train.steps = args.steps;
+  spec.model_out = args.out;
+  spec.initial_weights = args.init;
+  spec.quiet = args.json;
+  spec.algo = args.algo;
+  spec.emulate = args.emulate;
+  if (!args.topology_file.empty()) {
+    auto topology = parse_topology_file(args.topology_file);
+    if (!topology.ok()) return fail("train", topology.message(), 2);
+    spec.topology = *topology;
+  }
+  Result<nlohmann::json> summary = Error{};
+  if (args.local) {
+    summary = run_job_locally(spec);
+  } else {
+    if (args.bootstrap.empty()) return fail("train", "give --bootstrap HOST:PORT (or --local)", 2);
+    size_t want = static_cast<size_t>(spec.job.parallel.stages * spec.job.parallel.replicas);
+    auto nodes = discover_nodes(args.bootstrap, want, std::chrono::seconds(args.wait_s));
+    if (!nodes.ok()) return fail("train", nodes.message(), nodes.error().exit_code);
+    summary = run_job_on_nodes(spec, *nodes);
+  }
+  if (!summary.ok()) return fail("train", summary.message(), summary.error().exit_code);
+  if (args.json)
+    std::cout << summary->dump(2) << std::endl;
+  else
+    print_summary_table(*summary);
+  return 0;
+}
+
+CommandRegistration train_command(
+    "train", "Train a model: on discovered nodes (--bootstrap) or in this process (--local)",
+    [](CLI::App& app) -> std::function<int()> {
+      auto args = std::make_shared<TrainArgs>();
+      app.add_option("--job", args->job_file, "Job file (TOML; see examples/jobs)")->required();
+      app.add_option("--bootstrap", args->bootstrap, "DHT node to discover nodes through, HOST:PORT");
+      app.add_flag("--local", args->local, "Train the whole model in this process (the reference run)");
+      app.add_option("--topology", args->topology_file, "Topology file: links to emulate between the nodes");
+      app.add_option("--emulate", args->emulate, "raw | scaled (default: the topology's mode)")
+          ->check(CLI::IsMember({"raw", "scaled"}));
+      app.add_option("--algo", args->algo, "Placement: ours | dtfm | random | naive")->capture_default_str();
+      app.add_option("--out", args->out, "Write the final model here (safetensors)");
+      app.add_option("--init", args->init, "Start from these weights (safetensors), e.g. to fine-tune");
+      app.add_option("--steps", args->steps, "Override train.steps");
+      app.add_option("--wait-s", args->wait_s, "How long to wait for enough nodes")->capture_default_str();
+      app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
+      return [args] { return run_train(*args); };
+    });
+
+}  // namespace
+}  // namespace sn::cli

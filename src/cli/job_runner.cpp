@@ -1,0 +1,152 @@
+#include "cli/job_runner.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <iostream>
+
+#include "cli/placement.h"
+#include "cli/signals.h"
+#include "net/discovery.h"
+#include "train/train.h"
+
+namespace sn::cli {
+namespace {
+
+std::string megabytes(int64_t bytes) { return fmt::format("{:.2f} MB", static_cast<double>(bytes) / 1e6); }
+
+class ProgressLine {
+ public:
+  explicit ProgressLine(bool quiet) : quiet_(quiet), tty_(::isatty(2)) {}
+  void operator()(const train::StepReport& r) {
+    if (quiet_) return;
+    std::string line = fmt::format("step {}/{}  loss {:.4f}  {:.0f} tok/s  {:.2f} s/step", r.step, r.steps,
+                                   r.loss, r.tokens_per_s, r.step_seconds);
+    for (const auto& [cls, bytes] : r.bytes_by_class) line += fmt::format("  {} {}", cls, megabytes(bytes));
+    if (tty_) {
+      std::cerr << "\r\033[K" << line << std::flush;
+      if (r.step == r.steps) std::cerr << "\n";
+    } else if (r.step == 1 || r.step == r.steps || r.step % std::max<int64_t>(1, r.steps / 10) == 0) {
+      std::cerr << line << "\n";
+    }
+  }
+
+ private:
+  bool quiet_, tty_;
+};
+
+nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result, int nodes) {
+  nlohmann::json s;
+  s["job"] = spec.job.name;
+  s["nodes"] = nodes;
+  s["stages"] = spec.job.parallel.stages;
+  s["replicas"] = spec.job.parallel.replicas;
+  s["micro_batches"] = spec.job.parallel.micro_batches;
+  s["steps"] = static_cast<int64_t>(result.losses.size());
+  s["parameters"] = spec.job.model.parameter_count();
+  s["loss_first"] = result.losses.empty() ? 0.0 : result.losses.front();
+  s["loss_last"] = result.losses.empty() ? 0.0 : result.losses.back();
+  s["losses"] = result.losses;
+  s["holdout_loss"] = std::isnan(result.holdout_loss) ? nlohmann::json(nullptr) : nlohmann::json(result.holdout_loss);
+  s["tokens_per_s"] = result.tokens_per_s;
+  s["wall_s"] = result.wall_seconds;
+  s["setup_s"] = result.setup_seconds;
+  s["bytes_pipeline"] = result.bytes_pipeline;
+  s["bytes_data_parallel"] = result.bytes_data_parallel;
+  s["bytes_sent"] = result.bytes_pipeline + result.bytes_data_parallel;
+  s["bytes_by_link_class"] = result.bytes_by_class;
+  s["model_path"] = result.model_path.empty() ? "" : std::filesystem::absolute(result.model_path).string();
+  s["model_hash"] = result.model_hash;
+  s["stage_state_hashes"] = result.stage_state_hashes;
+  s["compression"] = {{"activations", spec.job.compression.activations},
+                      {"gradients", spec.job.compression.gradients}};
+  return s;
+}
+
+}  // namespace
+
+Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,
+                                                            size_t want, std::chrono::milliseconds timeout) {
+  SN_ASSIGN(auto discovery, net::Discovery::start(0, bootstrap));
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::vector<solvernet::v1::NodeInfo> idle;
+  while (true) {
+    auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    SN_ASSIGN(auto nodes, discovery->list_nodes(std::max(std::chrono::milliseconds(500), std::min(remaining, std::chrono::milliseconds(2000)))));
+    idle.clear();
+    for (auto& n : nodes)
+      if (n.busy_job_id().empty()) idle.push_back(n);
+    if (idle.size() >= want) break;
+    if (std::chrono::steady_clock::now() >= deadline || stop_requested())
+      return make_error("found {} idle node(s) via {}, the job needs {}", idle.size(),
+                        bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), want);
+  }
+  discovery->stop();
+  return idle;
+}
+
+Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<solvernet::v1::NodeInfo>& nodes) {
+  const auto& job = spec.job;
+  SN_ASSIGN(Placement placement, place_job(spec, nodes));
+  if (!spec.quiet) print_placement(placement, std::cerr);
+
+  train::DistributedOptions options;
+  if (spec.topology) {
+    options.topology_toml = topology_to_toml(*spec.topology);
+    options.scale = placement.scale;
+  }
+  options.model_out = spec.model_out;
+  options.initial_weights = spec.initial_weights;
+  options.cancel = &install_stop_handlers();
+  ProgressLine progress(spec.quiet);
+  options.progress = [&](const train::StepReport& r) { progress(r); };
+  SN_ASSIGN(auto result, train::run_distributed(job, placement.members, options));
+  nlohmann::json summary = summary_of(spec, result, static_cast<int>(nodes.size()));
+  summary["placement"] = placement.to_json();
+  summary["emulate"] = placement.emulate;
+  summary["time_dilation"] = placement.scale.time_dilation;
+  summary["byte_ratio"] = placement.scale.byte_ratio;
+  summary["topology"] = spec.topology ? spec.topology->name : "";
+  return summary;
+}
+
+Result<nlohmann::json> run_job_locally(const RunSpec& spec) {
+  train::LocalOptions options;
+  options.model_out = spec.model_out;
+  options.initial_weights = spec.initial_weights;
+  options.cancel = &install_stop_handlers();
+  ProgressLine progress(spec.quiet);
+  options.progress = [&](const train::StepReport& r) { progress(r); };
+  SN_ASSIGN(auto result, train::run_local(spec.job, options));
+  nlohmann::json summary = summary_of(spec, result, 1);
+  summary["stages"] = 1;
+  summary["replicas"] = 1;
+  return summary;
+}
+
+void print_summary_table(const nlohmann::json& s) {
+  auto row = [](const std::string& k, const std::string& v) { std::cout << fmt::format("  {:<22} {}\n", k, v); };
+  std::cout << "\n";
+  row("job", s.value("job", ""));
+  row("nodes", fmt::format("{} ({} stages × {} replicas)", s.value("nodes", 0), s.value("stages", 0), s.value("replicas", 0)));
+  row("steps", std::to_string(s.value("steps", 0)));
+  row("loss", fmt::format("{:.4f} → {:.4f}", s.value("loss_first", 0.0), s.value("loss_last", 0.0)));
+  if (s.contains("holdout_loss") && s["holdout_loss"].is_number())
+    row("held-out loss", fmt::format("{:.4f}", s["holdout_loss"].get<double>()));
+  row("tokens/s", fmt::format("{:.0f}", s.value("tokens_per_s", 0.0)));
+  row("wall time", fmt::format("{:.1f} s (+{:.1f} s setup)", s.value("wall_s", 0.0), s.value("setup_s", 0.0)));
+  row("bytes between stages", megabytes(s.value("bytes_pipeline", int64_t{0})));
+  row("bytes between replicas", megabytes(s.value("bytes_data_parallel", int64_t{0})));
+  if (s.contains("bytes_by_link_class"))
+    for (auto& [cls, bytes] : s["bytes_by_link_class"].items())
+      row("bytes on " + cls + " links", megabytes(bytes.get<int64_t>()));
+  if (s.contains("emulate") && !s["emulate"].get<std::string>().empty())
+    row("links", fmt::format("{} {} (T = {:.3g}, R = {:.3g})", s.value("topology", ""), s["emulate"].get<std::string>(),
+                             s.value("time_dilation", 1.0), s.value("byte_ratio", 1.0)));
+  if (!s.value("model_path", std::string()).empty()) row("model", s["model_path"].get<std::string>());
+  std::cout << std::flush;
+}
+
+}  // namespace sn::cli

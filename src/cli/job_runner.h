@@ -1,0 +1,43 @@
+// What `solvernet train` and `solvernet devnet` share: finding nodes, placing
+// the job on them, driving it with a live progress line, and summarising.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/job.h"
+#include "core/result.h"
+#include "net/topology.h"
+#include "net/transport.h"
+#include "proto/solvernet.pb.h"
+
+namespace sn::cli {
+
+struct RunSpec {
+  JobConfig job;
+  std::optional<Topology> topology;   // links to emulate (none: raw loopback)
+  std::string emulate = "";            // "raw" | "scaled"; empty: the topology's own mode
+  std::string algo = "ours";           // placement: ours | dtfm | random | naive
+  uint64_t plan_seed = 1;
+  std::filesystem::path model_out;
+  std::filesystem::path initial_weights;
+  bool quiet = false;                  // no progress line (e.g. --json)
+};
+
+// Waits until at least WANT idle nodes are visible via BOOTSTRAP (or TIMEOUT).
+Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,
+                                                            size_t want, std::chrono::milliseconds timeout);
+
+// Places the job on NODES and runs it; returns the summary JSON (docs/cli.md).
+Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<solvernet::v1::NodeInfo>& nodes);
+// The same job in this process (the reference).
+Result<nlohmann::json> run_job_locally(const RunSpec& spec);
+
+// Prints the closing table of a summary to stdout.
+void print_summary_table(const nlohmann::json& summary);
+
+}  // namespace sn::cli

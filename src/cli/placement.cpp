@@ -1,0 +1,91 @@
+#include "cli/placement.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "train/train.h"
+
+namespace sn::cli {
+
+EmulationScale scale_for(const JobConfig& job, double measured_compute_seconds, const AnchorSetting& anchor) {
+  double activation_bytes = static_cast<double>(job.sequences_per_micro_batch() * job.model.seq_len *
+                                                job.model.d_model * 4);
+  EmulationScale scale;
+  scale.time_dilation = measured_compute_seconds / anchor.compute_seconds;
+  scale.byte_ratio = activation_bytes / anchor.activation_bytes;
+  return scale;
+}
+
+static net::MemberInfo member_of(const solvernet::v1::NodeInfo& node, int stage, int replica) {
+  net::MemberInfo m;
+  m.node_id = node.node_id();
+  std::memcpy(m.public_key.data(), node.public_key().data(), std::min<size_t>(32, node.public_key().size()));
+  m.address = node.address();
+  m.region = node.region();
+  m.stage = stage;
+  m.replica = replica;
+  return m;
+}
+
+Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1::NodeInfo>& all_nodes) {
+  const auto& job = spec.job;
+  const size_t needed = static_cast<size_t>(job.parallel.stages * job.parallel.replicas);
+  if (all_nodes.size() < needed)
+    return make_error("the job needs {} nodes ({} stages × {} replicas), {} are available", needed,
+                      job.parallel.stages, job.parallel.replicas, all_nodes.size());
+  std::vector<solvernet::v1::NodeInfo> nodes = all_nodes;
+  // Devices in a stable order: by region as the topology lists them, then id.
+  auto region_rank = [&](const std::string& region) {
+    int i = spec.topology ? spec.topology->region_index(region) : -1;
+    return i < 0 ? 1 << 20 : i;
+  };
+  std::sort(nodes.begin(), nodes.end(), [&](const auto& a, const auto& b) {
+    return std::make_pair(region_rank(a.region()), a.node_id()) < std::make_pair(region_rank(b.region()), b.node_id());
+  });
+  if (spec.topology)
+    for (const auto& n : nodes)
+      if (spec.topology->region_index(n.region()) < 0)
+        return make_error("node {} is in region \"{}\", which topology \"{}\" does not define",
+                          n.node_id().substr(0, 8), n.region(), spec.topology->name);
+
+  Placement placement;
+  placement.algo = "naive";
+  for (int64_t s = 0; s < job.parallel.stages; ++s)
+    for (int64_t r = 0; r < job.parallel.replicas; ++r)
+      placement.members.push_back(member_of(nodes[static_cast<size_t>(s * job.parallel.replicas + r)],
+                                            static_cast<int>(s), static_cast<int>(r)));
+
+  placement.emulate = spec.topology ? (spec.emulate.empty() ? spec.topology->mode : spec.emulate) : "none";
+  if (placement.emulate == "scaled") {
+    double measured = train::measure_microbatch_seconds(job);
+    placement.scale = scale_for(job, measured);
+  }
+  return placement;
+}
+
+nlohmann::json Placement::to_json() const {
+  nlohmann::json j;
+  j["algo"] = algo;
+  nlohmann::json stages = nlohmann::json::array();
+  for (const auto& m : members) {
+    if (static_cast<size_t>(m.stage) >= stages.size()) stages.push_back(nlohmann::json::array());
+    stages[static_cast<size_t>(m.stage)].push_back({{"node_id", m.node_id}, {"address", m.address}, {"region", m.region}});
+  }
+  j["stages"] = stages;
+  if (predicted_iteration_s > 0) j["predicted_iteration_s"] = predicted_iteration_s;
+  if (dtfm_cost_s > 0) j["dtfm_cost_s"] = dtfm_cost_s;
+  return j;
+}
+
+void print_placement(const Placement& p, std::ostream& out) {
+  out << fmt::format("placement ({}):\n", p.algo);
+  for (const auto& m : p.members)
+    out << fmt::format("  stage {} replica {}  node {}  {}  [{}]\n", m.stage, m.replica, m.node_id.substr(0, 8),
+                       m.address, m.region);
+  if (p.predicted_iteration_s > 0) out << fmt::format("  predicted step time {:.3f} s\n", p.predicted_iteration_s);
+  if (p.emulate == "scaled")
+    out << fmt::format("  links scaled to {}: time dilation T = {:.4g}, byte ratio R = {:.4g}\n", AnchorSetting{}.name,
+                       p.scale.time_dilation, p.scale.byte_ratio);
+}
+
+}  // namespace sn::cli

@@ -1,0 +1,143 @@
+#include "model/safetensors.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/fs.h"
+
+namespace sn::model {
+namespace {
+
+const std::pair<const char*, torch::ScalarType> kTypes[] = {
+    {"F32", torch::kFloat32}, {"F16", torch::kFloat16}, {"BF16", torch::kBFloat16}, {"F64", torch::kFloat64},
+    {"I64", torch::kInt64},   {"I32", torch::kInt32},   {"U8", torch::kUInt8}};
+
+std::optional<torch::ScalarType> type_of(const std::string& name) {
+  for (const auto& [n, t] : kTypes)
+    if (name == n) return t;
+  return std::nullopt;
+}
+
+std::string name_of(torch::ScalarType type) {
+  for (const auto& [n, t] : kTypes)
+    if (type == t) return n;
+  throw std::invalid_argument("safetensors: unsupported dtype");
+}
+
+Result<nlohmann::ordered_json> read_header(std::string_view bytes, uint64_t* header_len) {
+  if (bytes.size() < 8) return make_error("safetensors: file of {} bytes is shorter than its 8-byte header length", bytes.size());
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<uint8_t>(bytes[static_cast<size_t>(i)])) << (8 * i);
+  if (n > bytes.size() - 8) return make_error("safetensors: header length {} exceeds the file ({} bytes)", n, bytes.size());
+  nlohmann::ordered_json header;
+  try {
+    header = nlohmann::ordered_json::parse(bytes.substr(8, n));
+  } catch (const std::exception&) {
+    return make_error("safetensors: header is not valid JSON");
+  }
+  if (!header.is_object()) return make_error("safetensors: header is not a JSON object");
+  *header_len = n;
+  return header;
+}
+
+}  // namespace
+
+std::string safetensors_bytes(const NamedTensors& tensors, const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<torch::Tensor> contiguous;
+  uint64_t offset = 0;
+  for (const auto& [name, tensor] : tensors) {
+    torch::Tensor c = tensor.detach().to(torch::kCPU).contiguous();
+    uint64_t size = static_cast<uint64_t>(c.numel()) * c.element_size();
+    header[name] = {{"dtype", name_of(c.scalar_type())}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + size}}};
+    offset += size;
+    contiguous.push_back(c);
+  }
+  std::string json = header.dump();
+  while ((json.size() + 8) % 8 != 0) json.push_back(' ');  // data starts 8-byte aligned
+  std::string out(8, '\0');
+  uint64_t n = json.size();
+  for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
+  out += json;
+  out.reserve(out.size() + offset);
+  for (const auto& c : contiguous)
+    out.append(static_cast<const char*>(c.data_ptr()), static_cast<size_t>(c.numel()) * c.element_size());
+  return out;
+}
+
+Status save_safetensors(const std::filesystem::path& path, const NamedTensors& tensors,
+                        const std::map<std::string, std::string>& metadata) {
+  return write_file_atomic(path, safetensors_bytes(tensors, metadata));
+}
+
+Result<NamedTensors> load_safetensors_bytes(std::string_view bytes) {
+  uint64_t header_len = 0;
+  SN_ASSIGN(auto header, read_header(bytes, &header_len));
+  const uint64_t data_size = bytes.size() - 8 - header_len;
+  const char* data = bytes.data() + 8 + header_len;
+  struct Entry {
+    std::string name;
+    torch::ScalarType type;
+    std::vector<int64_t> shape;
+    uint64_t begin, end;
+  };
+  std::vector<Entry> entries;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    try {
+      auto type = type_of(info.at("dtype").get<std::string>());
+      if (!type) return make_error("safetensors: tensor {} has unknown dtype {}", name, info.at("dtype").dump());
+      auto shape = info.at("shape").get<std::vector<int64_t>>();
+      auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
+      if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_size)
+        return make_error("safetensors: tensor {} has byte range outside the data", name);
+      uint64_t elements = 1;
+      for (int64_t d : shape) {
+        if (d < 0 || (d > 0 && elements > (uint64_t(1) << 40) / static_cast<uint64_t>(d)))
+          return make_error("safetensors: tensor {} has an invalid shape", name);
+        elements *= static_cast<uint64_t>(d);
+      }
+      if (elements * c10::elementSize(*type) != offsets[1] - offsets[0])
+        return make_error("safetensors: tensor {} has {} bytes but its shape needs {}", name, offsets[1] - offsets[0],
+                          elements * c10::elementSize(*type));
+      entries.push_back({name, *type, shape, offsets[0], offsets[1]});
+    } catch (const nlohmann::json::exception&) {
+      return make_error("safetensors: tensor {} lacks dtype, shape or data_offsets", name);
+    }
+  }
+  std::vector<Entry> sorted = entries;
+  std::sort(sorted.begin(), sorted.end(), [](const Entry& a, const Entry& b) { return a.begin < b.begin; });
+  for (size_t i = 1; i < sorted.size(); ++i)
+    if (sorted[i].begin < sorted[i - 1].end)
+      return make_error("safetensors: tensors {} and {} overlap", sorted[i - 1].name, sorted[i].name);
+  NamedTensors out;
+  for (const auto& e : sorted) {
+    torch::Tensor t = torch::empty(e.shape, torch::TensorOptions().dtype(e.type));
+    if (e.end > e.begin) std::memcpy(t.data_ptr(), data + e.begin, e.end - e.begin);
+    out.emplace_back(e.name, t);
+  }
+  return out;
+}
+
+Result<NamedTensors> load_safetensors(const std::filesystem::path& path) {
+  SN_ASSIGN(std::string bytes, read_file(path));
+  auto tensors = load_safetensors_bytes(bytes);
+  if (!tensors.ok()) return make_error("{}: {}", path.string(), tensors.message());
+  return tensors;
+}
+
+Result<std::map<std::string, std::string>> safetensors_metadata(std::string_view bytes) {
+  uint64_t header_len = 0;
+  SN_ASSIGN(auto header, read_header(bytes, &header_len));
+  std::map<std::string, std::string> out;
+  if (header.contains("__metadata__")) {
+    for (const auto& [k, v] : header["__metadata__"].items())
+      if (v.is_string()) out[k] = v.get<std::string>();
+  }
+  return out;
+}
+
+}  // namespace sn::model

@@ -1,0 +1,29 @@
+// Weights as safetensors (docs/safetensors.md): an 8-byte little-endian header
+// length, a JSON header naming each tensor's dtype, shape and byte range, then
+// the raw bytes. Files are written atomically (temp file + rename).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <map>
+#include <string>
+#include <string_view>
+
+#include "core/result.h"
+#include "model/gpt.h"
+
+namespace sn::model {
+
+std::string safetensors_bytes(const NamedTensors& tensors, const std::map<std::string, std::string>& metadata = {});
+Status save_safetensors(const std::filesystem::path& path, const NamedTensors& tensors,
+                        const std::map<std::string, std::string>& metadata = {});
+
+// Tensors in file order. Rejects a short file, a header that is not JSON or
+// not an object, unknown dtypes, shapes that disagree with byte ranges,
+// ranges outside the data or overlapping.
+Result<NamedTensors> load_safetensors_bytes(std::string_view bytes);
+Result<NamedTensors> load_safetensors(const std::filesystem::path& path);
+Result<std::map<std::string, std::string>> safetensors_metadata(std::string_view bytes);
+
+}  // namespace sn::model

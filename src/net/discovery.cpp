@@ -1,0 +1,165 @@
+#include "net/discovery.h"
+
+#include <opendht.h>
+#include <spdlog/spdlog.h>
+
+#include <future>
+#include <map>
+
+#include "net/announce.h"
+#include "net/rpc.h"
+
+namespace sn::net {
+namespace {
+
+constexpr dht::ValueType::Id kNodeValueType = 0x5301;
+
+// Announcements are replaced in place (same value id per node) and expire on
+// their own soon after a node stops re-publishing. Signatures are ours, checked
+// by readers, so the DHT may accept any edit.
+dht::ValueType node_value_type() {
+  return dht::ValueType(
+      kNodeValueType, "solvernet-node", std::chrono::seconds(30),
+      [](dht::InfoHash, std::shared_ptr<dht::Value>& value, const dht::InfoHash&, const dht::SockAddr&) {
+        return value && value->data.size() <= 4096;
+      },
+      [](dht::InfoHash, const std::shared_ptr<dht::Value>&, std::shared_ptr<dht::Value>& value, const dht::InfoHash&,
+         const dht::SockAddr&) { return value && value->data.size() <= 4096; });
+}
+
+dht::InfoHash network_key(const std::string& network) { return dht::InfoHash::get("solvernet:" + network + ":nodes"); }
+
+uint64_t value_id_for(const std::string& node_id) {
+  uint64_t id = 0;
+  for (size_t i = 0; i < 16 && i < node_id.size(); ++i) {
+    char c = node_id[i];
+    id = (id << 4) | static_cast<uint64_t>(c >= 'a' ? c - 'a' + 10 : c - '0');
+  }
+  return id;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Discovery>> Discovery::start(uint16_t dht_port, const std::vector<std::string>& bootstrap,
+                                                    DiscoveryOptions options) {
+  std::unique_ptr<Discovery> d(new Discovery());
+  d->options_ = options;
+  for (const auto& b : bootstrap) SN_TRY(split_host_port(b));
+  d->runner_ = std::make_unique<dht::DhtRunner>();
+  dht::DhtRunner::Config config;
+  config.threaded = true;
+  // A private network id: our nodes never join (or flood) the public OpenDHT network.
+  config.dht_config.node_config.network = static_cast<dht::NetId>(std::hash<std::string>{}(options.network) & 0x7fffffff) | 1;
+  config.dht_config.node_config.maintain_storage = false;
+  try {
+    d->runner_->run(dht_port, config);
+  } catch (const std::exception& e) {
+    return input_error("cannot start the DHT on UDP port {}: {}", dht_port, e.what());
+  }
+  if (d->runner_->getBoundPort() == 0) return input_error("cannot start the DHT on UDP port {}: port in use", dht_port);
+  d->runner_->registerType(node_value_type());
+  for (const auto& b : bootstrap) {
+    auto hp = split_host_port(b).value();
+    d->runner_->bootstrap(hp.first, std::to_string(hp.second));
+  }
+  d->republisher_ = std::thread([raw = d.get()] {
+    std::unique_lock<std::mutex> lock(raw->mutex_);
+    while (!raw->stopping_) {
+      raw->wake_.wait_for(lock, raw->options_.republish_every);
+      if (raw->stopping_) break;
+      raw->publish_locked();
+    }
+  });
+  return d;
+}
+
+Discovery::~Discovery() { stop(); }
+
+void Discovery::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (republisher_.joinable()) republisher_.join();
+  if (runner_) {
+    runner_->shutdown({}, true);
+    runner_->join();
+  }
+}
+
+uint16_t Discovery::port() const { return runner_->getBoundPort(); }
+
+void Discovery::publish_locked() {
+  if (!info_ || !key_) return;
+  info_->set_timestamp_ms(unix_millis());
+  std::string bytes;
+  sign_node_info(*info_, *key_).SerializeToString(&bytes);
+  auto value = std::make_shared<dht::Value>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+  value->id = value_id_for(info_->node_id());
+  value->type = kNodeValueType;
+  runner_->put(network_key(options_.network), value, [](bool) {});
+}
+
+void Discovery::announce(const solvernet::v1::NodeInfo& info, const NodeKey& key) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  info_ = info;
+  key_ = &key;
+  publish_locked();
+}
+
+void Discovery::update_announcement(const solvernet::v1::NodeInfo& info) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  info_ = info;
+  publish_locked();
+}
+
+void Discovery::put_raw(const std::string& bytes, uint64_t value_id) {
+  auto value = std::make_shared<dht::Value>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+  value->id = value_id;
+  value->type = kNodeValueType;
+  runner_->put(network_key(options_.network), value, [](bool) {});
+}
+
+Result<std::vector<solvernet::v1::NodeInfo>> Discovery::list_nodes(std::chrono::milliseconds timeout) {
+  auto done = std::make_shared<std::promise<void>>();
+  auto values = std::make_shared<std::vector<std::string>>();
+  auto values_mutex = std::make_shared<std::mutex>();
+  runner_->get(
+      network_key(options_.network),
+      [values, values_mutex](const std::vector<std::shared_ptr<dht::Value>>& found) {
+        std::lock_guard<std::mutex> lock(*values_mutex);
+        for (const auto& v : found) values->emplace_back(v->data.begin(), v->data.end());
+        return true;
+      },
+      [done](bool) { done->set_value(); });
+  done->get_future().wait_for(timeout);
+  std::vector<std::string> raw;
+  {
+    std::lock_guard<std::mutex> lock(*values_mutex);
+    raw = *values;
+  }
+  std::map<std::string, solvernet::v1::NodeInfo> newest;
+  const int64_t now = unix_millis();
+  for (const auto& bytes : raw) {
+    solvernet::v1::SignedNodeInfo signed_info;
+    if (!signed_info.ParseFromString(bytes)) {
+      spdlog::warn("dropped an announcement that is not a SignedNodeInfo");
+      continue;
+    }
+    auto info = verify_node_info(signed_info);
+    if (!info.ok()) {
+      spdlog::warn("dropped a forged or tampered announcement: {}", info.message());
+      continue;
+    }
+    if (now - info->timestamp_ms() > options_.stale_after.count()) continue;
+    auto it = newest.find(info->node_id());
+    if (it == newest.end() || it->second.timestamp_ms() < info->timestamp_ms()) newest[info->node_id()] = *info;
+  }
+  std::vector<solvernet::v1::NodeInfo> out;
+  for (auto& [id, info] : newest) out.push_back(info);
+  return out;
+}
+
+}  // namespace sn::net

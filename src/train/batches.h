@@ -1,0 +1,29 @@
+// Which samples each replica and micro-batch get at a step: shared by the
+// distributed client and the single-process run so both see the same data.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "core/job.h"
+#include "model/data.h"
+
+namespace sn::train {
+
+struct MicroBatchData {
+  std::vector<int64_t> sample_ids;
+  torch::Tensor tokens;   // i64 [b, seq_len]
+  torch::Tensor targets;  // i64 [b, seq_len]
+};
+
+// [replica][micro] for optimizer step STEP (training split).
+std::vector<std::vector<MicroBatchData>> step_batches(const JobConfig& job, const model::Dataset& data,
+                                                      int64_t step);
+// [replica][micro] for held-out batch INDEX; empty if the held-out split is too small.
+std::vector<std::vector<MicroBatchData>> holdout_batches(const JobConfig& job, const model::Dataset& data,
+                                                         int64_t index);
+// How many held-out batches of the global batch size exist (capped at WANTED).
+int64_t holdout_batch_count(const JobConfig& job, const model::Dataset& data, int64_t wanted);
+
+}  // namespace sn::train

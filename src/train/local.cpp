@@ -1,0 +1,134 @@
+// The single-process reference run: the whole model, the same data, seed,
+// micro-batches and optimizer as a distributed run, so their losses can be
+// compared step by step.
+#include <ATen/Parallel.h>
+#include <cstdlib>
+
+#include "core/fs.h"
+#include "core/hash.h"
+#include "model/gpt.h"
+#include "model/safetensors.h"
+#include "train/adamw.h"
+#include "train/batches.h"
+#include "train/stage_worker.h"
+#include "train/train.h"
+
+namespace sn::train {
+
+void init_single_threaded() {
+  setenv("OPENBLAS_NUM_THREADS", "1", 0);
+  setenv("OMP_NUM_THREADS", "1", 0);
+  model::init_torch_single_thread();
+}
+
+Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options) {
+  init_single_threaded();
+  using Clock = std::chrono::steady_clock;
+  auto setup_started = Clock::now();
+  SN_ASSIGN(auto corpus, model::prepare_corpus(job.data, static_cast<int>(job.model.vocab)));
+  model::Dataset dataset(corpus.tokens, job.model.seq_len, job.data.holdout_fraction);
+  if (dataset.train_samples() < job.train.global_batch)
+    return input_error("{}: the corpus has {} training samples, fewer than train.global_batch = {}",
+                       job.source.string(), dataset.train_samples(), job.train.global_batch);
+  model::StageModel gpt(job.model, 0, static_cast<int>(job.model.layers), job.train.seed);
+  NamedTensors parameters = gpt.named_parameters();
+  if (!options.initial_weights.empty()) {
+    SN_ASSIGN(auto weights, model::load_safetensors(options.initial_weights));
+    std::map<std::string, torch::Tensor> by_name(weights.begin(), weights.end());
+    torch::NoGradGuard no_grad;
+    for (auto& [name, p] : parameters) {
+      auto it = by_name.find(name);
+      if (it == by_name.end() || !it->second.sizes().equals(p.sizes()))
+        return input_error("{}: lacks tensor {} or its shape differs", options.initial_weights.string(), name);
+      p.copy_(it->second);
+    }
+  }
+  AdamW optimizer(parameters, job.train);
+  const double scale = 1.0 / static_cast<double>(job.parallel.replicas * job.parallel.micro_batches);
+
+  TrainResult result;
+  result.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started).count();
+  auto run_started = Clock::now();
+  for (int64_t step = 0; step < job.train.steps; ++step) {
+    if (options.cancel && options.cancel->load()) return make_error("interrupted at step {}", step);
+    auto step_started = Clock::now();
+    for (auto& [name, p] : parameters)
+      if (p.grad().defined()) p.mutable_grad().zero_();
+    double loss_sum = 0;
+    int64_t count = 0;
+    for (const auto& replica : step_batches(job, dataset, step))
+      for (const auto& mb : replica) {
+        torch::Tensor loss = model::lm_loss(gpt.forward(mb.tokens), mb.targets);
+        loss_sum += loss.item<double>();
+        ++count;
+        (loss * scale).backward();
+      }
+    optimizer.step(step);
+    result.losses.push_back(loss_sum / static_cast<double>(count));
+    if (options.progress) {
+      StepReport report;
+      report.step = step + 1;
+      report.steps = job.train.steps;
+      report.loss = result.losses.back();
+      report.step_seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
+      double elapsed = std::chrono::duration<double>(Clock::now() - run_started).count();
+      report.tokens_per_s = static_cast<double>(tokens_per_step(job) * (step + 1)) / elapsed;
+      options.progress(report);
+    }
+  }
+  result.wall_seconds = std::chrono::duration<double>(Clock::now() - run_started).count();
+  result.tokens_per_s = static_cast<double>(tokens_per_step(job) * job.train.steps) / result.wall_seconds;
+  result.stage_state_hashes = {parameters_hash(parameters)};
+
+  int64_t eval_batches = holdout_batch_count(job, dataset, options.eval_batches);
+  double holdout_sum = 0;
+  {
+    torch::NoGradGuard no_grad;
+    for (int64_t i = 0; i < eval_batches; ++i) {
+      double sum = 0;
+      int64_t count = 0;
+      for (const auto& replica : holdout_batches(job, dataset, i))
+        for (const auto& mb : replica) {
+          sum += model::lm_loss(gpt.forward(mb.tokens), mb.targets).item<double>();
+          ++count;
+        }
+      holdout_sum += sum / static_cast<double>(count);
+    }
+  }
+  result.holdout_loss = eval_batches > 0 ? holdout_sum / static_cast<double>(eval_batches) : std::nan("");
+  if (!options.model_out.empty()) {
+    SN_TRY(model::save_safetensors(options.model_out, parameters,
+                                   {{"job", job.name}, {"steps", std::to_string(job.train.steps)}}));
+    SN_ASSIGN(std::string bytes, read_file(options.model_out));
+    result.model_path = options.model_out;
+    result.model_hash = to_hex(hash_string(bytes));
+  }
+  return result;
+}
+
+}  // namespace sn::train
+
+namespace sn::train {
+
+double measure_microbatch_seconds(const JobConfig& job) {
+  init_single_threaded();
+  auto ranges = stage_layer_ranges(job.model.layers, job.parallel.stages);
+  int count = ranges.size() > 1 ? ranges[1].second : ranges[0].second;
+  // A middle-like stage: blocks only (embedding and head are a small share).
+  model::StageModel stage(job.model, ranges.size() > 1 ? ranges[1].first : 0, count, job.train.seed);
+  const int64_t b = job.sequences_per_micro_batch();
+  std::vector<double> times;
+  for (int i = 0; i < 7; ++i) {
+    torch::Tensor input = stage.is_first()
+                              ? torch::randint(0, job.model.vocab, {b, job.model.seq_len}, torch::kInt64)
+                              : torch::randn({b, job.model.seq_len, job.model.d_model}).requires_grad_(true);
+    auto t0 = std::chrono::steady_clock::now();
+    torch::Tensor out = stage.forward(input);
+    out.sum().backward();
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace sn::train

@@ -1,0 +1,338 @@
+#include "train/stage_worker.h"
+
+#include <spdlog/spdlog.h>
+
+#include <cstring>
+
+#include "core/fs.h"
+#include "core/hash.h"
+#include "model/safetensors.h"
+#include "model/tensor_wire.h"
+#include "train/allreduce.h"
+
+namespace sn::train {
+
+using Clock = std::chrono::steady_clock;
+
+std::vector<ScheduleOp> pipeline_schedule(const std::string& kind, int stage, int stages,
+                                          int micro_batches) {
+  std::vector<ScheduleOp> ops;
+  if (kind == "gpipe") {
+    for (int m = 0; m < micro_batches; ++m) ops.push_back({true, m});
+    for (int m = 0; m < micro_batches; ++m) ops.push_back({false, m});
+    return ops;
+  }
+  // 1F1B: a stage runs (stages - stage - 1) forwards ahead, then alternates, so
+  // at most that many activations are held at once.
+  int warmup = std::min(stages - stage - 1, micro_batches);
+  int next_forward = 0, next_backward = 0;
+  for (; next_forward < warmup; ++next_forward) ops.push_back({true, next_forward});
+  while (next_forward < micro_batches) {
+    ops.push_back({true, next_forward++});
+    ops.push_back({false, next_backward++});
+  }
+  while (next_backward < micro_batches) ops.push_back({false, next_backward++});
+  return ops;
+}
+
+torch::Tensor flatten_gradients(const NamedTensors& parameters) {
+  std::vector<torch::Tensor> parts;
+  for (const auto& [name, p] : parameters) {
+    torch::Tensor g = p.grad();
+    parts.push_back(g.defined() ? g.reshape({-1}) : torch::zeros({p.numel()}, p.options()));
+  }
+  return torch::cat(parts).contiguous();
+}
+
+void unflatten_gradients(const torch::Tensor& flat, const NamedTensors& parameters) {
+  torch::NoGradGuard no_grad;
+  int64_t offset = 0;
+  for (const auto& [name, p] : parameters) {
+    torch::Tensor slice = flat.slice(0, offset, offset + p.numel()).view(p.sizes());
+    if (p.grad().defined())
+      p.mutable_grad().copy_(slice);
+    else
+      p.mutable_grad() = slice.clone();
+    offset += p.numel();
+  }
+}
+
+std::string parameters_hash(const NamedTensors& parameters) {
+  Hasher h;
+  for (const auto& [name, p] : parameters) {
+    h.update(name);
+    torch::Tensor c = p.detach().contiguous();
+    for (int64_t d : c.sizes()) h.update_u64(static_cast<uint64_t>(d));
+    h.update(std::span<const uint8_t>(static_cast<const uint8_t*>(c.data_ptr()),
+                                      static_cast<size_t>(c.numel()) * c.element_size()));
+  }
+  Hash256 digest = h.finish();
+  return to_hex(digest);
+}
+
+Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::SetupJobRequest& request,
+                                                         const NodeKey& key,
+                                                         const std::filesystem::path& data_dir,
+                                                         std::chrono::milliseconds peer_timeout) {
+  std::unique_ptr<StageWorker> w(new StageWorker());
+  w->job_id_ = request.job_id();
+  if (w->job_id_.empty() || w->job_id_.size() > 128) return make_error("job id must be 1..128 characters");
+  for (char c : w->job_id_)
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.'))
+      return make_error("job id \"{}\" may only hold letters, digits, '-', '_' and '.'", w->job_id_);
+  SN_ASSIGN(w->job_, parse_job_string(request.job_toml(), "job from client"));
+  w->stage_ = request.stage();
+  w->replica_ = request.replica();
+  w->stages_ = static_cast<int>(w->job_.parallel.stages);
+  w->replicas_ = static_cast<int>(w->job_.parallel.replicas);
+  w->data_dir_ = data_dir;
+  w->peer_timeout_ = peer_timeout;
+  if (w->stage_ < 0 || w->stage_ >= w->stages_ || w->replica_ < 0 || w->replica_ >= w->replicas_)
+    return make_error("role stage {} replica {} is outside the job's {} × {}", w->stage_, w->replica_,
+                      w->stages_, w->replicas_);
+  if (request.members_size() != w->stages_ * w->replicas_)
+    return make_error("job lists {} members, expected stages × replicas = {}", request.members_size(),
+                      w->stages_ * w->replicas_);
+  const auto& model_config = w->job_.model;
+  if (request.layer_count() < 1 || request.first_layer() < 0 ||
+      request.first_layer() + request.layer_count() > model_config.layers)
+    return make_error("layers [{}, {}) are outside the model's {} layers", request.first_layer(),
+                      request.first_layer() + request.layer_count(), model_config.layers);
+
+  std::vector<net::MemberInfo> members;
+  for (int i = 0; i < request.members_size(); ++i) {
+    const auto& m = request.members(i);
+    net::MemberInfo info;
+    info.node_id = m.node_id();
+    if (m.public_key().size() != 32) return make_error("member {} has a public key of {} bytes", i, m.public_key().size());
+    std::memcpy(info.public_key.data(), m.public_key().data(), 32);
+    if (node_id_of(info.public_key) != info.node_id)
+      return make_error("member {}: node id does not match its public key", i);
+    info.address = m.address();
+    info.region = m.region();
+    info.stage = m.stage();
+    info.replica = m.replica();
+    if (info.stage * w->replicas_ + info.replica != i)
+      return make_error("member {} has role stage {} replica {}, out of order", i, info.stage, info.replica);
+    members.push_back(std::move(info));
+  }
+  int self = w->member(w->stage_, w->replica_);
+  if (members[static_cast<size_t>(self)].node_id != key.node_id())
+    return make_error("the job assigns stage {} replica {} to node {}, not to this node", w->stage_,
+                      w->replica_, members[static_cast<size_t>(self)].node_id.substr(0, 8));
+  std::optional<Topology> topology;
+  if (!request.topology_toml().empty()) {
+    SN_ASSIGN(topology, parse_topology_string(request.topology_toml(), "topology from client"));
+  }
+  EmulationScale scale;
+  if (request.time_dilation() > 0) scale.time_dilation = request.time_dilation();
+  if (request.byte_ratio() > 0) scale.byte_ratio = request.byte_ratio();
+  SN_ASSIGN(w->transport_, net::JobTransport::create(w->job_id_, key, std::move(members), self,
+                                                     topology ? &*topology : nullptr, scale));
+
+  w->model_ = std::make_unique<model::StageModel>(model_config, request.first_layer(),
+                                                  request.layer_count(), w->job_.train.seed);
+  w->parameters_ = w->model_->named_parameters();
+  if (!request.initial_weights().empty()) {
+    SN_ASSIGN(auto weights, model::load_safetensors_bytes(request.initial_weights()));
+    std::map<std::string, torch::Tensor> by_name(weights.begin(), weights.end());
+    torch::NoGradGuard no_grad;
+    for (auto& [name, p] : w->parameters_) {
+      auto it = by_name.find(name);
+      if (it == by_name.end()) return make_error("initial weights lack tensor {}", name);
+      if (!it->second.sizes().equals(p.sizes()))
+        return make_error("initial weights: tensor {} has the wrong shape", name);
+      p.copy_(it->second);
+    }
+  }
+  w->optimizer_ = std::make_unique<AdamW>(w->parameters_, w->job_.train);
+  if (request.start_step() > 0) SN_TRY(w->load_checkpoint(request.start_step()));
+  return w;
+}
+
+int64_t StageWorker::parameter_count() const {
+  int64_t n = 0;
+  for (const auto& [name, p] : parameters_) n += p.numel();
+  return n;
+}
+
+std::filesystem::path StageWorker::checkpoint_path() const {
+  return data_dir_ / "checkpoints" / job_id_ /
+         fmt::format("stage{}-replica{}.safetensors", stage_, replica_);
+}
+
+Status StageWorker::save_checkpoint() {
+  SN_TRY(ensure_directory(checkpoint_path().parent_path()));
+  NamedTensors all = parameters_;
+  for (auto& entry : optimizer_->state()) all.push_back(entry);
+  std::map<std::string, std::string> metadata = {{"job_id", job_id_},
+                                                 {"step", std::to_string(steps_done_)},
+                                                 {"stage", std::to_string(stage_)},
+                                                 {"replica", std::to_string(replica_)}};
+  return model::save_safetensors(checkpoint_path(), all, metadata);
+}
+
+Status StageWorker::load_checkpoint(int64_t step) {
+  SN_ASSIGN(auto tensors, model::load_safetensors(checkpoint_path()));
+  std::map<std::string, torch::Tensor> by_name(tensors.begin(), tensors.end());
+  torch::NoGradGuard no_grad;
+  for (auto& [name, p] : parameters_) {
+    auto it = by_name.find(name);
+    if (it == by_name.end() || !it->second.sizes().equals(p.sizes()))
+      return make_error("{}: lacks tensor {} or its shape differs", checkpoint_path().string(), name);
+    p.copy_(it->second);
+  }
+  SN_TRY(optimizer_->load_state(tensors));
+  if (optimizer_->steps_taken() != step)
+    return make_error("{}: holds step {}, asked to resume at {}", checkpoint_path().string(),
+                      optimizer_->steps_taken(), step);
+  steps_done_ = step;
+  return ok_status();
+}
+
+std::string StageWorker::weights_safetensors() const {
+  return model::safetensors_bytes(parameters_, {{"job_id", job_id_}, {"step", std::to_string(steps_done_)}});
+}
+
+Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::RunStepRequest& request) {
+  const bool forward_only = request.forward_only();
+  const int64_t step = request.step();
+  const int micro_batches = request.micro_batches_size();
+  if (!forward_only && step != steps_done_)
+    return make_error("asked for step {} but this stage has done {} steps", step, steps_done_);
+  if (micro_batches < 1 || (!forward_only && micro_batches != job_.parallel.micro_batches))
+    return make_error("step has {} micro-batches, the job says {}", micro_batches, job_.parallel.micro_batches);
+  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
+  const int64_t batch = job_.sequences_per_micro_batch();
+  const int64_t seq = job_.model.seq_len, width = job_.model.d_model;
+  const double scale = 1.0 / static_cast<double>(job_.parallel.micro_batches * replicas_);
+  const int prev = first ? -1 : member(stage_ - 1, replica_);
+  const int next = last ? -1 : member(stage_ + 1, replica_);
+
+  auto started = Clock::now();
+  double wait_seconds = 0;
+  auto timed_receive = [&](const net::MessageKey& key) {
+    auto t0 = Clock::now();
+    auto message = transport_->receive(key, peer_timeout_);
+    wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+    return message;
+  };
+  auto send_tensor = [&](int to, const char* kind, int micro, const torch::Tensor& tensor) {
+    solvernet::v1::TensorMessage message;
+    message.set_kind(kind);
+    message.set_step(step);
+    message.set_micro(micro);
+    model::tensor_to_proto(tensor.detach().contiguous(), message.mutable_tensor());
+    return transport_->send(to, std::move(message), net::Traffic::kPipeline);
+  };
+
+  for (auto& [name, p] : parameters_)
+    if (p.grad().defined()) p.mutable_grad().zero_();
+
+  torch::AutoGradMode grad_mode(!forward_only);
+  std::vector<torch::Tensor> inputs(static_cast<size_t>(micro_batches)), outputs(inputs.size()),
+      losses(inputs.size());
+  double loss_sum = 0;
+  std::vector<ScheduleOp> ops;
+  if (forward_only) {
+    for (int m = 0; m < micro_batches; ++m) ops.push_back({true, m});
+  } else {
+    ops = pipeline_schedule(job_.parallel.schedule, stage_, stages_, micro_batches);
+  }
+  const std::vector<int64_t> activation_shape = {batch, seq, width};
+  for (const ScheduleOp& op : ops) {
+    const auto m = static_cast<size_t>(op.micro);
+    const auto& micro = request.micro_batches(op.micro);
+    if (op.forward) {
+      torch::Tensor input;
+      if (first) {
+        SN_ASSIGN(input, model::tensor_from_proto(micro.tokens(), torch::kInt64,
+                                                  std::vector<int64_t>{batch, seq}));
+        if (input.min().item<int64_t>() < 0 || input.max().item<int64_t>() >= job_.model.vocab)
+          return make_error("micro-batch {} holds token ids outside the vocabulary", op.micro);
+      } else {
+        SN_ASSIGN(auto message, timed_receive({"act", step, op.micro, 0, 0, prev}));
+        auto decoded = model::tensor_from_proto(message.tensor(), torch::kFloat32, activation_shape);
+        if (!decoded.ok())
+          return make_error("activation of micro-batch {} from {}: {}", op.micro, transport_->describe(prev), decoded.message());
+        input = *decoded;
+        if (!forward_only) input.requires_grad_(true);
+      }
+      torch::Tensor output = model_->forward(input);
+      if (last) {
+        SN_ASSIGN(auto targets, model::tensor_from_proto(micro.targets(), torch::kInt64,
+                                                         std::vector<int64_t>{batch, seq}));
+        if (targets.min().item<int64_t>() < 0 || targets.max().item<int64_t>() >= job_.model.vocab)
+          return make_error("micro-batch {} holds target ids outside the vocabulary", op.micro);
+        torch::Tensor loss = model::lm_loss(output, targets);
+        loss_sum += loss.item<double>();
+        losses[m] = loss;
+      } else {
+        SN_TRY(send_tensor(next, "act", op.micro, output));
+      }
+      if (!forward_only) {
+        inputs[m] = input;
+        outputs[m] = output;
+      }
+    } else {
+      if (last) {
+        (losses[m] * scale).backward();
+      } else {
+        SN_ASSIGN(auto message, timed_receive({"grad", step, op.micro, 0, 0, next}));
+        auto grad = model::tensor_from_proto(message.tensor(), torch::kFloat32, activation_shape);
+        if (!grad.ok())
+          return make_error("gradient of micro-batch {} from {}: {}", op.micro, transport_->describe(next), grad.message());
+        outputs[m].backward(*grad);
+      }
+      if (!first) SN_TRY(send_tensor(prev, "grad", op.micro, inputs[m].grad()));
+      inputs[m] = outputs[m] = losses[m] = torch::Tensor();
+    }
+  }
+
+  solvernet::v1::RunStepReply reply;
+  reply.set_step(step);
+  if (!forward_only) {
+    auto t0 = Clock::now();
+    torch::Tensor flat = flatten_gradients(parameters_);
+    std::vector<int> ring;
+    for (int r = 0; r < replicas_; ++r) ring.push_back(member(stage_, r));
+    RingOptions ring_options;
+    ring_options.chunk_bytes = job_.parallel.allreduce_chunk_bytes;
+    ring_options.timeout = peer_timeout_;
+    SN_TRY(ring_allreduce(*transport_, ring, flat, step, ring_options));
+    unflatten_gradients(flat, parameters_);
+    // The tied embedding lives in the first and the last stage: both add the
+    // other's gradient (a + b == b + a bitwise) and so stay identical.
+    if (stages_ > 1 && (first || last)) {
+      for (auto& [name, p] : parameters_) {
+        if (name != "wte.weight") continue;
+        int peer = first ? member(stages_ - 1, replica_) : member(0, replica_);
+        SN_ASSIGN(auto other, exchange_with(*transport_, peer, p.grad(), step, "tied", peer_timeout_));
+        torch::NoGradGuard no_grad;
+        p.mutable_grad().add_(other.view(p.sizes()));
+      }
+    }
+    wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+    optimizer_->step(step);
+    ++steps_done_;
+    if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0)
+      SN_TRY(save_checkpoint());
+    reply.set_state_hash(parameters_hash(parameters_));
+  }
+  SN_TRY(transport_->flush(peer_timeout_));
+  reply.set_loss_sum(loss_sum);
+  reply.set_loss_count(last ? micro_batches : 0);
+  for (const auto& counter : transport_->take_counters()) {
+    auto* sent = reply.add_sent();
+    sent->set_to_node_id(transport_->members()[static_cast<size_t>(counter.to)].node_id);
+    sent->set_link_class(counter.link_class);
+    sent->set_traffic(net::traffic_name(counter.traffic));
+    sent->set_bytes(counter.bytes);
+  }
+  double total = std::chrono::duration<double>(Clock::now() - started).count();
+  reply.set_wait_seconds(wait_seconds);
+  reply.set_compute_seconds(total - wait_seconds);
+  return reply;
+}
+
+}  // namespace sn::train

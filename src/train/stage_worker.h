@@ -1,0 +1,75 @@
+// One node's part of a job: a pipeline stage replica. It runs the micro-batch
+// schedule (1F1B or GPipe) for each step, exchanging activations and their
+// gradients with the neighbouring stages, sums gradients with its stage's
+// replicas, keeps the tied embedding in sync, and applies AdamW.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/job.h"
+#include "core/keys.h"
+#include "core/result.h"
+#include "model/gpt.h"
+#include "net/transport.h"
+#include "proto/solvernet.pb.h"
+#include "train/adamw.h"
+
+namespace sn::train {
+
+// One entry of a stage's schedule: forward or backward of micro-batch `micro`.
+struct ScheduleOp {
+  bool forward = true;
+  int micro = 0;
+};
+// The order in which stage STAGE of STAGES runs M micro-batches.
+std::vector<ScheduleOp> pipeline_schedule(const std::string& kind, int stage, int stages, int micro_batches);
+
+// Flattens the gradients of PARAMETERS (zeros where undefined) into one f32 tensor, and back.
+torch::Tensor flatten_gradients(const NamedTensors& parameters);
+void unflatten_gradients(const torch::Tensor& flat, const NamedTensors& parameters);
+// BLAKE2b over the parameters' names, shapes and bytes, in order.
+std::string parameters_hash(const NamedTensors& parameters);
+
+class StageWorker {
+ public:
+  static Result<std::unique_ptr<StageWorker>> create(const solvernet::v1::SetupJobRequest& request,
+                                                     const NodeKey& key,
+                                                     const std::filesystem::path& data_dir,
+                                                     std::chrono::milliseconds peer_timeout);
+
+  const std::string& job_id() const { return job_id_; }
+  net::JobTransport& transport() { return *transport_; }
+  int64_t parameter_count() const;
+
+  Result<solvernet::v1::RunStepReply> run_step(const solvernet::v1::RunStepRequest& request);
+  // This stage's weights as safetensors (whole-model names).
+  std::string weights_safetensors() const;
+  int64_t steps_done() const { return steps_done_; }
+  void abort(const std::string& reason) { transport_->abort(reason); }
+
+ private:
+  StageWorker() = default;
+  int member(int stage, int replica) const { return stage * replicas_ + replica; }
+  Status save_checkpoint();
+  Status load_checkpoint(int64_t step);
+  std::filesystem::path checkpoint_path() const;
+
+  std::string job_id_;
+  JobConfig job_;
+  int stage_ = 0, replica_ = 0, stages_ = 1, replicas_ = 1;
+  std::filesystem::path data_dir_;
+  std::chrono::milliseconds peer_timeout_{60000};
+  std::unique_ptr<model::StageModel> model_;
+  NamedTensors parameters_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<net::JobTransport> transport_;
+  int64_t steps_done_ = 0;
+};
+
+}  // namespace sn::train

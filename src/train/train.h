@@ -1,0 +1,106 @@
+// Training, the public face: the node-side gRPC service that runs pipeline
+// stages, the client that drives a distributed job, and the single-process
+// reference run. No LibTorch in this header, so the CLI compiles quickly.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "core/job.h"
+#include "core/keys.h"
+#include "core/result.h"
+#include "net/topology.h"
+#include "net/transport.h"
+
+namespace sn::train {
+
+// Pins LibTorch and OpenBLAS to one thread (determinism; many nodes share a machine).
+void init_single_threaded();
+
+// ---- the node side ----------------------------------------------------------
+
+struct NodeServiceOptions {
+  const NodeKey* key = nullptr;                    // this node's identity
+  std::filesystem::path data_dir;                  // checkpoints go to data_dir/checkpoints/<job>
+  std::function<solvernet::v1::SignedNodeInfo()> signed_info;  // for GetInfo
+  std::chrono::milliseconds peer_timeout{60000};   // waiting for a peer's tensor
+  std::function<void(const std::string& job_id)> on_job_change;  // "" when idle again
+};
+
+// The Node gRPC service: SetupJob, RunStep, FetchWeights, EndJob, Send, Ping, GetInfo.
+std::unique_ptr<grpc::Service> make_node_service(NodeServiceOptions options);
+
+// ---- the client side --------------------------------------------------------
+
+struct StepReport {
+  int64_t step = 0;          // 1-based for display
+  int64_t steps = 0;
+  double loss = 0;
+  double step_seconds = 0;
+  double tokens_per_s = 0;   // over the run so far
+  std::map<std::string, int64_t> bytes_by_class;  // "intra"/"inter" → bytes, cumulative
+  int64_t bytes_pipeline = 0;                     // cumulative
+  int64_t bytes_data_parallel = 0;
+};
+
+struct TrainResult {
+  std::vector<double> losses;          // per step
+  double holdout_loss = 0;
+  double tokens_per_s = 0;
+  double wall_seconds = 0;             // the training steps alone
+  double setup_seconds = 0;
+  int64_t bytes_pipeline = 0;
+  int64_t bytes_data_parallel = 0;
+  std::map<std::string, int64_t> bytes_by_class;
+  std::filesystem::path model_path;
+  std::string model_hash;              // hex BLAKE2b of the saved weights file
+  std::vector<std::string> stage_state_hashes;  // per stage, after the last step
+};
+
+struct DistributedOptions {
+  std::string job_id;                  // empty: derived from job name + time
+  std::string topology_toml;           // empty: links are not emulated
+  EmulationScale scale;
+  std::filesystem::path model_out;     // where the final model is written (empty: not fetched)
+  std::filesystem::path initial_weights;  // optional safetensors to start from
+  std::function<void(const StepReport&)> progress;
+  const std::atomic<bool>* cancel = nullptr;  // set by a signal handler: abort cleanly
+  std::chrono::milliseconds rpc_timeout{600000};
+  int64_t eval_batches = 4;            // held-out batches evaluated at the end
+};
+
+// Runs JOB on MEMBERS (one per stage × replica; member.stage/.replica say the role).
+Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net::MemberInfo>& members,
+                                    const DistributedOptions& options);
+
+struct LocalOptions {
+  std::filesystem::path model_out;
+  std::filesystem::path initial_weights;
+  std::function<void(const StepReport&)> progress;
+  const std::atomic<bool>* cancel = nullptr;
+  int64_t eval_batches = 4;
+};
+
+// The same job in one process: the whole model, the same data order, seed and
+// global batch (split into the same micro-batches), the same optimizer.
+Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options);
+
+// Layers [first, first + count) of each stage: as equal as possible, extras to early stages.
+std::vector<std::pair<int, int>> stage_layer_ranges(int64_t layers, int64_t stages);
+
+// Median seconds of one forward + backward of one micro-batch through one
+// (average) stage of JOB, measured here; for scaling emulated links.
+double measure_microbatch_seconds(const JobConfig& job);
+
+// Tokens processed per step (global batch × sequence length).
+inline int64_t tokens_per_step(const JobConfig& job) { return job.train.global_batch * job.model.seq_len; }
+
+}  // namespace sn::train

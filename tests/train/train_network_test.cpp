@@ -1,0 +1,180 @@
+// Multi-process tests: real `solvernet` processes on 127.0.0.1.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "core/fs.h"
+#include "core/process.h"
+
+namespace fs = std::filesystem;
+using namespace sn;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string bin() { return std::getenv("SOLVERNET_BIN"); }
+fs::path source(const std::string& rel) { return fs::path(std::getenv("SOLVERNET_SOURCE_DIR")) / rel; }
+fs::path data(const std::string& name) { return source("tests/train/data") / name; }
+
+fs::path scratch(const std::string& name) {
+  auto dir = fs::temp_directory_path() / ("sn-train-net-" + name + "-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+struct CommandRun {
+  int status = -1;
+  std::string out;
+  std::string err;
+};
+
+CommandRun run(const std::vector<std::string>& argv, const fs::path& dir) {
+  SpawnOptions options;
+  options.stdout_path = dir / "out.txt";
+  options.stderr_path = dir / "err.txt";
+  fs::remove(options.stdout_path);
+  fs::remove(options.stderr_path);
+  CommandRun r;
+  auto child = ChildProcess::spawn(argv, options);
+  if (!child.ok()) return r;
+  auto status = child->wait_for(600s);
+  if (!status) child->kill_now();
+  r.status = status.value_or(-9);
+  r.out = read_file(options.stdout_path).value_or("");
+  r.err = read_file(options.stderr_path).value_or("");
+  return r;
+}
+
+nlohmann::json parse(const CommandRun& r) {
+  try {
+    return nlohmann::json::parse(r.out);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not JSON: " << e.what() << "\nstdout: " << r.out << "\nstderr: " << r.err;
+    return {};
+  }
+}
+
+}  // namespace
+
+TEST(Training, DistributedMatchesOneProcessAndIsBitwiseReproducible) {
+  auto dir = scratch("equal");
+  CommandRun local = run({bin(), "train", "--local", "--job", data("equal.toml").string(), "--json", "--out",
+                   (dir / "local.safetensors").string()}, dir);
+  ASSERT_EQ(local.status, 0) << local.err;
+  auto reference = parse(local);
+
+  std::vector<nlohmann::json> distributed;
+  for (int i = 0; i < 2; ++i) {
+    CommandRun d = run({bin(), "devnet", "--job", data("equal.toml").string(), "--topology", data("lan.toml").string(),
+                 "--json", "--out", (dir / ("dist" + std::to_string(i) + ".safetensors")).string()}, dir);
+    ASSERT_EQ(d.status, 0) << d.err;
+    distributed.push_back(parse(d));
+  }
+  auto ref_losses = reference["losses"].get<std::vector<double>>();
+  ASSERT_EQ(ref_losses.size(), 20u);
+  for (const auto& d : distributed) {
+    EXPECT_EQ(d["stages"], 2);
+    EXPECT_EQ(d["replicas"], 2);
+    auto losses = d["losses"].get<std::vector<double>>();
+    ASSERT_EQ(losses.size(), ref_losses.size());
+    for (size_t s = 0; s < losses.size(); ++s)
+      EXPECT_NEAR(losses[s], ref_losses[s], 1e-4 * std::abs(ref_losses[s])) << "step " << s + 1;
+    EXPECT_GT(d["bytes_pipeline"].get<int64_t>(), 0);
+    EXPECT_GT(d["bytes_data_parallel"].get<int64_t>(), 0);
+  }
+  EXPECT_LT(ref_losses.back(), ref_losses.front());
+  // Same job twice: bitwise identical final weights.
+  EXPECT_EQ(distributed[0]["model_hash"], distributed[1]["model_hash"]);
+  EXPECT_EQ(distributed[0]["stage_state_hashes"], distributed[1]["stage_state_hashes"]);
+  EXPECT_FALSE(distributed[0]["model_hash"].get<std::string>().empty());
+  fs::remove_all(dir);
+}
+
+TEST(Training, KilledNodeIsReportedAndTheClientExits) {
+  auto dir = scratch("kill");
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
+  int dht_port = 20000 + (::getpid() % 20000);
+  auto dht = ChildProcess::spawn({bin(), "dht", "--port", std::to_string(dht_port)}, quiet);
+  ASSERT_TRUE(dht.ok());
+  std::string bootstrap = "127.0.0.1:" + std::to_string(dht_port);
+  std::vector<ChildProcess> nodes;
+  const char* regions[] = {"a", "a", "b", "b"};
+  for (int i = 0; i < 4; ++i) {
+    auto node = ChildProcess::spawn({bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(), "--listen",
+                                     "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region", regions[i]},
+                                    quiet);
+    ASSERT_TRUE(node.ok());
+    nodes.push_back(std::move(node).value());
+  }
+  SpawnOptions client_out;
+  client_out.stdout_path = dir / "client.out";
+  client_out.stderr_path = dir / "client.err";
+  auto client = ChildProcess::spawn({bin(), "train", "--job", data("slow.toml").string(), "--bootstrap", bootstrap,
+                                     "--topology", data("lan.toml").string()},
+                                    client_out);
+  ASSERT_TRUE(client.ok());
+  // Wait until training is under way (the progress line shows a step).
+  bool training = false;
+  for (int i = 0; i < 600 && !training; ++i) {
+    std::this_thread::sleep_for(100ms);
+    training = read_file(dir / "client.err").value_or("").find("step ") != std::string::npos;
+    ASSERT_TRUE(client->running()) << read_file(dir / "client.err").value_or("");
+  }
+  ASSERT_TRUE(training) << read_file(dir / "client.err").value_or("");
+  ::kill(nodes[3].pid(), SIGKILL);
+  auto killed_at = std::chrono::steady_clock::now();
+  auto status = client->wait_for(90s);
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count();
+  ASSERT_TRUE(status.has_value()) << "client still running 90 s after a node died";
+  EXPECT_NE(*status, 0);
+  EXPECT_LT(seconds, 60.0);
+  std::string err = read_file(dir / "client.err").value_or("");
+  EXPECT_NE(err.find("stage 1"), std::string::npos) << err;
+  EXPECT_NE(err.find("failed"), std::string::npos) << err;
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(nodes[static_cast<size_t>(i)].running()) << "a surviving node crashed";
+  for (auto& n : nodes) n.terminate();
+  dht->terminate();
+  fs::remove_all(dir);
+}
+
+TEST(Cli, BadInputGivesOneLineErrorAndExitTwo) {
+  auto dir = scratch("bad");
+  std::ofstream(dir / "bad.toml") << "[model]\nlayers = 2\n\n[parallel]\nstages = 3\n";
+  CommandRun bad = run({bin(), "train", "--local", "--job", (dir / "bad.toml").string()}, dir);
+  EXPECT_EQ(bad.status, 2);
+  EXPECT_NE(bad.err.find("bad.toml:5: parallel.stages (3) exceeds model.layers (2)"), std::string::npos) << bad.err;
+
+  std::ofstream(dir / "topo.toml") << "[[region]]\nname = 'x'\nnodes = 2\nlatency_ms = 1\nbandwidth_mbps = 0\n";
+  CommandRun topo = run({bin(), "devnet", "--topology", (dir / "topo.toml").string()}, dir);
+  EXPECT_EQ(topo.status, 2);
+  EXPECT_NE(topo.err.find("topo.toml:5: region[0].bandwidth_mbps must be > 0"), std::string::npos) << topo.err;
+
+  CommandRun unreadable = run({bin(), "node", "--data", "/proc/solvernet-cannot-exist"}, dir);
+  EXPECT_EQ(unreadable.status, 2);
+  EXPECT_NE(unreadable.err.find("/proc/solvernet-cannot-exist"), std::string::npos) << unreadable.err;
+  fs::remove_all(dir);
+}
+
+TEST(Cli, PortInUseIsReported) {
+  auto dir = scratch("port");
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "first.log";
+  int port = 30000 + (::getpid() % 20000);
+  auto first = ChildProcess::spawn({bin(), "node", "--data", (dir / "a").string(), "--listen",
+                                    "127.0.0.1:" + std::to_string(port), "--dht-port", "0"}, quiet);
+  ASSERT_TRUE(first.ok());
+  for (int i = 0; i < 100 && read_file(dir / "first.log").value_or("").find("listening") == std::string::npos; ++i)
+    std::this_thread::sleep_for(100ms);
+  CommandRun second = run({bin(), "node", "--data", (dir / "b").string(), "--listen", "127.0.0.1:" + std::to_string(port),
+                    "--dht-port", "0"}, dir);
+  EXPECT_EQ(second.status, 2);
+  EXPECT_NE(second.err.find("port " + std::to_string(port) + " is in use"), std::string::npos) << second.err;
+  first->terminate();
+  fs::remove_all(dir);
+}

@@ -1,0 +1,177 @@
+// In-process tests of the training pieces: schedules, the node service's
+// input checks, gradient flattening.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "core/keys.h"
+#include "model/tensor_wire.h"
+#include "net/rpc.h"
+#include "train/stage_worker.h"
+#include "train/train.h"
+
+using namespace sn;
+using namespace sn::train;
+
+TEST(Schedule, EveryMicroBatchForwardBeforeBackwardAndOneFOneBBounded) {
+  for (int stages : {1, 2, 4})
+    for (int stage = 0; stage < stages; ++stage)
+      for (int micro : {1, 3, 8}) {
+        auto ops = pipeline_schedule("1f1b", stage, stages, micro);
+        ASSERT_EQ(ops.size(), static_cast<size_t>(2 * micro));
+        std::vector<int> forward_at(micro, -1), backward_at(micro, -1);
+        int in_flight = 0, max_in_flight = 0;
+        for (size_t i = 0; i < ops.size(); ++i) {
+          (ops[i].forward ? forward_at : backward_at)[ops[i].micro] = static_cast<int>(i);
+          in_flight += ops[i].forward ? 1 : -1;
+          max_in_flight = std::max(max_in_flight, in_flight);
+        }
+        for (int m = 0; m < micro; ++m) {
+          EXPECT_GE(forward_at[m], 0);
+          EXPECT_GT(backward_at[m], forward_at[m]);
+        }
+        EXPECT_LE(max_in_flight, std::min(micro, stages - stage));
+        auto gpipe = pipeline_schedule("gpipe", stage, stages, micro);
+        EXPECT_TRUE(gpipe.front().forward);
+        EXPECT_FALSE(gpipe.back().forward);
+      }
+}
+
+TEST(Gradients, FlattenAndUnflattenRoundTrip) {
+  auto a = torch::randn({3, 4}, torch::requires_grad());
+  auto b = torch::randn({5}, torch::requires_grad());
+  NamedTensors params = {{"a", a}, {"b", b}};
+  (a.sum() * 2 + b.pow(2).sum()).backward();
+  auto flat = flatten_gradients(params);
+  ASSERT_EQ(flat.numel(), 17);
+  auto expected_a = a.grad().clone(), expected_b = b.grad().clone();
+  a.mutable_grad().zero_();
+  b.mutable_grad().zero_();
+  unflatten_gradients(flat, params);
+  EXPECT_TRUE(torch::equal(a.grad(), expected_a));
+  EXPECT_TRUE(torch::equal(b.grad(), expected_b));
+  EXPECT_NE(parameters_hash(params), parameters_hash({{"a", a}}));
+}
+
+namespace {
+
+// One node (P = D = 1) with a real gRPC server, driven by hand.
+struct SingleNode {
+  NodeKey key = NodeKey::generate();
+  std::filesystem::path dir = std::filesystem::temp_directory_path() / ("sn-train-unit-" + std::to_string(::getpid()));
+  std::unique_ptr<grpc::Service> service;
+  net::RunningServer server;
+  std::unique_ptr<solvernet::v1::Node::Stub> stub;
+  JobConfig job;
+
+  SingleNode() {
+    init_single_threaded();
+    NodeServiceOptions options;
+    options.key = &key;
+    options.data_dir = dir;
+    options.peer_timeout = std::chrono::milliseconds(2000);
+    service = make_node_service(options);
+    server = std::move(net::start_server("127.0.0.1:0", service.get()).value());
+    stub = solvernet::v1::Node::NewStub(net::make_channel("127.0.0.1:" + std::to_string(server.port)));
+    job.model.layers = 2;
+    job.model.d_model = 16;
+    job.model.heads = 2;
+    job.model.d_ff = 32;
+    job.model.vocab = 32;
+    job.model.seq_len = 8;
+    job.train.global_batch = 2;
+    job.parallel.micro_batches = 1;
+  }
+  ~SingleNode() {
+    server.server->Shutdown();
+    std::filesystem::remove_all(dir);
+  }
+
+  grpc::Status setup(const std::string& job_id, const NodeKey& member_key) {
+    solvernet::v1::SetupJobRequest request;
+    request.set_job_id(job_id);
+    request.set_job_toml(job_to_toml(job));
+    request.set_first_layer(0);
+    request.set_layer_count(2);
+    auto* m = request.add_members();
+    m->set_node_id(member_key.node_id());
+    m->set_public_key(member_key.public_key().data(), 32);
+    m->set_address("127.0.0.1:" + std::to_string(server.port));
+    solvernet::v1::SetupJobReply reply;
+    grpc::ClientContext context;
+    return stub->SetupJob(&context, request, &reply);
+  }
+
+  grpc::Status step(int64_t step, const torch::Tensor& tokens, const torch::Tensor& targets,
+                    solvernet::v1::RunStepReply* reply) {
+    solvernet::v1::RunStepRequest request;
+    request.set_job_id("j1");
+    request.set_step(step);
+    auto* mb = request.add_micro_batches();
+    model::tensor_to_proto(tokens, mb->mutable_tokens());
+    model::tensor_to_proto(targets, mb->mutable_targets());
+    grpc::ClientContext context;
+    return stub->RunStep(&context, request, reply);
+  }
+};
+
+}  // namespace
+
+TEST(NodeService, RejectsAJobThatAssignsTheRoleToAnotherNode) {
+  SingleNode node;
+  NodeKey other = NodeKey::generate();
+  auto status = node.setup("j1", other);
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.error_message().find("not to this node"), std::string::npos) << status.error_message();
+}
+
+TEST(NodeService, TrainsAndRejectsBadTensors) {
+  SingleNode node;
+  ASSERT_TRUE(node.setup("j1", node.key).ok());
+  auto tokens = torch::randint(0, 32, {2, 8}, torch::kInt64);
+  auto targets = torch::randint(0, 32, {2, 8}, torch::kInt64);
+  solvernet::v1::RunStepReply reply;
+  auto ok = node.step(0, tokens, targets, &reply);
+  ASSERT_TRUE(ok.ok()) << ok.error_message();
+  EXPECT_EQ(reply.loss_count(), 1);
+  EXPECT_GT(reply.loss_sum(), 0.0);
+  EXPECT_EQ(reply.state_hash().size(), 64u);
+
+  auto wrong_shape = node.step(1, torch::randint(0, 32, {2, 9}, torch::kInt64), targets, &reply);
+  ASSERT_FALSE(wrong_shape.ok());
+  EXPECT_NE(wrong_shape.error_message().find("shape"), std::string::npos) << wrong_shape.error_message();
+
+  ASSERT_TRUE(node.setup("j1", node.key).ok());  // set up afresh after the failure
+  auto wrong_dtype = node.step(0, tokens.to(torch::kFloat32), targets, &reply);
+  ASSERT_FALSE(wrong_dtype.ok());
+  EXPECT_NE(wrong_dtype.error_message().find("dtype"), std::string::npos) << wrong_dtype.error_message();
+
+  ASSERT_TRUE(node.setup("j1", node.key).ok());
+  auto bad_ids = node.step(0, torch::full({2, 8}, 99, torch::kInt64), targets, &reply);
+  ASSERT_FALSE(bad_ids.ok());
+  EXPECT_NE(bad_ids.error_message().find("outside the vocabulary"), std::string::npos);
+
+  ASSERT_TRUE(node.setup("j1", node.key).ok());
+  auto out_of_order = node.step(5, tokens, targets, &reply);
+  ASSERT_FALSE(out_of_order.ok());
+  EXPECT_NE(out_of_order.error_message().find("step 5"), std::string::npos);
+}
+
+TEST(NodeService, BusyNodeRefusesASecondJob) {
+  SingleNode node;
+  ASSERT_TRUE(node.setup("j1", node.key).ok());
+  auto second = node.setup("j2", node.key);
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+}
+
+TEST(NodeService, MessagesForNoJobAreRefused) {
+  SingleNode node;
+  solvernet::v1::TensorMessage message;
+  message.set_job_id("nope");
+  solvernet::v1::Empty reply;
+  grpc::ClientContext context;
+  auto status = node.stub->Send(&context, message, &reply);
+  ASSERT_FALSE(status.ok());
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
