@@ -27,6 +27,9 @@ solvernet::v1::SignedNodeInfo sign_node_info(const solvernet::v1::NodeInfo& info
 Result<solvernet::v1::NodeInfo> verify_node_info(const solvernet::v1::SignedNodeInfo& signed_info) {
   solvernet::v1::NodeInfo info;
   if (!info.ParseFromString(signed_info.info())) return make_error("announcement is not a valid NodeInfo");
+  if (signed_info.signature().size() != 64)
+    return make_error("announcement of node {} has a {}-byte signature, expected 64", info.node_id().substr(0, 16),
+                      signed_info.signature().size());
   if (info.public_key().size() != 32)
     return make_error("announcement of node {} has a {}-byte public key", info.node_id().substr(0, 16),
                       info.public_key().size());

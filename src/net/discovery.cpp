@@ -4,7 +4,9 @@
 #include <spdlog/spdlog.h>
 
 #include <future>
+#include <algorithm>
 #include <map>
+#include <thread>
 
 #include "net/announce.h"
 #include "net/rpc.h"
@@ -73,16 +75,35 @@ Result<std::unique_ptr<Discovery>> Discovery::start(uint16_t dht_port, const std
   return d;
 }
 
+Result<std::unique_ptr<Discovery>> Discovery::start(uint16_t dht_port, const std::vector<std::string>& bootstrap,
+                                                    const std::string& network) {
+  DiscoveryOptions options;
+  options.network = network;
+  return start(dht_port, bootstrap, options);
+}
+
 Discovery::~Discovery() { stop(); }
 
 void Discovery::stop() {
+  std::optional<std::string> announced_id;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) return;
     stopping_ = true;
+    if (info_ && key_) announced_id = info_->node_id();
   }
   wake_.notify_all();
   if (republisher_.joinable()) republisher_.join();
+  if (runner_ && announced_id) {
+    // Withdraw: an empty value under our value id replaces the announcement
+    // on the nodes that store it. Best effort, bounded wait.
+    auto tombstone = std::make_shared<dht::Value>();
+    tombstone->id = value_id_for(*announced_id);
+    tombstone->type = kNodeValueType;
+    auto stored = std::make_shared<std::promise<void>>();
+    runner_->put(network_key(options_.network), tombstone, [stored](bool) { stored->set_value(); });
+    stored->get_future().wait_for(std::chrono::milliseconds(1500));
+  }
   if (runner_) {
     runner_->shutdown({}, true);
     runner_->join();
@@ -143,6 +164,7 @@ Result<std::vector<solvernet::v1::NodeInfo>> Discovery::list_nodes(std::chrono::
   std::map<std::string, solvernet::v1::NodeInfo> newest;
   const int64_t now = unix_millis();
   for (const auto& bytes : raw) {
+    if (bytes.empty()) continue;  // a withdrawn announcement (tombstone)
     solvernet::v1::SignedNodeInfo signed_info;
     if (!signed_info.ParseFromString(bytes)) {
       spdlog::warn("dropped an announcement that is not a SignedNodeInfo");
@@ -160,6 +182,21 @@ Result<std::vector<solvernet::v1::NodeInfo>> Discovery::list_nodes(std::chrono::
   std::vector<solvernet::v1::NodeInfo> out;
   for (auto& [id, info] : newest) out.push_back(info);
   return out;
+}
+
+Result<std::vector<solvernet::v1::NodeInfo>> Discovery::wait_for_nodes(size_t n, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::vector<solvernet::v1::NodeInfo> best;
+  while (true) {
+    auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (remaining.count() <= 0) break;
+    SN_ASSIGN(auto nodes, list_nodes(std::min(remaining, std::chrono::milliseconds(1000))));
+    if (nodes.size() >= best.size()) best = std::move(nodes);
+    if (best.size() >= n) break;
+    // A fresh node is still filling its routing table: give it a moment.
+    std::this_thread::sleep_for(std::min(std::chrono::milliseconds(200), remaining));
+  }
+  return best;
 }
 
 }  // namespace sn::net

@@ -35,6 +35,8 @@ class Discovery {
   // ("host:port" each; empty: this is the first node).
   static Result<std::unique_ptr<Discovery>> start(uint16_t dht_port, const std::vector<std::string>& bootstrap,
                                                   DiscoveryOptions options = {});
+  static Result<std::unique_ptr<Discovery>> start(uint16_t dht_port, const std::vector<std::string>& bootstrap,
+                                                  const std::string& network);
   ~Discovery();
 
   // Publishes INFO now and again every republish_every, freshly stamped and
@@ -43,9 +45,15 @@ class Discovery {
   void update_announcement(const solvernet::v1::NodeInfo& info);
   // Verified live nodes, one per id (newest wins), waiting up to TIMEOUT for the DHT.
   Result<std::vector<solvernet::v1::NodeInfo>> list_nodes(std::chrono::milliseconds timeout);
+  // Asks repeatedly until at least N live nodes are listed or TIMEOUT passes;
+  // returns the largest list seen (possibly fewer than N: the caller decides).
+  Result<std::vector<solvernet::v1::NodeInfo>> wait_for_nodes(size_t n, std::chrono::milliseconds timeout);
   // Publishes raw bytes under the network's key (tests use it to plant forgeries).
   void put_raw(const std::string& bytes, uint64_t value_id);
   uint16_t port() const;
+  // Stops re-publishing, replaces this node's announcement with an empty
+  // tombstone (so readers drop it at once rather than after stale_after) and
+  // shuts the DHT node down. Idempotent; the destructor calls it.
   void stop();
 
  private:

@@ -1,0 +1,326 @@
+// Discovery: signed announcements, a local DHT of several nodes, forgeries
+// dropped, stale and withdrawn nodes leaving the list, and the dht/peers
+// commands as real processes.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+#include "core/process.h"
+#include "net/announce.h"
+#include "net/discovery.h"
+
+namespace sn::net {
+namespace {
+
+using namespace std::chrono_literals;
+using solvernet::v1::NodeInfo;
+using solvernet::v1::SignedNodeInfo;
+
+NodeInfo info_for(const NodeKey& key, const std::string& region, int cores) {
+  NodeInfo info;
+  info.set_node_id(key.node_id());
+  info.set_public_key(key.public_key().data(), key.public_key().size());
+  info.set_address("127.0.0.1:" + std::to_string(7000 + cores));
+  info.set_region(region);
+  info.set_cores(cores);
+  info.set_memory_bytes(int64_t(1) << 30);
+  info.set_compute_gflops(1.5);
+  info.set_timestamp_ms(unix_millis());
+  return info;
+}
+
+DiscoveryOptions fast_options() {
+  DiscoveryOptions options;
+  options.network = "discovery-test";
+  options.republish_every = 1000ms;
+  options.stale_after = 4000ms;
+  return options;
+}
+
+std::set<std::string> ids_of(const std::vector<NodeInfo>& nodes) {
+  std::set<std::string> ids;
+  for (const auto& n : nodes) ids.insert(n.node_id());
+  return ids;
+}
+
+TEST(Announce, SignedInfoVerifies) {
+  NodeKey key = NodeKey::generate();
+  auto verified = verify_node_info(sign_node_info(info_for(key, "eu", 4), key));
+  ASSERT_TRUE(verified.ok()) << verified.message();
+  EXPECT_EQ(verified->node_id(), key.node_id());
+  EXPECT_EQ(verified->cores(), 4);
+}
+
+TEST(Announce, TamperedInfoHasBadSignature) {
+  NodeKey key = NodeKey::generate();
+  SignedNodeInfo signed_info = sign_node_info(info_for(key, "eu", 4), key);
+  NodeInfo changed;
+  ASSERT_TRUE(changed.ParseFromString(signed_info.info()));
+  changed.set_cores(64);
+  signed_info.set_info(changed.SerializeAsString());
+  auto verified = verify_node_info(signed_info);
+  ASSERT_FALSE(verified.ok());
+  EXPECT_NE(verified.message().find("bad signature"), std::string::npos) << verified.message();
+}
+
+TEST(Announce, IdNotMatchingKeyIsRejected) {
+  NodeKey key = NodeKey::generate(), victim = NodeKey::generate();
+  NodeInfo info = info_for(key, "eu", 4);
+  info.set_node_id(victim.node_id());  // correctly signed, but claims someone else's id
+  auto verified = verify_node_info(sign_node_info(info, key));
+  ASSERT_FALSE(verified.ok());
+  EXPECT_NE(verified.message().find("hashes to"), std::string::npos) << verified.message();
+}
+
+TEST(Announce, MalformedAnnouncementsAreRejected) {
+  NodeKey key = NodeKey::generate();
+  SignedNodeInfo garbage;
+  garbage.set_info(std::string("\xff\xff\xff\xff\x0f garbage", 13));
+  garbage.set_signature(std::string(64, 'x'));
+  auto verified = verify_node_info(garbage);
+  ASSERT_FALSE(verified.ok());
+  EXPECT_NE(verified.message().find("not a valid NodeInfo"), std::string::npos) << verified.message();
+
+  NodeInfo short_key = info_for(key, "eu", 4);
+  short_key.set_public_key(std::string(16, '\1'));
+  verified = verify_node_info(sign_node_info(short_key, key));
+  ASSERT_FALSE(verified.ok());
+  EXPECT_NE(verified.message().find("16-byte public key"), std::string::npos) << verified.message();
+
+  SignedNodeInfo short_signature = sign_node_info(info_for(key, "eu", 4), key);
+  short_signature.set_signature(short_signature.signature().substr(0, 10));
+  verified = verify_node_info(short_signature);
+  ASSERT_FALSE(verified.ok());
+  EXPECT_NE(verified.message().find("10-byte signature"), std::string::npos) << verified.message();
+}
+
+TEST(Announce, LocalInfoDescribesThisMachine) {
+  NodeKey key = NodeKey::generate();
+  NodeInfo info = local_node_info(key, "lab");
+  EXPECT_EQ(info.node_id(), key.node_id());
+  EXPECT_GE(info.cores(), 1);
+  EXPECT_GT(info.memory_bytes(), int64_t(64) << 20);
+  EXPECT_GT(info.compute_gflops(), 0.01);
+  EXPECT_TRUE(verify_node_info(sign_node_info(info, key)).ok());
+  std::printf("this core: %.2f GFLOP/s fp32, %d cores, %.1f GB\n", info.compute_gflops(), info.cores(),
+              static_cast<double>(info.memory_bytes()) / 1e9);
+}
+
+// A bootstrap node and four announcers on 127.0.0.1.
+class LocalDht : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto boot = Discovery::start(0, {}, fast_options());
+    ASSERT_TRUE(boot.ok()) << boot.message();
+    bootstrap_ = std::move(boot).value();
+    const std::string address = "127.0.0.1:" + std::to_string(bootstrap_->port());
+    for (int i = 0; i < 4; ++i) {
+      keys_.push_back(std::make_unique<NodeKey>(NodeKey::generate()));
+      auto node = Discovery::start(0, {address}, fast_options());
+      ASSERT_TRUE(node.ok()) << node.message();
+      nodes_.push_back(std::move(node).value());
+    }
+    const auto start = std::chrono::steady_clock::now();
+    for (int i = 0; i < 4; ++i) nodes_[i]->announce(info_for(*keys_[i], i % 2 ? "us" : "eu", i + 1), *keys_[i]);
+    auto seen = bootstrap_->wait_for_nodes(4, 15000ms);
+    ASSERT_TRUE(seen.ok()) << seen.message();
+    ASSERT_EQ(seen->size(), 4u);
+    std::printf("4 announcers visible from the bootstrap after %lld ms\n",
+                static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                           std::chrono::steady_clock::now() - start)
+                                           .count()));
+  }
+
+  std::unique_ptr<Discovery> bootstrap_;
+  std::vector<std::unique_ptr<NodeKey>> keys_;
+  std::vector<std::unique_ptr<Discovery>> nodes_;
+};
+
+TEST_F(LocalDht, EveryNodeSeesEveryAnnouncer) {
+  std::set<std::string> expected;
+  for (const auto& k : keys_) expected.insert(k->node_id());
+  for (auto& node : nodes_) {
+    auto seen = node->wait_for_nodes(4, 15000ms);
+    ASSERT_TRUE(seen.ok()) << seen.message();
+    EXPECT_EQ(ids_of(*seen), expected);
+    for (const auto& n : *seen) EXPECT_LT(unix_millis() - n.timestamp_ms(), fast_options().stale_after.count());
+  }
+}
+
+TEST_F(LocalDht, UpdatedAnnouncementReplacesTheOld) {
+  NodeInfo busy = info_for(*keys_[0], "eu", 1);
+  busy.set_busy_job_id("job-7");
+  nodes_[0]->update_announcement(busy);
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  std::string job;
+  while (job != "job-7" && std::chrono::steady_clock::now() < deadline) {
+    auto seen = nodes_[3]->list_nodes(2000ms);
+    ASSERT_TRUE(seen.ok());
+    EXPECT_EQ(seen->size(), 4u);  // one entry per node id, never two versions
+    for (const auto& n : *seen)
+      if (n.node_id() == keys_[0]->node_id()) job = n.busy_job_id();
+  }
+  EXPECT_EQ(job, "job-7");
+}
+
+TEST_F(LocalDht, ForgedAndTamperedAnnouncementsAreDropped) {
+  // Node 1's genuine announcement with its cores raised: the signature no longer matches.
+  NodeInfo inflated = info_for(*keys_[1], "us", 2);
+  SignedNodeInfo tampered = sign_node_info(inflated, *keys_[1]);
+  inflated.set_cores(1024);
+  tampered.set_info(inflated.SerializeAsString());
+  nodes_[2]->put_raw(tampered.SerializeAsString(), 0xbad1);
+  // A stranger signing with its own key but claiming node 1's id.
+  NodeKey stranger = NodeKey::generate();
+  NodeInfo impostor = info_for(stranger, "us", 512);
+  impostor.set_node_id(keys_[1]->node_id());
+  impostor.set_timestamp_ms(unix_millis() + 60000);  // would win "newest" if it were believed
+  nodes_[2]->put_raw(sign_node_info(impostor, stranger).SerializeAsString(), 0xbad2);
+  nodes_[2]->put_raw("not a protobuf at all \xff\xff", 0xbad3);
+
+  // Wait until the planted values are surely stored, then list from another node.
+  std::this_thread::sleep_for(1500ms);
+  for (int round = 0; round < 3; ++round) {
+    auto seen = nodes_[0]->list_nodes(3000ms);
+    ASSERT_TRUE(seen.ok()) << seen.message();
+    EXPECT_EQ(seen->size(), 4u);
+    for (const auto& n : *seen) {
+      EXPECT_LE(n.cores(), 4) << "a forged announcement was believed";
+      if (n.node_id() == keys_[1]->node_id()) EXPECT_EQ(n.public_key().size(), 32u);
+    }
+  }
+}
+
+TEST_F(LocalDht, CrashedNodeGoesStaleAndStoppedNodeIsWithdrawn) {
+  // A node that announced once and then died: its last announcement stays in
+  // the DHT but drops out once older than stale_after (4 s here).
+  NodeKey crashed = NodeKey::generate();
+  nodes_[0]->put_raw(sign_node_info(info_for(crashed, "eu", 3), crashed).SerializeAsString(), 0xdead);
+  auto seen = nodes_[1]->wait_for_nodes(5, 10000ms);
+  ASSERT_TRUE(seen.ok());
+  ASSERT_TRUE(ids_of(*seen).count(crashed.node_id())) << "the one-shot announcement was never seen";
+  const auto crash_seen = std::chrono::steady_clock::now();
+  bool gone = false;
+  while (!gone && std::chrono::steady_clock::now() - crash_seen < 10s) {
+    std::this_thread::sleep_for(500ms);
+    auto now_seen = nodes_[1]->list_nodes(2000ms);
+    ASSERT_TRUE(now_seen.ok());
+    gone = !ids_of(*now_seen).count(crashed.node_id());
+  }
+  EXPECT_TRUE(gone) << "a node that stopped announcing is still listed 10 s later";
+
+  // A clean stop withdraws the announcement: gone well before the stale limit.
+  const std::string leaving = keys_[3]->node_id();
+  const auto stop_at = std::chrono::steady_clock::now();
+  nodes_[3]->stop();
+  gone = false;
+  while (!gone && std::chrono::steady_clock::now() - stop_at < 10s) {
+    auto now_seen = nodes_[1]->list_nodes(2000ms);
+    ASSERT_TRUE(now_seen.ok());
+    gone = !ids_of(*now_seen).count(leaving);
+    if (!gone) std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_TRUE(gone);
+  std::printf("stopped node left the list after %lld ms (stale limit %lld ms)\n",
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                         std::chrono::steady_clock::now() - stop_at)
+                                         .count()),
+              static_cast<long long>(fast_options().stale_after.count()));
+  auto rest = nodes_[1]->list_nodes(2000ms);
+  ASSERT_TRUE(rest.ok());
+  EXPECT_EQ(rest->size(), 3u);
+}
+
+// ---- the dht and peers commands as real processes ----
+
+std::string solvernet_bin() {
+  const char* bin = std::getenv("SOLVERNET_BIN");
+  return bin ? bin : "";
+}
+
+uint16_t free_udp_port() {
+  int fd = ::socket(AF_INET, SOCK_DGRAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+TEST(DiscoveryCommands, PeersListsAnnouncersThroughARealBootstrapProcess) {
+  const std::string bin = solvernet_bin();
+  if (bin.empty()) GTEST_SKIP() << "SOLVERNET_BIN is not set (ctest sets it)";
+  ASSERT_TRUE(std::filesystem::exists(bin)) << "SOLVERNET_BIN " << bin << " does not exist: build target solvernet";
+  const auto dir = std::filesystem::temp_directory_path() / ("sn-discovery-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const uint16_t port = free_udp_port();
+  SpawnOptions spawn;
+  spawn.stdout_path = dir / "dht.out";
+  spawn.stderr_path = dir / "dht.err";
+  auto dht = ChildProcess::spawn({bin, "dht", "--port", std::to_string(port)}, spawn);
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  const std::string expected_line = "dht bootstrap listening on 127.0.0.1:" + std::to_string(port);
+  const auto deadline = std::chrono::steady_clock::now() + 15s;
+  while (read_file(dir / "dht.out").find(expected_line) == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(50ms);
+  ASSERT_NE(read_file(dir / "dht.out").find(expected_line), std::string::npos) << read_file(dir / "dht.err");
+
+  const std::string bootstrap = "127.0.0.1:" + std::to_string(port);
+  std::vector<std::unique_ptr<NodeKey>> keys;
+  std::vector<std::unique_ptr<Discovery>> announcers;
+  for (int i = 0; i < 2; ++i) {
+    keys.push_back(std::make_unique<NodeKey>(NodeKey::generate()));
+    auto node = Discovery::start(0, {bootstrap});  // the default network, as the command uses
+    ASSERT_TRUE(node.ok()) << node.message();
+    (*node)->announce(info_for(*keys[i], "eu", 2 + i), *keys[i]);
+    announcers.push_back(std::move(node).value());
+  }
+  auto out = run_command({bin, "peers", "--bootstrap", bootstrap, "--json", "--expect", "2", "--wait-ms", "20000"});
+  ASSERT_TRUE(out.ok()) << out.message();
+  auto json_start = out->find('[');
+  ASSERT_NE(json_start, std::string::npos) << *out;
+  auto listed = nlohmann::json::parse(out->substr(json_start));
+  ASSERT_TRUE(listed.is_array());
+  std::set<std::string> ids;
+  for (const auto& n : listed) {
+    ids.insert(n.at("node_id").get<std::string>());
+    EXPECT_EQ(n.at("region"), "eu");
+    EXPECT_GT(n.at("timestamp_ms").get<int64_t>(), 0);
+    EXPECT_EQ(n.at("memory_bytes").get<int64_t>(), int64_t(1) << 30);
+    EXPECT_TRUE(n.contains("address") && n.contains("cores") && n.contains("compute_gflops"));
+  }
+  EXPECT_EQ(ids, (std::set<std::string>{keys[0]->node_id(), keys[1]->node_id()}));
+
+  // A bad address is the user's mistake: one line, exit code 2.
+  auto bad = ChildProcess::spawn({bin, "peers", "--bootstrap", "localhost-no-port"});
+  ASSERT_TRUE(bad.ok());
+  EXPECT_EQ(bad->wait_for(10s), std::optional<int>(2));
+
+  // SIGTERM ends the bootstrap node cleanly.
+  ::kill(dht->pid(), SIGTERM);
+  EXPECT_EQ(dht->wait_for(10s), std::optional<int>(0));
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace sn::net
