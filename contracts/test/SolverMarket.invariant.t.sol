@@ -1,0 +1,171 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {SolverMarket} from "../src/SolverMarket.sol";
+import {TestBase, Vm} from "./Vm.sol";
+
+/// Drives the market with random but well-formed moves from a few actors and keeps
+/// ghost totals of the value that went in and out.
+contract MarketHandler {
+    Vm internal constant vm = Vm(address(uint160(uint256(keccak256("hevm cheat code")))));
+    SolverMarket public market;
+    address[4] public actors = [address(0xA1), address(0xA2), address(0xA3), address(0xA4)];
+    address public referee = address(0xEEFF);
+    uint256 public deposited;
+    uint256 public withdrawn;
+    uint256[] public jobIds;
+    uint256[] public disputeIds;
+
+    constructor(SolverMarket market_) {
+        market = market_;
+        for (uint256 i = 0; i < actors.length; ++i) {
+            vm.deal(actors[i], 1_000 ether);
+            vm.prank(actors[i]);
+            market.register{value: 5 ether}(bytes32(i + 1));
+            deposited += 5 ether;
+        }
+    }
+
+    function _actor(uint256 seed) internal view returns (address) {
+        return actors[seed % actors.length];
+    }
+
+    function stake(uint256 who, uint96 amount) external {
+        amount = uint96(1 + amount % 3 ether);
+        vm.prank(_actor(who));
+        market.stake{value: amount}();
+        deposited += amount;
+    }
+
+    function unstake(uint256 who, uint128 amount) external {
+        address a = _actor(who);
+        uint256 free = market.stakeOf(a);
+        if (free == 0) return;
+        vm.prank(a);
+        market.unstake(uint128(1 + amount % free));
+    }
+
+    function withdraw(uint256 who) external {
+        address a = _actor(who);
+        uint256 before = a.balance;
+        vm.prank(a);
+        try market.withdraw() {
+            withdrawn += a.balance - before;
+        } catch {}
+    }
+
+    function post(uint256 who, uint8 solvers, uint8 verifiers, uint64 price) external {
+        solvers = uint8(1 + solvers % 3);
+        verifiers = uint8(verifiers % 2);
+        uint256 escrow = uint256(solvers) * price + uint256(verifiers) * (price / 4);
+        vm.prank(_actor(who));
+        jobIds.push(market.postJob{value: escrow}(solvers, verifiers, price, price / 4, 1 ether, 6, 4, referee, 0));
+        deposited += escrow;
+    }
+
+    function commit(uint256 who, uint256 job) external {
+        if (jobIds.length == 0) return;
+        vm.prank(_actor(who));
+        try market.commit(jobIds[job % jobIds.length], bytes32(who | 1)) {} catch {}
+    }
+
+    function accept(uint256 who, uint256 job) external {
+        if (jobIds.length == 0) return;
+        vm.prank(_actor(who));
+        try market.accept(jobIds[job % jobIds.length]) {} catch {}
+    }
+
+    function challenge(uint256 who, uint256 solver, uint256 job, uint8 span) external {
+        if (jobIds.length == 0) return;
+        vm.prank(_actor(who));
+        try market.challenge{value: 1 ether}(jobIds[job % jobIds.length], _actor(solver), 0, uint48(1 + span % 8))
+        returns (uint256 id) {
+            disputeIds.push(id);
+            deposited += 1 ether;
+        } catch {}
+    }
+
+    function play(uint256 dispute, bool agree, bool solverWins) external {
+        if (disputeIds.length == 0) return;
+        uint256 id = disputeIds[dispute % disputeIds.length];
+        (address challenger,, SolverMarket.Turn turn, address solver,,,,,) = market.disputes(id);
+        if (turn == SolverMarket.Turn.Solver) {
+            vm.prank(solver);
+            market.claimMidpoint(id, bytes32(dispute));
+        } else if (turn == SolverMarket.Turn.Challenger) {
+            vm.prank(challenger);
+            market.bisect(id, agree);
+        } else if (turn == SolverMarket.Turn.Referee) {
+            vm.prank(referee);
+            market.resolve(id, solverWins);
+        }
+    }
+
+    function advance(uint8 blocks) external {
+        vm.roll(block.number + 1 + blocks % 8);
+    }
+
+    function timeout(uint256 dispute) external {
+        if (disputeIds.length == 0) return;
+        try market.timeout(disputeIds[dispute % disputeIds.length]) {} catch {}
+    }
+
+    function finalize(uint256 job) external {
+        if (jobIds.length == 0) return;
+        uint256 jobId = jobIds[job % jobIds.length];
+        address[] memory solvers = new address[](4);
+        address[] memory verifiers = new address[](4);
+        uint256 s;
+        uint256 v;
+        for (uint256 i = 0; i < actors.length; ++i) {
+            if (market.commitOf(jobId, actors[i]) != bytes32(0)) solvers[s++] = actors[i];
+            if (market.isVerifier(jobId, actors[i])) verifiers[v++] = actors[i];
+        }
+        assembly {
+            mstore(solvers, s)
+            mstore(verifiers, v)
+        }
+        try market.finalize(jobId, solvers, verifiers) {} catch {}
+    }
+
+    /// Everything the market owes accounts directly (free stake, pull balances, unbonding).
+    function owedToAccounts() external view returns (uint256 total) {
+        for (uint256 i = 0; i < actors.length; ++i) {
+            (uint128 free, uint128 pull) = market.accounts(actors[i]);
+            (uint128 unbonding,) = market.unbondings(actors[i]);
+            total += free + pull + unbonding;
+        }
+        (, uint128 refereePull) = market.accounts(referee);
+        total += refereePull;
+    }
+}
+
+contract SolverMarketInvariantTest is TestBase {
+    SolverMarket market;
+    MarketHandler handler;
+
+    function setUp() public {
+        market = new SolverMarket(5, 3);
+        handler = new MarketHandler(market);
+    }
+
+    function targetContracts() public view returns (address[] memory targets) {
+        targets = new address[](1);
+        targets[0] = address(handler);
+    }
+
+    /// Value held = everything deposited (stakes, escrow, bonds) - paid out - burnt.
+    function invariant_valueIsConserved() public view {
+        assertEq(
+            address(market).balance,
+            handler.deposited() - handler.withdrawn() - address(0xdEaD).balance,
+            "market balance"
+        );
+    }
+
+    /// The market always holds at least what accounts could claim right now, so no one
+    /// can withdraw what is staked in a job or escrowed, and no slash pays twice.
+    function invariant_solvent() public view {
+        assertTrue(address(market).balance >= handler.owedToAccounts(), "owes more than it holds");
+    }
+}
