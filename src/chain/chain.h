@@ -1,0 +1,254 @@
+// EVM settlement client: keys, signed EIP-1559 transactions over JSON-RPC, the
+// SolverMarket contract (contracts/src/SolverMarket.sol) and a local dev chain (anvil).
+// Amounts are wei everywhere. Every call that talks to the chain returns Result and
+// turns transport failures, hostile answers and reverts (with the contract's reason)
+// into readable errors; nothing here throws.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/hash.h"
+#include "core/process.h"
+#include "core/result.h"
+
+namespace sn::chain {
+
+using Bytes = std::vector<uint8_t>;
+using Address = std::array<uint8_t, 20>;
+using Wei = unsigned __int128;
+
+Hash256 keccak256(std::span<const uint8_t> data);
+std::string hex0x(std::span<const uint8_t> bytes);  // "0x" + lowercase hex
+Result<Bytes> parse_hex0x(std::string_view text);    // accepts with or without 0x
+std::string address_hex(const Address& address);
+Result<Address> parse_address(std::string_view text);
+std::string wei_to_string(Wei amount);                // decimal
+Result<Wei> parse_wei(std::string_view decimal);      // decimal, or N"eth" for N·10^18
+
+// A secp256k1 account key. The file format is the 64-char hex secret and a newline,
+// mode 0600.
+class Key {
+ public:
+  static Key generate();
+  static Result<Key> from_hex(std::string_view secret_hex);
+  static Result<Key> load(const std::filesystem::path& path);
+  // Loads PATH, or creates and saves a new key there if it does not exist.
+  static Result<Key> load_or_create(const std::filesystem::path& path);
+  Status save(const std::filesystem::path& path) const;
+
+  const Address& address() const { return address_; }
+  std::string secret_hex() const;
+  // Recoverable signature over a 32-byte digest: r, s, recovery id (y parity).
+  struct Signature { std::array<uint8_t, 32> r, s; uint8_t y_parity; };
+  Signature sign(const Hash256& digest) const;
+
+ private:
+  std::array<uint8_t, 32> secret_{};
+  Address address_{};
+};
+
+// The funded account #0 of every anvil (a published dev key; never use it elsewhere).
+Key anvil_funded_key();
+
+// JSON-RPC 2.0 over HTTP (libcurl). Thread-safe: each call uses its own handle.
+class RpcClient {
+ public:
+  explicit RpcClient(std::string url, int timeout_ms = 10000);
+  // The "result" member, or an error naming the method and the server's message
+  // (including revert data, decoded if it is Error(string)).
+  Result<nlohmann::json> call(const std::string& method, nlohmann::json params) const;
+  const std::string& url() const { return url_; }
+
+  Result<uint64_t> chain_id() const;
+  Result<uint64_t> block_number() const;
+  Result<Wei> balance(const Address& address) const;
+
+ private:
+  std::string url_;
+  int timeout_ms_;
+};
+
+struct LogEntry {
+  Address address{};
+  std::vector<Hash256> topics;
+  Bytes data;
+};
+
+struct Receipt {
+  std::string tx_hash;
+  uint64_t block = 0;
+  uint64_t gas_used = 0;
+  std::optional<Address> contract_address;
+  std::vector<LogEntry> logs;
+};
+
+// Signs and sends transactions from one key. Nonces stay right under concurrency
+// (a mutex hands them out in order) and across restarts (the first send, and any
+// send after a nonce error, re-reads the chain's pending nonce).
+class Wallet {
+ public:
+  Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id);
+
+  const Address& address() const { return key_.address(); }
+  const Key& key() const { return key_; }
+  // Estimates gas (a revert comes back as the contract's reason), signs, sends and
+  // waits for the receipt; a mined failure is an error too.
+  Result<Receipt> send(std::optional<Address> to, Wei value, const Bytes& data);
+
+ private:
+  Result<std::string> send_once(std::optional<Address> to, Wei value, const Bytes& data);
+  std::shared_ptr<const RpcClient> rpc_;
+  Key key_;
+  uint64_t chain_id_;
+  std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();  // movable wallet
+  std::optional<uint64_t> next_nonce_;
+};
+
+// Where the market lives: written by `chain up` / `chain deploy` as JSON.
+struct Deployment {
+  uint64_t chain_id = 0;
+  std::string rpc_url;
+  Address market{};
+  uint64_t deploy_block = 0;
+  std::string abi_hash;  // keccak256 of the contract's ABI JSON, to catch mismatches
+  uint64_t unbonding_blocks = 0;
+  uint64_t turn_blocks = 0;
+
+  nlohmann::json to_json() const;
+  static Result<Deployment> from_json(const nlohmann::json& json);
+  static Result<Deployment> load(const std::filesystem::path& path);
+  Status save(const std::filesystem::path& path) const;
+};
+
+struct DeployOptions {
+  uint64_t unbonding_blocks = 20;
+  uint64_t turn_blocks = 10;
+  std::filesystem::path contracts_dir;  // empty: $SOLVERNET_SOURCE_DIR/contracts or the build's source
+};
+
+// Deploys SolverMarket from contracts/out (running the offline `forge build` if needed).
+Result<Deployment> deploy_market(std::shared_ptr<const RpcClient> rpc, const Key& deployer,
+                                 const DeployOptions& options = {});
+
+struct JobTerms {
+  uint16_t solver_count = 1;
+  uint16_t verifier_count = 0;
+  Wei price_per_solver = 0;
+  Wei verifier_fee = 0;
+  Wei stake_per_role = 0;
+  uint32_t commit_blocks = 100;
+  uint32_t challenge_window_blocks = 5;
+  Address referee{};
+  Hash256 spec{};
+  Wei escrow() const { return price_per_solver * solver_count + verifier_fee * verifier_count; }
+};
+
+// One key's view of the market. Thread-safe (the Wallet serialises nonces).
+class MarketClient {
+ public:
+  MarketClient(std::shared_ptr<const RpcClient> rpc, Deployment deployment, Key key);
+
+  const Address& address() const { return wallet_.address(); }
+  const Deployment& deployment() const { return deployment_; }
+  Wallet& wallet() { return wallet_; }
+
+  Result<Receipt> register_node(const Hash256& node_id, Wei stake);
+  Result<Receipt> stake(Wei amount);
+  Result<Receipt> unstake(Wei amount);
+  Result<Receipt> withdraw();
+  // Returns the new job's id (from its JobPosted event).
+  Result<uint64_t> post_job(const JobTerms& terms, Receipt* receipt = nullptr);
+  Result<Receipt> accept(uint64_t job_id);
+  Result<Receipt> commit(uint64_t job_id, const Hash256& root);
+  Result<uint64_t> challenge(uint64_t job_id, const Address& solver, uint64_t lo, uint64_t hi,
+                             Wei bond, Receipt* receipt = nullptr);
+  Result<Receipt> claim_midpoint(uint64_t dispute_id, const Hash256& state_hash);
+  Result<Receipt> bisect(uint64_t dispute_id, bool agree);
+  Result<Receipt> resolve(uint64_t dispute_id, bool solver_wins);
+  Result<Receipt> timeout(uint64_t dispute_id);
+  // Pays the job's live solvers and verifiers, read from its events.
+  Result<Receipt> finalize(uint64_t job_id);
+
+  Result<Wei> stake_of(const Address& node) const;
+  Result<Wei> withdrawable_of(const Address& account) const;
+  Result<Wei> balance_of(const Address& account) const { return rpc_->balance(account); }
+  Result<bool> is_registered(const Address& node) const;
+  Result<Hash256> commit_of(uint64_t job_id, const Address& solver) const;
+
+ private:
+  Result<Receipt> call_market(std::string_view signature, const Bytes& args, Wei value = 0);
+  Result<Bytes> view(std::string_view signature, const Bytes& args) const;
+  std::shared_ptr<const RpcClient> rpc_;
+  Deployment deployment_;
+  Wallet wallet_;
+};
+
+// ABI encoding of static words, for callers building their own calls.
+namespace abi {
+Bytes selector(std::string_view signature);
+void put_uint(Bytes& out, Wei value);
+void put_address(Bytes& out, const Address& address);
+void put_bytes32(Bytes& out, const Hash256& word);
+Result<std::string> decode_revert(std::span<const uint8_t> data);  // Error(string)
+}  // namespace abi
+
+// RLP, exposed for tests.
+namespace rlp {
+Bytes encode_bytes(std::span<const uint8_t> bytes);
+Bytes encode_uint(Wei value);
+Bytes encode_list(const std::vector<Bytes>& items);
+}  // namespace rlp
+
+struct DevChainOptions {
+  uint16_t port = 0;                     // 0: a free port
+  std::filesystem::path state_file;      // empty: none; else anvil --state (load + dump)
+  std::filesystem::path log_file;        // anvil's output; empty: /dev/null
+  DeployOptions deploy;
+};
+
+// A local chain: anvil on 127.0.0.1 with the market deployed. The destructor stops it.
+class DevChain {
+ public:
+  static Result<std::unique_ptr<DevChain>> start(const DevChainOptions& options = {});
+  ~DevChain();
+
+  const std::string& rpc_url() const { return rpc_url_; }
+  std::shared_ptr<const RpcClient> rpc() const { return rpc_; }
+  const Deployment& deployment() const { return deployment_; }
+  pid_t pid() const { return anvil_.pid(); }
+
+  // Sends AMOUNT from anvil's funded account.
+  Status fund(const Address& to, Wei amount);
+  // Mines BLOCKS empty blocks (anvil_mine), e.g. to pass a challenge window.
+  Status mine(uint64_t blocks);
+  // The key in DATA_DIR/chain.key (created if missing), funded with AMOUNT if its
+  // balance is below it.
+  Result<Key> node_key(const std::filesystem::path& data_dir, Wei amount);
+
+ private:
+  DevChain() = default;
+  ChildProcess anvil_;
+  std::string rpc_url_;
+  std::shared_ptr<const RpcClient> rpc_;
+  Deployment deployment_;
+  std::unique_ptr<Wallet> funder_;
+};
+
+// Path of the anvil/forge binaries (contracts/node_modules/.bin, else PATH).
+std::filesystem::path foundry_tool(const std::string& name, const std::filesystem::path& contracts_dir);
+std::filesystem::path default_contracts_dir();
+// Reserves a free TCP port on 127.0.0.1 (bind to port 0, read it, close).
+Result<uint16_t> free_port();
+
+}  // namespace sn::chain

@@ -1,0 +1,379 @@
+// SolverMarket calls, deployment and the local anvil dev chain.
+#include <unistd.h>
+
+#include <cstdlib>
+#include <thread>
+
+#include "chain/chain.h"
+#include "core/fs.h"
+
+namespace sn::chain {
+
+namespace {
+Hash256 word_of(uint64_t value) {
+  Hash256 word{};
+  for (int i = 31; i >= 24; --i, value >>= 8) word[i] = static_cast<uint8_t>(value & 0xff);
+  return word;
+}
+
+Wei word_to_uint(std::span<const uint8_t> word) {
+  Wei out = 0;
+  for (size_t i = 16; i < 32 && i < word.size(); ++i) out = (out << 8) | word[i];
+  return out;
+}
+
+std::string to_quantity(Wei value) {
+  uint64_t high = static_cast<uint64_t>(value >> 64), low = static_cast<uint64_t>(value);
+  return high ? fmt::format("0x{:x}{:016x}", high, low) : fmt::format("0x{:x}", low);
+}
+}  // namespace
+
+// ------------------------------------------------------------------ deployment
+
+nlohmann::json Deployment::to_json() const {
+  return {{"chain_id", chain_id},       {"rpc_url", rpc_url},
+          {"market", address_hex(market)}, {"deploy_block", deploy_block},
+          {"abi_hash", abi_hash},       {"unbonding_blocks", unbonding_blocks},
+          {"turn_blocks", turn_blocks}};
+}
+
+Result<Deployment> Deployment::from_json(const nlohmann::json& json) {
+  if (!json.is_object() || !json.contains("market") || !json["market"].is_string() ||
+      !json.contains("chain_id") || !json["chain_id"].is_number_unsigned())
+    return input_error("deployment JSON needs \"market\" (address) and \"chain_id\"");
+  Deployment deployment;
+  deployment.chain_id = json["chain_id"].get<uint64_t>();
+  SN_ASSIGN(deployment.market, parse_address(json["market"].get<std::string>()));
+  deployment.rpc_url = json.value("rpc_url", "");
+  deployment.deploy_block = json.value("deploy_block", uint64_t{0});
+  deployment.abi_hash = json.value("abi_hash", "");
+  deployment.unbonding_blocks = json.value("unbonding_blocks", uint64_t{0});
+  deployment.turn_blocks = json.value("turn_blocks", uint64_t{0});
+  return deployment;
+}
+
+Result<Deployment> Deployment::load(const std::filesystem::path& path) {
+  SN_ASSIGN(std::string text, read_file(path));
+  auto json = nlohmann::json::parse(text, nullptr, false);
+  if (json.is_discarded()) return input_error("{}: not JSON", path.string());
+  auto deployment = from_json(json);
+  if (!deployment.ok()) return input_error("{}: {}", path.string(), deployment.message());
+  return deployment;
+}
+
+Status Deployment::save(const std::filesystem::path& path) const {
+  return write_file_atomic(path, to_json().dump(2) + "\n");
+}
+
+std::filesystem::path default_contracts_dir() {
+  if (const char* source = std::getenv("SOLVERNET_SOURCE_DIR")) return std::filesystem::path(source) / "contracts";
+  return std::filesystem::path(SOLVERNET_CHAIN_SOURCE_DIR) / "contracts";
+}
+
+std::filesystem::path foundry_tool(const std::string& name, const std::filesystem::path& contracts_dir) {
+  auto local = contracts_dir / "node_modules" / ".bin" / name;
+  if (std::filesystem::exists(local)) return local;
+  return name;  // from PATH
+}
+
+static Result<nlohmann::json> load_artifact(const std::filesystem::path& contracts_dir) {
+  auto artifact = contracts_dir / "out" / "SolverMarket.sol" / "SolverMarket.json";
+  if (!std::filesystem::exists(artifact)) {
+    // forge builds offline with the solc-js front; run it in the contracts folder.
+    auto forge = foundry_tool("forge", contracts_dir);
+    auto built = run_command({"/bin/sh", "-c",
+                              "cd '" + contracts_dir.string() + "' && PATH='" +
+                                  (contracts_dir / "node_modules" / ".bin").string() + "':\"$PATH\" '" +
+                                  forge.string() + "' build --quiet"});
+    if (!built.ok()) return make_error("forge build in {} failed: {}", contracts_dir.string(), built.message());
+  }
+  SN_ASSIGN(std::string text, read_file(artifact));
+  auto json = nlohmann::json::parse(text, nullptr, false);
+  if (json.is_discarded() || !json.contains("bytecode")) return make_error("{}: not a forge artifact", artifact.string());
+  return json;
+}
+
+Result<Deployment> deploy_market(std::shared_ptr<const RpcClient> rpc, const Key& deployer,
+                                 const DeployOptions& options) {
+  auto contracts_dir = options.contracts_dir.empty() ? default_contracts_dir() : options.contracts_dir;
+  SN_ASSIGN(auto artifact, load_artifact(contracts_dir));
+  const auto& object = artifact["bytecode"]["object"];
+  if (!object.is_string()) return make_error("artifact has no bytecode");
+  SN_ASSIGN(Bytes code, parse_hex0x(object.get<std::string>()));
+  abi::put_uint(code, options.unbonding_blocks);
+  abi::put_uint(code, options.turn_blocks);
+  SN_ASSIGN(uint64_t chain_id, rpc->chain_id());
+  Wallet wallet(rpc, deployer, chain_id);
+  SN_ASSIGN(Receipt receipt, wallet.send(std::nullopt, 0, code));
+  if (!receipt.contract_address) return make_error("deployment receipt has no contract address");
+  Deployment deployment;
+  deployment.chain_id = chain_id;
+  deployment.rpc_url = rpc->url();
+  deployment.market = *receipt.contract_address;
+  deployment.deploy_block = receipt.block;
+  deployment.abi_hash = hex0x(keccak256(as_bytes(artifact["abi"].dump())));
+  deployment.unbonding_blocks = options.unbonding_blocks;
+  deployment.turn_blocks = options.turn_blocks;
+  return deployment;
+}
+
+// ------------------------------------------------------------------ market
+
+MarketClient::MarketClient(std::shared_ptr<const RpcClient> rpc, Deployment deployment, Key key)
+    : rpc_(rpc), deployment_(std::move(deployment)), wallet_(rpc, std::move(key), deployment_.chain_id) {}
+
+Result<Receipt> MarketClient::call_market(std::string_view signature, const Bytes& args, Wei value) {
+  Bytes data = abi::selector(signature);
+  data.insert(data.end(), args.begin(), args.end());
+  auto receipt = wallet_.send(deployment_.market, value, data);
+  if (!receipt.ok()) {
+    auto name = signature.substr(0, signature.find('('));
+    return make_error("{}: {}", name, receipt.message());
+  }
+  return receipt;
+}
+
+Result<Bytes> MarketClient::view(std::string_view signature, const Bytes& args) const {
+  Bytes data = abi::selector(signature);
+  data.insert(data.end(), args.begin(), args.end());
+  SN_ASSIGN(auto json, rpc_->call("eth_call", {{{"to", address_hex(deployment_.market)}, {"data", hex0x(data)}}, "latest"}));
+  if (!json.is_string()) return make_error("RPC answer: eth_call result is not hex");
+  SN_ASSIGN(Bytes out, parse_hex0x(json.get<std::string>()));
+  if (out.size() < 32) return make_error("{}: answer too short ({} bytes); is the market deployed at {}?",
+                                        signature, out.size(), address_hex(deployment_.market));
+  return out;
+}
+
+Result<Receipt> MarketClient::register_node(const Hash256& node_id, Wei stake) {
+  Bytes args;
+  abi::put_bytes32(args, node_id);
+  return call_market("register(bytes32)", args, stake);
+}
+
+Result<Receipt> MarketClient::stake(Wei amount) { return call_market("stake()", {}, amount); }
+
+Result<Receipt> MarketClient::unstake(Wei amount) {
+  Bytes args;
+  abi::put_uint(args, amount);
+  return call_market("unstake(uint128)", args);
+}
+
+Result<Receipt> MarketClient::withdraw() { return call_market("withdraw()", {}); }
+
+Result<uint64_t> MarketClient::post_job(const JobTerms& terms, Receipt* receipt_out) {
+  Bytes args;
+  abi::put_uint(args, terms.solver_count);
+  abi::put_uint(args, terms.verifier_count);
+  abi::put_uint(args, terms.price_per_solver);
+  abi::put_uint(args, terms.verifier_fee);
+  abi::put_uint(args, terms.stake_per_role);
+  abi::put_uint(args, terms.commit_blocks);
+  abi::put_uint(args, terms.challenge_window_blocks);
+  abi::put_address(args, terms.referee);
+  abi::put_bytes32(args, terms.spec);
+  SN_ASSIGN(Receipt receipt,
+            call_market("postJob(uint16,uint16,uint128,uint128,uint96,uint32,uint32,address,bytes32)", args,
+                        terms.escrow()));
+  static const Hash256 topic = keccak256(as_bytes("JobPosted(uint256,address,address,bytes32)"));
+  for (const auto& log : receipt.logs) {
+    if (log.address == deployment_.market && log.topics.size() == 4 && log.topics[0] == topic) {
+      if (receipt_out) *receipt_out = receipt;
+      return static_cast<uint64_t>(word_to_uint(log.topics[1]));
+    }
+  }
+  return make_error("postJob: receipt has no JobPosted event");
+}
+
+Result<Receipt> MarketClient::accept(uint64_t job_id) {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  return call_market("accept(uint256)", args);
+}
+
+Result<Receipt> MarketClient::commit(uint64_t job_id, const Hash256& root) {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  abi::put_bytes32(args, root);
+  return call_market("commit(uint256,bytes32)", args);
+}
+
+Result<uint64_t> MarketClient::challenge(uint64_t job_id, const Address& solver, uint64_t lo, uint64_t hi,
+                                         Wei bond, Receipt* receipt_out) {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  abi::put_address(args, solver);
+  abi::put_uint(args, lo);
+  abi::put_uint(args, hi);
+  SN_ASSIGN(Receipt receipt, call_market("challenge(uint256,address,uint48,uint48)", args, bond));
+  static const Hash256 topic =
+      keccak256(as_bytes("Challenged(uint256,uint256,address,address,uint48,uint48,uint256)"));
+  for (const auto& log : receipt.logs) {
+    if (log.topics.size() == 4 && log.topics[0] == topic) {
+      if (receipt_out) *receipt_out = receipt;
+      return static_cast<uint64_t>(word_to_uint(log.topics[2]));
+    }
+  }
+  return make_error("challenge: receipt has no Challenged event");
+}
+
+Result<Receipt> MarketClient::claim_midpoint(uint64_t dispute_id, const Hash256& state_hash) {
+  Bytes args;
+  abi::put_uint(args, dispute_id);
+  abi::put_bytes32(args, state_hash);
+  return call_market("claimMidpoint(uint256,bytes32)", args);
+}
+
+Result<Receipt> MarketClient::bisect(uint64_t dispute_id, bool agree) {
+  Bytes args;
+  abi::put_uint(args, dispute_id);
+  abi::put_uint(args, agree ? 1 : 0);
+  return call_market("bisect(uint256,bool)", args);
+}
+
+Result<Receipt> MarketClient::resolve(uint64_t dispute_id, bool solver_wins) {
+  Bytes args;
+  abi::put_uint(args, dispute_id);
+  abi::put_uint(args, solver_wins ? 1 : 0);
+  return call_market("resolve(uint256,bool)", args);
+}
+
+Result<Receipt> MarketClient::timeout(uint64_t dispute_id) {
+  Bytes args;
+  abi::put_uint(args, dispute_id);
+  return call_market("timeout(uint256)", args);
+}
+
+Result<Receipt> MarketClient::finalize(uint64_t job_id) {
+  // Participants come from the job's events; slashed commits are filtered by state.
+  auto participants = [&](std::string_view event) -> Result<std::vector<Address>> {
+    nlohmann::json filter = {
+        {"address", address_hex(deployment_.market)},
+        {"fromBlock", to_quantity(deployment_.deploy_block)},
+        {"toBlock", "latest"},
+        {"topics", {hex0x(keccak256(as_bytes(event))), hex0x(word_of(job_id))}}};
+    SN_ASSIGN(auto logs, rpc_->call("eth_getLogs", {filter}));
+    if (!logs.is_array()) return make_error("RPC answer: eth_getLogs result is not an array");
+    std::vector<Address> out;
+    for (const auto& log : logs) {
+      if (!log.is_object() || !log.contains("topics") || !log["topics"].is_array() || log["topics"].size() < 3 ||
+          !log["topics"][2].is_string())
+        return make_error("RPC answer: malformed log");
+      SN_ASSIGN(Bytes topic, parse_hex0x(log["topics"][2].get<std::string>()));
+      if (topic.size() != 32) return make_error("RPC answer: malformed log topic");
+      Address address;
+      std::copy(topic.begin() + 12, topic.end(), address.begin());
+      if (std::find(out.begin(), out.end(), address) == out.end()) out.push_back(address);
+    }
+    return out;
+  };
+  SN_ASSIGN(auto committed, participants("Committed(uint256,address,bytes32)"));
+  SN_ASSIGN(auto verifiers, participants("VerifierAccepted(uint256,address)"));
+  std::vector<Address> solvers;
+  for (const auto& solver : committed) {
+    SN_ASSIGN(Hash256 root, commit_of(job_id, solver));
+    if (root != Hash256{}) solvers.push_back(solver);
+  }
+  Bytes args;
+  abi::put_uint(args, job_id);
+  abi::put_uint(args, 96);
+  abi::put_uint(args, 96 + 32 * (1 + solvers.size()));
+  abi::put_uint(args, solvers.size());
+  for (const auto& solver : solvers) abi::put_address(args, solver);
+  abi::put_uint(args, verifiers.size());
+  for (const auto& verifier : verifiers) abi::put_address(args, verifier);
+  return call_market("finalize(uint256,address[],address[])", args);
+}
+
+Result<Wei> MarketClient::stake_of(const Address& node) const {
+  Bytes args;
+  abi::put_address(args, node);
+  SN_ASSIGN(Bytes out, view("stakeOf(address)", args));
+  return word_to_uint(std::span<const uint8_t>(out).first(32));
+}
+
+Result<Wei> MarketClient::withdrawable_of(const Address& account) const {
+  Bytes args;
+  abi::put_address(args, account);
+  SN_ASSIGN(Bytes out, view("withdrawableOf(address)", args));
+  return word_to_uint(std::span<const uint8_t>(out).first(32));
+}
+
+Result<bool> MarketClient::is_registered(const Address& node) const {
+  Bytes args;
+  abi::put_address(args, node);
+  SN_ASSIGN(Bytes out, view("nodeIdOf(address)", args));
+  return std::any_of(out.begin(), out.begin() + 32, [](uint8_t b) { return b != 0; });
+}
+
+Result<Hash256> MarketClient::commit_of(uint64_t job_id, const Address& solver) const {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  abi::put_address(args, solver);
+  SN_ASSIGN(Bytes out, view("commitOf(uint256,address)", args));
+  Hash256 root;
+  std::copy(out.begin(), out.begin() + 32, root.begin());
+  return root;
+}
+
+// ------------------------------------------------------------------ dev chain
+
+Result<std::unique_ptr<DevChain>> DevChain::start(const DevChainOptions& options) {
+  std::unique_ptr<DevChain> chain(new DevChain());
+  uint16_t port = options.port;
+  if (port == 0) { SN_ASSIGN(port, free_port()); }
+  auto contracts_dir = options.deploy.contracts_dir.empty() ? default_contracts_dir() : options.deploy.contracts_dir;
+  std::vector<std::string> argv = {foundry_tool("anvil", contracts_dir).string(), "--host", "127.0.0.1",
+                                   "--port", std::to_string(port), "--silent"};
+  bool resumed = !options.state_file.empty() && std::filesystem::exists(options.state_file);
+  if (!options.state_file.empty()) {
+    argv.push_back("--state");
+    argv.push_back(options.state_file.string());
+  }
+  SpawnOptions spawn;
+  spawn.stdout_path = options.log_file.empty() ? "/dev/null" : options.log_file;
+  spawn.stderr_path = spawn.stdout_path;
+  SN_ASSIGN(chain->anvil_, ChildProcess::spawn(argv, spawn));
+  chain->rpc_url_ = fmt::format("http://127.0.0.1:{}", port);
+  chain->rpc_ = std::make_shared<RpcClient>(chain->rpc_url_, 5000);
+  Result<uint64_t> chain_id = make_error("anvil did not answer");
+  for (int attempt = 0; attempt < 300; ++attempt) {  // up to ~30 s on a loaded machine
+    if (!chain->anvil_.running()) return make_error("anvil exited at start ({}); see its log", argv[0]);
+    chain_id = chain->rpc_->chain_id();
+    if (chain_id.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (!chain_id.ok()) return make_error("anvil on port {} did not answer: {}", port, chain_id.message());
+  chain->funder_ = std::make_unique<Wallet>(chain->rpc_, anvil_funded_key(), *chain_id);
+  auto deployment_path = options.state_file.empty() ? std::filesystem::path()
+                                                    : std::filesystem::path(options.state_file.string() + ".deployment.json");
+  if (resumed && std::filesystem::exists(deployment_path)) {
+    SN_ASSIGN(chain->deployment_, Deployment::load(deployment_path));
+    chain->deployment_.rpc_url = chain->rpc_url_;
+  } else {
+    SN_ASSIGN(chain->deployment_, deploy_market(chain->rpc_, anvil_funded_key(), options.deploy));
+    if (!deployment_path.empty()) SN_TRY(chain->deployment_.save(deployment_path));
+  }
+  return chain;
+}
+
+DevChain::~DevChain() { anvil_.terminate(std::chrono::milliseconds(3000)); }
+
+Status DevChain::fund(const Address& to, Wei amount) {
+  auto sent = funder_->send(to, amount, {});
+  if (!sent.ok()) return make_error("fund {}: {}", address_hex(to), sent.message());
+  return ok_status();
+}
+
+Status DevChain::mine(uint64_t blocks) {
+  SN_TRY(rpc_->call("anvil_mine", {to_quantity(blocks)}));
+  return ok_status();
+}
+
+Result<Key> DevChain::node_key(const std::filesystem::path& data_dir, Wei amount) {
+  SN_ASSIGN(Key key, Key::load_or_create(data_dir / "chain.key"));
+  SN_ASSIGN(Wei balance, rpc_->balance(key.address()));
+  if (balance < amount) SN_TRY(fund(key.address(), amount - balance));
+  return key;
+}
+
+}  // namespace sn::chain
