@@ -31,6 +31,7 @@ struct DevnetArgs {
   std::string init;
   bool keep = false;
   bool json = false;
+  double time_dilation = 0;
 };
 
 int free_port(int type) {
@@ -139,6 +140,7 @@ int run_devnet(const DevnetArgs& args) {
   spec.emulate = args.emulate;
   spec.algo = args.algo;
   spec.quiet = args.json;
+  spec.time_dilation = args.time_dilation;
   spec.initial_weights = args.init;
   const int needed = static_cast<int>(spec.job.parallel.stages * spec.job.parallel.replicas);
   const int nodes = args.nodes > 0 ? args.nodes : std::max(needed, topology->device_count());
@@ -199,6 +201,7 @@ CommandRegistration devnet_command(
       app.add_option("--algo", args->algo, "Placement: ours | dtfm | random | naive")->capture_default_str();
       app.add_option("--init", args->init, "Start from these weights (safetensors)");
       app.add_flag("--keep", args->keep, "Keep the temp dir (logs, node data) afterwards");
+      app.add_option("--time-dilation", args->time_dilation, "Scaled links: use this T instead of measuring compute");
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
       return [args] { return run_devnet(*args); };
     });

@@ -22,17 +22,12 @@ int run_peers(const PeersArgs& args) {
   init_logging("peers", "error");
   auto discovery = net::Discovery::start(0, args.bootstrap);
   if (!discovery.ok()) return fail("peers", discovery.message(), discovery.error().exit_code);
-  // Ask until the expected count shows up or the wait is over: a fresh DHT
-  // client needs a moment to learn the routing table.
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(args.wait_ms);
-  std::vector<solvernet::v1::NodeInfo> nodes;
-  do {
-    auto listed = (*discovery)->list_nodes(std::chrono::milliseconds(1000));
-    if (!listed.ok()) return fail("peers", listed.message());
-    if (listed->size() >= nodes.size()) nodes = *listed;
-    if (args.expect > 0 && static_cast<int>(nodes.size()) >= args.expect) break;
-    if (args.expect == 0 && !nodes.empty() && std::chrono::steady_clock::now() + std::chrono::milliseconds(1000) > deadline) break;
-  } while (std::chrono::steady_clock::now() < deadline);
+  // A fresh DHT client needs a moment to fill its routing table, so ask
+  // repeatedly: until --expect nodes show up, or for the whole --wait-ms.
+  const size_t wanted = args.expect > 0 ? static_cast<size_t>(args.expect) : SIZE_MAX;
+  auto listed = (*discovery)->wait_for_nodes(wanted, std::chrono::milliseconds(args.wait_ms));
+  if (!listed.ok()) return fail("peers", listed.message());
+  const std::vector<solvernet::v1::NodeInfo>& nodes = *listed;
   (*discovery)->stop();
   const int64_t now = net::unix_millis();
   if (args.json) {
@@ -53,6 +48,8 @@ int run_peers(const PeersArgs& args) {
                                n.busy_job_id().empty() ? "idle" : n.busy_job_id());
     std::cout << nodes.size() << " node(s)" << std::endl;
   }
+  if (args.expect > 0 && nodes.size() < static_cast<size_t>(args.expect))
+    return fail("peers", fmt::format("saw {} of the {} expected nodes within {} ms", nodes.size(), args.expect, args.wait_ms));
   return 0;
 }
 
@@ -62,7 +59,7 @@ CommandRegistration peers_command("peers", "List the live nodes of the network",
                                     app.add_option("--bootstrap", args->bootstrap, "DHT node to ask, HOST:PORT")->required();
                                     app.add_flag("--json", args->json, "Print a JSON array");
                                     app.add_option("--wait-ms", args->wait_ms, "How long to wait for answers")->capture_default_str();
-                                    app.add_option("--expect", args->expect, "Stop waiting once this many nodes are seen");
+                                    app.add_option("--expect", args->expect, "Stop waiting once this many nodes are seen (exit 1 if fewer)");
                                     return [args] { return run_peers(*args); };
                                   });
 

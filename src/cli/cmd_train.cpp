@@ -21,6 +21,7 @@ struct TrainArgs {
   std::string init;
   int64_t steps = 0;
   bool json = false;
+  double time_dilation = 0;
   int wait_s = 60;
 };
 
@@ -34,6 +35,7 @@ int run_train(const TrainArgs& args) {
   spec.model_out = args.out;
   spec.initial_weights = args.init;
   spec.quiet = args.json;
+  spec.time_dilation = args.time_dilation;
   spec.algo = args.algo;
   spec.emulate = args.emulate;
   if (!args.topology_file.empty()) {
@@ -74,6 +76,7 @@ CommandRegistration train_command(
       app.add_option("--init", args->init, "Start from these weights (safetensors), e.g. to fine-tune");
       app.add_option("--steps", args->steps, "Override train.steps");
       app.add_option("--wait-s", args->wait_s, "How long to wait for enough nodes")->capture_default_str();
+      app.add_option("--time-dilation", args->time_dilation, "Scaled links: use this T instead of measuring compute");
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
       return [args] { return run_train(*args); };
     });

@@ -108,6 +108,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   summary["emulate"] = placement.emulate;
   summary["time_dilation"] = placement.scale.time_dilation;
   summary["byte_ratio"] = placement.scale.byte_ratio;
+  summary["gradient_byte_ratio"] = placement.scale.gradient_byte_ratio;
   summary["topology"] = spec.topology ? spec.topology->name : "";
   return summary;
 }

@@ -26,6 +26,7 @@ struct RunSpec {
   std::filesystem::path model_out;
   std::filesystem::path initial_weights;
   bool quiet = false;                  // no progress line (e.g. --json)
+  double time_dilation = 0;            // scaled links: use this T instead of measuring it
 };
 
 // Waits until at least WANT idle nodes are visible via BOOTSTRAP (or TIMEOUT).

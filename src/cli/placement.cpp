@@ -13,6 +13,9 @@ EmulationScale scale_for(const JobConfig& job, double measured_compute_seconds, 
   EmulationScale scale;
   scale.time_dilation = measured_compute_seconds / anchor.compute_seconds;
   scale.byte_ratio = activation_bytes / anchor.activation_bytes;
+  auto ranges = train::stage_layer_ranges(job.model.layers, job.parallel.stages);
+  double gradient_bytes = static_cast<double>(job.model.layer_parameter_count() * ranges.back().second * 4);
+  scale.gradient_byte_ratio = gradient_bytes / anchor.gradient_bytes;
   return scale;
 }
 
@@ -57,8 +60,10 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
 
   placement.emulate = spec.topology ? (spec.emulate.empty() ? spec.topology->mode : spec.emulate) : "none";
   if (placement.emulate == "scaled") {
-    double measured = train::measure_microbatch_seconds(job);
-    placement.scale = scale_for(job, measured);
+    AnchorSetting anchor;
+    double compute = spec.time_dilation > 0 ? spec.time_dilation * anchor.compute_seconds
+                                             : train::measure_microbatch_seconds(job);
+    placement.scale = scale_for(job, compute, anchor);
   }
   return placement;
 }
@@ -84,8 +89,8 @@ void print_placement(const Placement& p, std::ostream& out) {
                        m.address, m.region);
   if (p.predicted_iteration_s > 0) out << fmt::format("  predicted step time {:.3f} s\n", p.predicted_iteration_s);
   if (p.emulate == "scaled")
-    out << fmt::format("  links scaled to {}: time dilation T = {:.4g}, byte ratio R = {:.4g}\n", AnchorSetting{}.name,
-                       p.scale.time_dilation, p.scale.byte_ratio);
+    out << fmt::format("  links scaled to {}: time dilation T = {:.4g}, byte ratio R = {:.4g} (gradients {:.4g})\n",
+                       AnchorSetting{}.name, p.scale.time_dilation, p.scale.byte_ratio, p.scale.gradient_byte_ratio);
 }
 
 }  // namespace sn::cli

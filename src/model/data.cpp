@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdlib>
 #include <random>
 #include <sstream>
@@ -16,7 +17,8 @@ namespace sn::model {
 namespace fs = std::filesystem;
 namespace {
 constexpr const char* kFortunesDir = "/usr/share/games/fortunes";
-constexpr const char* kTokenizerVersion = "spm-bpe-v1";
+// Part of the cache key: change it whenever the spm_train flags change.
+constexpr const char* kTokenizerVersion = "spm-bpe-identity-v2";
 }  // namespace
 
 Result<fs::path> cache_directory(const DataConfig& data) {
@@ -37,7 +39,7 @@ Result<fs::path> cache_directory(const DataConfig& data) {
 Result<fs::path> resolve_corpus(const DataConfig& data) {
   if (data.corpus != "fortunes") {
     std::error_code ec;
-    if (!fs::is_regular_file(data.corpus, ec))
+    if (!fs::is_regular_file(data.corpus, ec) || ::access(data.corpus.c_str(), R_OK) != 0)
       return input_error("corpus {}: not a readable file", data.corpus);
     if (fs::file_size(data.corpus, ec) == 0) return input_error("corpus {}: file is empty", data.corpus);
     return fs::path(data.corpus);
@@ -66,6 +68,12 @@ Result<fs::path> resolve_corpus(const DataConfig& data) {
   return out;
 }
 
+Result<fs::path> resolve_corpus(const std::string& corpus) {
+  DataConfig data;
+  data.corpus = corpus;
+  return resolve_corpus(data);
+}
+
 static Result<std::vector<int32_t>> parse_ids(const std::string& text, int vocab_size) {
   std::vector<int32_t> ids;
   ids.reserve(text.size() / 3);
@@ -87,6 +95,8 @@ static Result<std::vector<int32_t>> parse_ids(const std::string& text, int vocab
 }
 
 Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
+  // SentencePiece reserves ids 0..2 for <unk>, <s>, </s>.
+  if (vocab_size < 4) return input_error("model.vocab must be at least 4, got {}", vocab_size);
   SN_ASSIGN(fs::path corpus, resolve_corpus(data));
   SN_ASSIGN(std::string text, read_file(corpus));
   SN_ASSIGN(fs::path cache, cache_directory(data));
@@ -105,25 +115,43 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
                                 "--vocab_size=" + std::to_string(vocab_size), "--model_type=bpe",
                                 "--character_coverage=1.0", "--input_sentence_size=0",
                                 "--shuffle_input_sentence=false", "--num_threads=1", "--minloglevel=1",
-                                "--max_sentence_length=100000"});
+                                "--max_sentence_length=100000", "--normalization_rule_name=identity",
+                                "--remove_extra_whitespaces=false"});
     if (!trained.ok()) {
-      fs::remove(prefix.string() + ".model");
-      fs::remove(prefix.string() + ".vocab");
-      if (trained.message().find("Vocabulary size") != std::string::npos)
-        return input_error("corpus {} is too small for a vocabulary of {} pieces: lower model.vocab", corpus.string(), vocab_size);
+      std::error_code ignored;
+      fs::remove(prefix.string() + ".model", ignored);
+      fs::remove(prefix.string() + ".vocab", ignored);
+      // spm_train says "Vocabulary size too high (N). Please set it to a value <= M."
+      const std::string& log = trained.message();
+      if (auto at = log.find("Vocabulary size too high"); at != std::string::npos) {
+        auto bound = log.find("<= ", at);
+        std::string most = bound == std::string::npos ? std::string("?")
+                                                      : std::to_string(std::strtol(log.c_str() + bound + 3, nullptr, 10));
+        return input_error("corpus {} is too small for a vocabulary of {} pieces (at most {}): lower model.vocab",
+                           corpus.string(), vocab_size, most);
+      }
       return make_error("spm_train failed on {}: {}", corpus.string(), trained.message());
     }
-    fs::rename(prefix.string() + ".vocab", out.vocab_file);
-    fs::rename(prefix.string() + ".model", out.spm_model);
+    // Training is deterministic, so a concurrent preparer renames identical
+    // files over these; the model goes last because its presence marks the pair complete.
+    std::error_code ec;
+    fs::rename(prefix.string() + ".vocab", out.vocab_file, ec);
+    if (!ec) fs::rename(prefix.string() + ".model", out.spm_model, ec);
+    if (ec) return make_error("{}: cannot store the trained tokenizer: {}", cache.string(), ec.message());
   }
-  std::string ids_bytes;
   if (auto cached = read_file(ids_file); cached.ok() && cached->size() % 4 == 0 && !cached->empty()) {
     out.tokens.resize(cached->size() / 4);
     std::memcpy(out.tokens.data(), cached->data(), cached->size());
   } else {
-    SN_ASSIGN(std::string encoded, run_command({"spm_encode", "--model=" + out.spm_model.string(), "--output_format=id",
-                                                "--input=" + corpus.string()}));
-    SN_ASSIGN(out.tokens, parse_ids(encoded, vocab_size));
+    // Ids go to a file of their own: the captured output also holds the tool's log lines.
+    fs::path encoded_file = cache / ("spm-" + key + ".txt.tmp-" + std::to_string(::getpid()));
+    auto encoding = run_command({"spm_encode", "--model=" + out.spm_model.string(), "--output_format=id",
+                                 "--input=" + corpus.string(), "--output=" + encoded_file.string()});
+    auto encoded = encoding.ok() ? read_file(encoded_file) : Result<std::string>(encoding.error());
+    std::error_code ignored;
+    fs::remove(encoded_file, ignored);
+    if (!encoded.ok()) return make_error("spm_encode failed on {}: {}", corpus.string(), encoded.message());
+    SN_ASSIGN(out.tokens, parse_ids(*encoded, vocab_size));
     std::string raw(out.tokens.size() * 4, '\0');
     std::memcpy(raw.data(), out.tokens.data(), raw.size());
     SN_TRY(write_file_atomic(ids_file, raw));
@@ -133,23 +161,104 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
   return out;
 }
 
-Result<Tokenizer> Tokenizer::load(const fs::path& vocab_file) {
-  SN_ASSIGN(std::string text, read_file(vocab_file));
-  Tokenizer t;
-  std::istringstream lines(text);
-  std::string line;
-  while (std::getline(lines, line)) {
-    auto tab = line.find('\t');
-    std::string piece = tab == std::string::npos ? line : line.substr(0, tab);
-    t.index_.emplace(piece, static_cast<int32_t>(t.pieces_.size()));
-    t.longest_ = std::max(t.longest_, piece.size());
-    t.pieces_.push_back(piece);
+namespace {
+
+const std::string kSpace = "\xe2\x96\x81";  // U+2581, SentencePiece's word boundary
+
+bool is_control_piece(const std::string& piece) { return piece == "<unk>" || piece == "<s>" || piece == "</s>"; }
+
+// A minimal protobuf reader for sentencepiece.ModelProto: field 1 holds the
+// pieces, each a message with piece = 1 (string) and score = 2 (float).
+class ProtoReader {
+ public:
+  explicit ProtoReader(std::string_view bytes) : bytes_(bytes) {}
+  bool done() const { return pos_ >= bytes_.size(); }
+  bool varint(uint64_t* out) {
+    *out = 0;
+    for (int shift = 0; shift < 64 && pos_ < bytes_.size(); shift += 7) {
+      uint8_t byte = static_cast<uint8_t>(bytes_[pos_++]);
+      *out |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if (!(byte & 0x80)) return true;
+    }
+    return false;
   }
-  if (t.pieces_.size() < 3) return make_error("{}: not a SentencePiece vocabulary", vocab_file.string());
-  return t;
+  // Reads one field; for length-delimited fields *payload is its bytes, for a
+  // 32-bit field its 4 bytes.
+  bool field(uint32_t* number, uint32_t* wire_type, std::string_view* payload) {
+    uint64_t key = 0, length = 0;
+    if (!varint(&key)) return false;
+    *number = static_cast<uint32_t>(key >> 3);
+    *wire_type = static_cast<uint32_t>(key & 7);
+    switch (*wire_type) {
+      case 0: return varint(&length);
+      case 1: length = 8; break;
+      case 2: if (!varint(&length)) return false; break;
+      case 5: length = 4; break;
+      default: return false;
+    }
+    if (length > bytes_.size() - pos_) return false;
+    *payload = bytes_.substr(pos_, length);
+    pos_ += length;
+    return true;
+  }
+
+ private:
+  std::string_view bytes_;
+  size_t pos_ = 0;
+};
+
+size_t utf8_length(unsigned char lead) {
+  if (lead < 0x80) return 1;
+  if ((lead >> 5) == 0x6) return 2;
+  if ((lead >> 4) == 0xe) return 3;
+  if ((lead >> 3) == 0x1e) return 4;
+  return 1;  // a stray continuation byte stands alone
 }
 
-static const std::string kSpace = "\xe2\x96\x81";  // U+2581, SentencePiece's word boundary
+}  // namespace
+
+void Tokenizer::add_piece(std::string piece, float score) {
+  if (!is_control_piece(piece)) index_.emplace(piece, static_cast<int32_t>(pieces_.size()));
+  pieces_.push_back(std::move(piece));
+  scores_.push_back(score);
+}
+
+Result<Tokenizer> Tokenizer::load(const fs::path& vocab_or_model) {
+  SN_ASSIGN(std::string bytes, read_file(vocab_or_model));
+  Tokenizer t;
+  if (vocab_or_model.extension() == ".model") {
+    ProtoReader model(bytes);
+    uint32_t number = 0, wire_type = 0;
+    std::string_view payload;
+    while (!model.done()) {
+      if (!model.field(&number, &wire_type, &payload))
+        return make_error("{}: not a SentencePiece model (malformed protobuf)", vocab_or_model.string());
+      if (number != 1 || wire_type != 2) continue;
+      ProtoReader entry(payload);
+      std::string piece;
+      float score = 0;
+      while (!entry.done()) {
+        if (!entry.field(&number, &wire_type, &payload))
+          return make_error("{}: not a SentencePiece model (malformed piece)", vocab_or_model.string());
+        if (number == 1 && wire_type == 2) piece = std::string(payload);
+        if (number == 2 && wire_type == 5) std::memcpy(&score, payload.data(), 4);  // little-endian host
+      }
+      t.add_piece(std::move(piece), score);
+    }
+  } else {
+    std::istringstream lines(bytes);
+    std::string line;
+    while (std::getline(lines, line)) {
+      auto tab = line.find('\t');
+      if (tab == std::string::npos)
+        return make_error("{}:{}: expected \"piece<TAB>score\"", vocab_or_model.string(), t.pieces_.size() + 1);
+      t.add_piece(line.substr(0, tab), std::strtof(line.c_str() + tab + 1, nullptr));
+    }
+  }
+  if (t.pieces_.size() < 3 || t.pieces_[0] != "<unk>" || t.pieces_[static_cast<size_t>(kEndOfLine)] != "</s>")
+    return make_error("{}: not a SentencePiece vocabulary (expected <unk>, <s>, </s> first)", vocab_or_model.string());
+  return t;
+}
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   std::string out;
@@ -163,7 +272,7 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
     }
     const std::string& piece = pieces_[static_cast<size_t>(id)];
     if (piece == "<unk>") { out += "?"; line_start = false; continue; }
-    if (piece == "<s>" || piece == "</s>") continue;
+    if (piece == "<s>") continue;
     std::string text;
     for (size_t i = 0; i < piece.size();) {
       if (piece.compare(i, kSpace.size(), kSpace) == 0) {
@@ -173,6 +282,7 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
         text += piece[i++];
       }
     }
+    // SentencePiece prefixes every line with a word boundary (its "dummy prefix").
     if (line_start && !text.empty() && text[0] == ' ') text.erase(0, 1);
     out += text;
     line_start = false;
@@ -180,30 +290,48 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   return out;
 }
 
+void Tokenizer::encode_line(std::string_view line, std::vector<int32_t>* ids) const {
+  if (line.empty()) return;  // spm_encode turns an empty line into no pieces
+  std::string text = kSpace;
+  for (char c : line) text += (c == ' ') ? kSpace : std::string(1, c);
+  std::vector<std::string> symbols;
+  for (size_t i = 0; i < text.size();) {
+    size_t n = std::min(utf8_length(static_cast<unsigned char>(text[i])), text.size() - i);
+    symbols.push_back(text.substr(i, n));
+    i += n;
+  }
+  // Quadratic in the line's length, which is fine for lines of text; a heap
+  // over pairs (as sentencepiece does) would be needed for megabyte lines.
+  for (;;) {
+    size_t best = symbols.size();
+    float best_score = 0;
+    for (size_t i = 0; i + 1 < symbols.size(); ++i) {
+      auto it = index_.find(symbols[i] + symbols[i + 1]);
+      if (it == index_.end()) continue;
+      float score = scores_[static_cast<size_t>(it->second)];
+      if (best == symbols.size() || score > best_score) {
+        best = i;
+        best_score = score;
+      }
+    }
+    if (best == symbols.size()) break;
+    symbols[best] += symbols[best + 1];
+    symbols.erase(symbols.begin() + static_cast<std::ptrdiff_t>(best) + 1);
+  }
+  for (const auto& symbol : symbols) {
+    auto it = index_.find(symbol);
+    ids->push_back(it == index_.end() ? kUnknown : it->second);
+  }
+}
+
 std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
   std::vector<int32_t> ids;
   size_t line_begin = 0;
-  while (line_begin <= text.size()) {
+  for (;;) {
     size_t line_end = text.find('\n', line_begin);
-    std::string_view line = text.substr(line_begin, line_end == std::string_view::npos ? std::string_view::npos : line_end - line_begin);
-    std::string s = kSpace;
-    for (char c : line) s += (c == ' ') ? kSpace : std::string(1, c);
-    size_t i = line.empty() ? s.size() : 0;
-    while (i < s.size()) {
-      size_t take = std::min(longest_, s.size() - i);
-      for (; take > 0; --take) {
-        auto it = index_.find(s.substr(i, take));
-        if (it != index_.end()) {
-          ids.push_back(it->second);
-          break;
-        }
-      }
-      if (take == 0) {
-        ids.push_back(0);  // <unk>
-        take = 1;
-      }
-      i += take;
-    }
+    encode_line(text.substr(line_begin, line_end == std::string_view::npos ? std::string_view::npos
+                                                                             : line_end - line_begin),
+                &ids);
     if (line_end == std::string_view::npos) break;
     ids.push_back(kEndOfLine);
     line_begin = line_end + 1;
@@ -213,17 +341,13 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
 
 Dataset::Dataset(std::vector<int32_t> tokens, int64_t seq_len, double holdout_fraction)
     : tokens_(std::move(tokens)), seq_len_(seq_len) {
-  total_ = tokens_.size() > 1 ? static_cast<int64_t>(tokens_.size() - 1) / seq_len_ : 0;
-  int64_t holdout = static_cast<int64_t>(static_cast<double>(total_) * holdout_fraction);
+  total_ = seq_len_ > 0 ? static_cast<int64_t>(tokens_.size()) / (seq_len_ + 1) : 0;
+  int64_t holdout = static_cast<int64_t>(static_cast<double>(total_) * std::clamp(holdout_fraction, 0.0, 1.0));
   train_ = total_ - holdout;
 }
 
-const std::vector<int64_t>& Dataset::permutation(int64_t epoch, uint64_t seed) const {
-  auto key = std::make_pair(epoch, seed);
-  auto it = permutations_.find(key);
-  if (it != permutations_.end()) return it->second;
-  if (permutations_.size() > 4) permutations_.clear();
-  std::vector<int64_t> order(static_cast<size_t>(train_));
+std::vector<int64_t> Dataset::epoch_order(int64_t epoch, uint64_t seed) const {
+  std::vector<int64_t> order(static_cast<size_t>(std::max<int64_t>(train_, 0)));
   for (int64_t i = 0; i < train_; ++i) order[static_cast<size_t>(i)] = i;
   Hash256 h = Hasher().update("dataset-epoch").update_u64(seed).update_u64(static_cast<uint64_t>(epoch)).finish();
   uint64_t s = 0;
@@ -235,15 +359,32 @@ const std::vector<int64_t>& Dataset::permutation(int64_t epoch, uint64_t seed) c
     do r = rng(); while (r >= limit);
     std::swap(order[static_cast<size_t>(i)], order[static_cast<size_t>(r % bound)]);
   }
-  return permutations_.emplace(key, std::move(order)).first->second;
+  return order;
+}
+
+std::shared_ptr<const std::vector<int64_t>> Dataset::cached_order(int64_t epoch, uint64_t seed) const {
+  std::lock_guard<std::mutex> lock(*cache_mutex_);
+  auto key = std::make_pair(epoch, seed);
+  auto it = permutations_.find(key);
+  if (it != permutations_.end()) return it->second;
+  if (permutations_.size() > 4) permutations_.clear();
+  auto order = std::make_shared<const std::vector<int64_t>>(epoch_order(epoch, seed));
+  permutations_.emplace(key, order);
+  return order;
 }
 
 std::vector<int64_t> Dataset::samples_for_step(int64_t step, int64_t global_batch, uint64_t seed) const {
   std::vector<int64_t> ids;
-  if (train_ <= 0) return ids;
+  if (train_ <= 0 || step < 0 || global_batch <= 0) return ids;
+  std::shared_ptr<const std::vector<int64_t>> order;
+  int64_t order_epoch = -1;
   for (int64_t k = 0; k < global_batch; ++k) {
     int64_t position = step * global_batch + k;
-    ids.push_back(permutation(position / train_, seed)[static_cast<size_t>(position % train_)]);
+    if (position / train_ != order_epoch) {
+      order_epoch = position / train_;
+      order = cached_order(order_epoch, seed);
+    }
+    ids.push_back((*order)[static_cast<size_t>(position % train_)]);
   }
   return ids;
 }
@@ -254,10 +395,12 @@ std::pair<torch::Tensor, torch::Tensor> Dataset::batch(const std::vector<int64_t
   torch::Tensor targets = torch::empty({b, seq_len_}, torch::kInt64);
   auto in = inputs.accessor<int64_t, 2>();
   auto out = targets.accessor<int64_t, 2>();
+  const int64_t first = holdout ? train_ : 0, end = holdout ? total_ : train_;
   for (int64_t row = 0; row < b; ++row) {
-    int64_t sample = sample_ids[static_cast<size_t>(row)] + (holdout ? train_ : 0);
-    TORCH_CHECK(sample >= 0 && sample < total_, "sample id out of range");
-    const int32_t* window = tokens_.data() + sample * seq_len_;
+    int64_t sample = sample_ids[static_cast<size_t>(row)] + first;
+    TORCH_CHECK(sample >= first && sample < end, "Dataset::batch: sample id ", sample_ids[static_cast<size_t>(row)],
+                " out of range for the ", holdout ? "held-out" : "training", " split");
+    const int32_t* window = tokens_.data() + sample * (seq_len_ + 1);
     for (int64_t t = 0; t < seq_len_; ++t) {
       in[row][t] = window[t];
       out[row][t] = window[t + 1];

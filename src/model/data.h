@@ -7,6 +7,9 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -22,9 +25,13 @@ namespace sn::model {
 // else ~/.cache/solvernet), created if needed.
 Result<std::filesystem::path> cache_directory(const DataConfig& data);
 
-// "fortunes" → the Debian fortunes text files joined into one cached file;
-// anything else is a readable, non-empty text file.
+// "fortunes" → the Debian fortunes text files (/usr/share/games/fortunes,
+// plain-text files only, sorted by name, "%" separator lines made blank)
+// joined once into a cached file; anything else is a readable, non-empty text
+// file. The first form caches under DATA's cache directory, the second under
+// the default one.
 Result<std::filesystem::path> resolve_corpus(const DataConfig& data);
+Result<std::filesystem::path> resolve_corpus(const std::string& corpus);
 
 struct TokenizedCorpus {
   std::filesystem::path spm_model;
@@ -33,31 +40,53 @@ struct TokenizedCorpus {
   int vocab_size = 0;
 };
 
-// Trains a SentencePiece BPE model of VOCAB_SIZE pieces on the corpus and
-// encodes it, caching both by a hash of the corpus bytes, the size and the
-// options; later calls (and other processes) reuse the cache.
+// Trains a SentencePiece BPE model of VOCAB_SIZE pieces on the corpus
+// (spm_train, one thread, no sampling or shuffling, identity normalisation so
+// spaces and tabs survive) and encodes it (spm_encode), caching model,
+// vocabulary and ids under the cache directory keyed by a hash of the corpus
+// bytes, the size and the options. Later calls, and other processes, reuse the
+// cache; every cache file is written whole under a private name and renamed,
+// so concurrent preparers never see a torn file. A vocabulary too large for
+// the text is an input error naming the largest size that fits.
 Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size);
 
-// Decoding (and an approximate greedy encoding) over a trained vocabulary.
+// Decoding and encoding over a trained SentencePiece BPE vocabulary, in
+// process (libsentencepiece is not linked: it carries its own protobuf).
+// Lines map to runs of pieces separated by kEndOfLine, as prepare_corpus
+// produces them.
 class Tokenizer {
  public:
-  static Result<Tokenizer> load(const std::filesystem::path& vocab_file);
+  // Reads the ".vocab" text file (piece TAB score per line) or the ".model"
+  // protobuf written by spm_train (chosen by the file's extension).
+  static Result<Tokenizer> load(const std::filesystem::path& vocab_or_model);
+  // Unknown ids are skipped, <unk> decodes as "?", <s> as nothing.
   std::string decode(const std::vector<int32_t>& ids) const;
-  // Greedy longest-match over the pieces: not SentencePiece's exact BPE merge
-  // order, so it may split words differently than spm_encode; decode(encode(s)) == s
-  // for text whose characters are all in the vocabulary.
+  // SentencePiece's BPE as llama.cpp does it: start from UTF-8 characters,
+  // repeatedly merge the adjacent pair whose concatenation is the
+  // highest-scoring piece (leftmost on ties). For a BPE model trained as
+  // prepare_corpus does this gives spm_encode's ids. Limits: no Unicode
+  // normalisation, and a character not in the vocabulary becomes <unk> (no
+  // byte fallback), so decode(encode(s)) == s only for text whose
+  // characters all occur in the training corpus.
   std::vector<int32_t> encode(std::string_view text) const;
   int vocab_size() const { return static_cast<int>(pieces_.size()); }
+  const std::string& piece(int32_t id) const { return pieces_.at(static_cast<size_t>(id)); }
+  static constexpr int32_t kUnknown = 0;    // SentencePiece's <unk>
   static constexpr int32_t kEndOfLine = 2;  // SentencePiece's </s>, used as line break
 
  private:
+  void add_piece(std::string piece, float score);
+  void encode_line(std::string_view line, std::vector<int32_t>* ids) const;
+
   std::vector<std::string> pieces_;
-  std::unordered_map<std::string, int32_t> index_;
-  size_t longest_ = 1;
+  std::vector<float> scores_;
+  std::unordered_map<std::string, int32_t> index_;  // mergeable pieces only (no control pieces)
 };
 
-// Non-overlapping samples of seq_len + 1 tokens over the token stream; the last
-// holdout_fraction of them are held out for evaluation.
+// Non-overlapping samples of seq_len + 1 tokens over the token stream (sample
+// i is tokens [i·(seq_len+1), (i+1)·(seq_len+1))); the last holdout_fraction
+// of them are held out for evaluation, so no token of a held-out sample is
+// ever trained on. All methods are safe to call from several threads.
 class Dataset {
  public:
   Dataset(std::vector<int32_t> tokens, int64_t seq_len, double holdout_fraction);
@@ -67,15 +96,21 @@ class Dataset {
   // The global batch of STEP: the next GLOBAL_BATCH ids of a sequence of
   // epochs, each a permutation of the training ids seeded by (SEED, epoch).
   std::vector<int64_t> samples_for_step(int64_t step, int64_t global_batch, uint64_t seed) const;
+  // The permutation of the training ids for (EPOCH, SEED): Fisher-Yates over
+  // std::mt19937_64 seeded from BLAKE2b(seed, epoch), the same on every platform.
+  std::vector<int64_t> epoch_order(int64_t epoch, uint64_t seed) const;
   // Inputs and targets (shifted by one) [B, seq_len], int64. HOLDOUT picks
-  // from the held-out split (ids 0 .. holdout_samples() − 1).
+  // from the held-out split (ids 0 .. holdout_samples() − 1). An id out of
+  // range throws (c10::Error): callers pass ids from samples_for_step.
   std::pair<torch::Tensor, torch::Tensor> batch(const std::vector<int64_t>& sample_ids, bool holdout = false) const;
 
  private:
-  const std::vector<int64_t>& permutation(int64_t epoch, uint64_t seed) const;
   std::vector<int32_t> tokens_;
   int64_t seq_len_, total_, train_;
-  mutable std::map<std::pair<int64_t, uint64_t>, std::vector<int64_t>> permutations_;
+  // Recently used permutations (a step needs one or two epochs').
+  std::shared_ptr<std::mutex> cache_mutex_ = std::make_shared<std::mutex>();
+  mutable std::map<std::pair<int64_t, uint64_t>, std::shared_ptr<const std::vector<int64_t>>> permutations_;
+  std::shared_ptr<const std::vector<int64_t>> cached_order(int64_t epoch, uint64_t seed) const;
 };
 
 }  // namespace sn::model

@@ -53,6 +53,12 @@ torch::Tensor StageModel::param(const std::string& name) const { return by_name_
 
 StageModel::StageModel(const ModelConfig& config, int first_layer, int layer_count, uint64_t seed)
     : config_(config), first_layer_(first_layer), layer_count_(layer_count) {
+  // Job files are validated by parse_job; these catch programming errors.
+  TORCH_CHECK(config.layers >= 1 && config.d_model >= 1 && config.heads >= 1 && config.d_model % config.heads == 0,
+              "StageModel: d_model (", config.d_model, ") must be a positive multiple of heads (", config.heads, ")");
+  TORCH_CHECK(first_layer >= 0 && layer_count >= 0 && first_layer + layer_count <= config.layers,
+              "StageModel: blocks [", first_layer, ", ", first_layer + layer_count, ") outside the model's ",
+              config.layers, " layers");
   const int64_t d = config.d_model, ff = config.d_ff;
   const double std = 0.02;
   // GPT-2: residual projections scaled down so the residual stream's variance

@@ -3,12 +3,18 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 
 #include "core/fs.h"
 
 namespace sn::model {
+
+// Both formats are little-endian; tensor bytes are copied as they lie in memory.
+static_assert(std::endian::native == std::endian::little, "solvernet assumes a little-endian host");
 namespace {
+
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 const std::pair<const char*, torch::ScalarType> kTypes[] = {
     {"F32", torch::kFloat32}, {"F16", torch::kFloat16}, {"BF16", torch::kBFloat16}, {"F64", torch::kFloat64},
@@ -31,6 +37,7 @@ Result<nlohmann::ordered_json> read_header(std::string_view bytes, uint64_t* hea
   uint64_t n = 0;
   for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<uint8_t>(bytes[static_cast<size_t>(i)])) << (8 * i);
   if (n > bytes.size() - 8) return make_error("safetensors: header length {} exceeds the file ({} bytes)", n, bytes.size());
+  if (n > kMaxHeaderBytes) return make_error("safetensors: header of {} bytes is larger than the format's 100 MB limit", n);
   nlohmann::ordered_json header;
   try {
     header = nlohmann::ordered_json::parse(bytes.substr(8, n));
@@ -110,9 +117,16 @@ Result<NamedTensors> load_safetensors_bytes(std::string_view bytes) {
   }
   std::vector<Entry> sorted = entries;
   std::sort(sorted.begin(), sorted.end(), [](const Entry& a, const Entry& b) { return a.begin < b.begin; });
-  for (size_t i = 1; i < sorted.size(); ++i)
-    if (sorted[i].begin < sorted[i - 1].end)
+  // The format requires the data to be covered exactly: no overlaps, no holes.
+  uint64_t covered = 0;
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    if (i > 0 && sorted[i].begin < sorted[i - 1].end)
       return make_error("safetensors: tensors {} and {} overlap", sorted[i - 1].name, sorted[i].name);
+    if (sorted[i].begin != covered)
+      return make_error("safetensors: bytes {}..{} before tensor {} belong to no tensor", covered, sorted[i].begin, sorted[i].name);
+    covered = sorted[i].end;
+  }
+  if (covered != data_size) return make_error("safetensors: {} bytes after the last tensor belong to no tensor", data_size - covered);
   NamedTensors out;
   for (const auto& e : sorted) {
     torch::Tensor t = torch::empty(e.shape, torch::TensorOptions().dtype(e.type));

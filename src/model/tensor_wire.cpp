@@ -1,8 +1,12 @@
 #include "model/tensor_wire.h"
 
+#include <bit>
 #include <cstring>
 
 namespace sn::model {
+
+// Both formats are little-endian; tensor bytes are copied as they lie in memory.
+static_assert(std::endian::native == std::endian::little, "solvernet assumes a little-endian host");
 
 namespace {
 const std::pair<const char*, torch::ScalarType> kDtypes[] = {

@@ -31,6 +31,14 @@ dht::ValueType node_value_type() {
 
 dht::InfoHash network_key(const std::string& network) { return dht::InfoHash::get("solvernet:" + network + ":nodes"); }
 
+// Same on every platform and build (unlike std::hash), so machines built
+// separately still find each other. Never 0, the public OpenDHT network.
+dht::NetId network_id(const std::string& network) {
+  const dht::InfoHash h = dht::InfoHash::get("solvernet-netid:" + network);
+  dht::NetId id = (dht::NetId(h[0]) << 24) | (dht::NetId(h[1]) << 16) | (dht::NetId(h[2]) << 8) | dht::NetId(h[3]);
+  return (id & 0x7fffffff) | 1;
+}
+
 uint64_t value_id_for(const std::string& node_id) {
   uint64_t id = 0;
   for (size_t i = 0; i < 16 && i < node_id.size(); ++i) {
@@ -51,7 +59,7 @@ Result<std::unique_ptr<Discovery>> Discovery::start(uint16_t dht_port, const std
   dht::DhtRunner::Config config;
   config.threaded = true;
   // A private network id: our nodes never join (or flood) the public OpenDHT network.
-  config.dht_config.node_config.network = static_cast<dht::NetId>(std::hash<std::string>{}(options.network) & 0x7fffffff) | 1;
+  config.dht_config.node_config.network = network_id(options.network);
   config.dht_config.node_config.maintain_storage = false;
   try {
     d->runner_->run(dht_port, config);

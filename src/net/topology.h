@@ -38,7 +38,15 @@ struct Region {
 // so latency α becomes α·T and bandwidth β becomes β·R/T.
 struct EmulationScale {
   double time_dilation = 1.0;
-  double byte_ratio = 1.0;
+  double byte_ratio = 1.0;           // R of pipeline (activation) traffic: sets the link
+  double gradient_byte_ratio = 0.0;  // R of data-parallel traffic; 0: same as byte_ratio
+
+  // Data-parallel messages are charged as if R were byte_ratio, so each
+  // traffic class takes the anchor's time for the anchor's size.
+  double pacing_weight(bool data_parallel) const {
+    if (!data_parallel || gradient_byte_ratio <= 0) return 1.0;
+    return byte_ratio / gradient_byte_ratio;
+  }
 
   LinkSpec apply(const LinkSpec& link) const {
     return LinkSpec{link.latency_ms * time_dilation,

@@ -120,7 +120,9 @@ Status JobTransport::send(int to, solvernet::v1::TensorMessage message, Traffic 
   auto& counter = link.counters[traffic];
   counter.first += static_cast<int64_t>(bytes);
   counter.second += 1;
-  link.queue.push_back(Outgoing{std::move(message), link.pacer->schedule(bytes)});
+  const double weight = scale_.pacing_weight(traffic == Traffic::kDataParallel);
+  link.queue.push_back(Outgoing{std::move(message),
+                                link.pacer->schedule(static_cast<size_t>(static_cast<double>(bytes) * weight))});
   changed_.notify_all();
   return ok_status();
 }

@@ -221,6 +221,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
     request.set_topology_toml(options.topology_toml);
     request.set_time_dilation(options.scale.time_dilation);
     request.set_byte_ratio(options.scale.byte_ratio);
+    request.set_gradient_byte_ratio(options.scale.gradient_byte_ratio);
     request.set_dataset_samples(dataset.train_samples());
     if (!initial_weights.empty()) request.set_initial_weights(stage_weights[static_cast<size_t>(self.stage)]);
     solvernet::v1::SetupJobReply reply;

@@ -127,6 +127,7 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
   EmulationScale scale;
   if (request.time_dilation() > 0) scale.time_dilation = request.time_dilation();
   if (request.byte_ratio() > 0) scale.byte_ratio = request.byte_ratio();
+  if (request.gradient_byte_ratio() > 0) scale.gradient_byte_ratio = request.gradient_byte_ratio();
   SN_ASSIGN(w->transport_, net::JobTransport::create(w->job_id_, key, std::move(members), self,
                                                      topology ? &*topology : nullptr, scale));
 

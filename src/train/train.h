@@ -96,7 +96,7 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
 // Layers [first, first + count) of each stage: as equal as possible, extras to early stages.
 std::vector<std::pair<int, int>> stage_layer_ranges(int64_t layers, int64_t stages);
 
-// Median seconds of one forward + backward of one micro-batch through one
+// Seconds (fastest of 10) of one forward + backward of one micro-batch through one
 // (average) stage of JOB, measured here; for scaling emulated links.
 double measure_microbatch_seconds(const JobConfig& job);
 
