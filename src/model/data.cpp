@@ -18,7 +18,7 @@ namespace fs = std::filesystem;
 namespace {
 constexpr const char* kFortunesDir = "/usr/share/games/fortunes";
 // Part of the cache key: change it whenever the spm_train flags change.
-constexpr const char* kTokenizerVersion = "spm-bpe-identity-v2";
+constexpr const char* kTokenizerVersion = "spm-bpe-identity-tab-v3";
 }  // namespace
 
 Result<fs::path> cache_directory(const DataConfig& data) {
@@ -116,7 +116,9 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
                                 "--character_coverage=1.0", "--input_sentence_size=0",
                                 "--shuffle_input_sentence=false", "--num_threads=1", "--minloglevel=1",
                                 "--max_sentence_length=100000", "--normalization_rule_name=identity",
-                                "--remove_extra_whitespaces=false"});
+                                "--remove_extra_whitespaces=false",
+                                // spm_train never learns a tab on its own; as a symbol it round-trips.
+                                "--user_defined_symbols=\t"});
     if (!trained.ok()) {
       std::error_code ignored;
       fs::remove(prefix.string() + ".model", ignored);
@@ -249,7 +251,7 @@ Result<Tokenizer> Tokenizer::load(const fs::path& vocab_or_model) {
     std::istringstream lines(bytes);
     std::string line;
     while (std::getline(lines, line)) {
-      auto tab = line.find('\t');
+      auto tab = line.rfind('\t');  // the piece itself may be a tab
       if (tab == std::string::npos)
         return make_error("{}:{}: expected \"piece<TAB>score\"", vocab_or_model.string(), t.pieces_.size() + 1);
       t.add_piece(line.substr(0, tab), std::strtof(line.c_str() + tab + 1, nullptr));
