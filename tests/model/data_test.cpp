@@ -183,6 +183,23 @@ TEST_F(DataTest, FortunesCorpusIsJoinedOnceIntoTheCache) {
   EXPECT_EQ(fs::last_write_time(*again), time);
 }
 
+// The in-process BPE against spm_encode on a real corpus: all of fortunes.
+TEST_F(DataTest, EncodeMatchesSpmEncodeOnTheFortunesCorpus) {
+  if (!fs::is_directory("/usr/share/games/fortunes")) GTEST_SKIP() << "the fortunes package is not installed";
+  DataConfig fortunes = config_;
+  fortunes.corpus = "fortunes";
+  auto prepared = prepare_corpus(fortunes, 512);
+  ASSERT_TRUE(prepared.ok()) << prepared.message();
+  auto tokenizer = Tokenizer::load(prepared->spm_model);
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.message();
+  auto text = read_file(*resolve_corpus(fortunes));
+  ASSERT_TRUE(text.ok());
+  auto ours = tokenizer->encode(*text);
+  EXPECT_EQ(ours.size(), prepared->tokens.size());
+  EXPECT_TRUE(ours == prepared->tokens) << "in-process encoding differs from spm_encode";
+  EXPECT_TRUE(tokenizer->decode(prepared->tokens) == *text) << "decoding does not give the corpus back";
+}
+
 TEST(TokenizerLoad, RejectsFilesThatAreNotVocabularies) {
   char dir_template[] = "/tmp/sn-tok-test-XXXXXX";
   ASSERT_NE(::mkdtemp(dir_template), nullptr);
