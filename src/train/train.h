@@ -96,8 +96,9 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
 // Layers [first, first + count) of each stage: as equal as possible, extras to early stages.
 std::vector<std::pair<int, int>> stage_layer_ranges(int64_t layers, int64_t stages);
 
-// Seconds (fastest of 10) of one forward + backward of one micro-batch through one
-// (average) stage of JOB, measured here; for scaling emulated links.
+// Seconds of one forward + backward of one micro-batch through the whole model
+// (fastest of 10), divided by the stages: the compute per micro-batch per
+// stage, measured here, for scaling emulated links.
 double measure_microbatch_seconds(const JobConfig& job);
 
 // Tokens processed per step (global batch × sequence length).
