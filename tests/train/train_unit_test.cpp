@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "core/keys.h"
+#include "model/safetensors.h"
 #include "model/tensor_wire.h"
 #include "net/rpc.h"
 #include "train/stage_worker.h"
@@ -174,4 +175,29 @@ TEST(NodeService, MessagesForNoJobAreRefused) {
   auto status = node.stub->Send(&context, message, &reply);
   ASSERT_FALSE(status.ok());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+}
+
+TEST(NodeService, WritesCheckpointsEveryKSteps) {
+  SingleNode node;
+  node.job.train.checkpoint_every = 2;
+  ASSERT_TRUE(node.setup("j1", node.key).ok());
+  auto tokens = torch::randint(0, 32, {2, 8}, torch::kInt64);
+  solvernet::v1::RunStepReply reply;
+  auto path = node.dir / "checkpoints" / "j1" / "stage0-replica0.safetensors";
+  ASSERT_TRUE(node.step(0, tokens, tokens, &reply).ok());
+  EXPECT_FALSE(std::filesystem::exists(path));
+  ASSERT_TRUE(node.step(1, tokens, tokens, &reply).ok());
+  ASSERT_TRUE(std::filesystem::exists(path));
+  auto saved = model::load_safetensors(path);
+  ASSERT_TRUE(saved.ok()) << saved.message();
+  bool has_step = false, has_weights = false;
+  for (const auto& [name, t] : *saved) {
+    if (name == "adam.step") {
+      has_step = true;
+      EXPECT_EQ(t.item<int64_t>(), 2);
+    }
+    has_weights = has_weights || name == "wte.weight";
+  }
+  EXPECT_TRUE(has_step);
+  EXPECT_TRUE(has_weights);
 }
