@@ -52,8 +52,11 @@ contract SolverMarket {
     }
 
     mapping(uint256 => Job) internal jobs;
-    mapping(uint256 => mapping(address => bytes32)) public commitOf; // 0 = none
-    mapping(uint256 => mapping(address => bool)) public isVerifier;
+    /// A participant's role in a job, one slot so commit() reads one word: 0 = none,
+    /// SLASHED = a solver whose commit lost a dispute, VERIFIER, else the solver's root.
+    mapping(uint256 => mapping(address => bytes32)) internal roleOf;
+    bytes32 private constant SLASHED = bytes32(uint256(1));
+    bytes32 private constant VERIFIER = bytes32(uint256(2));
     mapping(uint256 => mapping(address => uint256)) public disputeOf; // 0 = never challenged
     uint256 public jobCount;
 
@@ -193,6 +196,7 @@ contract SolverMarket {
         require(solverCount > 0, "solver count must be > 0");
         require(referee != address(0), "referee is zero");
         require(commitBlocks > 0, "commit blocks must be > 0");
+        require(stakePerRole > 0, "stake per role must be > 0");
         require(challengeWindow > 0, "challenge window must be > 0");
         uint256 escrow = uint256(solverCount) * pricePerSolver + uint256(verifierCount) * verifierFee;
         require(msg.value == escrow, "value must equal escrow");
@@ -224,10 +228,10 @@ contract SolverMarket {
         require(job.solverCount > 0, "no such job");
         require(block.number <= job.commitDeadline, "job closed for roles");
         require(job.verifiersAccepted < job.verifierCount, "verifier seats full");
-        require(!isVerifier[jobId][msg.sender], "already a verifier");
-        require(commitOf[jobId][msg.sender] == bytes32(0), "a solver cannot verify its own job");
+        bytes32 role = roleOf[jobId][msg.sender];
+        require(role == 0, role == VERIFIER ? "already a verifier" : "a solver cannot verify its own job");
         _lockStake(job.stakePerRole);
-        isVerifier[jobId][msg.sender] = true;
+        roleOf[jobId][msg.sender] = VERIFIER;
         job.verifiersAccepted += 1;
         emit VerifierAccepted(jobId, msg.sender);
     }
@@ -236,23 +240,27 @@ contract SolverMarket {
     function commit(uint256 jobId, bytes32 root) external {
         Job storage job = jobs[jobId];
         require(job.solverCount > 0, "no such job");
-        require(root != bytes32(0), "root is zero");
+        require(uint256(root) > 2, "root is zero or reserved");
         require(block.number <= job.commitDeadline, "commit deadline passed");
         require(job.committed < job.solverCount, "solver seats full");
-        require(commitOf[jobId][msg.sender] == bytes32(0), "already committed");
-        require(disputeOf[jobId][msg.sender] == 0, "commit was disputed");
-        require(!isVerifier[jobId][msg.sender], "a verifier cannot solve");
+        bytes32 role = roleOf[jobId][msg.sender];
+        require(
+            role == 0,
+            role == VERIFIER ? "a verifier cannot solve" : role == SLASHED ? "commit was disputed" : "already committed"
+        );
         _lockStake(job.stakePerRole);
-        commitOf[jobId][msg.sender] = root;
+        roleOf[jobId][msg.sender] = root;
         job.committed += 1;
         job.lastCommitBlock = uint64(block.number);
         emit Committed(jobId, msg.sender, root);
     }
 
     function _lockStake(uint96 amount) private {
-        require(nodeIdOf[msg.sender] != bytes32(0), "not a registered node");
         Account storage account = accounts[msg.sender];
-        require(account.stake >= amount, "free stake below the job's stake");
+        // Stake exists only on registered nodes and amount > 0, so one read decides.
+        if (account.stake < amount) {
+            revert(nodeIdOf[msg.sender] == bytes32(0) ? "not a registered node" : "free stake below the job's stake");
+        }
         account.stake -= amount;
     }
 
@@ -266,8 +274,8 @@ contract SolverMarket {
         returns (uint256 disputeId)
     {
         Job storage job = jobs[jobId];
-        require(isVerifier[jobId][msg.sender], "only a verifier of the job");
-        require(commitOf[jobId][solver] != bytes32(0), "no commit to challenge");
+        require(roleOf[jobId][msg.sender] == VERIFIER, "only a verifier of the job");
+        require(uint256(roleOf[jobId][solver]) > 2, "no commit to challenge");
         require(disputeOf[jobId][solver] == 0, "commit already challenged");
         require(!job.finalized, "job finalized");
         require(block.number <= uint256(job.lastCommitBlock) + job.challengeWindow, "challenge window over");
@@ -357,7 +365,7 @@ contract SolverMarket {
         } else {
             (winner, loser) = (d.challenger, d.solver);
             slashed = job.stakePerRole; // the solver's locked stake; its seat is freed
-            delete commitOf[jobId][d.solver];
+            roleOf[jobId][d.solver] = SLASHED; // it may not commit again
             job.committed -= 1;
             accounts[d.challenger].withdrawable += d.bond;
         }
@@ -391,8 +399,8 @@ contract SolverMarket {
         uint128 price = job.pricePerSolver;
         for (uint256 i = 0; i < solvers.length; ++i) {
             address solver = solvers[i];
-            require(commitOf[jobId][solver] != bytes32(0), "not a live solver of the job");
-            delete commitOf[jobId][solver]; // also stops a duplicate in the list
+            require(uint256(roleOf[jobId][solver]) > 2, "not a live solver of the job");
+            delete roleOf[jobId][solver]; // also stops a duplicate in the list
             Account storage account = accounts[solver];
             account.stake += unlock;
             account.withdrawable += price;
@@ -400,8 +408,8 @@ contract SolverMarket {
         uint128 fee = job.verifierFee;
         for (uint256 i = 0; i < verifiers.length; ++i) {
             address verifier = verifiers[i];
-            require(isVerifier[jobId][verifier], "not a verifier of the job");
-            delete isVerifier[jobId][verifier];
+            require(roleOf[jobId][verifier] == VERIFIER, "not a verifier of the job");
+            delete roleOf[jobId][verifier];
             Account storage account = accounts[verifier];
             account.stake += unlock;
             account.withdrawable += fee;
@@ -416,6 +424,16 @@ contract SolverMarket {
 
     function getJob(uint256 jobId) external view returns (Job memory) {
         return jobs[jobId];
+    }
+
+    /// The solver's live commit root, or 0 (none, slashed, or paid at finalize).
+    function commitOf(uint256 jobId, address solver) external view returns (bytes32) {
+        bytes32 role = roleOf[jobId][solver];
+        return uint256(role) > 2 ? role : bytes32(0);
+    }
+
+    function isVerifier(uint256 jobId, address account) external view returns (bool) {
+        return roleOf[jobId][account] == VERIFIER;
     }
 
     function stakeOf(address node) external view returns (uint256) {

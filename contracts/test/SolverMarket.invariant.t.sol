@@ -66,7 +66,7 @@ contract MarketHandler {
     function commit(uint256 who, uint256 job) external {
         if (jobIds.length == 0) return;
         vm.prank(_actor(who));
-        try market.commit(jobIds[job % jobIds.length], bytes32(who | 1)) {} catch {}
+        try market.commit(jobIds[job % jobIds.length], bytes32(who | 0x100)) {} catch {}
     }
 
     function accept(uint256 who, uint256 job) external {

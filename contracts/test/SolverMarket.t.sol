@@ -123,6 +123,8 @@ contract SolverMarketTest is TestBase {
         vm.startPrank(submitter);
         vm.expectRevert(bytes("value must equal escrow"));
         market.postJob{value: 1}(2, 1, PRICE, FEE, STAKE, 20, 10, referee, 0);
+        vm.expectRevert(bytes("stake per role must be > 0"));
+        market.postJob(1, 0, 0, 0, 0, 20, 10, referee, 0);
         vm.expectRevert(bytes("solver count must be > 0"));
         market.postJob(0, 1, PRICE, FEE, STAKE, 20, 10, referee, 0);
         vm.expectRevert(bytes("referee is zero"));
@@ -140,7 +142,7 @@ contract SolverMarketTest is TestBase {
         vm.expectRevert(bytes("not a registered node"));
         market.commit(jobId, bytes32("r"));
         vm.prank(solverA);
-        vm.expectRevert(bytes("root is zero"));
+        vm.expectRevert(bytes("root is zero or reserved"));
         market.commit(jobId, 0);
         vm.prank(solverA);
         vm.expectRevert(bytes("no such job"));
@@ -383,7 +385,7 @@ contract SolverMarketTest is TestBase {
         address[] memory solvers = new address[](commits);
         for (uint256 i = 0; i < commits; ++i) {
             vm.prank(all[i]);
-            market.commit(jobId, bytes32(i + 1));
+            market.commit(jobId, bytes32(i + 100));
             solvers[i] = all[i];
         }
         vm.roll(block.number + 10);

@@ -1,0 +1,138 @@
+// bench_chain: gas per SolverMarket operation and per honest job of N solvers, and
+// client transactions per second, against a real anvil. JSON on stdout.
+#include <chrono>
+#include <iostream>
+#include <thread>
+
+#include "chain/chain.h"
+
+using namespace sn;
+using namespace sn::chain;
+
+namespace {
+constexpr Wei kEth = static_cast<Wei>(1000000000000000000ULL);
+
+#define CHECK_OK(expr)                                                         \
+  ({                                                                           \
+    auto checked_ = (expr);                                                    \
+    if (!checked_.ok()) {                                                      \
+      std::cerr << "bench_chain: " #expr ": " << checked_.message() << "\n"; \
+      std::exit(1);                                                            \
+    }                                                                          \
+    std::move(checked_).value();                                               \
+  })
+
+Hash256 word(uint64_t value) {
+  Hash256 h{};
+  for (int i = 0; i < 8; ++i) h[31 - i] = static_cast<uint8_t>(value >> (8 * i));
+  return h;
+}
+
+uint64_t node_counter = 1;
+
+MarketClient new_node(DevChain& chain, Wei stake, uint64_t* register_gas = nullptr) {
+  Key key = Key::generate();
+  if (auto funded = chain.fund(key.address(), 50 * kEth); !funded.ok()) {
+    std::cerr << "bench_chain: " << funded.message() << "\n";
+    std::exit(1);
+  }
+  MarketClient client(chain.rpc(), chain.deployment(), key);
+  if (stake > 0) {
+    auto receipt = CHECK_OK(client.register_node(word(node_counter++), stake));
+    if (register_gas) *register_gas = receipt.gas_used;
+  }
+  return client;
+}
+}  // namespace
+
+int main() {
+  std::cerr << "bench_chain: starting anvil and deploying\n";
+  auto chain = CHECK_OK(DevChain::start());
+  nlohmann::json ops;
+  uint64_t gas = 0;
+  MarketClient submitter = new_node(*chain, 0);
+  MarketClient solver = new_node(*chain, 10 * kEth, &gas);
+  ops["register_and_stake"] = gas;
+  ops["stake"] = CHECK_OK(solver.stake(kEth)).gas_used;
+  MarketClient verifier = new_node(*chain, 10 * kEth);
+
+  JobTerms terms;
+  terms.solver_count = 1;
+  terms.verifier_count = 1;
+  terms.price_per_solver = kEth;
+  terms.verifier_fee = kEth / 10;
+  terms.stake_per_role = kEth;
+  terms.challenge_window_blocks = 5;
+  terms.referee = submitter.address();
+  Receipt receipt;
+  uint64_t job = CHECK_OK(submitter.post_job(terms, &receipt));
+  ops["post_job"] = receipt.gas_used;
+  ops["accept_verifier"] = CHECK_OK(verifier.accept(job)).gas_used;
+  ops["commit"] = CHECK_OK(solver.commit(job, keccak256(word(7)))).gas_used;
+  uint64_t dispute = CHECK_OK(verifier.challenge(job, solver.address(), 0, 1024, kEth, &receipt));
+  ops["challenge"] = receipt.gas_used;
+  nlohmann::json rounds = nlohmann::json::array();
+  for (int round = 0; round < 10; ++round) {  // 1024 steps: 10 rounds to one step
+    auto claim = CHECK_OK(solver.claim_midpoint(dispute, word(100 + round))).gas_used;
+    auto bisect = CHECK_OK(verifier.bisect(dispute, round % 2 == 0)).gas_used;
+    rounds.push_back({{"claim_midpoint", claim}, {"bisect", bisect}});
+  }
+  ops["dispute_rounds_1024_steps"] = rounds;
+  ops["resolve"] = CHECK_OK(submitter.resolve(dispute, true)).gas_used;
+  if (!chain->mine(6).ok()) return 1;
+  ops["finalize_1_solver_1_verifier"] = CHECK_OK(submitter.finalize(job)).gas_used;
+  ops["withdraw"] = CHECK_OK(solver.withdraw()).gas_used;
+  ops["unstake"] = CHECK_OK(solver.unstake(kEth)).gas_used;
+
+  // Honest jobs of N = P·D solvers: what settlement costs beyond each solver's commit.
+  nlohmann::json jobs = nlohmann::json::array();
+  std::vector<MarketClient> solvers;
+  for (int i = 0; i < 16; ++i) solvers.push_back(new_node(*chain, 10 * kEth));
+  {
+    for (uint16_t n : {1, 4, 8, 16}) {
+      std::cerr << "bench_chain: honest job with " << n << " solvers\n";
+      JobTerms honest = terms;
+      honest.solver_count = n;
+      honest.verifier_count = 0;
+      honest.price_per_solver = kEth / 100;
+      uint64_t id = CHECK_OK(submitter.post_job(honest, &receipt));
+      uint64_t post = receipt.gas_used;
+      uint64_t commits = 0;
+      for (uint16_t i = 0; i < n; ++i) commits += CHECK_OK(solvers[i].commit(id, keccak256(word(i + 1)))).gas_used;
+      if (!chain->mine(6).ok()) return 1;
+      uint64_t finalize = CHECK_OK(submitter.finalize(id)).gas_used;
+      jobs.push_back({{"solvers", n},
+                      {"post", post},
+                      {"commit_mean", commits / n},
+                      {"finalize", finalize},
+                      {"settlement_per_solver_beyond_commit", (post + finalize) / n}});
+    }
+  }
+
+  // Client throughput: sequential sends, then 8 threads sharing one key.
+  MarketClient busy = new_node(*chain, kEth);
+  constexpr int kSequential = 100;
+  auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < kSequential; ++i) CHECK_OK(busy.stake(1));
+  double sequential_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  constexpr int kThreads = 8, kPerThread = 25;
+  start = std::chrono::steady_clock::now();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&] { for (int i = 0; i < kPerThread; ++i) CHECK_OK(busy.stake(1)); });
+  for (auto& thread : threads) thread.join();
+  double threaded_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  nlohmann::json out = {
+      {"bench", "chain"},
+      {"chain", "anvil (automine), SolverMarket compiled by solc 0.8.37 (optimizer 10000 runs, cancun)"},
+      {"gas", ops},
+      {"honest_jobs", jobs},
+      {"targets", {{"commit_max", 60000}, {"dispute_round_max", 80000}, {"settlement_per_solver_beyond_commit_max", 40000}}},
+      {"client_tx_per_s",
+       {{"sequential", kSequential / sequential_s},
+        {"threads_8_one_key", kThreads * kPerThread / threaded_s},
+        {"note", "each send = estimateGas + gasPrice + sendRawTransaction + receipt poll"}}}};
+  std::cout << out.dump(2) << std::endl;
+  return 0;
+}
