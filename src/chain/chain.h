@@ -96,18 +96,36 @@ struct Receipt {
 // Signs and sends transactions from one key. Nonces stay right under concurrency
 // (a mutex hands them out in order) and across restarts (the first send, and any
 // send after a nonce error, re-reads the chain's pending nonce).
+//
+// With a JOURNAL file (e.g. DATA_DIR/chain.journal) each signed transaction is written
+// there before it is sent and dropped once mined. A process killed mid-send leaves it
+// behind; the next Wallet on that journal re-sends the very same signed transaction
+// (same nonce, same hash) before anything else, so the action is neither lost nor done
+// twice.
 class Wallet {
  public:
-  Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id);
+  Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id,
+         std::filesystem::path journal = {});
 
   const Address& address() const { return key_.address(); }
   const Key& key() const { return key_; }
   // Estimates gas (a revert comes back as the contract's reason), signs, sends and
   // waits for the receipt; a mined failure is an error too.
   Result<Receipt> send(std::optional<Address> to, Wei value, const Bytes& data);
+  // Re-sends and waits for journaled transactions a killed process left; returns how
+  // many there were. send() calls it once by itself.
+  Result<size_t> finish_pending();
+  // Test hook: signs and journals a transaction without sending it, as a process
+  // killed just before sending would leave it.
+  Status journal_without_sending(std::optional<Address> to, Wei value, const Bytes& data);
 
  private:
-  Result<std::string> send_once(std::optional<Address> to, Wei value, const Bytes& data);
+  Result<std::string> send_once(std::optional<Address> to, Wei value, const Bytes& data, bool really_send = true);
+  Result<Receipt> wait_receipt(const std::string& hash);
+  Result<size_t> finish_pending_locked();
+  Status journal_update(const std::string& hash, const std::string& raw);  // raw empty: remove
+  std::filesystem::path journal_;
+  bool recovered_ = false;
   std::shared_ptr<const RpcClient> rpc_;
   Key key_;
   uint64_t chain_id_;
@@ -157,7 +175,12 @@ struct JobTerms {
 // One key's view of the market. Thread-safe (the Wallet serialises nonces).
 class MarketClient {
  public:
-  MarketClient(std::shared_ptr<const RpcClient> rpc, Deployment deployment, Key key);
+  // JOURNAL: see Wallet (a node passes DATA_DIR/chain.journal).
+  MarketClient(std::shared_ptr<const RpcClient> rpc, Deployment deployment, Key key,
+               std::filesystem::path journal = {});
+  // A node's client: key DATA_DIR/chain.key (created if missing), journal DATA_DIR/chain.journal.
+  static Result<MarketClient> for_data_dir(std::shared_ptr<const RpcClient> rpc, Deployment deployment,
+                                           const std::filesystem::path& data_dir);
 
   const Address& address() const { return wallet_.address(); }
   const Deployment& deployment() const { return deployment_; }

@@ -330,8 +330,54 @@ Result<Wei> RpcClient::balance(const Address& address) const {
 
 // ------------------------------------------------------------------ wallet
 
-Wallet::Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id)
-    : rpc_(std::move(rpc)), key_(std::move(key)), chain_id_(chain_id) {}
+Wallet::Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id, std::filesystem::path journal)
+    : journal_(std::move(journal)), rpc_(std::move(rpc)), key_(std::move(key)), chain_id_(chain_id) {}
+
+// The journal is a JSON object {tx hash: raw signed tx}; callers hold mutex_.
+Status Wallet::journal_update(const std::string& hash, const std::string& raw) {
+  if (journal_.empty()) return ok_status();
+  nlohmann::json entries = nlohmann::json::object();
+  if (std::filesystem::exists(journal_)) {
+    SN_ASSIGN(std::string text, read_file(journal_));
+    entries = nlohmann::json::parse(text, nullptr, false);
+    if (!entries.is_object()) return make_error("{}: journal is not a JSON object", journal_.string());
+  }
+  if (raw.empty()) entries.erase(hash);
+  else entries[hash] = raw;
+  return write_file_atomic(journal_, entries.dump(), 0600);
+}
+
+Result<size_t> Wallet::finish_pending() {
+  std::lock_guard lock(*mutex_);
+  recovered_ = true;
+  return finish_pending_locked();
+}
+
+Result<size_t> Wallet::finish_pending_locked() {
+  if (journal_.empty() || !std::filesystem::exists(journal_)) return size_t{0};
+  SN_ASSIGN(std::string text, read_file(journal_));
+  auto entries = nlohmann::json::parse(text, nullptr, false);
+  if (!entries.is_object()) return make_error("{}: journal is not a JSON object", journal_.string());
+  for (const auto& [hash, raw] : entries.items()) {
+    if (!raw.is_string()) return make_error("{}: journal entry {} is not a string", journal_.string(), hash);
+    // Already mined or already in the pool: both fine, the receipt tells which.
+    auto sent = rpc_->call("eth_sendRawTransaction", {raw});
+    if (!sent.ok()) {
+      auto mined = rpc_->call("eth_getTransactionReceipt", {hash});
+      if (!mined.ok() || mined->is_null())
+        return make_error("re-sending journaled transaction {}: {}", hash, sent.message());
+    }
+    auto receipt = wait_receipt(hash);  // a mined failure still ends the action
+    if (!receipt.ok() && receipt.message().find("not mined") != std::string::npos) return receipt.error();
+    SN_TRY(journal_update(hash, ""));
+  }
+  return static_cast<size_t>(entries.size());
+}
+
+Status Wallet::journal_without_sending(std::optional<Address> to, Wei value, const Bytes& data) {
+  SN_TRY(send_once(to, value, data, /*really_send=*/false));
+  return ok_status();
+}
 
 static Result<Receipt> parse_receipt(const nlohmann::json& json) {
   if (!json.is_object()) return make_error("RPC answer: receipt is not an object");
@@ -370,7 +416,7 @@ static Result<Receipt> parse_receipt(const nlohmann::json& json) {
   return receipt;
 }
 
-Result<std::string> Wallet::send_once(std::optional<Address> to, Wei value, const Bytes& data) {
+Result<std::string> Wallet::send_once(std::optional<Address> to, Wei value, const Bytes& data, bool really_send) {
   nlohmann::json call = {{"from", address_hex(address())}, {"data", hex0x(data)},
                          {"value", "0x" + fmt::format("{:x}", static_cast<uint64_t>(value >> 64)) +
                                        fmt::format("{:016x}", static_cast<uint64_t>(value))}};
@@ -409,9 +455,16 @@ Result<std::string> Wallet::send_once(std::optional<Address> to, Wei value, cons
   Bytes raw{0x02};
   body = rlp::encode_list(fields);
   raw.insert(raw.end(), body.begin(), body.end());
+  std::string hash = hex0x(keccak256(raw));
+  SN_TRY(journal_update(hash, hex0x(raw)));
+  if (!really_send) {
+    ++*next_nonce_;
+    return hash;
+  }
   auto sent = rpc_->call("eth_sendRawTransaction", {hex0x(raw)});
   if (!sent.ok()) {
     next_nonce_.reset();  // re-read from the chain: another process may have used it
+    SN_TRY(journal_update(hash, ""));  // rejected outright: nothing to finish later
     return sent.error();
   }
   ++*next_nonce_;
@@ -419,16 +472,32 @@ Result<std::string> Wallet::send_once(std::optional<Address> to, Wei value, cons
   return sent->get<std::string>();
 }
 
-Result<Receipt> Wallet::send(std::optional<Address> to, Wei value, const Bytes& data) {
-  auto hash = send_once(to, value, data);
-  if (!hash.ok() && hash.message().find("nonce") != std::string::npos) hash = send_once(to, value, data);
-  if (!hash.ok()) return hash.error();
+Result<Receipt> Wallet::wait_receipt(const std::string& hash) {
   for (int attempt = 0; attempt < 600; ++attempt) {
-    SN_ASSIGN(auto json, rpc_->call("eth_getTransactionReceipt", {*hash}));
+    SN_ASSIGN(auto json, rpc_->call("eth_getTransactionReceipt", {hash}));
     if (!json.is_null()) return parse_receipt(json);
     usleep(attempt < 20 ? 5000 : 50000);
   }
-  return make_error("transaction {} not mined after 30 s", *hash);
+  return make_error("transaction {} not mined after 30 s", hash);
+}
+
+Result<Receipt> Wallet::send(std::optional<Address> to, Wei value, const Bytes& data) {
+  {
+    // Finish what a killed predecessor left before any new nonce is handed out.
+    std::lock_guard lock(*mutex_);
+    if (!recovered_) {
+      SN_TRY(finish_pending_locked());
+      recovered_ = true;
+      next_nonce_.reset();
+    }
+  }
+  auto hash = send_once(to, value, data);
+  if (!hash.ok() && hash.message().find("nonce") != std::string::npos) hash = send_once(to, value, data);
+  if (!hash.ok()) return hash.error();
+  auto receipt = wait_receipt(*hash);
+  std::lock_guard lock(*mutex_);
+  SN_TRY(journal_update(*hash, ""));
+  return receipt;
 }
 
 // ------------------------------------------------------------------ ports

@@ -119,8 +119,17 @@ Result<Deployment> deploy_market(std::shared_ptr<const RpcClient> rpc, const Key
 
 // ------------------------------------------------------------------ market
 
-MarketClient::MarketClient(std::shared_ptr<const RpcClient> rpc, Deployment deployment, Key key)
-    : rpc_(rpc), deployment_(std::move(deployment)), wallet_(rpc, std::move(key), deployment_.chain_id) {}
+MarketClient::MarketClient(std::shared_ptr<const RpcClient> rpc, Deployment deployment, Key key,
+                           std::filesystem::path journal)
+    : rpc_(rpc),
+      deployment_(std::move(deployment)),
+      wallet_(rpc, std::move(key), deployment_.chain_id, std::move(journal)) {}
+
+Result<MarketClient> MarketClient::for_data_dir(std::shared_ptr<const RpcClient> rpc, Deployment deployment,
+                                                const std::filesystem::path& data_dir) {
+  SN_ASSIGN(Key key, Key::load_or_create(data_dir / "chain.key"));
+  return MarketClient(std::move(rpc), std::move(deployment), std::move(key), data_dir / "chain.journal");
+}
 
 Result<Receipt> MarketClient::call_market(std::string_view signature, const Bytes& args, Wei value) {
   Bytes data = abi::selector(signature);

@@ -223,3 +223,37 @@ TEST_F(ChainTest, DisputeNarrowsAndRefereeSlashes) {
   EXPECT_EQ(*referee.withdrawable_of(verifier.address()), kEth + kEth / 2);
   EXPECT_EQ(*referee.stake_of(solver.address()), 4 * kEth);
 }
+
+// A node killed after signing (journal written) but before or after sending: the
+// restarted node finishes that very transaction and does not repeat it.
+TEST_F(ChainTest, KilledMidSendNeitherLosesNorRepeatsAnAction) {
+  auto dir = std::filesystem::temp_directory_path() / ("sn-chain-journal-" + std::to_string(getpid()));
+  auto first = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
+  ASSERT_TRUE(first.ok()) << first.message();
+  ASSERT_TRUE(chain_->fund(first->address(), 10 * kEth).ok());
+  ASSERT_TRUE(first->register_node(word(10), kEth).ok());
+  Bytes stake_call = chain::abi::selector("stake()");
+  // Killed before sending: the signed stake of 5 wei sits in the journal only.
+  ASSERT_TRUE(first->wallet().journal_without_sending(chain_->deployment().market, 5, stake_call).ok());
+  EXPECT_EQ(*first->stake_of(first->address()), kEth);
+  {
+    auto restarted = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
+    ASSERT_TRUE(restarted.ok());
+    auto finished = restarted->wallet().finish_pending();
+    ASSERT_TRUE(finished.ok()) << finished.message();
+    EXPECT_EQ(*finished, 1u);
+    EXPECT_EQ(*restarted->stake_of(first->address()), kEth + 5);  // not lost
+  }
+  // Killed after sending: the journal still names a mined transaction; re-sending it is a no-op.
+  auto third = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
+  ASSERT_TRUE(third->wallet().journal_without_sending(chain_->deployment().market, 7, stake_call).ok());
+  auto journal_text = read_file(dir / "chain.journal");
+  ASSERT_TRUE(journal_text.ok());
+  auto entries = nlohmann::json::parse(*journal_text);
+  ASSERT_EQ(entries.size(), 1u);
+  ASSERT_TRUE(chain_->rpc()->call("eth_sendRawTransaction", {entries.begin().value()}).ok());
+  auto fourth = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
+  ASSERT_TRUE(fourth->stake(1).ok());  // finishes the journal first, then a new action
+  EXPECT_EQ(*fourth->stake_of(first->address()), kEth + 5 + 7 + 1);  // 7 applied once
+  std::filesystem::remove_all(dir);
+}
