@@ -178,3 +178,40 @@ TEST(Cli, PortInUseIsReported) {
   first->terminate();
   fs::remove_all(dir);
 }
+
+TEST(Devnet, InterruptStopsEveryChildAndRemovesItsTempDir) {
+  auto dir = scratch("sigint");
+  SpawnOptions options;
+  options.stdout_path = dir / "out.txt";
+  options.stderr_path = dir / "err.txt";
+  auto devnet = ChildProcess::spawn({bin(), "devnet", "--job", data("slow.toml").string(), "--topology",
+                                     data("lan.toml").string(), "--out", (dir / "m.safetensors").string()},
+                                    options);
+  ASSERT_TRUE(devnet.ok());
+  bool training = false;
+  for (int i = 0; i < 600 && !training; ++i) {
+    std::this_thread::sleep_for(100ms);
+    training = read_file(dir / "err.txt").value_or("").find("step ") != std::string::npos;
+    ASSERT_TRUE(devnet->running()) << read_file(dir / "err.txt").value_or("");
+  }
+  ASSERT_TRUE(training);
+  std::string err = read_file(dir / "err.txt").value_or("");
+  auto at = err.find("logs in ");
+  ASSERT_NE(at, std::string::npos) << err;
+  std::string temp_dir = err.substr(at + 8, err.find('\n', at) - at - 8);
+  ASSERT_TRUE(fs::exists(temp_dir));
+  ::kill(devnet->pid(), SIGINT);
+  auto status = devnet->wait_for(60s);
+  ASSERT_TRUE(status.has_value()) << "devnet did not stop after SIGINT";
+  EXPECT_NE(*status, 0);
+  EXPECT_FALSE(fs::exists(temp_dir)) << temp_dir;
+  // No process still runs with the devnet's temp dir on its command line.
+  std::this_thread::sleep_for(500ms);
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    auto cmdline = read_file(entry.path() / "cmdline");
+    if (!cmdline.ok()) continue;
+    EXPECT_EQ(cmdline->find(temp_dir), std::string::npos) << "orphan: " << entry.path();
+  }
+  EXPECT_FALSE(fs::exists(dir / "m.safetensors"));
+  fs::remove_all(dir);
+}
