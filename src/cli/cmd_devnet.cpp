@@ -9,8 +9,10 @@
 
 #include "cli/command.h"
 #include "cli/job_runner.h"
+#include "cli/settlement.h"
 #include "cli/signals.h"
 #include "core/fs.h"
+#include "core/keys.h"
 #include "core/log.h"
 #include "core/process.h"
 
@@ -30,6 +32,7 @@ struct DevnetArgs {
   std::string algo = "ours";
   std::string init;
   bool keep = false;
+  bool no_chain = false;
   bool json = false;
   double time_dilation = 0;
 };
@@ -117,6 +120,7 @@ class Devnet {
   std::string bootstrap() const { return "127.0.0.1:" + std::to_string(dht_port_); }
   const fs::path& dir() const { return dir_; }
   ChildProcess& node(size_t i) { return nodes_.at(i); }
+  fs::path node_dir(size_t i) const { return dir_ / fmt::format("node{}", i); }
 
  private:
   fs::path dir_;
@@ -166,11 +170,47 @@ int run_devnet(const DevnetArgs& args) {
   if (!found.ok()) return fail("devnet", found.message() + "\n" + devnet.dead_processes_report());
   if (!args.json) std::cerr << fmt::format("devnet: all {} nodes discovered\n", found->size());
 
+  // Settlement: a local chain, every node funded and staked, the job escrowed.
+  std::unique_ptr<DevnetSettlement> settlement;
+  nlohmann::json balances_before;
+  uint64_t chain_job = 0;
+  if (!args.no_chain) {
+    std::vector<SettlementNode> staked;
+    for (int i = 0; i < nodes; ++i) {
+      auto key = NodeKey::load_or_create(devnet.node_dir(static_cast<size_t>(i)));
+      if (!key.ok()) return fail("devnet", key.message());
+      staked.push_back({key->node_id(), devnet.node_dir(static_cast<size_t>(i))});
+    }
+    auto started = DevnetSettlement::start(devnet.dir(), staked);
+    if (!started.ok()) return fail("devnet", "chain: " + started.message());
+    settlement = std::move(started).value();
+    auto before = settlement->balances();
+    if (!before.ok()) return fail("devnet", "chain: " + before.message());
+    balances_before = *before;
+    auto posted = settlement->post_job(needed, spec.job.name);
+    if (!posted.ok()) return fail("devnet", "chain: posting the job: " + posted.message());
+    chain_job = *posted;
+    if (!args.json)
+      std::cerr << fmt::format("devnet: chain at {}, {} nodes staked, job {} escrowed\n", settlement->rpc_url(), nodes,
+                               chain_job);
+  }
+
   auto summary = run_job_on_nodes(spec, *found);
   if (!summary.ok()) {
     std::string report = devnet.dead_processes_report();
     return fail("devnet", summary.message() + (report.empty() ? "" : "\n" + report),
                 stop_requested() ? 130 : summary.error().exit_code);
+  }
+  if (settlement) {
+    std::vector<std::string> solvers;
+    for (const auto& stage : (*summary)["placement"]["stages"])
+      for (const auto& member : stage) solvers.push_back(member["node_id"].get<std::string>());
+    auto roots = (*summary)["member_commitments"].get<std::vector<std::string>>();
+    auto settled = settlement->commit_and_finalize(chain_job, solvers, roots);
+    if (!settled.ok()) return fail("devnet", "chain: " + settled.message());
+    auto after = settlement->balances();
+    if (!after.ok()) return fail("devnet", "chain: " + after.message());
+    (*summary)["chain"] = {{"job_id", chain_job}, {"balances_before", balances_before}, {"balances_after", *after}};
   }
   (*summary)["devnet_dir"] = args.keep ? devnet.dir().string() : "";
   if (!args.summary_json.empty()) {
@@ -181,6 +221,8 @@ int run_devnet(const DevnetArgs& args) {
     std::cout << summary->dump(2) << std::endl;
   else {
     print_summary_table(*summary);
+    if (summary->contains("chain"))
+      print_balances((*summary)["chain"]["balances_before"], (*summary)["chain"]["balances_after"]);
     if (!args.summary_json.empty()) std::cout << "  summary                " << args.summary_json << "\n";
   }
   return 0;
@@ -200,6 +242,7 @@ CommandRegistration devnet_command(
           ->check(CLI::IsMember({"raw", "scaled"}));
       app.add_option("--algo", args->algo, "Placement: ours | dtfm | random | naive")->capture_default_str();
       app.add_option("--init", args->init, "Start from these weights (safetensors)");
+      app.add_flag("--no-chain", args->no_chain, "Skip settlement (no anvil, no stakes or escrow)");
       app.add_flag("--keep", args->keep, "Keep the temp dir (logs, node data) afterwards");
       app.add_option("--time-dilation", args->time_dilation, "Scaled links: use this T instead of measuring compute");
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");

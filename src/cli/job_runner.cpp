@@ -60,6 +60,7 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
   s["model_path"] = result.model_path.empty() ? "" : std::filesystem::absolute(result.model_path).string();
   s["model_hash"] = result.model_hash;
   s["stage_state_hashes"] = result.stage_state_hashes;
+  s["member_commitments"] = result.member_commitments;
   s["compression"] = {{"activations", spec.job.compression.activations},
                       {"gradients", spec.job.compression.gradients}};
   return s;

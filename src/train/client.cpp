@@ -8,6 +8,7 @@
 
 #include "core/fs.h"
 #include "core/hash.h"
+#include "core/merkle.h"
 #include "model/gpt.h"
 #include "model/safetensors.h"
 #include "model/tensor_wire.h"
@@ -231,6 +232,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   TrainResult result;
   result.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started).count();
   result.stage_state_hashes.assign(static_cast<size_t>(stages), "");
+  std::vector<std::vector<Hash256>> state_leaves(members.size());
   auto run_started = Clock::now();
 
   auto run_step = [&](int64_t step, const std::vector<std::vector<MicroBatchData>>& batches,
@@ -249,11 +251,12 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
     double loss_sum = 0;
     int64_t loss_count = 0;
     for (size_t i = 0; i < members.size(); ++i) {
+      if (!forward_only) state_leaves[i].push_back(merkle_leaf(std::span<const uint8_t>(
+                             reinterpret_cast<const uint8_t*>(replies[i].state_hash().data()), replies[i].state_hash().size())));
       loss_sum += replies[i].loss_sum();
       loss_count += replies[i].loss_count();
       if (members[i].replica == 0 && !forward_only)
-        result.stage_state_hashes[static_cast<size_t>(members[i].stage)] = to_hex(std::span<const uint8_t>(
-            reinterpret_cast<const uint8_t*>(replies[i].state_hash().data()), replies[i].state_hash().size()));
+        result.stage_state_hashes[static_cast<size_t>(members[i].stage)] = replies[i].state_hash();
       for (const auto& sent : replies[i].sent()) {
         result.bytes_by_class[sent.link_class()] += sent.bytes();
         (sent.traffic() == "pipeline" ? result.bytes_pipeline : result.bytes_data_parallel) += sent.bytes();
@@ -291,6 +294,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   }
   result.wall_seconds = std::chrono::duration<double>(Clock::now() - run_started).count();
   result.tokens_per_s = static_cast<double>(tokens_per_step(job) * job.train.steps) / result.wall_seconds;
+  for (const auto& leaves : state_leaves) result.member_commitments.push_back(to_hex(merkle_root(leaves)));
 
   int64_t eval_batches = holdout_batch_count(job, dataset, options.eval_batches);
   double holdout_sum = 0;

@@ -63,6 +63,9 @@ struct TrainResult {
   std::filesystem::path model_path;
   std::string model_hash;              // hex BLAKE2b of the saved weights file
   std::vector<std::string> stage_state_hashes;  // per stage, after the last step
+  // Per member (stage × replicas + replica): hex Merkle root over the BLAKE2b
+  // of its parameters after every step — what a solver commits on chain.
+  std::vector<std::string> member_commitments;
 };
 
 struct DistributedOptions {
