@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "sched/sched.h"
 #include "train/train.h"
 
 namespace sn::cli {
@@ -52,19 +53,48 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
                           n.node_id().substr(0, 8), n.region(), spec.topology->name);
 
   Placement placement;
-  placement.algo = "naive";
-  for (int64_t s = 0; s < job.parallel.stages; ++s)
-    for (int64_t r = 0; r < job.parallel.replicas; ++r)
-      placement.members.push_back(member_of(nodes[static_cast<size_t>(s * job.parallel.replicas + r)],
-                                            static_cast<int>(s), static_cast<int>(r)));
-
   placement.emulate = spec.topology ? (spec.emulate.empty() ? spec.topology->mode : spec.emulate) : "none";
-  if (placement.emulate == "scaled") {
-    AnchorSetting anchor;
-    double compute = spec.time_dilation > 0 ? spec.time_dilation * anchor.compute_seconds
-                                             : train::measure_microbatch_seconds(job);
-    placement.scale = scale_for(job, compute, anchor);
+  AnchorSetting anchor;
+  const double compute = spec.time_dilation > 0 ? spec.time_dilation * anchor.compute_seconds
+                                                : train::measure_microbatch_seconds(job);
+  if (placement.emulate == "scaled") placement.scale = scale_for(job, compute, anchor);
+
+  // Devices as the scheduler sees them: each node's links to the others, as
+  // they will be emulated (scaled if the run is scaled).
+  std::vector<std::vector<int>> stage_devices;
+  if (spec.topology && spec.algo != "naive") {
+    LinkMatrix links;
+    links.n = static_cast<int>(nodes.size());
+    links.links.resize(nodes.size() * nodes.size());
+    for (const auto& n : nodes) {
+      int region = spec.topology->region_index(n.region());
+      links.region_of.push_back(region);
+      links.compute_tflops.push_back(spec.topology->regions[static_cast<size_t>(region)].compute_tflops);
+      links.memory_gb.push_back(spec.topology->regions[static_cast<size_t>(region)].memory_gb);
+    }
+    for (int a = 0; a < links.n; ++a)
+      for (int b = 0; b < links.n; ++b)
+        if (a != b) links.at(a, b) = placement.scale.apply(spec.topology->link(links.region_of[static_cast<size_t>(a)],
+                                                                               links.region_of[static_cast<size_t>(b)]));
+    sched::PlanRequest request = sched::request_from_job(job, compute);
+    request.gradient_bytes *= placement.scale.pacing_weight(true);
+    SN_ASSIGN(sched::Plan plan, sched::make_plan(links, request, spec.algo, spec.plan_seed));
+    stage_devices = plan.stage_devices;
+    placement.algo = spec.algo;
+    placement.predicted_iteration_s = plan.predicted_iteration_s;
+    placement.dtfm_cost_s = plan.dtfm_cost_s;
+  } else {
+    placement.algo = "naive";
+    for (int64_t s = 0; s < job.parallel.stages; ++s) {
+      stage_devices.emplace_back();
+      for (int64_t r = 0; r < job.parallel.replicas; ++r)
+        stage_devices.back().push_back(static_cast<int>(s * job.parallel.replicas + r));
+    }
   }
+  for (size_t s = 0; s < stage_devices.size(); ++s)
+    for (size_t r = 0; r < stage_devices[s].size(); ++r)
+      placement.members.push_back(member_of(nodes[static_cast<size_t>(stage_devices[s][r])], static_cast<int>(s),
+                                            static_cast<int>(r)));
   return placement;
 }
 
