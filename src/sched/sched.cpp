@@ -273,11 +273,49 @@ Groups cluster_groups(const LinkMatrix& m, const PlanRequest& r, int seed_device
   return g;
 }
 
+Groups search_ours_on(const LinkMatrix& m, const PlanRequest& r, uint64_t seed);
+
+// On a large network most devices are spares; searching swaps with all of them
+// costs O(N) per slot. Keep a pool of 2·P·D devices with the cheapest links
+// (each device's D−1 cheapest data-parallel edges plus its cheapest pipeline
+// edge), search there, and map back.
 Groups search_ours(const LinkMatrix& m, const PlanRequest& r, uint64_t seed) {
+  const int pool_size = 2 * r.stages * r.replicas;
+  if (m.n <= pool_size) return search_ours_on(m, r, seed);
+  std::vector<std::pair<double, int>> score;
+  for (int d = 0; d < m.n; ++d) {
+    std::vector<double> dp;
+    double pp = kInf;
+    for (int e = 0; e < m.n; ++e) {
+      if (e == d) continue;
+      dp.push_back(2 * (alpha_s(m, d, e) + r.gradient_bytes / (r.replicas * beta_bps(m, d, e))));
+      pp = std::min(pp, pp_edge(m, r, d, e));
+    }
+    const int keep = std::min<int>(r.replicas - 1, static_cast<int>(dp.size()));
+    std::partial_sort(dp.begin(), dp.begin() + keep, dp.end());
+    score.push_back({std::accumulate(dp.begin(), dp.begin() + keep, 0.0) + 2 * pp, d});
+  }
+  std::sort(score.begin(), score.end());
+  std::vector<int> pool;
+  for (int i = 0; i < pool_size; ++i) pool.push_back(score[i].second);
+  LinkMatrix sub;
+  sub.n = pool_size;
+  sub.links.resize(static_cast<size_t>(pool_size) * pool_size);
+  for (int a = 0; a < pool_size; ++a)
+    for (int b = 0; b < pool_size; ++b) sub.at(a, b) = m.at(pool[a], pool[b]);
+  Groups groups = search_ours_on(sub, r, seed);
+  for (auto& g : groups)
+    for (int& d : g) d = pool[d];
+  return groups;
+}
+
+Groups search_ours_on(const LinkMatrix& m, const PlanRequest& r, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<Groups> starts{naive_groups(r), cluster_groups(m, r, 0)};
   for (int k = 0; k < 2; ++k) starts.push_back(cluster_groups(m, r, static_cast<int>(rng() % m.n)));
-  starts.push_back(random_groups(m.n, r, rng));
+  // Small instances are cheap to search, so give them more random restarts.
+  const int random_starts = std::max(1, 64 / (r.stages * r.replicas));
+  for (int k = 0; k < random_starts; ++k) starts.push_back(random_groups(m.n, r, rng));
   Groups best;
   double best_cost = kInf;
   for (auto& g : starts) {

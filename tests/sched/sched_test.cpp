@@ -1,0 +1,217 @@
+// Scheduler: the DT-FM cost checked on paper, our search against exhaustive
+// enumeration, the simulator against closed-form GPipe, and `solvernet plan`
+// rejecting bad input with `file:line:` and exit code 2.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+#include "sched/sched.h"
+
+namespace sn::sched {
+namespace {
+
+LinkMatrix uniform_matrix(int n, double latency_ms, double bandwidth_mbps) {
+  LinkMatrix m;
+  m.n = n;
+  m.links.assign(static_cast<size_t>(n) * n, LinkSpec{latency_ms, bandwidth_mbps});
+  m.compute_tflops.assign(n, 1.0);
+  m.memory_gb.assign(n, 16.0);
+  m.region_of.assign(n, 0);
+  return m;
+}
+
+void set_link(LinkMatrix& m, int a, int b, double latency_ms, double bandwidth_mbps) {
+  m.at(a, b) = m.at(b, a) = LinkSpec{latency_ms, bandwidth_mbps};
+}
+
+LinkMatrix random_matrix(int n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> latency(1, 100), bandwidth(300, 2000);
+  LinkMatrix m = uniform_matrix(n, 0, 1);
+  for (int a = 0; a < n; ++a)
+    for (int b = a + 1; b < n; ++b) set_link(m, a, b, latency(rng), bandwidth(rng));
+  return m;
+}
+
+// Four devices, 2 stages x 2 replicas, 1 ms everywhere, c_dp = c_pp = 1e9 bytes.
+// Bandwidths (bytes/s): 0-1 and 2-3 at 1e9, 0-2 and 1-3 at 5e8, 0-3 and 1-2 at 1e8.
+// On paper:
+//   groups {0,1},{2,3}: DP = 2(0.001 + 1e9/(2·1e9)) = 1.002; stage link pairs 0-2, 1-3:
+//     2(0.001 + 1e9/5e8) = 4.002; cost = 1.002 + 2·4.002 = 9.006.
+//   groups {0,2},{1,3}: DP = 2(0.001 + 1e9/(2·5e8)) = 2.002; pairs 0-1, 2-3:
+//     2(0.001 + 1) = 2.002; cost = 2.002 + 2·2.002 = 6.006 (the optimum).
+//   groups {0,3},{1,2}: DP = 2(0.001 + 5) = 10.002; pairs 0-1, 3-2: 2.002; cost 14.006.
+LinkMatrix paper_matrix() {
+  LinkMatrix m = uniform_matrix(4, 1, 8000);
+  set_link(m, 0, 2, 1, 4000);
+  set_link(m, 1, 3, 1, 4000);
+  set_link(m, 0, 3, 1, 800);
+  set_link(m, 1, 2, 1, 800);
+  return m;
+}
+
+PlanRequest request(int stages, int replicas, double bytes) {
+  PlanRequest r;
+  r.stages = stages;
+  r.replicas = replicas;
+  r.activation_bytes = bytes;
+  r.gradient_bytes = bytes;
+  r.compute_seconds_per_microbatch_stage = 0.3;
+  r.micro_batches = 4;
+  r.search_trials = 200;
+  return r;
+}
+
+TEST(DtfmCost, FourDevicesAsOnPaper) {
+  const LinkMatrix m = paper_matrix();
+  const PlanRequest r = request(2, 2, 1e9);
+  Plan naive = make_plan(m, r, "naive", 1).value();
+  EXPECT_NEAR(naive.data_parallel_cost_s, 1.002, 1e-9);
+  EXPECT_NEAR(naive.pipeline_cost_s, 4.002, 1e-9);
+  EXPECT_NEAR(naive.dtfm_cost_s, 9.006, 1e-9);
+  // Replica k of stage 1 is device k's partner on the fast link (0-2, 1-3).
+  const std::vector<std::vector<int>> either_order_a{{0, 1}, {2, 3}}, either_order_b{{2, 3}, {0, 1}};
+  EXPECT_TRUE(naive.stage_devices == either_order_a || naive.stage_devices == either_order_b);
+
+  Plan ours = make_plan(m, r, "ours", 1).value();
+  EXPECT_NEAR(ours.dtfm_cost_s, 6.006, 1e-9);
+  EXPECT_NEAR(evaluate_groups(m, r, {{0, 3}, {1, 2}}).dtfm_cost_s, 10.002 + 2 * 2.002, 1e-9);
+}
+
+// The best DT-FM cost over every placement: each permutation's first P·D devices
+// cut into consecutive groups (covers every partition and every choice of spares).
+double exhaustive_optimum(const LinkMatrix& m, const PlanRequest& r) {
+  std::vector<int> ids(m.n);
+  std::iota(ids.begin(), ids.end(), 0);
+  double best = 1e300;
+  do {
+    Groups g(r.stages);
+    for (int s = 0; s < r.stages; ++s)
+      for (int k = 0; k < r.replicas; ++k) g[s].push_back(ids[s * r.replicas + k]);
+    // Only canonical forms (sorted inside groups, groups sorted) to save time.
+    bool canonical = true;
+    for (auto& grp : g) canonical = canonical && std::is_sorted(grp.begin(), grp.end());
+    for (int s = 0; s + 1 < r.stages; ++s) canonical = canonical && g[s][0] < g[s + 1][0];
+    if (canonical) best = std::min(best, evaluate_groups(m, r, g).dtfm_cost_s);
+  } while (std::next_permutation(ids.begin(), ids.end()));
+  return best;
+}
+
+TEST(OurSearch, FindsTheExhaustiveOptimumOnSmallInstances) {
+  for (uint64_t topo = 1; topo <= 5; ++topo) {
+    const LinkMatrix m = random_matrix(8, topo);
+    for (auto [stages, replicas] : {std::pair{2, 4}, std::pair{3, 2}}) {
+      const PlanRequest r = request(stages, replicas, 2e8);
+      const double optimum = exhaustive_optimum(m, r);
+      Plan ours = make_plan(m, r, "ours", 7).value();
+      EXPECT_NEAR(ours.dtfm_cost_s, optimum, 1e-9 * optimum)
+          << "topology seed " << topo << ", " << stages << " x " << replicas;
+      Plan naive = make_plan(m, r, "naive", 7).value();
+      EXPECT_GE(naive.dtfm_cost_s, optimum - 1e-9);
+    }
+  }
+}
+
+TEST(OurSearch, DeterministicForASeed) {
+  const LinkMatrix m = random_matrix(16, 3);
+  const PlanRequest r = request(4, 3, 2e8);
+  Plan a = make_plan(m, r, "ours", 5).value();
+  Plan b = make_plan(m, r, "ours", 5).value();
+  EXPECT_EQ(a.stage_devices, b.stage_devices);
+  Plan g1 = make_plan(m, r, "dtfm", 5).value();
+  Plan g2 = make_plan(m, r, "dtfm", 5).value();
+  EXPECT_EQ(g1.stage_devices, g2.stage_devices);
+}
+
+TEST(Simulator, MatchesClosedFormGpipeOnUniformLinks) {
+  // One replica (no data parallel), P stages, M micro-batches, forward f and
+  // backward b per micro-batch per stage, every hop t = bytes/β + α with
+  // bytes/β ≤ min(f, b): T = (M + P − 1)(f + b) + 2(P − 1)t.
+  for (int stages : {2, 4, 6})
+    for (int micro_batches : {1, 3, 8}) {
+      const LinkMatrix m = uniform_matrix(stages, 20, 800);  // 1e8 B/s, 20 ms
+      PlanRequest r = request(stages, 1, 1e6);               // 10 ms serialization
+      r.micro_batches = micro_batches;
+      r.compute_seconds_per_microbatch_stage = 0.9;          // f = 0.3, b = 0.6
+      Plan plan = make_plan(m, r, "naive", 1).value();
+      const double hop = 1e6 / 1e8 + 0.020;
+      const double expected = (micro_batches + stages - 1) * 0.9 + 2 * (stages - 1) * hop;
+      EXPECT_NEAR(plan.predicted_iteration_s, expected, 1e-9) << stages << " stages, " << micro_batches;
+      EXPECT_NEAR(plan.data_parallel_s, 0, 1e-12);
+    }
+}
+
+TEST(MakePlan, RejectsMoreSlotsThanDevices) {
+  auto plan = make_plan(uniform_matrix(4, 1, 1000), request(3, 2, 1e6), "ours", 1);
+  ASSERT_FALSE(plan.ok());
+  EXPECT_EQ(plan.error().exit_code, 2);
+}
+
+struct CliRun {
+  int exit_code;
+  std::string err;
+};
+
+CliRun run_plan(const std::string& topology_text, const std::string& flags) {
+  const char* bin = std::getenv("SOLVERNET_BIN");
+  const char* source = std::getenv("SOLVERNET_SOURCE_DIR");
+  if (!bin || !source) return {-1, "SOLVERNET_BIN / SOLVERNET_SOURCE_DIR not set"};
+  const auto dir = std::filesystem::temp_directory_path() / ("sn-sched-test-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "topo.toml") << topology_text;
+  const std::string cmd = std::string(bin) + " plan --topology " + (dir / "topo.toml").string() + " --model " +
+                          source + "/examples/models/gpt3-xl.toml " + flags + " >/dev/null 2>" +
+                          (dir / "err.txt").string();
+  const int status = std::system(cmd.c_str());
+  std::stringstream err;
+  err << std::ifstream(dir / "err.txt").rdbuf();
+  std::filesystem::remove_all(dir);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, err.str()};
+}
+
+const char* kTwoRegions = R"([[region]]
+name = "a"
+nodes = 4
+latency_ms = 1
+bandwidth_mbps = 1000
+
+[[region]]
+name = "b"
+nodes = 4
+latency_ms = 1
+bandwidth_mbps = BW
+)";
+
+std::string two_regions(const std::string& inside_b, bool with_link) {
+  std::string text = kTwoRegions;
+  text.replace(text.find("BW"), 2, inside_b);
+  if (with_link) text += "\n[[link]]\nfrom = \"a\"\nto = \"b\"\nlatency_ms = 30\nbandwidth_mbps = 500\n";
+  return text;
+}
+
+TEST(PlanCommand, BadTopologiesFailWithFileLineAndExitTwo) {
+  CliRun good = run_plan(two_regions("1000", true), "--stages 2 --replicas 4");
+  EXPECT_EQ(good.exit_code, 0) << good.err;
+
+  CliRun missing = run_plan(two_regions("1000", false), "--stages 2 --replicas 4");
+  EXPECT_EQ(missing.exit_code, 2) << missing.err;
+  EXPECT_NE(missing.err.find("topo.toml:"), std::string::npos) << missing.err;
+
+  CliRun negative = run_plan(two_regions("-5", true), "--stages 2 --replicas 4");
+  EXPECT_EQ(negative.exit_code, 2) << negative.err;
+  EXPECT_NE(negative.err.find("topo.toml:11:"), std::string::npos) << negative.err;
+
+  CliRun too_many = run_plan(two_regions("1000", true), "--stages 3 --replicas 3");
+  EXPECT_EQ(too_many.exit_code, 2) << too_many.err;
+  EXPECT_NE(too_many.err.find("topo.toml:1:"), std::string::npos) << too_many.err;
+}
+
+}  // namespace
+}  // namespace sn::sched
