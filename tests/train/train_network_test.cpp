@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "core/keys.h"
 #include "core/process.h"
 
 namespace fs = std::filesystem;
@@ -135,7 +136,11 @@ TEST(Training, KilledNodeIsReportedAndTheClientExits) {
   EXPECT_NE(*status, 0);
   EXPECT_LT(seconds, 60.0);
   std::string err = read_file(dir / "client.err").value_or("");
-  EXPECT_NE(err.find("stage 1"), std::string::npos) << err;
+  // The report names the dead node (its id, from its key) and its role.
+  auto killed_key = NodeKey::load_or_create(dir / "n3");
+  ASSERT_TRUE(killed_key.ok());
+  auto named = err.find("node " + killed_key->node_id().substr(0, 8) + " (stage ");
+  EXPECT_NE(named, std::string::npos) << err;
   EXPECT_NE(err.find("failed"), std::string::npos) << err;
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(nodes[static_cast<size_t>(i)].running()) << "a surviving node crashed";
   for (auto& n : nodes) n.terminate();
