@@ -96,15 +96,19 @@ class Fleet {
     return make_error("{} failed during {}: {}", member_name(member), what, status.error_message());
   }
 
-  void abort_all(const std::string& reason) {
+  void abort_all(const std::string& reason) { end_job(true, reason, std::chrono::seconds(5)); }
+  void end_all() { end_job(false, "", std::chrono::seconds(10)); }
+
+ private:
+  void end_job(bool abort, const std::string& reason, std::chrono::seconds timeout) {
     std::vector<std::thread> threads;
     for (size_t i = 0; i < members_.size(); ++i)
       threads.emplace_back([&, i] {
         grpc::ClientContext context;
-        context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+        context.set_deadline(std::chrono::system_clock::now() + timeout);
         solvernet::v1::EndJobRequest request;
         request.set_job_id(job_id_);
-        request.set_abort(true);
+        request.set_abort(abort);
         request.set_reason(reason);
         solvernet::v1::Empty reply;
         stubs_[i]->EndJob(&context, request, &reply);
@@ -112,21 +116,6 @@ class Fleet {
     for (auto& t : threads) t.join();
   }
 
-  void end_all() {
-    std::vector<std::thread> threads;
-    for (size_t i = 0; i < members_.size(); ++i)
-      threads.emplace_back([&, i] {
-        grpc::ClientContext context;
-        context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-        solvernet::v1::EndJobRequest request;
-        request.set_job_id(job_id_);
-        solvernet::v1::Empty reply;
-        stubs_[i]->EndJob(&context, request, &reply);
-      });
-    for (auto& t : threads) t.join();
-  }
-
- private:
   const std::vector<net::MemberInfo>& members_;
   std::string job_id_;
   std::chrono::milliseconds rpc_timeout_;

@@ -51,6 +51,17 @@ CommandRun run(const std::vector<std::string>& argv, const fs::path& dir) {
   return r;
 }
 
+// Waits until PROCESS's stderr (in ERR_FILE) shows a training step; fails if it exits first.
+::testing::AssertionResult wait_for_training(ChildProcess& process, const fs::path& err_file) {
+  for (int i = 0; i < 600; ++i) {
+    std::this_thread::sleep_for(100ms);
+    std::string err = read_file(err_file).value_or("");
+    if (err.find("step ") != std::string::npos) return ::testing::AssertionSuccess();
+    if (!process.running()) return ::testing::AssertionFailure() << "exited before training: " << err;
+  }
+  return ::testing::AssertionFailure() << "no training step within 60 s: " << read_file(err_file).value_or("");
+}
+
 nlohmann::json parse(const CommandRun& r) {
   try {
     return nlohmann::json::parse(r.out);
@@ -120,14 +131,7 @@ TEST(Training, KilledNodeIsReportedAndTheClientExits) {
                                      "--topology", data("lan.toml").string()},
                                     client_out);
   ASSERT_TRUE(client.ok());
-  // Wait until training is under way (the progress line shows a step).
-  bool training = false;
-  for (int i = 0; i < 600 && !training; ++i) {
-    std::this_thread::sleep_for(100ms);
-    training = read_file(dir / "client.err").value_or("").find("step ") != std::string::npos;
-    ASSERT_TRUE(client->running()) << read_file(dir / "client.err").value_or("");
-  }
-  ASSERT_TRUE(training) << read_file(dir / "client.err").value_or("");
+  ASSERT_TRUE(wait_for_training(*client, dir / "client.err"));
   ::kill(nodes[3].pid(), SIGKILL);
   auto killed_at = std::chrono::steady_clock::now();
   auto status = client->wait_for(90s);
@@ -193,13 +197,7 @@ TEST(Devnet, InterruptStopsEveryChildAndRemovesItsTempDir) {
                                      data("lan.toml").string(), "--out", (dir / "m.safetensors").string()},
                                     options);
   ASSERT_TRUE(devnet.ok());
-  bool training = false;
-  for (int i = 0; i < 600 && !training; ++i) {
-    std::this_thread::sleep_for(100ms);
-    training = read_file(dir / "err.txt").value_or("").find("step ") != std::string::npos;
-    ASSERT_TRUE(devnet->running()) << read_file(dir / "err.txt").value_or("");
-  }
-  ASSERT_TRUE(training);
+  ASSERT_TRUE(wait_for_training(*devnet, dir / "err.txt"));
   std::string err = read_file(dir / "err.txt").value_or("");
   auto at = err.find("logs in ");
   ASSERT_NE(at, std::string::npos) << err;
