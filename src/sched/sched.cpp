@@ -274,6 +274,7 @@ Groups cluster_groups(const LinkMatrix& m, const PlanRequest& r, int seed_device
 }
 
 Groups search_ours_on(const LinkMatrix& m, const PlanRequest& r, uint64_t seed);
+Groups search_dtfm(const LinkMatrix& m, const PlanRequest& r, uint64_t seed);
 
 // On a large network most devices are spares; searching swaps with all of them
 // costs O(N) per slot. Keep a pool of 2·P·D devices with the cheapest links
@@ -313,6 +314,9 @@ Groups search_ours_on(const LinkMatrix& m, const PlanRequest& r, uint64_t seed) 
   std::mt19937_64 rng(seed);
   std::vector<Groups> starts{naive_groups(r), cluster_groups(m, r, 0)};
   for (int k = 0; k < 2; ++k) starts.push_back(cluster_groups(m, r, static_cast<int>(rng() % m.n)));
+  // The genetic search's best member as one more start: on structured networks
+  // (DT-FM cases 3, 4) swaps alone stall where it does not, so ours never ends worse.
+  starts.push_back(search_dtfm(m, r, seed));
   // Small instances are cheap to search, so give them more random restarts.
   const int random_starts = std::max(1, 64 / (r.stages * r.replicas));
   for (int k = 0; k < random_starts; ++k) starts.push_back(random_groups(m.n, r, rng));
