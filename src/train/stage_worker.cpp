@@ -147,6 +147,28 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
     }
   }
   w->optimizer_ = std::make_unique<AdamW>(w->parameters_, w->job_.train);
+  if (w->job_.compression.activations != "none") {
+    // Each side of each boundary keeps its own buffer file: sender and receiver
+    // evolve theirs identically (AQ-SGD) and the codec checks they agree.
+    auto dir = data_dir / "compress" / w->job_id_;
+    SN_TRY(ensure_directory(dir));
+    auto buffer = [&](const std::string& name) {
+      compress::ActivationBufferOptions options;
+      options.path = dir / fmt::format("stage{}-replica{}-{}.buf", w->stage_, w->replica_, name);
+      options.num_samples = std::max<int64_t>(1, request.dataset_samples());
+      options.sample_shape = {model_config.seq_len, model_config.d_model};
+      return options;
+    };
+    const bool first = w->stage_ == 0, last = w->stage_ == w->stages_ - 1;
+    if (!last) {
+      SN_ASSIGN(w->forward_out_, compress::make_activation_codec(w->job_.compression, true, buffer("fwd-out")));
+      SN_ASSIGN(w->backward_in_, compress::make_activation_codec(w->job_.compression, false, buffer("bwd-in")));
+    }
+    if (!first) {
+      SN_ASSIGN(w->forward_in_, compress::make_activation_codec(w->job_.compression, true, buffer("fwd-in")));
+      SN_ASSIGN(w->backward_out_, compress::make_activation_codec(w->job_.compression, false, buffer("bwd-out")));
+    }
+  }
   if (request.start_step() > 0) SN_TRY(w->load_checkpoint(request.start_step()));
   return w;
 }
@@ -218,13 +240,40 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
     wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
     return message;
   };
-  auto send_tensor = [&](int to, const char* kind, int micro, const torch::Tensor& tensor) {
+  auto sample_ids = [&](int micro) {
+    const auto& ids = request.micro_batches(micro).sample_ids();
+    return std::vector<int64_t>(ids.begin(), ids.end());
+  };
+  // Evaluation batches go uncompressed: their ids are held-out ids, which
+  // AQ-SGD's per-sample buffers (keyed by training ids) must not see.
+  auto send_tensor = [&](int to, const char* kind, int micro, const torch::Tensor& tensor,
+                         compress::ActivationCodec* codec) -> Status {
     solvernet::v1::TensorMessage message;
     message.set_kind(kind);
     message.set_step(step);
     message.set_micro(micro);
-    model::tensor_to_proto(tensor.detach().contiguous(), message.mutable_tensor());
+    if (codec && !forward_only) {
+      Hash256 digest = Hasher().update_u64(job_.train.seed).update_u64(static_cast<uint64_t>(step))
+                           .update_u64(static_cast<uint64_t>(micro)).update(kind).update_u64(static_cast<uint64_t>(stage_))
+                           .update_u64(static_cast<uint64_t>(replica_)).finish();
+      uint64_t seed = 0;
+      for (int i = 0; i < 8; ++i) seed |= static_cast<uint64_t>(digest[static_cast<size_t>(i)]) << (8 * i);
+      SN_ASSIGN(*message.mutable_compressed(), codec->encode(tensor.detach().contiguous(), sample_ids(micro), seed));
+    } else {
+      model::tensor_to_proto(tensor.detach().contiguous(), message.mutable_tensor());
+    }
     return transport_->send(to, std::move(message), net::Traffic::kPipeline);
+  };
+  auto decode_tensor = [&](const solvernet::v1::TensorMessage& message, int micro,
+                           compress::ActivationCodec* codec) -> Result<torch::Tensor> {
+    if (message.has_compressed()) {
+      if (!codec) return make_error("compressed tensor received but compression is off");
+      SN_ASSIGN(torch::Tensor t, codec->decode(message.compressed(), sample_ids(micro)));
+      if (!t.sizes().equals(std::vector<int64_t>{batch, seq, width}))
+        return make_error("decoded tensor has the wrong shape");
+      return t.to(torch::kFloat32).contiguous();
+    }
+    return model::tensor_from_proto(message.tensor(), torch::kFloat32, std::vector<int64_t>{batch, seq, width});
   };
 
   for (auto& [name, p] : parameters_)
@@ -240,7 +289,6 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
   } else {
     ops = pipeline_schedule(job_.parallel.schedule, stage_, stages_, micro_batches);
   }
-  const std::vector<int64_t> activation_shape = {batch, seq, width};
   for (const ScheduleOp& op : ops) {
     const auto m = static_cast<size_t>(op.micro);
     const auto& micro = request.micro_batches(op.micro);
@@ -253,7 +301,7 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
           return make_error("micro-batch {} holds token ids outside the vocabulary", op.micro);
       } else {
         SN_ASSIGN(auto message, timed_receive({"act", step, op.micro, 0, 0, prev}));
-        auto decoded = model::tensor_from_proto(message.tensor(), torch::kFloat32, activation_shape);
+        auto decoded = decode_tensor(message, op.micro, forward_in_.get());
         if (!decoded.ok())
           return make_error("activation of micro-batch {} from {}: {}", op.micro, transport_->describe(prev), decoded.message());
         input = *decoded;
@@ -269,7 +317,7 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
         loss_sum += loss.item<double>();
         losses[m] = loss;
       } else {
-        SN_TRY(send_tensor(next, "act", op.micro, output));
+        SN_TRY(send_tensor(next, "act", op.micro, output, forward_out_.get()));
       }
       if (!forward_only) {
         inputs[m] = input;
@@ -280,12 +328,12 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
         (losses[m] * scale).backward();
       } else {
         SN_ASSIGN(auto message, timed_receive({"grad", step, op.micro, 0, 0, next}));
-        auto grad = model::tensor_from_proto(message.tensor(), torch::kFloat32, activation_shape);
+        auto grad = decode_tensor(message, op.micro, backward_in_.get());
         if (!grad.ok())
           return make_error("gradient of micro-batch {} from {}: {}", op.micro, transport_->describe(next), grad.message());
         outputs[m].backward(*grad);
       }
-      if (!first) SN_TRY(send_tensor(prev, "grad", op.micro, inputs[m].grad()));
+      if (!first) SN_TRY(send_tensor(prev, "grad", op.micro, inputs[m].grad(), backward_out_.get()));
       inputs[m] = outputs[m] = losses[m] = torch::Tensor();
     }
   }
@@ -316,8 +364,11 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
     wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
     optimizer_->step(step);
     ++steps_done_;
-    if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0)
+    if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0) {
       SN_TRY(save_checkpoint());
+      for (auto* codec : {forward_out_.get(), forward_in_.get(), backward_out_.get(), backward_in_.get()})
+        if (codec) SN_TRY(codec->flush());
+    }
     reply.set_state_hash(parameters_hash(parameters_));
   }
   SN_TRY(transport_->flush(peer_timeout_));

@@ -15,6 +15,7 @@
 #include "core/job.h"
 #include "core/keys.h"
 #include "core/result.h"
+#include "compress/compress.h"
 #include "model/gpt.h"
 #include "net/transport.h"
 #include "proto/solvernet.pb.h"
@@ -69,6 +70,9 @@ class StageWorker {
   NamedTensors parameters_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<net::JobTransport> transport_;
+  // Activation codecs at this stage's boundaries (none when compression is off):
+  // forward to the next stage / from the previous, backward to the previous / from the next.
+  std::unique_ptr<compress::ActivationCodec> forward_out_, forward_in_, backward_out_, backward_in_;
   int64_t steps_done_ = 0;
 };
 
