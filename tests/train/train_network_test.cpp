@@ -218,3 +218,24 @@ TEST(Devnet, InterruptStopsEveryChildAndRemovesItsTempDir) {
   EXPECT_FALSE(fs::exists(dir / "m.safetensors"));
   fs::remove_all(dir);
 }
+
+TEST(Training, AqsgdPipelineSendsFewerBytesAndStillLearns) {
+  auto dir = scratch("aqsgd");
+  auto run_devnet = [&](const std::string& job) {
+    CommandRun r = run({bin(), "devnet", "--job", data(job).string(), "--topology", data("lan.toml").string(),
+                        "--no-chain", "--json", "--out", (dir / (job + ".safetensors")).string()}, dir);
+    EXPECT_EQ(r.status, 0) << r.err;
+    return parse(r);
+  };
+  auto plain = run_devnet("equal.toml");
+  auto compressed = run_devnet("aqsgd.toml");
+  ASSERT_TRUE(compressed.contains("losses"));
+  auto losses = compressed["losses"].get<std::vector<double>>();
+  ASSERT_EQ(losses.size(), 20u);
+  for (double l : losses) EXPECT_TRUE(std::isfinite(l));
+  EXPECT_LT(losses.back(), losses.front());
+  // The first pass of each sample goes at fp16, later ones as 4-bit deltas.
+  EXPECT_LT(compressed["bytes_pipeline"].get<int64_t>(), plain["bytes_pipeline"].get<int64_t>() / 2);
+  EXPECT_EQ(compressed["compression"]["activations"], "aqsgd");
+  fs::remove_all(dir);
+}
