@@ -54,28 +54,21 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
 
   Placement placement;
   placement.emulate = spec.topology ? (spec.emulate.empty() ? spec.topology->mode : spec.emulate) : "none";
+  const bool use_scheduler = spec.topology && spec.algo != "naive";
   AnchorSetting anchor;
-  const double compute = spec.time_dilation > 0 ? spec.time_dilation * anchor.compute_seconds
-                                                : train::measure_microbatch_seconds(job);
+  // Our compute per micro-batch and stage: needed to scale links and to plan.
+  double compute = 0;
+  if (placement.emulate == "scaled" || use_scheduler)
+    compute = spec.time_dilation > 0 ? spec.time_dilation * anchor.compute_seconds
+                                     : train::measure_microbatch_seconds(job);
   if (placement.emulate == "scaled") placement.scale = scale_for(job, compute, anchor);
 
-  // Devices as the scheduler sees them: each node's links to the others, as
-  // they will be emulated (scaled if the run is scaled).
   std::vector<std::vector<int>> stage_devices;
-  if (spec.topology && spec.algo != "naive") {
-    LinkMatrix links;
-    links.n = static_cast<int>(nodes.size());
-    links.links.resize(nodes.size() * nodes.size());
-    for (const auto& n : nodes) {
-      int region = spec.topology->region_index(n.region());
-      links.region_of.push_back(region);
-      links.compute_tflops.push_back(spec.topology->regions[static_cast<size_t>(region)].compute_tflops);
-      links.memory_gb.push_back(spec.topology->regions[static_cast<size_t>(region)].memory_gb);
-    }
-    for (int a = 0; a < links.n; ++a)
-      for (int b = 0; b < links.n; ++b)
-        if (a != b) links.at(a, b) = placement.scale.apply(spec.topology->link(links.region_of[static_cast<size_t>(a)],
-                                                                               links.region_of[static_cast<size_t>(b)]));
+  if (use_scheduler) {
+    // Devices as the scheduler sees them: the nodes' links as they will be emulated.
+    std::vector<int> region_of;
+    for (const auto& n : nodes) region_of.push_back(spec.topology->region_index(n.region()));
+    LinkMatrix links = link_matrix_for(*spec.topology, region_of, placement.scale);
     sched::PlanRequest request = sched::request_from_job(job, compute);
     request.gradient_bytes *= placement.scale.pacing_weight(true);
     SN_ASSIGN(sched::Plan plan, sched::make_plan(links, request, spec.algo, spec.plan_seed));

@@ -150,9 +150,10 @@ std::string topology_to_toml(const Topology& t) {
   return out;
 }
 
-LinkMatrix to_link_matrix(const Topology& topology) {
+LinkMatrix link_matrix_for(const Topology& topology, const std::vector<int>& region_of,
+                           const EmulationScale& scale) {
   LinkMatrix m;
-  m.region_of = topology.device_regions();
+  m.region_of = region_of;
   m.n = static_cast<int>(m.region_of.size());
   m.links.resize(static_cast<size_t>(m.n) * m.n);
   for (int a = 0; a < m.n; ++a) {
@@ -160,9 +161,13 @@ LinkMatrix to_link_matrix(const Topology& topology) {
     m.compute_tflops.push_back(r.compute_tflops);
     m.memory_gb.push_back(r.memory_gb);
     for (int b = 0; b < m.n; ++b)
-      if (a != b) m.at(a, b) = topology.link(m.region_of[a], m.region_of[b]);
+      if (a != b) m.at(a, b) = scale.apply(topology.link(m.region_of[a], m.region_of[b]));
   }
   return m;
+}
+
+LinkMatrix to_link_matrix(const Topology& topology) {
+  return link_matrix_for(topology, topology.device_regions());
 }
 
 }  // namespace sn

@@ -87,6 +87,11 @@ struct LinkMatrix {
   LinkSpec& at(int a, int b) { return links[static_cast<size_t>(a) * n + b]; }
 };
 
+// Devices in the regions REGION_OF (indices into TOPOLOGY's regions), with
+// every link as SCALE emulates it.
+LinkMatrix link_matrix_for(const Topology& topology, const std::vector<int>& region_of,
+                           const EmulationScale& scale = {});
+// Every device slot of TOPOLOGY, region by region, raw links.
 LinkMatrix to_link_matrix(const Topology& topology);
 
 }  // namespace sn
