@@ -271,7 +271,5 @@ class DevChain {
 // Path of the anvil/forge binaries (contracts/node_modules/.bin, else PATH).
 std::filesystem::path foundry_tool(const std::string& name, const std::filesystem::path& contracts_dir);
 std::filesystem::path default_contracts_dir();
-// Reserves a free TCP port on 127.0.0.1 (bind to port 0, read it, close).
-Result<uint16_t> free_port();
 
 }  // namespace sn::chain

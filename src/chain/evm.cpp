@@ -500,23 +500,4 @@ Result<Receipt> Wallet::send(std::optional<Address> to, Wei value, const Bytes& 
   return receipt;
 }
 
-// ------------------------------------------------------------------ ports
-
-Result<uint16_t> free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return make_error("socket: {}", std::strerror(errno));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t length = sizeof addr;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) != 0) {
-    close(fd);
-    return make_error("cannot reserve a port: {}", std::strerror(errno));
-  }
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
 }  // namespace sn::chain

@@ -1,4 +1,5 @@
 // SolverMarket calls, deployment and the local anvil dev chain.
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -6,6 +7,7 @@
 
 #include "chain/chain.h"
 #include "core/fs.h"
+#include "core/process.h"
 
 namespace sn::chain {
 
@@ -329,7 +331,7 @@ Result<Hash256> MarketClient::commit_of(uint64_t job_id, const Address& solver) 
 Result<std::unique_ptr<DevChain>> DevChain::start(const DevChainOptions& options) {
   std::unique_ptr<DevChain> chain(new DevChain());
   uint16_t port = options.port;
-  if (port == 0) { SN_ASSIGN(port, free_port()); }
+  if (port == 0) { SN_ASSIGN(port, free_loopback_port(SOCK_STREAM)); }
   auto contracts_dir = options.deploy.contracts_dir.empty() ? default_contracts_dir() : options.deploy.contracts_dir;
   std::vector<std::string> argv = {foundry_tool("anvil", contracts_dir).string(), "--host", "127.0.0.1",
                                    "--port", std::to_string(port), "--silent"};

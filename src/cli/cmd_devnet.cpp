@@ -1,6 +1,5 @@
 // solvernet devnet: the whole network on this machine — a DHT bootstrap and N
 // node processes on 127.0.0.1 over emulated links — running one job end to end.
-#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -37,22 +36,6 @@ struct DevnetArgs {
   double time_dilation = 0;
 };
 
-int free_port(int type) {
-  int fd = ::socket(AF_INET, type, 0);
-  if (fd < 0) return 0;
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  int port = 0;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0)
-    port = ntohs(addr.sin_port);
-  ::close(fd);
-  return port;
-}
-
 std::string tail_of(const fs::path& log, size_t lines) {
   auto text = read_file(log);
   if (!text.ok()) return "";
@@ -86,8 +69,9 @@ class Devnet {
     if (!::mkdtemp(tmpl)) return make_error("cannot create a temp dir in /tmp");
     dir_ = tmpl;
     std::string self = self_executable().string();
-    dht_port_ = free_port(SOCK_DGRAM);
-    if (dht_port_ == 0) return make_error("no free UDP port for the DHT bootstrap");
+    auto dht_port = free_loopback_port(SOCK_DGRAM);
+    if (!dht_port.ok()) return make_error("no free UDP port for the DHT bootstrap: {}", dht_port.message());
+    dht_port_ = *dht_port;
     SpawnOptions dht_options;
     dht_options.stdout_path = dht_options.stderr_path = dir_ / "dht.log";
     SN_ASSIGN(dht_, ChildProcess::spawn({self, "dht", "--port", std::to_string(dht_port_)}, dht_options));

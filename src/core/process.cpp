@@ -1,9 +1,11 @@
 #include "core/process.h"
 
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -167,6 +169,24 @@ Result<std::string> run_command(const std::vector<std::string>& argv) {
     return make_error("{} exited with status {}: {}", argv[0], status, tail);
   }
   return text;
+}
+
+Result<uint16_t> free_loopback_port(int socket_type) {
+  int fd = ::socket(AF_INET, socket_type, 0);
+  if (fd < 0) return make_error("socket: {}", std::strerror(errno));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t length = sizeof addr;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) != 0) {
+    int err = errno;
+    ::close(fd);
+    return make_error("cannot reserve a port: {}", std::strerror(err));
+  }
+  ::close(fd);
+  return static_cast<uint16_t>(ntohs(addr.sin_port));
 }
 
 std::filesystem::path self_executable() {

@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -50,6 +51,10 @@ class ChildProcess {
 
 // Runs ARGV to completion, capturing stdout+stderr; error if it exits non-zero.
 Result<std::string> run_command(const std::vector<std::string>& argv);
+
+// A port on 127.0.0.1 that is free now (bind to port 0, read it, close), for a
+// child process to listen on; SOCKET_TYPE is SOCK_STREAM (TCP) or SOCK_DGRAM (UDP).
+Result<uint16_t> free_loopback_port(int socket_type);
 
 // Path of the running executable (/proc/self/exe).
 std::filesystem::path self_executable();
