@@ -61,8 +61,15 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
   s["model_hash"] = result.model_hash;
   s["stage_state_hashes"] = result.stage_state_hashes;
   s["member_commitments"] = result.member_commitments;
-  s["compression"] = {{"activations", spec.job.compression.activations},
-                      {"gradients", spec.job.compression.gradients}};
+  s["steady_state"] = {{"first_step", result.first_steady_step + 1},
+                       {"steps", result.steady_steps},
+                       {"bytes_pipeline", result.steady_bytes_pipeline},
+                       {"bytes_data_parallel", result.steady_bytes_data_parallel}};
+  const auto& c = spec.job.compression;
+  s["compression"] = {{"activations", c.activations}, {"forward_bits", c.forward_bits},
+                      {"backward_bits", c.backward_bits}, {"gradients", c.gradients},
+                      {"gradient_bits", c.gradient_bits}, {"random_fraction", c.random_fraction},
+                      {"topk_fraction", c.topk_fraction}};
   return s;
 }
 
@@ -141,6 +148,25 @@ void print_summary_table(const nlohmann::json& s) {
   row("wall time", fmt::format("{:.1f} s (+{:.1f} s setup)", s.value("wall_s", 0.0), s.value("setup_s", 0.0)));
   row("bytes between stages", megabytes(s.value("bytes_pipeline", int64_t{0})));
   row("bytes between replicas", megabytes(s.value("bytes_data_parallel", int64_t{0})));
+  if (s.contains("compression")) {
+    const auto& c = s["compression"];
+    std::string activations = c.value("activations", "none");
+    if (activations == "quant" || activations == "aqsgd")
+      activations += fmt::format(" fw{}/bw{}", c.value("forward_bits", 0), c.value("backward_bits", 0));
+    std::string gradients = c.value("gradients", "none");
+    if (gradients == "cocktail")
+      gradients += fmt::format(" {} bits, {:g} × {:g}", c.value("gradient_bits", 0), c.value("random_fraction", 0.0),
+                               c.value("topk_fraction", 0.0));
+    row("compression", fmt::format("activations {}, gradients {}", activations, gradients));
+  }
+  if (s.contains("steady_state") && s["steady_state"].value("steps", int64_t{0}) > 0) {
+    const auto& st = s["steady_state"];
+    const auto steps = static_cast<double>(st["steps"].get<int64_t>());
+    row("steady state", fmt::format("from step {}: {} between stages, {} between replicas per step",
+                                    st["first_step"].get<int64_t>(),
+                                    megabytes(static_cast<int64_t>(st["bytes_pipeline"].get<double>() / steps)),
+                                    megabytes(static_cast<int64_t>(st["bytes_data_parallel"].get<double>() / steps))));
+  }
   if (s.contains("bytes_by_link_class"))
     for (auto& [cls, bytes] : s["bytes_by_link_class"].items())
       row("bytes on " + cls + " links", megabytes(bytes.get<int64_t>()));

@@ -93,4 +93,83 @@ Result<torch::Tensor> exchange_with(net::JobTransport& transport, int peer,
   return out;
 }
 
+namespace {
+
+solvernet::v1::TensorMessage compressed_message(const std::string& kind, int64_t step, int round,
+                                                int source, compress::CompressedTensor payload) {
+  solvernet::v1::TensorMessage m;
+  m.set_kind(kind);
+  m.set_step(step);
+  m.set_micro(source);
+  m.set_round(round);
+  *m.mutable_compressed() = std::move(payload);
+  return m;
+}
+
+Result<torch::Tensor> decompress_from(const compress::GradientCompressor& compressor,
+                                      const solvernet::v1::TensorMessage& m, const std::string& who) {
+  if (!m.has_compressed())
+    return make_error("{} message from {} carries no compressed gradient", m.kind(), who);
+  auto dense = compressor.decompress(m.compressed());
+  if (!dense.ok()) return make_error("{} message from {}: {}", m.kind(), who, dense.message());
+  return dense;
+}
+
+}  // namespace
+
+Status compressed_allreduce(net::JobTransport& transport, const std::vector<int>& ring,
+                            compress::GradientCompressor& compressor, torch::Tensor buffer,
+                            int64_t step, uint64_t shared_seed, const RingOptions& options) {
+  const int n_ring = static_cast<int>(ring.size());
+  if (n_ring <= 1) return ok_status();
+  if (!buffer.is_contiguous() || buffer.scalar_type() != torch::kFloat32 || buffer.numel() != compressor.numel())
+    return make_error("compressed all-reduce needs a contiguous f32 buffer of {} values", compressor.numel());
+  auto pos_it = std::find(ring.begin(), ring.end(), transport.self());
+  if (pos_it == ring.end()) return make_error("all-reduce: this node is not in the ring");
+  const int pos = static_cast<int>(pos_it - ring.begin());
+  const int next = ring[static_cast<size_t>((pos + 1) % n_ring)];
+  const int prev = ring[static_cast<size_t>((pos + n_ring - 1) % n_ring)];
+
+  std::vector<solvernet::v1::TensorMessage> gathered(static_cast<size_t>(n_ring));
+  SN_ASSIGN(auto own, compressor.compress(buffer, shared_seed));
+  gathered[static_cast<size_t>(pos)] = compressed_message(options.kind, step, 0, pos, std::move(own));
+  // Round r: forward the message of ring position pos − r, receive that of pos − r − 1.
+  for (int r = 0; r < n_ring - 1; ++r) {
+    const int send_source = (pos - r + n_ring) % n_ring;
+    const int recv_source = (pos - r - 1 + n_ring) % n_ring;
+    solvernet::v1::TensorMessage outgoing = gathered[static_cast<size_t>(send_source)];
+    outgoing.set_round(r);
+    SN_TRY(transport.send(next, std::move(outgoing), net::Traffic::kDataParallel));
+    SN_ASSIGN(gathered[static_cast<size_t>(recv_source)],
+              transport.receive({options.kind, step, recv_source, r, 0, prev}, options.timeout));
+  }
+  torch::NoGradGuard no_grad;
+  torch::Tensor sum;
+  for (int source = 0; source < n_ring; ++source) {
+    SN_ASSIGN(auto dense, decompress_from(compressor, gathered[static_cast<size_t>(source)],
+                                          transport.describe(ring[static_cast<size_t>(source)])));
+    if (source == 0)
+      sum = std::move(dense);
+    else
+      sum.add_(dense);
+  }
+  buffer.copy_(sum);
+  return ok_status();
+}
+
+Result<torch::Tensor> compressed_exchange_sum(net::JobTransport& transport, int peer,
+                                              compress::GradientCompressor& compressor,
+                                              const torch::Tensor& buffer, int64_t step,
+                                              uint64_t shared_seed, const std::string& kind,
+                                              std::chrono::milliseconds timeout) {
+  SN_ASSIGN(auto own, compressor.compress(buffer.reshape({-1}), shared_seed));
+  auto outgoing = compressed_message(kind, step, 0, 0, own);
+  SN_TRY(transport.send(peer, outgoing, net::Traffic::kDataParallel));
+  SN_ASSIGN(auto incoming, transport.receive({kind, step, 0, 0, 0, peer}, timeout));
+  SN_ASSIGN(auto sum, decompress_from(compressor, outgoing, "this node"));
+  SN_ASSIGN(auto other, decompress_from(compressor, incoming, transport.describe(peer)));
+  torch::NoGradGuard no_grad;
+  return sum.add_(other).view(buffer.sizes());
+}
+
 }  // namespace sn::train

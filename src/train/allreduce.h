@@ -9,6 +9,7 @@
 #include <chrono>
 #include <vector>
 
+#include "compress/compress.h"
 #include "core/result.h"
 #include "net/transport.h"
 
@@ -29,5 +30,23 @@ Status ring_allreduce(net::JobTransport& transport, const std::vector<int>& ring
 Result<torch::Tensor> exchange_with(net::JobTransport& transport, int peer,
                                     const torch::Tensor& buffer, int64_t step,
                                     const std::string& kind, std::chrono::milliseconds timeout);
+
+// Data-parallel sum through a gradient compressor (error feedback included):
+// every replica compresses its own BUFFER once, the ring all-gathers the D
+// messages (each hop forwards the message it received last round), and every
+// replica decompresses all D — its own too — and adds them in replica order, so
+// all replicas end with bitwise the same sum. BUFFER is overwritten with it.
+// SHARED_SEED must be the same on every replica for this step.
+Status compressed_allreduce(net::JobTransport& transport, const std::vector<int>& ring,
+                            compress::GradientCompressor& compressor, torch::Tensor buffer,
+                            int64_t step, uint64_t shared_seed, const RingOptions& options);
+
+// Sends C(BUFFER) to PEER and returns D(C(BUFFER)) + D(C(PEER's buffer)): both
+// sides compute the same sum bitwise (two-term float addition commutes).
+Result<torch::Tensor> compressed_exchange_sum(net::JobTransport& transport, int peer,
+                                              compress::GradientCompressor& compressor,
+                                              const torch::Tensor& buffer, int64_t step,
+                                              uint64_t shared_seed, const std::string& kind,
+                                              std::chrono::milliseconds timeout);
 
 }  // namespace sn::train

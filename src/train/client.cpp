@@ -221,6 +221,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   TrainResult result;
   result.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started).count();
   result.stage_state_hashes.assign(static_cast<size_t>(stages), "");
+  result.first_steady_step = (dataset.train_samples() + job.train.global_batch - 1) / job.train.global_batch;
   std::vector<std::vector<Hash256>> state_leaves(members.size());
   auto run_started = Clock::now();
 
@@ -247,10 +248,19 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
       if (members[i].replica == 0 && !forward_only)
         result.stage_state_hashes[static_cast<size_t>(members[i].stage)] = replies[i].state_hash();
       for (const auto& sent : replies[i].sent()) {
+        const bool pipeline = sent.traffic() == "pipeline";
         result.bytes_by_class[sent.link_class()] += sent.bytes();
-        (sent.traffic() == "pipeline" ? result.bytes_pipeline : result.bytes_data_parallel) += sent.bytes();
+        (pipeline ? result.bytes_pipeline : result.bytes_data_parallel) += sent.bytes();
+        if (!forward_only && step >= result.first_steady_step)
+          (pipeline ? result.steady_bytes_pipeline : result.steady_bytes_data_parallel) += sent.bytes();
       }
     }
+    // Replicas of a stage must hold bitwise the same weights after every step;
+    // anything else (a compressor or all-reduce that is not order-exact) is a bug.
+    for (size_t i = 0; i < members.size() && !forward_only; ++i)
+      if (replies[i].state_hash() != replies[static_cast<size_t>(members[i].stage * replicas)].state_hash())
+        return make_error("{} diverged from replica 0 of its stage after step {}", member_name(members[i]), step + 1);
+    if (!forward_only && step >= result.first_steady_step) ++result.steady_steps;
     if (loss_count == 0) return make_error("no loss came back from the last stage");
     return loss_sum / static_cast<double>(loss_count);
   };

@@ -169,6 +169,21 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
       SN_ASSIGN(w->backward_out_, compress::make_activation_codec(w->job_.compression, false, buffer("bwd-out")));
     }
   }
+  if (w->job_.compression.gradients != "none") {
+    if (w->replicas_ > 1) {
+      SN_ASSIGN(w->replica_compressor_, compress::make_gradient_compressor(
+                                            w->job_.compression, w->parameter_count(),
+                                            static_cast<uint64_t>(w->replica_)));
+    }
+    // Salted by stage, not replica: every replica of a stage holds the same summed
+    // gradient and residual, so they all send the same message and stay identical.
+    const bool ends = w->stage_ == 0 || w->stage_ == w->stages_ - 1;
+    for (const auto& [name, p] : w->parameters_) {
+      if (w->stages_ == 1 || !ends || name != "wte.weight") continue;
+      SN_ASSIGN(w->tied_compressor_, compress::make_gradient_compressor(
+                                         w->job_.compression, p.numel(), static_cast<uint64_t>(w->stage_)));
+    }
+  }
   if (request.start_step() > 0) SN_TRY(w->load_checkpoint(request.start_step()));
   return w;
 }
@@ -177,6 +192,19 @@ int64_t StageWorker::parameter_count() const {
   int64_t n = 0;
   for (const auto& [name, p] : parameters_) n += p.numel();
   return n;
+}
+
+uint64_t StageWorker::shared_seed(int64_t step, std::string_view purpose, int64_t a, int64_t b) const {
+  Hash256 digest = Hasher()
+                       .update_u64(job_.train.seed)
+                       .update_u64(static_cast<uint64_t>(step))
+                       .update(purpose)
+                       .update_u64(static_cast<uint64_t>(a))
+                       .update_u64(static_cast<uint64_t>(b))
+                       .finish();
+  uint64_t seed = 0;
+  for (int i = 0; i < 8; ++i) seed |= static_cast<uint64_t>(digest[static_cast<size_t>(i)]) << (8 * i);
+  return seed;
 }
 
 std::filesystem::path StageWorker::checkpoint_path() const {
@@ -188,6 +216,8 @@ Status StageWorker::save_checkpoint() {
   SN_TRY(ensure_directory(checkpoint_path().parent_path()));
   NamedTensors all = parameters_;
   for (auto& entry : optimizer_->state()) all.push_back(entry);
+  if (replica_compressor_) all.emplace_back("compress.replica_residual", replica_compressor_->residual());
+  if (tied_compressor_) all.emplace_back("compress.tied_residual", tied_compressor_->residual());
   std::map<std::string, std::string> metadata = {{"job_id", job_id_},
                                                  {"step", std::to_string(steps_done_)},
                                                  {"stage", std::to_string(stage_)},
@@ -206,6 +236,15 @@ Status StageWorker::load_checkpoint(int64_t step) {
     p.copy_(it->second);
   }
   SN_TRY(optimizer_->load_state(tensors));
+  for (auto [name, compressor] : {std::pair{"compress.replica_residual", replica_compressor_.get()},
+                                  std::pair{"compress.tied_residual", tied_compressor_.get()}}) {
+    if (!compressor) continue;
+    auto it = by_name.find(name);
+    if (it == by_name.end())
+      return make_error("{}: lacks the gradient compressor's residual {}", checkpoint_path().string(), name);
+    if (auto status = compressor->set_residual(it->second); !status.ok())
+      return make_error("{}: {}", checkpoint_path().string(), status.message());
+  }
   if (optimizer_->steps_taken() != step)
     return make_error("{}: holds step {}, asked to resume at {}", checkpoint_path().string(),
                       optimizer_->steps_taken(), step);
@@ -253,11 +292,7 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
     message.set_step(step);
     message.set_micro(micro);
     if (codec && !forward_only) {
-      Hash256 digest = Hasher().update_u64(job_.train.seed).update_u64(static_cast<uint64_t>(step))
-                           .update_u64(static_cast<uint64_t>(micro)).update(kind).update_u64(static_cast<uint64_t>(stage_))
-                           .update_u64(static_cast<uint64_t>(replica_)).finish();
-      uint64_t seed = 0;
-      for (int i = 0; i < 8; ++i) seed |= static_cast<uint64_t>(digest[static_cast<size_t>(i)]) << (8 * i);
+      const uint64_t seed = shared_seed(step, kind, micro, stage_ * replicas_ + replica_);
       SN_ASSIGN(*message.mutable_compressed(), codec->encode(tensor.detach().contiguous(), sample_ids(micro), seed));
     } else {
       model::tensor_to_proto(tensor.detach().contiguous(), message.mutable_tensor());
@@ -348,7 +383,13 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
     RingOptions ring_options;
     ring_options.chunk_bytes = job_.parallel.allreduce_chunk_bytes;
     ring_options.timeout = peer_timeout_;
-    SN_TRY(ring_allreduce(*transport_, ring, flat, step, ring_options));
+    if (replica_compressor_) {
+      ring_options.kind = "dpgrad";
+      SN_TRY(compressed_allreduce(*transport_, ring, *replica_compressor_, flat, step,
+                                  shared_seed(step, "replicas", stage_), ring_options));
+    } else {
+      SN_TRY(ring_allreduce(*transport_, ring, flat, step, ring_options));
+    }
     unflatten_gradients(flat, parameters_);
     // The tied embedding lives in the first and the last stage: both add the
     // other's gradient (a + b == b + a bitwise) and so stay identical.
@@ -356,9 +397,15 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
       for (auto& [name, p] : parameters_) {
         if (name != "wte.weight") continue;
         int peer = first ? member(stages_ - 1, replica_) : member(0, replica_);
-        SN_ASSIGN(auto other, exchange_with(*transport_, peer, p.grad(), step, "tied", peer_timeout_));
         torch::NoGradGuard no_grad;
-        p.mutable_grad().add_(other.view(p.sizes()));
+        if (tied_compressor_) {
+          SN_ASSIGN(auto sum, compressed_exchange_sum(*transport_, peer, *tied_compressor_, p.grad(), step,
+                                                      shared_seed(step, "tied"), "tied", peer_timeout_));
+          p.mutable_grad().copy_(sum);
+        } else {
+          SN_ASSIGN(auto other, exchange_with(*transport_, peer, p.grad(), step, "tied", peer_timeout_));
+          p.mutable_grad().add_(other.view(p.sizes()));
+        }
       }
     }
     wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();

@@ -73,6 +73,12 @@ class StageWorker {
   // Activation codecs at this stage's boundaries (none when compression is off):
   // forward to the next stage / from the previous, backward to the previous / from the next.
   std::unique_ptr<compress::ActivationCodec> forward_out_, forward_in_, backward_out_, backward_in_;
+  // Gradient compressors (none when compression.gradients is "none"): the sum
+  // over this stage's replicas, and the tied embedding's sum between the first
+  // and last stage. Their error-feedback residuals are saved in checkpoints.
+  std::unique_ptr<compress::GradientCompressor> replica_compressor_, tied_compressor_;
+  // A seed every member agrees on for (step, purpose), from the job's seed.
+  uint64_t shared_seed(int64_t step, std::string_view purpose, int64_t a = 0, int64_t b = 0) const;
   int64_t steps_done_ = 0;
 };
 
