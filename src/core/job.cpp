@@ -41,6 +41,7 @@ static JobConfig read_job(TomlFile& file) {
 
   TomlTable data = root.table("data");
   job.data.corpus = data.string("corpus", job.data.corpus);
+  job.data.tokenizer_corpus = data.string("tokenizer_corpus", job.data.tokenizer_corpus);
   job.data.cache_dir = data.string("cache_dir", job.data.cache_dir);
   job.data.holdout_fraction = data.number("holdout_fraction", job.data.holdout_fraction, 0.0, 0.5);
   data.reject_unknown_keys();
@@ -112,6 +113,7 @@ Result<JobConfig> parse_job_file(const std::filesystem::path& path) {
       value = (path.parent_path() / value).lexically_normal().string();
   };
   resolve(job.data.corpus);
+  resolve(job.data.tokenizer_corpus);
   if (!job.data.cache_dir.empty()) resolve(job.data.cache_dir);
   return job;
 }
@@ -130,8 +132,8 @@ std::string job_to_toml(const JobConfig& j) {
   out += fmt::format("[model]\nlayers = {}\nd_model = {}\nheads = {}\nd_ff = {}\nvocab = {}\nseq_len = {}\n\n",
                      j.model.layers, j.model.d_model, j.model.heads, j.model.d_ff, j.model.vocab,
                      j.model.seq_len);
-  out += fmt::format("[data]\ncorpus = {}\ncache_dir = {}\nholdout_fraction = {:.17g}\n\n",
-                     q(j.data.corpus), q(j.data.cache_dir), j.data.holdout_fraction);
+  out += fmt::format("[data]\ncorpus = {}\ntokenizer_corpus = {}\ncache_dir = {}\nholdout_fraction = {:.17g}\n\n",
+                     q(j.data.corpus), q(j.data.tokenizer_corpus), q(j.data.cache_dir), j.data.holdout_fraction);
   out += fmt::format("[parallel]\nstages = {}\nreplicas = {}\nmicro_batches = {}\nschedule = {}\nallreduce_chunk_bytes = {}\n\n",
                      j.parallel.stages, j.parallel.replicas, j.parallel.micro_batches,
                      q(j.parallel.schedule), j.parallel.allreduce_chunk_bytes);

@@ -29,6 +29,9 @@ struct ModelConfig {
 struct DataConfig {
   // A text file (relative to the job file), or "fortunes" for the Debian fortunes corpus.
   std::string corpus = "fortunes";
+  // Trains the tokenizer instead of the corpus (same forms). Fine-tuning sets it
+  // to the pre-training corpus, so token ids mean what the model learnt.
+  std::string tokenizer_corpus;             // empty: the corpus itself
   std::string cache_dir;                    // empty: $XDG_CACHE_HOME/solvernet or ~/.cache/solvernet
   double holdout_fraction = 0.05;           // sequences kept out of training for held-out loss
 };

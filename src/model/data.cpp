@@ -99,19 +99,29 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
   if (vocab_size < 4) return input_error("model.vocab must be at least 4, got {}", vocab_size);
   SN_ASSIGN(fs::path corpus, resolve_corpus(data));
   SN_ASSIGN(std::string text, read_file(corpus));
+  fs::path tokenizer_corpus = corpus;
+  std::string tokenizer_text = text;
+  if (!data.tokenizer_corpus.empty()) {
+    DataConfig tokenizer_data = data;
+    tokenizer_data.corpus = data.tokenizer_corpus;
+    SN_ASSIGN(tokenizer_corpus, resolve_corpus(tokenizer_data));
+    SN_ASSIGN(tokenizer_text, read_file(tokenizer_corpus));
+  }
   SN_ASSIGN(fs::path cache, cache_directory(data));
-  std::string key = to_hex(Hasher().update(text).update_u64(static_cast<uint64_t>(vocab_size)).update(kTokenizerVersion).finish()).substr(0, 24);
+  std::string key = to_hex(Hasher().update(tokenizer_text).update_u64(static_cast<uint64_t>(vocab_size)).update(kTokenizerVersion).finish()).substr(0, 24);
+  // The ids depend on the tokenizer and on the text it encodes.
+  std::string ids_key = tokenizer_corpus == corpus ? key : to_hex(Hasher().update(key).update(text).finish()).substr(0, 24);
   TokenizedCorpus out;
   out.vocab_size = vocab_size;
   out.spm_model = cache / ("spm-" + key + ".model");
   out.vocab_file = cache / ("spm-" + key + ".vocab");
-  fs::path ids_file = cache / ("spm-" + key + ".ids");
+  fs::path ids_file = cache / ("spm-" + ids_key + ".ids");
 
   if (!fs::exists(out.spm_model) || !fs::exists(out.vocab_file)) {
     // Train under a private prefix, then rename: a concurrent process either
     // sees no model or a whole one.
     fs::path prefix = cache / ("spm-" + key + ".tmp-" + std::to_string(::getpid()));
-    auto trained = run_command({"spm_train", "--input=" + corpus.string(), "--model_prefix=" + prefix.string(),
+    auto trained = run_command({"spm_train", "--input=" + tokenizer_corpus.string(), "--model_prefix=" + prefix.string(),
                                 "--vocab_size=" + std::to_string(vocab_size), "--model_type=bpe",
                                 "--character_coverage=1.0", "--input_sentence_size=0",
                                 "--shuffle_input_sentence=false", "--num_threads=1", "--minloglevel=1",
@@ -130,9 +140,9 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
         std::string most = bound == std::string::npos ? std::string("?")
                                                       : std::to_string(std::strtol(log.c_str() + bound + 3, nullptr, 10));
         return input_error("corpus {} is too small for a vocabulary of {} pieces (at most {}): lower model.vocab",
-                           corpus.string(), vocab_size, most);
+                           tokenizer_corpus.string(), vocab_size, most);
       }
-      return make_error("spm_train failed on {}: {}", corpus.string(), trained.message());
+      return make_error("spm_train failed on {}: {}", tokenizer_corpus.string(), trained.message());
     }
     // Training is deterministic, so a concurrent preparer renames identical
     // files over these; the model goes last because its presence marks the pair complete.
@@ -146,7 +156,7 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
     std::memcpy(out.tokens.data(), cached->data(), cached->size());
   } else {
     // Ids go to a file of their own: the captured output also holds the tool's log lines.
-    fs::path encoded_file = cache / ("spm-" + key + ".txt.tmp-" + std::to_string(::getpid()));
+    fs::path encoded_file = cache / ("spm-" + ids_key + ".txt.tmp-" + std::to_string(::getpid()));
     auto encoding = run_command({"spm_encode", "--model=" + out.spm_model.string(), "--output_format=id",
                                  "--input=" + corpus.string(), "--output=" + encoded_file.string()});
     auto encoded = encoding.ok() ? read_file(encoded_file) : Result<std::string>(encoding.error());

@@ -112,6 +112,28 @@ TEST_F(DataTest, SecondPreparationReusesTheCache) {
     EXPECT_EQ(entry.path().string().find(".tmp-"), std::string::npos) << entry.path();
 }
 
+TEST_F(DataTest, AnotherCorpusCanBeEncodedWithThisCorpussTokenizer) {
+  auto base = prepare_corpus(config_, 300);
+  ASSERT_TRUE(base.ok()) << base.message();
+  const std::string small = "A lazy dog never forgets the sleeping river.\nEvery programmer dreams of poems.\n";
+  ASSERT_TRUE(write_file_atomic(dir_ / "finetune.txt", small).ok());
+  DataConfig finetune = config_;
+  finetune.corpus = (dir_ / "finetune.txt").string();
+  finetune.tokenizer_corpus = corpus_.string();
+  auto encoded = prepare_corpus(finetune, 300);
+  ASSERT_TRUE(encoded.ok()) << encoded.message();
+  // Same tokenizer files, the small text's own ids.
+  EXPECT_EQ(encoded->spm_model, base->spm_model);
+  auto tokenizer = Tokenizer::load(base->vocab_file);
+  ASSERT_TRUE(tokenizer.ok());
+  EXPECT_EQ(encoded->tokens, tokenizer->encode(small));
+  EXPECT_EQ(tokenizer->decode(encoded->tokens), small);
+  // Without tokenizer_corpus the small text would get a tokenizer of its own (too small for 300).
+  DataConfig own = finetune;
+  own.tokenizer_corpus.clear();
+  EXPECT_FALSE(prepare_corpus(own, 300).ok());
+}
+
 // Run only as a child of ConcurrentProcessesShareTheCache.
 TEST(DataChild, Prepare) {
   const char* corpus = std::getenv("SN_TEST_CHILD_CORPUS");
