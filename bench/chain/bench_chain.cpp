@@ -89,11 +89,14 @@ int main() {
   std::vector<MarketClient> solvers;
   for (int i = 0; i < 16; ++i) solvers.push_back(new_node(*chain, 10 * kEth));
   {
-    for (uint16_t n : {1, 4, 8, 16}) {
+    for (uint16_t n : {1, 2, 4, 8, 16}) {
       std::cerr << "bench_chain: honest job with " << n << " solvers\n";
+      // The submitter referees and there are no verifier seats: the job is two slots.
       JobTerms honest = terms;
       honest.solver_count = n;
       honest.verifier_count = 0;
+      honest.verifier_fee = 0;
+      honest.referee = {};
       honest.price_per_solver = kEth / 100;
       uint64_t id = CHECK_OK(submitter.post_job(honest, &receipt));
       uint64_t post = receipt.gas_used;

@@ -30,26 +30,49 @@ contract SolverMarket {
 
     // ---------------------------------------------------------------- jobs
 
+    /// A job is two storage slots, three with a distinct referee or verifier seats: a
+    /// post writes as few fresh slots as the job needs (each costs 22.1k gas).
     struct Job {
-        // Slot 0: everything commit() reads and writes.
-        uint64 commitDeadline; // last block at which a solver may commit
-        uint64 lastCommitBlock; // the challenge window runs from here
-        uint96 stakePerRole; // locked from each solver and verifier until finalize
+        // Slot 0: everything commit(), accept() and challenge() read and write.
+        uint32 commitDeadline; // last block at which a solver may commit
+        uint32 lastCommitBlock; // the challenge window runs from here
+        uint32 challengeWindow; // blocks after the last commit
+        uint88 stakePerRole; // locked from each solver and verifier until finalize
+        uint8 flags; // FINALIZED | HAS_SLOT_2
         uint16 solverCount;
         uint16 committed; // live commits (a slashed commit is removed)
-        // Slot 1
+        uint16 verifiersAccepted;
+        uint16 openDisputes;
+        // Slot 1: read by finalize.
         address submitter;
-        uint32 challengeWindow; // blocks after the last commit
+        uint96 pricePerSolver;
+        // Slot 2: written (and HAS_SLOT_2 set) only for a referee other than the
+        // submitter, verifier seats or a verifier fee; else zero and never read.
+        address referee; // 0: the submitter
+        uint80 verifierFee;
         uint16 verifierCount;
+    }
+
+    /// getJob's answer: the terms as posted (referee resolved) and the job's progress.
+    struct JobView {
+        address submitter;
+        address referee;
+        uint16 solverCount;
+        uint16 verifierCount;
+        uint96 pricePerSolver;
+        uint80 verifierFee;
+        uint88 stakePerRole;
+        uint32 commitDeadline;
+        uint32 challengeWindow;
+        uint32 lastCommitBlock;
+        uint16 committed;
         uint16 verifiersAccepted;
         uint16 openDisputes;
         bool finalized;
-        // Slot 2
-        address referee;
-        // Slot 3
-        uint128 pricePerSolver;
-        uint128 verifierFee;
     }
+
+    uint8 private constant FINALIZED = 1;
+    uint8 private constant HAS_SLOT_2 = 2;
 
     mapping(uint256 => Job) internal jobs;
     /// A participant's role in a job, one slot so commit() reads one word: 0 = none,
@@ -181,44 +204,44 @@ contract SolverMarket {
     // ---------------------------------------------------------------- jobs
 
     /// Posts a job; msg.value must equal the escrow
-    /// solverCount * pricePerSolver + verifierCount * verifierFee.
+    /// solverCount * pricePerSolver + verifierCount * verifierFee. REFEREE 0 means the
+    /// submitter referees.
     function postJob(
         uint16 solverCount,
         uint16 verifierCount,
-        uint128 pricePerSolver,
-        uint128 verifierFee,
-        uint96 stakePerRole,
+        uint96 pricePerSolver,
+        uint80 verifierFee,
+        uint88 stakePerRole,
         uint32 commitBlocks,
         uint32 challengeWindow,
         address referee,
         bytes32 spec
     ) external payable returns (uint256 jobId) {
         require(solverCount > 0, "solver count must be > 0");
-        require(referee != address(0), "referee is zero");
         require(commitBlocks > 0, "commit blocks must be > 0");
         require(stakePerRole > 0, "stake per role must be > 0");
         require(challengeWindow > 0, "challenge window must be > 0");
         uint256 escrow = uint256(solverCount) * pricePerSolver + uint256(verifierCount) * verifierFee;
         require(msg.value == escrow, "value must equal escrow");
+        uint256 commitDeadline = block.number + commitBlocks;
+        require(commitDeadline + challengeWindow <= type(uint32).max, "deadlines beyond block 2^32");
         jobId = ++jobCount;
-        uint64 commitDeadline = uint64(block.number) + commitBlocks;
-        jobs[jobId] = Job({
-            commitDeadline: commitDeadline,
-            lastCommitBlock: 0,
-            stakePerRole: stakePerRole,
-            solverCount: solverCount,
-            committed: 0,
-            submitter: msg.sender,
-            challengeWindow: challengeWindow,
-            verifierCount: verifierCount,
-            verifiersAccepted: 0,
-            openDisputes: 0,
-            finalized: false,
-            referee: referee,
-            pricePerSolver: pricePerSolver,
-            verifierFee: verifierFee
-        });
-        emit JobPosted(jobId, msg.sender, referee, spec);
+        Job storage job = jobs[jobId];
+        // Field by field, so the optimizer writes each slot once and skips a zero slot 2.
+        job.commitDeadline = uint32(commitDeadline);
+        job.challengeWindow = challengeWindow;
+        job.stakePerRole = stakePerRole;
+        job.solverCount = solverCount;
+        job.submitter = msg.sender;
+        job.pricePerSolver = pricePerSolver;
+        if (referee == msg.sender) referee = address(0);
+        if (referee != address(0) || verifierCount > 0 || verifierFee > 0) {
+            job.referee = referee;
+            job.verifierFee = verifierFee;
+            job.verifierCount = verifierCount;
+            job.flags = HAS_SLOT_2;
+        }
+        emit JobPosted(jobId, msg.sender, referee == address(0) ? msg.sender : referee, spec);
     }
 
     /// A staked node takes a verifier seat, locking stakePerRole until finalize.
@@ -226,7 +249,7 @@ contract SolverMarket {
     function accept(uint256 jobId) external {
         Job storage job = jobs[jobId];
         require(job.solverCount > 0, "no such job");
-        require(block.number <= job.commitDeadline, "job closed for roles");
+        require(block.number <= job.commitDeadline && job.flags & FINALIZED == 0, "job closed for roles");
         require(job.verifiersAccepted < job.verifierCount, "verifier seats full");
         bytes32 role = roleOf[jobId][msg.sender];
         require(role == 0, role == VERIFIER ? "already a verifier" : "a solver cannot verify its own job");
@@ -251,11 +274,11 @@ contract SolverMarket {
         _lockStake(job.stakePerRole);
         roleOf[jobId][msg.sender] = root;
         job.committed += 1;
-        job.lastCommitBlock = uint64(block.number);
+        job.lastCommitBlock = uint32(block.number);
         emit Committed(jobId, msg.sender, root);
     }
 
-    function _lockStake(uint96 amount) private {
+    function _lockStake(uint88 amount) private {
         Account storage account = accounts[msg.sender];
         // Stake exists only on registered nodes and amount > 0, so one read decides.
         if (account.stake < amount) {
@@ -277,7 +300,7 @@ contract SolverMarket {
         require(roleOf[jobId][msg.sender] == VERIFIER, "only a verifier of the job");
         require(uint256(roleOf[jobId][solver]) > 2, "no commit to challenge");
         require(disputeOf[jobId][solver] == 0, "commit already challenged");
-        require(!job.finalized, "job finalized");
+        require(job.flags & FINALIZED == 0, "job finalized");
         require(block.number <= uint256(job.lastCommitBlock) + job.challengeWindow, "challenge window over");
         require(hi > lo, "empty step range");
         require(msg.value >= job.stakePerRole && msg.value > 0, "bond below the job's stake");
@@ -338,7 +361,9 @@ contract SolverMarket {
     function resolve(uint256 disputeId, bool solverWins) external {
         Dispute storage d = disputes[disputeId];
         require(d.turn == Turn.Referee, "dispute not narrowed to one step");
-        require(msg.sender == jobs[d.jobId].referee, "only the job's referee");
+        Job storage job = jobs[d.jobId];
+        address referee = job.referee;
+        require(msg.sender == (referee == address(0) ? job.submitter : referee), "only the job's referee");
         _settle(disputeId, solverWins, false);
     }
 
@@ -388,13 +413,14 @@ contract SolverMarket {
     function finalize(uint256 jobId, address[] calldata solvers, address[] calldata verifiers) external {
         Job storage job = jobs[jobId];
         require(job.solverCount > 0, "no such job");
-        require(!job.finalized, "job already finalized");
+        uint8 flags = job.flags;
+        require(flags & FINALIZED == 0, "job already finalized");
         require(job.openDisputes == 0, "a dispute is open");
         require(job.committed == job.solverCount || block.number > job.commitDeadline, "commit phase not over");
         require(block.number > uint256(job.lastCommitBlock) + job.challengeWindow, "challenge window not over");
         require(solvers.length == job.committed, "solver list must name every live commit");
         require(verifiers.length == job.verifiersAccepted, "verifier list must name every verifier");
-        job.finalized = true;
+        job.flags = flags | FINALIZED;
         uint128 unlock = job.stakePerRole;
         uint128 price = job.pricePerSolver;
         for (uint256 i = 0; i < solvers.length; ++i) {
@@ -405,7 +431,7 @@ contract SolverMarket {
             account.stake += unlock;
             account.withdrawable += price;
         }
-        uint128 fee = job.verifierFee;
+        (uint128 fee, uint256 verifierCount) = flags & HAS_SLOT_2 != 0 ? (uint128(job.verifierFee), uint256(job.verifierCount)) : (0, 0);
         for (uint256 i = 0; i < verifiers.length; ++i) {
             address verifier = verifiers[i];
             require(roleOf[jobId][verifier] == VERIFIER, "not a verifier of the job");
@@ -415,15 +441,29 @@ contract SolverMarket {
             account.withdrawable += fee;
         }
         uint256 refund = uint256(job.solverCount - job.committed) * price
-            + uint256(job.verifierCount - job.verifiersAccepted) * fee;
+            + (verifierCount - job.verifiersAccepted) * fee;
         if (refund > 0) accounts[job.submitter].withdrawable += uint128(refund);
         emit JobFinalized(jobId, solvers.length, verifiers.length, refund);
     }
 
     // ---------------------------------------------------------------- views
 
-    function getJob(uint256 jobId) external view returns (Job memory) {
-        return jobs[jobId];
+    function getJob(uint256 jobId) external view returns (JobView memory v) {
+        Job storage job = jobs[jobId];
+        v.submitter = job.submitter;
+        v.referee = job.referee == address(0) ? job.submitter : job.referee;
+        v.solverCount = job.solverCount;
+        v.verifierCount = job.verifierCount;
+        v.pricePerSolver = job.pricePerSolver;
+        v.verifierFee = job.verifierFee;
+        v.stakePerRole = job.stakePerRole;
+        v.commitDeadline = job.commitDeadline;
+        v.challengeWindow = job.challengeWindow;
+        v.lastCommitBlock = job.lastCommitBlock;
+        v.committed = job.committed;
+        v.verifiersAccepted = job.verifiersAccepted;
+        v.openDisputes = job.openDisputes;
+        v.finalized = job.flags & FINALIZED != 0;
     }
 
     /// The solver's live commit root, or 0 (none, slashed, or paid at finalize).

@@ -13,9 +13,9 @@ contract SolverMarketTest is TestBase {
     address solverB = address(0xA2);
     address verifier = address(0xB1);
     address stranger = address(0xC1);
-    uint96 constant STAKE = 1 ether;
-    uint128 constant PRICE = 2 ether;
-    uint128 constant FEE = 0.5 ether;
+    uint88 constant STAKE = 1 ether;
+    uint96 constant PRICE = 2 ether;
+    uint80 constant FEE = 0.5 ether;
 
     function setUp() public {
         market = new SolverMarket(10, 5);
@@ -127,13 +127,77 @@ contract SolverMarketTest is TestBase {
         market.postJob(1, 0, 0, 0, 0, 20, 10, referee, 0);
         vm.expectRevert(bytes("solver count must be > 0"));
         market.postJob(0, 1, PRICE, FEE, STAKE, 20, 10, referee, 0);
-        vm.expectRevert(bytes("referee is zero"));
-        market.postJob(1, 0, 0, 0, STAKE, 20, 10, address(0), 0);
         vm.expectRevert(bytes("commit blocks must be > 0"));
         market.postJob(1, 0, 0, 0, STAKE, 0, 10, referee, 0);
         vm.expectRevert(bytes("challenge window must be > 0"));
         market.postJob(1, 0, 0, 0, STAKE, 20, 0, referee, 0);
+        vm.roll(type(uint32).max - 25);
+        vm.expectRevert(bytes("deadlines beyond block 2^32"));
+        market.postJob(1, 0, 0, 0, STAKE, 20, 10, referee, 0);
         vm.stopPrank();
+    }
+
+    function testGetJobReturnsTheTermsAndProgress() public {
+        uint256 jobId = _post();
+        vm.prank(solverA);
+        market.commit(jobId, bytes32("rootA"));
+        SolverMarket.JobView memory job = market.getJob(jobId);
+        assertTrue(job.submitter == submitter && job.referee == referee, "parties");
+        assertEq(job.solverCount, 2, "solvers");
+        assertEq(job.verifierCount, 1, "verifiers");
+        assertEq(job.pricePerSolver, PRICE, "price");
+        assertEq(job.verifierFee, FEE, "fee");
+        assertEq(job.stakePerRole, STAKE, "stake");
+        assertEq(job.commitDeadline, block.number + 20, "commit deadline");
+        assertEq(job.challengeWindow, 10, "window");
+        assertEq(job.lastCommitBlock, block.number, "last commit");
+        assertEq(job.committed, 1, "committed");
+        assertTrue(!job.finalized, "not finalized");
+    }
+
+    /// Referee 0 (or the submitter's own address) means the submitter referees: a job
+    /// without verifier seats then stores two slots, and only the submitter may resolve.
+    function testZeroRefereeMeansTheSubmitter() public {
+        vm.prank(submitter);
+        uint256 jobId = market.postJob{value: PRICE}(1, 0, PRICE, 0, STAKE, 20, 10, address(0), 0);
+        assertTrue(market.getJob(jobId).referee == submitter, "submitter referees");
+        vm.prank(submitter);
+        uint256 other = market.postJob{value: PRICE}(1, 0, PRICE, 0, STAKE, 20, 10, submitter, 0);
+        assertTrue(market.getJob(other).referee == submitter, "named as itself");
+        vm.prank(solverA);
+        market.commit(jobId, bytes32("rootA"));
+        // A verifier needs a seat, so the job above cannot be challenged: use one that has.
+        vm.prank(submitter);
+        uint256 seated = market.postJob{value: PRICE + FEE}(1, 1, PRICE, FEE, STAKE, 20, 10, address(0), 0);
+        vm.prank(verifier);
+        market.accept(seated);
+        vm.prank(solverB);
+        market.commit(seated, bytes32("rootB"));
+        vm.prank(verifier);
+        uint256 id = market.challenge{value: STAKE}(seated, solverB, 4, 5);
+        vm.prank(referee);
+        vm.expectRevert(bytes("only the job's referee"));
+        market.resolve(id, true);
+        vm.prank(submitter);
+        market.resolve(id, true);
+        (,, SolverMarket.Turn turn,,,,,,) = market.disputes(id);
+        assertTrue(turn == SolverMarket.Turn.Closed, "closed");
+    }
+
+    function testAcceptAfterAnEarlyFinalizeReverts() public {
+        vm.prank(submitter);
+        uint256 jobId = market.postJob{value: PRICE + FEE}(1, 1, PRICE, FEE, STAKE, 100, 3, referee, 0);
+        vm.prank(solverA);
+        market.commit(jobId, bytes32("rootA"));
+        vm.roll(block.number + 4); // window over, commit deadline not: all solver seats are taken
+        address[] memory solvers = new address[](1);
+        solvers[0] = solverA;
+        market.finalize(jobId, solvers, new address[](0));
+        vm.prank(verifier);
+        vm.expectRevert(bytes("job closed for roles"));
+        market.accept(jobId);
+        assertEq(market.stakeOf(verifier), 10 ether, "no stake locked in a finalized job");
+        assertEq(market.withdrawableOf(submitter), FEE, "the unused verifier seat refunded");
     }
 
     function testCommitAndAcceptReverts() public {

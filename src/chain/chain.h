@@ -159,6 +159,8 @@ struct DeployOptions {
 Result<Deployment> deploy_market(std::shared_ptr<const RpcClient> rpc, const Key& deployer,
                                  const DeployOptions& options = {});
 
+// A job's terms as SolverMarket.postJob takes them. Price < 2^96, fee < 2^80 and
+// stake < 2^88 wei (the contract packs them); post_job refuses larger values.
 struct JobTerms {
   uint16_t solver_count = 1;
   uint16_t verifier_count = 0;
@@ -167,7 +169,7 @@ struct JobTerms {
   Wei stake_per_role = 0;
   uint32_t commit_blocks = 100;
   uint32_t challenge_window_blocks = 5;
-  Address referee{};
+  Address referee{};  // zero: the submitter referees (the cheapest job to post)
   Hash256 spec{};
   Wei escrow() const { return price_per_solver * solver_count + verifier_fee * verifier_count; }
 };

@@ -172,6 +172,12 @@ Result<Receipt> MarketClient::unstake(Wei amount) {
 Result<Receipt> MarketClient::withdraw() { return call_market("withdraw()", {}); }
 
 Result<uint64_t> MarketClient::post_job(const JobTerms& terms, Receipt* receipt_out) {
+  // The contract stores the terms packed (docs/contracts.md); out-of-range values would
+  // revert without a reason, so they are refused here with one.
+  auto fits = [](Wei value, int bits) { return value >> bits == 0; };
+  if (!fits(terms.price_per_solver, 96)) return input_error("postJob: price per solver must be < 2^96 wei");
+  if (!fits(terms.verifier_fee, 80)) return input_error("postJob: verifier fee must be < 2^80 wei");
+  if (!fits(terms.stake_per_role, 88)) return input_error("postJob: stake per role must be < 2^88 wei");
   Bytes args;
   abi::put_uint(args, terms.solver_count);
   abi::put_uint(args, terms.verifier_count);
@@ -183,7 +189,7 @@ Result<uint64_t> MarketClient::post_job(const JobTerms& terms, Receipt* receipt_
   abi::put_address(args, terms.referee);
   abi::put_bytes32(args, terms.spec);
   SN_ASSIGN(Receipt receipt,
-            call_market("postJob(uint16,uint16,uint128,uint128,uint96,uint32,uint32,address,bytes32)", args,
+            call_market("postJob(uint16,uint16,uint96,uint80,uint88,uint32,uint32,address,bytes32)", args,
                         terms.escrow()));
   static const Hash256 topic = keccak256(as_bytes("JobPosted(uint256,address,address,bytes32)"));
   for (const auto& log : receipt.logs) {
