@@ -10,6 +10,7 @@
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -66,8 +67,11 @@ class RpcClient {
  public:
   explicit RpcClient(std::string url, int timeout_ms = 10000);
   // The "result" member, or an error naming the method and the server's message
-  // (including revert data, decoded if it is Error(string)).
-  Result<nlohmann::json> call(const std::string& method, nlohmann::json params) const;
+  // (including revert data, decoded if it is Error(string)). REJECTED, if given, is set
+  // to whether the server answered with an error (true) or could not be reached or
+  // gave no JSON-RPC answer (false: a request may then have been received anyway).
+  Result<nlohmann::json> call(const std::string& method, nlohmann::json params,
+                              bool* rejected = nullptr) const;
   const std::string& url() const { return url_; }
 
   Result<uint64_t> chain_id() const;
@@ -97,11 +101,15 @@ struct Receipt {
 // (a mutex hands them out in order) and across restarts (the first send, and any
 // send after a nonce error, re-reads the chain's pending nonce).
 //
-// With a JOURNAL file (e.g. DATA_DIR/chain.journal) each signed transaction is written
-// there before it is sent and dropped once mined. A process killed mid-send leaves it
-// behind; the next Wallet on that journal re-sends the very same signed transaction
-// (same nonce, same hash) before anything else, so the action is neither lost nor done
-// twice.
+// With a JOURNAL file (e.g. DATA_DIR/chain.journal, format in docs/contracts.md) a
+// signed transaction is written there before it is sent and marked done once mined.
+// A process killed at any point leaves the journal consistent; the next Wallet on it
+// first re-sends the very same signed transactions (same nonce, same hash) in nonce
+// order and waits for them, so a transaction is never lost, never sent twice under two
+// nonces, and leaves no nonce gap. A caller that names an ACTION gets exactly-once:
+// once the journal holds that action (pending or done), send() with the same name
+// returns its receipt instead of sending anew, so a restarted program can simply redo
+// its whole sequence of named actions.
 class Wallet {
  public:
   Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id,
@@ -110,20 +118,30 @@ class Wallet {
   const Address& address() const { return key_.address(); }
   const Key& key() const { return key_; }
   // Estimates gas (a revert comes back as the contract's reason), signs, sends and
-  // waits for the receipt; a mined failure is an error too.
-  Result<Receipt> send(std::optional<Address> to, Wei value, const Bytes& data);
+  // waits for the receipt; a mined failure is an error too. ACTION (with a journal):
+  // see above; its names are the caller's, any string.
+  Result<Receipt> send(std::optional<Address> to, Wei value, const Bytes& data, std::string_view action = {});
   // Re-sends and waits for journaled transactions a killed process left; returns how
   // many there were. send() calls it once by itself.
   Result<size_t> finish_pending();
-  // Test hook: signs and journals a transaction without sending it, as a process
-  // killed just before sending would leave it.
-  Status journal_without_sending(std::optional<Address> to, Wei value, const Bytes& data);
+
+  // Points in a send at which a test may kill the process (SIGKILL from the hook).
+  enum class Step { journaled, sent, mined };
+  using StepHook = std::function<void(Step, std::string_view action)>;
+  void set_step_hook(StepHook hook) { hook_ = std::move(hook); }
 
  private:
-  Result<std::string> send_once(std::optional<Address> to, Wei value, const Bytes& data, bool really_send = true);
-  Result<Receipt> wait_receipt(const std::string& hash);
+  struct Sent {
+    std::string hash, key;  // the transaction and its journal key, when sent
+    std::string error;      // else why not
+    bool rejected = false;  // the node refused it (it will never be mined)
+  };
+  Result<Sent> sign_and_send(std::optional<Address> to, Wei value, const Bytes& data, std::string_view action);
+  Result<nlohmann::json> wait_mined(const std::string& hash);  // the receipt JSON
   Result<size_t> finish_pending_locked();
-  Status journal_update(const std::string& hash, const std::string& raw);  // raw empty: remove
+  Result<nlohmann::json> journal_read() const;
+  Status journal_write(const nlohmann::json& entries) const;
+  Status journal_mark_done(const std::string& key);
   std::filesystem::path journal_;
   bool recovered_ = false;
   std::shared_ptr<const RpcClient> rpc_;
@@ -131,6 +149,7 @@ class Wallet {
   uint64_t chain_id_;
   std::unique_ptr<std::mutex> mutex_ = std::make_unique<std::mutex>();  // movable wallet
   std::optional<uint64_t> next_nonce_;
+  StepHook hook_;
 };
 
 // Where the market lives: written by `chain up` / `chain deploy` as JSON.
@@ -188,14 +207,15 @@ class MarketClient {
   const Deployment& deployment() const { return deployment_; }
   Wallet& wallet() { return wallet_; }
 
-  Result<Receipt> register_node(const Hash256& node_id, Wei stake);
-  Result<Receipt> stake(Wei amount);
+  // ACTION names the call for the journal's exactly-once (see Wallet); empty: none.
+  Result<Receipt> register_node(const Hash256& node_id, Wei stake, std::string_view action = {});
+  Result<Receipt> stake(Wei amount, std::string_view action = {});
   Result<Receipt> unstake(Wei amount);
   Result<Receipt> withdraw();
   // Returns the new job's id (from its JobPosted event).
   Result<uint64_t> post_job(const JobTerms& terms, Receipt* receipt = nullptr);
-  Result<Receipt> accept(uint64_t job_id);
-  Result<Receipt> commit(uint64_t job_id, const Hash256& root);
+  Result<Receipt> accept(uint64_t job_id, std::string_view action = {});
+  Result<Receipt> commit(uint64_t job_id, const Hash256& root, std::string_view action = {});
   Result<uint64_t> challenge(uint64_t job_id, const Address& solver, uint64_t lo, uint64_t hi,
                              Wei bond, Receipt* receipt = nullptr);
   Result<Receipt> claim_midpoint(uint64_t dispute_id, const Hash256& state_hash);
@@ -212,7 +232,8 @@ class MarketClient {
   Result<Hash256> commit_of(uint64_t job_id, const Address& solver) const;
 
  private:
-  Result<Receipt> call_market(std::string_view signature, const Bytes& args, Wei value = 0);
+  Result<Receipt> call_market(std::string_view signature, const Bytes& args, Wei value = 0,
+                              std::string_view action = {});
   Result<Bytes> view(std::string_view signature, const Bytes& args) const;
   std::shared_ptr<const RpcClient> rpc_;
   Deployment deployment_;

@@ -269,7 +269,8 @@ static size_t append_body(char* data, size_t size, size_t count, void* user) {
   return size * count;
 }
 
-Result<nlohmann::json> RpcClient::call(const std::string& method, nlohmann::json params) const {
+Result<nlohmann::json> RpcClient::call(const std::string& method, nlohmann::json params, bool* rejected) const {
+  if (rejected) *rejected = false;
   nlohmann::json request = {{"jsonrpc", "2.0"}, {"id", 1}, {"method", method}, {"params", std::move(params)}};
   std::string payload = request.dump();
   std::string body;
@@ -294,6 +295,7 @@ Result<nlohmann::json> RpcClient::call(const std::string& method, nlohmann::json
   if (answer.is_discarded() || !answer.is_object())
     return make_error("{} to {}: answer is not a JSON-RPC object (HTTP {})", method, url_, status);
   if (auto error = answer.find("error"); error != answer.end() && !error->is_null()) {
+    if (rejected) *rejected = true;
     std::string message = error->is_object() && error->contains("message") && (*error)["message"].is_string()
                               ? (*error)["message"].get<std::string>()
                               : error->dump();
@@ -326,57 +328,6 @@ Result<uint64_t> RpcClient::block_number() const {
 Result<Wei> RpcClient::balance(const Address& address) const {
   SN_ASSIGN(auto json, call("eth_getBalance", {address_hex(address), "latest"}));
   return parse_quantity(json, "balance");
-}
-
-// ------------------------------------------------------------------ wallet
-
-Wallet::Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id, std::filesystem::path journal)
-    : journal_(std::move(journal)), rpc_(std::move(rpc)), key_(std::move(key)), chain_id_(chain_id) {}
-
-// The journal is a JSON object {tx hash: raw signed tx}; callers hold mutex_.
-Status Wallet::journal_update(const std::string& hash, const std::string& raw) {
-  if (journal_.empty()) return ok_status();
-  nlohmann::json entries = nlohmann::json::object();
-  if (std::filesystem::exists(journal_)) {
-    SN_ASSIGN(std::string text, read_file(journal_));
-    entries = nlohmann::json::parse(text, nullptr, false);
-    if (!entries.is_object()) return make_error("{}: journal is not a JSON object", journal_.string());
-  }
-  if (raw.empty()) entries.erase(hash);
-  else entries[hash] = raw;
-  return write_file_atomic(journal_, entries.dump(), 0600);
-}
-
-Result<size_t> Wallet::finish_pending() {
-  std::lock_guard lock(*mutex_);
-  recovered_ = true;
-  return finish_pending_locked();
-}
-
-Result<size_t> Wallet::finish_pending_locked() {
-  if (journal_.empty() || !std::filesystem::exists(journal_)) return size_t{0};
-  SN_ASSIGN(std::string text, read_file(journal_));
-  auto entries = nlohmann::json::parse(text, nullptr, false);
-  if (!entries.is_object()) return make_error("{}: journal is not a JSON object", journal_.string());
-  for (const auto& [hash, raw] : entries.items()) {
-    if (!raw.is_string()) return make_error("{}: journal entry {} is not a string", journal_.string(), hash);
-    // Already mined or already in the pool: both fine, the receipt tells which.
-    auto sent = rpc_->call("eth_sendRawTransaction", {raw});
-    if (!sent.ok()) {
-      auto mined = rpc_->call("eth_getTransactionReceipt", {hash});
-      if (!mined.ok() || mined->is_null())
-        return make_error("re-sending journaled transaction {}: {}", hash, sent.message());
-    }
-    auto receipt = wait_receipt(hash);  // a mined failure still ends the action
-    if (!receipt.ok() && receipt.message().find("not mined") != std::string::npos) return receipt.error();
-    SN_TRY(journal_update(hash, ""));
-  }
-  return static_cast<size_t>(entries.size());
-}
-
-Status Wallet::journal_without_sending(std::optional<Address> to, Wei value, const Bytes& data) {
-  SN_TRY(send_once(to, value, data, /*really_send=*/false));
-  return ok_status();
 }
 
 static Result<Receipt> parse_receipt(const nlohmann::json& json) {
@@ -416,7 +367,105 @@ static Result<Receipt> parse_receipt(const nlohmann::json& json) {
   return receipt;
 }
 
-Result<std::string> Wallet::send_once(std::optional<Address> to, Wei value, const Bytes& data, bool really_send) {
+// ------------------------------------------------------------------ wallet
+
+Wallet::Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id, std::filesystem::path journal)
+    : journal_(std::move(journal)), rpc_(std::move(rpc)), key_(std::move(key)), chain_id_(chain_id) {}
+
+namespace {
+// What nodes (anvil, geth, erigon, reth) answer to a raw transaction they already hold.
+bool already_known(const std::string& message) {
+  for (const char* text : {"already imported", "already known", "known transaction", "AlreadyKnown", "already exists"})
+    if (message.find(text) != std::string::npos) return true;
+  return false;
+}
+
+bool nonce_too_low(const std::string& message) {
+  return message.find("nonce too low") != std::string::npos || message.find("NonceTooLow") != std::string::npos;
+}
+
+std::string journal_key(std::string_view action, const std::string& hash) {
+  return action.empty() ? "tx:" + hash : "action:" + std::string(action);
+}
+}  // namespace
+
+// Journal: a JSON object {key: entry}; key "action:NAME" for a named action, "tx:HASH"
+// otherwise; entry {"nonce", "hash", "raw"} while pending, {"nonce", "hash", "done": true}
+// once mined (named actions only; anonymous ones are dropped). Callers hold mutex_.
+Result<nlohmann::json> Wallet::journal_read() const {
+  if (journal_.empty() || !std::filesystem::exists(journal_)) return nlohmann::json::object();
+  SN_ASSIGN(std::string text, read_file(journal_));
+  auto entries = nlohmann::json::parse(text, nullptr, false);
+  if (!entries.is_object()) return make_error("{}: journal is not a JSON object", journal_.string());
+  for (const auto& [key, entry] : entries.items()) {
+    bool done = entry.is_object() && entry.value("done", false);
+    if (!entry.is_object() || !entry.contains("hash") || !entry["hash"].is_string() || !entry.contains("nonce") ||
+        !entry["nonce"].is_number_unsigned() || (!done && !(entry.contains("raw") && entry["raw"].is_string())))
+      return make_error("{}: journal entry \"{}\" is malformed", journal_.string(), key);
+  }
+  return entries;
+}
+
+Status Wallet::journal_write(const nlohmann::json& entries) const {
+  if (journal_.empty()) return ok_status();
+  return write_file_atomic(journal_, entries.dump(1) + "\n", 0600);
+}
+
+Status Wallet::journal_mark_done(const std::string& key) {
+  if (journal_.empty()) return ok_status();
+  SN_ASSIGN(auto entries, journal_read());
+  if (!entries.contains(key)) return ok_status();
+  if (key.starts_with("tx:")) {
+    entries.erase(key);
+  } else {
+    entries[key].erase("raw");
+    entries[key]["done"] = true;
+  }
+  return journal_write(entries);
+}
+
+Result<size_t> Wallet::finish_pending() {
+  std::lock_guard lock(*mutex_);
+  SN_ASSIGN(size_t finished, finish_pending_locked());
+  recovered_ = true;
+  next_nonce_.reset();
+  return finished;
+}
+
+Result<size_t> Wallet::finish_pending_locked() {
+  SN_ASSIGN(auto entries, journal_read());
+  std::vector<std::pair<uint64_t, std::string>> pending;  // (nonce, key): re-sent in nonce order
+  for (const auto& [key, entry] : entries.items())
+    if (!entry.value("done", false)) pending.emplace_back(entry["nonce"].get<uint64_t>(), key);
+  std::sort(pending.begin(), pending.end());
+  std::vector<std::string> sent_keys;
+  for (const auto& [nonce, key] : pending) {
+    const std::string hash = entries[key]["hash"].get<std::string>();
+    bool rejected = false;
+    auto sent = rpc_->call("eth_sendRawTransaction", {entries[key]["raw"]}, &rejected);
+    if (!sent.ok()) {
+      SN_ASSIGN(auto mined, rpc_->call("eth_getTransactionReceipt", {hash}));
+      if (mined.is_null() && rejected && nonce_too_low(sent.message())) {
+        // Another transaction took this nonce (the key used elsewhere): this one can
+        // never be mined, so its action did not happen; forget it.
+        entries.erase(key);
+        SN_TRY(journal_write(entries));
+        continue;
+      }
+      if (mined.is_null() && !(rejected && already_known(sent.message())))
+        return make_error("re-sending journaled transaction {} (nonce {}): {}", hash, nonce, sent.message());
+    }
+    sent_keys.push_back(key);
+  }
+  for (const auto& key : sent_keys) {
+    SN_TRY(wait_mined(entries[key]["hash"].get<std::string>()));  // a mined failure still ends the action
+    SN_TRY(journal_mark_done(key));
+  }
+  return sent_keys.size();
+}
+
+Result<Wallet::Sent> Wallet::sign_and_send(std::optional<Address> to, Wei value, const Bytes& data,
+                                           std::string_view action) {
   nlohmann::json call = {{"from", address_hex(address())}, {"data", hex0x(data)},
                          {"value", "0x" + fmt::format("{:x}", static_cast<uint64_t>(value >> 64)) +
                                        fmt::format("{:016x}", static_cast<uint64_t>(value))}};
@@ -435,8 +484,9 @@ Result<std::string> Wallet::send_once(std::optional<Address> to, Wei value, cons
     SN_ASSIGN(Wei nonce, parse_quantity(nonce_json, "nonce"));
     next_nonce_ = static_cast<uint64_t>(nonce);
   }
+  const uint64_t nonce = *next_nonce_;
   Bytes to_bytes = to ? Bytes(to->begin(), to->end()) : Bytes{};
-  std::vector<Bytes> fields = {rlp::encode_uint(chain_id_),     rlp::encode_uint(*next_nonce_),
+  std::vector<Bytes> fields = {rlp::encode_uint(chain_id_),     rlp::encode_uint(nonce),
                                rlp::encode_uint(priority_fee),  rlp::encode_uint(max_fee),
                                rlp::encode_uint(gas_limit),     rlp::encode_bytes(to_bytes),
                                rlp::encode_uint(value),         rlp::encode_bytes(data),
@@ -455,49 +505,81 @@ Result<std::string> Wallet::send_once(std::optional<Address> to, Wei value, cons
   Bytes raw{0x02};
   body = rlp::encode_list(fields);
   raw.insert(raw.end(), body.begin(), body.end());
-  std::string hash = hex0x(keccak256(raw));
-  SN_TRY(journal_update(hash, hex0x(raw)));
-  if (!really_send) {
-    ++*next_nonce_;
-    return hash;
+  const std::string hash = hex0x(keccak256(raw));
+  const std::string key = journal_key(action, hash);
+  nlohmann::json entries;
+  if (!journal_.empty()) {
+    SN_ASSIGN(entries, journal_read());
+    entries[key] = {{"nonce", nonce}, {"hash", hash}, {"raw", hex0x(raw)}};
+    SN_TRY(journal_write(entries));
   }
-  auto sent = rpc_->call("eth_sendRawTransaction", {hex0x(raw)});
-  if (!sent.ok()) {
+  if (hook_) hook_(Step::journaled, action);
+  bool rejected = false;
+  auto sent = rpc_->call("eth_sendRawTransaction", {hex0x(raw)}, &rejected);
+  if (!sent.ok() && !(rejected && already_known(sent.message()))) {
     next_nonce_.reset();  // re-read from the chain: another process may have used it
-    SN_TRY(journal_update(hash, ""));  // rejected outright: nothing to finish later
-    return sent.error();
+    if (rejected) {  // refused outright: it will never be mined, nothing to finish later
+      if (!journal_.empty()) {
+        entries.erase(key);
+        SN_TRY(journal_write(entries));
+      }
+      return Sent{.error = sent.message(), .rejected = true};
+    }
+    // No answer: the node may hold it. The journal keeps it; the next send re-sends it first.
+    recovered_ = false;
+    return Sent{.error = fmt::format("sending {}: {}", hash, sent.message())};
   }
   ++*next_nonce_;
-  if (!sent->is_string()) return make_error("RPC answer: transaction hash is not a string");
-  return sent->get<std::string>();
+  if (hook_) hook_(Step::sent, action);
+  return Sent{.hash = hash, .key = key};
 }
 
-Result<Receipt> Wallet::wait_receipt(const std::string& hash) {
+Result<nlohmann::json> Wallet::wait_mined(const std::string& hash) {
   for (int attempt = 0; attempt < 600; ++attempt) {
     SN_ASSIGN(auto json, rpc_->call("eth_getTransactionReceipt", {hash}));
-    if (!json.is_null()) return parse_receipt(json);
+    if (!json.is_null()) return json;
     usleep(attempt < 20 ? 5000 : 50000);
   }
   return make_error("transaction {} not mined after 30 s", hash);
 }
 
-Result<Receipt> Wallet::send(std::optional<Address> to, Wei value, const Bytes& data) {
+Result<Receipt> Wallet::send(std::optional<Address> to, Wei value, const Bytes& data, std::string_view action) {
+  if (!action.empty() && journal_.empty()) return make_error("a named action ('{}') needs a journal", action);
+  std::optional<std::string> known_hash;
   {
-    // Finish what a killed predecessor left before any new nonce is handed out.
     std::lock_guard lock(*mutex_);
-    if (!recovered_) {
+    if (!recovered_) {  // finish what a killed predecessor left before any new nonce is handed out
       SN_TRY(finish_pending_locked());
       recovered_ = true;
       next_nonce_.reset();
     }
+    if (!action.empty()) {
+      SN_ASSIGN(auto entries, journal_read());
+      if (auto it = entries.find(journal_key(action, "")); it != entries.end())
+        known_hash = (*it)["hash"].get<std::string>();
+    }
   }
-  auto hash = send_once(to, value, data);
-  if (!hash.ok() && hash.message().find("nonce") != std::string::npos) hash = send_once(to, value, data);
-  if (!hash.ok()) return hash.error();
-  auto receipt = wait_receipt(*hash);
-  std::lock_guard lock(*mutex_);
-  SN_TRY(journal_update(*hash, ""));
-  return receipt;
+  if (known_hash) {  // done before (or in flight on another thread): its receipt, not a repeat
+    SN_ASSIGN(auto json, wait_mined(*known_hash));
+    return parse_receipt(json);
+  }
+  SN_ASSIGN(Sent sent, sign_and_send(to, value, data, action));
+  if (sent.rejected && sent.error.find("nonce") != std::string::npos) {
+    SN_ASSIGN(sent, sign_and_send(to, value, data, action));
+  }
+  if (!sent.error.empty()) return make_error("{}", sent.error);
+  auto mined = wait_mined(sent.hash);
+  if (!mined.ok()) {
+    std::lock_guard lock(*mutex_);
+    recovered_ = false;  // still journaled: the next send waits for it first
+    return mined.error();
+  }
+  if (hook_) hook_(Step::mined, action);
+  {
+    std::lock_guard lock(*mutex_);
+    SN_TRY(journal_mark_done(sent.key));
+  }
+  return parse_receipt(*mined);
 }
 
 }  // namespace sn::chain

@@ -133,10 +133,11 @@ Result<MarketClient> MarketClient::for_data_dir(std::shared_ptr<const RpcClient>
   return MarketClient(std::move(rpc), std::move(deployment), std::move(key), data_dir / "chain.journal");
 }
 
-Result<Receipt> MarketClient::call_market(std::string_view signature, const Bytes& args, Wei value) {
+Result<Receipt> MarketClient::call_market(std::string_view signature, const Bytes& args, Wei value,
+                                          std::string_view action) {
   Bytes data = abi::selector(signature);
   data.insert(data.end(), args.begin(), args.end());
-  auto receipt = wallet_.send(deployment_.market, value, data);
+  auto receipt = wallet_.send(deployment_.market, value, data, action);
   if (!receipt.ok()) {
     auto name = signature.substr(0, signature.find('('));
     return make_error("{}: {}", name, receipt.message());
@@ -155,13 +156,15 @@ Result<Bytes> MarketClient::view(std::string_view signature, const Bytes& args) 
   return out;
 }
 
-Result<Receipt> MarketClient::register_node(const Hash256& node_id, Wei stake) {
+Result<Receipt> MarketClient::register_node(const Hash256& node_id, Wei stake, std::string_view action) {
   Bytes args;
   abi::put_bytes32(args, node_id);
-  return call_market("register(bytes32)", args, stake);
+  return call_market("register(bytes32)", args, stake, action);
 }
 
-Result<Receipt> MarketClient::stake(Wei amount) { return call_market("stake()", {}, amount); }
+Result<Receipt> MarketClient::stake(Wei amount, std::string_view action) {
+  return call_market("stake()", {}, amount, action);
+}
 
 Result<Receipt> MarketClient::unstake(Wei amount) {
   Bytes args;
@@ -201,17 +204,17 @@ Result<uint64_t> MarketClient::post_job(const JobTerms& terms, Receipt* receipt_
   return make_error("postJob: receipt has no JobPosted event");
 }
 
-Result<Receipt> MarketClient::accept(uint64_t job_id) {
+Result<Receipt> MarketClient::accept(uint64_t job_id, std::string_view action) {
   Bytes args;
   abi::put_uint(args, job_id);
-  return call_market("accept(uint256)", args);
+  return call_market("accept(uint256)", args, 0, action);
 }
 
-Result<Receipt> MarketClient::commit(uint64_t job_id, const Hash256& root) {
+Result<Receipt> MarketClient::commit(uint64_t job_id, const Hash256& root, std::string_view action) {
   Bytes args;
   abi::put_uint(args, job_id);
   abi::put_bytes32(args, root);
-  return call_market("commit(uint256,bytes32)", args);
+  return call_market("commit(uint256,bytes32)", args, 0, action);
 }
 
 Result<uint64_t> MarketClient::challenge(uint64_t job_id, const Address& solver, uint64_t lo, uint64_t hi,

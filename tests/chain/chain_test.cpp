@@ -4,11 +4,16 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <signal.h>
+
+#include <algorithm>
 #include <atomic>
+#include <random>
 #include <thread>
 
 #include "chain/chain.h"
 #include "core/fs.h"
+#include "core/process.h"
 
 using namespace sn;
 using namespace sn::chain;
@@ -224,36 +229,139 @@ TEST_F(ChainTest, DisputeNarrowsAndRefereeSlashes) {
   EXPECT_EQ(*referee.stake_of(solver.address()), 4 * kEth);
 }
 
-// A node killed after signing (journal written) but before or after sending: the
-// restarted node finishes that very transaction and does not repeat it.
-TEST_F(ChainTest, KilledMidSendNeitherLosesNorRepeatsAnAction) {
-  auto dir = std::filesystem::temp_directory_path() / ("sn-chain-journal-" + std::to_string(getpid()));
-  auto first = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
-  ASSERT_TRUE(first.ok()) << first.message();
-  ASSERT_TRUE(chain_->fund(first->address(), 10 * kEth).ok());
-  ASSERT_TRUE(first->register_node(word(10), kEth).ok());
-  Bytes stake_call = chain::abi::selector("stake()");
-  // Killed before sending: the signed stake of 5 wei sits in the journal only.
-  ASSERT_TRUE(first->wallet().journal_without_sending(chain_->deployment().market, 5, stake_call).ok());
-  EXPECT_EQ(*first->stake_of(first->address()), kEth);
-  {
-    auto restarted = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
-    ASSERT_TRUE(restarted.ok());
-    auto finished = restarted->wallet().finish_pending();
-    ASSERT_TRUE(finished.ok()) << finished.message();
-    EXPECT_EQ(*finished, 1u);
-    EXPECT_EQ(*restarted->stake_of(first->address()), kEth + 5);  // not lost
+// Every transaction ADDRESS sent in blocks FROM_BLOCK.., in block order, as
+// "nonce to value input" (lowercase hex).
+static std::vector<std::pair<uint64_t, std::string>> transactions_from(const RpcClient& rpc, const Address& address,
+                                                                       uint64_t from_block) {
+  std::vector<std::pair<uint64_t, std::string>> out;
+  uint64_t latest = *rpc.block_number();
+  for (uint64_t n = from_block; n <= latest; ++n) {
+    auto block = rpc.call("eth_getBlockByNumber", {fmt::format("0x{:x}", n), true});
+    EXPECT_TRUE(block.ok()) << block.message();
+    if (!block.ok()) break;
+    for (const auto& tx : (*block)["transactions"]) {
+      if (tx["from"].get<std::string>() != address_hex(address)) continue;
+      uint64_t nonce = std::stoull(tx["nonce"].get<std::string>(), nullptr, 16);
+      Wei value = std::stoull(tx["value"].get<std::string>(), nullptr, 16);
+      out.emplace_back(nonce, tx["to"].get<std::string>() + " " + wei_to_string(value) + " " +
+                                  tx["input"].get<std::string>());
+    }
   }
-  // Killed after sending: the journal still names a mined transaction; re-sending it is a no-op.
-  auto third = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
-  ASSERT_TRUE(third->wallet().journal_without_sending(chain_->deployment().market, 7, stake_call).ok());
-  auto journal_text = read_file(dir / "chain.journal");
-  ASSERT_TRUE(journal_text.ok());
-  auto entries = nlohmann::json::parse(*journal_text);
-  ASSERT_EQ(entries.size(), 1u);
-  ASSERT_TRUE(chain_->rpc()->call("eth_sendRawTransaction", {entries.begin().value()}).ok());
-  auto fourth = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
-  ASSERT_TRUE(fourth->stake(1).ok());  // finishes the journal first, then a new action
-  EXPECT_EQ(*fourth->stake_of(first->address()), kEth + 5 + 7 + 1);  // 7 applied once
+  return out;
+}
+
+// A real node process (chain_send_helper) sends a sequence of named actions: register,
+// stakes, plain transfers and commits, and is killed with SIGKILL at each of KILL_POINTS
+// (STEP:ACTION) and then RANDOM_KILLS times at random moments, restarted each time on the
+// same data dir, and finally run to the end. Checks on chain that every action happened
+// exactly once, with consecutive nonces and nothing left pending.
+static void kill_and_restart(DevChain& chain, MarketClient& submitter, const std::string& name,
+                             const std::vector<std::string>& kill_points, int random_kills) {
+  auto dir = std::filesystem::temp_directory_path() / ("sn-chain-kill-" + name + "-" + std::to_string(getpid()));
   std::filesystem::remove_all(dir);
+  auto key = Key::load_or_create(dir / "chain.key");
+  ASSERT_TRUE(key.ok()) << key.message();
+  ASSERT_TRUE(chain.fund(key->address(), 10 * kEth).ok());
+  ASSERT_TRUE(chain.deployment().save(dir / "deployment.json").ok());
+  const Address sink = Key::generate().address();
+  constexpr int kActions = 12;  // i % 3: stake, send, commit
+  constexpr Wei kStakePerRole = 500;
+  std::string jobs;
+  std::vector<uint64_t> job_ids;
+  for (int j = 0; j < kActions / 3; ++j) {
+    JobTerms terms;
+    terms.stake_per_role = kStakePerRole;
+    terms.commit_blocks = 100000;
+    auto job = submitter.post_job(terms);
+    ASSERT_TRUE(job.ok()) << job.message();
+    job_ids.push_back(*job);
+    jobs += std::to_string(*job) + ",";
+  }
+  const uint64_t first_block = *chain.rpc()->block_number() + 1;
+
+  auto spawn = [&](const std::string& kill_at) {
+    SpawnOptions options;
+    options.stdout_path = options.stderr_path = dir / "helper.log";
+    return ChildProcess::spawn({CHAIN_SEND_HELPER, (dir / "deployment.json").string(), dir.string(), address_hex(sink),
+                                std::to_string(kActions), jobs, kill_at},
+                               options);
+  };
+  auto run = [&](const std::string& kill_at) {
+    auto child = spawn(kill_at);
+    EXPECT_TRUE(child.ok()) << child.message();
+    return child.ok() ? child->wait_for(std::chrono::seconds(120)).value_or(-1) : -1;
+  };
+  for (const auto& kill_at : kill_points)
+    EXPECT_EQ(run(kill_at), 128 + SIGKILL) << "the helper was to die at " << kill_at;
+  std::mt19937 rng(6);
+  for (int attempt = 0; attempt < random_kills; ++attempt) {
+    auto child = spawn("");
+    ASSERT_TRUE(child.ok()) << child.message();
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::uniform_int_distribution<int>(20, 250)(rng)));
+    child->kill_now();
+  }
+  EXPECT_EQ(run(""), 0) << *read_file(dir / "helper.log");
+  EXPECT_EQ(run(""), 0) << *read_file(dir / "helper.log");  // nothing left to do
+
+  // Exactly the expected transactions, each once, nonces 0.. with no gap.
+  std::vector<std::string> expected;
+  auto market = address_hex(chain.deployment().market);
+  Hash256 node_id{};
+  std::copy(key->address().begin(), key->address().end(), node_id.begin() + 12);
+  Bytes register_call = chain::abi::selector("register(bytes32)");
+  chain::abi::put_bytes32(register_call, node_id);
+  expected.push_back(market + " 1000 " + hex0x(register_call));
+  Wei staked = 1000, sent = 0;
+  for (int i = 0; i < kActions; ++i) {
+    if (i % 3 == 0) {
+      expected.push_back(market + " " + std::to_string(1000 + i) + " " + hex0x(chain::abi::selector("stake()")));
+      staked += 1000 + i;
+    } else if (i % 3 == 1) {
+      expected.push_back(address_hex(sink) + " " + std::to_string(1000 + i) + " 0x");
+      sent += 1000 + i;
+    } else {
+      Bytes commit_call = chain::abi::selector("commit(uint256,bytes32)");
+      chain::abi::put_uint(commit_call, job_ids[i / 3]);
+      Hash256 root{};
+      root.fill(static_cast<uint8_t>(0x10 + i));
+      chain::abi::put_bytes32(commit_call, root);
+      expected.push_back(market + " 0 " + hex0x(commit_call));
+      staked -= kStakePerRole;
+      auto committed = submitter.commit_of(job_ids[i / 3], key->address());
+      ASSERT_TRUE(committed.ok());
+      EXPECT_EQ(*committed, root) << "commit-" << i;
+    }
+  }
+  auto txs = transactions_from(*chain.rpc(), key->address(), first_block);
+  std::vector<std::string> actual;
+  for (size_t n = 0; n < txs.size(); ++n) {
+    EXPECT_EQ(txs[n].first, n) << "nonces are consecutive from 0";
+    actual.push_back(txs[n].second);
+  }
+  auto sorted = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  EXPECT_EQ(sorted(actual), sorted(expected)) << "every action exactly once";
+  auto nonce = [&](const char* tag) {
+    return chain.rpc()->call("eth_getTransactionCount", {address_hex(key->address()), tag})->get<std::string>();
+  };
+  EXPECT_EQ(nonce("latest"), fmt::format("0x{:x}", expected.size()));
+  EXPECT_EQ(nonce("pending"), nonce("latest")) << "nothing left pending";
+  EXPECT_EQ(*submitter.stake_of(key->address()), staked);
+  EXPECT_EQ(*chain.rpc()->balance(sink), sent);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_F(ChainTest, NodeKilledMidSendNeitherLosesNorRepeatsAnAction) {
+  MarketClient submitter = funded_node(0, 0);
+  kill_and_restart(*chain_, submitter, "points",
+                   {"journaled:register", "sent:stake-0", "mined:send-1", "journaled:commit-2", "sent:commit-5",
+                    "mined:stake-6", "sent:send-7", "journaled:send-10", "mined:commit-11"},
+                   0);
+}
+
+TEST_F(ChainTest, NodeKilledAtRandomMomentsNeitherLosesNorRepeatsAnAction) {
+  MarketClient submitter = funded_node(0, 0);
+  kill_and_restart(*chain_, submitter, "random", {}, 8);
 }
