@@ -109,7 +109,7 @@ struct Receipt {
 // nonces, and leaves no nonce gap. A caller that names an ACTION gets exactly-once:
 // once the journal holds that action (pending or done), send() with the same name
 // returns its receipt instead of sending anew, so a restarted program can simply redo
-// its whole sequence of named actions.
+// its whole sequence of named actions. (One name is sent by one thread at a time.)
 class Wallet {
  public:
   Wallet(std::shared_ptr<const RpcClient> rpc, Key key, uint64_t chain_id,
@@ -167,6 +167,11 @@ struct Deployment {
   static Result<Deployment> load(const std::filesystem::path& path);
   Status save(const std::filesystem::path& path) const;
 };
+
+// The market `chain up` deploys on a dev chain at RPC: the first contract anvil's funded
+// account creates (nonce 0), checked to answer as a SolverMarket. For wallet commands
+// given --rpc and no deployment file; other chains need the deployment JSON.
+Result<Deployment> find_dev_deployment(std::shared_ptr<const RpcClient> rpc);
 
 struct DeployOptions {
   uint64_t unbonding_blocks = 20;

@@ -119,6 +119,28 @@ Result<Deployment> deploy_market(std::shared_ptr<const RpcClient> rpc, const Key
   return deployment;
 }
 
+Result<Deployment> find_dev_deployment(std::shared_ptr<const RpcClient> rpc) {
+  const Address deployer = anvil_funded_key().address();
+  Bytes sender(deployer.begin(), deployer.end());
+  Hash256 digest = keccak256(rlp::encode_list({rlp::encode_bytes(sender), rlp::encode_uint(0)}));
+  Deployment deployment;
+  std::copy(digest.begin() + 12, digest.end(), deployment.market.begin());
+  SN_ASSIGN(deployment.chain_id, rpc->chain_id());
+  deployment.rpc_url = rpc->url();
+  auto view = [&](std::string_view signature) -> Result<uint64_t> {
+    SN_ASSIGN(auto json, rpc->call("eth_call", {{{"to", address_hex(deployment.market)},
+                                                  {"data", hex0x(abi::selector(signature))}}, "latest"}));
+    auto out = json.is_string() ? parse_hex0x(json.get<std::string>()) : Result<Bytes>(make_error("not hex"));
+    if (!out.ok() || out->size() != 32)
+      return make_error("no SolverMarket at {} on {} (the first contract of anvil's funded account); pass --deployment",
+                        address_hex(deployment.market), rpc->url());
+    return static_cast<uint64_t>(word_to_uint(*out));
+  };
+  SN_ASSIGN(deployment.unbonding_blocks, view("unbondingBlocks()"));
+  SN_ASSIGN(deployment.turn_blocks, view("turnBlocks()"));
+  return deployment;
+}
+
 // ------------------------------------------------------------------ market
 
 MarketClient::MarketClient(std::shared_ptr<const RpcClient> rpc, Deployment deployment, Key key,

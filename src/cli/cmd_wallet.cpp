@@ -18,8 +18,11 @@ struct WalletArgs {
   bool json = false;
 };
 
-// The deployment (from --deployment) with the RPC URL from --rpc if given.
+// The deployment (from --deployment) with the RPC URL from --rpc if given; with --rpc
+// and no deployment file, the market `chain up` deployed on that dev chain.
 Result<chain::Deployment> load_deployment(const WalletArgs& args) {
+  if (!args.rpc_url.empty() && !std::filesystem::exists(args.deployment_file))
+    return chain::find_dev_deployment(std::make_shared<chain::RpcClient>(args.rpc_url));
   auto deployment = chain::Deployment::load(args.deployment_file);
   if (!deployment.ok())
     return input_error("{} (start a chain with `solvernet chain up` or pass --deployment)", deployment.message());
@@ -182,7 +185,9 @@ CommandRegistration wallet_command(
       app.require_subcommand(1);
       auto common = [&](CLI::App* sub) {
         sub->add_option("--rpc", args->rpc_url, "JSON-RPC URL (default: the deployment's)");
-        sub->add_option("--deployment", args->deployment_file, "Deployment JSON from `chain up`/`chain deploy`")
+        sub->add_option("--deployment", args->deployment_file,
+                        "Deployment JSON from `chain up`/`chain deploy`; if it does not exist and --rpc is given, "
+                        "the market `chain up` deployed on that dev chain")
             ->capture_default_str();
         sub->add_flag("--json", args->json, "Print JSON");
       };

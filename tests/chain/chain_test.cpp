@@ -365,3 +365,74 @@ TEST_F(ChainTest, NodeKilledAtRandomMomentsNeitherLosesNorRepeatsAnAction) {
   MarketClient submitter = funded_node(0, 0);
   kill_and_restart(*chain_, submitter, "random", {}, 8);
 }
+
+// `solvernet chain up` and the `solvernet wallet` commands, run as a user runs them.
+TEST(ChainCli, WalletCommandsAgainstChainUp) {
+  const char* bin_env = std::getenv("SOLVERNET_BIN");
+  if (!bin_env) GTEST_SKIP() << "SOLVERNET_BIN is not set (ctest sets it)";
+  const std::string bin = bin_env;
+  ASSERT_TRUE(std::filesystem::exists(bin)) << "SOLVERNET_BIN " << bin << " does not exist: build target solvernet";
+  auto dir = std::filesystem::temp_directory_path() / ("sn-chain-cli-" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  auto port = free_loopback_port(SOCK_STREAM);
+  ASSERT_TRUE(port.ok());
+  const std::string rpc = fmt::format("http://127.0.0.1:{}", *port);
+  const std::string deployment = (dir / "deployment.json").string();
+  SpawnOptions options;
+  options.stdout_path = options.stderr_path = dir / "chain.log";
+  auto up = ChildProcess::spawn({bin, "chain", "up", "--port", std::to_string(*port), "--deployment", deployment}, options);
+  ASSERT_TRUE(up.ok()) << up.message();
+  for (int i = 0; i < 600 && !Deployment::load(deployment).ok() && up->running(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_TRUE(Deployment::load(deployment).ok()) << *read_file(dir / "chain.log");
+
+  auto wallet = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), {bin, "wallet"});
+    return run_command(args);
+  };
+  auto last_line = [](std::string text) {
+    while (!text.empty() && text.back() == '\n') text.pop_back();
+    return text.substr(text.rfind('\n') == std::string::npos ? 0 : text.rfind('\n') + 1);
+  };
+  const std::string alice_key = (dir / "alice.key").string();
+  auto created = wallet({"new", "--out", alice_key});
+  ASSERT_TRUE(created.ok()) << created.message();
+  auto alice = Key::load(alice_key);
+  ASSERT_TRUE(alice.ok());
+  EXPECT_EQ(last_line(*created), address_hex(alice->address()));
+  EXPECT_FALSE(wallet({"new", "--out", alice_key}).ok()) << "an existing key is never overwritten";
+
+  // --rpc alone finds the market `chain up` deployed.
+  auto funded = wallet({"fund", "--rpc", rpc, "--deployment", (dir / "absent.json").string(), "--to",
+                        address_hex(alice->address()), "--amount", "2eth"});
+  ASSERT_TRUE(funded.ok()) << funded.message();
+  auto staked = wallet({"stake", "--deployment", deployment, "--key", alice_key, "--amount", "1eth"});
+  ASSERT_TRUE(staked.ok()) << staked.message();
+  const std::string bob = address_hex(Key::generate().address());
+  ASSERT_TRUE(wallet({"send", "--deployment", deployment, "--key", alice_key, "--to", bob, "--amount", "12345"}).ok());
+  ASSERT_TRUE(wallet({"unstake", "--deployment", deployment, "--key", alice_key, "--amount", "1000"}).ok());
+  auto too_much = wallet({"unstake", "--deployment", deployment, "--key", alice_key, "--amount", "5eth"});
+  ASSERT_FALSE(too_much.ok());
+  EXPECT_NE(too_much.message().find("amount exceeds free stake"), std::string::npos) << too_much.message();
+
+  auto balance = wallet({"balance", "--deployment", deployment, "--key", alice_key, "--json"});
+  ASSERT_TRUE(balance.ok()) << balance.message();
+  auto json = nlohmann::json::parse(last_line(*balance));
+  EXPECT_EQ(json["address"], address_hex(alice->address()));
+  EXPECT_EQ(json["staked"], "999999999999999000");
+  Wei left = *parse_wei(json["balance"].get<std::string>());
+  EXPECT_LT(left, kEth - 12345);
+  EXPECT_GT(left, kEth - 12345 - kEth / 100) << "only gas beyond the stake and the transfer";
+  auto bob_balance = wallet({"balance", "--rpc", rpc, "--deployment", deployment, "--address", bob, "--json"});
+  ASSERT_TRUE(bob_balance.ok()) << bob_balance.message();
+  EXPECT_EQ(nlohmann::json::parse(last_line(*bob_balance))["balance"], "12345");
+
+  auto history = wallet({"history", "--deployment", deployment, "--key", alice_key, "--json"});
+  ASSERT_TRUE(history.ok()) << history.message();
+  std::vector<std::string> events;
+  for (const auto& entry : nlohmann::json::parse(*history)) events.push_back(entry["event"]);
+  EXPECT_EQ(events, (std::vector<std::string>{"NodeRegistered", "Staked", "UnstakeRequested"}));
+  up->terminate();
+  std::filesystem::remove_all(dir);
+}
