@@ -254,9 +254,12 @@ static std::vector<std::pair<uint64_t, std::string>> transactions_from(const Rpc
 // stakes, plain transfers and commits, and is killed with SIGKILL at each of KILL_POINTS
 // (STEP:ACTION) and then RANDOM_KILLS times at random moments, restarted each time on the
 // same data dir, and finally run to the end. Checks on chain that every action happened
-// exactly once, with consecutive nonces and nothing left pending.
+// exactly once, with consecutive nonces and nothing left pending. With INTERLOPER, after
+// the kill points another program sends 777 wei to the sink from the same key without the
+// journal, taking the nonce of whatever the journal holds unsent.
 static void kill_and_restart(DevChain& chain, MarketClient& submitter, const std::string& name,
-                             const std::vector<std::string>& kill_points, int random_kills) {
+                             const std::vector<std::string>& kill_points, int random_kills,
+                             bool interloper = false) {
   auto dir = std::filesystem::temp_directory_path() / ("sn-chain-kill-" + name + "-" + std::to_string(getpid()));
   std::filesystem::remove_all(dir);
   auto key = Key::load_or_create(dir / "chain.key");
@@ -293,6 +296,11 @@ static void kill_and_restart(DevChain& chain, MarketClient& submitter, const std
   };
   for (const auto& kill_at : kill_points)
     EXPECT_EQ(run(kill_at), 128 + SIGKILL) << "the helper was to die at " << kill_at;
+  if (interloper) {
+    Wallet other(chain.rpc(), *key, chain.deployment().chain_id);
+    auto sent = other.send(sink, 777, {});
+    ASSERT_TRUE(sent.ok()) << sent.message();
+  }
   std::mt19937 rng(6);
   for (int attempt = 0; attempt < random_kills; ++attempt) {
     auto child = spawn("");
@@ -312,6 +320,10 @@ static void kill_and_restart(DevChain& chain, MarketClient& submitter, const std
   chain::abi::put_bytes32(register_call, node_id);
   expected.push_back(market + " 1000 " + hex0x(register_call));
   Wei staked = 1000, sent = 0;
+  if (interloper) {
+    expected.push_back(address_hex(sink) + " 777 0x");
+    sent += 777;
+  }
   for (int i = 0; i < kActions; ++i) {
     if (i % 3 == 0) {
       expected.push_back(market + " " + std::to_string(1000 + i) + " " + hex0x(chain::abi::selector("stake()")));
@@ -359,6 +371,13 @@ TEST_F(ChainTest, NodeKilledMidSendNeitherLosesNorRepeatsAnAction) {
                    {"journaled:register", "sent:stake-0", "mined:send-1", "journaled:commit-2", "sent:commit-5",
                     "mined:stake-6", "sent:send-7", "journaled:send-10", "mined:commit-11"},
                    0);
+}
+
+// Killed with a signed but unsent transaction in its journal whose nonce another program
+// then uses: the restarted node drops the dead transaction and does its action anew.
+TEST_F(ChainTest, JournaledTransactionWhoseNonceWasTakenIsRedoneOnce) {
+  MarketClient submitter = funded_node(0, 0);
+  kill_and_restart(*chain_, submitter, "taken", {"journaled:stake-3"}, 0, /*interloper=*/true);
 }
 
 TEST_F(ChainTest, NodeKilledAtRandomMomentsNeitherLosesNorRepeatsAnAction) {
