@@ -181,6 +181,42 @@ TEST_F(ChainTest, EightThreadsShareOneKeyWithoutNonceErrors) {
   EXPECT_EQ(*node.stake_of(node.address()), kEth + kThreads * kPerThread * 1000);
 }
 
+// The same through a node's journal, half the sends named: each named action once, the
+// journal left holding exactly the named ones, done.
+TEST_F(ChainTest, EightThreadsShareOneJournal) {
+  auto dir = std::filesystem::temp_directory_path() / ("sn-chain-threads-" + std::to_string(getpid()));
+  std::filesystem::remove_all(dir);
+  auto node = MarketClient::for_data_dir(chain_->rpc(), chain_->deployment(), dir);
+  ASSERT_TRUE(node.ok()) << node.message();
+  ASSERT_TRUE(chain_->fund(node->address(), 10 * kEth).ok());
+  ASSERT_TRUE(node->register_node(word(11), kEth).ok());
+  constexpr int kThreads = 8, kPerThread = 4;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        std::string name = i % 2 == 0 ? fmt::format("stake-{}-{}", t, i) : "";
+        auto staked = node->stake(1000, name);
+        EXPECT_TRUE(staked.ok()) << staked.message();
+        if (!name.empty()) {  // asked again: the same receipt, no second stake
+          auto again = node->stake(1000, name);
+          ASSERT_TRUE(again.ok()) << again.message();
+          EXPECT_EQ(again->tx_hash, staked->tx_hash);
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(*node->stake_of(node->address()), kEth + kThreads * kPerThread * 1000);
+  auto journal = nlohmann::json::parse(*read_file(dir / "chain.journal"));
+  EXPECT_EQ(journal.size(), static_cast<size_t>(kThreads * kPerThread / 2));
+  for (const auto& [key, entry] : journal.items()) {
+    EXPECT_TRUE(key.starts_with("action:stake-")) << key;
+    EXPECT_TRUE(entry.value("done", false)) << key;
+  }
+  std::filesystem::remove_all(dir);
+}
+
 TEST_F(ChainTest, RestartedWalletPicksUpTheChainsNonce) {
   Key key = Key::generate();
   ASSERT_TRUE(chain_->fund(key.address(), 10 * kEth).ok());
