@@ -172,11 +172,13 @@ class CocktailGradient final : public GradientCompressor {
     positions.resize(static_cast<size_t>(selected));
     std::sort(positions.begin(), positions.end());
 
-    std::string bitmap(static_cast<size_t>((subset_size + 7) / 8), '\0');
+    // Everything selected: the bitmap would be all ones, so it is left out.
+    const bool with_bitmap = selected < subset_size;
+    std::string bitmap(with_bitmap ? static_cast<size_t>((subset_size + 7) / 8) : 0, '\0');
     std::vector<float> values(positions.size());
     for (size_t j = 0; j < positions.size(); ++j) {
       const int64_t p = positions[j];
-      bitmap[static_cast<size_t>(p / 8)] |= static_cast<char>(1u << (p % 8));
+      if (with_bitmap) bitmap[static_cast<size_t>(p / 8)] |= static_cast<char>(1u << (p % 8));
       values[j] = corrected[static_cast<size_t>(subset[static_cast<size_t>(p)])];
     }
 
@@ -223,19 +225,23 @@ class CocktailGradient final : public GradientCompressor {
     if (static_cast<int64_t>(message.data().size()) != expected)
       return make_error("cocktail: {} of {} values take {} bytes, got {}", selected, subset_size,
                         expected, message.data().size());
-    const auto bitmap = *reader.take((subset_size + 7) / 8);
+    const bool with_bitmap = selected < subset_size;
+    const auto bitmap = *reader.take(with_bitmap ? (subset_size + 7) / 8 : 0);
     std::vector<float> values(selected);
     SN_TRY(dequantize_rows(reader.rest(), kGradientBucket, bits_, values));
 
+    torch::Tensor out = torch::zeros({numel_}, torch::kFloat32);
+    float* dense = out.data_ptr<float>();
+    if (!with_bitmap) {
+      for (uint32_t p = 0; p < subset_size; ++p) dense[subset[p]] = values[p];
+      return out;
+    }
     int64_t marked = 0;
     for (uint8_t byte : bitmap) marked += std::popcount(byte);
     if (marked != selected)
       return make_error("cocktail: bitmap marks {} values, header says {}", marked, selected);
     if (subset_size % 8 != 0 && (bitmap.back() >> (subset_size % 8)) != 0)
       return make_error("cocktail: nonzero padding bits in the bitmap");
-
-    torch::Tensor out = torch::zeros({numel_}, torch::kFloat32);
-    float* dense = out.data_ptr<float>();
     size_t j = 0;
     for (uint32_t p = 0; p < subset_size; ++p)
       if ((bitmap[p / 8] >> (p % 8)) & 1u) dense[subset[p]] = values[j++];
@@ -298,7 +304,8 @@ Result<std::unique_ptr<GradientCompressor>> make_gradient_compressor(
 }
 
 int64_t cocktail_data_bytes(int64_t subset_size, int64_t selected, int bits) {
-  return static_cast<int64_t>(kCocktailHeaderBytes) + (subset_size + 7) / 8 +
+  const int64_t bitmap_bytes = selected < subset_size ? (subset_size + 7) / 8 : 0;
+  return static_cast<int64_t>(kCocktailHeaderBytes) + bitmap_bytes +
          quantized_size_bytes(selected, kGradientBucket, bits);
 }
 

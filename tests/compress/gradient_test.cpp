@@ -154,6 +154,29 @@ TEST_F(GradientTest, BytesMatchTheFormulaAndAreOverTwentyTimesSmaller) {
   EXPECT_EQ(expected_gradient_bytes(config_, kNumel), fp16_data_bytes(kNumel));
 }
 
+TEST_F(GradientTest, SendingTheWholeSubsetLeavesTheBitmapOut) {
+  config_.random_fraction = 0.25;
+  config_.topk_fraction = 1.0;
+  config_.gradient_bits = 2;
+  auto compressor = make();
+  torch::Tensor gradient = torch::randn({kNumel});
+  auto message = compressor->compress(gradient, 9);
+  ASSERT_TRUE(message.ok()) << message.message();
+  const auto [subset, selected] = header(*message);
+  EXPECT_EQ(selected, subset);
+  EXPECT_EQ(static_cast<int64_t>(message->data().size()), 17 + 2 * ((subset + 127) / 128) + (subset * 2 + 7) / 8);
+  EXPECT_EQ(static_cast<int64_t>(message->data().size()), cocktail_data_bytes(subset, selected, 2));
+  auto dense = compressor->decompress(*message);
+  ASSERT_TRUE(dense.ok()) << dense.message();
+  // Only the subset's coordinates arrive; what did not arrive stays in the residual.
+  EXPECT_LE(dense->ne(0).sum().item<int64_t>(), static_cast<int64_t>(subset));
+  EXPECT_TRUE(torch::allclose(*dense + compressor->residual(), gradient, 1e-5, 1e-5));
+  // One byte short is a clean error.
+  auto truncated = *message;
+  truncated.mutable_data()->pop_back();
+  EXPECT_FALSE(compressor->decompress(truncated).ok());
+}
+
 TEST_F(GradientTest, DeterministicAndResumableFromTheResidual) {
   auto first = make(5);
   auto second = make(5);
