@@ -30,7 +30,7 @@ double lower_bound(const LinkMatrix& m, const PlanRequest& r) {
       if (e == d) continue;
       const double alpha = m.at(d, e).latency_ms / 1e3, beta = m.at(d, e).bytes_per_second();
       dp.push_back(2 * (alpha + r.gradient_bytes / (r.replicas * beta)));
-      pp.push_back(2 * (alpha + r.activation_bytes / beta));
+      pp.push_back(alpha + r.pipeline_bytes() / beta);
     }
     std::sort(dp.begin(), dp.end());
     double sum = 0;
@@ -71,6 +71,8 @@ LinkMatrix generated(int devices, int sites, uint64_t seed) {
 nlohmann::json row(const std::string& algo, const Plan& p) {
   return {{"algo", algo},
           {"dtfm_cost_s", p.dtfm_cost_s},
+          {"data_parallel_cost_s", p.data_parallel_cost_s},
+          {"pipeline_cost_s", p.pipeline_cost_s},
           {"predicted_iteration_s", p.predicted_iteration_s},
           {"plan_wall_s", p.plan_wall_s}};
 }

@@ -46,6 +46,8 @@ int run_plan(const PlanArgs& args) {
                           {"compute_s", plan->compute_s},
                           {"pipeline_s", plan->pipeline_s},
                           {"data_parallel_s", plan->data_parallel_s},
+                          {"overhead_s", plan->overhead_s},
+                          {"schedule", request->schedule},
                           {"slowest_link", plan->slowest_link},
                           {"plan_wall_s", plan->plan_wall_s}};
     std::cout << out.dump(2) << std::endl;

@@ -17,12 +17,19 @@ namespace sn::sched {
 struct PlanRequest {
   int stages = 1;                                  // P
   int replicas = 1;                                // D; P·D must be ≤ the device count
-  double activation_bytes = 0;                     // c_pp: one micro-batch's activations between stages
-  double gradient_bytes = 0;                       // c_dp: one stage's gradients
+  double activation_bytes = 0;                     // one micro-batch's activations, stage s → s+1, on the wire
+  double activation_gradient_bytes = -1;           // their gradients, s+1 → s (< 0: same as activation_bytes)
+  double gradient_bytes = 0;                       // c_dp: one stage's gradients, as a dense ring would move them
   double compute_seconds_per_microbatch_stage = 0; // forward+backward of one micro-batch on one stage
+  double step_overhead_s = 0;                      // simulator: fixed cost per iteration (optimizer, sync, ...)
   int micro_batches = 1;                           // per replica per iteration
   std::string schedule = "gpipe";                  // simulator order: "gpipe" or "1f1b"
   int search_trials = 4900;                        // dtfm: GA trials; random: placements tried
+
+  double backward_bytes() const { return activation_gradient_bytes < 0 ? activation_bytes : activation_gradient_bytes; }
+  // c_pp of DT-FM's cost: the mean of the two directions, since the score
+  // counts the pipeline cost twice (forward and backward).
+  double pipeline_bytes() const { return (activation_bytes + backward_bytes()) / 2; }
 };
 
 struct Plan {
@@ -34,6 +41,7 @@ struct Plan {
   double compute_s = 0;                         // simulator: pure compute on the critical path
   double pipeline_s = 0;                        // simulator: pipeline time beyond compute
   double data_parallel_s = 0;                   // simulator: all-reduce after the pipeline
+  double overhead_s = 0;                        // simulator: the request's fixed per-step cost
   std::string slowest_link;                     // "dev a -> dev b (lat ms, Mbps)"
   double plan_wall_s = 0;                       // wall time of the search
 };
@@ -55,9 +63,19 @@ void simulate(const LinkMatrix& links, const PlanRequest& request, Plan& plan);
 Result<Plan> make_plan(const LinkMatrix& links, const PlanRequest& request,
                        const std::string& algo, uint64_t seed);
 
-// A request for the devnet's GPT: fp32 activations (sequences per micro-batch ×
-// seq_len × d_model × 4 bytes), gradients (parameters of one stage × 4 bytes).
+// A request for the devnet's GPT: activations of sequences per micro-batch ×
+// seq_len × d_model elements and the gradients of one stage's parameters, sized
+// as the job's [compression] puts them on the wire (docs/scheduler.md).
 PlanRequest request_from_job(const JobConfig& job, double compute_seconds_per_microbatch_stage);
+
+// Bytes on the wire (docs/compression.md) for NUMEL elements in rows of ROW_LENGTH.
+// activations: per direction; gradients: one replica's message, then the dense
+// ring volume with the same cost (a compressed all-gather moves (D−1)·message
+// per replica, a ring 2(D−1)/D·c, so c = D·message/2; "none" stays 4·numel).
+double activation_wire_bytes(const CompressionConfig& config, bool forward, double numel, double row_length,
+                             double samples);
+double gradient_message_bytes(const CompressionConfig& config, double numel);
+double gradient_ring_equivalent_bytes(const CompressionConfig& config, double numel, int replicas);
 
 // Reads a model spec (docs/scheduler.md): a [model] table and a [workload] table
 // with micro-batch size, element bytes, compression factors and device FLOP/s.

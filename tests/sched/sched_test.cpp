@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -42,12 +43,13 @@ LinkMatrix random_matrix(int n, uint64_t seed) {
 
 // Four devices, 2 stages x 2 replicas, 1 ms everywhere, c_dp = c_pp = 1e9 bytes.
 // Bandwidths (bytes/s): 0-1 and 2-3 at 1e9, 0-2 and 1-3 at 5e8, 0-3 and 1-2 at 1e8.
+// DT-FM's cost: DP = max_d Σ 2(α + c_dp/(D·β)), a stage link α + c_pp/β, score DP + 2·PP.
 // On paper:
 //   groups {0,1},{2,3}: DP = 2(0.001 + 1e9/(2·1e9)) = 1.002; stage link pairs 0-2, 1-3:
-//     2(0.001 + 1e9/5e8) = 4.002; cost = 1.002 + 2·4.002 = 9.006.
+//     0.001 + 1e9/5e8 = 2.001; cost = 1.002 + 2·2.001 = 5.004.
 //   groups {0,2},{1,3}: DP = 2(0.001 + 1e9/(2·5e8)) = 2.002; pairs 0-1, 2-3:
-//     2(0.001 + 1) = 2.002; cost = 2.002 + 2·2.002 = 6.006 (the optimum).
-//   groups {0,3},{1,2}: DP = 2(0.001 + 5) = 10.002; pairs 0-1, 3-2: 2.002; cost 14.006.
+//     0.001 + 1 = 1.001; cost = 2.002 + 2·1.001 = 4.004 (the optimum).
+//   groups {0,3},{1,2}: DP = 2(0.001 + 5) = 10.002; pairs 0-1, 3-2: 1.001; cost 12.004.
 LinkMatrix paper_matrix() {
   LinkMatrix m = uniform_matrix(4, 1, 8000);
   set_link(m, 0, 2, 1, 4000);
@@ -74,15 +76,15 @@ TEST(DtfmCost, FourDevicesAsOnPaper) {
   const PlanRequest r = request(2, 2, 1e9);
   Plan naive = make_plan(m, r, "naive", 1).value();
   EXPECT_NEAR(naive.data_parallel_cost_s, 1.002, 1e-9);
-  EXPECT_NEAR(naive.pipeline_cost_s, 4.002, 1e-9);
-  EXPECT_NEAR(naive.dtfm_cost_s, 9.006, 1e-9);
+  EXPECT_NEAR(naive.pipeline_cost_s, 2.001, 1e-9);
+  EXPECT_NEAR(naive.dtfm_cost_s, 5.004, 1e-9);
   // Replica k of stage 1 is device k's partner on the fast link (0-2, 1-3).
   const std::vector<std::vector<int>> either_order_a{{0, 1}, {2, 3}}, either_order_b{{2, 3}, {0, 1}};
   EXPECT_TRUE(naive.stage_devices == either_order_a || naive.stage_devices == either_order_b);
 
   Plan ours = make_plan(m, r, "ours", 1).value();
-  EXPECT_NEAR(ours.dtfm_cost_s, 6.006, 1e-9);
-  EXPECT_NEAR(evaluate_groups(m, r, {{0, 3}, {1, 2}}).dtfm_cost_s, 10.002 + 2 * 2.002, 1e-9);
+  EXPECT_NEAR(ours.dtfm_cost_s, 4.004, 1e-9);
+  EXPECT_NEAR(evaluate_groups(m, r, {{0, 3}, {1, 2}}).dtfm_cost_s, 10.002 + 2 * 1.001, 1e-9);
 }
 
 // The best DT-FM cost over every placement: each permutation's first P·D devices
@@ -146,6 +148,101 @@ TEST(Simulator, MatchesClosedFormGpipeOnUniformLinks) {
       EXPECT_NEAR(plan.predicted_iteration_s, expected, 1e-9) << stages << " stages, " << micro_batches;
       EXPECT_NEAR(plan.data_parallel_s, 0, 1e-12);
     }
+}
+
+TEST(Simulator, OneFOneBEqualsGpipeWithoutCommunication) {
+  // Equal stages, free links: both orders take (M + P − 1)(f + b).
+  for (int stages : {2, 3, 5})
+    for (int micro_batches : {1, 4, 9}) {
+      const LinkMatrix m = uniform_matrix(stages, 0, 1e12);
+      PlanRequest r = request(stages, 1, 1);
+      r.micro_batches = micro_batches;
+      r.compute_seconds_per_microbatch_stage = 0.9;
+      r.schedule = "1f1b";
+      Plan one = make_plan(m, r, "naive", 1).value();
+      r.schedule = "gpipe";
+      Plan gpipe = make_plan(m, r, "naive", 1).value();
+      const double expected = (micro_batches + stages - 1) * 0.9;
+      EXPECT_NEAR(one.predicted_iteration_s, expected, 1e-6) << stages << " stages, " << micro_batches;
+      EXPECT_NEAR(gpipe.predicted_iteration_s, expected, 1e-6) << stages << " stages, " << micro_batches;
+    }
+}
+
+TEST(Simulator, OneFOneBByHandWithLatency) {
+  // P = 2, M = 3, f = 1, b = 2, every hop 0.5 s of latency (bytes negligible).
+  // 1F1B, stage 0: F0 F1 B0 F2 B1 B2; stage 1: F0 B0 F1 B1 F2 B2.
+  //   s0 F0 [0,1] F1 [1,2]            s1 F0 [1.5,2.5] B0 [2.5,4.5] -> s0 at 5
+  //   s0 B0 [5,7] F2 [7,8] -> s1 8.5  s1 F1 [4.5,5.5] B1 [5.5,7.5] -> s0 at 8
+  //   s0 B1 [8,10]                    s1 F2 [8.5,9.5] B2 [9.5,11.5] -> s0 at 12
+  //   s0 B2 [12,14]: 14 s, where GPipe takes (3 + 1)·3 + 2·0.5 = 13 s.
+  const LinkMatrix m = uniform_matrix(2, 500, 1e12);
+  PlanRequest r = request(2, 1, 1);
+  r.micro_batches = 3;
+  r.compute_seconds_per_microbatch_stage = 3;
+  r.schedule = "1f1b";
+  EXPECT_NEAR(make_plan(m, r, "naive", 1).value().predicted_iteration_s, 14, 1e-6);
+  r.schedule = "gpipe";
+  EXPECT_NEAR(make_plan(m, r, "naive", 1).value().predicted_iteration_s, 13, 1e-6);
+  r.schedule = "interleaved";
+  EXPECT_FALSE(make_plan(m, r, "naive", 1).ok());
+}
+
+JobConfig tiny_job(const std::string& compression) {
+  const std::string text = R"([model]
+layers = 4
+d_model = 64
+heads = 4
+d_ff = 256
+vocab = 512
+seq_len = 64
+
+[parallel]
+stages = 2
+replicas = 4
+micro_batches = 2
+
+[train]
+global_batch = 16
+
+[compression]
+)" + compression;
+  return parse_job_string(text, "job.toml").value();
+}
+
+TEST(RequestFromJob, CountsTheBytesTheCodecsPutOnTheWire) {
+  // 16 sequences / (4 replicas × 2 micro-batches) = 2 per micro-batch:
+  // n = 2 × 64 × 64 = 8192 activations in rows of 64 (docs/compression.md).
+  const JobConfig plain = tiny_job("");
+  const double stage_params = 2.0 * static_cast<double>(plain.model.layer_parameter_count());
+  PlanRequest r = request_from_job(plain, 0.1);
+  EXPECT_DOUBLE_EQ(r.activation_bytes, 4 * 8192.0);
+  EXPECT_DOUBLE_EQ(r.backward_bytes(), 4 * 8192.0);
+  EXPECT_DOUBLE_EQ(r.gradient_bytes, 4 * stage_params);
+
+  r = request_from_job(tiny_job("activations = \"fp16\"\ngradients = \"fp16\"\n"), 0.1);
+  EXPECT_DOUBLE_EQ(r.activation_bytes, 2 * 8192.0);
+  // An all-gather of 2-byte messages: (D − 1)·2n per replica = a ring over D·2n/2.
+  EXPECT_DOUBLE_EQ(r.gradient_bytes, 4 * 2 * stage_params / 2);
+
+  // quant 4 / 8 bits: 1 + 2·ceil(8192/64) + 8192·b/8.
+  r = request_from_job(tiny_job("activations = \"quant\"\nforward_bits = 4\nbackward_bits = 8\n"), 0.1);
+  EXPECT_DOUBLE_EQ(r.activation_bytes, 1 + 256 + 4096);
+  EXPECT_DOUBLE_EQ(r.backward_bytes(), 1 + 256 + 8192);
+  EXPECT_DOUBLE_EQ(r.pipeline_bytes(), (4353.0 + 8449.0) / 2);
+
+  // AQ-SGD in steady state, B = 2 samples of 4096: 1 + 9B + B(2·64 + 4096·4/8); backward quant.
+  r = request_from_job(tiny_job("activations = \"aqsgd\"\nforward_bits = 4\nbackward_bits = 8\n"), 0.1);
+  EXPECT_DOUBLE_EQ(r.activation_bytes, 1 + 18 + 2 * (128 + 2048));
+  EXPECT_DOUBLE_EQ(r.backward_bytes(), 1 + 256 + 8192);
+
+  // CocktailSGD: M = round(0.1·numel) coordinates, K = round(0.2·M) sent at 4 bits:
+  // 17 + ceil(M/8) + 2·ceil(K/128) + ceil(K·4/8); then the ring equivalent D·message/2.
+  r = request_from_job(tiny_job("gradients = \"cocktail\"\nrandom_fraction = 0.1\ntopk_fraction = 0.2\n"
+                                "gradient_bits = 4\n"), 0.1);
+  const double subset = std::round(0.1 * stage_params), kept = std::round(0.2 * subset);
+  const double message = 17 + std::ceil(subset / 8) + 2 * std::ceil(kept / 128) + std::ceil(kept * 4 / 8);
+  EXPECT_DOUBLE_EQ(r.gradient_bytes, 4 * message / 2);
+  EXPECT_LT(r.gradient_bytes, plain.model.layer_parameter_count() * 2 * 4 / 20.0);
 }
 
 TEST(MakePlan, RejectsMoreSlotsThanDevices) {
