@@ -103,9 +103,10 @@ double activation_wire_bytes(const CompressionConfig& config, bool forward, doub
 double gradient_message_bytes(const CompressionConfig& config, double numel) {
   if (config.gradients == "fp16") return 2 * numel;
   if (config.gradients == "cocktail") {
-    const double subset = std::round(config.random_fraction * numel);
-    const double kept = std::clamp(std::round(config.topk_fraction * subset), 1.0, std::max(1.0, subset));
-    return 17 + ceil_div(subset, 8) + quantized_block_bytes(kept, 128, static_cast<double>(config.gradient_bits));
+    const double subset = std::min(numel, std::round(std::min(config.random_fraction, 1.0) * numel));
+    const double kept = subset == 0 ? 0 : std::clamp(std::round(config.topk_fraction * subset), 1.0, subset);
+    const double bitmap = kept < subset ? ceil_div(subset, 8) : 0;  // left out when all of the subset is sent
+    return 17 + bitmap + quantized_block_bytes(kept, 128, static_cast<double>(config.gradient_bits));
   }
   return 4 * numel;
 }

@@ -243,6 +243,11 @@ TEST(RequestFromJob, CountsTheBytesTheCodecsPutOnTheWire) {
   const double message = 17 + std::ceil(subset / 8) + 2 * std::ceil(kept / 128) + std::ceil(kept * 4 / 8);
   EXPECT_DOUBLE_EQ(r.gradient_bytes, 4 * message / 2);
   EXPECT_LT(r.gradient_bytes, plain.model.layer_parameter_count() * 2 * 4 / 20.0);
+
+  // Every value of the subset sent: no bitmap.
+  r = request_from_job(tiny_job("gradients = \"cocktail\"\nrandom_fraction = 0.1\ntopk_fraction = 1\n"
+                                "gradient_bits = 4\n"), 0.1);
+  EXPECT_DOUBLE_EQ(r.gradient_bytes, 4 * (17 + 2 * std::ceil(subset / 128) + std::ceil(subset * 4 / 8)) / 2);
 }
 
 TEST(MakePlan, RejectsMoreSlotsThanDevices) {
