@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
 
 #include "sched/sched.h"
 #include "train/train.h"
@@ -18,6 +19,14 @@ EmulationScale scale_for(const JobConfig& job, double measured_compute_seconds, 
   double gradient_bytes = static_cast<double>(job.model.layer_parameter_count() * ranges.back().second * 4);
   scale.gradient_byte_ratio = gradient_bytes / anchor.gradient_bytes;
   return scale;
+}
+
+// Whether every node listens on the same host (the devnet: all on 127.0.0.1).
+static bool one_host(const std::vector<solvernet::v1::NodeInfo>& nodes) {
+  auto host = [](const std::string& address) { return address.substr(0, address.rfind(':')); };
+  for (const auto& n : nodes)
+    if (host(n.address()) != host(nodes.front().address())) return false;
+  return !nodes.empty();
 }
 
 static net::MemberInfo member_of(const solvernet::v1::NodeInfo& node, int stage, int replica) {
@@ -71,11 +80,34 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
     LinkMatrix links = link_matrix_for(*spec.topology, region_of, placement.scale);
     sched::PlanRequest request = sched::request_from_job(job, compute);
     request.gradient_bytes *= placement.scale.pacing_weight(true);
+    request.tied_bytes *= placement.scale.pacing_weight(true);
+    // Nodes on one host share its cores: with more busy workers than cores each
+    // computes at cores/workers of its own speed (all busy at once: pessimistic
+    // in the pipeline's bubbles). Real deployments give every node its cores.
+    const double workers = static_cast<double>(needed);
+    const double cores = std::max(1u, std::thread::hardware_concurrency());
+    const double host_share = one_host(nodes) ? std::max(1.0, workers / cores) : 1.0;
+    sched::PlanRequest dedicated = request;
+    request.compute_seconds_per_microbatch_stage *= host_share;
     SN_ASSIGN(sched::Plan plan, sched::make_plan(links, request, spec.algo, spec.plan_seed));
     stage_devices = plan.stage_devices;
     placement.algo = spec.algo;
     placement.predicted_iteration_s = plan.predicted_iteration_s;
     placement.dtfm_cost_s = plan.dtfm_cost_s;
+    sched::Plan alone = plan;
+    sched::simulate(links, dedicated, alone);
+    placement.prediction = {{"schedule", request.schedule},
+                            {"compute_per_microbatch_stage_s", compute},
+                            {"host_cpu_share", host_share},
+                            {"compute_s", plan.compute_s},
+                            {"pipeline_s", plan.pipeline_s},
+                            {"data_parallel_s", plan.data_parallel_s},
+                            {"overhead_s", plan.overhead_s},
+                            {"activation_bytes", request.activation_bytes},
+                            {"activation_gradient_bytes", request.backward_bytes()},
+                            {"gradient_bytes", request.gradient_bytes},
+                            {"tied_bytes", request.tied_bytes},
+                            {"predicted_dedicated_cores_s", alone.predicted_iteration_s}};
   } else {
     placement.algo = "naive";
     for (int64_t s = 0; s < job.parallel.stages; ++s) {
@@ -102,6 +134,7 @@ nlohmann::json Placement::to_json() const {
   j["stages"] = stages;
   if (predicted_iteration_s > 0) j["predicted_iteration_s"] = predicted_iteration_s;
   if (dtfm_cost_s > 0) j["dtfm_cost_s"] = dtfm_cost_s;
+  if (!prediction.is_null()) j["prediction"] = prediction;
   return j;
 }
 

@@ -19,6 +19,7 @@ struct Placement {
   EmulationScale scale;
   double predicted_iteration_s = 0;      // from the scheduler's simulator (0: none)
   double dtfm_cost_s = 0;
+  nlohmann::json prediction;             // the simulator's split and its inputs (docs/scheduler.md)
   nlohmann::json to_json() const;
 };
 

@@ -127,9 +127,20 @@ PlanRequest request_from_job(const JobConfig& job, double compute_seconds_per_mi
   const double row = static_cast<double>(job.model.d_model);
   r.activation_bytes = activation_wire_bytes(job.compression, true, elements, row, samples);
   r.activation_gradient_bytes = activation_wire_bytes(job.compression, false, elements, row, samples);
-  const double layers_per_stage = static_cast<double>(job.model.layers) / std::max<int64_t>(1, job.parallel.stages);
-  const double stage_parameters = layers_per_stage * static_cast<double>(job.model.layer_parameter_count());
+  // The all-reduce of the largest stage: the first stage holds its blocks, the
+  // token and position embeddings; the last its blocks, the final norm and the
+  // tied token embedding again (src/model); the largest governs.
+  const double layers_per_stage =
+      std::ceil(static_cast<double>(job.model.layers) / std::max<int64_t>(1, job.parallel.stages));
+  const double embedding = static_cast<double>(job.model.vocab * job.model.d_model);
+  const double stage_parameters = layers_per_stage * static_cast<double>(job.model.layer_parameter_count()) +
+                                  embedding + static_cast<double>(job.model.seq_len * job.model.d_model);
   r.gradient_bytes = gradient_ring_equivalent_bytes(job.compression, stage_parameters, r.replicas);
+  // The GPT ties its token embedding to its head: with P > 1 the first and the
+  // last stage swap that gradient every step, through the gradient codec.
+  if (r.stages > 1)
+    r.tied_bytes = job.compression.gradients == "none" ? 4 * embedding
+                                                      : gradient_message_bytes(job.compression, embedding);
   r.compute_seconds_per_microbatch_stage = compute_seconds_per_microbatch_stage;
   r.search_trials = 100;
   return r;

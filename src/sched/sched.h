@@ -21,6 +21,8 @@ struct PlanRequest {
   double activation_gradient_bytes = -1;           // their gradients, s+1 → s (< 0: same as activation_bytes)
   double gradient_bytes = 0;                       // c_dp: one stage's gradients, as a dense ring would move them
   double compute_seconds_per_microbatch_stage = 0; // forward+backward of one micro-batch on one stage
+  double tied_bytes = 0;                           // simulator: bytes stage 0 and stage P−1 of a replica
+                                                   // exchange after the all-reduce (tied embedding; 0: none)
   double step_overhead_s = 0;                      // simulator: fixed cost per iteration (optimizer, sync, ...)
   int micro_batches = 1;                           // per replica per iteration
   std::string schedule = "gpipe";                  // simulator order: "gpipe" or "1f1b"

@@ -1,5 +1,6 @@
 // The iteration simulator: plays every replica's pipeline op by op (GPipe or
-// 1F1B order), then each stage's ring all-reduce (docs/scheduler.md).
+// 1F1B order), then each stage's ring all-reduce and the tied-embedding
+// exchange between the first and last stage (docs/scheduler.md).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -90,15 +91,24 @@ void simulate(const LinkMatrix& m, const PlanRequest& r, Plan& plan) {
   const double pipeline_end = *std::max_element(stage_done.begin(), stage_done.end());
   // Ring all-reduce per stage over its replicas in replica order: 2(D−1) steps,
   // each moving gradient_bytes/D over the ring's slowest hop.
-  double iteration = pipeline_end;
-  for (int s = 0; s < p; ++s) {
-    if (d < 2) break;
+  std::vector<double> reduced = stage_done;
+  for (int s = 0; s < p && d > 1; ++s) {
     double step = 0;
     for (int k = 0; k < d; ++k)
       step = std::max(step, m.at(plan.stage_devices[s][k], plan.stage_devices[s][(k + 1) % d])
                                 .transfer_seconds(r.gradient_bytes / d));
-    iteration = std::max(iteration, stage_done[s] + 2 * (d - 1) * step);
+    reduced[s] += 2 * (d - 1) * step;
   }
+  double iteration = *std::max_element(reduced.begin(), reduced.end());
+  // A tied embedding: the first and the last stage of each replica swap their
+  // gradients of it once both are reduced (both directions at once).
+  if (p > 1 && r.tied_bytes > 0)
+    for (int k = 0; k < d; ++k) {
+      const int a = plan.stage_devices[0][k], b = plan.stage_devices[p - 1][k];
+      const double both = std::max(reduced[0], reduced[p - 1]);
+      iteration = std::max(iteration, both + std::max(m.at(a, b).transfer_seconds(r.tied_bytes),
+                                                      m.at(b, a).transfer_seconds(r.tied_bytes)));
+    }
   plan.compute_s = (mb + p - 1) * (fwd + bwd);
   plan.pipeline_s = std::max(0.0, pipeline_end - plan.compute_s);
   plan.data_parallel_s = iteration - pipeline_end;

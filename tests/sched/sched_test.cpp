@@ -187,6 +187,23 @@ TEST(Simulator, OneFOneBByHandWithLatency) {
   EXPECT_FALSE(make_plan(m, r, "naive", 1).ok());
 }
 
+TEST(Simulator, TiedEmbeddingSwapAfterTheLastBackward) {
+  // P = 2, one replica, one micro-batch, f = 0.3, b = 0.6, hops 20 ms + 1e6 B at 1e8 B/s:
+  // s0 F [0, 0.3] -> s1 at 0.33, F [0.33, 0.63], B [0.63, 1.23] -> s0 at 1.26, B [1.26, 1.86];
+  // then stages 0 and 1 swap 2e6 bytes of embedding gradient: 0.02 + 0.02 s.
+  const LinkMatrix m = uniform_matrix(2, 20, 800);
+  PlanRequest r = request(2, 1, 1e6);
+  r.micro_batches = 1;
+  r.compute_seconds_per_microbatch_stage = 0.9;
+  EXPECT_NEAR(make_plan(m, r, "naive", 1).value().predicted_iteration_s, 1.86, 1e-9);
+  r.tied_bytes = 2e6;
+  r.step_overhead_s = 0.5;
+  const Plan plan = make_plan(m, r, "naive", 1).value();
+  EXPECT_NEAR(plan.predicted_iteration_s, 1.90 + 0.5, 1e-9);
+  EXPECT_NEAR(plan.data_parallel_s, 0.04, 1e-9);
+  EXPECT_NEAR(plan.overhead_s, 0.5, 1e-12);
+}
+
 JobConfig tiny_job(const std::string& compression) {
   const std::string text = R"([model]
 layers = 4
@@ -213,11 +230,13 @@ TEST(RequestFromJob, CountsTheBytesTheCodecsPutOnTheWire) {
   // 16 sequences / (4 replicas × 2 micro-batches) = 2 per micro-batch:
   // n = 2 × 64 × 64 = 8192 activations in rows of 64 (docs/compression.md).
   const JobConfig plain = tiny_job("");
-  const double stage_params = 2.0 * static_cast<double>(plain.model.layer_parameter_count());
+  // The largest stage's gradients: stage 0's two blocks, token and position embeddings.
+  const double stage_params = 2.0 * static_cast<double>(plain.model.layer_parameter_count()) + 512 * 64 + 64 * 64;
   PlanRequest r = request_from_job(plain, 0.1);
   EXPECT_DOUBLE_EQ(r.activation_bytes, 4 * 8192.0);
   EXPECT_DOUBLE_EQ(r.backward_bytes(), 4 * 8192.0);
   EXPECT_DOUBLE_EQ(r.gradient_bytes, 4 * stage_params);
+  EXPECT_DOUBLE_EQ(r.tied_bytes, 4 * 512 * 64.0);  // the embedding's gradient, vocab × d_model
 
   r = request_from_job(tiny_job("activations = \"fp16\"\ngradients = \"fp16\"\n"), 0.1);
   EXPECT_DOUBLE_EQ(r.activation_bytes, 2 * 8192.0);
