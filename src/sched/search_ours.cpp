@@ -1,8 +1,9 @@
 // Our search: simulated annealing over a P × D grid of devices (row s = stage s's
 // replicas, column k = pipeline k), with O(D) incremental cost per move, from a
-// few constructed and random starts; the best grid is then scored exactly (TSP
-// over group order + bottleneck matchings) and polished by exact swaps when the
-// instance is small. docs/scheduler.md explains why a grid.
+// few constructed and random starts; each result is refined on the ordered cost
+// (exact bottleneck matchings, stage order fixed) by a short annealing and a
+// descent, scored exactly (TSP over group order + matchings), and small
+// instances get a last descent on the exact cost. docs/scheduler.md explains why.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -283,7 +284,7 @@ Annealed anneal(Grid g, const Neighbours& near, int moves, std::mt19937_64& rng)
   constexpr double kTie = 0.2;
   std::uniform_real_distribution<double> unit(0, 1);
   Annealed best{g.cells(), g.cost()};
-  // Start hot enough to accept a typical worsening move half the time.
+  // Start where a typical worsening move is taken one time in ten (e^{−ln 2 / 0.3}).
   double current = g.objective(kTie), worse_sum = 0;
   int worse = 0;
   for (int i = 0; i < 200; ++i) {
