@@ -358,14 +358,17 @@ Dataset::Dataset(std::vector<int32_t> tokens, int64_t seq_len, double holdout_fr
   train_ = total_ - holdout;
 }
 
-std::vector<int64_t> Dataset::epoch_order(int64_t epoch, uint64_t seed) const {
-  std::vector<int64_t> order(static_cast<size_t>(std::max<int64_t>(train_, 0)));
-  for (int64_t i = 0; i < train_; ++i) order[static_cast<size_t>(i)] = i;
-  Hash256 h = Hasher().update("dataset-epoch").update_u64(seed).update_u64(static_cast<uint64_t>(epoch)).finish();
+std::vector<int64_t> Dataset::epoch_order(int64_t epoch, uint64_t seed, int64_t shard, int64_t shards) const {
+  std::vector<int64_t> order;
+  for (int64_t i = shard; i < train_; i += shards) order.push_back(i);
+  Hasher hasher;
+  hasher.update("dataset-epoch").update_u64(seed).update_u64(static_cast<uint64_t>(epoch));
+  if (shards > 1) hasher.update_u64(static_cast<uint64_t>(shard)).update_u64(static_cast<uint64_t>(shards));
+  Hash256 h = hasher.finish();
   uint64_t s = 0;
   for (int i = 0; i < 8; ++i) s |= static_cast<uint64_t>(h[static_cast<size_t>(i)]) << (8 * i);
   std::mt19937_64 rng(s);  // its output sequence is fixed by the standard
-  for (int64_t i = train_ - 1; i > 0; --i) {
+  for (auto i = static_cast<int64_t>(order.size()) - 1; i > 0; --i) {
     // Unbiased bounded draw by rejection (std::uniform_int_distribution is implementation-defined).
     uint64_t bound = static_cast<uint64_t>(i + 1), limit = UINT64_MAX - UINT64_MAX % bound, r;
     do r = rng(); while (r >= limit);
@@ -374,29 +377,40 @@ std::vector<int64_t> Dataset::epoch_order(int64_t epoch, uint64_t seed) const {
   return order;
 }
 
-std::shared_ptr<const std::vector<int64_t>> Dataset::cached_order(int64_t epoch, uint64_t seed) const {
+std::shared_ptr<const std::vector<int64_t>> Dataset::cached_order(int64_t epoch, uint64_t seed, int64_t shard,
+                                                                  int64_t shards) const {
   std::lock_guard<std::mutex> lock(*cache_mutex_);
-  auto key = std::make_pair(epoch, seed);
+  auto key = std::make_tuple(epoch, seed, shard, shards);
   auto it = permutations_.find(key);
   if (it != permutations_.end()) return it->second;
-  if (permutations_.size() > 4) permutations_.clear();
-  auto order = std::make_shared<const std::vector<int64_t>>(epoch_order(epoch, seed));
+  if (permutations_.size() > static_cast<size_t>(4 * shards)) permutations_.clear();
+  auto order = std::make_shared<const std::vector<int64_t>>(epoch_order(epoch, seed, shard, shards));
   permutations_.emplace(key, order);
   return order;
 }
 
-std::vector<int64_t> Dataset::samples_for_step(int64_t step, int64_t global_batch, uint64_t seed) const {
+int64_t Dataset::shard_size(int64_t shard, int64_t shards) const {
+  return shard < train_ ? (train_ - shard + shards - 1) / shards : 0;
+}
+
+std::vector<int64_t> Dataset::samples_for_step(int64_t step, int64_t global_batch, uint64_t seed,
+                                               int64_t shards) const {
   std::vector<int64_t> ids;
-  if (train_ <= 0 || step < 0 || global_batch <= 0) return ids;
-  std::shared_ptr<const std::vector<int64_t>> order;
-  int64_t order_epoch = -1;
-  for (int64_t k = 0; k < global_batch; ++k) {
-    int64_t position = step * global_batch + k;
-    if (position / train_ != order_epoch) {
-      order_epoch = position / train_;
-      order = cached_order(order_epoch, seed);
+  if (train_ <= 0 || step < 0 || global_batch <= 0 || shards < 1 || global_batch % shards != 0) return ids;
+  const int64_t per_shard = global_batch / shards;
+  for (int64_t shard = 0; shard < shards; ++shard) {
+    const int64_t size = shard_size(shard, shards);
+    if (size == 0) return {};
+    std::shared_ptr<const std::vector<int64_t>> order;
+    int64_t order_epoch = -1;
+    for (int64_t k = 0; k < per_shard; ++k) {
+      int64_t position = step * per_shard + k;
+      if (position / size != order_epoch) {
+        order_epoch = position / size;
+        order = cached_order(order_epoch, seed, shard, shards);
+      }
+      ids.push_back((*order)[static_cast<size_t>(position % size)]);
     }
-    ids.push_back((*order)[static_cast<size_t>(position % train_)]);
   }
   return ids;
 }

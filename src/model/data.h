@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -93,12 +94,21 @@ class Dataset {
 
   int64_t train_samples() const { return train_; }
   int64_t holdout_samples() const { return total_ - train_; }
-  // The global batch of STEP: the next GLOBAL_BATCH ids of a sequence of
-  // epochs, each a permutation of the training ids seeded by (SEED, epoch).
-  std::vector<int64_t> samples_for_step(int64_t step, int64_t global_batch, uint64_t seed) const;
-  // The permutation of the training ids for (EPOCH, SEED): Fisher-Yates over
-  // std::mt19937_64 seeded from BLAKE2b(seed, epoch), the same on every platform.
-  std::vector<int64_t> epoch_order(int64_t epoch, uint64_t seed) const;
+  // The global batch of STEP. With one shard: the next GLOBAL_BATCH ids of a
+  // sequence of epochs, each a permutation of the training ids seeded by
+  // (SEED, epoch). With SHARDS > 1 (one per data-parallel replica): shard r
+  // holds the ids ≡ r (mod SHARDS) and runs through its own epochs, and the
+  // batch is GLOBAL_BATCH / SHARDS ids of shard 0, then of shard 1, …, so a
+  // sample always lands on the same replica — which AQ-SGD's per-sample
+  // buffers need to ever find it again. Empty if SHARDS does not divide it.
+  std::vector<int64_t> samples_for_step(int64_t step, int64_t global_batch, uint64_t seed,
+                                        int64_t shards = 1) const;
+  // Training ids in shard SHARD of SHARDS.
+  int64_t shard_size(int64_t shard, int64_t shards) const;
+  // The permutation of a shard's training ids for (EPOCH, SEED): Fisher-Yates
+  // over std::mt19937_64 seeded from BLAKE2b(seed, epoch[, shard, shards]),
+  // the same on every platform.
+  std::vector<int64_t> epoch_order(int64_t epoch, uint64_t seed, int64_t shard = 0, int64_t shards = 1) const;
   // Inputs and targets (shifted by one) [B, seq_len], int64. HOLDOUT picks
   // from the held-out split (ids 0 .. holdout_samples() − 1). An id out of
   // range throws (c10::Error): callers pass ids from samples_for_step.
@@ -109,8 +119,10 @@ class Dataset {
   int64_t seq_len_, total_, train_;
   // Recently used permutations (a step needs one or two epochs').
   std::shared_ptr<std::mutex> cache_mutex_ = std::make_shared<std::mutex>();
-  mutable std::map<std::pair<int64_t, uint64_t>, std::shared_ptr<const std::vector<int64_t>>> permutations_;
-  std::shared_ptr<const std::vector<int64_t>> cached_order(int64_t epoch, uint64_t seed) const;
+  mutable std::map<std::tuple<int64_t, uint64_t, int64_t, int64_t>, std::shared_ptr<const std::vector<int64_t>>>
+      permutations_;
+  std::shared_ptr<const std::vector<int64_t>> cached_order(int64_t epoch, uint64_t seed, int64_t shard,
+                                                           int64_t shards) const;
 };
 
 }  // namespace sn::model

@@ -221,7 +221,9 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   TrainResult result;
   result.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started).count();
   result.stage_state_hashes.assign(static_cast<size_t>(stages), "");
-  result.first_steady_step = (dataset.train_samples() + job.train.global_batch - 1) / job.train.global_batch;
+  // Every replica has passed every sample of its shard once (shard 0 is the largest).
+  const int64_t per_replica = job.train.global_batch / replicas;
+  result.first_steady_step = (dataset.shard_size(0, replicas) + per_replica - 1) / per_replica;
   std::vector<std::vector<Hash256>> state_leaves(members.size());
   auto run_started = Clock::now();
 

@@ -308,6 +308,35 @@ TEST(Dataset, SampleOrderIsSeededPerEpochAndDeterministic) {
             (std::vector<int64_t>{5, 4, 2, 8, 6, 1, 3, 10, 7, 9, 0}));
 }
 
+TEST(Dataset, ShardedOrderKeepsEverySampleOnItsReplica) {
+  Dataset data(counting_tokens(1000), 9, 0.1);  // 90 training samples
+  const int64_t shards = 2, batch = 10;        // 5 per shard a step; shard r holds ids ≡ r (mod 2)
+  EXPECT_EQ(data.shard_size(0, shards), 45);
+  EXPECT_EQ(data.shard_size(1, shards), 45);
+  std::vector<std::vector<int64_t>> epochs(2);
+  for (int64_t step = 0; step < 18; ++step) {
+    auto ids = data.samples_for_step(step, batch, 42, shards);
+    ASSERT_EQ(ids.size(), 10u);
+    for (int64_t k = 0; k < batch; ++k) EXPECT_EQ(ids[static_cast<size_t>(k)] % shards, k / 5) << step;
+    auto& epoch = epochs[static_cast<size_t>(step / 9)];
+    epoch.insert(epoch.end(), ids.begin(), ids.end());
+  }
+  // After 9 steps every sample has passed once; the next 9 pass them again, reshuffled.
+  for (auto& epoch : epochs) {
+    auto sorted = epoch;
+    std::sort(sorted.begin(), sorted.end());
+    std::vector<int64_t> all(90);
+    std::iota(all.begin(), all.end(), 0);
+    EXPECT_EQ(sorted, all);
+  }
+  EXPECT_NE(epochs[0], epochs[1]);
+  EXPECT_EQ(data.epoch_order(0, 42, 1, 2).size(), 45u);
+  // A batch the shards cannot split evenly is refused (empty).
+  EXPECT_TRUE(data.samples_for_step(0, 9, 42, 2).empty());
+  // One shard is the plain order.
+  EXPECT_EQ(data.samples_for_step(2, batch, 42, 1), data.samples_for_step(2, batch, 42));
+}
+
 TEST(Dataset, ConcurrentCallsAgree) {
   Dataset data(counting_tokens(5000), 9, 0.05);
   std::vector<std::vector<int64_t>> seen(4);

@@ -53,9 +53,10 @@ void on_every_member(size_t members, Body body) {
   for (auto& t : threads) t.join();
 }
 
+// Its own generator: the members run on threads at once, and the global one is shared.
 torch::Tensor replica_gradient(size_t replica, int64_t step, int64_t numel) {
-  torch::manual_seed(static_cast<uint64_t>(1000 * step + static_cast<int64_t>(replica)));
-  return torch::randn({numel}) * (1.0 + static_cast<double>(replica));
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(1000 * step + static_cast<int64_t>(replica)));
+  return torch::randn({numel}, generator) * (1.0 + static_cast<double>(replica));
 }
 
 }  // namespace
