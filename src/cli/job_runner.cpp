@@ -61,6 +61,12 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
   s["model_hash"] = result.model_hash;
   s["stage_state_hashes"] = result.stage_state_hashes;
   s["member_commitments"] = result.member_commitments;
+  if (!result.losses.empty()) {
+    const auto steps = static_cast<double>(result.losses.size());
+    s["timing"] = {{"step_s", result.step_seconds_total / steps},
+                   {"node_compute_s", result.node_compute_seconds_total / steps},
+                   {"node_wait_s", result.node_wait_seconds_total / steps}};
+  }
   s["steady_state"] = {{"first_step", result.first_steady_step + 1},
                        {"steps", result.steady_steps},
                        {"bytes_pipeline", result.steady_bytes_pipeline},

@@ -1,6 +1,7 @@
 #include "model/gpt.h"
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 
 #include <cmath>
 #include <mutex>
@@ -13,6 +14,16 @@ void init_torch_single_thread() {
   static std::once_flag once;
   std::call_once(once, [] {
     at::set_num_threads(1);
+    // OpenBLAS reads OPENBLAS_NUM_THREADS when it is loaded, before main, so
+    // setting the variable now is too late; its own call still works. Its
+    // idle threads spin, and several node processes on two cores then run
+    // about half as fast. Looked up at run time: the BLAS behind LibTorch is
+    // chosen by Debian's alternatives and need not be OpenBLAS.
+    for (const char* name : {"openblas_set_num_threads", "goto_set_num_threads"})
+      if (void* symbol = ::dlsym(RTLD_DEFAULT, name)) {
+        reinterpret_cast<void (*)(int)>(symbol)(1);
+        break;
+      }
     try {
       at::set_num_interop_threads(1);
     } catch (const std::exception&) {

@@ -263,6 +263,11 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
       if (replies[i].state_hash() != replies[static_cast<size_t>(members[i].stage * replicas)].state_hash())
         return make_error("{} diverged from replica 0 of its stage after step {}", member_name(members[i]), step + 1);
     if (!forward_only && step >= result.first_steady_step) ++result.steady_steps;
+    if (!forward_only)
+      for (const auto& reply : replies) {
+        result.node_compute_seconds_total += reply.compute_seconds() / static_cast<double>(members.size());
+        result.node_wait_seconds_total += reply.wait_seconds() / static_cast<double>(members.size());
+      }
     if (loss_count == 0) return make_error("no loss came back from the last stage");
     return loss_sum / static_cast<double>(loss_count);
   };
@@ -279,6 +284,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
       return loss.error();
     }
     result.losses.push_back(*loss);
+    result.step_seconds_total += std::chrono::duration<double>(Clock::now() - step_started).count();
     if (options.progress) {
       StepReport report;
       report.step = step + 1;

@@ -66,6 +66,12 @@ struct TrainResult {
   int64_t steady_steps = 0;
   int64_t steady_bytes_pipeline = 0;
   int64_t steady_bytes_data_parallel = 0;
+  // Where a training step's time goes, summed over steps: the client's wall
+  // time per step, and the nodes' own accounts (mean over members) of time
+  // spent computing and waiting for peers inside RunStep.
+  double step_seconds_total = 0;
+  double node_compute_seconds_total = 0;
+  double node_wait_seconds_total = 0;
   std::filesystem::path model_path;
   std::string model_hash;              // hex BLAKE2b of the saved weights file
   std::vector<std::string> stage_state_hashes;  // per stage, after the last step
