@@ -25,26 +25,14 @@
 #include "core/fs.h"
 #include "core/hash.h"
 #include "core/process.h"
+#include "../common/run_json.h"
 
 namespace fs = std::filesystem;
 using namespace sn;
+using sn::bench::run_json;
 
 namespace {
 
-Result<nlohmann::json> run_json(const std::vector<std::string>& argv, const fs::path& out) {
-  SpawnOptions options;
-  options.stdout_path = out;
-  fs::remove(out);
-  SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
-  const int status = child.wait();
-  SN_ASSIGN(std::string text, read_file(out));
-  if (status != 0) return make_error("{} {} exited with {}", argv[0], argv[1], status);
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const std::exception& e) {
-    return make_error("{} {} printed no JSON: {}", argv[0], argv[1], e.what());
-  }
-}
 
 fs::path cache_dir() {
   if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return fs::path(xdg) / "solvernet" / "bench";

@@ -10,24 +10,12 @@
 
 #include "core/fs.h"
 #include "core/process.h"
+#include "../common/run_json.h"
 
 namespace fs = std::filesystem;
 using namespace sn;
+using sn::bench::run_json;
 
-static Result<nlohmann::json> run_json(const std::vector<std::string>& argv, const fs::path& out) {
-  SpawnOptions options;
-  options.stdout_path = out;
-  fs::remove(out);
-  SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
-  int status = child.wait();
-  SN_ASSIGN(std::string text, read_file(out));
-  if (status != 0) return make_error("{} {} exited with {}", argv[0], argv[1], status);
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const std::exception& e) {
-    return make_error("{} {} printed no JSON: {}", argv[0], argv[1], e.what());
-  }
-}
 
 int main(int argc, char** argv) {
   const std::string steps = argc > 1 ? argv[1] : "40";
