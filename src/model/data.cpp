@@ -393,24 +393,21 @@ int64_t Dataset::shard_size(int64_t shard, int64_t shards) const {
   return shard < train_ ? (train_ - shard + shards - 1) / shards : 0;
 }
 
+int64_t Dataset::steps_per_epoch(int64_t global_batch, int64_t shards) const {
+  if (train_ <= 0 || global_batch <= 0 || shards < 1 || global_batch % shards != 0) return 0;
+  return shard_size(shards - 1, shards) / (global_batch / shards);  // the last shard is the smallest
+}
+
 std::vector<int64_t> Dataset::samples_for_step(int64_t step, int64_t global_batch, uint64_t seed,
                                                int64_t shards) const {
   std::vector<int64_t> ids;
-  if (train_ <= 0 || step < 0 || global_batch <= 0 || shards < 1 || global_batch % shards != 0) return ids;
+  const int64_t steps = steps_per_epoch(global_batch, shards);
+  if (steps == 0 || step < 0) return ids;
   const int64_t per_shard = global_batch / shards;
+  const int64_t epoch = step / steps, first = (step % steps) * per_shard;
   for (int64_t shard = 0; shard < shards; ++shard) {
-    const int64_t size = shard_size(shard, shards);
-    if (size == 0) return {};
-    std::shared_ptr<const std::vector<int64_t>> order;
-    int64_t order_epoch = -1;
-    for (int64_t k = 0; k < per_shard; ++k) {
-      int64_t position = step * per_shard + k;
-      if (position / size != order_epoch) {
-        order_epoch = position / size;
-        order = cached_order(order_epoch, seed, shard, shards);
-      }
-      ids.push_back((*order)[static_cast<size_t>(position % size)]);
-    }
+    auto order = cached_order(epoch, seed, shard, shards);
+    ids.insert(ids.end(), order->begin() + first, order->begin() + first + per_shard);
   }
   return ids;
 }

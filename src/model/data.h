@@ -94,15 +94,18 @@ class Dataset {
 
   int64_t train_samples() const { return train_; }
   int64_t holdout_samples() const { return total_ - train_; }
-  // The global batch of STEP. With one shard: the next GLOBAL_BATCH ids of a
-  // sequence of epochs, each a permutation of the training ids seeded by
-  // (SEED, epoch). With SHARDS > 1 (one per data-parallel replica): shard r
-  // holds the ids ≡ r (mod SHARDS) and runs through its own epochs, and the
-  // batch is GLOBAL_BATCH / SHARDS ids of shard 0, then of shard 1, …, so a
-  // sample always lands on the same replica — which AQ-SGD's per-sample
-  // buffers need to ever find it again. Empty if SHARDS does not divide it.
+  // The global batch of STEP. The training ids are split into SHARDS shards
+  // (one per data-parallel replica): shard r holds the ids ≡ r (mod SHARDS),
+  // so a sample always lands on the same replica — which AQ-SGD's per-sample
+  // buffers need to ever find it again. Each epoch is a seeded permutation of
+  // every shard; an epoch has steps_per_epoch() steps, each taking the next
+  // GLOBAL_BATCH / SHARDS ids of every shard (shard 0's first), and the few ids
+  // left at the end of a permutation sit that epoch out, so no step ever holds
+  // a sample twice. Empty if SHARDS does not divide GLOBAL_BATCH or a shard is
+  // smaller than its share of a batch.
   std::vector<int64_t> samples_for_step(int64_t step, int64_t global_batch, uint64_t seed,
                                         int64_t shards = 1) const;
+  int64_t steps_per_epoch(int64_t global_batch, int64_t shards = 1) const;
   // Training ids in shard SHARD of SHARDS.
   int64_t shard_size(int64_t shard, int64_t shards) const;
   // The permutation of a shard's training ids for (EPOCH, SEED): Fisher-Yates

@@ -221,9 +221,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   TrainResult result;
   result.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started).count();
   result.stage_state_hashes.assign(static_cast<size_t>(stages), "");
-  // Every replica has passed every sample of its shard once (shard 0 is the largest).
-  const int64_t per_replica = job.train.global_batch / replicas;
-  result.first_steady_step = (dataset.shard_size(0, replicas) + per_replica - 1) / per_replica;
+  result.first_steady_step = dataset.steps_per_epoch(job.train.global_batch, replicas);
   std::vector<std::vector<Hash256>> state_leaves(members.size());
   auto run_started = Clock::now();
 
