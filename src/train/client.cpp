@@ -221,7 +221,19 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   TrainResult result;
   result.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started).count();
   result.stage_state_hashes.assign(static_cast<size_t>(stages), "");
-  result.first_steady_step = dataset.steps_per_epoch(job.train.global_batch, replicas);
+  // Steady state begins once every training sample has passed once (an epoch
+  // leaves a few out, so that can be later than the second epoch).
+  {
+    std::vector<bool> seen(static_cast<size_t>(dataset.train_samples()), false);
+    int64_t unseen = dataset.train_samples(), step = 0;
+    for (; unseen > 0 && step < job.train.steps; ++step)
+      for (int64_t id : dataset.samples_for_step(step, job.train.global_batch, job.train.seed, replicas))
+        if (!seen[static_cast<size_t>(id)]) {
+          seen[static_cast<size_t>(id)] = true;
+          --unseen;
+        }
+    result.first_steady_step = unseen == 0 ? step : job.train.steps;
+  }
   std::vector<std::vector<Hash256>> state_leaves(members.size());
   auto run_started = Clock::now();
 

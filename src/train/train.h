@@ -60,8 +60,8 @@ struct TrainResult {
   int64_t bytes_pipeline = 0;
   int64_t bytes_data_parallel = 0;
   std::map<std::string, int64_t> bytes_by_class;
-  // Steady state: the training steps from the second epoch on, when (nearly)
-  // every sample has passed once (AQ-SGD sends a sample's first pass in full).
+  // Steady state: the training steps after every sample has passed once
+  // (AQ-SGD sends a sample's first pass in full).
   int64_t first_steady_step = 0;       // 0-based; ≥ steps if the run never got there
   int64_t steady_steps = 0;
   int64_t steady_bytes_pipeline = 0;
