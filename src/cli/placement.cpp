@@ -4,6 +4,7 @@
 #include <cstring>
 #include <thread>
 
+#include "net/local_mesh.h"
 #include "sched/sched.h"
 #include "train/train.h"
 
@@ -87,8 +88,27 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
     const double workers = static_cast<double>(needed);
     const double cores = std::max(1u, std::thread::hardware_concurrency());
     const double host_share = one_host(nodes) ? std::max(1.0, workers / cores) : 1.0;
+    // What the micro-batch timing leaves out, measured here unless T is given:
+    // the update that ends every step on every stage (optimizer, state hash)
+    // with the client's RunStep request and reply, and each message's cost to
+    // the hosts themselves (serialize, sign, gRPC, verify) beyond its link.
+    double update = 0;
+    net::MessageCost message_cost;
+    if (spec.time_dilation <= 0) {
+      update = train::measure_step_update_seconds(job);
+      auto measured = net::measure_message_cost(static_cast<size_t>(request.activation_bytes),
+                                                static_cast<size_t>(std::max(request.max_message_bytes, request.activation_bytes)));
+      if (!measured.ok()) return make_error("measuring the transport: {}", measured.message());
+      message_cost = *measured;
+    }
+    request.step_overhead_s = update + 2 * message_cost.fixed_s;
+    request.message_fixed_s = message_cost.fixed_s;
+    request.message_per_byte_s = message_cost.per_byte_s;
     sched::PlanRequest dedicated = request;
     request.compute_seconds_per_microbatch_stage *= host_share;
+    request.step_overhead_s *= host_share;
+    request.message_fixed_s *= host_share;
+    request.message_per_byte_s *= host_share;
     SN_ASSIGN(sched::Plan plan, sched::make_plan(links, request, spec.algo, spec.plan_seed));
     stage_devices = plan.stage_devices;
     placement.algo = spec.algo;
@@ -98,6 +118,9 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
     sched::simulate(links, dedicated, alone);
     placement.prediction = {{"schedule", request.schedule},
                             {"compute_per_microbatch_stage_s", compute},
+                            {"step_update_s", update},
+                            {"message_fixed_s", message_cost.fixed_s},
+                            {"message_per_byte_s", message_cost.per_byte_s},
                             {"host_cpu_share", host_share},
                             {"compute_s", plan.compute_s},
                             {"pipeline_s", plan.pipeline_s},

@@ -33,4 +33,14 @@ class LocalMesh {
   std::vector<std::unique_ptr<JobTransport>> transports_;
 };
 
+// What one message costs the hosts themselves, beyond any link: serialize,
+// sign, gRPC over loopback, verify, file. Fitted as fixed + bytes · per_byte
+// from messages of two sizes sent through a two-member LocalMesh.
+struct MessageCost {
+  double fixed_s = 0;
+  double per_byte_s = 0;
+  double seconds(double bytes) const { return fixed_s + bytes * per_byte_s; }
+};
+Result<MessageCost> measure_message_cost(size_t small_bytes, size_t large_bytes);
+
 }  // namespace sn::net

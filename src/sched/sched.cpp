@@ -142,6 +142,7 @@ PlanRequest request_from_job(const JobConfig& job, double compute_seconds_per_mi
     r.tied_bytes = job.compression.gradients == "none" ? 4 * embedding
                                                       : gradient_message_bytes(job.compression, embedding);
   r.compute_seconds_per_microbatch_stage = compute_seconds_per_microbatch_stage;
+  r.max_message_bytes = static_cast<double>(job.parallel.allreduce_chunk_bytes);
   r.search_trials = 100;
   return r;
 }

@@ -24,10 +24,15 @@ struct PlanRequest {
   double tied_bytes = 0;                           // simulator: bytes stage 0 and stage P−1 of a replica
                                                    // exchange after the all-reduce (tied embedding; 0: none)
   double step_overhead_s = 0;                      // simulator: fixed cost per iteration (optimizer, sync, ...)
+  double message_fixed_s = 0;                      // simulator: the hosts' own cost of each message beyond
+  double message_per_byte_s = 0;                   //   its link (serialize, sign, verify): fixed + bytes·per_byte
+  double max_message_bytes = 0;                    // simulator: all-reduce messages are cut to this size (0: whole)
   int micro_batches = 1;                           // per replica per iteration
   std::string schedule = "gpipe";                  // simulator order: "gpipe" or "1f1b"
   int search_trials = 4900;                        // dtfm: GA trials; random: placements tried
 
+  // The hosts' cost of moving BYTES as messages of at most max_message_bytes.
+  double host_seconds(double bytes) const;
   double backward_bytes() const { return activation_gradient_bytes < 0 ? activation_bytes : activation_gradient_bytes; }
   // c_pp of DT-FM's cost: the mean of the two directions, since the score
   // counts the pipeline cost twice (forward and backward).

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "sched/internal.h"
 
@@ -36,6 +37,11 @@ std::vector<Op> stage_order(const std::string& schedule, int s, int p, int m) {
 }
 
 }  // namespace
+
+double PlanRequest::host_seconds(double bytes) const {
+  const double messages = max_message_bytes > 0 ? std::max(1.0, std::ceil(bytes / max_message_bytes)) : 1.0;
+  return messages * message_fixed_s + bytes * message_per_byte_s;
+}
 
 void simulate(const LinkMatrix& m, const PlanRequest& r, Plan& plan) {
   const int p = r.stages, d = r.replicas, mb = r.micro_batches;
@@ -75,13 +81,15 @@ void simulate(const LinkMatrix& m, const PlanRequest& r, Plan& plan) {
           progress = true;
           if (op.forward && s + 1 < p) {
             const LinkSpec& link = m.at(plan.stage_devices[s][k], plan.stage_devices[s + 1][k]);
-            down_free[s] = std::max(end, down_free[s]) + r.activation_bytes / link.bytes_per_second();
+            down_free[s] = std::max(end, down_free[s]) + r.activation_bytes / link.bytes_per_second() +
+                           r.host_seconds(r.activation_bytes);
             act_ready[s + 1][op.micro_batch] = down_free[s] + link.latency_ms / 1e3;
           } else if (op.forward) {
             grad_ready[s][op.micro_batch] = end;
           } else if (s > 0) {
             const LinkSpec& link = m.at(plan.stage_devices[s][k], plan.stage_devices[s - 1][k]);
-            up_free[s] = std::max(end, up_free[s]) + r.backward_bytes() / link.bytes_per_second();
+            up_free[s] = std::max(end, up_free[s]) + r.backward_bytes() / link.bytes_per_second() +
+                         r.host_seconds(r.backward_bytes());
             grad_ready[s - 1][op.micro_batch] = up_free[s] + link.latency_ms / 1e3;
           }
         }
@@ -97,7 +105,7 @@ void simulate(const LinkMatrix& m, const PlanRequest& r, Plan& plan) {
     for (int k = 0; k < d; ++k)
       step = std::max(step, m.at(plan.stage_devices[s][k], plan.stage_devices[s][(k + 1) % d])
                                 .transfer_seconds(r.gradient_bytes / d));
-    reduced[s] += 2 * (d - 1) * step;
+    reduced[s] += 2 * (d - 1) * (step + r.host_seconds(r.gradient_bytes / d));
   }
   double iteration = *std::max_element(reduced.begin(), reduced.end());
   // A tied embedding: the first and the last stage of each replica swap their
@@ -106,8 +114,9 @@ void simulate(const LinkMatrix& m, const PlanRequest& r, Plan& plan) {
     for (int k = 0; k < d; ++k) {
       const int a = plan.stage_devices[0][k], b = plan.stage_devices[p - 1][k];
       const double both = std::max(reduced[0], reduced[p - 1]);
-      iteration = std::max(iteration, both + std::max(m.at(a, b).transfer_seconds(r.tied_bytes),
-                                                      m.at(b, a).transfer_seconds(r.tied_bytes)));
+      iteration = std::max(iteration, both + r.host_seconds(r.tied_bytes) +
+                                          std::max(m.at(a, b).transfer_seconds(r.tied_bytes),
+                                                   m.at(b, a).transfer_seconds(r.tied_bytes)));
     }
   plan.compute_s = (mb + p - 1) * (fwd + bwd);
   plan.pipeline_s = std::max(0.0, pipeline_end - plan.compute_s);

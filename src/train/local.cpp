@@ -128,4 +128,25 @@ double measure_microbatch_seconds(const JobConfig& job) {
   return *std::min_element(times.begin() + 2, times.end()) / static_cast<double>(job.parallel.stages);
 }
 
+double measure_step_update_seconds(const JobConfig& job) {
+  init_single_threaded();
+  // The first stage: the most blocks (extras go to early stages) plus both embeddings.
+  auto range = stage_layer_ranges(job.model.layers, job.parallel.stages).front();
+  model::StageModel stage(job.model, range.first, range.second, job.train.seed);
+  NamedTensors parameters = stage.named_parameters();
+  for (auto& [name, p] : parameters) p.mutable_grad() = torch::full_like(p, 1e-3);
+  AdamW optimizer(parameters, job.train);
+  std::vector<double> times;
+  for (int i = 0; i < 8; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    // As a stage worker ends every step: gradients flattened for the all-reduce
+    // and back, the optimizer's update, the state hash sent to the client.
+    unflatten_gradients(flatten_gradients(parameters), parameters);
+    optimizer.step(i);
+    (void)parameters_hash(parameters);
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return *std::min_element(times.begin() + 2, times.end());
+}
+
 }  // namespace sn::train

@@ -116,6 +116,11 @@ std::vector<std::pair<int, int>> stage_layer_ranges(int64_t layers, int64_t stag
 // stage, measured here, for scaling emulated links.
 double measure_microbatch_seconds(const JobConfig& job);
 
+// Seconds of the work a stage does once per step after its micro-batches
+// (flatten and unflatten its gradients, the optimizer's update, the state
+// hash), on the largest stage (fastest of 6): the simulator's per-step overhead.
+double measure_step_update_seconds(const JobConfig& job);
+
 // Tokens processed per step (global batch × sequence length).
 inline int64_t tokens_per_step(const JobConfig& job) { return job.train.global_batch * job.model.seq_len; }
 

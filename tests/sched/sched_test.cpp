@@ -204,6 +204,26 @@ TEST(Simulator, TiedEmbeddingSwapAfterTheLastBackward) {
   EXPECT_NEAR(plan.overhead_s, 0.5, 1e-12);
 }
 
+TEST(Simulator, HostMessageCostAddsToEveryHopAndAllReduceChunk) {
+  // The GPipe closed form with each hop also paying the hosts' own cost
+  // (fixed 5 ms + 1e6 B × 1e-8 s/B = 15 ms); then D = 2 replicas reduce 4e6 B of
+  // gradients: 2(D − 1) = 2 ring steps of 2e6 B, each 2e6/1e8 + 20 ms on the link
+  // plus, cut into 1e6-byte messages, 2 × 5 ms + 2e6 × 1e-8 s on the hosts.
+  const LinkMatrix m = uniform_matrix(4, 20, 800);
+  PlanRequest r = request(2, 2, 1e6);
+  r.micro_batches = 3;
+  r.compute_seconds_per_microbatch_stage = 0.9;
+  r.gradient_bytes = 4e6;
+  r.message_fixed_s = 0.005;
+  r.message_per_byte_s = 1e-8;
+  r.max_message_bytes = 1e6;
+  const Plan plan = make_plan(m, r, "naive", 1).value();
+  const double hop = 1e6 / 1e8 + 0.020 + 0.015;
+  const double ring_step = 2e6 / 1e8 + 0.020 + 2 * 0.005 + 2e6 * 1e-8;
+  EXPECT_NEAR(plan.predicted_iteration_s, (3 + 2 - 1) * 0.9 + 2 * hop + 2 * ring_step, 1e-9);
+  EXPECT_NEAR(plan.data_parallel_s, 2 * ring_step, 1e-9);
+}
+
 JobConfig tiny_job(const std::string& compression) {
   const std::string text = R"([model]
 layers = 4
