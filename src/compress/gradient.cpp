@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <functional>
 #include <optional>
 
 #include "compress/compress.h"
@@ -160,17 +161,23 @@ class CocktailGradient final : public GradientCompressor {
     const int64_t selected = selected_count(subset_size, topk_fraction_);
 
     // The SELECTED largest magnitudes; ties go to the lower position so every
-    // run picks the same ones.
-    std::vector<int64_t> positions(subset.size());
-    for (size_t p = 0; p < positions.size(); ++p) positions[p] = static_cast<int64_t>(p);
-    const auto larger = [&](int64_t a, int64_t b) {
-      const float ma = std::fabs(corrected[static_cast<size_t>(subset[static_cast<size_t>(a)])]);
-      const float mb = std::fabs(corrected[static_cast<size_t>(subset[static_cast<size_t>(b)])]);
-      return ma != mb ? ma > mb : a < b;
-    };
-    std::nth_element(positions.begin(), positions.begin() + selected, positions.end(), larger);
-    positions.resize(static_cast<size_t>(selected));
-    std::sort(positions.begin(), positions.end());
+    // run picks the same ones. The threshold comes from a selection over the
+    // plain magnitudes (an index comparator made this most of a step's cost),
+    // then one pass in position order takes what is above it and the first ties.
+    std::vector<float> magnitude(subset.size());
+    for (size_t p = 0; p < subset.size(); ++p)
+      magnitude[p] = std::fabs(corrected[static_cast<size_t>(subset[p])]);
+    std::vector<float> order = magnitude;
+    std::nth_element(order.begin(), order.begin() + (selected - 1), order.end(), std::greater<float>());
+    const float threshold = order[static_cast<size_t>(selected - 1)];
+    int64_t above = 0;
+    for (float m : magnitude) above += m > threshold ? 1 : 0;
+    int64_t ties_left = selected - above;
+    std::vector<int64_t> positions;
+    positions.reserve(static_cast<size_t>(selected));
+    for (size_t p = 0; p < magnitude.size(); ++p)
+      if (magnitude[p] > threshold || (magnitude[p] == threshold && ties_left-- > 0))
+        positions.push_back(static_cast<int64_t>(p));
 
     // Everything selected: the bitmap would be all ones, so it is left out.
     const bool with_bitmap = selected < subset_size;

@@ -177,6 +177,43 @@ TEST_F(GradientTest, SendingTheWholeSubsetLeavesTheBitmapOut) {
   EXPECT_FALSE(compressor->decompress(truncated).ok());
 }
 
+TEST_F(GradientTest, SendsExactlyTheLargestMagnitudesWithTiesToTheLowerPosition) {
+  // Whole vector, top 25%, 8 bits; magnitudes with many ties (integers 0..99,
+  // random signs), so the cut falls inside a run of equal values.
+  config_.random_fraction = 1.0;
+  config_.topk_fraction = 0.25;
+  config_.gradient_bits = 8;
+  auto compressor = make();
+  std::mt19937 rng(11);
+  torch::Tensor gradient = torch::empty({kNumel});
+  for (int64_t i = 0; i < kNumel; ++i)
+    gradient[i] = static_cast<float>(rng() % 100) * ((rng() & 1) ? 1.0f : -1.0f);
+  auto message = compressor->compress(gradient, 4);
+  ASSERT_TRUE(message.ok()) << message.message();
+  const auto selected = static_cast<int64_t>(header(*message).second);
+  ASSERT_EQ(selected, std::llround(0.25 * kNumel));
+  std::vector<int64_t> expected(kNumel);
+  for (int64_t i = 0; i < kNumel; ++i) expected[static_cast<size_t>(i)] = i;
+  auto magnitude = gradient.abs();
+  std::stable_sort(expected.begin(), expected.end(), [&](int64_t a, int64_t b) {
+    return magnitude[a].item<float>() > magnitude[b].item<float>();
+  });
+  expected.resize(static_cast<size_t>(selected));
+  std::sort(expected.begin(), expected.end());
+  // What was sent is what left the residual (the gradient minus the residual).
+  auto sent = (gradient - compressor->residual()).abs();
+  auto dense = compressor->decompress(*message);
+  ASSERT_TRUE(dense.ok()) << dense.message();
+  std::vector<int64_t> got;
+  for (int64_t i = 0; i < kNumel; ++i)
+    if (sent[i].item<float>() > 0 || (*dense)[i].item<float>() != 0) got.push_back(i);
+  // Zero-valued picks send nothing; the expected set's nonzero members must all be there.
+  std::vector<int64_t> expected_nonzero;
+  for (int64_t i : expected)
+    if (magnitude[i].item<float>() > 0) expected_nonzero.push_back(i);
+  EXPECT_EQ(got, expected_nonzero);
+}
+
 TEST_F(GradientTest, DeterministicAndResumableFromTheResidual) {
   auto first = make(5);
   auto second = make(5);
