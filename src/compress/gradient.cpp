@@ -265,10 +265,10 @@ class CocktailGradient final : public GradientCompressor {
   // Coordinate i is in the subset iff its draw from the seed's stream is below
   // random_fraction·2^64: integers only, so every replica agrees exactly.
   const std::vector<int64_t>& random_subset(uint64_t shared_seed) const {
-    if (cached_seed_ && *cached_seed_ == shared_seed) return cached_subset_;
+    const bool everything = random_fraction_ >= 1.0;
+    if (cached_seed_ && (everything || *cached_seed_ == shared_seed)) return cached_subset_;
     cached_subset_.clear();
     const uint64_t key = stream_key(derive_seed(shared_seed, kSubsetTag));
-    const bool everything = random_fraction_ >= 1.0;
     const auto threshold = everything ? 0 : static_cast<uint64_t>(std::ldexp(random_fraction_, 64));
     for (int64_t i = 0; i < numel_; ++i)
       if (everything || stream_bits(key, static_cast<uint64_t>(i)) < threshold)
