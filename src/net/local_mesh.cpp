@@ -77,10 +77,11 @@ Result<MessageCost> measure_message_cost(size_t small_bytes, size_t large_bytes)
     }
     return best;
   };
+  large_bytes = std::max(large_bytes, small_bytes + 1);
   SN_ASSIGN(double small, fastest(small_bytes));
-  SN_ASSIGN(double large, fastest(std::max(large_bytes, small_bytes + 1)));
+  SN_ASSIGN(double large, fastest(large_bytes));
   MessageCost cost;
-  cost.per_byte_s = std::max(0.0, (large - small) / static_cast<double>(std::max(large_bytes, small_bytes + 1) - small_bytes));
+  cost.per_byte_s = std::max(0.0, (large - small) / static_cast<double>(large_bytes - small_bytes));
   cost.fixed_s = std::max(0.0, small - cost.per_byte_s * static_cast<double>(small_bytes));
   return cost;
 }

@@ -39,7 +39,6 @@ class LocalMesh {
 struct MessageCost {
   double fixed_s = 0;
   double per_byte_s = 0;
-  double seconds(double bytes) const { return fixed_s + bytes * per_byte_s; }
 };
 Result<MessageCost> measure_message_cost(size_t small_bytes, size_t large_bytes);
 

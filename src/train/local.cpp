@@ -2,7 +2,9 @@
 // micro-batches and optimizer as a distributed run, so their losses can be
 // compared step by step.
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 
 #include "core/fs.h"
 #include "core/hash.h"
@@ -109,6 +111,23 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
 }  // namespace sn::train
 
 namespace sn::train {
+namespace {
+
+// The fastest of RUNS timed calls after two untimed warm-ups: the least
+// disturbed by whatever else shares the cores.
+template <typename Work>
+double fastest_seconds(int runs, Work&& work) {
+  for (int i = 0; i < 2; ++i) work();
+  double best = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < runs; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    work();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+}  // namespace
 
 double measure_microbatch_seconds(const JobConfig& job) {
   init_single_threaded();
@@ -118,14 +137,8 @@ double measure_microbatch_seconds(const JobConfig& job) {
   const int64_t b = job.sequences_per_micro_batch();
   torch::Tensor tokens = torch::randint(0, job.model.vocab, {b, job.model.seq_len}, torch::kInt64);
   torch::Tensor targets = torch::randint(0, job.model.vocab, {b, job.model.seq_len}, torch::kInt64);
-  std::vector<double> times;
-  for (int i = 0; i < 12; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    model::lm_loss(gpt.forward(tokens), targets).backward();
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  // The fastest pass: the least disturbed by whatever else shares the cores.
-  return *std::min_element(times.begin() + 2, times.end()) / static_cast<double>(job.parallel.stages);
+  return fastest_seconds(10, [&] { model::lm_loss(gpt.forward(tokens), targets).backward(); }) /
+         static_cast<double>(job.parallel.stages);
 }
 
 double measure_step_update_seconds(const JobConfig& job) {
@@ -136,17 +149,14 @@ double measure_step_update_seconds(const JobConfig& job) {
   NamedTensors parameters = stage.named_parameters();
   for (auto& [name, p] : parameters) p.mutable_grad() = torch::full_like(p, 1e-3);
   AdamW optimizer(parameters, job.train);
-  std::vector<double> times;
-  for (int i = 0; i < 8; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    // As a stage worker ends every step: gradients flattened for the all-reduce
-    // and back, the optimizer's update, the state hash sent to the client.
+  int64_t step = 0;
+  // As a stage worker ends every step: gradients flattened for the all-reduce
+  // and back, the optimizer's update, the state hash sent to the client.
+  return fastest_seconds(6, [&] {
     unflatten_gradients(flatten_gradients(parameters), parameters);
-    optimizer.step(i);
+    optimizer.step(step++);
     (void)parameters_hash(parameters);
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return *std::min_element(times.begin() + 2, times.end());
+  });
 }
 
 }  // namespace sn::train
