@@ -15,19 +15,46 @@ namespace sn {
 // Exit code for bad user input (malformed files, bad flags), per the CLI contract.
 inline constexpr int kExitBadInput = 2;
 
+// What kind of failure an error is: callers decide from it whether to retry
+// (unavailable, timeout, resource_exhausted), replace the peer (unavailable,
+// timeout), blame it (bad_peer) or report to the user (invalid_input,
+// permission_denied, not_found). Mapped to and from gRPC status codes in
+// net/rpc.h (docs/wire.md lists the mapping).
+enum class ErrorKind {
+  internal = 0,        // a bug or an unexpected state of this process
+  invalid_input,       // the caller's input is malformed or out of range
+  not_found,           // a named thing (job, file, tensor) does not exist
+  unavailable,         // a peer or service could not be reached; retrying may help
+  timeout,             // a deadline passed before the work finished
+  bad_peer,            // a peer answered but broke the protocol (bad signature, wrong shape, lies)
+  permission_denied,   // not allowed: unsigned, foreign key, replayed or stale request
+  resource_exhausted,  // memory, inbox or capacity limit reached
+  aborted,             // the work was cancelled (job aborted, user interrupt)
+};
+
+const char* error_kind_name(ErrorKind kind);
+
 struct Error {
   std::string message;
   int exit_code = 1;  // what a CLI should exit with if this error ends the program
+  ErrorKind kind = ErrorKind::internal;
 };
 
 template <class... Args>
 Error make_error(fmt::format_string<Args...> format, Args&&... args) {
-  return Error{fmt::format(format, std::forward<Args>(args)...), 1};
+  return Error{fmt::format(format, std::forward<Args>(args)...), 1, ErrorKind::internal};
+}
+
+// An error of a given kind (exit code 2 for invalid_input, 1 otherwise).
+template <class... Args>
+Error kind_error(ErrorKind kind, fmt::format_string<Args...> format, Args&&... args) {
+  return Error{fmt::format(format, std::forward<Args>(args)...),
+               kind == ErrorKind::invalid_input ? kExitBadInput : 1, kind};
 }
 
 template <class... Args>
 Error input_error(fmt::format_string<Args...> format, Args&&... args) {
-  return Error{fmt::format(format, std::forward<Args>(args)...), kExitBadInput};
+  return Error{fmt::format(format, std::forward<Args>(args)...), kExitBadInput, ErrorKind::invalid_input};
 }
 
 template <class T>
@@ -77,6 +104,21 @@ class [[nodiscard]] Result<void> {
 using Status = Result<void>;
 
 inline Status ok_status() { return Status(); }
+
+inline const char* error_kind_name(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::internal: return "internal";
+    case ErrorKind::invalid_input: return "invalid_input";
+    case ErrorKind::not_found: return "not_found";
+    case ErrorKind::unavailable: return "unavailable";
+    case ErrorKind::timeout: return "timeout";
+    case ErrorKind::bad_peer: return "bad_peer";
+    case ErrorKind::permission_denied: return "permission_denied";
+    case ErrorKind::resource_exhausted: return "resource_exhausted";
+    case ErrorKind::aborted: return "aborted";
+  }
+  return "internal";
+}
 
 }  // namespace sn
 

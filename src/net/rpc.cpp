@@ -6,6 +6,39 @@
 
 namespace sn::net {
 
+grpc::StatusCode grpc_code_of(ErrorKind kind) {
+  switch (kind) {
+    case ErrorKind::internal: return grpc::StatusCode::INTERNAL;
+    case ErrorKind::invalid_input: return grpc::StatusCode::INVALID_ARGUMENT;
+    case ErrorKind::not_found: return grpc::StatusCode::NOT_FOUND;
+    case ErrorKind::unavailable: return grpc::StatusCode::UNAVAILABLE;
+    case ErrorKind::timeout: return grpc::StatusCode::DEADLINE_EXCEEDED;
+    case ErrorKind::bad_peer: return grpc::StatusCode::DATA_LOSS;
+    case ErrorKind::permission_denied: return grpc::StatusCode::PERMISSION_DENIED;
+    case ErrorKind::resource_exhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
+    case ErrorKind::aborted: return grpc::StatusCode::ABORTED;
+  }
+  return grpc::StatusCode::INTERNAL;
+}
+
+ErrorKind error_kind_of(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::OUT_OF_RANGE:
+    case grpc::StatusCode::FAILED_PRECONDITION: return ErrorKind::invalid_input;
+    case grpc::StatusCode::NOT_FOUND: return ErrorKind::not_found;
+    case grpc::StatusCode::UNAVAILABLE: return ErrorKind::unavailable;
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return ErrorKind::timeout;
+    case grpc::StatusCode::DATA_LOSS: return ErrorKind::bad_peer;
+    case grpc::StatusCode::PERMISSION_DENIED:
+    case grpc::StatusCode::UNAUTHENTICATED: return ErrorKind::permission_denied;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return ErrorKind::resource_exhausted;
+    case grpc::StatusCode::ABORTED:
+    case grpc::StatusCode::CANCELLED: return ErrorKind::aborted;
+    default: return ErrorKind::internal;
+  }
+}
+
 std::shared_ptr<grpc::Channel> make_channel(const std::string& address) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);

@@ -27,15 +27,21 @@ Result<RunningServer> start_server(const std::string& listen, grpc::Service* ser
 // Splits "host:port"; error names the bad value.
 Result<std::pair<std::string, int>> split_host_port(const std::string& address);
 
+// The gRPC status code of an error kind, and back (docs/wire.md, "Errors").
+grpc::StatusCode grpc_code_of(ErrorKind kind);
+ErrorKind error_kind_of(grpc::StatusCode code);
+
+// An error from a failed call; its kind follows the status code.
 inline Error from_grpc(const grpc::Status& status, const std::string& what) {
-  return make_error("{}: {}", what, status.error_message().empty()
-                                        ? std::string("gRPC code ") + std::to_string(status.error_code())
-                                        : status.error_message());
+  ErrorKind kind = error_kind_of(status.error_code());
+  return Error{fmt::format("{}: {}", what, status.error_message().empty()
+                                               ? std::string("gRPC code ") + std::to_string(status.error_code())
+                                               : status.error_message()),
+               kind == ErrorKind::invalid_input ? kExitBadInput : 1, kind};
 }
 
-inline grpc::Status to_grpc(const Error& error,
-                            grpc::StatusCode code = grpc::StatusCode::INVALID_ARGUMENT) {
-  return grpc::Status(code, error.message);
-}
+// The status a handler returns for ERROR: its code follows the error's kind.
+inline grpc::Status to_grpc(const Error& error) { return grpc::Status(grpc_code_of(error.kind), error.message); }
+inline grpc::Status to_grpc(const Error& error, grpc::StatusCode code) { return grpc::Status(code, error.message); }
 
 }  // namespace sn::net
