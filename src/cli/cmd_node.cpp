@@ -52,8 +52,10 @@ int run_node(const NodeArgs& args) {
   solvernet::v1::NodeInfo info = net::local_node_info(*key, args.region);
   std::unique_ptr<net::Discovery> discovery;
 
+  net::DeliveryService delivery;
   train::NodeServiceOptions options;
   options.key = &*key;
+  options.delivery = &delivery;
   options.data_dir = args.data_dir;
   options.peer_timeout = std::chrono::seconds(args.peer_timeout_s);
   options.signed_info = [&] {
@@ -66,7 +68,7 @@ int run_node(const NodeArgs& args) {
     if (discovery) discovery->update_announcement(info);
   };
   auto service = train::make_node_service(options);
-  auto server = net::start_server(args.listen, service.get());
+  auto server = net::start_server(args.listen, {service.get(), &delivery});
   if (!server.ok()) return fail("node", server.message(), 2);
   auto host = net::split_host_port(args.advertise.empty() ? args.listen : args.advertise);
   if (!host.ok()) return fail("node", host.message(), 2);

@@ -5,25 +5,14 @@
 
 namespace sn::net {
 
-class LocalMesh::DeliveringService final : public solvernet::v1::Node::Service {
- public:
-  std::atomic<JobTransport*> transport{nullptr};
-  grpc::Status Send(grpc::ServerContext*, const solvernet::v1::TensorMessage* request,
-                    solvernet::v1::Empty*) override {
-    JobTransport* t = transport.load();
-    if (!t) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "no job");
-    auto status = t->deliver(*request);
-    return status.ok() ? grpc::Status::OK : to_grpc(status.error(), grpc::StatusCode::PERMISSION_DENIED);
-  }
-};
-
 Result<std::unique_ptr<LocalMesh>> LocalMesh::create(const std::vector<std::string>& regions,
-                                                     const Topology* topology, EmulationScale scale) {
+                                                     const Topology* topology, EmulationScale scale,
+                                                     InboxLimits limits) {
   std::unique_ptr<LocalMesh> mesh(new LocalMesh());
   std::vector<MemberInfo> members;
   for (size_t i = 0; i < regions.size(); ++i) {
     mesh->keys_.push_back(std::make_unique<NodeKey>(NodeKey::generate()));
-    mesh->services_.push_back(std::make_unique<DeliveringService>());
+    mesh->services_.push_back(std::make_unique<DeliveryService>());
     SN_ASSIGN(auto server, start_server("127.0.0.1:0", mesh->services_.back().get()));
     MemberInfo m;
     m.node_id = mesh->keys_.back()->node_id();
@@ -36,23 +25,24 @@ Result<std::unique_ptr<LocalMesh>> LocalMesh::create(const std::vector<std::stri
     mesh->servers_.push_back(std::move(server));
   }
   for (size_t i = 0; i < regions.size(); ++i) {
-    SN_ASSIGN(auto transport, JobTransport::create("mesh", *mesh->keys_[i], members, static_cast<int>(i), topology, scale));
-    mesh->services_[i]->transport = transport.get();
+    SN_ASSIGN(auto transport,
+              JobTransport::create("mesh", *mesh->keys_[i], members, static_cast<int>(i), topology, scale, limits));
+    mesh->registrations_.push_back(mesh->services_[i]->add(transport));
     mesh->transports_.push_back(std::move(transport));
   }
   return mesh;
 }
 
 void LocalMesh::kill(size_t i) {
-  services_.at(i)->transport = nullptr;
+  registrations_.at(i) = DeliveryService::Registration();
   if (servers_.at(i).server) servers_[i].server->Shutdown(std::chrono::system_clock::now());
 }
 
 LocalMesh::~LocalMesh() {
-  for (auto& s : services_) s->transport = nullptr;
   for (auto& t : transports_) t->abort("mesh shut down");
   for (auto& s : servers_)
     if (s.server) s.server->Shutdown(std::chrono::system_clock::now());
+  registrations_.clear();
   transports_.clear();
 }
 

@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "net/delivery.h"
 #include "net/rpc.h"
 #include "net/transport.h"
 
@@ -15,22 +16,26 @@ namespace sn::net {
 class LocalMesh {
  public:
   // REGIONS[i] is member i's region in TOPOLOGY (null: links not emulated).
+  // The job id is "mesh"; every member's inbox has LIMITS.
   static Result<std::unique_ptr<LocalMesh>> create(const std::vector<std::string>& regions,
-                                                   const Topology* topology, EmulationScale scale = {});
+                                                   const Topology* topology, EmulationScale scale = {},
+                                                   InboxLimits limits = {});
   ~LocalMesh();
 
   size_t size() const { return transports_.size(); }
   JobTransport& member(size_t i) { return *transports_.at(i); }
   const NodeKey& key(size_t i) const { return *keys_.at(i); }
+  // Member I's gRPC port (its Transport service).
+  int port(size_t i) const { return servers_.at(i).port; }
   // Stops member I's server, as if its process died.
   void kill(size_t i);
 
  private:
-  class DeliveringService;
   std::vector<std::unique_ptr<NodeKey>> keys_;
-  std::vector<std::unique_ptr<DeliveringService>> services_;
+  std::vector<std::unique_ptr<DeliveryService>> services_;
   std::vector<RunningServer> servers_;
-  std::vector<std::unique_ptr<JobTransport>> transports_;
+  std::vector<std::shared_ptr<JobTransport>> transports_;
+  std::vector<DeliveryService::Registration> registrations_;
 };
 
 // What one message costs the hosts themselves, beyond any link: serialize,

@@ -82,6 +82,10 @@ static bool tcp_port_in_use(int port) {
 }
 
 Result<RunningServer> start_server(const std::string& listen, grpc::Service* service) {
+  return start_server(listen, std::vector<grpc::Service*>{service});
+}
+
+Result<RunningServer> start_server(const std::string& listen, const std::vector<grpc::Service*>& services) {
   SN_ASSIGN(auto host_port, split_host_port(listen));
   if (tcp_port_in_use(host_port.second))
     return input_error("cannot listen on {}: port {} is in use", listen, host_port.second);
@@ -91,7 +95,7 @@ Result<RunningServer> start_server(const std::string& listen, grpc::Service* ser
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   RunningServer running;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &running.port);
-  builder.RegisterService(service);
+  for (auto* service : services) builder.RegisterService(service);
   running.server = builder.BuildAndStart();
   if (!running.server || running.port == 0)
     return input_error("cannot listen on {}: address unavailable or port in use", listen);

@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/result.h"
 
@@ -23,6 +24,8 @@ struct RunningServer {
   int port = 0;
 };
 Result<RunningServer> start_server(const std::string& listen, grpc::Service* service);
+// The same with several services on one server (the node runtime).
+Result<RunningServer> start_server(const std::string& listen, const std::vector<grpc::Service*>& services);
 
 // Splits "host:port"; error names the bad value.
 Result<std::pair<std::string, int>> split_host_port(const std::string& address);

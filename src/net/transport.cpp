@@ -43,14 +43,25 @@ Hash256 tensor_message_digest(const solvernet::v1::TensorMessage& m) {
   return h.finish();
 }
 
-Result<std::unique_ptr<JobTransport>> JobTransport::create(std::string job_id, const NodeKey& key,
+int64_t step_order(int64_t step) {
+  // Evaluation rounds (−1, −2, …) run after every training step.
+  constexpr int64_t kEvaluation = int64_t{1} << 62;
+  return step >= 0 ? step : kEvaluation - step;
+}
+
+Result<std::shared_ptr<JobTransport>> JobTransport::create(std::string job_id, const NodeKey& key,
                                                            std::vector<MemberInfo> members,
                                                            int self, const Topology* topology,
-                                                           EmulationScale scale) {
+                                                           EmulationScale scale, InboxLimits limits) {
   if (self < 0 || self >= static_cast<int>(members.size()))
     return make_error("transport: self index {} outside {} members", self, members.size());
-  std::unique_ptr<JobTransport> t(new JobTransport());
+  if (limits.bytes_per_sender <= 0 || limits.messages_per_sender <= 0)
+    return make_error("transport: inbox limits must be > 0, got {} bytes and {} messages",
+                      limits.bytes_per_sender, limits.messages_per_sender);
+  std::shared_ptr<JobTransport> t(new JobTransport());
   t->job_id_ = std::move(job_id);
+  t->limits_ = limits;
+  t->use_.resize(members.size());
   t->key_ = &key;
   t->members_ = std::move(members);
   t->self_ = self;
@@ -72,7 +83,7 @@ Result<std::unique_ptr<JobTransport>> JobTransport::create(std::string job_id, c
     auto link = std::make_unique<PeerLink>();
     if (static_cast<int>(i) != self) {
       if (t->topology_) link->pacer = std::make_unique<LinkPacer>(t->link_to(static_cast<int>(i)));
-      link->stub = solvernet::v1::Node::NewStub(make_channel(t->members_[i].address));
+      link->stub = solvernet::v1::Transport::NewStub(make_channel(t->members_[i].address));
     }
     t->links_.push_back(std::move(link));
   }
@@ -106,7 +117,7 @@ std::string JobTransport::describe(int member) const {
 
 Status JobTransport::send(int to, solvernet::v1::TensorMessage message, Traffic traffic) {
   if (to < 0 || to >= static_cast<int>(members_.size()) || to == self_)
-    return make_error("transport: cannot send to member {}", to);
+    return kind_error(ErrorKind::invalid_input, "transport: cannot send to member {}", to);
   message.set_job_id(job_id_);
   message.set_from_node_id(key_->node_id());
   Hash256 digest = tensor_message_digest(message);
@@ -114,7 +125,7 @@ Status JobTransport::send(int to, solvernet::v1::TensorMessage message, Traffic 
   message.set_signature(sig.data(), sig.size());
   size_t bytes = message.ByteSizeLong();
   std::lock_guard<std::mutex> lock(mutex_);
-  if (aborted_) return make_error("{}", *aborted_);
+  if (aborted_) return kind_error(ErrorKind::aborted, "{}", *aborted_);
   PeerLink& link = *links_[static_cast<size_t>(to)];
   if (link.failure) return *link.failure;
   auto& counter = link.counters[traffic];
@@ -146,8 +157,8 @@ void JobTransport::sender_loop(int to) {
     lock.lock();
     link.busy = false;
     if (!status.ok() && !link.failure) {
-      link.failure = make_error("{} did not accept a {} message: {}", describe(to),
-                                next.message.kind(), status.error_message());
+      link.failure = kind_error(error_kind_of(status.error_code()), "{} did not accept a {} message: {}",
+                                describe(to), next.message.kind(), status.error_message());
       spdlog::warn("{}", link.failure->message);
       link.queue.clear();
     }
@@ -163,8 +174,8 @@ Status JobTransport::flush(std::chrono::milliseconds timeout) {
     return true;
   };
   if (!changed_.wait_for(lock, timeout, [&] { return idle() || aborted_.has_value(); }))
-    return make_error("timed out after {} s sending to peers", timeout.count() / 1000);
-  if (aborted_) return make_error("{}", *aborted_);
+    return kind_error(ErrorKind::timeout, "timed out after {} s sending to peers", timeout.count() / 1000);
+  if (aborted_) return kind_error(ErrorKind::aborted, "{}", *aborted_);
   for (auto& link : links_)
     if (link->failure) return *link->failure;
   return ok_status();
@@ -172,40 +183,105 @@ Status JobTransport::flush(std::chrono::milliseconds timeout) {
 
 Status JobTransport::deliver(solvernet::v1::TensorMessage message) {
   if (message.job_id() != job_id_)
-    return make_error("message for job {} but this node runs job {}", message.job_id(), job_id_);
+    return kind_error(ErrorKind::not_found, "message for job {} but this transport is job {}", message.job_id(), job_id_);
+  auto refuse = [&](Error error) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return refuse_locked(std::move(error));
+  };
   auto it = index_of_.find(message.from_node_id());
   if (it == index_of_.end())
-    return make_error("message from node {}, which is not a member of job {}",
-                      message.from_node_id().substr(0, 16), job_id_);
-  int from = it->second;
+    return refuse(kind_error(ErrorKind::permission_denied, "message from node {}, which is not a member of job {}",
+                             message.from_node_id().substr(0, 16), job_id_));
+  const int from = it->second;
   const std::string& sig = message.signature();
   Hash256 digest = tensor_message_digest(message);
   if (!verify_signature(members_[static_cast<size_t>(from)].public_key, digest,
                         std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(sig.data()), sig.size())))
-    return make_error("bad signature on a {} message from {}", message.kind(), describe(from));
-  MessageKey key{message.kind(), message.step(), message.micro(), message.round(), message.chunk(), from};
+    return refuse(kind_error(ErrorKind::permission_denied, "bad signature on a {} message from {}", message.kind(),
+                             describe(from)));
+  Tag tag{message.kind(), message.step(), message.micro(), message.round(), message.chunk(), from};
+  const auto bytes = static_cast<int64_t>(message.ByteSizeLong());
+  const int64_t order = step_order(tag.step);
   std::lock_guard<std::mutex> lock(mutex_);
-  if (aborted_) return make_error("{}", *aborted_);
-  if (inbox_.count(key))
-    return make_error("duplicate {} message (step {}, micro {}, round {}, chunk {}) from {}",
-                      key.kind, key.step, key.micro, key.round, key.chunk, describe(from));
-  inbox_.emplace(key, std::move(message));
+  if (aborted_) return kind_error(ErrorKind::aborted, "{}", *aborted_);
+  if (order < closed_below_)
+    return refuse_locked(kind_error(ErrorKind::permission_denied,
+                                    "{} message for step {} from {}: that step is finished here (a replay?)",
+                                    tag.kind, tag.step, describe(from)));
+  auto& step_tags = accepted_[order];
+  if (step_tags.count(tag)) {
+    return refuse_locked(kind_error(ErrorKind::permission_denied,
+                                    "replayed {} message (step {}, micro {}, round {}, chunk {}) from {}: "
+                                    "that tag was accepted before",
+                                    tag.kind, tag.step, tag.micro, tag.round, tag.chunk, describe(from)));
+  }
+  SenderUse& use = use_[static_cast<size_t>(from)];
+  if (use.messages + 1 > limits_.messages_per_sender || use.bytes + bytes > limits_.bytes_per_sender) {
+    if (step_tags.empty()) accepted_.erase(order);
+    return refuse_locked(kind_error(ErrorKind::resource_exhausted,
+                                    "inbox for {} is full: {} messages and {} bytes waiting, a {}-byte {} message "
+                                    "would pass the limit of {} messages or {} bytes per sender",
+                                    describe(from), use.messages, use.bytes, bytes, tag.kind,
+                                    limits_.messages_per_sender, limits_.bytes_per_sender));
+  }
+  step_tags.insert(tag);
+  ++replay_records_;
+  use.messages += 1;
+  use.bytes += bytes;
+  inbox_.emplace(std::move(tag), Held{std::move(message), bytes});
   changed_.notify_all();
   return ok_status();
 }
 
-Result<solvernet::v1::TensorMessage> JobTransport::receive(const MessageKey& key,
-                                                          std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  auto ready = [&] { return aborted_.has_value() || inbox_.count(key) > 0; };
-  if (!changed_.wait_for(lock, timeout, ready))
-    return make_error("timed out after {} s waiting for the {} message of step {} (micro {}) from {}",
-                      timeout.count() / 1000, key.kind, key.step, key.micro, describe(key.from));
-  if (aborted_) return make_error("{}", *aborted_);
-  auto it = inbox_.find(key);
-  solvernet::v1::TensorMessage message = std::move(it->second);
+Error JobTransport::refuse_locked(Error error) {
+  ++refused_;
+  return error;
+}
+
+void JobTransport::drop_locked(std::map<Tag, Held>::iterator it) {
+  SenderUse& use = use_[static_cast<size_t>(it->first.from)];
+  use.messages -= 1;
+  use.bytes -= it->second.bytes;
   inbox_.erase(it);
+}
+
+Result<solvernet::v1::TensorMessage> JobTransport::receive(const Tag& tag, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  auto ready = [&] { return aborted_.has_value() || inbox_.count(tag) > 0; };
+  if (!changed_.wait_for(lock, timeout, ready))
+    return kind_error(ErrorKind::timeout, "timed out after {} s waiting for the {} message of step {} (micro {}) from {}",
+                      timeout.count() / 1000, tag.kind, tag.step, tag.micro, describe(tag.from));
+  if (aborted_) return kind_error(ErrorKind::aborted, "{}", *aborted_);
+  auto it = inbox_.find(tag);
+  solvernet::v1::TensorMessage message = std::move(it->second.message);
+  drop_locked(it);
   return message;
+}
+
+void JobTransport::finish_step(int64_t step) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  closed_below_ = std::max(closed_below_, step_order(step) + 1);
+  for (auto it = inbox_.begin(); it != inbox_.end();)
+    if (step_order(it->first.step) < closed_below_)
+      drop_locked(it++);
+    else
+      ++it;
+  for (auto it = accepted_.begin(); it != accepted_.end() && it->first < closed_below_;) {
+    replay_records_ -= static_cast<int64_t>(it->second.size());
+    it = accepted_.erase(it);
+  }
+}
+
+JobTransport::InboxUse JobTransport::inbox_use() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  InboxUse out;
+  for (const auto& use : use_) {
+    out.messages += use.messages;
+    out.bytes += use.bytes;
+  }
+  out.replay_records = replay_records_;
+  out.refused = refused_;
+  return out;
 }
 
 void JobTransport::abort(const std::string& reason) {

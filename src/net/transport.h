@@ -1,6 +1,10 @@
-// The one transport of a job: signed tensor messages between the members of a
-// job, over gRPC, paced by the link emulator. Pipeline and all-reduce code use
-// only send / receive and never know whether (or how) a link is emulated.
+// Delivery between the members of a job: send and receive signed tensor
+// messages by (job, tag). `Transport` is the interface that every collective
+// and the pipeline are written against (like Gloo's transport::Pair); they
+// never know whether, or how, a link is emulated. `JobTransport` is the one
+// implementation: gRPC between nodes, paced by the link emulator, with a
+// bounded inbox and replay protection over the job's whole life
+// (docs/wire.md, "Delivery rules").
 #pragma once
 
 #include <chrono>
@@ -10,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,15 +40,29 @@ struct MemberInfo {
 enum class Traffic { kPipeline = 0, kDataParallel = 1 };
 const char* traffic_name(Traffic traffic);
 
-// Identifies one expected message. from is the sender's member index.
-struct MessageKey {
+// Names one message within a job. from is the sender's member index.
+struct Tag {
   std::string kind;
   int64_t step = 0;
   int32_t micro = 0;
   int32_t round = 0;
   int32_t chunk = 0;
   int from = 0;
-  auto operator<=>(const MessageKey&) const = default;
+  auto operator<=>(const Tag&) const = default;
+};
+
+// The order in which a job's steps run: training steps 0, 1, 2, … and then
+// held-out evaluation rounds −1, −2, … (docs/wire.md). finish_step() closes
+// steps in this order.
+int64_t step_order(int64_t step);
+
+// How much one sender may have accepted but not yet received at this member.
+// A job sizes it from its own traffic (messages in flight per step, with a
+// margin); a message that would exceed it is refused with resource_exhausted
+// and not stored, so memory stays bounded whatever a member sends.
+struct InboxLimits {
+  int64_t bytes_per_sender = int64_t{1} << 30;
+  int64_t messages_per_sender = 1 << 16;
 };
 
 struct LinkCounter {
@@ -57,41 +76,76 @@ struct LinkCounter {
 // The hash that a TensorMessage's signature covers (docs/wire.md).
 Hash256 tensor_message_digest(const solvernet::v1::TensorMessage& message);
 
-class JobTransport {
+// What collectives and the pipeline need from delivery. Thread-safe.
+// After abort() every call fails at once with the abort's reason (kind
+// aborted); an aborted transport is never usable again.
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual int self() const = 0;   // this member's index
+  virtual int size() const = 0;   // members in the job
+  // Queues MESSAGE (its tag fields set by the caller; job and sender filled
+  // in) for member TO and returns at once. A delivery failure surfaces from
+  // flush() and from every later send to that member.
+  virtual Status send(int to, solvernet::v1::TensorMessage message, Traffic traffic) = 0;
+  // Waits for the message TAG and hands it over (it is removed from the
+  // inbox). Errors: timeout (naming the tag and sender), aborted.
+  virtual Result<solvernet::v1::TensorMessage> receive(const Tag& tag, std::chrono::milliseconds timeout) = 0;
+  // Waits until every queued message has been delivered or has failed.
+  virtual Status flush(std::chrono::milliseconds timeout) = 0;
+  // Fails every current and future call with REASON (the first reason wins).
+  virtual void abort(const std::string& reason) = 0;
+  // "node 3fa2c1 (stage 1, replica 0)", for error messages.
+  virtual std::string describe(int member) const = 0;
+};
+
+class JobTransport final : public Transport {
  public:
   // TOPOLOGY may be null (links not emulated). Members are indexed as given;
   // SELF is this node's index. Region names must exist in TOPOLOGY if given.
-  static Result<std::unique_ptr<JobTransport>> create(std::string job_id, const NodeKey& key,
+  static Result<std::shared_ptr<JobTransport>> create(std::string job_id, const NodeKey& key,
                                                       std::vector<MemberInfo> members, int self,
-                                                      const Topology* topology,
-                                                      EmulationScale scale);
-  ~JobTransport();
+                                                      const Topology* topology, EmulationScale scale,
+                                                      InboxLimits limits = {});
+  ~JobTransport() override;  // drops what is still queued; call flush() first to deliver it
 
-  int self() const { return self_; }
+  const std::string& job_id() const { return job_id_; }
+  int self() const override { return self_; }
+  int size() const override { return static_cast<int>(members_.size()); }
   const std::vector<MemberInfo>& members() const { return members_; }
+  const InboxLimits& limits() const { return limits_; }
   // The emulated link to member TO (unpaced if links are not emulated).
   LinkSpec link_to(int to) const;
   bool link_emulated() const { return topology_ != nullptr; }
 
-  // Signs MESSAGE (job id and sender are filled in) and queues it for member
-  // TO; returns at once. A delivery failure surfaces from flush() and from
-  // every later send to that member.
-  Status send(int to, solvernet::v1::TensorMessage message, Traffic traffic);
-  // Waits until every queued message has been delivered or failed.
-  Status flush(std::chrono::milliseconds timeout);
+  Status send(int to, solvernet::v1::TensorMessage message, Traffic traffic) override;
+  Status flush(std::chrono::milliseconds timeout) override;
+  Result<solvernet::v1::TensorMessage> receive(const Tag& tag, std::chrono::milliseconds timeout) override;
+  void abort(const std::string& reason) override;
+  std::string describe(int member) const override;
 
-  // For the gRPC Send handler: checks the sender is a member and the signature
-  // is valid, then files the message. Errors name the problem.
+  // An incoming message (the Transport service calls this). Accepted only if
+  // it is for this job (else not_found), from a member with a valid signature
+  // (else permission_denied), for a step not yet finished and with a tag never
+  // accepted before in this job (else permission_denied: a replay), and if it
+  // fits the sender's inbox limits (else resource_exhausted). A refused
+  // message leaves no trace but a counter; the error names the check.
   Status deliver(solvernet::v1::TensorMessage message);
-  // Waits for the message KEY; error on timeout or abort.
-  Result<solvernet::v1::TensorMessage> receive(const MessageKey& key,
-                                               std::chrono::milliseconds timeout);
-  // Fails every current and future receive/send with REASON.
-  void abort(const std::string& reason);
+  // This member will receive nothing more for STEP or any step before it in
+  // step_order(): their unreceived messages are dropped, their replay record
+  // is pruned, and later messages for them are refused.
+  void finish_step(int64_t step);
 
   // Bytes sent since the last call, per member and traffic class.
   std::vector<LinkCounter> take_counters();
-  std::string describe(int member) const;  // "node 3fa2c1 (stage 1, replica 0)"
+  // What the inbox holds now (for tests and logs).
+  struct InboxUse {
+    int64_t messages = 0;
+    int64_t bytes = 0;
+    int64_t replay_records = 0;  // accepted tags still remembered
+    int64_t refused = 0;         // messages refused since creation
+  };
+  InboxUse inbox_use() const;
 
  private:
   JobTransport() = default;
@@ -101,14 +155,24 @@ class JobTransport {
   };
   struct PeerLink {
     std::unique_ptr<LinkPacer> pacer = std::make_unique<LinkPacer>();
-    std::unique_ptr<solvernet::v1::Node::Stub> stub;
+    std::unique_ptr<solvernet::v1::Transport::Stub> stub;
     std::deque<Outgoing> queue;
     std::optional<Error> failure;
     bool busy = false;
     std::thread sender;
     std::map<Traffic, std::pair<int64_t, int64_t>> counters;  // bytes, messages
   };
+  struct Held {
+    solvernet::v1::TensorMessage message;
+    int64_t bytes = 0;
+  };
+  struct SenderUse {
+    int64_t messages = 0;
+    int64_t bytes = 0;
+  };
   void sender_loop(int to);
+  void drop_locked(std::map<Tag, Held>::iterator it);
+  Error refuse_locked(Error error);
 
   std::string job_id_;
   const NodeKey* key_ = nullptr;
@@ -118,13 +182,21 @@ class JobTransport {
   const Topology* topology_ = nullptr;
   std::optional<Topology> topology_copy_;
   EmulationScale scale_;
+  InboxLimits limits_;
 
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   std::condition_variable changed_;
   bool stopping_ = false;
   std::optional<std::string> aborted_;
   std::vector<std::unique_ptr<PeerLink>> links_;
-  std::map<MessageKey, solvernet::v1::TensorMessage> inbox_;
+  std::map<Tag, Held> inbox_;
+  std::vector<SenderUse> use_;                    // per sender
+  // Every tag accepted for a step not yet finished, by step_order: a tag is
+  // refused while it is here or once its step is below closed_below_.
+  std::map<int64_t, std::set<Tag>> accepted_;
+  int64_t replay_records_ = 0;
+  int64_t closed_below_ = 0;                      // in step_order
+  int64_t refused_ = 0;
 };
 
 }  // namespace sn::net

@@ -1,7 +1,13 @@
-// Ring all-reduce (reduce-scatter then all-gather) of one flat fp32 buffer
-// over the job transport, in fixed-size chunks. The summation order of every
-// element is fixed by the ring order, so every replica ends with bitwise the
-// same sum, run after run.
+// The data-parallel collectives of training, as classes over net::Transport:
+// the gradient sum across a stage's replicas (dense ring all-reduce, or
+// compress → all-gather → sum) and the tied embedding's gradient swap between
+// the first and the last stage.
+//
+// Failure contract (as net/collectives.h): run() returns the first error and
+// has then aborted the transport with its message; the buffer or gradient it
+// was given holds unspecified values (partly reduced). The compressor's
+// error-feedback residual may already hold this step's remainder, so a job
+// resumed after a failure must reload it from a checkpoint.
 #pragma once
 
 #include <torch/torch.h>
@@ -11,42 +17,55 @@
 
 #include "compress/compress.h"
 #include "core/result.h"
+#include "net/collectives.h"
 #include "net/transport.h"
 
 namespace sn::train {
 
-struct RingOptions {
-  int64_t chunk_bytes = 1 << 20;
-  std::chrono::milliseconds timeout{60000};
-  std::string kind = "allreduce";   // message kind, to keep separate reductions apart
-};
+using RingOptions = net::CollectiveOptions;
 
 // BUFFER: contiguous fp32 CPU tensor, summed in place across RING (member
-// indices in ring order; this node must be in it). STEP tags the messages.
-Status ring_allreduce(net::JobTransport& transport, const std::vector<int>& ring,
-                      torch::Tensor buffer, int64_t step, const RingOptions& options);
-
-// Sends BUFFER to PEER and returns PEER's buffer of the same size (one exchange).
-Result<torch::Tensor> exchange_with(net::JobTransport& transport, int peer,
-                                    const torch::Tensor& buffer, int64_t step,
-                                    const std::string& kind, std::chrono::milliseconds timeout);
+// indices in ring order; this node must be in it) by net::RingAllreduce.
+Status ring_allreduce(net::Transport& transport, const std::vector<int>& ring, torch::Tensor buffer, int64_t step,
+                      const RingOptions& options);
 
 // Data-parallel sum through a gradient compressor (error feedback included):
-// every replica compresses its own BUFFER once, the ring all-gathers the D
-// messages (each hop forwards the message it received last round), and every
-// replica decompresses all D — its own too — and adds them in replica order, so
-// all replicas end with bitwise the same sum. BUFFER is overwritten with it.
-// SHARED_SEED must be the same on every replica for this step.
-Status compressed_allreduce(net::JobTransport& transport, const std::vector<int>& ring,
-                            compress::GradientCompressor& compressor, torch::Tensor buffer,
-                            int64_t step, uint64_t shared_seed, const RingOptions& options);
+// every replica compresses its own buffer once, the ring all-gathers the D
+// messages, and every replica decompresses all D — its own too — and adds them
+// in ring order, so all replicas end with bitwise the same sum.
+class CompressedAllreduce {
+ public:
+  // COMPRESSOR must outlive this object; its numel() is the buffer size.
+  CompressedAllreduce(net::Transport& transport, std::vector<int> ring, compress::GradientCompressor& compressor,
+                      RingOptions options);
+  // Overwrites BUFFER (contiguous f32, compressor.numel() values) with the
+  // sum. SHARED_SEED must be the same on every replica for this step.
+  Status run(torch::Tensor buffer, int64_t step, uint64_t shared_seed);
 
-// Sends C(BUFFER) to PEER and returns D(C(BUFFER)) + D(C(PEER's buffer)): both
-// sides compute the same sum bitwise (two-term float addition commutes).
-Result<torch::Tensor> compressed_exchange_sum(net::JobTransport& transport, int peer,
-                                              compress::GradientCompressor& compressor,
-                                              const torch::Tensor& buffer, int64_t step,
-                                              uint64_t shared_seed, const std::string& kind,
-                                              std::chrono::milliseconds timeout);
+ private:
+  net::Transport& transport_;
+  std::vector<int> ring_;
+  compress::GradientCompressor& compressor_;
+  RingOptions options_;
+};
+
+// The tied embedding lives in the first and the last stage: each sends its
+// gradient to the other and both end with the same sum bitwise (two-term
+// float addition commutes). Dense, or through a gradient compressor: then both
+// sides add D(C(own)) + D(C(peer's)).
+class TiedEmbeddingSync {
+ public:
+  // COMPRESSOR may be null (dense); if given it must outlive this object.
+  TiedEmbeddingSync(net::Transport& transport, int peer, compress::GradientCompressor* compressor,
+                    std::chrono::milliseconds timeout);
+  // Replaces GRAD (f32, any shape) in place with the sum of both sides'.
+  Status run(torch::Tensor grad, int64_t step, uint64_t shared_seed);
+
+ private:
+  net::Transport& transport_;
+  int peer_;
+  compress::GradientCompressor* compressor_;
+  RingOptions options_;
+};
 
 }  // namespace sn::train

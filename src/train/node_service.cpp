@@ -47,7 +47,8 @@ class NodeServiceImpl final : public solvernet::v1::Node::Service {
     }
     if (old) old->abort("job set up again");
     old.reset();
-    auto worker = StageWorker::create(*request, *options_.key, options_.data_dir, options_.peer_timeout);
+    auto worker = StageWorker::create(*request, *options_.key, options_.data_dir, options_.peer_timeout,
+                                      *options_.delivery);
     if (!worker.ok()) {
       spdlog::warn("rejected job {}: {}", request->job_id(), worker.message());
       return net::to_grpc(worker.error());
@@ -106,18 +107,6 @@ class NodeServiceImpl final : public solvernet::v1::Node::Service {
       worker->abort("job ended");
     }
     if (options_.on_job_change) options_.on_job_change("");
-    return grpc::Status::OK;
-  }
-
-  grpc::Status Send(grpc::ServerContext*, const solvernet::v1::TensorMessage* request,
-                    solvernet::v1::Empty*) override {
-    auto worker = current(request->job_id());
-    if (!worker) return no_job(request->job_id());
-    auto status = worker->transport().deliver(*request);
-    if (!status.ok()) {
-      spdlog::warn("dropped message: {}", status.message());
-      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, status.message());
-    }
     return grpc::Status::OK;
   }
 

@@ -8,6 +8,7 @@
 #include "core/hash.h"
 #include "model/safetensors.h"
 #include "model/tensor_wire.h"
+#include "net/collectives.h"
 #include "train/allreduce.h"
 
 namespace sn::train {
@@ -70,10 +71,40 @@ std::string parameters_hash(const NamedTensors& parameters) {
   return to_hex(digest);
 }
 
+net::InboxLimits job_inbox_limits(const JobConfig& job, int64_t stage_parameters, bool compressed_gradients) {
+  constexpr int64_t kF32 = 4, kHeaderBytes = 1024, kCodecSlackBytes = 64 << 10;
+  const int64_t micro_batches = job.parallel.micro_batches;
+  const int64_t replicas = job.parallel.replicas;
+  const int64_t activation_bytes =
+      job.sequences_per_micro_batch() * job.model.seq_len * job.model.d_model * kF32;
+  // One neighbour sends this stage either its activations or their gradients.
+  // Codecs may exceed the dense size (top-k sends indices and values).
+  int64_t bytes = micro_batches * (2 * activation_bytes + kCodecSlackBytes);
+  int64_t messages = micro_batches;
+  // The replica ring: the predecessor sends at most the whole buffer, both
+  // phases; through a compressor it forwards D − 1 compressed buffers.
+  const int64_t gradient_bytes = stage_parameters * kF32;
+  const int64_t ring_messages = net::RingAllreduce::messages_per_member(
+      stage_parameters, static_cast<int>(replicas), job.parallel.allreduce_chunk_bytes);
+  if (compressed_gradients) {
+    bytes += (replicas - 1) * (2 * gradient_bytes + kCodecSlackBytes);
+    messages += replicas - 1;
+  } else {
+    bytes += 2 * gradient_bytes + ring_messages * kHeaderBytes;
+    messages += ring_messages;
+  }
+  // The tied embedding's swap between the first and the last stage.
+  bytes += 2 * job.model.vocab * job.model.d_model * kF32 + kCodecSlackBytes;
+  messages += 1;
+  bytes += messages * kHeaderBytes;
+  return net::InboxLimits{2 * bytes + (int64_t{1} << 20), 2 * messages + 16};
+}
+
 Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::SetupJobRequest& request,
                                                          const NodeKey& key,
                                                          const std::filesystem::path& data_dir,
-                                                         std::chrono::milliseconds peer_timeout) {
+                                                         std::chrono::milliseconds peer_timeout,
+                                                         net::DeliveryService& delivery) {
   std::unique_ptr<StageWorker> w(new StageWorker());
   w->job_id_ = request.job_id();
   if (w->job_id_.empty() || w->job_id_.size() > 128) return make_error("job id must be 1..128 characters");
@@ -128,8 +159,6 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
   if (request.time_dilation() > 0) scale.time_dilation = request.time_dilation();
   if (request.byte_ratio() > 0) scale.byte_ratio = request.byte_ratio();
   if (request.gradient_byte_ratio() > 0) scale.gradient_byte_ratio = request.gradient_byte_ratio();
-  SN_ASSIGN(w->transport_, net::JobTransport::create(w->job_id_, key, std::move(members), self,
-                                                     topology ? &*topology : nullptr, scale));
 
   w->model_ = std::make_unique<model::StageModel>(model_config, request.first_layer(),
                                                   request.layer_count(), w->job_.train.seed);
@@ -184,7 +213,23 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
                                          w->job_.compression, p.numel(), static_cast<uint64_t>(w->stage_)));
     }
   }
-  if (request.start_step() > 0) SN_TRY(w->load_checkpoint(request.start_step()));
+  SN_ASSIGN(w->transport_,
+            net::JobTransport::create(w->job_id_, key, std::move(members), self, topology ? &*topology : nullptr,
+                                      scale, job_inbox_limits(w->job_, w->parameter_count(),
+                                                              w->job_.compression.gradients != "none")));
+  const bool first = w->stage_ == 0, last = w->stage_ == w->stages_ - 1;
+  w->pipeline_ = std::make_unique<PipelineChannel>(
+      *w->transport_, first ? -1 : w->member(w->stage_ - 1, w->replica_),
+      last ? -1 : w->member(w->stage_ + 1, w->replica_),
+      std::vector<int64_t>{w->job_.sequences_per_micro_batch(), model_config.seq_len, model_config.d_model},
+      PipelineChannel::Codecs{w->forward_out_.get(), w->forward_in_.get(), w->backward_out_.get(),
+                              w->backward_in_.get()},
+      peer_timeout);
+  if (request.start_step() > 0) {
+    SN_TRY(w->load_checkpoint(request.start_step()));
+    w->transport_->finish_step(request.start_step() - 1);
+  }
+  w->registration_ = delivery.add(w->transport_);
   return w;
 }
 
@@ -256,171 +301,152 @@ std::string StageWorker::weights_safetensors() const {
   return model::safetensors_bytes(parameters_, {{"job_id", job_id_}, {"step", std::to_string(steps_done_)}});
 }
 
-Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::RunStepRequest& request) {
-  const bool forward_only = request.forward_only();
-  const int64_t step = request.step();
-  const int micro_batches = request.micro_batches_size();
-  if (!forward_only && step != steps_done_)
-    return make_error("asked for step {} but this stage has done {} steps", step, steps_done_);
-  if (micro_batches < 1 || (!forward_only && micro_batches != job_.parallel.micro_batches))
-    return make_error("step has {} micro-batches, the job says {}", micro_batches, job_.parallel.micro_batches);
-  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
-  const int64_t batch = job_.sequences_per_micro_batch();
-  const int64_t seq = job_.model.seq_len, width = job_.model.d_model;
-  const double scale = 1.0 / static_cast<double>(job_.parallel.micro_batches * replicas_);
-  const int prev = first ? -1 : member(stage_ - 1, replica_);
-  const int next = last ? -1 : member(stage_ + 1, replica_);
 
-  auto started = Clock::now();
-  double wait_seconds = 0;
-  auto timed_receive = [&](const net::MessageKey& key) {
-    auto t0 = Clock::now();
-    auto message = transport_->receive(key, peer_timeout_);
-    wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-    return message;
-  };
-  auto sample_ids = [&](int micro) {
+struct StageWorker::StepState {
+  const solvernet::v1::RunStepRequest& request;
+  int64_t step = 0;
+  bool forward_only = false;
+  // Per micro-batch, between its forward and its backward.
+  std::vector<torch::Tensor> inputs, outputs, losses;
+  double loss_sum = 0;
+  double reduce_seconds = 0;
+  Clock::time_point started = Clock::now();
+
+  std::vector<int64_t> sample_ids(int micro) const {
     const auto& ids = request.micro_batches(micro).sample_ids();
     return std::vector<int64_t>(ids.begin(), ids.end());
-  };
-  // Evaluation batches go uncompressed: their ids are held-out ids, which
-  // AQ-SGD's per-sample buffers (keyed by training ids) must not see.
-  auto send_tensor = [&](int to, const char* kind, int micro, const torch::Tensor& tensor,
-                         compress::ActivationCodec* codec) -> Status {
-    solvernet::v1::TensorMessage message;
-    message.set_kind(kind);
-    message.set_step(step);
-    message.set_micro(micro);
-    if (codec && !forward_only) {
-      const uint64_t seed = shared_seed(step, kind, micro, stage_ * replicas_ + replica_);
-      SN_ASSIGN(*message.mutable_compressed(), codec->encode(tensor.detach().contiguous(), sample_ids(micro), seed));
-    } else {
-      model::tensor_to_proto(tensor.detach().contiguous(), message.mutable_tensor());
-    }
-    return transport_->send(to, std::move(message), net::Traffic::kPipeline);
-  };
-  auto decode_tensor = [&](const solvernet::v1::TensorMessage& message, int micro,
-                           compress::ActivationCodec* codec) -> Result<torch::Tensor> {
-    if (message.has_compressed()) {
-      if (!codec) return make_error("compressed tensor received but compression is off");
-      SN_ASSIGN(torch::Tensor t, codec->decode(message.compressed(), sample_ids(micro)));
-      if (!t.sizes().equals(std::vector<int64_t>{batch, seq, width}))
-        return make_error("decoded tensor has the wrong shape");
-      return t.to(torch::kFloat32).contiguous();
-    }
-    return model::tensor_from_proto(message.tensor(), torch::kFloat32, std::vector<int64_t>{batch, seq, width});
-  };
+  }
+  // A seed every member agrees on for this crossing; evaluation goes dense
+  // (held-out ids must not touch the codecs' per-sample buffers).
+  const std::vector<int64_t>* codec_ids(int micro, std::vector<int64_t>& storage) const {
+    if (forward_only) return nullptr;
+    storage = sample_ids(micro);
+    return &storage;
+  }
+};
 
-  for (auto& [name, p] : parameters_)
-    if (p.grad().defined()) p.mutable_grad().zero_();
+Status StageWorker::check_step(const solvernet::v1::RunStepRequest& request) const {
+  const int micro_batches = request.micro_batches_size();
+  if (!request.forward_only() && request.step() != steps_done_)
+    return make_error("asked for step {} but this stage has done {} steps", request.step(), steps_done_);
+  if (micro_batches < 1 || (!request.forward_only() && micro_batches != job_.parallel.micro_batches))
+    return make_error("step has {} micro-batches, the job says {}", micro_batches, job_.parallel.micro_batches);
+  return ok_status();
+}
 
-  torch::AutoGradMode grad_mode(!forward_only);
-  std::vector<torch::Tensor> inputs(static_cast<size_t>(micro_batches)), outputs(inputs.size()),
-      losses(inputs.size());
-  double loss_sum = 0;
-  std::vector<ScheduleOp> ops;
-  if (forward_only) {
-    for (int m = 0; m < micro_batches; ++m) ops.push_back({true, m});
+// Receive input (tokens at the first stage), forward, then send the output on
+// (or keep the loss, at the last stage).
+Status StageWorker::forward_micro(StepState& state, int micro) {
+  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
+  const int64_t batch = job_.sequences_per_micro_batch(), seq = job_.model.seq_len;
+  const auto m = static_cast<size_t>(micro);
+  const auto& batch_data = state.request.micro_batches(micro);
+  std::vector<int64_t> ids;
+  torch::Tensor input;
+  if (first) {
+    SN_ASSIGN(input, model::tensor_from_proto(batch_data.tokens(), torch::kInt64, std::vector<int64_t>{batch, seq}));
+    if (input.min().item<int64_t>() < 0 || input.max().item<int64_t>() >= job_.model.vocab)
+      return make_error("micro-batch {} holds token ids outside the vocabulary", micro);
   } else {
-    ops = pipeline_schedule(job_.parallel.schedule, stage_, stages_, micro_batches);
+    SN_ASSIGN(input, pipeline_->receive(Flow::kActivation, state.step, micro, state.codec_ids(micro, ids)));
+    if (!state.forward_only) input.requires_grad_(true);
   }
-  for (const ScheduleOp& op : ops) {
-    const auto m = static_cast<size_t>(op.micro);
-    const auto& micro = request.micro_batches(op.micro);
-    if (op.forward) {
-      torch::Tensor input;
-      if (first) {
-        SN_ASSIGN(input, model::tensor_from_proto(micro.tokens(), torch::kInt64,
-                                                  std::vector<int64_t>{batch, seq}));
-        if (input.min().item<int64_t>() < 0 || input.max().item<int64_t>() >= job_.model.vocab)
-          return make_error("micro-batch {} holds token ids outside the vocabulary", op.micro);
-      } else {
-        SN_ASSIGN(auto message, timed_receive({"act", step, op.micro, 0, 0, prev}));
-        auto decoded = decode_tensor(message, op.micro, forward_in_.get());
-        if (!decoded.ok())
-          return make_error("activation of micro-batch {} from {}: {}", op.micro, transport_->describe(prev), decoded.message());
-        input = *decoded;
-        if (!forward_only) input.requires_grad_(true);
-      }
-      torch::Tensor output = model_->forward(input);
-      if (last) {
-        SN_ASSIGN(auto targets, model::tensor_from_proto(micro.targets(), torch::kInt64,
-                                                         std::vector<int64_t>{batch, seq}));
-        if (targets.min().item<int64_t>() < 0 || targets.max().item<int64_t>() >= job_.model.vocab)
-          return make_error("micro-batch {} holds target ids outside the vocabulary", op.micro);
-        torch::Tensor loss = model::lm_loss(output, targets);
-        loss_sum += loss.item<double>();
-        losses[m] = loss;
-      } else {
-        SN_TRY(send_tensor(next, "act", op.micro, output, forward_out_.get()));
-      }
-      if (!forward_only) {
-        inputs[m] = input;
-        outputs[m] = output;
-      }
-    } else {
-      if (last) {
-        (losses[m] * scale).backward();
-      } else {
-        SN_ASSIGN(auto message, timed_receive({"grad", step, op.micro, 0, 0, next}));
-        auto grad = decode_tensor(message, op.micro, backward_in_.get());
-        if (!grad.ok())
-          return make_error("gradient of micro-batch {} from {}: {}", op.micro, transport_->describe(next), grad.message());
-        outputs[m].backward(*grad);
-      }
-      if (!first) SN_TRY(send_tensor(prev, "grad", op.micro, inputs[m].grad(), backward_out_.get()));
-      inputs[m] = outputs[m] = losses[m] = torch::Tensor();
-    }
+  torch::Tensor output = model_->forward(input);
+  if (last) {
+    SN_ASSIGN(auto targets, model::tensor_from_proto(batch_data.targets(), torch::kInt64, std::vector<int64_t>{batch, seq}));
+    if (targets.min().item<int64_t>() < 0 || targets.max().item<int64_t>() >= job_.model.vocab)
+      return make_error("micro-batch {} holds target ids outside the vocabulary", micro);
+    torch::Tensor loss = model::lm_loss(output, targets);
+    state.loss_sum += loss.item<double>();
+    state.losses[m] = loss;
+  } else {
+    const uint64_t seed = shared_seed(state.step, "act", micro, stage_ * replicas_ + replica_);
+    SN_TRY(pipeline_->send(Flow::kActivation, state.step, micro, output, state.codec_ids(micro, ids), seed));
   }
+  if (!state.forward_only) {
+    state.inputs[m] = input;
+    state.outputs[m] = output;
+  }
+  return ok_status();
+}
 
-  solvernet::v1::RunStepReply reply;
-  reply.set_step(step);
-  if (!forward_only) {
-    auto t0 = Clock::now();
-    torch::Tensor flat = flatten_gradients(parameters_);
-    std::vector<int> ring;
-    for (int r = 0; r < replicas_; ++r) ring.push_back(member(stage_, r));
-    RingOptions ring_options;
-    ring_options.chunk_bytes = job_.parallel.allreduce_chunk_bytes;
-    ring_options.timeout = peer_timeout_;
-    if (replica_compressor_) {
-      ring_options.kind = "dpgrad";
-      SN_TRY(compressed_allreduce(*transport_, ring, *replica_compressor_, flat, step,
-                                  shared_seed(step, "replicas", stage_), ring_options));
-    } else {
-      SN_TRY(ring_allreduce(*transport_, ring, flat, step, ring_options));
-    }
-    unflatten_gradients(flat, parameters_);
-    // The tied embedding lives in the first and the last stage: both add the
-    // other's gradient (a + b == b + a bitwise) and so stay identical.
-    if (stages_ > 1 && (first || last)) {
-      for (auto& [name, p] : parameters_) {
-        if (name != "wte.weight") continue;
-        int peer = first ? member(stages_ - 1, replica_) : member(0, replica_);
-        torch::NoGradGuard no_grad;
-        if (tied_compressor_) {
-          SN_ASSIGN(auto sum, compressed_exchange_sum(*transport_, peer, *tied_compressor_, p.grad(), step,
-                                                      shared_seed(step, "tied"), "tied", peer_timeout_));
-          p.mutable_grad().copy_(sum);
-        } else {
-          SN_ASSIGN(auto other, exchange_with(*transport_, peer, p.grad(), step, "tied", peer_timeout_));
-          p.mutable_grad().add_(other.view(p.sizes()));
-        }
-      }
-    }
-    wait_seconds += std::chrono::duration<double>(Clock::now() - t0).count();
-    optimizer_->step(step);
-    ++steps_done_;
-    if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0) {
-      SN_TRY(save_checkpoint());
-      for (auto* codec : {forward_out_.get(), forward_in_.get(), backward_out_.get(), backward_in_.get()})
-        if (codec) SN_TRY(codec->flush());
-    }
-    reply.set_state_hash(parameters_hash(parameters_));
+// Receive the output's gradient (the scaled loss at the last stage), backward,
+// then send the input's gradient back (except at the first stage).
+Status StageWorker::backward_micro(StepState& state, int micro) {
+  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
+  const double scale = 1.0 / static_cast<double>(job_.parallel.micro_batches * replicas_);
+  const auto m = static_cast<size_t>(micro);
+  std::vector<int64_t> ids;
+  if (last) {
+    (state.losses[m] * scale).backward();
+  } else {
+    SN_ASSIGN(auto grad, pipeline_->receive(Flow::kGradient, state.step, micro, state.codec_ids(micro, ids)));
+    state.outputs[m].backward(grad);
   }
+  if (!first) {
+    const uint64_t seed = shared_seed(state.step, "grad", micro, stage_ * replicas_ + replica_);
+    SN_TRY(pipeline_->send(Flow::kGradient, state.step, micro, state.inputs[m].grad(), state.codec_ids(micro, ids), seed));
+  }
+  state.inputs[m] = state.outputs[m] = state.losses[m] = torch::Tensor();
+  return ok_status();
+}
+
+// Sum this stage's gradients across its replicas (dense ring, or compressed).
+Status StageWorker::reduce_replica_gradients(int64_t step) {
+  torch::Tensor flat = flatten_gradients(parameters_);
+  std::vector<int> ring;
+  for (int r = 0; r < replicas_; ++r) ring.push_back(member(stage_, r));
+  RingOptions ring_options;
+  ring_options.chunk_bytes = job_.parallel.allreduce_chunk_bytes;
+  ring_options.timeout = peer_timeout_;
+  if (replica_compressor_) {
+    ring_options.kind = "dpgrad";
+    SN_TRY(CompressedAllreduce(*transport_, ring, *replica_compressor_, ring_options)
+               .run(flat, step, shared_seed(step, "replicas", stage_)));
+  } else {
+    SN_TRY(ring_allreduce(*transport_, ring, flat, step, ring_options));
+  }
+  unflatten_gradients(flat, parameters_);
+  return ok_status();
+}
+
+// The tied embedding lives in the first and the last stage: both add the
+// other's gradient (a + b == b + a bitwise) and so stay identical.
+Status StageWorker::sync_tied_embedding(int64_t step) {
+  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
+  if (stages_ == 1 || !(first || last)) return ok_status();
+  for (auto& [name, p] : parameters_) {
+    if (name != "wte.weight") continue;
+    const int peer = first ? member(stages_ - 1, replica_) : member(0, replica_);
+    SN_TRY(TiedEmbeddingSync(*transport_, peer, tied_compressor_.get(), peer_timeout_)
+               .run(p.mutable_grad(), step, shared_seed(step, "tied")));
+  }
+  return ok_status();
+}
+
+// AdamW, then the checkpoint (every checkpoint_every steps) and the state hash.
+Status StageWorker::update_weights(int64_t step, solvernet::v1::RunStepReply& reply) {
+  optimizer_->step(step);
+  ++steps_done_;
+  if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0) {
+    SN_TRY(save_checkpoint());
+    for (auto* codec : {forward_out_.get(), forward_in_.get(), backward_out_.get(), backward_in_.get()})
+      if (codec) SN_TRY(codec->flush());
+  }
+  reply.set_state_hash(parameters_hash(parameters_));
+  return ok_status();
+}
+
+// Waits until every message of the step is delivered, closes the step in the
+// inbox (a late or replayed message for it is refused from now on) and
+// reports loss, traffic and time.
+Status StageWorker::report(StepState& state, solvernet::v1::RunStepReply& reply) {
   SN_TRY(transport_->flush(peer_timeout_));
-  reply.set_loss_sum(loss_sum);
-  reply.set_loss_count(last ? micro_batches : 0);
+  transport_->finish_step(state.step);
+  const bool last = stage_ == stages_ - 1;
+  reply.set_step(state.step);
+  reply.set_loss_sum(state.loss_sum);
+  reply.set_loss_count(last ? state.request.micro_batches_size() : 0);
   for (const auto& counter : transport_->take_counters()) {
     auto* sent = reply.add_sent();
     sent->set_to_node_id(transport_->members()[static_cast<size_t>(counter.to)].node_id);
@@ -428,9 +454,46 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
     sent->set_traffic(net::traffic_name(counter.traffic));
     sent->set_bytes(counter.bytes);
   }
-  double total = std::chrono::duration<double>(Clock::now() - started).count();
+  const double wait_seconds = pipeline_->take_wait_seconds() + state.reduce_seconds;
+  const double total = std::chrono::duration<double>(Clock::now() - state.started).count();
   reply.set_wait_seconds(wait_seconds);
   reply.set_compute_seconds(total - wait_seconds);
+  return ok_status();
+}
+
+Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::RunStepRequest& request) {
+  SN_TRY(check_step(request));
+  StepState state{request};
+  state.step = request.step();
+  state.forward_only = request.forward_only();
+  const int micro_batches = request.micro_batches_size();
+  state.inputs.resize(static_cast<size_t>(micro_batches));
+  state.outputs.resize(state.inputs.size());
+  state.losses.resize(state.inputs.size());
+  pipeline_->take_wait_seconds();
+
+  for (auto& [name, p] : parameters_)
+    if (p.grad().defined()) p.mutable_grad().zero_();
+  {
+    torch::AutoGradMode grad_mode(!state.forward_only);
+    std::vector<ScheduleOp> ops;
+    if (state.forward_only) {
+      for (int m = 0; m < micro_batches; ++m) ops.push_back({true, m});
+    } else {
+      ops = pipeline_schedule(job_.parallel.schedule, stage_, stages_, micro_batches);
+    }
+    for (const ScheduleOp& op : ops) SN_TRY(op.forward ? forward_micro(state, op.micro) : backward_micro(state, op.micro));
+  }
+
+  solvernet::v1::RunStepReply reply;
+  if (!state.forward_only) {
+    auto t0 = Clock::now();
+    SN_TRY(reduce_replica_gradients(state.step));
+    SN_TRY(sync_tied_embedding(state.step));
+    state.reduce_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    SN_TRY(update_weights(state.step, reply));
+  }
+  SN_TRY(report(state, reply));
   return reply;
 }
 

@@ -17,9 +17,11 @@
 #include "core/result.h"
 #include "compress/compress.h"
 #include "model/gpt.h"
+#include "net/delivery.h"
 #include "net/transport.h"
 #include "proto/solvernet.pb.h"
 #include "train/adamw.h"
+#include "train/pipeline_channel.h"
 
 namespace sn::train {
 
@@ -37,17 +39,31 @@ void unflatten_gradients(const torch::Tensor& flat, const NamedTensors& paramete
 // BLAKE2b over the parameters' names, shapes and bytes, in order.
 std::string parameters_hash(const NamedTensors& parameters);
 
+// What a job's inbox must hold from one sender: a step's worth of its
+// traffic (messages in flight per step) twice over, plus a margin, so that
+// legitimate pipeline and all-reduce traffic never reaches the bound.
+net::InboxLimits job_inbox_limits(const JobConfig& job, int64_t stage_parameters, bool compressed_gradients);
+
 class StageWorker {
  public:
+  // Its transport is registered with DELIVERY (which must outlive the worker)
+  // for the worker's life, so the node's Transport service routes to it.
   static Result<std::unique_ptr<StageWorker>> create(const solvernet::v1::SetupJobRequest& request,
                                                      const NodeKey& key,
                                                      const std::filesystem::path& data_dir,
-                                                     std::chrono::milliseconds peer_timeout);
+                                                     std::chrono::milliseconds peer_timeout,
+                                                     net::DeliveryService& delivery);
 
   const std::string& job_id() const { return job_id_; }
   net::JobTransport& transport() { return *transport_; }
   int64_t parameter_count() const;
 
+  // One optimizer step (or, forward_only, one evaluation round), in phases:
+  // run the schedule (per op: receive input, forward, send output; receive
+  // output gradient, backward, send input gradient), reduce gradients across
+  // replicas, sync the tied embedding, update and checkpoint, report. On error
+  // the transport is aborted and the worker's weights, optimizer and codec
+  // state are unspecified: the job must be set up again (from a checkpoint).
   Result<solvernet::v1::RunStepReply> run_step(const solvernet::v1::RunStepRequest& request);
   // This stage's weights as safetensors (whole-model names).
   std::string weights_safetensors() const;
@@ -57,6 +73,16 @@ class StageWorker {
  private:
   StageWorker() = default;
   int member(int stage, int replica) const { return stage * replicas_ + replica; }
+
+  // The working state of one step, handed from phase to phase.
+  struct StepState;
+  Status check_step(const solvernet::v1::RunStepRequest& request) const;
+  Status forward_micro(StepState& state, int micro);
+  Status backward_micro(StepState& state, int micro);
+  Status reduce_replica_gradients(int64_t step);
+  Status sync_tied_embedding(int64_t step);
+  Status update_weights(int64_t step, solvernet::v1::RunStepReply& reply);
+  Status report(StepState& state, solvernet::v1::RunStepReply& reply);
   Status save_checkpoint();
   Status load_checkpoint(int64_t step);
   std::filesystem::path checkpoint_path() const;
@@ -69,7 +95,9 @@ class StageWorker {
   std::unique_ptr<model::StageModel> model_;
   NamedTensors parameters_;
   std::unique_ptr<AdamW> optimizer_;
-  std::unique_ptr<net::JobTransport> transport_;
+  std::shared_ptr<net::JobTransport> transport_;
+  net::DeliveryService::Registration registration_;
+  std::unique_ptr<PipelineChannel> pipeline_;
   // Activation codecs at this stage's boundaries (none when compression is off):
   // forward to the next stage / from the previous, backward to the previous / from the next.
   std::unique_ptr<compress::ActivationCodec> forward_out_, forward_in_, backward_out_, backward_in_;

@@ -18,7 +18,7 @@
 #include "core/keys.h"
 #include "core/result.h"
 #include "net/topology.h"
-#include "net/transport.h"
+#include "net/delivery.h"
 
 namespace sn::train {
 
@@ -33,9 +33,10 @@ struct NodeServiceOptions {
   std::function<solvernet::v1::SignedNodeInfo()> signed_info;  // for GetInfo
   std::chrono::milliseconds peer_timeout{60000};   // waiting for a peer's tensor
   std::function<void(const std::string& job_id)> on_job_change;  // "" when idle again
+  net::DeliveryService* delivery = nullptr;        // routes the job's messages; must outlive the service
 };
 
-// The Node gRPC service: SetupJob, RunStep, FetchWeights, EndJob, Send, Ping, GetInfo.
+// The Node gRPC service: SetupJob, RunStep, FetchWeights, EndJob, Ping, GetInfo.
 std::unique_ptr<grpc::Service> make_node_service(NodeServiceOptions options);
 
 // ---- the client side --------------------------------------------------------

@@ -2,7 +2,9 @@
 // exchanging signed tensor messages over emulated links.
 #include <gtest/gtest.h>
 
+#include <thread>
 
+#include "net/collectives.h"
 #include "net/local_mesh.h"
 
 using namespace sn;
@@ -153,6 +155,203 @@ TEST(Transport, VanishedPeerSurfacesAsSendError) {
   ASSERT_FALSE(flushed.ok());
   EXPECT_NE(flushed.message().find("stage 0, replica 1"), std::string::npos);
   EXPECT_FALSE(p.a->send(1, make_message("act", 1, 10), Traffic::kPipeline).ok());
+}
+
+namespace {
+
+// A message for job "mesh" signed by KEY, as a member's transport would send it.
+solvernet::v1::TensorMessage signed_message(const NodeKey& key, int64_t step, int micro, size_t bytes,
+                                            const std::string& job = "mesh") {
+  auto m = make_message("act", micro, bytes);
+  m.set_step(step);
+  m.set_job_id(job);
+  m.set_from_node_id(key.node_id());
+  auto sig = key.sign(tensor_message_digest(m));
+  m.set_signature(sig.data(), sig.size());
+  return m;
+}
+
+std::unique_ptr<LocalMesh> small_inbox_mesh(InboxLimits limits) {
+  return std::move(LocalMesh::create({"", ""}, nullptr, {}, limits).value());
+}
+
+}  // namespace
+
+TEST(Inbox, CountBoundRefusesTheSenderAndFreesRoomOnReceive) {
+  auto mesh = small_inbox_mesh({1 << 20, 4});
+  JobTransport& b = mesh->member(1);
+  for (int micro = 0; micro < 4; ++micro) ASSERT_TRUE(b.deliver(signed_message(mesh->key(0), 0, micro, 100)).ok());
+  auto full = b.deliver(signed_message(mesh->key(0), 0, 4, 100));
+  ASSERT_FALSE(full.ok());
+  EXPECT_EQ(full.error().kind, ErrorKind::resource_exhausted);
+  EXPECT_NE(full.message().find("limit of 4 messages"), std::string::npos) << full.message();
+  EXPECT_EQ(b.inbox_use().messages, 4);
+  // A refused message is not remembered: once there is room it is accepted.
+  ASSERT_TRUE(b.receive({"act", 0, 0, 0, 0, 0}, 1000ms).ok());
+  EXPECT_TRUE(b.deliver(signed_message(mesh->key(0), 0, 4, 100)).ok());
+  EXPECT_EQ(b.inbox_use().messages, 4);
+}
+
+TEST(Inbox, ByteBoundHoldsWhateverTheSenderSends) {
+  auto mesh = small_inbox_mesh({10000, 1000});
+  JobTransport& b = mesh->member(1);
+  int accepted = 0, exhausted = 0;
+  for (int micro = 0; micro < 200; ++micro) {
+    auto status = b.deliver(signed_message(mesh->key(0), 0, micro, 3000));
+    if (status.ok()) ++accepted;
+    if (!status.ok() && status.error().kind == ErrorKind::resource_exhausted) ++exhausted;
+  }
+  EXPECT_EQ(accepted, 3);
+  EXPECT_EQ(exhausted, 197);
+  EXPECT_LE(b.inbox_use().bytes, 10000);
+  EXPECT_EQ(b.inbox_use().refused, 197);
+}
+
+TEST(Inbox, SendersOverTheBoundGetResourceExhaustedOverGrpc) {
+  auto mesh = small_inbox_mesh({1 << 20, 3});
+  for (int micro = 0; micro < 5; ++micro)
+    ASSERT_TRUE(mesh->member(0).send(1, make_message("act", micro, 10), Traffic::kPipeline).ok());
+  auto flushed = mesh->member(0).flush(10000ms);
+  ASSERT_FALSE(flushed.ok());
+  EXPECT_EQ(flushed.error().kind, ErrorKind::resource_exhausted) << flushed.message();
+  EXPECT_EQ(mesh->member(1).inbox_use().messages, 3);
+}
+
+TEST(Inbox, NonMembersAndForgeriesNeverReachTheInbox) {
+  auto mesh = small_inbox_mesh({1 << 20, 4});
+  NodeKey stranger = NodeKey::generate();
+  for (int micro = 0; micro < 50; ++micro) {
+    auto status = mesh->member(1).deliver(signed_message(stranger, 0, micro, 1000));
+    ASSERT_FALSE(status.ok());
+    EXPECT_EQ(status.error().kind, ErrorKind::permission_denied);
+  }
+  auto other_job = mesh->member(1).deliver(signed_message(mesh->key(0), 0, 0, 10, "other"));
+  EXPECT_EQ(other_job.error().kind, ErrorKind::not_found);
+  EXPECT_EQ(mesh->member(1).inbox_use().messages, 0);
+  EXPECT_EQ(mesh->member(1).inbox_use().refused, 50);
+}
+
+TEST(Replay, AMessageAcceptedOnceIsRefusedEvenAfterItWasReceived) {
+  auto mesh = small_inbox_mesh({1 << 20, 64});
+  JobTransport& b = mesh->member(1);
+  auto message = signed_message(mesh->key(0), 3, 0, 100);
+  ASSERT_TRUE(b.deliver(message).ok());
+  auto again = b.deliver(message);
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().kind, ErrorKind::permission_denied);
+  ASSERT_TRUE(b.receive({"act", 3, 0, 0, 0, 0}, 1000ms).ok());
+  auto after_receive = b.deliver(message);
+  ASSERT_FALSE(after_receive.ok());
+  EXPECT_EQ(after_receive.error().kind, ErrorKind::permission_denied);
+  EXPECT_NE(after_receive.message().find("replayed"), std::string::npos) << after_receive.message();
+  // The same tag with another payload is the same message to the replay check.
+  auto altered = signed_message(mesh->key(0), 3, 0, 7);
+  EXPECT_FALSE(b.deliver(altered).ok());
+}
+
+TEST(Replay, FinishedStepsAreClosedAndTheirRecordPruned) {
+  auto mesh = small_inbox_mesh({1 << 20, 64});
+  JobTransport& b = mesh->member(1);
+  ASSERT_TRUE(b.deliver(signed_message(mesh->key(0), 0, 0, 10)).ok());
+  ASSERT_TRUE(b.deliver(signed_message(mesh->key(0), 0, 1, 10)).ok());  // never received: dropped at finish
+  ASSERT_TRUE(b.deliver(signed_message(mesh->key(0), 1, 0, 10)).ok());
+  ASSERT_TRUE(b.receive({"act", 0, 0, 0, 0, 0}, 1000ms).ok());
+  EXPECT_EQ(b.inbox_use().replay_records, 3);
+  b.finish_step(0);
+  EXPECT_EQ(b.inbox_use().replay_records, 1);
+  EXPECT_EQ(b.inbox_use().messages, 1);
+  auto late = b.deliver(signed_message(mesh->key(0), 0, 5, 10));
+  ASSERT_FALSE(late.ok());
+  EXPECT_EQ(late.error().kind, ErrorKind::permission_denied);
+  EXPECT_NE(late.message().find("finished"), std::string::npos) << late.message();
+  EXPECT_TRUE(b.receive({"act", 1, 0, 0, 0, 0}, 1000ms).ok());
+  // Evaluation rounds (−1, −2, …) come after every training step.
+  b.finish_step(1);
+  ASSERT_TRUE(b.deliver(signed_message(mesh->key(0), -1, 0, 10)).ok());
+  b.finish_step(-1);
+  EXPECT_FALSE(b.deliver(signed_message(mesh->key(0), -1, 1, 10)).ok());
+  EXPECT_FALSE(b.deliver(signed_message(mesh->key(0), 7, 0, 10)).ok());
+  EXPECT_TRUE(b.deliver(signed_message(mesh->key(0), -2, 0, 10)).ok());
+  EXPECT_EQ(b.inbox_use().replay_records, 1);
+}
+
+namespace {
+
+// Runs BODY(transport, member index) on every member of a fresh mesh at once.
+template <typename Body>
+void on_every_member(size_t members, Body body) {
+  auto mesh = LocalMesh::create(std::vector<std::string>(members, ""), nullptr);
+  ASSERT_TRUE(mesh.ok()) << mesh.message();
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < members; ++i) threads.emplace_back([&, i] { body((*mesh)->member(i), i); });
+  for (auto& t : threads) t.join();
+}
+
+std::vector<float> ramp(size_t n, float scale) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = scale * static_cast<float>(i % 101) * 0.37f + 1.0f / (1.0f + static_cast<float>(i));
+  return v;
+}
+
+}  // namespace
+
+TEST(Collectives, RingAllreduceSumsBitwiseEquallyOnEveryMember) {
+  const size_t n = 4, values = 5003;  // not a multiple of the ring or of the chunk
+  std::vector<std::vector<float>> buffers(n);
+  CollectiveOptions options;
+  options.chunk_bytes = 1000;
+  on_every_member(n, [&](JobTransport& t, size_t i) {
+    buffers[i] = ramp(values, static_cast<float>(i + 1));
+    auto status = RingAllreduce(t, {0, 1, 2, 3}, options).run(buffers[i], 0);
+    EXPECT_TRUE(status.ok()) << status.message();
+    t.finish_step(0);
+    EXPECT_EQ(t.inbox_use().messages, 0);
+  });
+  for (size_t i = 1; i < n; ++i) EXPECT_EQ(buffers[i], buffers[0]);
+  for (size_t k : {size_t{0}, size_t{1234}, values - 1}) {
+    float expected = 0;
+    for (size_t i = 0; i < n; ++i) expected += ramp(values, static_cast<float>(i + 1))[k];
+    EXPECT_NEAR(buffers[0][k], expected, 1e-3);
+  }
+  EXPECT_EQ(RingAllreduce::messages_per_member(values, 4, 1000), 2 * 3 * 6);
+}
+
+TEST(Collectives, AllgatherAndPairExchangeHandEveryoneEveryMessage) {
+  const size_t n = 3;
+  std::vector<std::vector<std::string>> gathered(n);
+  std::vector<std::string> swapped(n);
+  on_every_member(n, [&](JobTransport& t, size_t i) {
+    auto own = make_message("", 0, 10 + i);
+    auto all = RingAllgather(t, {0, 1, 2}, {}).run(own, 5);
+    ASSERT_TRUE(all.ok()) << all.message();
+    for (const auto& m : *all) gathered[i].push_back(m.tensor().data());
+    if (i < 2) {
+      auto other = PairExchange(t, 1 - static_cast<int>(i), {.kind = "tied"}).run(make_message("", 0, 40 + i), 5);
+      ASSERT_TRUE(other.ok()) << other.message();
+      swapped[i] = other->tensor().data();
+    }
+  });
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(gathered[i].size(), n);
+    for (size_t j = 0; j < n; ++j) EXPECT_EQ(gathered[i][j].size(), 10 + j);
+  }
+  EXPECT_EQ(swapped[0].size(), 41u);
+  EXPECT_EQ(swapped[1].size(), 40u);
+}
+
+TEST(Collectives, AFailedCollectiveAbortsTheTransport) {
+  auto mesh = small_inbox_mesh({1 << 20, 64});
+  std::vector<float> buffer(100, 1.0f);
+  CollectiveOptions options;
+  options.timeout = 300ms;
+  // Member 1 never takes part: member 0 times out, and its transport is aborted.
+  auto status = RingAllreduce(mesh->member(0), {0, 1}, options).run(buffer, 0);
+  ASSERT_FALSE(status.ok());
+  EXPECT_EQ(status.error().kind, ErrorKind::timeout);
+  auto after = mesh->member(0).send(1, make_message("act", 0, 10), Traffic::kPipeline);
+  ASSERT_FALSE(after.ok());
+  EXPECT_EQ(after.error().kind, ErrorKind::aborted);
+  EXPECT_EQ(after.message(), status.message());
 }
 
 TEST(Topology, BadFilesNameLine) {
