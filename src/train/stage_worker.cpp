@@ -316,8 +316,9 @@ struct StageWorker::StepState {
     const auto& ids = request.micro_batches(micro).sample_ids();
     return std::vector<int64_t>(ids.begin(), ids.end());
   }
-  // A seed every member agrees on for this crossing; evaluation goes dense
-  // (held-out ids must not touch the codecs' per-sample buffers).
+  // The sample ids a pipeline crossing is encoded under (kept in STORAGE), or
+  // none in evaluation: it goes dense, as held-out ids must not touch the
+  // codecs' per-sample buffers.
   const std::vector<int64_t>* codec_ids(int micro, std::vector<int64_t>& storage) const {
     if (forward_only) return nullptr;
     storage = sample_ids(micro);
