@@ -35,8 +35,7 @@ class DeliveryService final : public solvernet::v1::Transport::Service {
 
   // Files MESSAGE with its job's transport. Errors: not_found (no such job
   // here), and those of JobTransport::deliver. Refusals are logged at warn,
-  // the first few of each job and then every 1000th, so a flood cannot fill
-  // the log.
+  // the first 20 and then every 1000th, so a flood cannot fill the log.
   Status deliver(const solvernet::v1::TensorMessage& message);
 
   grpc::Status Send(grpc::ServerContext* context, const solvernet::v1::TensorMessage* request,
