@@ -131,6 +131,39 @@ TEST(AllReduce, CompressedTiedExchangeGivesBothSidesTheSameSum) {
   EXPECT_TRUE(torch::allclose(sums[0], expected, 1e-2, 1e-2));
 }
 
+TEST(AllReduce, JobSizedInboxesHoldEveryStepOfLegitimateTraffic) {
+  JobConfig job;
+  job.parallel.replicas = 4;
+  job.parallel.allreduce_chunk_bytes = 4096;
+  const int64_t numel = 10007;
+  for (bool compressed : {false, true}) {
+    net::InboxLimits limits = job_inbox_limits(job, numel, compressed);
+    auto mesh = net::LocalMesh::create(std::vector<std::string>(4, "lan"), nullptr, {}, limits);
+    ASSERT_TRUE(mesh.ok()) << mesh.message();
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < 4; ++i)
+      threads.emplace_back([&, i] {
+        net::JobTransport& transport = (*mesh)->member(i);
+        CompressionConfig config;
+        config.gradients = "cocktail";
+        auto compressor = compress::make_gradient_compressor(config, numel, i);
+        ASSERT_TRUE(compressor.ok());
+        RingOptions options;
+        options.chunk_bytes = job.parallel.allreduce_chunk_bytes;
+        for (int64_t step = 0; step < 3; ++step) {
+          torch::Tensor buffer = replica_gradient(i, step, numel);
+          auto status = compressed ? CompressedAllreduce(transport, {0, 1, 2, 3}, **compressor, options).run(buffer, step, 9)
+                                   : ring_allreduce(transport, {0, 1, 2, 3}, buffer, step, options);
+          ASSERT_TRUE(status.ok()) << status.message();
+          ASSERT_TRUE(transport.flush(std::chrono::seconds(20)).ok());
+          transport.finish_step(step);
+        }
+        EXPECT_EQ(transport.inbox_use().refused, 0);
+      });
+    for (auto& t : threads) t.join();
+  }
+}
+
 TEST(Gradients, FlattenAndUnflattenRoundTrip) {
   auto a = torch::randn({3, 4}, torch::requires_grad());
   auto b = torch::randn({5}, torch::requires_grad());
