@@ -34,8 +34,15 @@ std::string hex0x(std::span<const uint8_t> bytes);  // "0x" + lowercase hex
 Result<Bytes> parse_hex0x(std::string_view text);    // accepts with or without 0x
 std::string address_hex(const Address& address);
 Result<Address> parse_address(std::string_view text);
+inline constexpr Wei kMaxWei = ~static_cast<Wei>(0);  // 2^128 − 1: the largest amount any call takes
 std::string wei_to_string(Wei amount);                // decimal
-Result<Wei> parse_wei(std::string_view decimal);      // decimal, or N"eth" for N·10^18
+std::string wei_to_eth_string(Wei amount);            // decimal ETH, exact ("1.5", "0.000000000000000001")
+// An amount typed by a user: a decimal number with an optional unit, "wei" (the
+// default), "gwei" (10^9) or "eth"/"ether" (10^18), e.g. "1000", "2.5gwei", "0.1 eth".
+// Checked against MAX (the largest value the amount's destination holds, e.g. 2^96 − 1
+// for a job's price): negative, fractions of a wei, malformed text and values above MAX
+// are input errors (exit 2) naming the problem and the limit; nothing wraps.
+Result<Wei> parse_wei(std::string_view text, Wei max = kMaxWei);
 
 // A secp256k1 account key. The file format is the 64-char hex secret and a newline,
 // mode 0600.
@@ -184,7 +191,11 @@ Result<Deployment> deploy_market(std::shared_ptr<const RpcClient> rpc, const Key
                                  const DeployOptions& options = {});
 
 // A job's terms as SolverMarket.postJob takes them. Price < 2^96, fee < 2^80 and
-// stake < 2^88 wei (the contract packs them); post_job refuses larger values.
+// stake < 2^88 wei (the contract packs them); post_job refuses larger values. Parse a
+// user's figure for them with parse_wei(text, kMaxPricePerSolver) etc.
+inline constexpr Wei kMaxPricePerSolver = (static_cast<Wei>(1) << 96) - 1;
+inline constexpr Wei kMaxVerifierFee = (static_cast<Wei>(1) << 80) - 1;
+inline constexpr Wei kMaxStakePerRole = (static_cast<Wei>(1) << 88) - 1;
 struct JobTerms {
   uint16_t solver_count = 1;
   uint16_t verifier_count = 0;

@@ -67,19 +67,58 @@ std::string wei_to_string(Wei amount) {
   return digits;
 }
 
-Result<Wei> parse_wei(std::string_view text) {
-  Wei scale = 1;
-  if (text.ends_with("eth")) {
-    text.remove_suffix(3);
-    scale = static_cast<Wei>(1000000000000000000ULL);
+std::string wei_to_eth_string(Wei amount) {
+  const Wei one_eth = static_cast<Wei>(1000000000000000000ULL);
+  std::string whole = wei_to_string(amount / one_eth);
+  std::string fraction = wei_to_string(amount % one_eth);
+  if (amount % one_eth == 0) return whole;
+  fraction.insert(0, 18 - fraction.size(), '0');
+  while (fraction.back() == '0') fraction.pop_back();
+  return whole + "." + fraction;
+}
+
+Result<Wei> parse_wei(std::string_view text, Wei max) {
+  const std::string_view original = text;
+  auto malformed = [&] {
+    return input_error("amount '{}' is not a number of wei: write N or N.D with an optional unit wei, gwei or eth "
+                       "(e.g. 1000, 2.5gwei, 0.1eth)", original);
+  };
+  // The unit: how many decimal places of the number lie below one of it.
+  size_t decimals = 0;
+  std::string_view unit = "wei";
+  for (auto [suffix, places] : {std::pair<std::string_view, size_t>{"gwei", 9}, {"wei", 0}, {"ether", 18}, {"eth", 18}})
+    if (text.ends_with(suffix)) {
+      text.remove_suffix(suffix.size());
+      unit = suffix;
+      decimals = places;
+      break;
+    }
+  if (!text.empty() && text.back() == ' ') text.remove_suffix(1);  // "2 eth"
+  if (text.starts_with('-')) return input_error("amount '{}' is negative: amounts are whole wei from 0", original);
+  const size_t dot = text.find('.');
+  std::string_view whole = text.substr(0, dot);
+  std::string_view fraction = dot == std::string_view::npos ? std::string_view() : text.substr(dot + 1);
+  if (whole.empty() && fraction.empty()) return malformed();
+  for (std::string_view part : {whole, fraction})
+    for (char c : part)
+      if (c < '0' || c > '9') return malformed();
+  // Digits below one wei must be zeros: a fraction of a wei cannot be sent.
+  if (fraction.size() > decimals) {
+    if (fraction.substr(decimals).find_first_not_of('0') != std::string_view::npos)
+      return input_error("amount '{}' has a fraction of a wei: {} takes at most {} decimal place(s)", original, unit,
+                         decimals);
+    fraction = fraction.substr(0, decimals);
   }
-  if (text.empty() || text.size() > 38) return input_error("amount must be a decimal number of wei, got '{}'", text);
+  std::string digits = std::string(whole) + std::string(fraction) + std::string(decimals - fraction.size(), '0');
   Wei value = 0;
-  for (char c : text) {
-    if (c < '0' || c > '9') return input_error("amount must be a decimal number of wei, got '{}'", text);
-    value = value * 10 + static_cast<Wei>(c - '0');
+  for (char c : digits) {
+    const Wei d = static_cast<Wei>(c - '0');
+    if (value > (max - d) / 10)  // value·10 + d would exceed MAX (or wrap)
+      return input_error("amount '{}' is too large: at most {} wei ({} eth)", original, wei_to_string(max),
+                         wei_to_eth_string(max));
+    value = value * 10 + d;
   }
-  return value * scale;
+  return value;
 }
 
 static Result<Wei> parse_quantity(const nlohmann::json& value, const char* what) {

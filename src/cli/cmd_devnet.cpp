@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <iostream>
+#include <optional>
 
 #include "cli/command.h"
 #include "cli/job_runner.h"
@@ -21,10 +22,10 @@ namespace {
 namespace fs = std::filesystem;
 
 struct DevnetArgs {
-  int nodes = 0;
+  std::optional<int> nodes;
   std::string topology = std::string(SOLVERNET_SOURCE_DIR) + "/examples/topologies/two-regions.toml";
   std::string job = std::string(SOLVERNET_SOURCE_DIR) + "/examples/jobs/tiny.toml";
-  int64_t steps = 0;
+  std::optional<int64_t> steps;
   std::string summary_json;
   std::string out;
   std::string emulate;
@@ -123,7 +124,11 @@ int run_devnet(const DevnetArgs& args) {
   if (!topology.ok()) return fail("devnet", topology.message(), 2);
   RunSpec spec;
   spec.job = *job;
-  if (args.steps > 0) spec.job.train.steps = args.steps;
+  if (args.steps) {
+    auto overridden = override_job_integer(spec.job, "train.steps", *args.steps, "--steps");
+    if (!overridden.ok()) return fail("devnet", overridden.message(), 2);
+    spec.job = *overridden;
+  }
   spec.topology = *topology;
   spec.emulate = args.emulate;
   spec.algo = args.algo;
@@ -131,18 +136,28 @@ int run_devnet(const DevnetArgs& args) {
   spec.time_dilation = args.time_dilation;
   spec.initial_weights = args.init;
   const int needed = static_cast<int>(spec.job.parallel.stages * spec.job.parallel.replicas);
-  const int nodes = args.nodes > 0 ? args.nodes : std::max(needed, topology->device_count());
+  const int nodes = args.nodes ? *args.nodes : std::max(needed, topology->device_count());
+  if (args.nodes && nodes < 1) return fail("devnet", fmt::format("--nodes must be at least 1, got {}", nodes), 2);
   if (nodes < needed)
     return fail("devnet", fmt::format("--nodes {} is fewer than the job's {} stages × {} replicas", nodes,
                                       spec.job.parallel.stages, spec.job.parallel.replicas), 2);
   if (nodes > topology->device_count())
-    return fail("devnet", fmt::format("{}: the topology has places for {} nodes, --nodes asks for {}", args.topology,
-                                      topology->device_count(), nodes), 2);
+    return fail("devnet", args.nodes ? fmt::format("{}: the topology has places for {} nodes, --nodes asks for {}",
+                                                   args.topology, topology->device_count(), nodes)
+                                     : fmt::format("{}: the topology has places for {} nodes, the job needs {} "
+                                                   "({} stages × {} replicas)", args.topology,
+                                                   topology->device_count(), nodes, spec.job.parallel.stages,
+                                                   spec.job.parallel.replicas), 2);
   fs::path model_out = args.out;
   if (model_out.empty())
     model_out = args.summary_json.empty() ? fs::path("devnet-model.safetensors")
                                           : fs::path(args.summary_json).parent_path() / "devnet-model.safetensors";
   spec.model_out = model_out;
+  // Every output and input file is checked before a process starts (nothing is lost later).
+  if (!args.summary_json.empty())
+    if (auto writable = check_output_file(args.summary_json, "--summary-json"); !writable.ok())
+      return fail("devnet", writable.message(), 2);
+  if (auto checked = check_run_inputs(spec); !checked.ok()) return fail("devnet", checked.message(), 2);
 
   Devnet devnet;
   if (auto started = devnet.start(args, *topology, nodes); !started.ok()) return fail("devnet", started.message());
@@ -219,7 +234,7 @@ CommandRegistration devnet_command(
       app.add_option("--nodes", args->nodes, "Node processes (default: the topology's node count)");
       app.add_option("--topology", args->topology, "Topology file")->capture_default_str();
       app.add_option("--job", args->job, "Job file")->capture_default_str();
-      app.add_option("--steps", args->steps, "Override train.steps");
+      app.add_option("--steps", args->steps, "Override train.steps (1 .. 2^40, as in a job file)");
       app.add_option("--summary-json", args->summary_json, "Write the summary JSON here");
       app.add_option("--out", args->out, "Write the final model here (default: beside the summary, or ./)");
       app.add_option("--emulate", args->emulate, "raw | scaled (default: the topology's mode)")
@@ -228,7 +243,8 @@ CommandRegistration devnet_command(
       app.add_option("--init", args->init, "Start from these weights (safetensors)");
       app.add_flag("--no-chain", args->no_chain, "Skip settlement (no anvil, no stakes or escrow)");
       app.add_flag("--keep", args->keep, "Keep the temp dir (logs, node data) afterwards");
-      app.add_option("--time-dilation", args->time_dilation, "Scaled links: use this T instead of measuring compute");
+      app.add_option("--time-dilation", args->time_dilation,
+                     "Scaled links: use this T (1e-4 .. 1e4) instead of measuring compute");
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
       return [args] { return run_devnet(*args); };
     });

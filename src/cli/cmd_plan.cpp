@@ -25,7 +25,12 @@ int run_plan(const PlanArgs& args) {
   if (!topology.ok()) return fail("plan", topology.message(), topology.error().exit_code);
   auto request = sched::read_plan_spec(args.model, args.stages, args.replicas);
   if (!request.ok()) return fail("plan", request.message(), request.error().exit_code);
-  const LinkMatrix links = to_link_matrix(*topology);
+  // Refused before the n² link matrix is built (sched::check_plan_size).
+  if (auto size = sched::check_plan_size(topology->device_count()); !size.ok())
+    return fail("plan", fmt::format("{}: {}", args.topology, size.message()), size.error().exit_code);
+  auto matrix = to_link_matrix(*topology);
+  if (!matrix.ok()) return fail("plan", fmt::format("{}: {}", args.topology, matrix.message()), matrix.error().exit_code);
+  const LinkMatrix& links = *matrix;
   auto plan = sched::make_plan(links, *request, args.algo, args.seed);
   if (!plan.ok()) {
     // The topology is what fell short (e.g. P·D > N): point at its first region.

@@ -1,6 +1,7 @@
 // solvernet train: run a training job on the network (or, with --local, in
 // this process as the reference).
 #include <iostream>
+#include <optional>
 
 #include "cli/command.h"
 #include "cli/job_runner.h"
@@ -19,7 +20,7 @@ struct TrainArgs {
   std::string algo = "ours";
   std::string out;
   std::string init;
-  int64_t steps = 0;
+  std::optional<int64_t> steps;
   bool json = false;
   double time_dilation = 0;
   int wait_s = 60;
@@ -31,7 +32,13 @@ int run_train(const TrainArgs& args) {
   if (!job.ok()) return fail("train", job.message(), job.error().exit_code);
   RunSpec spec;
   spec.job = *job;
-  if (args.steps > 0) spec.job.train.steps = args.steps;
+  if (args.steps) {
+    auto overridden = override_job_integer(spec.job, "train.steps", *args.steps, "--steps");
+    if (!overridden.ok()) return fail("train", overridden.message(), 2);
+    spec.job = *overridden;
+  }
+  if (args.wait_s < 1 || args.wait_s > 86400)
+    return fail("train", fmt::format("--wait-s must be in [1, 86400], got {}", args.wait_s), 2);
   spec.model_out = args.out;
   spec.initial_weights = args.init;
   spec.quiet = args.json;
@@ -43,6 +50,7 @@ int run_train(const TrainArgs& args) {
     if (!topology.ok()) return fail("train", topology.message(), 2);
     spec.topology = *topology;
   }
+  if (auto checked = check_run_inputs(spec); !checked.ok()) return fail("train", checked.message(), 2);
   Result<nlohmann::json> summary = Error{};
   if (args.local) {
     summary = run_job_locally(spec);
@@ -74,9 +82,10 @@ CommandRegistration train_command(
       app.add_option("--algo", args->algo, "Placement: ours | dtfm | random | naive")->capture_default_str();
       app.add_option("--out", args->out, "Write the final model here (safetensors)");
       app.add_option("--init", args->init, "Start from these weights (safetensors), e.g. to fine-tune");
-      app.add_option("--steps", args->steps, "Override train.steps");
-      app.add_option("--wait-s", args->wait_s, "How long to wait for enough nodes")->capture_default_str();
-      app.add_option("--time-dilation", args->time_dilation, "Scaled links: use this T instead of measuring compute");
+      app.add_option("--steps", args->steps, "Override train.steps (1 .. 2^40, as in a job file)");
+      app.add_option("--wait-s", args->wait_s, "How long to wait for enough nodes (1 .. 86400)")->capture_default_str();
+      app.add_option("--time-dilation", args->time_dilation,
+                     "Scaled links: use this T (1e-4 .. 1e4) instead of measuring compute");
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
       return [args] { return run_train(*args); };
     });

@@ -84,8 +84,14 @@ int run_balance(const WalletArgs& args) {
 // fund | send | stake | unstake: one transaction from a key.
 int run_transaction(const std::string& verb, const WalletArgs& args) {
   const std::string command = "wallet " + verb;
-  auto amount = chain::parse_wei(args.amount);
-  if (!amount.ok() && verb != "withdraw") return fail(command, amount.message(), 2);
+  // Every argument is checked before the chain is contacted: a bad one sends nothing.
+  // Amounts go out as uint128 (msg.value, unstake(uint128)), so parse_wei's default bound.
+  Result<chain::Wei> amount = chain::Wei{0};
+  if (verb != "withdraw") amount = chain::parse_wei(args.amount);
+  if (!amount.ok()) return fail(command, "--amount: " + amount.message(), 2);
+  Result<chain::Address> to = chain::Address{};
+  if (verb == "fund" || verb == "send") to = chain::parse_address(args.to);
+  if (!to.ok()) return fail(command, "--to: " + to.message(), 2);
   chain::Key key = chain::anvil_funded_key();
   if (verb != "fund") {
     auto loaded = chain::Key::load(args.key_file);
@@ -96,8 +102,6 @@ int run_transaction(const std::string& verb, const WalletArgs& args) {
   if (!market.ok()) return fail(command, market.message(), market.error().exit_code);
   Result<chain::Receipt> receipt = make_error("unknown verb");
   if (verb == "fund" || verb == "send") {
-    auto to = chain::parse_address(args.to);
-    if (!to.ok()) return fail(command, to.message(), 2);
     if (verb == "fund" && market->deployment().chain_id != 31337)
       return fail(command, "fund works on dev chains only (chain id 31337)", 2);
     receipt = market->wallet().send(*to, *amount, {});
@@ -179,7 +183,7 @@ int run_history(const WalletArgs& args) {
 }
 
 CommandRegistration wallet_command(
-    "wallet", "Keys, balances, transfers and stakes on the settlement chain (amounts in wei, or Neth)",
+    "wallet", "Keys, balances, transfers and stakes on the settlement chain (amounts in wei, gwei or eth)",
     [](CLI::App& app) -> std::function<int()> {
       auto args = std::make_shared<WalletArgs>();
       app.require_subcommand(1);
@@ -212,7 +216,7 @@ CommandRegistration wallet_command(
         common(sub);
         if (verb != "fund") sub->add_option("--key", args->key_file, "Key file")->required();
         if (verb == "fund" || verb == "send") sub->add_option("--to", args->to, "Recipient address")->required();
-        if (verb != "withdraw") sub->add_option("--amount", args->amount, "Amount in wei (or Neth)")->required();
+        if (verb != "withdraw") sub->add_option("--amount", args->amount, "Amount: N wei, or with a unit: 2.5gwei, 0.1eth (at most 2^128 − 1 wei)")->required();
         transactions.emplace_back(verb, sub);
       }
       return [args, create, balance, history, transactions] {

@@ -6,10 +6,13 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <set>
 
 #include "cli/placement.h"
 #include "cli/signals.h"
+#include "core/fs.h"
 #include "net/discovery.h"
+#include "train/inputs.h"
 #include "train/train.h"
 
 namespace sn::cli {
@@ -37,6 +40,7 @@ class ProgressLine {
   bool quiet_, tty_;
 };
 
+// NODES: the nodes the job ran on (not those merely discovered).
 nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result, int nodes) {
   nlohmann::json s;
   s["job"] = spec.job.name;
@@ -81,6 +85,24 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
 
 }  // namespace
 
+Status check_run_inputs(const RunSpec& spec) {
+  // Every flag here has the same reach as a job file field: refused before any work.
+  if (!spec.model_out.empty()) SN_TRY(check_output_file(spec.model_out, "--out"));
+  if (!spec.initial_weights.empty()) SN_TRY(train::load_initial_weights(spec.job, spec.initial_weights));
+  if (spec.time_dilation != 0 &&
+      !(std::isfinite(spec.time_dilation) && spec.time_dilation >= kMinTimeDilation &&
+        spec.time_dilation <= kMaxTimeDilation))
+    return input_error("--time-dilation must be 0 (measure) or in [{:g}, {:g}], got {:g}", kMinTimeDilation,
+                       kMaxTimeDilation, spec.time_dilation);
+  const std::vector<std::string> algos = {"ours", "dtfm", "random", "naive"};
+  if (std::find(algos.begin(), algos.end(), spec.algo) == algos.end())
+    return input_error("--algo must be one of ours, dtfm, random, naive, got \"{}\"", spec.algo);
+  if (!spec.emulate.empty() && spec.emulate != "raw" && spec.emulate != "scaled")
+    return input_error("--emulate must be raw or scaled, got \"{}\"", spec.emulate);
+  if (spec.emulate == "scaled" && !spec.topology) return input_error("--emulate scaled needs a --topology");
+  return ok_status();
+}
+
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,
                                                             size_t want, std::chrono::milliseconds timeout) {
   SN_ASSIGN(auto discovery, net::Discovery::start(0, bootstrap));
@@ -117,7 +139,11 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   ProgressLine progress(spec.quiet);
   options.progress = [&](const train::StepReport& r) { progress(r); };
   SN_ASSIGN(auto result, train::run_distributed(job, placement.members, options));
-  nlohmann::json summary = summary_of(spec, result, static_cast<int>(nodes.size()));
+  // "nodes" counts the nodes the job ran on; the others seen (perhaps dead) are "nodes_seen".
+  std::set<std::string> used;
+  for (const auto& member : placement.members) used.insert(member.node_id);
+  nlohmann::json summary = summary_of(spec, result, static_cast<int>(used.size()));
+  summary["nodes_seen"] = nodes.size();
   summary["placement"] = placement.to_json();
   summary["emulate"] = placement.emulate;
   summary["time_dilation"] = placement.scale.time_dilation;
@@ -176,9 +202,14 @@ void print_summary_table(const nlohmann::json& s) {
   if (s.contains("bytes_by_link_class"))
     for (auto& [cls, bytes] : s["bytes_by_link_class"].items())
       row("bytes on " + cls + " links", megabytes(bytes.get<int64_t>()));
-  if (s.contains("emulate") && !s["emulate"].get<std::string>().empty())
-    row("links", fmt::format("{} {} (T = {:.3g}, R = {:.3g})", s.value("topology", ""), s["emulate"].get<std::string>(),
-                             s.value("time_dilation", 1.0), s.value("byte_ratio", 1.0)));
+  if (s.contains("emulate") && !s["emulate"].get<std::string>().empty()) {
+    const std::string emulate = s["emulate"].get<std::string>(), topology = s.value("topology", "");
+    if (emulate == "none")
+      row("links", "not emulated (loopback)");
+    else
+      row("links", fmt::format("{}{} (T = {:.3g}, R = {:.3g})", topology.empty() ? "" : topology + " ", emulate,
+                               s.value("time_dilation", 1.0), s.value("byte_ratio", 1.0)));
+  }
   if (!s.value("model_path", std::string()).empty()) row("model", s["model_path"].get<std::string>());
   std::cout << std::flush;
 }

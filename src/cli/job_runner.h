@@ -29,6 +29,15 @@ struct RunSpec {
   double time_dilation = 0;            // scaled links: use this T instead of measuring it
 };
 
+// Limits of --time-dilation (0: measure it); T stretches every emulated time.
+inline constexpr double kMinTimeDilation = 1e-4;
+inline constexpr double kMaxTimeDilation = 1e4;
+
+// Checks every input of SPEC that the job file does not (--out's directory, the
+// --init weights against the job's model, --time-dilation, --algo, --emulate), so a
+// mistake is an input error (exit 2) before any node is started or contacted.
+Status check_run_inputs(const RunSpec& spec);
+
 // Waits until at least WANT idle nodes are visible via BOOTSTRAP (or TIMEOUT).
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,
                                                             size_t want, std::chrono::milliseconds timeout);

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <iostream>
+#include <new>
+#include <string>
 
 #include "cli/command.h"
 
@@ -42,15 +44,25 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    int code = app.exit(e);
-    return code == 0 ? 0 : 2;
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    // Bad flags are bad input like any other: one line, exit 2.
+    std::cerr << "solvernet: " << e.what() << " (see --help)" << std::endl;
+    return 2;
   }
   for (auto& [sub, run] : runners)
     if (sub->parsed()) {
+      // Errors are values; these catch what escaped a library anyway. A user sees one
+      // line: LibTorch's what() carries a stack trace after its first line.
       try {
         return run();
+      } catch (const std::bad_alloc&) {
+        return sn::cli::fail(sub->get_name(), "out of memory (an input is too large for this machine?)", 1);
       } catch (const std::exception& e) {
-        return sn::cli::fail(sub->get_name(), e.what(), 1);
+        std::string message = e.what();
+        message = message.substr(0, message.find('\n'));
+        return sn::cli::fail(sub->get_name(), "internal error: " + (message.empty() ? "unknown" : message), 1);
+      } catch (...) {
+        return sn::cli::fail(sub->get_name(), "internal error: unknown exception", 1);
       }
     }
   return 2;

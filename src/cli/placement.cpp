@@ -78,7 +78,7 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
     // Devices as the scheduler sees them: the nodes' links as they will be emulated.
     std::vector<int> region_of;
     for (const auto& n : nodes) region_of.push_back(spec.topology->region_index(n.region()));
-    LinkMatrix links = link_matrix_for(*spec.topology, region_of, placement.scale);
+    SN_ASSIGN(LinkMatrix links, link_matrix_for(*spec.topology, region_of, placement.scale));
     sched::PlanRequest request = sched::request_from_job(job, compute);
     request.gradient_bytes *= placement.scale.pacing_weight(true);
     request.tied_bytes *= placement.scale.pacing_weight(true);

@@ -57,3 +57,34 @@ Status ensure_directory(const std::filesystem::path& dir) {
 }
 
 }  // namespace sn
+
+namespace sn {
+
+Status check_output_file(const std::filesystem::path& path, std::string_view flag) {
+  namespace fs = std::filesystem;
+  if (path.empty()) return input_error("{}: empty path", flag);
+  std::error_code ec;
+  if (fs::is_directory(path, ec))
+    return input_error("{} {}: is a directory; give a file name in it", flag, path.string());
+  const fs::path dir = path.parent_path().empty() ? fs::path(".") : path.parent_path();
+  if (!fs::exists(dir, ec))
+    return input_error("{} {}: directory {} does not exist", flag, path.string(), dir.string());
+  if (!fs::is_directory(dir, ec))
+    return input_error("{} {}: {} is not a directory", flag, path.string(), dir.string());
+  // write_file_atomic creates a temp file beside PATH and renames it over PATH.
+  if (::access(dir.c_str(), W_OK | X_OK) != 0)
+    return input_error("{} {}: directory {} is not writable", flag, path.string(), dir.string());
+  return ok_status();
+}
+
+Status check_input_file(const std::filesystem::path& path, std::string_view flag) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (path.empty()) return input_error("{}: empty path", flag);
+  if (!fs::exists(path, ec)) return input_error("{} {}: no such file", flag, path.string());
+  if (fs::is_directory(path, ec)) return input_error("{} {}: is a directory, not a file", flag, path.string());
+  if (::access(path.c_str(), R_OK) != 0) return input_error("{} {}: not readable", flag, path.string());
+  return ok_status();
+}
+
+}  // namespace sn

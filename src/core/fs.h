@@ -17,4 +17,12 @@ Status write_file_atomic(const std::filesystem::path& path, std::string_view dat
 // Creates DIR (and parents) and checks that it is writable.
 Status ensure_directory(const std::filesystem::path& dir);
 
+// Checks before any work starts that write_file_atomic(PATH) can succeed later: PATH
+// is not a directory and its directory exists and is writable. Nothing is created.
+// Input errors (exit 2) name FLAG, e.g. "--out runs/x/model.safetensors: directory
+// runs/x does not exist".
+Status check_output_file(const std::filesystem::path& path, std::string_view flag);
+// Checks that PATH is a readable regular file (input error naming FLAG otherwise).
+Status check_input_file(const std::filesystem::path& path, std::string_view flag);
+
 }  // namespace sn

@@ -30,6 +30,16 @@ ModelConfig read_model_table(TomlTable& t) {
   return m;
 }
 
+Status check_stages(const ModelConfig& model, int64_t stages, std::string_view what) {
+  if (stages < 1 || stages > kMaxStages)
+    return input_error("{} must be in [1, {}], got {}", what, kMaxStages, stages);
+  // A stage holds at least one transformer block.
+  if (stages > model.layers)
+    return input_error("{} ({}) exceeds model.layers ({}): a stage holds at least one layer", what, stages,
+                       model.layers);
+  return ok_status();
+}
+
 static JobConfig read_job(TomlFile& file) {
   JobConfig job;
   TomlTable root = file.root();
@@ -48,21 +58,21 @@ static JobConfig read_job(TomlFile& file) {
 
   TomlTable parallel = root.table("parallel");
   auto& p = job.parallel;
-  p.stages = parallel.integer("stages", p.stages, 1, 1024);
-  p.replicas = parallel.integer("replicas", p.replicas, 1, 1024);
+  p.stages = parallel.integer("stages", p.stages, 1, kMaxStages);
+  p.replicas = parallel.integer("replicas", p.replicas, 1, kMaxReplicas);
   p.micro_batches = parallel.integer("micro_batches", p.micro_batches, 1, 4096);
   p.schedule = parallel.choice("schedule", p.schedule, {"1f1b", "gpipe"});
   p.allreduce_chunk_bytes =
       parallel.integer("allreduce_chunk_bytes", p.allreduce_chunk_bytes, 1024, int64_t(1) << 30);
-  if (!parallel.failed() && p.stages > job.model.layers)
-    parallel.fail("stages", fmt::format("parallel.stages ({}) exceeds model.layers ({})",
-                                        p.stages, job.model.layers));
+  if (!parallel.failed())
+    if (auto shape = check_stages(job.model, p.stages, "parallel.stages"); !shape.ok())
+      parallel.fail("stages", shape.message());
   parallel.reject_unknown_keys();
 
   TomlTable train = root.table("train");
   auto& t = job.train;
   t.global_batch = train.integer("global_batch", t.global_batch, 1, 1 << 24);
-  t.steps = train.integer("steps", t.steps, 1, int64_t(1) << 40);
+  t.steps = train.integer("steps", t.steps, 1, kMaxSteps);
   t.seed = static_cast<uint64_t>(train.integer("seed", static_cast<int64_t>(t.seed), 0, INT64_MAX));
   t.checkpoint_every = train.integer("checkpoint_every", t.checkpoint_every, 0, INT64_MAX);
   t.lr = train.number("lr", t.lr, 0.0, 10.0);
@@ -116,6 +126,35 @@ Result<JobConfig> parse_job_file(const std::filesystem::path& path) {
   resolve(job.data.tokenizer_corpus);
   if (!job.data.cache_dir.empty()) resolve(job.data.cache_dir);
   return job;
+}
+
+Result<JobConfig> override_job_integer(const JobConfig& job, std::string_view key, int64_t value,
+                                       std::string_view flag) {
+  JobConfig changed = job;
+  const std::pair<std::string_view, int64_t*> fields[] = {
+      {"train.steps", &changed.train.steps},
+      {"train.global_batch", &changed.train.global_batch},
+      {"train.checkpoint_every", &changed.train.checkpoint_every},
+      {"train.eval_every", &changed.train.eval_every},
+      {"parallel.stages", &changed.parallel.stages},
+      {"parallel.replicas", &changed.parallel.replicas},
+      {"parallel.micro_batches", &changed.parallel.micro_batches}};
+  int64_t* field = nullptr;
+  for (const auto& [name, target] : fields)
+    if (name == key) field = target;
+  if (!field) return make_error("override_job_integer: {} is not an overridable field", key);
+  *field = value;
+  // The job is re-read with the value in place, so the job file's every range and
+  // cross-field rule applies (data paths are absolute by now and stay as they are).
+  auto reread = parse_job_string(job_to_toml(changed), "override");
+  if (!reread.ok()) {
+    // "override:LINE: what" → "FLAG: what": the line is of the generated text, not the user's.
+    std::string message = reread.message();
+    if (auto colon = message.find(": "); colon != std::string::npos) message = message.substr(colon + 2);
+    return input_error("{} {}: {}", flag, value, message);
+  }
+  reread->source = job.source;
+  return reread;
 }
 
 std::string job_to_toml(const JobConfig& j) {

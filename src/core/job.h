@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <string_view>
 
 #include "core/result.h"
 
@@ -82,10 +83,26 @@ struct JobConfig {
   }
 };
 
+// Limits of job fields that other inputs share (docs/inputs.md lists them all).
+inline constexpr int64_t kMaxStages = 1024;
+inline constexpr int64_t kMaxReplicas = 1024;
+inline constexpr int64_t kMaxSteps = int64_t(1) << 40;
+
+// STAGES pipeline stages of MODEL: 1 ≤ stages ≤ min(kMaxStages, model.layers). The
+// job file ([parallel] stages) and `solvernet plan --stages` both use it; WHAT names
+// the input in the message (e.g. "parallel.stages", "--stages").
+Status check_stages(const ModelConfig& model, int64_t stages, std::string_view what);
+
 Result<JobConfig> parse_job_file(const std::filesystem::path& path);
 Result<JobConfig> parse_job_string(std::string_view text, const std::string& display_name);
 // Reads a [model] table (also used by `solvernet plan --model FILE`).
 ModelConfig read_model_table(TomlTable& table);
+// A command-line override (e.g. --steps) of the integer field KEY ("train.steps",
+// "train.global_batch", "parallel.stages", ...) under the job file's own rules: the
+// job is re-validated whole with VALUE in place. Errors (exit 2) read
+// "FLAG VALUE: train.steps must be in [1, 1099511627776], got -3". JOB is unchanged.
+Result<JobConfig> override_job_integer(const JobConfig& job, std::string_view key, int64_t value,
+                                       std::string_view flag);
 // Serialises a job back to TOML (sent to nodes; parse(to_toml(j)) == j).
 std::string job_to_toml(const JobConfig& job);
 

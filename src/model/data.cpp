@@ -94,6 +94,58 @@ static Result<std::vector<int32_t>> parse_ids(const std::string& text, int vocab
   return ids;
 }
 
+Status check_corpus_text(std::string_view text, const std::string& what, int vocab_size) {
+  std::vector<bool> seen(0x110000, false);  // by code point: a corpus has millions of characters
+  seen[0x2581] = true;                       // SentencePiece's word boundary starts every line
+  size_t characters = 1;
+  int64_t line = 1;
+  size_t line_start = 0;
+  bool any_text = false;
+  for (size_t i = 0; i < text.size();) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    if (byte == '\n') {
+      if (i - line_start > kMaxCorpusLineBytes)
+        return input_error("{}: line {} is {} bytes long, more than the {}-byte limit of a line; split the text "
+                           "into lines", what, line, i - line_start, kMaxCorpusLineBytes);
+      ++line;
+      line_start = ++i;
+      continue;
+    }
+    if (byte == 0) return input_error("{}: line {} holds a NUL byte: not a text file", what, line);
+    // Strict UTF-8: spm_train and the tokenizer work on characters.
+    size_t length = byte < 0x80 ? 1 : (byte >> 5) == 0x6 ? 2 : (byte >> 4) == 0xe ? 3 : (byte >> 3) == 0x1e ? 4 : 0;
+    uint32_t code = length == 1 ? byte : length == 2 ? byte & 0x1f : length == 3 ? byte & 0x0f : byte & 0x07;
+    bool valid = length > 0 && i + length <= text.size();
+    for (size_t k = 1; valid && k < length; ++k) {
+      const auto next = static_cast<unsigned char>(text[i + k]);
+      valid = (next >> 6) == 0x2;
+      code = (code << 6) | (next & 0x3f);
+    }
+    if (!valid || (length == 2 && code < 0x80) || (length == 3 && code < 0x800) || (length == 4 && code < 0x10000) ||
+        code > 0x10ffff || (code >= 0xd800 && code <= 0xdfff))
+      return input_error("{}: line {} is not UTF-8 text (byte 0x{:02x} at column {})", what, line, byte,
+                         i - line_start + 1);
+    if (code != '\t' && code != '\r') {
+      any_text |= code != ' ';
+      const uint32_t piece = code == ' ' ? 0x2581 : code;
+      if (!seen[piece]) {
+        seen[piece] = true;
+        ++characters;
+      }
+    }
+    i += length;
+  }
+  if (text.size() - line_start > kMaxCorpusLineBytes)
+    return input_error("{}: line {} is {} bytes long, more than the {}-byte limit of a line; split the text into lines",
+                       what, line, text.size() - line_start, kMaxCorpusLineBytes);
+  if (!any_text) return input_error("{}: holds no text, only blank lines", what);
+  // spm_train needs a piece per character besides <unk>, <s>, </s> and the tab symbol.
+  if (vocab_size > 0 && static_cast<int64_t>(characters) + 4 > vocab_size)
+    return input_error("{}: has {} distinct characters, so model.vocab must be at least {} (a piece per character, "
+                       "the word boundary and 4 reserved), got {}", what, characters - 1, characters + 4, vocab_size);
+  return ok_status();
+}
+
 Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
   // SentencePiece reserves ids 0..2 for <unk>, <s>, </s>.
   if (vocab_size < 4) return input_error("model.vocab must be at least 4, got {}", vocab_size);
@@ -107,6 +159,13 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
     SN_ASSIGN(tokenizer_corpus, resolve_corpus(tokenizer_data));
     SN_ASSIGN(tokenizer_text, read_file(tokenizer_corpus));
   }
+  // Checked before any tool runs: spm_train's own failures are multi-line logs naming
+  // its flags, not the job's fields.
+  const bool own_tokenizer_corpus = !data.tokenizer_corpus.empty();
+  SN_TRY(check_corpus_text(tokenizer_text,
+                           fmt::format("{} {}", own_tokenizer_corpus ? "data.tokenizer_corpus" : "data.corpus",
+                                       tokenizer_corpus.string()), vocab_size));
+  if (own_tokenizer_corpus) SN_TRY(check_corpus_text(text, "data.corpus " + corpus.string(), 0));
   SN_ASSIGN(fs::path cache, cache_directory(data));
   std::string key = to_hex(Hasher().update(tokenizer_text).update_u64(static_cast<uint64_t>(vocab_size)).update(kTokenizerVersion).finish()).substr(0, 24);
   // The ids depend on the tokenizer and on the text it encodes.
@@ -142,7 +201,9 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
         return input_error("corpus {} is too small for a vocabulary of {} pieces (at most {}): lower model.vocab",
                            tokenizer_corpus.string(), vocab_size, most);
       }
-      return make_error("spm_train failed on {}: {}", tokenizer_corpus.string(), trained.message());
+      // Its log names spm_train's flags, which a user cannot set: say what they can change.
+      return input_error("cannot train a tokenizer of model.vocab = {} pieces on {} (spm_train failed); try another "
+                         "model.vocab or a larger corpus", vocab_size, tokenizer_corpus.string());
     }
     // Training is deterministic, so a concurrent preparer renames identical
     // files over these; the model goes last because its presence marks the pair complete.
@@ -162,7 +223,10 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
     auto encoded = encoding.ok() ? read_file(encoded_file) : Result<std::string>(encoding.error());
     std::error_code ignored;
     fs::remove(encoded_file, ignored);
-    if (!encoded.ok()) return make_error("spm_encode failed on {}: {}", corpus.string(), encoded.message());
+    if (!encoded.ok()) {
+      const std::string& log = encoded.message();
+      return make_error("spm_encode failed on {}: {}", corpus.string(), log.substr(0, log.find('\n')));
+    }
     SN_ASSIGN(out.tokens, parse_ids(*encoded, vocab_size));
     std::string raw(out.tokens.size() * 4, '\0');
     std::memcpy(raw.data(), out.tokens.data(), raw.size());

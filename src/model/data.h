@@ -34,6 +34,16 @@ Result<std::filesystem::path> cache_directory(const DataConfig& data);
 Result<std::filesystem::path> resolve_corpus(const DataConfig& data);
 Result<std::filesystem::path> resolve_corpus(const std::string& corpus);
 
+// The longest corpus line, in bytes (spm_train's --max_sentence_length: it would
+// silently skip a longer line).
+inline constexpr size_t kMaxCorpusLineBytes = 100'000;
+
+// Checks TEXT as a corpus before tokenizer training (docs/data.md): UTF-8 without NUL
+// bytes, no line over kMaxCorpusLineBytes, some text, and (VOCAB_SIZE > 0) few
+// enough distinct characters for VOCAB_SIZE pieces: characters + 4 ≤ vocab. Input
+// errors name WHAT (e.g. "data.corpus corpus.txt"), the line and the job field to change.
+Status check_corpus_text(std::string_view text, const std::string& what, int vocab_size);
+
 struct TokenizedCorpus {
   std::filesystem::path spm_model;
   std::filesystem::path vocab_file;
@@ -47,8 +57,10 @@ struct TokenizedCorpus {
 // vocabulary and ids under the cache directory keyed by a hash of the corpus
 // bytes, the size and the options. Later calls, and other processes, reuse the
 // cache; every cache file is written whole under a private name and renamed,
-// so concurrent preparers never see a torn file. A vocabulary too large for
-// the text is an input error naming the largest size that fits.
+// so concurrent preparers never see a torn file. The texts are checked first
+// (check_corpus_text); a vocabulary too large for the text is an input error
+// naming the largest size that fits, and any other spm_train failure is one
+// line naming model.vocab, never the tool's log.
 Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size);
 
 // Decoding and encoding over a trained SentencePiece BPE vocabulary, in

@@ -32,19 +32,45 @@ std::string name_of(torch::ScalarType type) {
   throw std::invalid_argument("safetensors: unsupported dtype");
 }
 
+// What a file that is not safetensors probably is, for the message.
+std::string what_it_is(std::string_view bytes) {
+  if (bytes.starts_with("PK\x03\x04"))
+    return "it is a zip archive (a PyTorch .bin/.pt checkpoint?); convert it to safetensors first";
+  if (bytes.size() >= 2 && static_cast<uint8_t>(bytes[0]) == 0x80 && bytes[1] >= 2 && bytes[1] <= 5)
+    return "it is a Python pickle (an old PyTorch checkpoint?); convert it to safetensors first";
+  if (bytes.starts_with("GGUF")) return "it is a GGUF file";
+  if (bytes.starts_with("\x89HDF")) return "it is an HDF5 file (Keras?)";
+  return "";
+}
+
+// Every reader error is the caller's input (exit 2): a file or bytes handed to us.
+template <class... Args>
+Error not_safetensors(std::string_view bytes, fmt::format_string<Args...> format, Args&&... args) {
+  std::string message = fmt::format(format, std::forward<Args>(args)...);
+  if (!message.starts_with("not a safetensors file")) message = "safetensors: " + message;
+  if (auto guess = what_it_is(bytes); !guess.empty()) message = "not a safetensors file: " + guess;
+  return input_error("{}", message);
+}
+
 Result<nlohmann::ordered_json> read_header(std::string_view bytes, uint64_t* header_len) {
-  if (bytes.size() < 8) return make_error("safetensors: file of {} bytes is shorter than its 8-byte header length", bytes.size());
+  if (bytes.empty()) return input_error("not a safetensors file: the file is empty");
+  if (bytes.size() < 8)
+    return not_safetensors(bytes, "not a safetensors file: {} bytes are shorter than its 8-byte header length",
+                           bytes.size());
   uint64_t n = 0;
   for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<uint8_t>(bytes[static_cast<size_t>(i)])) << (8 * i);
-  if (n > bytes.size() - 8) return make_error("safetensors: header length {} exceeds the file ({} bytes)", n, bytes.size());
-  if (n > kMaxHeaderBytes) return make_error("safetensors: header of {} bytes is larger than the format's 100 MB limit", n);
+  if (n > bytes.size() - 8)
+    return not_safetensors(bytes, "not a safetensors file (or a truncated one): header length {} exceeds the file ({} bytes)",
+                           n, bytes.size());
+  if (n > kMaxHeaderBytes)
+    return not_safetensors(bytes, "header of {} bytes is larger than the format's 100 MB limit", n);
   nlohmann::ordered_json header;
   try {
     header = nlohmann::ordered_json::parse(bytes.substr(8, n));
   } catch (const std::exception&) {
-    return make_error("safetensors: header is not valid JSON");
+    return not_safetensors(bytes, "not a safetensors file: its header is not valid JSON");
   }
-  if (!header.is_object()) return make_error("safetensors: header is not a JSON object");
+  if (!header.is_object()) return not_safetensors(bytes, "not a safetensors file: its header is not a JSON object");
   *header_len = n;
   return header;
 }
@@ -96,23 +122,23 @@ Result<NamedTensors> load_safetensors_bytes(std::string_view bytes) {
     if (name == "__metadata__") continue;
     try {
       auto type = type_of(info.at("dtype").get<std::string>());
-      if (!type) return make_error("safetensors: tensor {} has unknown dtype {}", name, info.at("dtype").dump());
+      if (!type) return input_error("safetensors: tensor {} has unknown dtype {}", name, info.at("dtype").dump());
       auto shape = info.at("shape").get<std::vector<int64_t>>();
       auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
       if (offsets.size() != 2 || offsets[0] > offsets[1] || offsets[1] > data_size)
-        return make_error("safetensors: tensor {} has byte range outside the data", name);
+        return input_error("safetensors: tensor {} has a byte range outside the data (ends at {}, the data has {} bytes): the file is truncated or corrupt", name, offsets.size() == 2 ? offsets[1] : 0, data_size);
       uint64_t elements = 1;
       for (int64_t d : shape) {
         if (d < 0 || (d > 0 && elements > (uint64_t(1) << 40) / static_cast<uint64_t>(d)))
-          return make_error("safetensors: tensor {} has an invalid shape", name);
+          return input_error("safetensors: tensor {} has an invalid shape", name);
         elements *= static_cast<uint64_t>(d);
       }
       if (elements * c10::elementSize(*type) != offsets[1] - offsets[0])
-        return make_error("safetensors: tensor {} has {} bytes but its shape needs {}", name, offsets[1] - offsets[0],
+        return input_error("safetensors: tensor {} has {} bytes but its shape needs {}", name, offsets[1] - offsets[0],
                           elements * c10::elementSize(*type));
       entries.push_back({name, *type, shape, offsets[0], offsets[1]});
     } catch (const nlohmann::json::exception&) {
-      return make_error("safetensors: tensor {} lacks dtype, shape or data_offsets", name);
+      return input_error("safetensors: tensor {} lacks dtype, shape or data_offsets", name);
     }
   }
   std::vector<Entry> sorted = entries;
@@ -121,12 +147,12 @@ Result<NamedTensors> load_safetensors_bytes(std::string_view bytes) {
   uint64_t covered = 0;
   for (size_t i = 0; i < sorted.size(); ++i) {
     if (i > 0 && sorted[i].begin < sorted[i - 1].end)
-      return make_error("safetensors: tensors {} and {} overlap", sorted[i - 1].name, sorted[i].name);
+      return input_error("safetensors: tensors {} and {} overlap", sorted[i - 1].name, sorted[i].name);
     if (sorted[i].begin != covered)
-      return make_error("safetensors: bytes {}..{} before tensor {} belong to no tensor", covered, sorted[i].begin, sorted[i].name);
+      return input_error("safetensors: bytes {}..{} before tensor {} belong to no tensor", covered, sorted[i].begin, sorted[i].name);
     covered = sorted[i].end;
   }
-  if (covered != data_size) return make_error("safetensors: {} bytes after the last tensor belong to no tensor", data_size - covered);
+  if (covered != data_size) return input_error("safetensors: {} bytes after the last tensor belong to no tensor", data_size - covered);
   NamedTensors out;
   for (const auto& e : sorted) {
     torch::Tensor t = torch::empty(e.shape, torch::TensorOptions().dtype(e.type));
@@ -137,9 +163,15 @@ Result<NamedTensors> load_safetensors_bytes(std::string_view bytes) {
 }
 
 Result<NamedTensors> load_safetensors(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) return input_error("{}: is a directory, not a safetensors file", path.string());
   SN_ASSIGN(std::string bytes, read_file(path));
   auto tensors = load_safetensors_bytes(bytes);
-  if (!tensors.ok()) return make_error("{}: {}", path.string(), tensors.message());
+  if (!tensors.ok()) {
+    Error error = tensors.error();
+    error.message = path.string() + ": " + error.message;
+    return error;
+  }
   return tensors;
 }
 

@@ -1,6 +1,9 @@
 #include "net/topology.h"
 
 #include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
 
 #include "core/toml_reader.h"
 
@@ -33,14 +36,11 @@ LinkSpec Topology::link(int a, int b) const {
 
 static LinkSpec read_link(TomlTable& t) {
   LinkSpec link;
-  link.latency_ms = t.required_number("latency_ms", 0.0, 1e7);
+  link.latency_ms = t.required_number("latency_ms", 0.0, kMaxLatencyMs);
   if (!t.has("bandwidth_mbps")) {
     t.fail_here(fmt::format("missing {}.bandwidth_mbps", t.path()));
   } else {
-    double bw = t.number("bandwidth_mbps", 1.0, -1e300, 1e300);
-    if (!t.failed() && !(bw > 0))
-      t.fail("bandwidth_mbps", fmt::format("{}.bandwidth_mbps must be > 0, got {}", t.path(), bw));
-    link.bandwidth_mbps = bw;
+    link.bandwidth_mbps = t.number("bandwidth_mbps", 1.0, kMinBandwidthMbps, kMaxBandwidthMbps);
   }
   return link;
 }
@@ -61,7 +61,10 @@ static Topology read_topology(TomlFile& file) {
     Region region;
     region.line = r.line();
     region.name = r.required_string("name");
-    region.nodes = static_cast<int>(r.integer("nodes", 1, 0, 1000000));
+    region.nodes = static_cast<int>(r.integer("nodes", 1, 0, kMaxDevices));
+    if (!r.failed() && topo.device_count() + region.nodes > kMaxDevices)
+      r.fail("nodes", fmt::format("the regions hold {} devices so far, more than the limit of {}",
+                                  topo.device_count() + region.nodes, kMaxDevices));
     region.compute_tflops = r.number("compute_tflops", region.compute_tflops, 1e-9, 1e9);
     region.memory_gb = r.number("memory_gb", region.memory_gb, 1e-9, 1e9);
     if (!r.failed() && topo.region_index(region.name) >= 0)
@@ -70,7 +73,7 @@ static Topology read_topology(TomlFile& file) {
     if (region.nodes > 1 || r.has("latency_ms") || r.has("bandwidth_mbps")) {
       region.inside = read_link(r);
     } else {
-      region.inside = LinkSpec{0, 1e9};
+      region.inside = LinkSpec{0, kMaxBandwidthMbps};
     }
     r.reject_unknown_keys();
     topo.regions.push_back(region);
@@ -150,8 +153,32 @@ std::string topology_to_toml(const Topology& t) {
   return out;
 }
 
-LinkMatrix link_matrix_for(const Topology& topology, const std::vector<int>& region_of,
-                           const EmulationScale& scale) {
+uint64_t link_matrix_bytes(int devices) {
+  const auto n = static_cast<uint64_t>(std::max(devices, 0));
+  return n * n * sizeof(LinkSpec) + n * (2 * sizeof(double) + sizeof(int));
+}
+
+Status check_memory_for(uint64_t bytes, std::string_view what) {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page_size <= 0) return ok_status();  // unknown: the allocation will tell
+  const uint64_t memory = static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size);
+  // Half the machine: the rest is the OS's, other processes' and the caller's own.
+  if (bytes > memory / 2)
+    return input_error("{} needs about {:.1f} GB of memory, more than half of this machine's {:.1f} GB", what,
+                       static_cast<double>(bytes) / 1e9, static_cast<double>(memory) / 1e9);
+  return ok_status();
+}
+
+Result<LinkMatrix> link_matrix_for(const Topology& topology, const std::vector<int>& region_of,
+                                   const EmulationScale& scale) {
+  const int devices = static_cast<int>(region_of.size());
+  if (region_of.size() > static_cast<size_t>(kMaxDevices))
+    return input_error("{} devices are more than the limit of {}", region_of.size(), kMaxDevices);
+  SN_TRY(check_memory_for(link_matrix_bytes(devices), fmt::format("a link matrix of {} devices", devices)));
+  for (int r : region_of)
+    if (r < 0 || static_cast<size_t>(r) >= topology.regions.size())
+      return make_error("link_matrix_for: region index {} outside the topology's {} regions", r,
+                        topology.regions.size());
   LinkMatrix m;
   m.region_of = region_of;
   m.n = static_cast<int>(m.region_of.size());
@@ -166,7 +193,7 @@ LinkMatrix link_matrix_for(const Topology& topology, const std::vector<int>& reg
   return m;
 }
 
-LinkMatrix to_link_matrix(const Topology& topology) {
+Result<LinkMatrix> to_link_matrix(const Topology& topology) {
   return link_matrix_for(topology, topology.device_regions());
 }
 

@@ -4,14 +4,25 @@
 // (net) and the scheduler's cost model (sched).
 #pragma once
 
+#include <cstdint>
 #include <filesystem>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/result.h"
 
 namespace sn {
+
+// Input limits (docs/topology.md). They keep every derived figure finite: a 1 GB
+// message on the slowest link takes 8·10^6 s, far inside the emulator's int64
+// nanosecond clock (9.2·10^9 s), and n² links of kMaxDevices stay countable in
+// int64 (whether they fit in memory is checked where they are allocated).
+inline constexpr double kMaxLatencyMs = 100'000;       // 100 s one-way
+inline constexpr double kMinBandwidthMbps = 1e-3;      // 1 kbit/s
+inline constexpr double kMaxBandwidthMbps = 1e9;       // 1 Pbit/s (also a 1-node region's inside link)
+inline constexpr int kMaxDevices = 10'000'000;         // device slots over all regions (memory is checked too)
 
 struct LinkSpec {
   double latency_ms = 0;        // one-way
@@ -87,11 +98,20 @@ struct LinkMatrix {
   LinkSpec& at(int a, int b) { return links[static_cast<size_t>(a) * n + b]; }
 };
 
+// Bytes a LinkMatrix of DEVICES devices holds (n² links; what the scheduler adds is
+// its own, see sched::plan_memory_bytes).
+uint64_t link_matrix_bytes(int devices);
+// An input error if BYTES is more than half of this machine's physical memory, naming
+// WHAT, the estimate and the memory ("a plan on 1000000 devices needs about 48000.0 GB
+// of memory, more than half of this machine's 23.4 GB").
+Status check_memory_for(uint64_t bytes, std::string_view what);
+
 // Devices in the regions REGION_OF (indices into TOPOLOGY's regions), with
-// every link as SCALE emulates it.
-LinkMatrix link_matrix_for(const Topology& topology, const std::vector<int>& region_of,
-                           const EmulationScale& scale = {});
+// every link as SCALE emulates it. Refuses (input error, nothing allocated) more
+// than kMaxDevices devices or a matrix too large for this machine's memory.
+Result<LinkMatrix> link_matrix_for(const Topology& topology, const std::vector<int>& region_of,
+                                   const EmulationScale& scale = {});
 // Every device slot of TOPOLOGY, region by region, raw links.
-LinkMatrix to_link_matrix(const Topology& topology);
+Result<LinkMatrix> to_link_matrix(const Topology& topology);
 
 }  // namespace sn

@@ -40,17 +40,53 @@ Plan evaluate_groups(const LinkMatrix& m, const PlanRequest& r, const Groups& gr
   return plan;
 }
 
+uint64_t plan_memory_bytes(int devices) {
+  // The link matrix and the search's two edge-cost matrices (n² doubles each), their
+  // sorted copies in the bottleneck matching and the searches' tables: measured at
+  // 19 GB for 20,000 devices, i.e. about 48 bytes per device pair.
+  const auto n = static_cast<uint64_t>(std::max(devices, 0));
+  return 48 * n * n;
+}
+
+Status check_plan_size(int devices) {
+  if (devices > kMaxDevices) return input_error("{} devices are more than the limit of {}", devices, kMaxDevices);
+  return check_memory_for(plan_memory_bytes(devices), fmt::format("a plan on {} devices", devices));
+}
+
 Result<Plan> make_plan(const LinkMatrix& links, const PlanRequest& request, const std::string& algo,
                        uint64_t seed) {
   if (request.stages < 1 || request.replicas < 1 || request.micro_batches < 1)
     return input_error("stages, replicas and micro-batches must be >= 1");
+  if (request.stages > kMaxStages || request.replicas > kMaxReplicas || request.micro_batches > kMaxMicroBatches)
+    return input_error("stages ({}), replicas ({}) and micro-batches ({}) must be at most {}, {} and {}",
+                       request.stages, request.replicas, request.micro_batches, kMaxStages, kMaxReplicas,
+                       kMaxMicroBatches);
   if (static_cast<int64_t>(request.stages) * request.replicas > links.n)
     return input_error("{} stages x {} replicas need {} devices, the topology has {}", request.stages,
-                       request.replicas, request.stages * request.replicas, links.n);
+                       request.replicas, static_cast<int64_t>(request.stages) * request.replicas, links.n);
+  if (links.links.size() != static_cast<size_t>(links.n) * static_cast<size_t>(links.n) ||
+      links.compute_tflops.size() != static_cast<size_t>(links.n) || links.memory_gb.size() != static_cast<size_t>(links.n))
+    return make_error("make_plan: a link matrix of {} devices holds {} links", links.n, links.links.size());
+  SN_TRY(check_plan_size(links.n));
+  // Sizes and times feed sums and divisions: each must be a finite figure.
+  for (auto [what, value] : {std::pair<const char*, double>{"activation_bytes", request.activation_bytes},
+                             {"gradient_bytes", request.gradient_bytes},
+                             {"compute_seconds_per_microbatch_stage", request.compute_seconds_per_microbatch_stage},
+                             {"tied_bytes", request.tied_bytes},
+                             {"step_overhead_s", request.step_overhead_s},
+                             {"message_fixed_s", request.message_fixed_s},
+                             {"message_per_byte_s", request.message_per_byte_s},
+                             {"max_message_bytes", request.max_message_bytes}})
+    if (!std::isfinite(value) || value < 0) return input_error("plan request: {} must be finite and >= 0, got {}", what, value);
   for (int a = 0; a < links.n; ++a)
-    for (int b = 0; b < links.n; ++b)
-      if (a != b && !(links.at(a, b).bandwidth_mbps > 0))
-        return input_error("link {} -> {} has no positive bandwidth", a, b);
+    for (int b = 0; b < links.n; ++b) {
+      if (a == b) continue;
+      const LinkSpec& link = links.at(a, b);
+      if (!(link.bandwidth_mbps > 0) || !std::isfinite(link.bandwidth_mbps))
+        return input_error("link {} -> {} has no positive finite bandwidth", a, b);
+      if (!(link.latency_ms >= 0) || !std::isfinite(link.latency_ms))
+        return input_error("link {} -> {} has no finite latency >= 0", a, b);
+    }
   const auto began = std::chrono::steady_clock::now();
   if (request.schedule != "gpipe" && request.schedule != "1f1b")
     return input_error("unknown schedule '{}' (gpipe, 1f1b)", request.schedule);
@@ -179,6 +215,11 @@ Result<PlanRequest> read_plan_spec(const std::filesystem::path& path, int stages
   w.reject_unknown_keys();
   root.reject_unknown_keys();
   SN_TRY(file.status());
+  // The same rule as a job file's [parallel] stages.
+  if (auto shape = check_stages(model, stages, "--stages"); !shape.ok())
+    return input_error("{}: {}", path.string(), shape.message());
+  if (replicas < 1 || replicas > kMaxReplicas)
+    return input_error("--replicas must be in [1, {}], got {}", kMaxReplicas, replicas);
   return r;
 }
 

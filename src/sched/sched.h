@@ -64,9 +64,21 @@ Plan evaluate_groups(const LinkMatrix& links, const PlanRequest& request, const 
 // fills predicted_iteration_s, compute_s, pipeline_s, data_parallel_s, slowest_link.
 void simulate(const LinkMatrix& links, const PlanRequest& request, Plan& plan);
 
+// Input limits beyond the job's (core/job.h) and the topology's (net/topology.h).
+inline constexpr int kMaxMicroBatches = 1 << 20;
+
+// Estimated peak memory of planning on DEVICES devices, the link matrix included
+// (about 48 bytes per device pair).
+uint64_t plan_memory_bytes(int devices);
+// An input error (exit 2, nothing allocated) if planning on DEVICES devices exceeds
+// kMaxDevices or half of this machine's memory; the message names the estimate and
+// the memory. make_plan checks it too; callers building a LinkMatrix call it first.
+Status check_plan_size(int devices);
+
 // algo: "ours" (local search with restarts), "dtfm" (genetic search after DT-FM),
 // "random" (best of search_trials random partitions), "naive" (devices in id order).
-// Errors (exit code 2): P·D > N, non-positive sizes, unknown algo.
+// Errors (exit code 2): P·D > N, sizes out of range, non-finite links or request
+// figures, a plan too large for this machine's memory (check_plan_size), unknown algo.
 Result<Plan> make_plan(const LinkMatrix& links, const PlanRequest& request,
                        const std::string& algo, uint64_t seed);
 

@@ -15,6 +15,7 @@
 #include "net/rpc.h"
 #include "train/adamw.h"
 #include "train/batches.h"
+#include "train/inputs.h"
 #include "train/train.h"
 
 namespace sn::train {
@@ -164,31 +165,12 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   if (job_id.empty())
     job_id = fmt::format("{}-{}", job.name, std::chrono::duration_cast<std::chrono::milliseconds>(
                                                 std::chrono::system_clock::now().time_since_epoch()).count());
-  std::string initial_weights;
-  if (!options.initial_weights.empty()) {
-    SN_ASSIGN(initial_weights, read_file(options.initial_weights));
-  }
+  // Each stage gets only its own tensors of the starting weights, checked whole first.
+  std::vector<std::string> stage_weights(static_cast<size_t>(stages));
+  if (!options.initial_weights.empty()) { SN_ASSIGN(stage_weights, initial_weights_by_stage(job, options.initial_weights)); }
   Fleet fleet(members, job_id, options.rpc_timeout);
   auto ranges = stage_layer_ranges(job.model.layers, stages);
   const std::string job_toml = job_to_toml(job);
-
-  // Each stage gets only its own tensors of the starting weights.
-  std::vector<std::string> stage_weights(static_cast<size_t>(stages));
-  if (!initial_weights.empty()) {
-    SN_ASSIGN(auto all, model::load_safetensors_bytes(initial_weights));
-    std::map<std::string, torch::Tensor> by_name(all.begin(), all.end());
-    for (int64_t s = 0; s < stages; ++s) {
-      model::StageModel shape_only(job.model, ranges[static_cast<size_t>(s)].first,
-                                   ranges[static_cast<size_t>(s)].second, job.train.seed);
-      NamedTensors mine;
-      for (const auto& [name, p] : shape_only.named_parameters()) {
-        auto it = by_name.find(name);
-        if (it == by_name.end()) return input_error("{}: lacks tensor {}", options.initial_weights.string(), name);
-        mine.emplace_back(name, it->second);
-      }
-      stage_weights[static_cast<size_t>(s)] = model::safetensors_bytes(mine, {});
-    }
-  }
 
   SN_TRY(fleet.run_all("job setup", [&](size_t i, grpc::ClientContext& context) {
     const auto& self = members[i];
@@ -213,7 +195,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
     request.set_byte_ratio(options.scale.byte_ratio);
     request.set_gradient_byte_ratio(options.scale.gradient_byte_ratio);
     request.set_dataset_samples(dataset.train_samples());
-    if (!initial_weights.empty()) request.set_initial_weights(stage_weights[static_cast<size_t>(self.stage)]);
+    if (!options.initial_weights.empty()) request.set_initial_weights(stage_weights[static_cast<size_t>(self.stage)]);
     solvernet::v1::SetupJobReply reply;
     return fleet.stub(i).SetupJob(&context, request, &reply);
   }));

@@ -12,6 +12,7 @@
 #include "model/safetensors.h"
 #include "train/adamw.h"
 #include "train/batches.h"
+#include "train/inputs.h"
 #include "train/stage_worker.h"
 #include "train/train.h"
 
@@ -35,15 +36,9 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
   model::StageModel gpt(job.model, 0, static_cast<int>(job.model.layers), job.train.seed);
   NamedTensors parameters = gpt.named_parameters();
   if (!options.initial_weights.empty()) {
-    SN_ASSIGN(auto weights, model::load_safetensors(options.initial_weights));
-    std::map<std::string, torch::Tensor> by_name(weights.begin(), weights.end());
+    SN_ASSIGN(auto by_name, load_initial_weights(job, options.initial_weights));
     torch::NoGradGuard no_grad;
-    for (auto& [name, p] : parameters) {
-      auto it = by_name.find(name);
-      if (it == by_name.end() || !it->second.sizes().equals(p.sizes()))
-        return input_error("{}: lacks tensor {} or its shape differs", options.initial_weights.string(), name);
-      p.copy_(it->second);
-    }
+    for (auto& [name, p] : parameters) p.copy_(by_name.at(name));
   }
   AdamW optimizer(parameters, job.train);
   const double scale = 1.0 / static_cast<double>(job.parallel.replicas * job.parallel.micro_batches);
@@ -52,7 +47,7 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
   result.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started).count();
   auto run_started = Clock::now();
   for (int64_t step = 0; step < job.train.steps; ++step) {
-    if (options.cancel && options.cancel->load()) return make_error("interrupted at step {}", step);
+    if (options.cancel && options.cancel->load()) return make_error("interrupted at step {} of {}", step + 1, job.train.steps);
     auto step_started = Clock::now();
     for (auto& [name, p] : parameters)
       if (p.grad().defined()) p.mutable_grad().zero_();

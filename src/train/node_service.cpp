@@ -73,7 +73,8 @@ class NodeServiceImpl final : public solvernet::v1::Node::Service {
     std::lock_guard<std::mutex> step_lock(step_mutex_);
     auto result = worker->run_step(*request);
     if (!result.ok()) {
-      spdlog::warn("job {} step {}: {}", request->job_id(), request->step(), result.message());
+      // Steps a user reads are numbered from 1, as the client's progress line numbers them.
+      spdlog::warn("job {} step {}: {}", request->job_id(), request->step() + 1, result.message());
       worker->abort(result.message());
       return grpc::Status(grpc::StatusCode::ABORTED, result.message());
     }

@@ -66,6 +66,36 @@ TEST(ChainEncoding, KeccakRlpAbiMatchKnownVectors) {
   EXPECT_FALSE(parse_wei("12a").ok());
 }
 
+// Issue 15 kind 1: amounts are parsed against the type they end up in; nothing wraps.
+TEST(ChainEncoding, AmountsAreCheckedNotWrapped) {
+  EXPECT_EQ(wei_to_string(*parse_wei("1000")), "1000");
+  EXPECT_EQ(wei_to_string(*parse_wei("1000wei")), "1000");
+  EXPECT_EQ(wei_to_string(*parse_wei("2.5gwei")), "2500000000");
+  EXPECT_EQ(wei_to_string(*parse_wei("0.1eth")), "100000000000000000");
+  EXPECT_EQ(wei_to_string(*parse_wei("1.5 ether")), "1500000000000000000");
+  EXPECT_EQ(wei_to_string(*parse_wei("0.000000000000000001eth")), "1");
+  EXPECT_EQ(wei_to_string(*parse_wei("1.000000000000000000000eth")), "1000000000000000000");  // zeros below a wei
+  EXPECT_EQ(*parse_wei("340282366920938463463374607431768211455"), kMaxWei);
+  EXPECT_EQ(wei_to_eth_string(kMaxWei), "340282366920938463463.374607431768211455");
+  // The issue's example wrapped modulo 2^128 to 0.625 ETH.
+  for (const char* too_large : {"340282366920938463464eth", "340282366920938463463374607431768211456",
+                                "99999999999999999999999999999999999999999999999999", "1e40"}) {
+    auto parsed = parse_wei(too_large);
+    ASSERT_FALSE(parsed.ok()) << too_large;
+    EXPECT_EQ(parsed.error().exit_code, 2);
+  }
+  EXPECT_NE(parse_wei("340282366920938463464eth").message().find("at most 340282366920938463463374607431768211455 wei"),
+            std::string::npos);
+  EXPECT_NE(parse_wei("-1").message().find("negative"), std::string::npos);
+  EXPECT_NE(parse_wei("0.5").message().find("fraction of a wei"), std::string::npos);
+  EXPECT_NE(parse_wei("1.0000000001gwei").message().find("fraction of a wei"), std::string::npos);
+  for (const char* malformed : {"", "eth", ".", "1.2.3", "+1", "0x10", "1,000", "1 2", "one", "1eth2", "1wei eth"})
+    EXPECT_EQ(parse_wei(malformed).error().exit_code, 2) << malformed;
+  // A job's price is a uint96 in the contract: the bound is the caller's.
+  EXPECT_EQ(*parse_wei("79228162514264337593543950335", kMaxPricePerSolver), kMaxPricePerSolver);
+  EXPECT_FALSE(parse_wei("79228162514264337593543950336", kMaxPricePerSolver).ok());
+}
+
 TEST(ChainEncoding, KeyFileRoundTripsAndRejectsGarbage) {
   auto dir = std::filesystem::temp_directory_path() / ("sn-chain-key-" + std::to_string(getpid()));
   auto key = Key::load_or_create(dir / "chain.key");

@@ -361,7 +361,7 @@ TEST(Topology, BadFilesNameLine) {
   auto negative = parse_topology_string(
       "[[region]]\nname='a'\nnodes=2\nlatency_ms=1\nbandwidth_mbps=-5\n", "t.toml");
   ASSERT_FALSE(negative.ok());
-  EXPECT_EQ(negative.message(), "t.toml:5: region[0].bandwidth_mbps must be > 0, got -5");
+  EXPECT_EQ(negative.message(), "t.toml:5: region[0].bandwidth_mbps must be in [0.001, 1000000000], got -5");
   auto unknown = parse_topology_string(
       "[[region]]\nname='a'\nnodes=1\n[[link]]\nfrom='a'\nto='zz'\nlatency_ms=1\nbandwidth_mbps=5\n", "t.toml");
   ASSERT_FALSE(unknown.ok());
