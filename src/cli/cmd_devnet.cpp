@@ -157,7 +157,7 @@ int run_devnet(const DevnetArgs& args) {
   if (!args.summary_json.empty())
     if (auto writable = check_output_file(args.summary_json, "--summary-json"); !writable.ok())
       return fail("devnet", writable.message(), 2);
-  if (auto checked = check_run_inputs(spec); !checked.ok()) return fail("devnet", checked.message(), 2);
+  if (auto checked = check_run_inputs(spec, false); !checked.ok()) return fail("devnet", checked.message(), 2);
 
   Devnet devnet;
   if (auto started = devnet.start(args, *topology, nodes); !started.ok()) return fail("devnet", started.message());

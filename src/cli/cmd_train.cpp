@@ -50,7 +50,7 @@ int run_train(const TrainArgs& args) {
     if (!topology.ok()) return fail("train", topology.message(), 2);
     spec.topology = *topology;
   }
-  if (auto checked = check_run_inputs(spec); !checked.ok()) return fail("train", checked.message(), 2);
+  if (auto checked = check_run_inputs(spec, args.local); !checked.ok()) return fail("train", checked.message(), 2);
   Result<nlohmann::json> summary = Error{};
   if (args.local) {
     summary = run_job_locally(spec);

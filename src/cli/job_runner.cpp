@@ -11,6 +11,8 @@
 #include "cli/placement.h"
 #include "cli/signals.h"
 #include "core/fs.h"
+#include "core/memory.h"
+#include "model/data.h"
 #include "net/discovery.h"
 #include "train/inputs.h"
 #include "train/train.h"
@@ -85,9 +87,22 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
 
 }  // namespace
 
-Status check_run_inputs(const RunSpec& spec) {
+Status check_run_inputs(const RunSpec& spec, bool local) {
   // Every flag here has the same reach as a job file field: refused before any work.
   if (!spec.model_out.empty()) SN_TRY(check_output_file(spec.model_out, "--out"));
+  // Where this process builds the whole model (to train it locally, to check --init,
+  // to measure compute for the scheduler or scaled links), a model too large for it
+  // is refused here rather than as a bad_alloc. Nodes hold only their stages.
+  const bool scaled = spec.emulate == "scaled" || (spec.emulate.empty() && spec.topology && spec.topology->mode == "scaled");
+  const bool builds_whole_model = local || !spec.initial_weights.empty() ||
+                                  (spec.topology && (spec.algo != "naive" || scaled) && spec.time_dilation == 0);
+  if (builds_whole_model) {
+    const double bytes = spec.job.training_memory_bytes();
+    SN_TRY(check_memory_for(bytes >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(bytes),
+                            fmt::format("training the job's model ({} parameters) in one process",
+                                        spec.job.model.parameter_count())));
+  }
+  SN_TRY(model::check_corpus(spec.job.data, static_cast<int>(spec.job.model.vocab)));
   if (!spec.initial_weights.empty()) SN_TRY(train::load_initial_weights(spec.job, spec.initial_weights));
   if (spec.time_dilation != 0 &&
       !(std::isfinite(spec.time_dilation) && spec.time_dilation >= kMinTimeDilation &&

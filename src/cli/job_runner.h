@@ -34,9 +34,11 @@ inline constexpr double kMinTimeDilation = 1e-4;
 inline constexpr double kMaxTimeDilation = 1e4;
 
 // Checks every input of SPEC that the job file does not (--out's directory, the
-// --init weights against the job's model, --time-dilation, --algo, --emulate), so a
-// mistake is an input error (exit 2) before any node is started or contacted.
-Status check_run_inputs(const RunSpec& spec);
+// --init weights against the job's model, the corpus, --time-dilation, --algo,
+// --emulate) and, where this process builds the whole model (LOCAL, --init, compute
+// measurement), that it fits in memory; a mistake is an input error (exit 2) before
+// any node is started or contacted.
+Status check_run_inputs(const RunSpec& spec, bool local);
 
 // Waits until at least WANT idle nodes are visible via BOOTSTRAP (or TIMEOUT).
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "core/toml_reader.h"
 
 namespace sn {
@@ -14,6 +16,20 @@ int64_t ModelConfig::layer_parameter_count() const {
 
 int64_t ModelConfig::parameter_count() const {
   return vocab * d_model + seq_len * d_model + layers * layer_parameter_count() + 2 * d_model;
+}
+
+double JobConfig::training_memory_bytes() const {
+  const auto& m = model;
+  const double tokens = static_cast<double>(std::max<int64_t>(1, sequences_per_micro_batch())) *
+                        static_cast<double>(m.seq_len);
+  // Per token and layer: the block's inputs, norms, q/k/v, attention output and MLP
+  // hidden (about 8·d_model + 2·d_ff floats) and the attention weights (heads × seq_len,
+  // twice); then the logits, their softmax and its gradient (3 × vocab).
+  const double per_layer = 8.0 * static_cast<double>(m.d_model) + 2.0 * static_cast<double>(m.d_ff) +
+                           2.0 * static_cast<double>(m.heads) * static_cast<double>(m.seq_len);
+  const double activations =
+      4.0 * tokens * (static_cast<double>(m.layers) * per_layer + 3.0 * static_cast<double>(m.vocab));
+  return 16.0 * static_cast<double>(m.parameter_count()) + activations;
 }
 
 ModelConfig read_model_table(TomlTable& t) {

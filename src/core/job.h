@@ -81,6 +81,11 @@ struct JobConfig {
   int64_t sequences_per_micro_batch() const {
     return train.global_batch / (parallel.replicas * parallel.micro_batches);
   }
+  // Estimated bytes one process needs to train the whole model on one micro-batch
+  // (what --local does and the client's compute measurement builds): 16 per parameter
+  // (weights, gradients, two AdamW moments) plus the activations kept for backward.
+  // A double, so absurd sizes stay representable.
+  double training_memory_bytes() const;
 };
 
 // Limits of job fields that other inputs share (docs/inputs.md lists them all).

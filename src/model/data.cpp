@@ -146,6 +146,19 @@ Status check_corpus_text(std::string_view text, const std::string& what, int voc
   return ok_status();
 }
 
+Status check_corpus(const DataConfig& data, int vocab_size) {
+  SN_ASSIGN(fs::path corpus, resolve_corpus(data));
+  SN_ASSIGN(std::string text, read_file(corpus));
+  if (data.tokenizer_corpus.empty())
+    return check_corpus_text(text, "data.corpus " + corpus.string(), vocab_size);
+  SN_TRY(check_corpus_text(text, "data.corpus " + corpus.string(), 0));
+  DataConfig tokenizer_data = data;
+  tokenizer_data.corpus = data.tokenizer_corpus;
+  SN_ASSIGN(fs::path tokenizer_corpus, resolve_corpus(tokenizer_data));
+  SN_ASSIGN(std::string tokenizer_text, read_file(tokenizer_corpus));
+  return check_corpus_text(tokenizer_text, "data.tokenizer_corpus " + tokenizer_corpus.string(), vocab_size);
+}
+
 Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
   // SentencePiece reserves ids 0..2 for <unk>, <s>, </s>.
   if (vocab_size < 4) return input_error("model.vocab must be at least 4, got {}", vocab_size);
@@ -232,8 +245,18 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
     std::memcpy(raw.data(), out.tokens.data(), raw.size());
     SN_TRY(write_file_atomic(ids_file, raw));
   }
-  for (int32_t id : out.tokens)
+  int64_t unknown = 0;
+  for (int32_t id : out.tokens) {
     if (id < 0 || id >= vocab_size) return make_error("{}: cached token id {} outside the vocabulary", ids_file.string(), id);
+    unknown += id == Tokenizer::kUnknown;
+  }
+  // A tokenizer trained on other text maps characters it never saw to <unk>; past a
+  // quarter of the tokens the model would learn mostly <unk>, silently.
+  if (static_cast<double>(unknown) > kMaxUnknownFraction * static_cast<double>(out.tokens.size()))
+    return input_error("data.corpus {}: {:.0f}% of its tokens are <unk> under the tokenizer of "
+                       "data.tokenizer_corpus {} (characters it never saw); the limit is {:.0f}%",
+                       corpus.string(), 100.0 * static_cast<double>(unknown) / static_cast<double>(out.tokens.size()),
+                       tokenizer_corpus.string(), 100 * kMaxUnknownFraction);
   return out;
 }
 

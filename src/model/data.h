@@ -37,12 +37,20 @@ Result<std::filesystem::path> resolve_corpus(const std::string& corpus);
 // The longest corpus line, in bytes (spm_train's --max_sentence_length: it would
 // silently skip a longer line).
 inline constexpr size_t kMaxCorpusLineBytes = 100'000;
+// The largest share of <unk> tokens prepare_corpus accepts (only a tokenizer trained
+// on another corpus produces any).
+inline constexpr double kMaxUnknownFraction = 0.25;
 
 // Checks TEXT as a corpus before tokenizer training (docs/data.md): UTF-8 without NUL
 // bytes, no line over kMaxCorpusLineBytes, some text, and (VOCAB_SIZE > 0) few
 // enough distinct characters for VOCAB_SIZE pieces: characters + 4 ≤ vocab. Input
 // errors name WHAT (e.g. "data.corpus corpus.txt"), the line and the job field to change.
 Status check_corpus_text(std::string_view text, const std::string& what, int vocab_size);
+
+// Resolves DATA's corpus (and tokenizer corpus) and checks them as prepare_corpus
+// will, without training anything: for the client to refuse a bad corpus before
+// any node starts.
+Status check_corpus(const DataConfig& data, int vocab_size);
 
 struct TokenizedCorpus {
   std::filesystem::path spm_model;

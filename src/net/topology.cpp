@@ -1,7 +1,6 @@
 #include "net/topology.h"
 
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 
@@ -156,17 +155,6 @@ std::string topology_to_toml(const Topology& t) {
 uint64_t link_matrix_bytes(int devices) {
   const auto n = static_cast<uint64_t>(std::max(devices, 0));
   return n * n * sizeof(LinkSpec) + n * (2 * sizeof(double) + sizeof(int));
-}
-
-Status check_memory_for(uint64_t bytes, std::string_view what) {
-  const long pages = ::sysconf(_SC_PHYS_PAGES), page_size = ::sysconf(_SC_PAGE_SIZE);
-  if (pages <= 0 || page_size <= 0) return ok_status();  // unknown: the allocation will tell
-  const uint64_t memory = static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size);
-  // Half the machine: the rest is the OS's, other processes' and the caller's own.
-  if (bytes > memory / 2)
-    return input_error("{} needs about {:.1f} GB of memory, more than half of this machine's {:.1f} GB", what,
-                       static_cast<double>(bytes) / 1e9, static_cast<double>(memory) / 1e9);
-  return ok_status();
 }
 
 Result<LinkMatrix> link_matrix_for(const Topology& topology, const std::vector<int>& region_of,

@@ -11,6 +11,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/memory.h"
 #include "core/result.h"
 
 namespace sn {
@@ -101,10 +102,6 @@ struct LinkMatrix {
 // Bytes a LinkMatrix of DEVICES devices holds (n² links; what the scheduler adds is
 // its own, see sched::plan_memory_bytes).
 uint64_t link_matrix_bytes(int devices);
-// An input error if BYTES is more than half of this machine's physical memory, naming
-// WHAT, the estimate and the memory ("a plan on 1000000 devices needs about 48000.0 GB
-// of memory, more than half of this machine's 23.4 GB").
-Status check_memory_for(uint64_t bytes, std::string_view what);
 
 // Devices in the regions REGION_OF (indices into TOPOLOGY's regions), with
 // every link as SCALE emulates it. Refuses (input error, nothing allocated) more

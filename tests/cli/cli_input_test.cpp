@@ -255,6 +255,22 @@ TEST_F(CliInput, CorpusProblemsNameTheJobFieldNotSpmTrain) {
   // Too few pieces for the vocabulary: spm_train's refusal becomes a line naming model.vocab.
   write("Jbig.toml", job_text("corpus.txt", 2048, 1));
   expect_refused("train --local --job Jbig.toml", {"model.vocab"});
+  // A tokenizer trained on other text would turn this corpus into <unk>s.
+  std::string unk = job_text("zh.txt", 64, 1);
+  unk.insert(unk.find("cache_dir"), "tokenizer_corpus = \"corpus.txt\"\n");
+  write("Junk.toml", unk);
+  expect_refused("train --local --job Junk.toml", {"are <unk>", "data.tokenizer_corpus"});
+  // The devnet checks the corpus before it starts a process.
+  write("Jnone.toml", job_text("nothing.txt", 64, 1));
+  expect_refused("devnet --no-chain --topology topo.toml --job Jnone.toml", {"nothing.txt", "not a readable file"});
+}
+
+// Kind 2: a model too large to build in this process is refused with the estimate,
+// not a std::bad_alloc or a LibTorch trace.
+TEST_F(CliInput, ModelTooLargeForMemoryIsRefusedWithTheEstimate) {
+  write("Jhuge.toml", "[model]\nlayers = 4096\nd_model = 65536\nheads = 1024\nd_ff = 65536\nvocab = 64\n"
+                      "seq_len = 16\n\n[data]\ncorpus = \"corpus.txt\"\n");
+  expect_refused("train --local --job Jhuge.toml", {"training the job's model (", "GB of memory", "this machine's"});
 }
 
 }  // namespace
