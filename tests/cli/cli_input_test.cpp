@@ -12,6 +12,8 @@
 #include <sstream>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "core/job.h"
 #include "model/gpt.h"
 #include "model/safetensors.h"
@@ -271,6 +273,21 @@ TEST_F(CliInput, ModelTooLargeForMemoryIsRefusedWithTheEstimate) {
   write("Jhuge.toml", "[model]\nlayers = 4096\nd_model = 65536\nheads = 1024\nd_ff = 65536\nvocab = 64\n"
                       "seq_len = 16\n\n[data]\ncorpus = \"corpus.txt\"\n");
   expect_refused("train --local --job Jhuge.toml", {"training the job's model (", "GB of memory", "this machine's"});
+}
+
+// Kind 8's small lies: the summary counts the nodes the job ran on, not every node
+// seen, and its links row has no empty field. One real devnet (no chain): three
+// node processes, a job that needs one.
+TEST_F(CliInput, SummaryCountsTheNodesUsed) {
+  write("topo3.toml", "name = \"three\"\n[[region]]\nname = \"a\"\nnodes = 3\nlatency_ms = 1\nbandwidth_mbps = 1000\n");
+  const CliRun r = run("devnet --no-chain --topology topo3.toml --job J.toml --summary-json summary.json");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto summary = nlohmann::json::parse(slurp(path("summary.json")));
+  EXPECT_EQ(summary["nodes"], 1);
+  EXPECT_EQ(summary["nodes_seen"], 3);
+  EXPECT_NE(r.out.find("  nodes                  1 (1 stages × 1 replicas)\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("  links                  three raw (T = 1, R = 1)\n"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(path("devnet-model.safetensors")));
 }
 
 }  // namespace
