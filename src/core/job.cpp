@@ -60,6 +60,12 @@ static JobConfig read_job(TomlFile& file) {
   JobConfig job;
   TomlTable root = file.root();
   job.name = root.string("name", job.name);
+  // The name starts the job's id, which nodes use in file names (checkpoints, buffers).
+  if (!root.failed() && (job.name.empty() || job.name.size() > kMaxJobNameLength ||
+                         job.name.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
+                             std::string::npos || job.name.front() == '.'))
+    root.fail("name", fmt::format("name must be 1 to {} of the characters A-Z a-z 0-9 . _ - (not starting with '.'), "
+                                  "got \"{}\"", kMaxJobNameLength, job.name.substr(0, 80)));
 
   TomlTable model = root.table("model");
   job.model = read_model_table(model);

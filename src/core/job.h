@@ -92,6 +92,8 @@ struct JobConfig {
 inline constexpr int64_t kMaxStages = 1024;
 inline constexpr int64_t kMaxReplicas = 1024;
 inline constexpr int64_t kMaxSteps = int64_t(1) << 40;
+inline constexpr size_t kMaxJobNameLength = 64;  // name: A-Z a-z 0-9 . _ -, not starting with '.'
+
 
 // STAGES pipeline stages of MODEL: 1 ≤ stages ≤ min(kMaxStages, model.layers). The
 // job file ([parallel] stages) and `solvernet plan --stages` both use it; WHAT names

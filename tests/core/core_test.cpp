@@ -116,6 +116,39 @@ TEST(Job, ErrorsNameFileAndLine) {
   auto syntax = parse_job_string("[model\n", "j.toml");
   ASSERT_FALSE(syntax.ok());
   EXPECT_EQ(syntax.message().rfind("j.toml:1:", 0), 0u);
+
+  // The name becomes part of file names on the nodes: no paths, no spaces.
+  for (const char* name : {"../../etc/x", "a b", "", ".hidden", "x/y"}) {
+    auto named = parse_job_string(fmt::format("name = \"{}\"\n", name), "j.toml");
+    ASSERT_FALSE(named.ok()) << name;
+    EXPECT_NE(named.message().find("j.toml:1: name must be 1 to 64 of the characters"), std::string::npos)
+        << named.message();
+  }
+  EXPECT_TRUE(parse_job_string("name = \"tiny-fortunes_2.b\"\n", "j.toml").ok());
+}
+
+// Issue 15 kind 2: a CLI override is checked by the job file's own rules.
+TEST(Job, OverridesFollowTheJobFilesRules) {
+  auto job = parse_job_string("[model]\nlayers = 2\n[train]\nsteps = 5\nglobal_batch = 8\n", "j.toml");
+  ASSERT_TRUE(job.ok()) << job.message();
+  auto ten = override_job_integer(*job, "train.steps", 10, "--steps");
+  ASSERT_TRUE(ten.ok()) << ten.message();
+  EXPECT_EQ(ten->train.steps, 10);
+  EXPECT_EQ(job->train.steps, 5);  // unchanged
+  for (int64_t steps : {int64_t{-3}, int64_t{0}, (int64_t{1} << 40) + 1}) {
+    auto bad = override_job_integer(*job, "train.steps", steps, "--steps");
+    ASSERT_FALSE(bad.ok()) << steps;
+    EXPECT_EQ(bad.error().exit_code, kExitBadInput);
+    EXPECT_EQ(bad.message(), fmt::format("--steps {}: train.steps must be in [1, 1099511627776], got {}", steps, steps));
+  }
+  auto stages = override_job_integer(*job, "parallel.stages", 3, "--stages");
+  ASSERT_FALSE(stages.ok());
+  EXPECT_NE(stages.message().find("parallel.stages (3) exceeds model.layers (2)"), std::string::npos) << stages.message();
+  auto batch = override_job_integer(*job, "train.global_batch", 7, "--global-batch");
+  EXPECT_TRUE(batch.ok()) << batch.message();
+  EXPECT_FALSE(override_job_integer(*job, "train.lr", 1, "--lr").ok());  // not an integer field
+  EXPECT_TRUE(check_stages(job->model, 2, "--stages").ok());
+  EXPECT_FALSE(check_stages(job->model, 3, "--stages").ok());
 }
 
 TEST(Process, RunCommandCapturesOutputAndFailure) {
