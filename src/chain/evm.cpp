@@ -121,6 +121,16 @@ Result<Wei> parse_wei(std::string_view text, Wei max) {
   return value;
 }
 
+static Result<Wei> parse_quantity(const nlohmann::json& value, const char* what);
+
+// A quantity the protocol bounds to 64 bits (chain id, block, gas, nonce): a larger
+// answer is refused, not truncated.
+static Result<uint64_t> parse_quantity_u64(const nlohmann::json& value, const char* what) {
+  SN_ASSIGN(Wei quantity, parse_quantity(value, what));
+  if (quantity >> 64) return make_error("RPC answer: {} {} does not fit in 64 bits", what, wei_to_string(quantity));
+  return static_cast<uint64_t>(quantity);
+}
+
 static Result<Wei> parse_quantity(const nlohmann::json& value, const char* what) {
   if (!value.is_string()) return make_error("RPC answer: {} is not a hex string", what);
   auto text = value.get<std::string>();
@@ -354,14 +364,12 @@ Result<nlohmann::json> RpcClient::call(const std::string& method, nlohmann::json
 
 Result<uint64_t> RpcClient::chain_id() const {
   SN_ASSIGN(auto json, call("eth_chainId", nlohmann::json::array()));
-  SN_ASSIGN(Wei id, parse_quantity(json, "chain id"));
-  return static_cast<uint64_t>(id);
+  return parse_quantity_u64(json, "chain id");
 }
 
 Result<uint64_t> RpcClient::block_number() const {
   SN_ASSIGN(auto json, call("eth_blockNumber", nlohmann::json::array()));
-  SN_ASSIGN(Wei number, parse_quantity(json, "block number"));
-  return static_cast<uint64_t>(number);
+  return parse_quantity_u64(json, "block number");
 }
 
 Result<Wei> RpcClient::balance(const Address& address) const {
@@ -375,11 +383,11 @@ static Result<Receipt> parse_receipt(const nlohmann::json& json) {
   if (!json.contains("transactionHash") || !json["transactionHash"].is_string())
     return make_error("RPC answer: receipt lacks transactionHash");
   receipt.tx_hash = json["transactionHash"].get<std::string>();
-  SN_ASSIGN(Wei block, parse_quantity(json.value("blockNumber", nlohmann::json()), "receipt block"));
-  SN_ASSIGN(Wei gas, parse_quantity(json.value("gasUsed", nlohmann::json()), "receipt gasUsed"));
+  SN_ASSIGN(uint64_t block, parse_quantity_u64(json.value("blockNumber", nlohmann::json()), "receipt block"));
+  SN_ASSIGN(uint64_t gas, parse_quantity_u64(json.value("gasUsed", nlohmann::json()), "receipt gasUsed"));
   SN_ASSIGN(Wei status, parse_quantity(json.value("status", nlohmann::json()), "receipt status"));
-  receipt.block = static_cast<uint64_t>(block);
-  receipt.gas_used = static_cast<uint64_t>(gas);
+  receipt.block = block;
+  receipt.gas_used = gas;
   if (status != 1) return make_error("transaction {} failed on chain (gas used {})", receipt.tx_hash, receipt.gas_used);
   if (json.contains("contractAddress") && json["contractAddress"].is_string()) {
     SN_ASSIGN(receipt.contract_address, parse_address(json["contractAddress"].get<std::string>()));
@@ -520,8 +528,8 @@ Result<Wallet::Sent> Wallet::sign_and_send(std::optional<Address> to, Wei value,
   std::lock_guard lock(*mutex_);
   if (!next_nonce_) {
     SN_ASSIGN(auto nonce_json, rpc_->call("eth_getTransactionCount", {address_hex(address()), "pending"}));
-    SN_ASSIGN(Wei nonce, parse_quantity(nonce_json, "nonce"));
-    next_nonce_ = static_cast<uint64_t>(nonce);
+    SN_ASSIGN(uint64_t nonce, parse_quantity_u64(nonce_json, "nonce"));
+    next_nonce_ = nonce;
   }
   const uint64_t nonce = *next_nonce_;
   Bytes to_bytes = to ? Bytes(to->begin(), to->end()) : Bytes{};

@@ -124,9 +124,12 @@ static void serve_garbage(int listener, std::string body, std::atomic<bool>* sto
 
 TEST(ChainRpc, HostileAnswersAreErrorsNotCrashes) {
   EXPECT_FALSE(RpcClient("http://127.0.0.1:1", 1000).chain_id().ok());  // nobody listening
+  // The last: a 68-bit quantity is a fine balance but no chain id (64 bits), not truncated.
   for (std::string body : {"{not json", "[]", "{\"result\": 12}", "{\"result\": \"0xzz\"}",
                            "{\"error\": {\"message\": \"boom\", \"data\": \"0x08c379a0\"}}",
-                           "{\"result\": \"0x1234567890123456789012345678901234567890\"}"}) {
+                           "{\"result\": \"0x1234567890123456789012345678901234567890\"}",
+                           "{\"result\": \"0x100000000000000001\"}"}) {
+    const bool fits_a_balance = body.find("0x1000") != std::string::npos;
     int listener = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
@@ -139,7 +142,7 @@ TEST(ChainRpc, HostileAnswersAreErrorsNotCrashes) {
     std::thread server(serve_garbage, listener, body, &stop);
     RpcClient rpc(fmt::format("http://127.0.0.1:{}", ntohs(addr.sin_port)), 2000);
     EXPECT_FALSE(rpc.chain_id().ok()) << body;
-    EXPECT_FALSE(rpc.balance(Address{}).ok()) << body;
+    EXPECT_EQ(rpc.balance(Address{}).ok(), fits_a_balance) << body;
     stop = true;
     shutdown(listener, SHUT_RDWR);
     close(listener);
