@@ -1,7 +1,9 @@
 // Tokens/s of one tiny-GPT job run (a) in one process, (b) on the devnet over
 // a data-center topology and (c) over a world-wide one, both with links scaled
 // to DT-FM's GPT-3 XL setting (docs/topology.md), side by side in one run.
-// JSON on stdout; the real commands' progress on stderr.
+// Each devnet runs twice, over TLS (the default) and with --insecure, to show
+// what encryption and node-id checks cost. JSON on stdout; the real commands'
+// progress on stderr.
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
@@ -37,6 +39,13 @@ int main(int argc, char** argv) {
                  (src / "examples/topologies/world.toml").string(), "--emulate", "scaled", "--out",
                  (tmp / "world.safetensors").string()}},
   };
+  // The insecure twin of each devnet run, right after it.
+  for (size_t i = cases.size(); i-- > 1;) {
+    Case twin = cases[i];
+    twin.name += "_insecure";
+    twin.argv.push_back("--insecure");
+    cases.insert(cases.begin() + static_cast<std::ptrdiff_t>(i) + 1, twin);
+  }
   nlohmann::json out;
   out["benchmark"] = "train_throughput";
   out["job"] = job;
@@ -56,7 +65,8 @@ int main(int argc, char** argv) {
     // Both scaled runs use the time dilation measured by the first, so they
     // emulate exactly the same anchor setting.
     if (c.name == "datacenter")
-      cases[2].argv.insert(cases[2].argv.end(), {"--time-dilation", fmt::format("{:.9g}", (*summary)["time_dilation"].get<double>())});
+      for (size_t j = i + 1; j < cases.size(); ++j)
+        cases[j].argv.insert(cases[j].argv.end(), {"--time-dilation", fmt::format("{:.9g}", (*summary)["time_dilation"].get<double>())});
     out["runs"][c.name] = {{"tokens_per_s", tps[c.name]},
                            {"loss_last", (*summary)["loss_last"]},
                            {"wall_s", (*summary)["wall_s"]},
@@ -68,6 +78,11 @@ int main(int argc, char** argv) {
   }
   out["datacenter_over_one_process"] = tps["datacenter"] / tps["one_process"];
   out["world_slowdown_vs_datacenter"] = tps["datacenter"] / tps["world"];
+  out["tls_over_insecure"] = {{"datacenter", tps["datacenter"] / tps["datacenter_insecure"]},
+                              {"world", tps["world"] / tps["world_insecure"]}};
+  out["target"] = "TLS keeps >= 0.95 of the insecure devnet tokens/s";
+  std::cerr << fmt::format("tokens/s TLS/insecure: datacenter {:.3f}, world {:.3f}\n",
+                           tps["datacenter"] / tps["datacenter_insecure"], tps["world"] / tps["world_insecure"]);
   std::cout << out.dump(2) << std::endl;
   fs::remove_all(tmp);
   return 0;

@@ -15,6 +15,7 @@
 #include "core/keys.h"
 #include "core/log.h"
 #include "core/process.h"
+#include "net/tls.h"
 
 namespace sn::cli {
 namespace {
@@ -85,6 +86,7 @@ class Devnet {
                                        "--bootstrap", bootstrap(), "--region",
                                        topology.regions[static_cast<size_t>(regions[static_cast<size_t>(i)])].name,
                                        "--parent-pid", std::to_string(::getpid())};
+      if (net::insecure()) argv.push_back("--insecure");  // the nodes must speak what the client speaks
       SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
       nodes_.push_back(std::move(child));
     }
@@ -246,6 +248,7 @@ CommandRegistration devnet_command(
       app.add_option("--time-dilation", args->time_dilation,
                      "Scaled links: use this T (1e-4 .. 1e4) instead of measuring compute");
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
+      add_insecure_flag(app);
       return [args] { return run_devnet(*args); };
     });
 

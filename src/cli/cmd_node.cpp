@@ -68,7 +68,7 @@ int run_node(const NodeArgs& args) {
     if (discovery) discovery->update_announcement(info);
   };
   auto service = train::make_node_service(options);
-  auto server = net::start_server(args.listen, {service.get(), &delivery});
+  auto server = net::start_server(args.listen, {service.get(), &delivery}, *key);
   if (!server.ok()) return fail("node", server.message(), 2);
   auto host = net::split_host_port(args.advertise.empty() ? args.listen : args.advertise);
   if (!host.ok()) return fail("node", host.message(), 2);

@@ -87,6 +87,7 @@ CommandRegistration train_command(
       app.add_option("--time-dilation", args->time_dilation,
                      "Scaled links: use this T (1e-4 .. 1e4) instead of measuring compute");
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
+      add_insecure_flag(app);
       return [args] { return run_train(*args); };
     });
 

@@ -26,6 +26,10 @@ struct RegisteredCommand {
 
 std::vector<RegisteredCommand>& registered_commands();
 
+// Adds --insecure to a command that opens gRPC channels or servers: when given,
+// net::use_insecure() runs while parsing, before the command does anything.
+void add_insecure_flag(CLI::App& app);
+
 // Prints "solvernet <command>: <message>" to stderr (one line) and returns CODE.
 int fail(const std::string& command, const std::string& message, int code = 1);
 

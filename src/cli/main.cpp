@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cli/command.h"
+#include "net/tls.h"
 
 namespace sn::cli {
 
@@ -17,6 +18,11 @@ std::vector<RegisteredCommand>& registered_commands() {
 CommandRegistration::CommandRegistration(std::string name, std::string description,
                                          CommandSetup setup) {
   registered_commands().push_back({std::move(name), std::move(description), std::move(setup)});
+}
+
+void add_insecure_flag(CLI::App& app) {
+  app.add_flag_callback("--insecure", [] { sn::net::use_insecure(); },
+                        "DEBUGGING ONLY: plaintext, unauthenticated gRPC (no TLS, no node-id checks)");
 }
 
 int fail(const std::string& command, const std::string& message, int code) {

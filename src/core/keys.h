@@ -14,6 +14,9 @@ namespace sn {
 
 using PublicKey = std::array<uint8_t, 32>;
 using Signature = std::array<uint8_t, 64>;
+class NodeKey;
+struct NodeCertificate;
+Result<NodeCertificate> make_node_certificate(const NodeKey& key);  // core/cert.h
 
 // Node id (64 hex chars) derived from a public key.
 std::string node_id_of(const PublicKey& public_key);
@@ -30,6 +33,8 @@ class NodeKey {
   Signature sign(std::span<const uint8_t> message) const;
 
  private:
+  // The TLS certificate's private key is this very key (core/cert.h).
+  friend Result<NodeCertificate> make_node_certificate(const NodeKey& key);
   NodeKey() = default;
   PublicKey public_key_{};
   std::array<uint8_t, 64> secret_key_{};

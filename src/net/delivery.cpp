@@ -59,8 +59,9 @@ Status DeliveryService::deliver(const solvernet::v1::TensorMessage& message) {
   return status;
 }
 
-grpc::Status DeliveryService::Send(grpc::ServerContext*, const solvernet::v1::TensorMessage* request,
+grpc::Status DeliveryService::Send(grpc::ServerContext* context, const solvernet::v1::TensorMessage* request,
                                    solvernet::v1::Empty*) {
+  if (auto peer = check_peer_is(*context, request->from_node_id()); !peer.ok()) return to_grpc(peer.error());
   auto status = deliver(*request);
   return status.ok() ? grpc::Status::OK : to_grpc(status.error());
 }

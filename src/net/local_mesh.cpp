@@ -13,7 +13,7 @@ Result<std::unique_ptr<LocalMesh>> LocalMesh::create(const std::vector<std::stri
   for (size_t i = 0; i < regions.size(); ++i) {
     mesh->keys_.push_back(std::make_unique<NodeKey>(NodeKey::generate()));
     mesh->services_.push_back(std::make_unique<DeliveryService>());
-    SN_ASSIGN(auto server, start_server("127.0.0.1:0", mesh->services_.back().get()));
+    SN_ASSIGN(auto server, start_server("127.0.0.1:0", mesh->services_.back().get(), *mesh->keys_.back()));
     MemberInfo m;
     m.node_id = mesh->keys_.back()->node_id();
     m.public_key = mesh->keys_.back()->public_key();

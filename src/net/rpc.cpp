@@ -4,6 +4,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "core/cert.h"
+
 namespace sn::net {
 
 grpc::StatusCode grpc_code_of(ErrorKind kind) {
@@ -39,7 +41,8 @@ ErrorKind error_kind_of(grpc::StatusCode code) {
   }
 }
 
-std::shared_ptr<grpc::Channel> make_channel(const std::string& address) {
+std::shared_ptr<grpc::Channel> make_channel(const std::string& address, const std::string& expected_node_id,
+                                            const NodeKey* identity) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxMessageBytes);
   args.SetMaxSendMessageSize(kMaxMessageBytes);
@@ -47,7 +50,10 @@ std::shared_ptr<grpc::Channel> make_channel(const std::string& address) {
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  // Every node certificate names kNodeCertificateName (core/cert.h): send it as
+  // SNI so the server finds its certificate by name, whatever the address.
+  if (!insecure()) args.SetSslTargetNameOverride(kNodeCertificateName);
+  return grpc::CreateCustomChannel(address, channel_credentials(address, expected_node_id, identity), args);
 }
 
 Result<std::pair<std::string, int>> split_host_port(const std::string& address) {
@@ -81,11 +87,12 @@ static bool tcp_port_in_use(int port) {
   return in_use;
 }
 
-Result<RunningServer> start_server(const std::string& listen, grpc::Service* service) {
-  return start_server(listen, std::vector<grpc::Service*>{service});
+Result<RunningServer> start_server(const std::string& listen, grpc::Service* service, const NodeKey& identity) {
+  return start_server(listen, std::vector<grpc::Service*>{service}, identity);
 }
 
-Result<RunningServer> start_server(const std::string& listen, const std::vector<grpc::Service*>& services) {
+Result<RunningServer> start_server(const std::string& listen, const std::vector<grpc::Service*>& services,
+                                   const NodeKey& identity) {
   SN_ASSIGN(auto host_port, split_host_port(listen));
   if (tcp_port_in_use(host_port.second))
     return input_error("cannot listen on {}: port {} is in use", listen, host_port.second);
@@ -94,7 +101,8 @@ Result<RunningServer> start_server(const std::string& listen, const std::vector<
   builder.SetMaxSendMessageSize(kMaxMessageBytes);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   RunningServer running;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &running.port);
+  SN_ASSIGN(auto credentials, server_credentials(identity));
+  builder.AddListeningPort(listen, credentials, &running.port);
   for (auto* service : services) builder.RegisterService(service);
   running.server = builder.BuildAndStart();
   if (!running.server || running.port == 0)

@@ -83,7 +83,7 @@ Result<std::shared_ptr<JobTransport>> JobTransport::create(std::string job_id, c
     auto link = std::make_unique<PeerLink>();
     if (static_cast<int>(i) != self) {
       if (t->topology_) link->pacer = std::make_unique<LinkPacer>(t->link_to(static_cast<int>(i)));
-      link->stub = solvernet::v1::Transport::NewStub(make_channel(t->members_[i].address));
+      link->stub = solvernet::v1::Transport::NewStub(make_channel(t->members_[i].address, t->members_[i].node_id, t->key_));
     }
     t->links_.push_back(std::move(link));
   }

@@ -38,7 +38,7 @@ class Fleet {
   Fleet(const std::vector<net::MemberInfo>& members, std::string job_id,
         std::chrono::milliseconds rpc_timeout)
       : members_(members), job_id_(std::move(job_id)), rpc_timeout_(rpc_timeout) {
-    for (const auto& m : members_) stubs_.push_back(solvernet::v1::Node::NewStub(net::make_channel(m.address)));
+    for (const auto& m : members_) stubs_.push_back(solvernet::v1::Node::NewStub(net::make_channel(m.address, m.node_id)));
   }
 
   Stub& stub(size_t i) { return *stubs_[i]; }

@@ -200,8 +200,8 @@ struct SingleNode {
     options.peer_timeout = std::chrono::milliseconds(2000);
     options.delivery = &delivery;
     service = make_node_service(options);
-    server = std::move(net::start_server("127.0.0.1:0", {service.get(), &delivery}).value());
-    stub = solvernet::v1::Node::NewStub(net::make_channel("127.0.0.1:" + std::to_string(server.port)));
+    server = std::move(net::start_server("127.0.0.1:0", {service.get(), &delivery}, key).value());
+    stub = solvernet::v1::Node::NewStub(net::make_channel("127.0.0.1:" + std::to_string(server.port), key.node_id()));
     job.model.layers = 2;
     job.model.d_model = 16;
     job.model.heads = 2;
@@ -298,9 +298,10 @@ TEST(NodeService, MessagesForNoJobAreRefused) {
   SingleNode node;
   solvernet::v1::TensorMessage message;
   message.set_job_id("nope");
+  message.set_from_node_id(node.key.node_id());  // the sender its TLS certificate proves
   solvernet::v1::Empty reply;
   grpc::ClientContext context;
-  auto transport = solvernet::v1::Transport::NewStub(net::make_channel("127.0.0.1:" + std::to_string(node.server.port)));
+  auto transport = solvernet::v1::Transport::NewStub(net::make_channel("127.0.0.1:" + std::to_string(node.server.port), node.key.node_id(), &node.key));
   auto status = transport->Send(&context, message, &reply);
   ASSERT_FALSE(status.ok());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);

@@ -115,7 +115,7 @@ TEST(Delivery, FloodsAreBoundedAndReplaysRefusedWhileTheJobGoesOn) {
   options.peer_timeout = 20s;
   options.delivery = &delivery_b;
   auto service_b = train::make_node_service(options);
-  auto server_b = net::start_server("127.0.0.1:0", {service_b.get(), &delivery_b});
+  auto server_b = net::start_server("127.0.0.1:0", {service_b.get(), &delivery_b}, key_b);
   ASSERT_TRUE(server_b.ok()) << server_b.message();
 
   JobConfig job;
@@ -130,9 +130,10 @@ TEST(Delivery, FloodsAreBoundedAndReplaysRefusedWhileTheJobGoesOn) {
   job.parallel.micro_batches = 1;
   const std::string address_a = "127.0.0.1:" + std::to_string(port);
   const std::string address_b = "127.0.0.1:" + std::to_string(server_b->port);
-  auto control_a = solvernet::v1::Node::NewStub(net::make_channel(address_a));
-  auto control_b = solvernet::v1::Node::NewStub(net::make_channel(address_b));
-  auto transport_a = solvernet::v1::Transport::NewStub(net::make_channel(address_a));
+  auto control_a = solvernet::v1::Node::NewStub(net::make_channel(address_a, key_a->node_id()));
+  auto control_b = solvernet::v1::Node::NewStub(net::make_channel(address_b, key_b.node_id()));
+  // Over B's TLS identity: A checks every message's sender against it.
+  auto transport_a = solvernet::v1::Transport::NewStub(net::make_channel(address_a, key_a->node_id(), &key_b));
   std::vector<solvernet::v1::Node::Stub*> controls = {control_a.get(), control_b.get()};
 
   solvernet::v1::SetupJobRequest setup;
