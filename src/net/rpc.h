@@ -52,6 +52,14 @@ ErrorKind error_kind_of(grpc::StatusCode code);
 inline Error from_grpc(const grpc::Status& status, const std::string& what) {
   if (auto at = status.error_message().find(kTlsRefusal); at != std::string::npos)
     return Error{fmt::format("{}: {}", what, status.error_message().substr(at)), 1, ErrorKind::unavailable};
+  // OpenSSL's words for a peer that answered a TLS hello in plaintext.
+  if (status.error_message().find("wrong version number") != std::string::npos)
+    return Error{fmt::format("{}: the peer does not speak TLS (is it running with --insecure?)", what), 1,
+                 ErrorKind::unavailable};
+  // What a plaintext caller sees from a TLS server.
+  if (insecure() && status.error_message().find("Socket closed") != std::string::npos)
+    return Error{fmt::format("{}: the peer closed the connection (it may require TLS: run without --insecure)", what), 1,
+                 ErrorKind::unavailable};
   ErrorKind kind = error_kind_of(status.error_code());
   return Error{fmt::format("{}: {}", what, status.error_message().empty()
                                                ? std::string("gRPC code ") + std::to_string(status.error_code())

@@ -87,7 +87,6 @@ void use_insecure() {
                "  Anyone on the network path can read, change or impersonate this traffic,\n"
                "  and nothing checks that a peer is the node the DHT announces.\n"
                "  For debugging only. TLS nodes and clients will not talk to this process.\n\n";
-  spdlog::warn("--insecure: plaintext, unauthenticated links (debugging only)");
 }
 
 bool insecure() { return g_insecure.load(); }

@@ -236,6 +236,30 @@ TEST_F(TlsNodeProcess, WrongNodeIdPlaintextAndPythonClient) {
   auto plain = plaintext_ping(node_.address);
   EXPECT_EQ(plain.error_code(), grpc::StatusCode::UNAVAILABLE) << plain.error_message();
 
+  // --insecure says so loudly, and a TLS caller is told why it cannot talk to it.
+  {
+    auto key = NodeKey::load_or_create(node_.dir / "insecure");
+    ASSERT_TRUE(key.ok()) << key.message();
+    auto port = free_loopback_port(SOCK_STREAM);
+    ASSERT_TRUE(port.ok()) << port.message();
+    std::string address = "127.0.0.1:" + std::to_string(*port);
+    SpawnOptions spawn;
+    spawn.stdout_path = spawn.stderr_path = node_.dir / "insecure.log";
+    auto insecure = ChildProcess::spawn({std::getenv("SOLVERNET_BIN"), "node", "--data", (node_.dir / "insecure").string(),
+                                         "--listen", address, "--dht-port", "0", "--insecure"},
+                                        spawn);
+    ASSERT_TRUE(insecure.ok()) << insecure.message();
+    for (int i = 0; i < 200 && !plaintext_ping(address).ok(); ++i) {
+      ASSERT_TRUE(insecure->running()) << read_file(node_.dir / "insecure.log").value_or("");
+      std::this_thread::sleep_for(100ms);
+    }
+    auto refused = ping(address, key->node_id());
+    insecure->terminate();
+    ASSERT_FALSE(refused.ok());
+    EXPECT_NE(refused.message().find("does not speak TLS"), std::string::npos) << refused.message();
+    EXPECT_NE(read_file(node_.dir / "insecure.log").value_or("").find("WARNING: --insecure"), std::string::npos);
+  }
+
   // Another language, TLS and Ed25519 only: Python's grpcio.
   if (std::system("/usr/bin/python3 -c 'import grpc, google.protobuf' 2>/dev/null") != 0)
     GTEST_SKIP() << "python3-grpcio is not installed (scripts/install-deps installs it)";
