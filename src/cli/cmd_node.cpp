@@ -113,6 +113,7 @@ CommandRegistration node_command(
       app.add_option("--topology", args->topology, "Topology file, to check --region against");
       app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long to wait for a peer's tensor")->capture_default_str();
       app.add_option("--log-level", args->log_level, "trace|debug|info|warn|error")->capture_default_str();
+      add_insecure_flag(app);
       app.add_option("--parent-pid", args->parent_pid, "Exit when this process dies (used by devnet)")->group("");
       return [args] { return run_node(*args); };
     });

@@ -84,7 +84,7 @@ TEST(ErrorKinds, RoundTripThroughGrpcStatusCodes) {
   EXPECT_EQ(error_kind_of(grpc::StatusCode::UNKNOWN), ErrorKind::internal);
 }
 
-// Ping answers with the node id; Send applies the node-to-node rule.
+// Ping answers with the node id.
 class TestNode final : public pb::Node::Service {
  public:
   explicit TestNode(std::string id) : id_(std::move(id)) {}
@@ -92,13 +92,18 @@ class TestNode final : public pb::Node::Service {
     reply->set_node_id(id_);
     return grpc::Status::OK;
   }
+
+ private:
+  std::string id_;
+};
+
+// Send applies only the node-to-node rule.
+class TestTransport final : public pb::Transport::Service {
+ public:
   grpc::Status Send(grpc::ServerContext* context, const pb::TensorMessage* request, pb::Empty*) override {
     auto peer = check_peer_is(*context, request->from_node_id());
     return peer.ok() ? grpc::Status::OK : to_grpc(peer.error());
   }
-
- private:
-  std::string id_;
 };
 
 Result<std::string> ping(const std::string& address, const std::string& expected, const NodeKey* identity = nullptr,
@@ -125,7 +130,8 @@ grpc::Status plaintext_ping(const std::string& address) {
 struct InProcessNode {
   NodeKey key = NodeKey::generate();
   TestNode service{key.node_id()};
-  RunningServer server = std::move(start_server("127.0.0.1:0", &service, key).value());
+  TestTransport transport;
+  RunningServer server = std::move(start_server("127.0.0.1:0", {&service, &transport}, key).value());
   std::string address = "127.0.0.1:" + std::to_string(server.port);
   ~InProcessNode() { server.server->Shutdown(std::chrono::system_clock::now()); }
 };
@@ -153,7 +159,7 @@ TEST(Tls, SenderMustBeTheNodeItsCertificateProves) {
   InProcessNode node;
   NodeKey sender = NodeKey::generate(), someone = NodeKey::generate();
   auto send = [&](const NodeKey* identity, const std::string& claimed) {
-    auto stub = pb::Node::NewStub(make_channel(node.address, node.key.node_id(), identity));
+    auto stub = pb::Transport::NewStub(make_channel(node.address, node.key.node_id(), identity));
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + 5s);
     pb::TensorMessage message;
