@@ -235,12 +235,16 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
     double loss_sum = 0;
     int64_t loss_count = 0;
     for (size_t i = 0; i < members.size(); ++i) {
-      if (!forward_only) state_leaves[i].push_back(merkle_leaf(std::span<const uint8_t>(
-                             reinterpret_cast<const uint8_t*>(replies[i].state_hash().data()), replies[i].state_hash().size())));
+      // The state hash is 32 binary bytes; a leaf is merkle_leaf of exactly
+      // those bytes (docs/commitments.md). Hex is for display only.
+      if (!forward_only && replies[i].state_hash().size() != 32)
+        return make_error("{} sent a state hash of {} bytes, not 32", member_name(members[i]),
+                          replies[i].state_hash().size());
+      if (!forward_only) state_leaves[i].push_back(merkle_leaf(as_bytes(replies[i].state_hash())));
       loss_sum += replies[i].loss_sum();
       loss_count += replies[i].loss_count();
       if (members[i].replica == 0 && !forward_only)
-        result.stage_state_hashes[static_cast<size_t>(members[i].stage)] = replies[i].state_hash();
+        result.stage_state_hashes[static_cast<size_t>(members[i].stage)] = to_hex(as_bytes(replies[i].state_hash()));
       for (const auto& sent : replies[i].sent()) {
         const bool pipeline = sent.traffic() == "pipeline";
         result.bytes_by_class[sent.link_class()] += sent.bytes();

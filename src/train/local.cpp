@@ -75,7 +75,7 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
   }
   result.wall_seconds = std::chrono::duration<double>(Clock::now() - run_started).count();
   result.tokens_per_s = static_cast<double>(tokens_per_step(job) * job.train.steps) / result.wall_seconds;
-  result.stage_state_hashes = {parameters_hash(parameters)};
+  result.stage_state_hashes = {to_hex(parameters_hash(parameters))};
 
   int64_t eval_batches = holdout_batch_count(job, dataset, options.eval_batches);
   double holdout_sum = 0;

@@ -58,7 +58,7 @@ void unflatten_gradients(const torch::Tensor& flat, const NamedTensors& paramete
   }
 }
 
-std::string parameters_hash(const NamedTensors& parameters) {
+Hash256 parameters_hash(const NamedTensors& parameters) {
   Hasher h;
   for (const auto& [name, p] : parameters) {
     h.update(name);
@@ -67,8 +67,7 @@ std::string parameters_hash(const NamedTensors& parameters) {
     h.update(std::span<const uint8_t>(static_cast<const uint8_t*>(c.data_ptr()),
                                       static_cast<size_t>(c.numel()) * c.element_size()));
   }
-  Hash256 digest = h.finish();
-  return to_hex(digest);
+  return h.finish();
 }
 
 net::InboxLimits job_inbox_limits(const JobConfig& job, int64_t stage_parameters, bool compressed_gradients) {
@@ -434,7 +433,8 @@ Status StageWorker::update_weights(int64_t step, solvernet::v1::RunStepReply& re
     for (auto* codec : {forward_out_.get(), forward_in_.get(), backward_out_.get(), backward_in_.get()})
       if (codec) SN_TRY(codec->flush());
   }
-  reply.set_state_hash(parameters_hash(parameters_));
+  Hash256 state = parameters_hash(parameters_);
+  reply.set_state_hash(state.data(), state.size());
   return ok_status();
 }
 

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "core/hash.h"
 #include "core/job.h"
 #include "core/keys.h"
 #include "core/result.h"
@@ -36,8 +37,8 @@ std::vector<ScheduleOp> pipeline_schedule(const std::string& kind, int stage, in
 // Flattens the gradients of PARAMETERS (zeros where undefined) into one f32 tensor, and back.
 torch::Tensor flatten_gradients(const NamedTensors& parameters);
 void unflatten_gradients(const torch::Tensor& flat, const NamedTensors& parameters);
-// BLAKE2b over the parameters' names, shapes and bytes, in order.
-std::string parameters_hash(const NamedTensors& parameters);
+// BLAKE2b-256 over the parameters' names, shapes and bytes, in order (binary).
+Hash256 parameters_hash(const NamedTensors& parameters);
 
 // What a job's inbox must hold from one sender: a step's worth of its
 // traffic (messages in flight per step) twice over, plus a margin, so that

@@ -264,7 +264,7 @@ TEST(NodeService, TrainsAndRejectsBadTensors) {
   ASSERT_TRUE(ok.ok()) << ok.error_message();
   EXPECT_EQ(reply.loss_count(), 1);
   EXPECT_GT(reply.loss_sum(), 0.0);
-  EXPECT_EQ(reply.state_hash().size(), 64u);
+  EXPECT_EQ(reply.state_hash().size(), 32u);
 
   auto wrong_shape = node.step(1, torch::randint(0, 32, {2, 9}, torch::kInt64), targets, &reply);
   ASSERT_FALSE(wrong_shape.ok());
