@@ -344,6 +344,7 @@ class AqsgdCodec final : public ActivationCodec {
   }
 
   Status flush() override { return buffer_->flush(); }
+  std::optional<std::array<uint8_t, 32>> buffer_digest() const override { return buffer_->table_digest(); }
 
   Status forget(const std::vector<int64_t>& sample_ids) override {
     for (int64_t id : sample_ids)

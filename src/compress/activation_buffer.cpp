@@ -179,6 +179,10 @@ void ActivationBuffer::forget(int64_t sample) {
   e->checksum = 0;
 }
 
+std::array<uint8_t, 32> ActivationBuffer::table_digest() const {
+  return hash_bytes({map_, kHeaderBytes + 16 * static_cast<size_t>(num_samples_)});
+}
+
 Status ActivationBuffer::flush() {
   if (::msync(map_, map_bytes_, MS_SYNC) != 0)
     return make_error("aqsgd: cannot flush {}: {}", path_.string(), std::strerror(errno));

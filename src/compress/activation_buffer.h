@@ -5,6 +5,7 @@
 // File layout: docs/compression.md, "AQ-SGD buffer file". Private to sn_compress.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
@@ -35,6 +36,8 @@ class ActivationBuffer {
   void store(int64_t sample, std::span<const uint16_t> values, uint64_t checksum);
   void forget(int64_t sample);
   Status flush();
+  // BLAKE2b-256 over the header and slot table (compress.h, buffer_digest).
+  std::array<uint8_t, 32> table_digest() const;
 
  private:
   ActivationBuffer() = default;

@@ -13,9 +13,11 @@
 
 #include <torch/types.h>
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -97,6 +99,12 @@ class ActivationCodec {
   virtual Result<torch::Tensor> decode(const CompressedTensor& message,
                                        const std::vector<int64_t>& sample_ids) = 0;
 
+  // AQ-SGD: BLAKE2b-256 over the buffer file's header and slot table (each
+  // slot's checksum binds its sample id and fp16 values), i.e. over the first
+  // 64 + 16 · num_samples bytes of the file: a digest of every buffer without
+  // reading the buffers. Sender and receiver of a boundary hold the same one.
+  // nullopt for codecs without a buffer.
+  virtual std::optional<std::array<uint8_t, 32>> buffer_digest() const { return std::nullopt; }
   // Makes buffer updates durable (msync); call at checkpoints. No-op without a buffer.
   virtual Status flush() { return ok_status(); }
   // Drops the buffers of SAMPLE_IDS so their next pass goes in full: how a
