@@ -97,6 +97,7 @@ static JobConfig read_job(TomlFile& file) {
   t.steps = train.integer("steps", t.steps, 1, kMaxSteps);
   t.seed = static_cast<uint64_t>(train.integer("seed", static_cast<int64_t>(t.seed), 0, INT64_MAX));
   t.checkpoint_every = train.integer("checkpoint_every", t.checkpoint_every, 0, INT64_MAX);
+  t.checkpoint_keep = train.integer("checkpoint_keep", t.checkpoint_keep, 1, 1000);
   t.lr = train.number("lr", t.lr, 0.0, 10.0);
   t.beta1 = train.number("beta1", t.beta1, 0.0, 0.999999);
   t.beta2 = train.number("beta2", t.beta2, 0.0, 0.999999);
@@ -198,10 +199,10 @@ std::string job_to_toml(const JobConfig& j) {
   out += fmt::format("[parallel]\nstages = {}\nreplicas = {}\nmicro_batches = {}\nschedule = {}\nallreduce_chunk_bytes = {}\n\n",
                      j.parallel.stages, j.parallel.replicas, j.parallel.micro_batches,
                      q(j.parallel.schedule), j.parallel.allreduce_chunk_bytes);
-  out += fmt::format("[train]\nglobal_batch = {}\nsteps = {}\nseed = {}\ncheckpoint_every = {}\n"
+  out += fmt::format("[train]\nglobal_batch = {}\nsteps = {}\nseed = {}\ncheckpoint_every = {}\ncheckpoint_keep = {}\n"
                      "lr = {:.17g}\nbeta1 = {:.17g}\nbeta2 = {:.17g}\neps = {:.17g}\n"
                      "weight_decay = {:.17g}\nwarmup_steps = {}\neval_every = {}\n\n",
-                     j.train.global_batch, j.train.steps, j.train.seed, j.train.checkpoint_every,
+                     j.train.global_batch, j.train.steps, j.train.seed, j.train.checkpoint_every, j.train.checkpoint_keep,
                      j.train.lr, j.train.beta1, j.train.beta2, j.train.eps, j.train.weight_decay,
                      j.train.warmup_steps, j.train.eval_every);
   out += fmt::format("[compression]\nactivations = {}\nforward_bits = {}\nbackward_bits = {}\n"

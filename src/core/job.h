@@ -50,6 +50,7 @@ struct TrainConfig {
   int64_t steps = 20;
   uint64_t seed = 1;
   int64_t checkpoint_every = 0;             // 0: no periodic checkpoints
+  int64_t checkpoint_keep = 3;              // newest checkpoints a node keeps per member, 1..1000
   double lr = 3e-3;
   double beta1 = 0.9;
   double beta2 = 0.95;

@@ -237,9 +237,9 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
     for (size_t i = 0; i < members.size(); ++i) {
       // The state hash is 32 binary bytes; a leaf is merkle_leaf of exactly
       // those bytes (docs/commitments.md). Hex is for display only.
-      if (!forward_only && replies[i].state_hash().size() != 32)
-        return make_error("{} sent a state hash of {} bytes, not 32", member_name(members[i]),
-                          replies[i].state_hash().size());
+      if (!forward_only && (replies[i].state_hash().size() != 32 || replies[i].replica_hash().size() != 32))
+        return make_error("{} sent a state hash of {} bytes and a replica hash of {}, not 32 each",
+                          member_name(members[i]), replies[i].state_hash().size(), replies[i].replica_hash().size());
       if (!forward_only) state_leaves[i].push_back(merkle_leaf(as_bytes(replies[i].state_hash())));
       loss_sum += replies[i].loss_sum();
       loss_count += replies[i].loss_count();
@@ -253,10 +253,12 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
           (pipeline ? result.steady_bytes_pipeline : result.steady_bytes_data_parallel) += sent.bytes();
       }
     }
-    // Replicas of a stage must hold bitwise the same weights after every step;
-    // anything else (a compressor or all-reduce that is not order-exact) is a bug.
+    // Replicas of a stage must hold bitwise the same weights and optimizer
+    // state after every step (their residuals, buffers and seeds differ, so
+    // the state hashes do); anything else (a compressor or all-reduce that is
+    // not order-exact) is a bug.
     for (size_t i = 0; i < members.size() && !forward_only; ++i)
-      if (replies[i].state_hash() != replies[static_cast<size_t>(members[i].stage * replicas)].state_hash())
+      if (replies[i].replica_hash() != replies[static_cast<size_t>(members[i].stage * replicas)].replica_hash())
         return make_error("{} diverged from replica 0 of its stage after step {}", member_name(members[i]), step + 1);
     if (!forward_only && step >= result.first_steady_step) ++result.steady_steps;
     if (!forward_only)

@@ -14,6 +14,7 @@
 #include "train/batches.h"
 #include "train/inputs.h"
 #include "train/stage_worker.h"
+#include "train/state.h"
 #include "train/train.h"
 
 namespace sn::train {
@@ -75,7 +76,15 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
   }
   result.wall_seconds = std::chrono::duration<double>(Clock::now() - run_started).count();
   result.tokens_per_s = static_cast<double>(tokens_per_step(job) * job.train.steps) / result.wall_seconds;
-  result.stage_state_hashes = {to_hex(parameters_hash(parameters))};
+  {
+    // The same layout a stage worker commits to (one stage, no compression).
+    TrainingState state;
+    state.weights = parameters;
+    state.optimizer = optimizer.state();
+    state.cursor = {job.train.steps, dataset.train_samples(), job.train.global_batch, job.parallel.replicas};
+    state.rng.job_seed = job.train.seed;
+    result.stage_state_hashes = {to_hex(training_state_hash(state))};
+  }
 
   int64_t eval_batches = holdout_batch_count(job, dataset, options.eval_batches);
   double holdout_sum = 0;
@@ -150,7 +159,10 @@ double measure_step_update_seconds(const JobConfig& job) {
   return fastest_seconds(6, [&] {
     unflatten_gradients(flatten_gradients(parameters), parameters);
     optimizer.step(step++);
-    (void)parameters_hash(parameters);
+    TrainingState state;
+    state.weights = parameters;
+    state.optimizer = optimizer.state();
+    (void)training_state_hash(state);
   });
 }
 

@@ -116,6 +116,10 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
   w->stages_ = static_cast<int>(w->job_.parallel.stages);
   w->replicas_ = static_cast<int>(w->job_.parallel.replicas);
   w->data_dir_ = data_dir;
+  w->dataset_samples_ = request.dataset_samples();
+  w->checkpoints_ = std::make_unique<CheckpointStore>(
+      data_dir / "checkpoints" / w->job_id_ / fmt::format("stage{}-replica{}", w->stage_, w->replica_),
+      w->job_.train.checkpoint_keep);
   w->peer_timeout_ = peer_timeout;
   if (w->stage_ < 0 || w->stage_ >= w->stages_ || w->replica_ < 0 || w->replica_ >= w->replicas_)
     return make_error("role stage {} replica {} is outside the job's {} × {}", w->stage_, w->replica_,
@@ -251,48 +255,80 @@ uint64_t StageWorker::shared_seed(int64_t step, std::string_view purpose, int64_
   return seed;
 }
 
-std::filesystem::path StageWorker::checkpoint_path() const {
-  return data_dir_ / "checkpoints" / job_id_ /
-         fmt::format("stage{}-replica{}.safetensors", stage_, replica_);
+TrainingState StageWorker::training_state() const {
+  TrainingState state;
+  state.weights = parameters_;
+  state.optimizer = optimizer_->state();
+  if (replica_compressor_) state.residuals.emplace_back("compress.replica_residual", replica_compressor_->residual());
+  if (tied_compressor_) state.residuals.emplace_back("compress.tied_residual", tied_compressor_->residual());
+  for (auto [name, codec] : {std::pair{"fwd-out", forward_out_.get()}, std::pair{"fwd-in", forward_in_.get()},
+                             std::pair{"bwd-out", backward_out_.get()}, std::pair{"bwd-in", backward_in_.get()}})
+    if (codec)
+      if (auto digest = codec->buffer_digest()) state.activation_buffers.emplace_back(name, *digest);
+  state.cursor.next_step = steps_done_;
+  state.cursor.dataset_samples = dataset_samples_;
+  state.cursor.global_batch = job_.train.global_batch;
+  state.cursor.replicas = replicas_;
+  state.rng.job_seed = job_.train.seed;
+  state.rng.stage = stage_;
+  state.rng.replica = replica_;
+  return state;
 }
 
-Status StageWorker::save_checkpoint() {
-  SN_TRY(ensure_directory(checkpoint_path().parent_path()));
-  NamedTensors all = parameters_;
-  for (auto& entry : optimizer_->state()) all.push_back(entry);
-  if (replica_compressor_) all.emplace_back("compress.replica_residual", replica_compressor_->residual());
-  if (tied_compressor_) all.emplace_back("compress.tied_residual", tied_compressor_->residual());
-  std::map<std::string, std::string> metadata = {{"job_id", job_id_},
-                                                 {"step", std::to_string(steps_done_)},
-                                                 {"stage", std::to_string(stage_)},
-                                                 {"replica", std::to_string(replica_)}};
-  return model::save_safetensors(checkpoint_path(), all, metadata);
+Status StageWorker::save_checkpoint(const StateDigest& digest) {
+  // The AQ-SGD buffers live in their own files: make them durable before the
+  // manifest that records their digest.
+  for (auto* codec : {forward_out_.get(), forward_in_.get(), backward_out_.get(), backward_in_.get()})
+    if (codec) SN_TRY(codec->flush());
+  TrainingState state = training_state();
+  NamedTensors all = state.weights;
+  for (auto& entry : state.optimizer) all.push_back(entry);
+  for (auto& entry : state.residuals) all.push_back(entry);
+  return checkpoints_->save(steps_done_, all,
+                            {{"job_id", job_id_}, {"stage", std::to_string(stage_)}, {"replica", std::to_string(replica_)}},
+                            digest);
 }
 
 Status StageWorker::load_checkpoint(int64_t step) {
-  SN_ASSIGN(auto tensors, model::load_safetensors(checkpoint_path()));
-  std::map<std::string, torch::Tensor> by_name(tensors.begin(), tensors.end());
+  SN_ASSIGN(auto loaded, checkpoints_->load(step));
+  const std::string where = checkpoints_->manifest_path(step).string();
+  std::map<std::string, torch::Tensor> by_name(loaded.tensors.begin(), loaded.tensors.end());
   torch::NoGradGuard no_grad;
   for (auto& [name, p] : parameters_) {
     auto it = by_name.find(name);
-    if (it == by_name.end() || !it->second.sizes().equals(p.sizes()))
-      return make_error("{}: lacks tensor {} or its shape differs", checkpoint_path().string(), name);
+    if (it == by_name.end() || !it->second.sizes().equals(p.sizes()) || it->second.scalar_type() != p.scalar_type())
+      return make_error("{}: lacks tensor {} or its shape or dtype differs", where, name);
     p.copy_(it->second);
   }
-  SN_TRY(optimizer_->load_state(tensors));
+  if (auto status = optimizer_->load_state(loaded.tensors); !status.ok())
+    return make_error("{}: {}", where, status.message());
   for (auto [name, compressor] : {std::pair{"compress.replica_residual", replica_compressor_.get()},
                                   std::pair{"compress.tied_residual", tied_compressor_.get()}}) {
     if (!compressor) continue;
     auto it = by_name.find(name);
-    if (it == by_name.end())
-      return make_error("{}: lacks the gradient compressor's residual {}", checkpoint_path().string(), name);
+    if (it == by_name.end()) return make_error("{}: lacks the gradient compressor's residual {}", where, name);
     if (auto status = compressor->set_residual(it->second); !status.ok())
-      return make_error("{}: {}", checkpoint_path().string(), status.message());
+      return make_error("{}: {}", where, status.message());
   }
   if (optimizer_->steps_taken() != step)
-    return make_error("{}: holds step {}, asked to resume at {}", checkpoint_path().string(),
-                      optimizer_->steps_taken(), step);
+    return make_error("{}: holds step {}, asked to resume at {}", where, optimizer_->steps_taken(), step);
   steps_done_ = step;
+  // The restored state must reproduce what the manifest committed to. The
+  // AQ-SGD buffers are not copied into checkpoints (they can be gigabytes):
+  // if steps ran after this checkpoint, they have moved on, both ends of a
+  // boundary alike, and training goes on from them (not bitwise the run that
+  // never stopped, which the state hash then shows).
+  const StateDigest now = training_state_digest(training_state());
+  for (size_t p = 0; p < kStateParts; ++p) {
+    const auto part = static_cast<StatePart>(p);
+    if (now.parts[p] == loaded.manifest.state.parts[p]) continue;
+    if (part == StatePart::activation_buffers) {
+      spdlog::warn("job {}: the AQ-SGD buffers have moved on since the checkpoint of step {}", job_id_, step);
+      continue;
+    }
+    return make_error("{}: the restored {} do not reproduce the manifest's state hash (job, role or files differ)",
+                      where, state_part_name(part));
+  }
   return ok_status();
 }
 
@@ -428,13 +464,11 @@ Status StageWorker::sync_tied_embedding(int64_t step) {
 Status StageWorker::update_weights(int64_t step, solvernet::v1::RunStepReply& reply) {
   optimizer_->step(step);
   ++steps_done_;
-  if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0) {
-    SN_TRY(save_checkpoint());
-    for (auto* codec : {forward_out_.get(), forward_in_.get(), backward_out_.get(), backward_in_.get()})
-      if (codec) SN_TRY(codec->flush());
-  }
-  Hash256 state = parameters_hash(parameters_);
-  reply.set_state_hash(state.data(), state.size());
+  const StateDigest digest = training_state_digest(training_state());
+  if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0)
+    SN_TRY(save_checkpoint(digest));
+  reply.set_state_hash(digest.root.data(), digest.root.size());
+  reply.set_replica_hash(digest.replica.data(), digest.replica.size());
   return ok_status();
 }
 

@@ -23,6 +23,7 @@
 #include "proto/solvernet.pb.h"
 #include "train/adamw.h"
 #include "train/pipeline_channel.h"
+#include "train/state.h"
 
 namespace sn::train {
 
@@ -84,9 +85,14 @@ class StageWorker {
   Status sync_tied_embedding(int64_t step);
   Status update_weights(int64_t step, solvernet::v1::RunStepReply& reply);
   Status report(StepState& state, solvernet::v1::RunStepReply& reply);
-  Status save_checkpoint();
+  // Everything the next step depends on, as a view (docs/commitments.md).
+  TrainingState training_state() const;
+  // Checkpoints of this member go through checkpoints_ (train/state.h): save
+  // writes the state after steps_done_ steps with its digest; load restores
+  // STEP's checkpoint and fails (naming the file) unless the restored state
+  // reproduces the manifest's digest. On failure the worker is unusable.
+  Status save_checkpoint(const StateDigest& digest);
   Status load_checkpoint(int64_t step);
-  std::filesystem::path checkpoint_path() const;
 
   std::string job_id_;
   JobConfig job_;
@@ -109,6 +115,8 @@ class StageWorker {
   // A seed every member agrees on for (step, purpose), from the job's seed.
   uint64_t shared_seed(int64_t step, std::string_view purpose, int64_t a = 0, int64_t b = 0) const;
   int64_t steps_done_ = 0;
+  int64_t dataset_samples_ = 0;
+  std::unique_ptr<CheckpointStore> checkpoints_;
 };
 
 }  // namespace sn::train

@@ -75,9 +75,9 @@ struct TrainResult {
   double node_wait_seconds_total = 0;
   std::filesystem::path model_path;
   std::string model_hash;              // hex BLAKE2b of the saved weights file
-  std::vector<std::string> stage_state_hashes;  // per stage, after the last step
-  // Per member (stage × replicas + replica): hex Merkle root over the BLAKE2b
-  // of its parameters after every step — what a solver commits on chain.
+  std::vector<std::string> stage_state_hashes;  // per stage: hex of replica 0's state hash after the last step
+  // Per member (stage × replicas + replica): hex Merkle root over its binary
+  // state hashes after every step (docs/commitments.md): what a solver commits on chain.
   std::vector<std::string> member_commitments;
 };
 

@@ -151,6 +151,20 @@ TEST(Job, OverridesFollowTheJobFilesRules) {
   EXPECT_FALSE(check_stages(job->model, 3, "--stages").ok());
 }
 
+TEST(Job, CheckpointKeepDefaultsToThreeAndIsBounded) {
+  auto plain = parse_job_string("[train]\nsteps = 3\n", "j.toml");
+  ASSERT_TRUE(plain.ok()) << plain.message();
+  EXPECT_EQ(plain->train.checkpoint_keep, 3);
+  auto five = parse_job_string("[train]\ncheckpoint_keep = 5\n", "j.toml");
+  ASSERT_TRUE(five.ok()) << five.message();
+  EXPECT_EQ(five->train.checkpoint_keep, 5);
+  EXPECT_NE(job_to_toml(*five).find("checkpoint_keep = 5"), std::string::npos);
+  auto none = parse_job_string("[train]\ncheckpoint_keep = 0\n", "j.toml");
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.message(), "j.toml:2: train.checkpoint_keep must be in [1, 1000], got 0");
+  EXPECT_EQ(none.error().exit_code, kExitBadInput);
+}
+
 TEST(Process, RunCommandCapturesOutputAndFailure) {
   auto out = run_command({"sh", "-c", "echo hello"});
   ASSERT_TRUE(out.ok()) << out.message();

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "core/fs.h"
 #include "core/keys.h"
 #include "model/safetensors.h"
 #include "model/tensor_wire.h"
@@ -216,9 +217,10 @@ struct SingleNode {
     std::filesystem::remove_all(dir);
   }
 
-  grpc::Status setup(const std::string& job_id, const NodeKey& member_key) {
+  grpc::Status setup(const std::string& job_id, const NodeKey& member_key, int64_t start_step = 0) {
     solvernet::v1::SetupJobRequest request;
     request.set_job_id(job_id);
+    request.set_start_step(start_step);
     request.set_job_toml(job_to_toml(job));
     request.set_first_layer(0);
     request.set_layer_count(2);
@@ -307,27 +309,56 @@ TEST(NodeService, MessagesForNoJobAreRefused) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
 }
 
-TEST(NodeService, WritesCheckpointsEveryKSteps) {
+TEST(NodeService, WritesCheckpointsEveryKStepsKeepsTheLastNAndResumesFromThem) {
   SingleNode node;
   node.job.train.checkpoint_every = 2;
+  node.job.train.checkpoint_keep = 2;
   ASSERT_TRUE(node.setup("j1", node.key).ok());
+  torch::manual_seed(5);
   auto tokens = torch::randint(0, 32, {2, 8}, torch::kInt64);
+  auto dir = node.dir / "checkpoints" / "j1" / "stage0-replica0";
+  CheckpointStore store(dir, 2);
+  std::vector<std::string> hashes;  // after steps 1..6
   solvernet::v1::RunStepReply reply;
-  auto path = node.dir / "checkpoints" / "j1" / "stage0-replica0.safetensors";
   ASSERT_TRUE(node.step(0, tokens, tokens, &reply).ok());
-  EXPECT_FALSE(std::filesystem::exists(path));
-  ASSERT_TRUE(node.step(1, tokens, tokens, &reply).ok());
-  ASSERT_TRUE(std::filesystem::exists(path));
-  auto saved = model::load_safetensors(path);
+  hashes.push_back(reply.state_hash());
+  EXPECT_TRUE(store.steps().empty());
+  for (int64_t step = 1; step < 6; ++step) {
+    ASSERT_TRUE(node.step(step, tokens, tokens, &reply).ok());
+    hashes.push_back(reply.state_hash());
+  }
+  EXPECT_EQ(store.steps(), (std::vector<int64_t>{4, 6}));  // 2 was pruned: keep = 2
+  auto saved = store.load(4);
   ASSERT_TRUE(saved.ok()) << saved.message();
+  // The manifest commits to the same hash the step reported.
+  EXPECT_EQ(std::string(saved->manifest.state.root.begin(), saved->manifest.state.root.end()), hashes[3]);
   bool has_step = false, has_weights = false;
-  for (const auto& [name, t] : *saved) {
+  for (const auto& [name, t] : saved->tensors) {
     if (name == "adam.step") {
       has_step = true;
-      EXPECT_EQ(t.item<int64_t>(), 2);
+      EXPECT_EQ(t.item<int64_t>(), 4);
     }
     has_weights = has_weights || name == "wte.weight";
   }
   EXPECT_TRUE(has_step);
   EXPECT_TRUE(has_weights);
+
+  // Resume at step 4: steps 5 and 6 reproduce the uninterrupted run bitwise.
+  ASSERT_TRUE(node.setup("j1", node.key, 4).ok());
+  ASSERT_TRUE(node.step(4, tokens, tokens, &reply).ok());
+  EXPECT_EQ(reply.state_hash(), hashes[4]);
+  ASSERT_TRUE(node.step(5, tokens, tokens, &reply).ok());
+  EXPECT_EQ(reply.state_hash(), hashes[5]);
+
+  // A step with no checkpoint, and a tampered checkpoint, are refused by name.
+  auto missing = node.setup("j1", node.key, 2);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.error_message().find("no checkpoint of step 2"), std::string::npos) << missing.error_message();
+  std::string data = read_file(store.data_path(4)).value();
+  data[data.size() - 3] ^= 0x10;
+  ASSERT_TRUE(write_file_atomic(store.data_path(4), data).ok());
+  auto tampered = node.setup("j1", node.key, 4);
+  ASSERT_FALSE(tampered.ok());
+  EXPECT_NE(tampered.error_message().find(store.data_path(4).filename().string()), std::string::npos)
+      << tampered.error_message();
 }

@@ -1,0 +1,317 @@
+#include "train/state.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <charconv>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/fs.h"
+#include "model/safetensors.h"
+
+namespace sn::train {
+namespace {
+
+static_assert(std::endian::native == std::endian::little,
+              "tensor bytes enter the state hash as stored: little-endian");
+
+// Every string goes in as its byte length (u64 LE) and its bytes, every
+// integer as u64 LE (two's complement for signed values), so that no two
+// different inputs concatenate to the same stream.
+void put_string(Hasher& h, std::string_view s) {
+  h.update_u64(s.size());
+  h.update(s);
+}
+
+const char* dtype_name(torch::ScalarType type) {
+  switch (type) {
+    case torch::kFloat32: return "F32";
+    case torch::kFloat16: return "F16";
+    case torch::kBFloat16: return "BF16";
+    case torch::kFloat64: return "F64";
+    case torch::kInt64: return "I64";
+    case torch::kInt32: return "I32";
+    case torch::kInt8: return "I8";
+    case torch::kUInt8: return "U8";
+    case torch::kBool: return "BOOL";
+    default: return "OTHER";
+  }
+}
+
+void put_tensors(Hasher& h, const NamedTensors& tensors) {
+  h.update_u64(tensors.size());
+  for (const auto& [name, tensor] : tensors) {
+    put_string(h, name);
+    torch::Tensor c = tensor.detach().contiguous();
+    put_string(h, dtype_name(c.scalar_type()));
+    h.update_u64(static_cast<uint64_t>(c.dim()));
+    for (int64_t d : c.sizes()) h.update_u64(static_cast<uint64_t>(d));
+    const auto bytes = static_cast<size_t>(c.numel()) * c.element_size();
+    h.update_u64(bytes);
+    h.update(std::span<const uint8_t>(static_cast<const uint8_t*>(c.data_ptr()), bytes));
+  }
+}
+
+Hasher part_hasher(StatePart part) {
+  Hasher h;
+  put_string(h, std::string("solvernet/state/v1/") + state_part_name(part));
+  return h;
+}
+
+constexpr const char* kManifestFormat = "solvernet-checkpoint-v1";
+
+// fsync of a directory makes a rename in it durable.
+Status fsync_directory(const std::filesystem::path& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return make_error("{}: cannot open directory to sync: {}", dir.string(), std::strerror(errno));
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) return make_error("{}: directory fsync failed: {}", dir.string(), std::strerror(err));
+  return ok_status();
+}
+
+// "step-000000000012" → 12; anything else → nullopt.
+std::optional<int64_t> step_of(const std::string& stem) {
+  constexpr std::string_view prefix = "step-";
+  if (stem.size() != prefix.size() + 12 || stem.compare(0, prefix.size(), prefix) != 0) return std::nullopt;
+  int64_t step = 0;
+  auto [end, ec] = std::from_chars(stem.data() + prefix.size(), stem.data() + stem.size(), step);
+  if (ec != std::errc() || end != stem.data() + stem.size() || step < 0) return std::nullopt;
+  return step;
+}
+
+Result<Hash256> hash_from_hex(const std::string& hex, const std::string& what) {
+  auto raw = from_hex(hex);
+  if (!raw.ok() || raw->size() != 32) return make_error("{} is not 64 hex digits", what);
+  Hash256 out;
+  std::memcpy(out.data(), raw->data(), 32);
+  return out;
+}
+
+std::string manifest_json(int64_t step, const std::map<std::string, std::string>& labels,
+                          const StateDigest& state, const std::vector<CheckpointFile>& files) {
+  nlohmann::ordered_json j;
+  j["format"] = kManifestFormat;
+  j["step"] = step;
+  j["labels"] = labels;
+  j["state_layout"] = kStateLayoutVersion;
+  j["state_hash"] = to_hex(state.root);
+  nlohmann::ordered_json parts;
+  for (size_t p = 0; p < kStateParts; ++p)
+    parts[state_part_name(static_cast<StatePart>(p))] = to_hex(state.parts[p]);
+  j["state_parts"] = parts;
+  nlohmann::ordered_json list = nlohmann::ordered_json::array();
+  for (const auto& f : files)
+    list.push_back({{"name", f.name}, {"bytes", f.bytes}, {"blake2b", to_hex(f.blake2b)}});
+  j["files"] = list;
+  return j.dump(2) + "\n";
+}
+
+Result<CheckpointManifest> parse_manifest(const std::string& text, const std::filesystem::path& path) {
+  const std::string where = path.string();
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object())
+    return make_error("checkpoint manifest {} is not valid JSON (truncated?)", where);
+  try {
+    if (j.value("format", "") != kManifestFormat)
+      return make_error("checkpoint manifest {}: format is not {}", where, kManifestFormat);
+    if (j.at("state_layout").get<uint64_t>() != kStateLayoutVersion)
+      return make_error("checkpoint manifest {}: state layout {} is not the supported {}", where,
+                        j.at("state_layout").get<uint64_t>(), kStateLayoutVersion);
+    CheckpointManifest m;
+    m.step = j.at("step").get<int64_t>();
+    if (j.contains("labels")) m.labels = j.at("labels").get<std::map<std::string, std::string>>();
+    SN_ASSIGN(m.state.root, hash_from_hex(j.at("state_hash").get<std::string>(), where + ": state_hash"));
+    for (size_t p = 0; p < kStateParts; ++p) {
+      const char* name = state_part_name(static_cast<StatePart>(p));
+      SN_ASSIGN(m.state.parts[p], hash_from_hex(j.at("state_parts").at(name).get<std::string>(),
+                                                fmt::format("{}: state_parts.{}", where, name)));
+    }
+    for (const auto& f : j.at("files")) {
+      CheckpointFile file;
+      file.name = f.at("name").get<std::string>();
+      if (file.name.empty() || file.name.find('/') != std::string::npos || file.name[0] == '.')
+        return make_error("checkpoint manifest {}: file name \"{}\" is not a plain name in its directory", where, file.name);
+      file.bytes = f.at("bytes").get<uint64_t>();
+      SN_ASSIGN(file.blake2b, hash_from_hex(f.at("blake2b").get<std::string>(), where + ": " + file.name));
+      m.files.push_back(std::move(file));
+    }
+    if (m.files.empty()) return make_error("checkpoint manifest {} names no files", where);
+    return m;
+  } catch (const nlohmann::json::exception& e) {
+    return make_error("checkpoint manifest {} is malformed: {}", where, e.what());
+  }
+}
+
+}  // namespace
+
+const char* state_part_name(StatePart part) {
+  switch (part) {
+    case StatePart::weights: return "weights";
+    case StatePart::optimizer: return "optimizer";
+    case StatePart::residuals: return "residuals";
+    case StatePart::activation_buffers: return "activation_buffers";
+    case StatePart::cursor: return "cursor";
+    case StatePart::rng: return "rng";
+  }
+  return "?";
+}
+
+StateDigest training_state_digest(const TrainingState& state) {
+  StateDigest out;
+  auto set = [&](StatePart part, Hasher& h) { out.parts[static_cast<size_t>(part)] = h.finish(); };
+  {
+    Hasher h = part_hasher(StatePart::weights);
+    put_tensors(h, state.weights);
+    set(StatePart::weights, h);
+  }
+  {
+    Hasher h = part_hasher(StatePart::optimizer);
+    put_tensors(h, state.optimizer);
+    set(StatePart::optimizer, h);
+  }
+  {
+    Hasher h = part_hasher(StatePart::residuals);
+    put_tensors(h, state.residuals);
+    set(StatePart::residuals, h);
+  }
+  {
+    Hasher h = part_hasher(StatePart::activation_buffers);
+    h.update_u64(state.activation_buffers.size());
+    for (const auto& [name, digest] : state.activation_buffers) {
+      put_string(h, name);
+      h.update(digest);
+    }
+    set(StatePart::activation_buffers, h);
+  }
+  {
+    Hasher h = part_hasher(StatePart::cursor);
+    h.update_u64(static_cast<uint64_t>(state.cursor.next_step))
+        .update_u64(static_cast<uint64_t>(state.cursor.dataset_samples))
+        .update_u64(static_cast<uint64_t>(state.cursor.global_batch))
+        .update_u64(static_cast<uint64_t>(state.cursor.replicas));
+    set(StatePart::cursor, h);
+  }
+  {
+    Hasher h = part_hasher(StatePart::rng);
+    h.update_u64(state.rng.job_seed)
+        .update_u64(static_cast<uint64_t>(state.rng.stage))
+        .update_u64(static_cast<uint64_t>(state.rng.replica));
+    set(StatePart::rng, h);
+  }
+  Hasher root;
+  put_string(root, "solvernet/state/v1");
+  root.update_u64(kStateLayoutVersion);
+  for (const auto& part : out.parts) root.update(part);
+  out.root = root.finish();
+  Hasher replica;
+  put_string(replica, "solvernet/state/v1/replica");
+  for (StatePart p : {StatePart::weights, StatePart::optimizer, StatePart::cursor}) replica.update(out.part(p));
+  out.replica = replica.finish();
+  return out;
+}
+
+CheckpointStore::CheckpointStore(std::filesystem::path dir, int64_t keep)
+    : dir_(std::move(dir)), keep_(std::max<int64_t>(1, keep)) {}
+
+std::filesystem::path CheckpointStore::data_path(int64_t step) const {
+  return dir_ / fmt::format("step-{:012d}.safetensors", step);
+}
+
+std::filesystem::path CheckpointStore::manifest_path(int64_t step) const {
+  return dir_ / fmt::format("step-{:012d}.manifest.json", step);
+}
+
+Status CheckpointStore::save(int64_t step, const NamedTensors& tensors,
+                             const std::map<std::string, std::string>& labels, const StateDigest& state) {
+  SN_TRY(ensure_directory(dir_));
+  std::map<std::string, std::string> metadata = labels;
+  metadata["step"] = std::to_string(step);
+  const std::string data = model::safetensors_bytes(tensors, metadata);
+  CheckpointFile file{data_path(step).filename().string(), data.size(), hash_string(data)};
+  // Data first, manifest last: a manifest on disk always names durable data.
+  SN_TRY(write_file_atomic(data_path(step), data));
+  SN_TRY(fsync_directory(dir_));
+  SN_TRY(write_file_atomic(manifest_path(step), manifest_json(step, labels, state, {file})));
+  SN_TRY(fsync_directory(dir_));
+
+  // Prune: the oldest complete checkpoints beyond KEEP (manifest first, so a
+  // crash mid-prune leaves orphan data, never a manifest without its data),
+  // data files without a manifest older than the newest kept one, and temp
+  // files a killed writer left behind.
+  std::vector<int64_t> complete = steps();
+  std::set<int64_t> kept;
+  for (size_t i = complete.size() > static_cast<size_t>(keep_) ? complete.size() - static_cast<size_t>(keep_) : 0;
+       i < complete.size(); ++i)
+    kept.insert(complete[i]);
+  std::error_code ec;
+  for (int64_t old : complete)
+    if (!kept.count(old)) std::filesystem::remove(manifest_path(old), ec);
+  for (const auto& entry : std::filesystem::directory_iterator(dir_, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.find(".tmp-") != std::string::npos) {
+      std::filesystem::remove(entry.path(), ec);
+      continue;
+    }
+    if (entry.path().extension() != ".safetensors") continue;
+    auto s = step_of(entry.path().stem().string());
+    if (s && !kept.count(*s)) std::filesystem::remove(entry.path(), ec);
+  }
+  return ok_status();
+}
+
+std::vector<int64_t> CheckpointStore::steps() const {
+  std::vector<int64_t> out;
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_, ec)) {
+    const std::string name = entry.path().filename().string();
+    constexpr std::string_view suffix = ".manifest.json";
+    if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    if (auto s = step_of(name.substr(0, name.size() - suffix.size()))) out.push_back(*s);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Result<LoadedCheckpoint> CheckpointStore::load(int64_t step) const {
+  const auto manifest_file = manifest_path(step);
+  if (!std::filesystem::exists(manifest_file)) {
+    std::string have;
+    for (int64_t s : steps()) have += (have.empty() ? "" : ", ") + std::to_string(s);
+    return kind_error(ErrorKind::not_found, "no checkpoint of step {} in {} (complete ones: {})", step,
+                      dir_.string(), have.empty() ? "none" : have);
+  }
+  SN_ASSIGN(std::string text, read_file(manifest_file));
+  LoadedCheckpoint out;
+  SN_ASSIGN(out.manifest, parse_manifest(text, manifest_file));
+  if (out.manifest.step != step)
+    return make_error("checkpoint manifest {} says step {}, its name says {}", manifest_file.string(),
+                      out.manifest.step, step);
+  for (const auto& file : out.manifest.files) {
+    const auto path = dir_ / file.name;
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(path, ec);
+    if (ec) return make_error("checkpoint file {} is missing: {}", path.string(), ec.message());
+    if (size != file.bytes)
+      return make_error("checkpoint file {} is truncated or altered: {} bytes, its manifest says {}", path.string(),
+                        size, file.bytes);
+    SN_ASSIGN(std::string data, read_file(path));
+    if (hash_string(data) != file.blake2b)
+      return make_error("checkpoint file {} does not match the BLAKE2b in its manifest (altered or corrupt)",
+                        path.string());
+    if (path.extension() == ".safetensors") {
+      auto tensors = model::load_safetensors_bytes(data);
+      if (!tensors.ok()) return make_error("checkpoint file {}: {}", path.string(), tensors.message());
+      for (auto& entry : *tensors) out.tensors.push_back(std::move(entry));
+    }
+  }
+  return out;
+}
+
+}  // namespace sn::train
