@@ -45,6 +45,50 @@ Result<solvernet::v1::NodeInfo> verify_node_info(const solvernet::v1::SignedNode
   return info;
 }
 
+solvernet::v1::SignedNodeInfo sign_tombstone(const NodeKey& key, int64_t timestamp_ms) {
+  solvernet::v1::NodeInfo info;
+  info.set_node_id(key.node_id());
+  info.set_public_key(key.public_key().data(), key.public_key().size());
+  info.set_timestamp_ms(timestamp_ms);
+  info.set_withdrawn(true);
+  return sign_node_info(info, key);
+}
+
+uint64_t announcement_value_id(const std::string& node_id) {
+  uint64_t id = 0;
+  for (size_t i = 0; i < 16 && i < node_id.size(); ++i) {
+    char c = node_id[i];
+    id = (id << 4) | static_cast<uint64_t>(c >= 'a' ? c - 'a' + 10 : c - '0');
+  }
+  return id;
+}
+
+Result<solvernet::v1::NodeInfo> check_announcement(std::string_view bytes, uint64_t value_id) {
+  solvernet::v1::SignedNodeInfo signed_info;
+  if (bytes.empty()) return kind_error(ErrorKind::bad_peer, "an empty value is not a signed announcement");
+  if (!signed_info.ParseFromArray(bytes.data(), static_cast<int>(bytes.size())))
+    return kind_error(ErrorKind::bad_peer, "value is not a SignedNodeInfo");
+  auto info = verify_node_info(signed_info);
+  if (!info.ok()) return kind_error(ErrorKind::bad_peer, "{}", info.message());
+  if (announcement_value_id(info->node_id()) != value_id)
+    return kind_error(ErrorKind::bad_peer, "announcement of node {} under value id {:016x}, not its own {:016x}",
+                      info->node_id().substr(0, 16), value_id, announcement_value_id(info->node_id()));
+  return info;
+}
+
+Status check_replacement(std::string_view current, std::string_view replacement, uint64_t value_id) {
+  SN_ASSIGN(auto next, check_announcement(replacement, value_id));
+  auto stored = check_announcement(current, value_id);
+  if (!stored.ok()) return ok_status();  // nothing genuine to protect
+  if (stored->node_id() != next.node_id())
+    return kind_error(ErrorKind::bad_peer, "node {} may not replace the announcement of node {}",
+                      next.node_id().substr(0, 16), stored->node_id().substr(0, 16));
+  if (next.timestamp_ms() <= stored->timestamp_ms())
+    return kind_error(ErrorKind::bad_peer, "announcement of node {} stamped {} is not newer than the stored {}",
+                      next.node_id().substr(0, 16), next.timestamp_ms(), stored->timestamp_ms());
+  return ok_status();
+}
+
 double measure_compute_gflops() {
   const int n = 64;
   std::vector<float> a(n * n, 1.001f), b(n * n, 0.999f), c(n * n, 0.0f);

@@ -3,6 +3,9 @@
 #include <opendht.h>
 #include <spdlog/spdlog.h>
 
+#include <netdb.h>
+#include <sys/socket.h>
+
 #include <future>
 #include <algorithm>
 #include <map>
@@ -17,16 +20,30 @@ namespace {
 constexpr dht::ValueType::Id kNodeValueType = 0x5301;
 
 // Announcements are replaced in place (same value id per node) and expire on
-// their own soon after a node stops re-publishing. Signatures are ours, checked
-// by readers, so the DHT may accept any edit.
+// their own soon after a node stops re-publishing. Every solvernet DHT node
+// registers this type, so the nodes that store an announcement accept it only
+// if it verifies under its signer's value id, and let only a newer value signed
+// by the same node replace it: a forged value, a forged tombstone or a replayed
+// old announcement is refused where it would be stored. Readers check again.
 dht::ValueType node_value_type() {
+  auto as_view = [](const dht::Value& value) {
+    return std::string_view(reinterpret_cast<const char*>(value.data.data()), value.data.size());
+  };
   return dht::ValueType(
       kNodeValueType, "solvernet-node", std::chrono::seconds(30),
-      [](dht::InfoHash, std::shared_ptr<dht::Value>& value, const dht::InfoHash&, const dht::SockAddr&) {
-        return value && value->data.size() <= 4096;
+      [as_view](dht::InfoHash, std::shared_ptr<dht::Value>& value, const dht::InfoHash&, const dht::SockAddr& from) {
+        if (!value || value->data.size() > 4096) return false;
+        auto checked = check_announcement(as_view(*value), value->id);
+        if (!checked.ok()) spdlog::debug("DHT: refused to store a value from {}: {}", from.toString(), checked.message());
+        return checked.ok();
       },
-      [](dht::InfoHash, const std::shared_ptr<dht::Value>&, std::shared_ptr<dht::Value>& value, const dht::InfoHash&,
-         const dht::SockAddr&) { return value && value->data.size() <= 4096; });
+      [as_view](dht::InfoHash, const std::shared_ptr<dht::Value>& current, std::shared_ptr<dht::Value>& value,
+                const dht::InfoHash&, const dht::SockAddr& from) {
+        if (!value || !current || value->data.size() > 4096) return false;
+        auto checked = check_replacement(as_view(*current), as_view(*value), value->id);
+        if (!checked.ok()) spdlog::debug("DHT: refused an edit from {}: {}", from.toString(), checked.message());
+        return checked.ok();
+      });
 }
 
 dht::InfoHash network_key(const std::string& network) { return dht::InfoHash::get("solvernet:" + network + ":nodes"); }
@@ -39,13 +56,14 @@ dht::NetId network_id(const std::string& network) {
   return (id & 0x7fffffff) | 1;
 }
 
-uint64_t value_id_for(const std::string& node_id) {
-  uint64_t id = 0;
-  for (size_t i = 0; i < 16 && i < node_id.size(); ++i) {
-    char c = node_id[i];
-    id = (id << 4) | static_cast<uint64_t>(c >= 'a' ? c - 'a' + 10 : c - '0');
-  }
-  return id;
+// Whether HOST resolves to an address (IPv4 or IPv6).
+bool resolves(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* found = nullptr;
+  int rc = ::getaddrinfo(host.c_str(), nullptr, &hints, &found);
+  if (found) ::freeaddrinfo(found);
+  return rc == 0;
 }
 
 }  // namespace
@@ -70,14 +88,21 @@ Result<std::unique_ptr<Discovery>> Discovery::start(uint16_t dht_port, const std
   d->runner_->registerType(node_value_type());
   for (const auto& b : bootstrap) {
     auto hp = split_host_port(b).value();
+    d->bootstrap_.emplace_back(hp.first, std::to_string(hp.second));
     d->runner_->bootstrap(hp.first, std::to_string(hp.second));
   }
+  d->started_ = std::chrono::steady_clock::now();
+  d->next_bootstrap_warning_ = d->started_ + std::chrono::seconds(3);
   d->republisher_ = std::thread([raw = d.get()] {
     std::unique_lock<std::mutex> lock(raw->mutex_);
     while (!raw->stopping_) {
-      raw->wake_.wait_for(lock, raw->options_.republish_every);
+      // Wake at least every second: to retry a failed put and watch the bootstrap.
+      raw->wake_.wait_for(lock, std::min(raw->options_.republish_every, std::chrono::milliseconds(1000)));
       if (raw->stopping_) break;
-      raw->publish_locked();
+      raw->watch_bootstrap_locked();
+      const bool due = !raw->last_publish_ ||
+                       std::chrono::steady_clock::now() - *raw->last_publish_ >= raw->options_.republish_every;
+      if (due || raw->put_failed_.load()) raw->publish_locked();
     }
   });
   return d;
@@ -93,24 +118,28 @@ Result<std::unique_ptr<Discovery>> Discovery::start(uint16_t dht_port, const std
 Discovery::~Discovery() { stop(); }
 
 void Discovery::stop() {
-  std::optional<std::string> announced_id;
+  std::optional<solvernet::v1::SignedNodeInfo> tombstone;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) return;
     stopping_ = true;
-    if (info_ && key_) announced_id = info_->node_id();
+    // Withdraw with a signed tombstone, newer than every announcement we made,
+    // so storing nodes accept it as an edit and readers drop us at once.
+    if (info_ && key_) tombstone = sign_tombstone(*key_, std::max(unix_millis(), last_timestamp_ms_ + 1));
   }
   wake_.notify_all();
   if (republisher_.joinable()) republisher_.join();
-  if (runner_ && announced_id) {
-    // Withdraw: an empty value under our value id replaces the announcement
-    // on the nodes that store it. Best effort, bounded wait.
-    auto tombstone = std::make_shared<dht::Value>();
-    tombstone->id = value_id_for(*announced_id);
-    tombstone->type = kNodeValueType;
-    auto stored = std::make_shared<std::promise<void>>();
-    runner_->put(network_key(options_.network), tombstone, [stored](bool) { stored->set_value(); });
-    stored->get_future().wait_for(std::chrono::milliseconds(1500));
+  if (runner_ && tombstone) {
+    std::string bytes = tombstone->SerializeAsString();
+    auto value = std::make_shared<dht::Value>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+    value->id = announcement_value_id(info_->node_id());
+    value->type = kNodeValueType;
+    auto stored = std::make_shared<std::promise<bool>>();
+    runner_->put(network_key(options_.network), value, [stored](bool ok) { stored->set_value(ok); });
+    auto done = stored->get_future();  // best effort, bounded wait
+    if (done.wait_for(std::chrono::milliseconds(1500)) != std::future_status::ready || !done.get())
+      spdlog::warn("the withdrawal of this node's announcement was not acknowledged; it goes stale in {} s",
+                   options_.stale_after.count() / 1000);
   }
   if (runner_) {
     runner_->shutdown({}, true);
@@ -120,15 +149,77 @@ void Discovery::stop() {
 
 uint16_t Discovery::port() const { return runner_->getBoundPort(); }
 
+bool Discovery::connected() const {
+  return runner_->getNodesStats(AF_INET).good_nodes + runner_->getNodesStats(AF_INET6).good_nodes > 0;
+}
+
+Status Discovery::wait_for_bootstrap(std::chrono::milliseconds timeout) {
+  caller_watches_bootstrap_.store(true);  // the caller reports; no background warnings
+  if (bootstrap_.empty()) return ok_status();
+  std::vector<std::string> unresolved;
+  for (const auto& [host, port] : bootstrap_)
+    if (!resolves(host)) unresolved.push_back(host + ":" + port);
+  if (unresolved.size() == bootstrap_.size())
+    return input_error("the bootstrap host {} does not resolve", unresolved.front());
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!connected()) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::string names;
+      for (const auto& [host, port] : bootstrap_) names += (names.empty() ? "" : ", ") + host + ":" + port;
+      return kind_error(ErrorKind::unavailable, "the bootstrap {} did not answer within {} ms (is a node or `solvernet dht` running there?)",
+                        names, timeout.count());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return ok_status();
+}
+
+void Discovery::watch_bootstrap_locked() {
+  if (bootstrap_.empty() || caller_watches_bootstrap_.load()) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (connected()) {
+    if (bootstrap_warned_) spdlog::info("joined the DHT: a bootstrap answered");
+    bootstrap_warned_ = false;
+    return;
+  }
+  if (now < next_bootstrap_warning_) return;
+  std::string names;
+  for (const auto& [host, port] : bootstrap_) {
+    names += (names.empty() ? "" : ", ") + host + ":" + port;
+    runner_->bootstrap(host, port);  // ask again (a host may resolve or start later)
+  }
+  spdlog::warn("no DHT node has answered yet (bootstrap {}{}); still trying", names,
+               std::all_of(bootstrap_.begin(), bootstrap_.end(), [](const auto& b) { return !resolves(b.first); })
+                   ? ", which does not resolve"
+                   : "");
+  bootstrap_warned_ = true;
+  next_bootstrap_warning_ = now + std::chrono::seconds(30);
+}
+
 void Discovery::publish_locked() {
   if (!info_ || !key_) return;
-  info_->set_timestamp_ms(unix_millis());
+  // Strictly increasing stamps: the DHT's edit policy accepts only newer values.
+  last_timestamp_ms_ = std::max(unix_millis(), last_timestamp_ms_ + 1);
+  info_->set_timestamp_ms(last_timestamp_ms_);
+  last_publish_ = std::chrono::steady_clock::now();
+  put_failed_.store(false);
   std::string bytes;
   sign_node_info(*info_, *key_).SerializeToString(&bytes);
   auto value = std::make_shared<dht::Value>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-  value->id = value_id_for(info_->node_id());
+  value->id = announcement_value_id(info_->node_id());
   value->type = kNodeValueType;
-  runner_->put(network_key(options_.network), value, [](bool) {});
+  // Runs on the DHT's thread; the runner is joined in stop() before we go away.
+  runner_->put(network_key(options_.network), value, [this](bool ok) {
+    if (ok) {
+      if (int failed = failed_puts_.exchange(0); failed > 0)
+        spdlog::info("announcement stored after {} failed attempt(s)", failed);
+      return;
+    }
+    if (failed_puts_.fetch_add(1) == 0)
+      spdlog::warn("publishing this node's announcement failed (no DHT node stored it); retrying every second");
+    put_failed_.store(true);
+    wake_.notify_all();
+  });
 }
 
 void Discovery::announce(const solvernet::v1::NodeInfo& info, const NodeKey& key) {
@@ -151,44 +242,43 @@ void Discovery::put_raw(const std::string& bytes, uint64_t value_id) {
   runner_->put(network_key(options_.network), value, [](bool) {});
 }
 
-Result<std::vector<solvernet::v1::NodeInfo>> Discovery::list_nodes(std::chrono::milliseconds timeout) {
+Result<std::vector<std::pair<uint64_t, std::string>>> Discovery::get_raw(std::chrono::milliseconds timeout) {
   auto done = std::make_shared<std::promise<void>>();
-  auto values = std::make_shared<std::vector<std::string>>();
+  auto values = std::make_shared<std::vector<std::pair<uint64_t, std::string>>>();
   auto values_mutex = std::make_shared<std::mutex>();
   runner_->get(
       network_key(options_.network),
       [values, values_mutex](const std::vector<std::shared_ptr<dht::Value>>& found) {
         std::lock_guard<std::mutex> lock(*values_mutex);
-        for (const auto& v : found) values->emplace_back(v->data.begin(), v->data.end());
+        for (const auto& v : found) values->emplace_back(v->id, std::string(v->data.begin(), v->data.end()));
         return true;
       },
       [done](bool) { done->set_value(); });
   done->get_future().wait_for(timeout);
-  std::vector<std::string> raw;
-  {
-    std::lock_guard<std::mutex> lock(*values_mutex);
-    raw = *values;
-  }
+  std::lock_guard<std::mutex> lock(*values_mutex);
+  return *values;
+}
+
+Result<std::vector<solvernet::v1::NodeInfo>> Discovery::list_nodes(std::chrono::milliseconds timeout) {
+  SN_ASSIGN(auto raw, get_raw(timeout));
+  // The newest verified value per node decides, announcement or tombstone: a
+  // replayed older announcement loses to the current one, a forged value or
+  // tombstone does not verify, and a genuine tombstone removes the node.
   std::map<std::string, solvernet::v1::NodeInfo> newest;
   const int64_t now = unix_millis();
-  for (const auto& bytes : raw) {
-    if (bytes.empty()) continue;  // a withdrawn announcement (tombstone)
-    solvernet::v1::SignedNodeInfo signed_info;
-    if (!signed_info.ParseFromString(bytes)) {
-      spdlog::warn("dropped an announcement that is not a SignedNodeInfo");
-      continue;
-    }
-    auto info = verify_node_info(signed_info);
+  for (const auto& [value_id, bytes] : raw) {
+    if (bytes.empty()) continue;  // an unsigned tombstone (older nodes): means nothing
+    auto info = check_announcement(bytes, value_id);
     if (!info.ok()) {
       spdlog::warn("dropped a forged or tampered announcement: {}", info.message());
       continue;
     }
-    if (now - info->timestamp_ms() > options_.stale_after.count()) continue;
     auto it = newest.find(info->node_id());
     if (it == newest.end() || it->second.timestamp_ms() < info->timestamp_ms()) newest[info->node_id()] = *info;
   }
   std::vector<solvernet::v1::NodeInfo> out;
-  for (auto& [id, info] : newest) out.push_back(info);
+  for (auto& [id, info] : newest)
+    if (!info.withdrawn() && now - info.timestamp_ms() <= options_.stale_after.count()) out.push_back(info);
   return out;
 }
 

@@ -1,10 +1,13 @@
 // Discovery over a Kademlia DHT (OpenDHT): nodes publish signed
-// announcements under one key per network; readers verify each one, drop
-// forgeries, and ignore announcements older than the staleness limit, so a
-// node that stops drops out of the list (docs/discovery.md).
+// announcements under one key per network. Every node's store/edit policy
+// lets only the announcing key replace or withdraw (signed tombstone) its
+// value, and only with a newer one; readers verify each value again, keep the
+// newest per node, drop withdrawn ones and ignore announcements older than the
+// staleness limit, so a node that stops drops out of the list (docs/discovery.md).
 #pragma once
 
 #include <chrono>
+#include <atomic>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -39,8 +42,20 @@ class Discovery {
                                                   const std::string& network);
   ~Discovery();
 
+  // Whether a bootstrap answered: ok at once if none was given (the first node)
+  // or some DHT peer is known; else waits up to TIMEOUT. Errors: invalid_input
+  // if no bootstrap host resolves ("… does not resolve"), unavailable if none
+  // answered ("… did not answer within … ms"). Nothing is changed: the DHT
+  // keeps trying in the background, but the warnings announce() would log
+  // while no bootstrap answers are left to the caller.
+  Status wait_for_bootstrap(std::chrono::milliseconds timeout);
+  // Whether this node knows at least one other DHT node that answered.
+  bool connected() const;
+
   // Publishes INFO now and again every republish_every, freshly stamped and
-  // signed, until stop().
+  // signed, until stop(). A put that no DHT node acknowledged is logged
+  // (warning) and retried after one second, until one succeeds. While no
+  // bootstrap has answered, a warning is logged and the bootstrap retried.
   void announce(const solvernet::v1::NodeInfo& info, const NodeKey& key);
   void update_announcement(const solvernet::v1::NodeInfo& info);
   // Verified live nodes, one per id (newest wins), waiting up to TIMEOUT for the DHT.
@@ -50,8 +65,11 @@ class Discovery {
   Result<std::vector<solvernet::v1::NodeInfo>> wait_for_nodes(size_t n, std::chrono::milliseconds timeout);
   // Publishes raw bytes under the network's key (tests use it to plant forgeries).
   void put_raw(const std::string& bytes, uint64_t value_id);
+  // Every value under the network's key as (value id, bytes), unverified,
+  // waiting up to TIMEOUT (tests use it to capture announcements to replay).
+  Result<std::vector<std::pair<uint64_t, std::string>>> get_raw(std::chrono::milliseconds timeout);
   uint16_t port() const;
-  // Stops re-publishing, replaces this node's announcement with an empty
+  // Stops re-publishing, replaces this node's announcement with a signed
   // tombstone (so readers drop it at once rather than after stale_after) and
   // shuts the DHT node down. Idempotent; the destructor calls it.
   void stop();
@@ -59,6 +77,7 @@ class Discovery {
  private:
   Discovery() = default;
   void publish_locked();
+  void watch_bootstrap_locked();
 
   DiscoveryOptions options_;
   std::unique_ptr<dht::DhtRunner> runner_;
@@ -67,6 +86,14 @@ class Discovery {
   bool stopping_ = false;
   std::optional<solvernet::v1::NodeInfo> info_;
   const NodeKey* key_ = nullptr;
+  int64_t last_timestamp_ms_ = 0;
+  std::optional<std::chrono::steady_clock::time_point> last_publish_;          // announcements are stamped strictly increasing
+  std::vector<std::pair<std::string, std::string>> bootstrap_;  // host, port
+  std::chrono::steady_clock::time_point started_, next_bootstrap_warning_;
+  bool bootstrap_warned_ = false;
+  std::atomic<bool> caller_watches_bootstrap_{false};
+  std::atomic<bool> put_failed_{false};
+  std::atomic<int> failed_puts_{0};
   std::thread republisher_;
 };
 

@@ -105,6 +105,47 @@ TEST(Announce, MalformedAnnouncementsAreRejected) {
   EXPECT_NE(verified.message().find("10-byte signature"), std::string::npos) << verified.message();
 }
 
+// The DHT's store and edit policies (every solvernet DHT node applies them).
+TEST(Announce, StorePolicyAcceptsOnlyValuesUnderTheSignersOwnId) {
+  NodeKey key = NodeKey::generate(), stranger = NodeKey::generate();
+  const uint64_t id = announcement_value_id(key.node_id());
+  const std::string genuine = sign_node_info(info_for(key, "eu", 4), key).SerializeAsString();
+  EXPECT_TRUE(check_announcement(genuine, id).ok());
+  EXPECT_TRUE(check_announcement(sign_tombstone(key, unix_millis()).SerializeAsString(), id).ok());
+  auto misplaced = check_announcement(genuine, announcement_value_id(stranger.node_id()));
+  ASSERT_FALSE(misplaced.ok());
+  EXPECT_NE(misplaced.message().find("not its own"), std::string::npos) << misplaced.message();
+  EXPECT_FALSE(check_announcement("", id).ok()) << "an unsigned (empty) tombstone was accepted";
+  EXPECT_FALSE(check_announcement(sign_tombstone(stranger, unix_millis()).SerializeAsString(), id).ok());
+}
+
+TEST(Announce, EditPolicyLetsOnlyANewerValueOfTheSameNodeReplace) {
+  NodeKey key = NodeKey::generate(), stranger = NodeKey::generate();
+  const uint64_t id = announcement_value_id(key.node_id());
+  NodeInfo info = info_for(key, "eu", 4);
+  const int64_t t = info.timestamp_ms();
+  const std::string current = sign_node_info(info, key).SerializeAsString();
+  info.set_timestamp_ms(t + 1);
+  EXPECT_TRUE(check_replacement(current, sign_node_info(info, key).SerializeAsString(), id).ok());
+  EXPECT_TRUE(check_replacement(current, sign_tombstone(key, t + 1).SerializeAsString(), id).ok());
+  // A replay of an older (or the same) announcement.
+  info.set_timestamp_ms(t - 5000);
+  auto replay = check_replacement(current, sign_node_info(info, key).SerializeAsString(), id);
+  ASSERT_FALSE(replay.ok());
+  EXPECT_NE(replay.message().find("not newer"), std::string::npos) << replay.message();
+  EXPECT_FALSE(check_replacement(current, current, id).ok());
+  EXPECT_FALSE(check_replacement(current, sign_tombstone(key, t).SerializeAsString(), id).ok());
+  // Forged tombstones: unsigned, signed by a stranger, or the stranger's own under our id.
+  EXPECT_FALSE(check_replacement(current, "", id).ok());
+  NodeInfo impostor;
+  impostor.set_node_id(key.node_id());
+  impostor.set_public_key(stranger.public_key().data(), stranger.public_key().size());
+  impostor.set_timestamp_ms(t + 60000);
+  impostor.set_withdrawn(true);
+  EXPECT_FALSE(check_replacement(current, sign_node_info(impostor, stranger).SerializeAsString(), id).ok());
+  EXPECT_FALSE(check_replacement(current, sign_tombstone(stranger, t + 60000).SerializeAsString(), id).ok());
+}
+
 TEST(Announce, LocalInfoDescribesThisMachine) {
   NodeKey key = NodeKey::generate();
   NodeInfo info = local_node_info(key, "lab");
@@ -206,7 +247,8 @@ TEST_F(LocalDht, CrashedNodeGoesStaleAndStoppedNodeIsWithdrawn) {
   // A node that announced once and then died: its last announcement stays in
   // the DHT but drops out once older than stale_after (4 s here).
   NodeKey crashed = NodeKey::generate();
-  nodes_[0]->put_raw(sign_node_info(info_for(crashed, "eu", 3), crashed).SerializeAsString(), 0xdead);
+  nodes_[0]->put_raw(sign_node_info(info_for(crashed, "eu", 3), crashed).SerializeAsString(),
+                     announcement_value_id(crashed.node_id()));
   auto seen = nodes_[1]->wait_for_nodes(5, 10000ms);
   ASSERT_TRUE(seen.ok());
   ASSERT_TRUE(ids_of(*seen).count(crashed.node_id())) << "the one-shot announcement was never seen";
@@ -316,10 +358,130 @@ TEST(DiscoveryCommands, PeersListsAnnouncersThroughARealBootstrapProcess) {
   ASSERT_TRUE(bad.ok());
   EXPECT_EQ(bad->wait_for(10s), std::optional<int>(2));
 
-  // SIGTERM ends the bootstrap node cleanly.
+  // SIGTERM ends the bootstrap node cleanly, with the status of a process SIGTERM ended.
   ::kill(dht->pid(), SIGTERM);
-  EXPECT_EQ(dht->wait_for(10s), std::optional<int>(0));
+  EXPECT_EQ(dht->wait_for(10s), std::optional<int>(143));
   std::filesystem::remove_all(dir);
+}
+
+
+// A real node process announces itself through a real bootstrap process; this
+// test process plays the attacker (its own DHT node and key) and the reader.
+class ForgeryAgainstARealNode : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    bin_ = solvernet_bin();
+    if (bin_.empty()) GTEST_SKIP() << "SOLVERNET_BIN is not set (ctest sets it)";
+    dir_ = std::filesystem::temp_directory_path() / ("sn-forgery-" + std::to_string(::getpid()));
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    const uint16_t port = free_udp_port();
+    bootstrap_ = "127.0.0.1:" + std::to_string(port);
+    SpawnOptions spawn;
+    spawn.stdout_path = spawn.stderr_path = dir_ / "dht.log";
+    auto dht = ChildProcess::spawn({bin_, "dht", "--port", std::to_string(port)}, spawn);
+    ASSERT_TRUE(dht.ok()) << dht.message();
+    dht_ = std::move(dht).value();
+    spawn.stdout_path = spawn.stderr_path = dir_ / "node.log";
+    auto node = ChildProcess::spawn({bin_, "node", "--data", (dir_ / "node").string(), "--listen", "127.0.0.1:0",
+                                     "--dht-port", "0", "--bootstrap", bootstrap_},
+                                    spawn);
+    ASSERT_TRUE(node.ok()) << node.message();
+    node_ = std::move(node).value();
+    auto reader = Discovery::start(0, {bootstrap_});
+    ASSERT_TRUE(reader.ok()) << reader.message();
+    reader_ = std::move(reader).value();
+    auto attacker = Discovery::start(0, {bootstrap_});
+    ASSERT_TRUE(attacker.ok()) << attacker.message();
+    attacker_ = std::move(attacker).value();
+    auto seen = reader_->wait_for_nodes(1, 30000ms);
+    ASSERT_TRUE(seen.ok() && seen->size() == 1) << read_file(dir_ / "node.log");
+    victim_ = seen->front();
+  }
+  void TearDown() override {
+    if (attacker_) attacker_->stop();
+    if (reader_) reader_->stop();
+    node_.terminate();
+    dht_.terminate();
+    if (!dir_.empty()) std::filesystem::remove_all(dir_);
+  }
+  // Lists repeatedly for longer than the node's 5 s re-publication: a value
+  // that hid or changed the node would show in at least one listing.
+  void expect_victim_listed_unchanged(std::chrono::milliseconds how_long, int64_t not_before_ms) {
+    const auto until = std::chrono::steady_clock::now() + how_long;
+    int rounds = 0;
+    while (std::chrono::steady_clock::now() < until) {
+      auto seen = reader_->list_nodes(1500ms);
+      ASSERT_TRUE(seen.ok());
+      ASSERT_EQ(seen->size(), 1u) << "the node is hidden (round " << rounds << ")";
+      const NodeInfo& n = seen->front();
+      EXPECT_EQ(n.node_id(), victim_.node_id());
+      EXPECT_EQ(n.address(), victim_.address());
+      EXPECT_EQ(n.cores(), victim_.cores());
+      EXPECT_GE(n.timestamp_ms(), not_before_ms) << "an older announcement was believed";
+      ++rounds;
+      std::this_thread::sleep_for(300ms);
+    }
+    EXPECT_GE(rounds, 3);
+  }
+
+  std::string bin_, bootstrap_;
+  std::filesystem::path dir_;
+  ChildProcess dht_, node_;
+  std::unique_ptr<Discovery> reader_, attacker_;
+  NodeInfo victim_;
+};
+
+TEST_F(ForgeryAgainstARealNode, ForgedTombstonesDoNotHideTheNode) {
+  const uint64_t id = announcement_value_id(victim_.node_id());
+  NodeKey stranger = NodeKey::generate();
+  // The old withdrawal format: an empty value under the node's value id.
+  attacker_->put_raw("", id);
+  // A tombstone claiming the node's id, signed by someone else.
+  NodeInfo impostor;
+  impostor.set_node_id(victim_.node_id());
+  impostor.set_public_key(stranger.public_key().data(), stranger.public_key().size());
+  impostor.set_timestamp_ms(unix_millis() + 60000);
+  impostor.set_withdrawn(true);
+  attacker_->put_raw(sign_node_info(impostor, stranger).SerializeAsString(), id);
+  // The stranger's own, valid tombstone, under the node's value id.
+  attacker_->put_raw(sign_tombstone(stranger, unix_millis() + 60000).SerializeAsString(), id);
+  expect_victim_listed_unchanged(7000ms, victim_.timestamp_ms());
+}
+
+TEST_F(ForgeryAgainstARealNode, ReplayedOldAnnouncementDoesNotHideOrChangeTheNode) {
+  const uint64_t id = announcement_value_id(victim_.node_id());
+  // Capture the node's current announcement as it is stored.
+  std::string captured;
+  int64_t captured_at = 0;
+  auto raw = reader_->get_raw(3000ms);
+  ASSERT_TRUE(raw.ok());
+  for (const auto& [value_id, bytes] : *raw) {
+    auto info = check_announcement(bytes, value_id);
+    if (value_id == id && info.ok() && info->timestamp_ms() > captured_at) {
+      captured = bytes;
+      captured_at = info->timestamp_ms();
+    }
+  }
+  ASSERT_FALSE(captured.empty());
+  // Replayed once the node has re-published: an older value, which a reader
+  // whose staleness limit it has passed would take for a dead node.
+  auto reader = Discovery::start(0, {bootstrap_}, [] {
+    DiscoveryOptions options;
+    options.stale_after = 7000ms;
+    return options;
+  }());
+  ASSERT_TRUE(reader.ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(std::max<int64_t>(0, captured_at + 7500 - unix_millis())));
+  int64_t newest = 0;
+  auto now_seen = reader_->list_nodes(2000ms);
+  ASSERT_TRUE(now_seen.ok() && now_seen->size() == 1);
+  newest = now_seen->front().timestamp_ms();
+  ASSERT_GT(newest, captured_at) << "the node did not re-publish";
+  attacker_->put_raw(captured, id);
+  std::this_thread::sleep_for(300ms);
+  reader_.swap(*reader);  // list through the reader with the 7 s limit
+  expect_victim_listed_unchanged(6000ms, newest);
 }
 
 }  // namespace
