@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
   out["pretrained"] = weights->string();
   out["anchor"] = "AQ-SGD: fw4/bw8 at 500 Mbps is 1.31x the wall time of fp32 at 10 Gbps; links scaled to DT-FM's GPT-3 XL setting";
   out["cocktail"] = "random_fraction 1.0, topk_fraction 0.1, 4 bits";
-  constexpr double kAnchorComputeSeconds = 2.96;  // cli::AnchorSetting, docs/topology.md
+  constexpr double kAnchorComputeSeconds = 2.96;  // sched::AnchorSetting, docs/topology.md
   std::string time_dilation;
   {
     std::cerr << "== calibration: fp32 at 10 Gbps, 20 steps\n";

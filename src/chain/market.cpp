@@ -73,6 +73,18 @@ std::filesystem::path default_contracts_dir() {
 }
 
 std::filesystem::path foundry_tool(const std::string& name, const std::filesystem::path& contracts_dir) {
+  // The npm package's native binary, run directly: its Node.js wrapper
+  // (node_modules/.bin) would be a second process that a parent's death does
+  // not reach, leaving the real tool running.
+#if defined(__x86_64__)
+  const char* arch = "amd64";
+#elif defined(__aarch64__)
+  const char* arch = "arm64";
+#else
+  const char* arch = "";
+#endif
+  auto native = contracts_dir / "node_modules" / "@foundry-rs" / (name + "-linux-" + arch) / "bin" / name;
+  if (*arch && std::filesystem::exists(native)) return native;
   auto local = contracts_dir / "node_modules" / ".bin" / name;
   if (std::filesystem::exists(local)) return local;
   return name;  // from PATH
@@ -364,6 +376,13 @@ Result<std::unique_ptr<DevChain>> DevChain::start(const DevChainOptions& options
   uint16_t port = options.port;
   if (port == 0) { SN_ASSIGN(port, free_loopback_port(SOCK_STREAM)); }
   auto contracts_dir = options.deploy.contracts_dir.empty() ? default_contracts_dir() : options.deploy.contracts_dir;
+  // Another server on the port (an orphaned anvil, say) would answer our RPCs
+  // in place of ours: refuse rather than deploy to, or report, someone else's chain.
+  if (tcp_port_listening(port)) {
+    auto holder = tcp_listener_pid(port);
+    return kind_error(ErrorKind::unavailable, "port {} on 127.0.0.1 is already in use by {}; stop it or choose another --port",
+                      port, holder ? describe_pid(*holder) : std::string("another process"));
+  }
   std::vector<std::string> argv = {foundry_tool("anvil", contracts_dir).string(), "--host", "127.0.0.1",
                                    "--port", std::to_string(port), "--silent"};
   bool resumed = !options.state_file.empty() && std::filesystem::exists(options.state_file);
@@ -374,6 +393,9 @@ Result<std::unique_ptr<DevChain>> DevChain::start(const DevChainOptions& options
   SpawnOptions spawn;
   spawn.stdout_path = options.log_file.empty() ? "/dev/null" : options.log_file;
   spawn.stderr_path = spawn.stdout_path;
+  // Its own group, so stopping it also stops what a wrapper (anvil from PATH
+  // may be one) started; the kernel stops it if we die (parent_death_signal).
+  spawn.new_process_group = true;
   SN_ASSIGN(chain->anvil_, ChildProcess::spawn(argv, spawn));
   chain->rpc_url_ = fmt::format("http://127.0.0.1:{}", port);
   chain->rpc_ = std::make_shared<RpcClient>(chain->rpc_url_, 5000);
@@ -385,6 +407,12 @@ Result<std::unique_ptr<DevChain>> DevChain::start(const DevChainOptions& options
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   if (!chain_id.ok()) return make_error("anvil on port {} did not answer: {}", port, chain_id.message());
+  // The answer must come from the anvil we started (a server that took the
+  // port between our check and anvil's bind would answer too).
+  if (auto listener = tcp_listener_pid(port); !listener || !is_same_or_group_member(*listener, chain->anvil_.pid()))
+    return kind_error(ErrorKind::unavailable, "port {} is served by {}, not by the anvil this command started ({})", port,
+                      listener ? describe_pid(*listener) : std::string("a process we cannot see"),
+                      chain->anvil_.running() ? describe_pid(chain->anvil_.pid()) : std::string("it exited at start"));
   chain->funder_ = std::make_unique<Wallet>(chain->rpc_, anvil_funded_key(), *chain_id);
   auto deployment_path = options.state_file.empty() ? std::filesystem::path()
                                                     : std::filesystem::path(options.state_file.string() + ".deployment.json");

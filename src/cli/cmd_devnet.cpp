@@ -76,7 +76,16 @@ class Devnet {
     dht_port_ = *dht_port;
     SpawnOptions dht_options;
     dht_options.stdout_path = dht_options.stderr_path = dir_ / "dht.log";
-    SN_ASSIGN(dht_, ChildProcess::spawn({self, "dht", "--port", std::to_string(dht_port_)}, dht_options));
+    // Every child dies with us (parent_death_signal, --parent-pid). If we die
+    // without cleaning up (SIGKILL), the DHT bootstrap removes the temp dir,
+    // with its node and chain keys, once the nodes have let go of it.
+    std::vector<std::string> dht_argv = {self, "dht", "--port", std::to_string(dht_port_), "--parent-pid",
+                                         std::to_string(::getpid())};
+    if (!keep_) {
+      dht_argv.push_back("--orphan-cleanup-dir");
+      dht_argv.push_back(dir_.string());
+    }
+    SN_ASSIGN(dht_, ChildProcess::spawn(dht_argv, dht_options));
     auto regions = topology.device_regions();
     for (int i = 0; i < nodes; ++i) {
       SpawnOptions options;
@@ -166,8 +175,10 @@ int run_devnet(const DevnetArgs& args) {
   if (!args.json)
     std::cerr << fmt::format("devnet: {} nodes on topology \"{}\", DHT bootstrap {}, logs in {}\n", nodes,
                              topology->name, devnet.bootstrap(), devnet.dir().string());
-  auto found = discover_nodes({devnet.bootstrap()}, static_cast<size_t>(nodes), std::chrono::seconds(60));
-  if (stop_requested()) return fail("devnet", "interrupted", 130);
+  // The bootstrap is our own child, still starting: give it the whole minute.
+  auto found = discover_nodes({devnet.bootstrap()}, static_cast<size_t>(nodes), std::chrono::seconds(60),
+                              std::chrono::seconds(60));
+  if (stop_requested()) return fail("devnet", "interrupted", stop_exit_code());
   if (!found.ok()) return fail("devnet", found.message() + "\n" + devnet.dead_processes_report());
   if (!args.json) std::cerr << fmt::format("devnet: all {} nodes discovered\n", found->size());
 
@@ -200,7 +211,7 @@ int run_devnet(const DevnetArgs& args) {
   if (!summary.ok()) {
     std::string report = devnet.dead_processes_report();
     return fail("devnet", summary.message() + (report.empty() ? "" : "\n" + report),
-                stop_requested() ? 130 : summary.error().exit_code);
+                stop_requested() ? stop_exit_code() : summary.error().exit_code);
   }
   if (settlement) {
     std::vector<std::string> solvers;

@@ -36,6 +36,8 @@ struct NodeArgs {
 int run_node(const NodeArgs& args) {
   block_stop_signals();
   if (args.parent_pid > 0) die_with_parent(args.parent_pid);
+  auto data_lock = DirLock::acquire(args.data_dir);  // one node per data dir (one identity, one address)
+  if (!data_lock.ok()) return fail("node", data_lock.message(), data_lock.error().exit_code);
   auto key = NodeKey::load_or_create(args.data_dir);
   if (!key.ok()) return fail("node", key.message(), 2);
   init_logging("node " + key->node_id().substr(0, 8), args.log_level);

@@ -1,6 +1,7 @@
 // solvernet peers: list the live nodes of the network.
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <iostream>
 
 #include "cli/command.h"
@@ -22,6 +23,10 @@ int run_peers(const PeersArgs& args) {
   init_logging("peers", "error");
   auto discovery = net::Discovery::start(0, args.bootstrap);
   if (!discovery.ok()) return fail("peers", discovery.message(), discovery.error().exit_code);
+  // Nothing at the bootstrap is not an empty network: say which it is.
+  if (auto joined = (*discovery)->wait_for_bootstrap(std::chrono::milliseconds(std::clamp(args.wait_ms, 1000, 3000)));
+      !joined.ok())
+    return fail("peers", joined.message(), joined.error().exit_code);
   // A fresh DHT client needs a moment to fill its routing table, so ask
   // repeatedly: until --expect nodes show up, or for the whole --wait-ms.
   const size_t wanted = args.expect > 0 ? static_cast<size_t>(args.expect) : SIZE_MAX;

@@ -7,14 +7,20 @@
 #include <cstring>
 #include <iostream>
 #include <set>
+#include <thread>
 
-#include "cli/placement.h"
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
 #include "cli/signals.h"
 #include "core/fs.h"
 #include "core/memory.h"
 #include "model/data.h"
 #include "net/discovery.h"
 #include "train/inputs.h"
+#include "net/rpc.h"
+#include "net/local_mesh.h"
+#include "sched/placement.h"
 #include "train/train.h"
 
 namespace sn::cli {
@@ -118,30 +124,101 @@ Status check_run_inputs(const RunSpec& spec, bool local) {
   return ok_status();
 }
 
+std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1::NodeInfo>& candidates,
+                                                std::chrono::milliseconds timeout) {
+  // All pings at once: the wait is one timeout, not one per dead node.
+  struct Call {
+    solvernet::v1::PingReply reply;
+    grpc::ClientContext context;
+    grpc::Status status;
+  };
+  grpc::CompletionQueue queue;
+  std::vector<std::unique_ptr<Call>> calls;
+  std::vector<std::unique_ptr<solvernet::v1::Node::Stub>> stubs;
+  const auto deadline = std::chrono::system_clock::now() + timeout;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    // The node the DHT named, proven by its TLS certificate.
+    stubs.push_back(solvernet::v1::Node::NewStub(net::make_channel(candidates[i].address(), candidates[i].node_id())));
+    calls.push_back(std::make_unique<Call>());
+    calls[i]->context.set_deadline(deadline);
+    solvernet::v1::PingRequest request;
+    auto rpc = stubs[i]->AsyncPing(&calls[i]->context, request, &queue);
+    rpc->Finish(&calls[i]->reply, &calls[i]->status, reinterpret_cast<void*>(i));
+  }
+  std::vector<bool> live(candidates.size(), false);
+  for (size_t done = 0; done < candidates.size(); ++done) {
+    void* tag = nullptr;
+    bool ok = false;
+    if (!queue.Next(&tag, &ok)) break;
+    const auto i = reinterpret_cast<size_t>(tag);
+    // Alive, and the node the DHT named (not some other process on a reused port).
+    live[i] = ok && calls[i]->status.ok() && calls[i]->reply.node_id() == candidates[i].node_id();
+  }
+  queue.Shutdown();
+  void* tag = nullptr;
+  bool ok = false;
+  while (queue.Next(&tag, &ok)) {
+  }
+  std::vector<solvernet::v1::NodeInfo> out;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    if (live[i])
+      out.push_back(candidates[i]);
+    else
+      spdlog::info("node {} at {} is listed but did not answer a ping; not using it",
+                   candidates[i].node_id().substr(0, 8), candidates[i].address());
+  }
+  return out;
+}
+
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,
-                                                            size_t want, std::chrono::milliseconds timeout) {
+                                                            size_t want, std::chrono::milliseconds timeout,
+                                                            std::chrono::milliseconds bootstrap_timeout) {
+  install_stop_handlers();
   SN_ASSIGN(auto discovery, net::Discovery::start(0, bootstrap));
+  // An unreachable bootstrap is not an empty network: say so.
+  SN_TRY(discovery->wait_for_bootstrap(std::min(timeout, bootstrap_timeout)));
   auto deadline = std::chrono::steady_clock::now() + timeout;
-  std::vector<solvernet::v1::NodeInfo> idle;
+  std::vector<solvernet::v1::NodeInfo> idle, live;
   while (true) {
     auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     SN_ASSIGN(auto nodes, discovery->list_nodes(std::max(std::chrono::milliseconds(500), std::min(remaining, std::chrono::milliseconds(2000)))));
     idle.clear();
+    live.clear();
     for (auto& n : nodes)
       if (n.busy_job_id().empty()) idle.push_back(n);
-    if (idle.size() >= want) break;
-    if (std::chrono::steady_clock::now() >= deadline || stop_requested())
-      return make_error("found {} idle node(s) via {}, the job needs {}", idle.size(),
+    // A node killed a moment ago stays listed until its announcement goes
+    // stale: only nodes that answer now are placed.
+    if (idle.size() >= want) live = live_nodes(idle, std::chrono::milliseconds(1500));
+    if (live.size() >= want) break;
+    if (std::chrono::steady_clock::now() >= deadline || stop_requested()) {
+      if (idle.size() >= want)
+        return kind_error(ErrorKind::unavailable, "found {} idle node(s) via {} but only {} answered a ping; the job needs {}",
+                          idle.size(), bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), live.size(),
+                          want);
+      return kind_error(ErrorKind::unavailable, "found {} idle node(s) via {}, the job needs {}", idle.size(),
                         bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), want);
+    }
+    if (idle.size() >= want) std::this_thread::sleep_for(std::chrono::milliseconds(300));
   }
   discovery->stop();
-  return idle;
+  return live;
 }
 
 Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<solvernet::v1::NodeInfo>& nodes) {
   const auto& job = spec.job;
-  SN_ASSIGN(Placement placement, place_job(spec, nodes));
-  if (!spec.quiet) print_placement(placement, std::cerr);
+  sched::PlacementRequest request;
+  request.job = job;
+  request.topology = spec.topology;
+  request.emulate = spec.emulate;
+  request.algo = spec.algo;
+  request.seed = spec.plan_seed;
+  request.time_dilation = spec.time_dilation;
+  sched::Measurements measure;
+  measure.microbatch_seconds = train::measure_microbatch_seconds;
+  measure.step_update_seconds = train::measure_step_update_seconds;
+  measure.message_cost = net::measure_message_cost;
+  SN_ASSIGN(sched::Placement placement, sched::place_job(request, nodes, measure));
+  if (!spec.quiet) sched::print_placement(placement, std::cerr);
 
   train::DistributedOptions options;
   if (spec.topology) {

@@ -40,9 +40,18 @@ inline constexpr double kMaxTimeDilation = 1e4;
 // any node is started or contacted.
 Status check_run_inputs(const RunSpec& spec, bool local);
 
-// Waits until at least WANT idle nodes are visible via BOOTSTRAP (or TIMEOUT).
-Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,
-                                                            size_t want, std::chrono::milliseconds timeout);
+// Waits until at least WANT idle nodes are visible via BOOTSTRAP and answer a
+// ping (or TIMEOUT): listed nodes that do not answer are left out. Errors:
+// unavailable if no bootstrap answered within BOOTSTRAP_TIMEOUT (capped by
+// TIMEOUT) or too few nodes are live, invalid_input if the bootstrap host does
+// not resolve.
+Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(
+    const std::vector<std::string>& bootstrap, size_t want, std::chrono::milliseconds timeout,
+    std::chrono::milliseconds bootstrap_timeout = std::chrono::milliseconds(5000));
+
+// The CANDIDATES that answer a Ping within TIMEOUT with their own node id.
+std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1::NodeInfo>& candidates,
+                                                std::chrono::milliseconds timeout);
 
 // Places the job on NODES and runs it; returns the summary JSON (docs/cli.md).
 Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<solvernet::v1::NodeInfo>& nodes);

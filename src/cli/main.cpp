@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cli/command.h"
+#include "cli/signals.h"
 #include "net/tls.h"
 
 namespace sn::cli {
@@ -59,17 +60,22 @@ int main(int argc, char** argv) {
     if (sub->parsed()) {
       // Errors are values; these catch what escaped a library anyway. A user sees one
       // line: LibTorch's what() carries a stack trace after its first line.
+      int code = 1;
       try {
-        return run();
+        code = run();
       } catch (const std::bad_alloc&) {
-        return sn::cli::fail(sub->get_name(), "out of memory (an input is too large for this machine?)", 1);
+        code = sn::cli::fail(sub->get_name(), "out of memory (an input is too large for this machine?)", 1);
       } catch (const std::exception& e) {
         std::string message = e.what();
         message = message.substr(0, message.find('\n'));
-        return sn::cli::fail(sub->get_name(), "internal error: " + (message.empty() ? "unknown" : message), 1);
+        code = sn::cli::fail(sub->get_name(), "internal error: " + (message.empty() ? "unknown" : message), 1);
       } catch (...) {
-        return sn::cli::fail(sub->get_name(), "internal error: unknown exception", 1);
+        code = sn::cli::fail(sub->get_name(), "internal error: unknown exception", 1);
       }
+      // Stopped by SIGINT/SIGTERM: exit as the signal would have (130, 143),
+      // whatever the command made of the interruption.
+      if (int stopped = sn::cli::stop_exit_code()) return stopped;
+      return code;
     }
   return 2;
 }

@@ -2,10 +2,11 @@
 
 #include <signal.h>
 
+#include "core/process.h"
+
 namespace sn::cli {
 namespace {
-std::atomic<bool> g_stop{false};
-void on_signal(int) { g_stop.store(true); }
+void on_signal(int signal_number) { sn::note_stop_signal(signal_number); }
 }  // namespace
 
 const std::atomic<bool>& install_stop_handlers() {
@@ -14,10 +15,10 @@ const std::atomic<bool>& install_stop_handlers() {
   sigemptyset(&action.sa_mask);
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
-  return g_stop;
+  return sn::stop_flag();
 }
 
-bool stop_requested() { return g_stop.load(); }
+bool stop_requested() { return sn::stop_requested(); }
 
 void block_stop_signals() {
   sigset_t set;
@@ -33,8 +34,12 @@ int wait_for_stop_signal() {
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   int signal_number = 0;
-  sigwait(&set, &signal_number);
+  while (sigwait(&set, &signal_number) != 0) {
+  }
+  sn::note_stop_signal(signal_number);
   return signal_number;
 }
+
+int stop_exit_code() { return sn::stop_signal() > 0 ? 128 + sn::stop_signal() : 0; }
 
 }  // namespace sn::cli

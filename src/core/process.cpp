@@ -3,14 +3,20 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
-#include <spawn.h>
+#include <pthread.h>
+#include <sys/file.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "core/fs.h"
@@ -20,7 +26,7 @@ extern char** environ;
 namespace sn {
 
 ChildProcess::ChildProcess(ChildProcess&& other) noexcept
-    : pid_(other.pid_), exit_status_(other.exit_status_) {
+    : pid_(other.pid_), group_(other.group_), exit_status_(other.exit_status_) {
   other.pid_ = -1;
 }
 
@@ -28,6 +34,7 @@ ChildProcess& ChildProcess::operator=(ChildProcess&& other) noexcept {
   if (this != &other) {
     if (pid_ > 0) terminate();
     pid_ = other.pid_;
+    group_ = other.group_;
     exit_status_ = other.exit_status_;
     other.pid_ = -1;
   }
@@ -38,9 +45,38 @@ ChildProcess::~ChildProcess() {
   if (pid_ > 0) terminate();
 }
 
+namespace {
+
+// ARGV0 as execve needs it: itself if it names a path, else the first
+// executable of that name in PATH.
+Result<std::string> resolve_executable(const std::string& argv0) {
+  if (argv0.find('/') != std::string::npos) {
+    if (::access(argv0.c_str(), X_OK) != 0)
+      return kind_error(ErrorKind::not_found, "cannot start {}: {}", argv0, std::strerror(errno));
+    return argv0;
+  }
+  const char* path_env = std::getenv("PATH");
+  std::string path = path_env ? path_env : "/usr/local/bin:/usr/bin:/bin";
+  size_t start = 0;
+  while (start <= path.size()) {
+    size_t end = path.find(':', start);
+    if (end == std::string::npos) end = path.size();
+    std::string dir = path.substr(start, end - start);
+    std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + argv0;
+    struct stat st {};
+    if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(candidate.c_str(), X_OK) == 0)
+      return candidate;
+    start = end + 1;
+  }
+  return kind_error(ErrorKind::not_found, "cannot start {}: not found in PATH", argv0);
+}
+
+}  // namespace
+
 Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
                                          const SpawnOptions& options) {
   if (argv.empty()) return make_error("spawn: empty command");
+  SN_ASSIGN(std::string executable, resolve_executable(argv[0]));
   std::map<std::string, std::string> env;
   for (char** e = environ; *e; ++e) {
     std::string entry(*e);
@@ -57,38 +93,68 @@ Result<ChildProcess> ChildProcess::spawn(const std::vector<std::string>& argv,
   for (auto& s : argv_copy) args.push_back(s.data());
   args.push_back(nullptr);
 
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  if (!options.stdout_path.empty())
-    posix_spawn_file_actions_addopen(&actions, 1, options.stdout_path.c_str(),
-                                     O_WRONLY | O_CREAT | O_APPEND, 0644);
+  // Output files are opened here (close-on-exec); the child only dup2()s them.
+  int out_fd = -1, err_fd = -1;
+  auto close_files = [&] {
+    if (out_fd >= 0) ::close(out_fd);
+    if (err_fd >= 0 && err_fd != out_fd) ::close(err_fd);
+  };
+  if (!options.stdout_path.empty()) {
+    out_fd = ::open(options.stdout_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (out_fd < 0) return make_error("cannot open {}: {}", options.stdout_path.string(), std::strerror(errno));
+  }
   if (!options.stderr_path.empty()) {
-    if (options.stderr_path == options.stdout_path)
-      posix_spawn_file_actions_adddup2(&actions, 1, 2);
-    else
-      posix_spawn_file_actions_addopen(&actions, 2, options.stderr_path.c_str(),
-                                       O_WRONLY | O_CREAT | O_APPEND, 0644);
+    err_fd = options.stderr_path == options.stdout_path
+                 ? out_fd
+                 : ::open(options.stderr_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (err_fd < 0) {
+      int err = errno;
+      close_files();
+      return make_error("cannot open {}: {}", options.stderr_path.string(), std::strerror(err));
+    }
   }
-  posix_spawnattr_t attr;
-  posix_spawnattr_init(&attr);
-  short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
-  sigset_t empty, all;
-  sigemptyset(&empty);
+
+  // vfork: the child borrows our memory until exec, so it only makes
+  // async-signal-safe calls, and all signals stay blocked until it has reset
+  // their handlers (ours must never run in it).
+  const pid_t parent = ::getpid();
+  const int death_signal = options.parent_death_signal;
+  const bool group = options.new_process_group;
+  volatile int child_errno = 0;
+  sigset_t all, previous;
   sigfillset(&all);
-  posix_spawnattr_setsigmask(&attr, &empty);
-  posix_spawnattr_setsigdefault(&attr, &all);
-  if (options.new_process_group) {
-    flags |= POSIX_SPAWN_SETPGROUP;
-    posix_spawnattr_setpgroup(&attr, 0);
+  pthread_sigmask(SIG_SETMASK, &all, &previous);
+  pid_t pid = ::vfork();
+  if (pid == 0) {
+    struct sigaction default_action {};
+    default_action.sa_handler = SIG_DFL;
+    for (int s = 1; s < NSIG; ++s) ::sigaction(s, &default_action, nullptr);
+    if (group) ::setpgid(0, 0);
+    if (death_signal > 0) {
+      ::prctl(PR_SET_PDEATHSIG, death_signal);
+      if (::getppid() != parent) ::_exit(127);  // the parent died before prctl took hold
+    }
+    if (out_fd >= 0) ::dup2(out_fd, 1);
+    if (err_fd >= 0) ::dup2(err_fd, 2);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    ::execve(executable.c_str(), args.data(), envp.data());
+    child_errno = errno;
+    ::_exit(127);
   }
-  posix_spawnattr_setflags(&attr, flags);
-  pid_t pid = -1;
-  int rc = posix_spawnp(&pid, args[0], &actions, &attr, args.data(), envp.data());
-  posix_spawn_file_actions_destroy(&actions);
-  posix_spawnattr_destroy(&attr);
-  if (rc != 0) return make_error("cannot start {}: {}", argv[0], std::strerror(rc));
+  const int vfork_errno = errno;
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  close_files();
+  if (pid < 0) return make_error("cannot start {}: {}", argv[0], std::strerror(vfork_errno));
+  if (child_errno != 0) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return make_error("cannot start {}: {}", argv[0], std::strerror(child_errno));
+  }
   ChildProcess child;
   child.pid_ = pid;
+  child.group_ = group;
   return child;
 }
 
@@ -129,20 +195,29 @@ int ChildProcess::wait() {
   return *exit_status_;
 }
 
+void ChildProcess::signal(int signal_number) {
+  if (pid_ <= 0) return;
+  // A group outlives its leader while members remain (a wrapper's child).
+  if (group_) ::kill(-pid_, signal_number);
+  if (!exit_status_) ::kill(pid_, signal_number);
+}
+
 void ChildProcess::terminate(std::chrono::milliseconds grace) {
   if (pid_ <= 0) return;
   if (running()) {
-    ::kill(pid_, SIGTERM);
-    if (!wait_for(grace)) kill_now();
+    signal(SIGTERM);
+    if (!wait_for(grace)) signal(SIGKILL);
   }
   wait();
+  if (group_) ::kill(-pid_, SIGKILL);  // stragglers of the group, if any
   pid_ = -1;
 }
 
 void ChildProcess::kill_now() {
   if (pid_ <= 0) return;
-  if (running()) ::kill(pid_, SIGKILL);
+  if (running()) signal(SIGKILL);
   wait();
+  if (group_) ::kill(-pid_, SIGKILL);
 }
 
 Result<std::string> run_command(const std::vector<std::string>& argv) {
@@ -159,7 +234,18 @@ Result<std::string> run_command(const std::vector<std::string>& argv) {
     std::filesystem::remove(out_path);
     return child.error();
   }
-  int status = child->wait();
+  int status = 0;
+  while (true) {
+    if (auto done = child->wait_for(std::chrono::milliseconds(50))) {
+      status = *done;
+      break;
+    }
+    if (stop_requested()) {
+      child->terminate(std::chrono::milliseconds(1000));
+      std::filesystem::remove(out_path);
+      return kind_error(ErrorKind::aborted, "{} was interrupted", argv[0]);
+    }
+  }
   auto output = read_file(out_path);
   std::filesystem::remove(out_path);
   std::string text = output.ok() ? *output : "";
@@ -198,6 +284,134 @@ std::filesystem::path self_executable() {
 void die_with_parent(pid_t parent) {
   ::prctl(PR_SET_PDEATHSIG, SIGTERM);
   if (::getppid() != parent) ::_exit(1);
+}
+
+// ------------------------------------------------------------ stop requests
+
+namespace {
+std::atomic<bool> g_stop{false};
+std::atomic<int> g_stop_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free && std::atomic<bool>::is_always_lock_free,
+              "set from signal handlers");
+}  // namespace
+
+const std::atomic<bool>& stop_flag() { return g_stop; }
+bool stop_requested() { return g_stop.load(); }
+int stop_signal() { return g_stop_signal.load(); }
+void note_stop_signal(int signal_number) {
+  int none = 0;
+  g_stop_signal.compare_exchange_strong(none, signal_number);  // the first signal decides
+  g_stop.store(true);
+}
+
+// ------------------------------------------------------------ local ports
+
+namespace {
+
+// Inodes of the TCP sockets listening on PORT, from /proc/net/tcp{,6}.
+std::set<std::string> listening_inodes(uint16_t port) {
+  std::set<std::string> inodes;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode;
+      fields >> slot >> local >> remote >> state >> queues >> timer >> retransmits >> uid >> timeout >> inode;
+      auto colon = local.rfind(':');
+      if (colon == std::string::npos || state != "0A") continue;  // 0A: LISTEN
+      if (std::strtoul(local.c_str() + colon + 1, nullptr, 16) == port) inodes.insert(inode);
+    }
+  }
+  return inodes;
+}
+
+}  // namespace
+
+bool tcp_port_listening(uint16_t port) { return !listening_inodes(port).empty(); }
+
+std::optional<pid_t> tcp_listener_pid(uint16_t port) {
+  auto inodes = listening_inodes(port);
+  if (inodes.empty()) return std::nullopt;
+  std::error_code ec;
+  for (const auto& proc : std::filesystem::directory_iterator("/proc", ec)) {
+    const std::string name = proc.path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::error_code fd_ec;
+    for (const auto& fd : std::filesystem::directory_iterator(proc.path() / "fd", fd_ec)) {
+      std::error_code link_ec;
+      std::string target = std::filesystem::read_symlink(fd.path(), link_ec).string();
+      if (link_ec || target.rfind("socket:[", 0) != 0) continue;
+      if (inodes.count(target.substr(8, target.size() - 9))) return static_cast<pid_t>(std::stol(name));
+    }
+  }
+  return std::nullopt;
+}
+
+std::string describe_pid(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/comm");
+  std::string comm;
+  std::getline(in, comm);
+  return comm.empty() ? fmt::format("pid {}", pid) : fmt::format("pid {} ({})", pid, comm);
+}
+
+bool is_same_or_group_member(pid_t pid, pid_t child) { return pid == child || ::getpgid(pid) == child; }
+
+// ------------------------------------------------------------ directory lock
+
+DirLock& DirLock::operator=(DirLock&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = other.fd_;
+    other.fd_ = -1;
+  }
+  return *this;
+}
+
+DirLock::~DirLock() {
+  if (fd_ >= 0) ::close(fd_);  // closing the last descriptor releases the flock
+}
+
+Result<DirLock> DirLock::acquire(const std::filesystem::path& dir, const std::string& what) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return input_error("cannot create {} {}: {}", what, dir.string(), ec.message());
+  const auto path = dir / "lock";
+  // Close-on-exec: a child we start must not inherit (and so keep) the lock.
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return make_error("cannot open {}: {}", path.string(), std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    char buffer[32] = {};
+    ssize_t n = ::pread(fd, buffer, sizeof buffer - 1, 0);
+    ::close(fd);
+    if (err != EWOULDBLOCK) return make_error("cannot lock {}: {}", path.string(), std::strerror(err));
+    std::string holder = n > 0 ? std::string(buffer, static_cast<size_t>(n)) : std::string();
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    return input_error("{} {} is in use by another process (pid {}); stop it or use another dir", what, dir.string(),
+                       holder.empty() ? std::string("unknown") : holder);
+  }
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    int err = errno;
+    ::close(fd);
+    return make_error("cannot write {}: {}", path.string(), std::strerror(err));
+  }
+  DirLock lock;
+  lock.fd_ = fd;
+  return lock;
+}
+
+bool wait_until_unlocked(const std::filesystem::path& dir, std::chrono::milliseconds timeout) {
+  int fd = ::open((dir / "lock").c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return true;  // never locked
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  bool free = false;
+  while (!(free = ::flock(fd, LOCK_EX | LOCK_NB) == 0) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ::close(fd);
+  return free;
 }
 
 }  // namespace sn

@@ -205,6 +205,7 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
       std::error_code ignored;
       fs::remove(prefix.string() + ".model", ignored);
       fs::remove(prefix.string() + ".vocab", ignored);
+      if (trained.error().kind == ErrorKind::aborted) return trained.error();  // Ctrl-C: nothing half-written stays
       // spm_train says "Vocabulary size too high (N). Please set it to a value <= M."
       const std::string& log = trained.message();
       if (auto at = log.find("Vocabulary size too high"); at != std::string::npos) {
@@ -236,6 +237,7 @@ Result<TokenizedCorpus> prepare_corpus(const DataConfig& data, int vocab_size) {
     auto encoded = encoding.ok() ? read_file(encoded_file) : Result<std::string>(encoding.error());
     std::error_code ignored;
     fs::remove(encoded_file, ignored);
+    if (!encoding.ok() && encoding.error().kind == ErrorKind::aborted) return encoding.error();
     if (!encoded.ok()) {
       const std::string& log = encoded.message();
       return make_error("spm_encode failed on {}: {}", corpus.string(), log.substr(0, log.find('\n')));

@@ -1,6 +1,12 @@
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <filesystem>
+#include <thread>
 
 #include "core/fs.h"
 #include "core/hash.h"
@@ -182,4 +188,90 @@ TEST(Process, TerminateReapsChild) {
   EXPECT_TRUE(child->running());
   child->terminate(std::chrono::milliseconds(500));
   EXPECT_NE(::kill(pid, 0), 0);
+}
+
+TEST(Process, MissingProgramIsAnErrorAndNoChild) {
+  auto child = ChildProcess::spawn({"solvernet-no-such-program-xyz"});
+  ASSERT_FALSE(child.ok());
+  EXPECT_EQ(child.error().kind, ErrorKind::not_found);
+  EXPECT_NE(child.message().find("not found in PATH"), std::string::npos) << child.message();
+}
+
+TEST(Process, ChildDiesWithTheThreadThatStartedIt) {
+  // PR_SET_PDEATHSIG: the kernel sends SIGTERM when the spawning thread ends,
+  // as it would if the whole parent were SIGKILLed.
+  ChildProcess child;
+  std::thread([&] {
+    auto spawned = ChildProcess::spawn({"sleep", "30"});
+    ASSERT_TRUE(spawned.ok());
+    child = std::move(spawned).value();
+  }).join();
+  EXPECT_EQ(child.wait_for(std::chrono::seconds(10)), std::optional<int>(128 + SIGTERM));
+}
+
+TEST(Process, TerminatingAGroupStopsWhatItStarted) {
+  auto dir = std::filesystem::temp_directory_path() / ("sn-core-group-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  SpawnOptions options;
+  options.new_process_group = true;
+  // A wrapper (like anvil's Node.js one) whose real work is a grandchild.
+  auto child = ChildProcess::spawn({"sh", "-c", "sleep 30 & echo $! > " + (dir / "pid").string() + "; wait"}, options);
+  ASSERT_TRUE(child.ok());
+  std::string pid_text;
+  for (int i = 0; i < 100 && pid_text.empty(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    pid_text = read_file(dir / "pid").value_or("");
+  }
+  ASSERT_FALSE(pid_text.empty());
+  const pid_t grandchild = std::stoi(pid_text);
+  EXPECT_TRUE(is_same_or_group_member(grandchild, child->pid()));
+  child->terminate(std::chrono::milliseconds(1000));
+  // Gone, or a zombie waiting for whoever adopted it to reap it.
+  auto running = [&] {
+    auto stat = read_file("/proc/" + std::to_string(grandchild) + "/stat");
+    if (!stat.ok()) return false;
+    auto close = stat->rfind(')');
+    return close != std::string::npos && close + 2 < stat->size() && (*stat)[close + 2] != 'Z';
+  };
+  for (int i = 0; i < 50 && running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(running()) << "the grandchild survived its group";
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Process, DirLockIsExclusiveAndNamesTheHolder) {
+  auto dir = std::filesystem::temp_directory_path() / ("sn-core-lock-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  {
+    auto first = DirLock::acquire(dir);
+    ASSERT_TRUE(first.ok()) << first.message();
+    auto second = DirLock::acquire(dir);
+    ASSERT_FALSE(second.ok());
+    EXPECT_EQ(second.error().exit_code, 2);
+    EXPECT_NE(second.message().find("(pid " + std::to_string(::getpid()) + ")"), std::string::npos) << second.message();
+    EXPECT_FALSE(wait_until_unlocked(dir, std::chrono::milliseconds(100)));
+  }
+  EXPECT_TRUE(wait_until_unlocked(dir, std::chrono::milliseconds(100)));
+  EXPECT_TRUE(DirLock::acquire(dir).ok());
+  auto bad = DirLock::acquire("/proc/solvernet-cannot-exist");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.error().exit_code, 2);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Process, ListenerOfALocalPortIsFound) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  socklen_t length = sizeof addr;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
+  const uint16_t port = ntohs(addr.sin_port);
+  EXPECT_FALSE(tcp_port_listening(port));  // bound, not listening
+  ASSERT_EQ(::listen(fd, 1), 0);
+  EXPECT_TRUE(tcp_port_listening(port));
+  EXPECT_EQ(tcp_listener_pid(port), std::optional<pid_t>(::getpid()));
+  EXPECT_NE(describe_pid(::getpid()).find("pid " + std::to_string(::getpid()) + " ("), std::string::npos);
+  ::close(fd);
+  EXPECT_FALSE(tcp_port_listening(port));
 }

@@ -1,14 +1,12 @@
-#include "cli/placement.h"
+#include "sched/placement.h"
 
 #include <algorithm>
 #include <cstring>
 #include <thread>
 
-#include "net/local_mesh.h"
 #include "sched/sched.h"
-#include "train/train.h"
 
-namespace sn::cli {
+namespace sn::sched {
 
 EmulationScale scale_for(const JobConfig& job, double measured_compute_seconds, const AnchorSetting& anchor) {
   double activation_bytes = static_cast<double>(job.sequences_per_micro_batch() * job.model.seq_len *
@@ -16,8 +14,10 @@ EmulationScale scale_for(const JobConfig& job, double measured_compute_seconds, 
   EmulationScale scale;
   scale.time_dilation = measured_compute_seconds / anchor.compute_seconds;
   scale.byte_ratio = activation_bytes / anchor.activation_bytes;
-  auto ranges = train::stage_layer_ranges(job.model.layers, job.parallel.stages);
-  double gradient_bytes = static_cast<double>(job.model.layer_parameter_count() * ranges.back().second * 4);
+  // The last stage holds layers / stages layers (train gives the remainder to
+  // the first stages).
+  const int64_t last_stage_layers = job.model.layers / std::max<int64_t>(1, job.parallel.stages);
+  double gradient_bytes = static_cast<double>(job.model.layer_parameter_count() * last_stage_layers * 4);
   scale.gradient_byte_ratio = gradient_bytes / anchor.gradient_bytes;
   return scale;
 }
@@ -41,11 +41,12 @@ static net::MemberInfo member_of(const solvernet::v1::NodeInfo& node, int stage,
   return m;
 }
 
-Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1::NodeInfo>& all_nodes) {
+Result<Placement> place_job(const PlacementRequest& spec, const std::vector<solvernet::v1::NodeInfo>& all_nodes,
+                            const Measurements& measure) {
   const auto& job = spec.job;
   const size_t needed = static_cast<size_t>(job.parallel.stages * job.parallel.replicas);
   if (all_nodes.size() < needed)
-    return make_error("the job needs {} nodes ({} stages × {} replicas), {} are available", needed,
+    return kind_error(ErrorKind::unavailable, "the job needs {} nodes ({} stages × {} replicas), {} are available", needed,
                       job.parallel.stages, job.parallel.replicas, all_nodes.size());
   std::vector<solvernet::v1::NodeInfo> nodes = all_nodes;
   // Devices in a stable order: by region as the topology lists them, then id.
@@ -59,7 +60,7 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
   if (spec.topology)
     for (const auto& n : nodes)
       if (spec.topology->region_index(n.region()) < 0)
-        return make_error("node {} is in region \"{}\", which topology \"{}\" does not define",
+        return input_error("node {} is in region \"{}\", which topology \"{}\" does not define",
                           n.node_id().substr(0, 8), n.region(), spec.topology->name);
 
   Placement placement;
@@ -70,7 +71,7 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
   double compute = 0;
   if (placement.emulate == "scaled" || use_scheduler)
     compute = spec.time_dilation > 0 ? spec.time_dilation * anchor.compute_seconds
-                                     : train::measure_microbatch_seconds(job);
+                                     : (measure.microbatch_seconds ? measure.microbatch_seconds(job) : 0.0);
   if (placement.emulate == "scaled") placement.scale = scale_for(job, compute, anchor);
 
   std::vector<std::vector<int>> stage_devices;
@@ -79,14 +80,14 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
     std::vector<int> region_of;
     for (const auto& n : nodes) region_of.push_back(spec.topology->region_index(n.region()));
     SN_ASSIGN(LinkMatrix links, link_matrix_for(*spec.topology, region_of, placement.scale));
-    sched::PlanRequest request = sched::request_from_job(job, compute);
+    PlanRequest request = request_from_job(job, compute);
     request.gradient_bytes *= placement.scale.pacing_weight(true);
     request.tied_bytes *= placement.scale.pacing_weight(true);
     // Nodes on one host share its cores: with more busy workers than cores each
     // computes at cores/workers of its own speed (all busy at once: pessimistic
     // in the pipeline's bubbles). Real deployments give every node its cores.
     const double workers = static_cast<double>(needed);
-    const double cores = std::max(1u, std::thread::hardware_concurrency());
+    const double cores = std::max(1u, spec.host_cores > 0 ? spec.host_cores : std::thread::hardware_concurrency());
     const double host_share = one_host(nodes) ? std::max(1.0, workers / cores) : 1.0;
     // What the micro-batch timing leaves out, measured here unless T is given:
     // the update that ends every step on every stage (optimizer, state hash)
@@ -95,27 +96,29 @@ Result<Placement> place_job(const RunSpec& spec, const std::vector<solvernet::v1
     double update = 0;
     net::MessageCost message_cost;
     if (spec.time_dilation <= 0) {
-      update = train::measure_step_update_seconds(job);
-      auto measured = net::measure_message_cost(static_cast<size_t>(request.activation_bytes),
-                                                static_cast<size_t>(std::max(request.max_message_bytes, request.activation_bytes)));
-      if (!measured.ok()) return make_error("measuring the transport: {}", measured.message());
-      message_cost = *measured;
+      if (measure.step_update_seconds) update = measure.step_update_seconds(job);
+      if (measure.message_cost) {
+        auto measured = measure.message_cost(static_cast<size_t>(request.activation_bytes),
+                                             static_cast<size_t>(std::max(request.max_message_bytes, request.activation_bytes)));
+        if (!measured.ok()) return make_error("measuring the transport: {}", measured.message());
+        message_cost = *measured;
+      }
     }
     request.step_overhead_s = update + 2 * message_cost.fixed_s;
     request.message_fixed_s = message_cost.fixed_s;
     request.message_per_byte_s = message_cost.per_byte_s;
-    sched::PlanRequest dedicated = request;
+    PlanRequest dedicated = request;
     request.compute_seconds_per_microbatch_stage *= host_share;
     request.step_overhead_s *= host_share;
     request.message_fixed_s *= host_share;
     request.message_per_byte_s *= host_share;
-    SN_ASSIGN(sched::Plan plan, sched::make_plan(links, request, spec.algo, spec.plan_seed));
+    SN_ASSIGN(Plan plan, make_plan(links, request, spec.algo, spec.seed));
     stage_devices = plan.stage_devices;
     placement.algo = spec.algo;
     placement.predicted_iteration_s = plan.predicted_iteration_s;
     placement.dtfm_cost_s = plan.dtfm_cost_s;
-    sched::Plan alone = plan;
-    sched::simulate(links, dedicated, alone);
+    Plan alone = plan;
+    simulate(links, dedicated, alone);
     placement.prediction = {{"schedule", request.schedule},
                             {"compute_per_microbatch_stage_s", compute},
                             {"step_update_s", update},
@@ -172,4 +175,4 @@ void print_placement(const Placement& p, std::ostream& out) {
                        AnchorSetting{}.name, p.scale.time_dilation, p.scale.byte_ratio, p.scale.gradient_byte_ratio);
 }
 
-}  // namespace sn::cli
+}  // namespace sn::sched
