@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <iostream>
 #include <optional>
+#include <thread>
 
 #include "cli/command.h"
 #include "cli/job_runner.h"
@@ -86,6 +87,15 @@ class Devnet {
       dht_argv.push_back(dir_.string());
     }
     SN_ASSIGN(dht_, ChildProcess::spawn(dht_argv, dht_options));
+    // Our own DHT must hold the port before anyone bootstraps from it: had
+    // another process taken it since we picked it, nodes would join that one.
+    const std::string listening = fmt::format("dht bootstrap listening on 127.0.0.1:{}", dht_port_);
+    for (int i = 0; read_file(dir_ / "dht.log").value_or("").find(listening) == std::string::npos; ++i) {
+      if (!dht_.running() || i >= 600 || stop_requested())
+        return make_error("the devnet's DHT bootstrap did not start on UDP port {}:\n{}", dht_port_,
+                          tail_of(dir_ / "dht.log", 5));
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
     auto regions = topology.device_regions();
     for (int i = 0; i < nodes; ++i) {
       SpawnOptions options;

@@ -2,6 +2,8 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <iostream>
 
 #include "cli/command.h"
@@ -24,11 +26,25 @@ struct DhtArgs {
 // without cleaning up (SIGKILL): wait for its nodes to release their data
 // dirs (they die with the parent too), then remove it.
 void remove_orphaned_dir(const std::filesystem::path& dir) {
+  std::cerr << "dht: the devnet died; removing " << dir.string() << " once its nodes have stopped" << std::endl;
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
     if (entry.is_directory()) wait_until_unlocked(entry.path(), std::chrono::seconds(10));
   std::filesystem::remove_all(dir, ec);
   if (ec) std::cerr << "dht: cannot remove " << dir.string() << ": " << ec.message() << std::endl;
+}
+
+// Whether PARENT has died (or is dying). The parent-death signal comes when
+// the thread that started us exits, while the rest of a killed parent may still
+// be going down: we are then not yet reparented, but its main thread is a zombie.
+bool parent_died(pid_t parent) {
+  if (::getppid() != parent) return true;
+  std::ifstream in("/proc/" + std::to_string(parent) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto close = stat.rfind(')');
+  if (close == std::string::npos || close + 2 >= stat.size()) return true;
+  const char state = stat[close + 2];
+  return state == 'Z' || state == 'X';
 }
 
 int run_dht(const DhtArgs& args) {
@@ -40,8 +56,8 @@ int run_dht(const DhtArgs& args) {
   std::cout << "dht bootstrap listening on 127.0.0.1:" << (*discovery)->port() << std::endl;
   wait_for_stop_signal();
   (*discovery)->stop();
-  // A parent that stopped us itself is alive and cleans up; one that died is not.
-  if (args.parent_pid > 0 && !args.orphan_cleanup_dir.empty() && ::getppid() != args.parent_pid)
+  // A parent that stopped us itself is alive and cleans up; one that died does not.
+  if (args.parent_pid > 0 && !args.orphan_cleanup_dir.empty() && parent_died(args.parent_pid))
     remove_orphaned_dir(args.orphan_cleanup_dir);
   return 0;
 }

@@ -21,6 +21,10 @@ const std::atomic<bool>& install_stop_handlers() {
 bool stop_requested() { return sn::stop_requested(); }
 
 void block_stop_signals() {
+  // Threads that libraries started before this call do not block the signals,
+  // and the kernel may deliver one to them: there the handler notes it instead
+  // of the default action ending the process mid-cleanup.
+  install_stop_handlers();
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
@@ -33,11 +37,14 @@ int wait_for_stop_signal() {
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
-  int signal_number = 0;
-  while (sigwait(&set, &signal_number) != 0) {
+  // Either this thread takes the signal, or a thread that does not block it
+  // ran the handler: look at both.
+  const timespec tick{0, 100 * 1000 * 1000};
+  while (sn::stop_signal() == 0) {
+    int signal_number = sigtimedwait(&set, nullptr, &tick);
+    if (signal_number > 0) sn::note_stop_signal(signal_number);
   }
-  sn::note_stop_signal(signal_number);
-  return signal_number;
+  return sn::stop_signal();
 }
 
 int stop_exit_code() { return sn::stop_signal() > 0 ? 128 + sn::stop_signal() : 0; }
