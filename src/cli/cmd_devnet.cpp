@@ -37,6 +37,8 @@ struct DevnetArgs {
   bool no_chain = false;
   bool json = false;
   double time_dilation = 0;
+  std::string key;
+  int peer_timeout_s = 60;
 };
 
 std::string tail_of(const fs::path& log, size_t lines) {
@@ -155,6 +157,8 @@ int run_devnet(const DevnetArgs& args) {
   spec.algo = args.algo;
   spec.quiet = args.json;
   spec.time_dilation = args.time_dilation;
+  if (args.peer_timeout_s < 1 || args.peer_timeout_s > 86400)
+    return fail("devnet", fmt::format("--peer-timeout-s must be in 1..86400, got {}", args.peer_timeout_s), 2);
   spec.initial_weights = args.init;
   const int needed = static_cast<int>(spec.job.parallel.stages * spec.job.parallel.replicas);
   const int nodes = args.nodes ? *args.nodes : std::max(needed, topology->device_count());
@@ -217,6 +221,9 @@ int run_devnet(const DevnetArgs& args) {
                                chain_job);
   }
 
+  // The client's key lives with the devnet unless --key names one.
+  spec.client_key = args.key.empty() ? devnet.dir() / "client.key" : fs::path(args.key);
+  spec.peer_timeout_s = args.peer_timeout_s;
   auto summary = run_job_on_nodes(spec, *found);
   if (!summary.ok()) {
     std::string report = devnet.dead_processes_report();
@@ -268,6 +275,8 @@ CommandRegistration devnet_command(
       app.add_flag("--keep", args->keep, "Keep the temp dir (logs, node data) afterwards");
       app.add_option("--time-dilation", args->time_dilation,
                      "Scaled links: use this T (1e-4 .. 1e4) instead of measuring compute");
+      app.add_option("--key", args->key, "Client key file (default: one made in the devnet's temp dir)");
+      app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long a node waits for a peer")->capture_default_str();
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
       add_insecure_flag(app);
       return [args] { return run_devnet(*args); };

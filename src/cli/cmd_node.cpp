@@ -13,6 +13,7 @@
 #include "core/process.h"
 #include "net/announce.h"
 #include "net/discovery.h"
+#include "net/node_runtime.h"
 #include "net/rpc.h"
 #include "net/topology.h"
 #include "train/train.h"
@@ -31,6 +32,8 @@ struct NodeArgs {
   int parent_pid = 0;
   std::string log_level = "info";
   int peer_timeout_s = 60;
+  int64_t memory_limit_mb = 0;
+  double lease_s = 30;
 };
 
 int run_node(const NodeArgs& args) {
@@ -50,31 +53,53 @@ int run_node(const NodeArgs& args) {
       return fail("node", "region \"" + args.region + "\" is not in " + args.topology, 2);
   }
 
+  if (args.memory_limit_mb < 0 || args.memory_limit_mb > (int64_t{1} << 30))
+    return fail("node", "--memory-limit-mb must be in 0..1073741824 (0: what the machine has available)", 2);
+  if (!(args.lease_s >= 0.1 && args.lease_s <= 86400)) return fail("node", "--lease-s must be in 0.1..86400", 2);
+
   std::mutex info_mutex;
   solvernet::v1::NodeInfo info = net::local_node_info(*key, args.region);
   std::unique_ptr<net::Discovery> discovery;
+  net::DeliveryService delivery;  // routes tensor messages to each job's transport; outlives the jobs
+  std::unique_ptr<grpc::Service> train_service;
 
-  net::DeliveryService delivery;
-  train::NodeServiceOptions options;
-  options.key = &*key;
-  options.delivery = &delivery;
-  options.data_dir = args.data_dir;
-  options.peer_timeout = std::chrono::seconds(args.peer_timeout_s);
-  options.signed_info = [&] {
+  // The runtime owns the server, admission and leases; each module only
+  // registers its service on it.
+  net::NodeRuntimeOptions runtime_options;
+  runtime_options.key = &*key;
+  runtime_options.memory_limit_bytes = args.memory_limit_mb << 20;
+  runtime_options.lease = std::chrono::milliseconds(static_cast<int64_t>(args.lease_s * 1000));
+  runtime_options.signed_info = [&] {
     std::lock_guard<std::mutex> lock(info_mutex);
     return net::sign_node_info(info, *key);
   };
-  options.on_job_change = [&](const std::string& job_id) {
+  net::NodeRuntime* runtime_ptr = nullptr;
+  runtime_options.on_jobs_change = [&] {
+    if (!runtime_ptr) return;
+    net::HeldJobs held = runtime_ptr->held();
     std::lock_guard<std::mutex> lock(info_mutex);
-    info.set_busy_job_id(job_id);
+    info.set_busy_job_id(held.job_ids.empty() ? "" : held.job_ids.back());
+    info.set_jobs(static_cast<int32_t>(held.job_ids.size()));
+    info.set_memory_admitted_bytes(held.memory_admitted_bytes);
     if (discovery) discovery->update_announcement(info);
   };
-  auto service = train::make_node_service(options);
-  auto server = net::start_server(args.listen, {service.get(), &delivery}, *key);
-  if (!server.ok()) return fail("node", server.message(), 2);
+  net::NodeRuntime runtime(runtime_options);
+  runtime_ptr = &runtime;
+  info.set_memory_limit_bytes(runtime.memory_limit_bytes());
+
+  train::NodeServiceOptions train_options;
+  train_options.runtime = &runtime;
+  train_options.delivery = &delivery;
+  train_options.data_dir = args.data_dir;
+  train_options.peer_timeout = std::chrono::seconds(args.peer_timeout_s);
+  train_service = train::make_train_service(train_options);
+  runtime.add_service(train_service.get());
+  runtime.add_service(&delivery);
+
+  if (auto started = runtime.start(args.listen); !started.ok()) return fail("node", started.message(), 2);
   auto host = net::split_host_port(args.advertise.empty() ? args.listen : args.advertise);
   if (!host.ok()) return fail("node", host.message(), 2);
-  std::string address = host->first + ":" + std::to_string(args.advertise.empty() ? server->port : host->second);
+  std::string address = host->first + ":" + std::to_string(args.advertise.empty() ? runtime.port() : host->second);
   if (host->first == "0.0.0.0") return fail("node", "listening on 0.0.0.0: give --advertise HOST:PORT that peers can reach", 2);
   {
     std::lock_guard<std::mutex> lock(info_mutex);
@@ -82,10 +107,7 @@ int run_node(const NodeArgs& args) {
   }
 
   auto started = net::Discovery::start(static_cast<uint16_t>(args.dht_port), args.bootstrap);
-  if (!started.ok()) {
-    server->server->Shutdown();
-    return fail("node", started.message(), 2);
-  }
+  if (!started.ok()) return fail("node", started.message(), 2);
   {
     std::lock_guard<std::mutex> lock(info_mutex);
     discovery = std::move(started).value();
@@ -93,12 +115,13 @@ int run_node(const NodeArgs& args) {
   }
   std::cout << "node " << key->node_id() << " listening on " << address << " (dht port "
             << discovery->port() << ", region " << args.region << ", "
-            << static_cast<int>(info.compute_gflops()) << " GFLOP/s)" << std::endl;
+            << static_cast<int>(info.compute_gflops()) << " GFLOP/s, admits "
+            << net::format_bytes(runtime.memory_limit_bytes()) << ", lease " << args.lease_s << " s)" << std::endl;
 
   int signal_number = wait_for_stop_signal();
   spdlog::info("stopping on signal {}", signal_number);
   discovery->stop();
-  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  runtime.shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
 }
 
@@ -113,7 +136,10 @@ CommandRegistration node_command(
       app.add_option("--bootstrap", args->bootstrap, "DHT node to join, HOST:PORT (repeatable)");
       app.add_option("--region", args->region, "Region name (as in the topology file)")->capture_default_str();
       app.add_option("--topology", args->topology, "Topology file, to check --region against");
-      app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long to wait for a peer's tensor")->capture_default_str();
+      app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long to wait for a peer's tensor (unless the job says)")->capture_default_str();
+      app.add_option("--memory-limit-mb", args->memory_limit_mb,
+                     "Memory budget for jobs, MiB (0: what the machine has available, less 512 MiB)")->capture_default_str();
+      app.add_option("--lease-s", args->lease_s, "A job whose client stops renewing it is dropped after this")->capture_default_str();
       app.add_option("--log-level", args->log_level, "trace|debug|info|warn|error")->capture_default_str();
       add_insecure_flag(app);
       app.add_option("--parent-pid", args->parent_pid, "Exit when this process dies (used by devnet)")->group("");

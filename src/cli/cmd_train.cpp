@@ -24,6 +24,8 @@ struct TrainArgs {
   bool json = false;
   double time_dilation = 0;
   int wait_s = 60;
+  std::string key;
+  int peer_timeout_s = 60;
 };
 
 int run_train(const TrainArgs& args) {
@@ -45,6 +47,10 @@ int run_train(const TrainArgs& args) {
   spec.time_dilation = args.time_dilation;
   spec.algo = args.algo;
   spec.emulate = args.emulate;
+  spec.client_key = args.key;
+  if (args.peer_timeout_s < 1 || args.peer_timeout_s > 86400)
+    return fail("train", fmt::format("--peer-timeout-s must be in 1..86400, got {}", args.peer_timeout_s), 2);
+  spec.peer_timeout_s = args.peer_timeout_s;
   if (!args.topology_file.empty()) {
     auto topology = parse_topology_file(args.topology_file);
     if (!topology.ok()) return fail("train", topology.message(), 2);
@@ -86,6 +92,9 @@ CommandRegistration train_command(
       app.add_option("--wait-s", args->wait_s, "How long to wait for enough nodes (1 .. 86400)")->capture_default_str();
       app.add_option("--time-dilation", args->time_dilation,
                      "Scaled links: use this T (1e-4 .. 1e4) instead of measuring compute");
+      app.add_option("--key", args->key, "Client key file (Ed25519, created on first use; default ~/.solvernet/client.key)");
+      app.add_option("--peer-timeout-s", args->peer_timeout_s,
+                     "How long a node waits for a peer; the client's deadlines follow")->capture_default_str();
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
       add_insecure_flag(app);
       return [args] { return run_train(*args); };

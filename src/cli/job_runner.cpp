@@ -204,8 +204,15 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
   return live;
 }
 
+std::filesystem::path default_client_key_path() {
+  const char* home = std::getenv("HOME");
+  return std::filesystem::path(home && *home ? home : ".") / ".solvernet" / "client.key";
+}
+
 Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<solvernet::v1::NodeInfo>& nodes) {
   const auto& job = spec.job;
+  auto key = NodeKey::load_or_create_file(spec.client_key.empty() ? default_client_key_path() : spec.client_key);
+  if (!key.ok()) return input_error("client key: {}", key.message());
   sched::PlacementRequest request;
   request.job = job;
   request.topology = spec.topology;
@@ -228,6 +235,8 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   options.model_out = spec.model_out;
   options.initial_weights = spec.initial_weights;
   options.cancel = &install_stop_handlers();
+  options.client_key = &*key;
+  options.peer_timeout = std::chrono::seconds(spec.peer_timeout_s);
   ProgressLine progress(spec.quiet);
   options.progress = [&](const train::StepReport& r) { progress(r); };
   SN_ASSIGN(auto result, train::run_distributed(job, placement.members, options));

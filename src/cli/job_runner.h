@@ -27,6 +27,10 @@ struct RunSpec {
   std::filesystem::path initial_weights;
   bool quiet = false;                  // no progress line (e.g. --json)
   double time_dilation = 0;            // scaled links: use this T instead of measuring it
+  // The client's Ed25519 key file (created on first use); it signs every
+  // control request. Empty: ~/.solvernet/client.key.
+  std::filesystem::path client_key;
+  int peer_timeout_s = 60;             // how long nodes wait for a peer; the client's deadlines follow
 };
 
 // Limits of --time-dilation (0: measure it); T stretches every emulated time.
@@ -39,6 +43,10 @@ inline constexpr double kMaxTimeDilation = 1e4;
 // measurement), that it fits in memory; a mistake is an input error (exit 2) before
 // any node is started or contacted.
 Status check_run_inputs(const RunSpec& spec, bool local);
+
+// The client key file used when none is given: ~/.solvernet/client.key (the
+// current directory's .solvernet if HOME is unset).
+std::filesystem::path default_client_key_path();
 
 // Waits until at least WANT idle nodes are visible via BOOTSTRAP and answer a
 // ping (or TIMEOUT): listed nodes that do not answer are left out. Errors:

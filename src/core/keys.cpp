@@ -30,9 +30,12 @@ NodeKey NodeKey::generate() {
 }
 
 Result<NodeKey> NodeKey::load_or_create(const std::filesystem::path& dir) {
+  return load_or_create_file(dir / kKeyFile);
+}
+
+Result<NodeKey> NodeKey::load_or_create_file(const std::filesystem::path& path) {
   ensure_sodium();
-  SN_TRY(ensure_directory(dir));
-  auto path = dir / kKeyFile;
+  SN_TRY(ensure_directory(path.has_parent_path() ? path.parent_path() : std::filesystem::path(".")));
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) {
     NodeKey key = generate();

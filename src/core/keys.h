@@ -25,6 +25,8 @@ class NodeKey {
  public:
   // Reads DIR/node.key, or creates it (mode 0600, written atomically) if absent.
   static Result<NodeKey> load_or_create(const std::filesystem::path& dir);
+  // The same for a key file at PATH (a client's --key); its directory is created.
+  static Result<NodeKey> load_or_create_file(const std::filesystem::path& path);
   // A fresh key that lives only in memory (clients and tests).
   static NodeKey generate();
 

@@ -1,82 +1,85 @@
-// The Node gRPC service: hosts at most one job's stage worker at a time.
+// The Train gRPC service: the stage workers of every job this node holds.
+// Each control request is checked against the job's owner key by the node
+// runtime before anything else happens; admission and leases are the
+// runtime's too, so this file only maps jobs to workers.
 #include <spdlog/spdlog.h>
 
+#include <map>
 #include <mutex>
 
 #include "net/rpc.h"
+#include "train/control.h"
 #include "train/stage_worker.h"
 #include "train/train.h"
 
 namespace sn::train {
 namespace {
 
-int64_t now_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-class NodeServiceImpl final : public solvernet::v1::Node::Service {
+class TrainServiceImpl final : public solvernet::v1::Train::Service {
  public:
-  explicit NodeServiceImpl(NodeServiceOptions options) : options_(std::move(options)) {}
-
-  grpc::Status Ping(grpc::ServerContext*, const solvernet::v1::PingRequest*,
-                    solvernet::v1::PingReply* reply) override {
-    reply->set_node_id(options_.key->node_id());
-    reply->set_received_at_us(now_us());
-    return grpc::Status::OK;
-  }
-
-  grpc::Status GetInfo(grpc::ServerContext*, const solvernet::v1::Empty*,
-                       solvernet::v1::SignedNodeInfo* reply) override {
-    if (!options_.signed_info) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no node info");
-    *reply = options_.signed_info();
-    return grpc::Status::OK;
+  explicit TrainServiceImpl(NodeServiceOptions options) : options_(std::move(options)) {}
+  ~TrainServiceImpl() override {
+    std::map<std::string, std::shared_ptr<Slot>> jobs;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      jobs.swap(jobs_);
+    }
+    for (auto& [id, slot] : jobs) slot->worker->abort("the node is stopping");
   }
 
   grpc::Status SetupJob(grpc::ServerContext*, const solvernet::v1::SetupJobRequest* request,
                         solvernet::v1::SetupJobReply* reply) override {
-    std::shared_ptr<StageWorker> old;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (worker_ && worker_->job_id() != request->job_id()) {
-        return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                            "node is busy with job " + worker_->job_id());
-      }
-      old = std::move(worker_);
-    }
-    if (old) old->abort("job set up again");
-    old.reset();
-    auto worker = StageWorker::create(*request, *options_.key, options_.data_dir, options_.peer_timeout,
+    const std::string& job_id = request->job_id();
+    auto owner = options_.runtime->authorize(job_id, "SetupJob", request->auth(), request_digest("SetupJob", *request));
+    if (!owner.ok()) return net::to_grpc(owner.error());
+    auto job = parse_job_string(request->job_toml(), "job from client");
+    if (!job.ok()) return net::to_grpc(job.error());
+    // Set up again (the client retries or resumes): the old worker goes first.
+    drop(job_id, "job set up again");
+    const StageMemory memory = estimate_stage_memory(*job, request->stage(), request->first_layer(),
+                                                     request->layer_count(), request->dataset_samples());
+    auto admitted = options_.runtime->admit(job_id, *owner, memory.total, fmt::format("stage {}", request->stage()),
+                                            [this, job_id] { drop(job_id, "the client's lease ran out"); });
+    if (!admitted.ok()) return net::to_grpc(admitted.error());
+    const auto peer_timeout = request->peer_timeout_ms() > 0 ? std::chrono::milliseconds(request->peer_timeout_ms())
+                                                             : options_.peer_timeout;
+    auto worker = StageWorker::create(*request, options_.runtime->key(), options_.data_dir, peer_timeout,
                                       *options_.delivery);
     if (!worker.ok()) {
-      spdlog::warn("rejected job {}: {}", request->job_id(), worker.message());
+      options_.runtime->release(job_id);
+      spdlog::warn("rejected job {}: {}", job_id, worker.message());
       return net::to_grpc(worker.error());
     }
-    reply->set_node_id(options_.key->node_id());
+    reply->set_node_id(options_.runtime->key().node_id());
     reply->set_parameters((*worker)->parameter_count());
-    spdlog::info("job {}: stage {} replica {}, layers [{}, {}), {} parameters", request->job_id(),
+    reply->set_lease_ms(options_.runtime->lease().count());
+    reply->set_memory_bytes(memory.total);
+    spdlog::info("job {}: stage {} replica {}, layers [{}, {}), {} parameters, ~{} admitted", job_id,
                  request->stage(), request->replica(), request->first_layer(),
-                 request->first_layer() + request->layer_count(), (*worker)->parameter_count());
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      worker_ = std::shared_ptr<StageWorker>(std::move(worker).value());
-    }
-    if (options_.on_job_change) options_.on_job_change(request->job_id());
+                 request->first_layer() + request->layer_count(), (*worker)->parameter_count(),
+                 net::format_bytes(memory.total));
+    auto slot = std::make_shared<Slot>();
+    slot->worker = std::shared_ptr<StageWorker>(std::move(worker).value());
+    std::lock_guard<std::mutex> lock(mutex_);
+    jobs_[job_id] = std::move(slot);
     return grpc::Status::OK;
   }
 
   grpc::Status RunStep(grpc::ServerContext*, const solvernet::v1::RunStepRequest* request,
                        solvernet::v1::RunStepReply* reply) override {
-    auto worker = current(request->job_id());
-    if (!worker) return no_job(request->job_id());
-    std::lock_guard<std::mutex> step_lock(step_mutex_);
-    auto result = worker->run_step(*request);
+    auto owner = options_.runtime->authorize(request->job_id(), "RunStep", request->auth(),
+                                             request_digest("RunStep", *request));
+    if (!owner.ok()) return net::to_grpc(owner.error());
+    auto slot = current(request->job_id());
+    if (!slot) return no_job(request->job_id());
+    std::lock_guard<std::mutex> step_lock(slot->step_mutex);
+    auto result = slot->worker->run_step(*request);
     if (!result.ok()) {
       // Steps a user reads are numbered from 1, as the client's progress line numbers them.
       spdlog::warn("job {} step {}: {}", request->job_id(), request->step() + 1, result.message());
-      worker->abort(result.message());
-      return grpc::Status(grpc::StatusCode::ABORTED, result.message());
+      slot->worker->abort(result.message());
+      return result.error().kind == ErrorKind::internal ? grpc::Status(grpc::StatusCode::ABORTED, result.message())
+                                                        : net::to_grpc(result.error());
     }
     *reply = std::move(result).value();
     return grpc::Status::OK;
@@ -84,53 +87,78 @@ class NodeServiceImpl final : public solvernet::v1::Node::Service {
 
   grpc::Status FetchWeights(grpc::ServerContext*, const solvernet::v1::FetchWeightsRequest* request,
                             solvernet::v1::FetchWeightsReply* reply) override {
-    auto worker = current(request->job_id());
-    if (!worker) return no_job(request->job_id());
-    std::lock_guard<std::mutex> step_lock(step_mutex_);
-    reply->set_safetensors(worker->weights_safetensors());
-    reply->set_step(worker->steps_done());
+    auto owner = options_.runtime->authorize(request->job_id(), "FetchWeights", request->auth(),
+                                             request_digest("FetchWeights", *request));
+    if (!owner.ok()) return net::to_grpc(owner.error());
+    auto slot = current(request->job_id());
+    if (!slot) return no_job(request->job_id());
+    std::lock_guard<std::mutex> step_lock(slot->step_mutex);
+    reply->set_safetensors(slot->worker->weights_safetensors());
+    reply->set_step(slot->worker->steps_done());
     return grpc::Status::OK;
   }
 
   grpc::Status EndJob(grpc::ServerContext*, const solvernet::v1::EndJobRequest* request,
                       solvernet::v1::Empty*) override {
-    std::shared_ptr<StageWorker> worker;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!worker_ || worker_->job_id() != request->job_id()) return grpc::Status::OK;
-      worker = std::move(worker_);
-    }
-    if (request->abort()) {
+    auto owner = options_.runtime->authorize(request->job_id(), "EndJob", request->auth(),
+                                             request_digest("EndJob", *request));
+    if (!owner.ok()) return net::to_grpc(owner.error());
+    if (request->abort())
       spdlog::warn("job {} aborted: {}", request->job_id(), request->reason());
-      worker->abort("job aborted by the client: " + request->reason());
-    } else {
+    else
       spdlog::info("job {} finished", request->job_id());
-      worker->abort("job ended");
-    }
-    if (options_.on_job_change) options_.on_job_change("");
+    drop(request->job_id(), request->abort() ? "job aborted by the client: " + request->reason() : "job ended");
+    return grpc::Status::OK;
+  }
+
+  grpc::Status RenewLease(grpc::ServerContext*, const solvernet::v1::RenewLeaseRequest* request,
+                          solvernet::v1::RenewLeaseReply* reply) override {
+    auto owner = options_.runtime->authorize(request->job_id(), "RenewLease", request->auth(),
+                                             request_digest("RenewLease", *request));
+    if (!owner.ok()) return net::to_grpc(owner.error());
+    if (!current(request->job_id())) return no_job(request->job_id());
+    reply->set_lease_ms(options_.runtime->lease().count());
     return grpc::Status::OK;
   }
 
  private:
-  std::shared_ptr<StageWorker> current(const std::string& job_id) {
+  struct Slot {
+    std::shared_ptr<StageWorker> worker;
+    std::mutex step_mutex;  // one RunStep / FetchWeights at a time per job
+  };
+
+  std::shared_ptr<Slot> current(const std::string& job_id) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (worker_ && worker_->job_id() == job_id) return worker_;
-    return nullptr;
+    auto it = jobs_.find(job_id);
+    return it == jobs_.end() ? nullptr : it->second;
+  }
+  // Aborts JOB_ID's worker (waking its waits) and frees its admission.
+  void drop(const std::string& job_id, const std::string& reason) {
+    std::shared_ptr<Slot> slot;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = jobs_.find(job_id);
+      if (it != jobs_.end()) {
+        slot = std::move(it->second);
+        jobs_.erase(it);
+      }
+    }
+    if (slot) slot->worker->abort(reason);
+    options_.runtime->release(job_id);
   }
   static grpc::Status no_job(const std::string& job_id) {
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this node runs no job " + job_id);
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "this node holds no job " + job_id);
   }
 
   NodeServiceOptions options_;
   std::mutex mutex_;
-  std::mutex step_mutex_;
-  std::shared_ptr<StageWorker> worker_;
+  std::map<std::string, std::shared_ptr<Slot>> jobs_;
 };
 
 }  // namespace
 
-std::unique_ptr<grpc::Service> make_node_service(NodeServiceOptions options) {
-  return std::make_unique<NodeServiceImpl>(std::move(options));
+std::unique_ptr<grpc::Service> make_train_service(NodeServiceOptions options) {
+  return std::make_unique<TrainServiceImpl>(std::move(options));
 }
 
 }  // namespace sn::train

@@ -17,6 +17,7 @@
 #include "core/job.h"
 #include "core/keys.h"
 #include "core/result.h"
+#include "net/node_runtime.h"
 #include "net/topology.h"
 #include "net/delivery.h"
 
@@ -28,16 +29,27 @@ void init_single_threaded();
 // ---- the node side ----------------------------------------------------------
 
 struct NodeServiceOptions {
-  const NodeKey* key = nullptr;                    // this node's identity
+  net::NodeRuntime* runtime = nullptr;             // admission, leases, control auth; must outlive the service
   std::filesystem::path data_dir;                  // checkpoints go to data_dir/checkpoints/<job>
-  std::function<solvernet::v1::SignedNodeInfo()> signed_info;  // for GetInfo
-  std::chrono::milliseconds peer_timeout{60000};   // waiting for a peer's tensor
-  std::function<void(const std::string& job_id)> on_job_change;  // "" when idle again
-  net::DeliveryService* delivery = nullptr;        // routes the job's messages; must outlive the service
+  std::chrono::milliseconds peer_timeout{60000};   // waiting for a peer's tensor, unless the job says
+  net::DeliveryService* delivery = nullptr;        // routes the jobs' messages; must outlive the service
 };
 
-// The Node gRPC service: SetupJob, RunStep, FetchWeights, EndJob, Ping, GetInfo.
-std::unique_ptr<grpc::Service> make_node_service(NodeServiceOptions options);
+// The Train gRPC service: SetupJob, RunStep, FetchWeights, EndJob, RenewLease,
+// each signed by the job's owner (net::NodeRuntime::authorize). A node holds
+// any number of jobs that fit its memory budget, each under a lease; a job
+// whose lease runs out is aborted and dropped (its checkpoints stay).
+std::unique_ptr<grpc::Service> make_train_service(NodeServiceOptions options);
+
+// Memory a node needs for one stage of a job, by part (bytes). An estimate
+// from the job alone, made before anything is allocated.
+struct StageMemory {
+  int64_t weights = 0, gradients = 0, optimizer = 0, activations = 0, codec_buffers = 0, residuals = 0,
+          overhead = 0;
+  int64_t total = 0;
+};
+StageMemory estimate_stage_memory(const JobConfig& job, int stage, int first_layer, int layer_count,
+                                  int64_t dataset_samples);
 
 // ---- the client side --------------------------------------------------------
 
@@ -89,11 +101,22 @@ struct DistributedOptions {
   std::filesystem::path initial_weights;  // optional safetensors to start from
   std::function<void(const StepReport&)> progress;
   const std::atomic<bool>* cancel = nullptr;  // set by a signal handler: abort cleanly
-  std::chrono::milliseconds rpc_timeout{600000};
   int64_t eval_batches = 4;            // held-out batches evaluated at the end
+  // The client's identity: it signs every control request, and only it can
+  // drive or end the job (null: a fresh key for this run only).
+  const NodeKey* client_key = nullptr;
+  // How long a node waits for a peer's tensor; sent to every member, and the
+  // client's deadlines derive from it and the job's step size.
+  std::chrono::milliseconds peer_timeout{60000};
 };
 
 // Runs JOB on MEMBERS (one per stage × replica; member.stage/.replica say the role).
+// Every member holds the job under a lease that a background thread renews.
+// On any failure every member's job is aborted and outstanding calls are
+// cancelled before this returns: no error leaves a node busy. The error names
+// the member at fault; its kind says what the client made of it (unavailable
+// or timeout: the node stopped or is unreachable and needs replacing;
+// resource_exhausted: it refused the job; bad_peer: it misbehaved).
 Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net::MemberInfo>& members,
                                     const DistributedOptions& options);
 

@@ -13,6 +13,7 @@
 #include "net/rpc.h"
 #include "train/allreduce.h"
 #include "train/stage_worker.h"
+#include "train/control.h"
 #include "train/train.h"
 
 using namespace sn;
@@ -186,23 +187,31 @@ namespace {
 // One node (P = D = 1) with a real gRPC server, driven by hand.
 struct SingleNode {
   NodeKey key = NodeKey::generate();
+  NodeKey client = NodeKey::generate();
+  net::ControlSigner signer{client};
   std::filesystem::path dir = std::filesystem::temp_directory_path() / ("sn-train-unit-" + std::to_string(::getpid()));
   net::DeliveryService delivery;
+  std::unique_ptr<net::NodeRuntime> runtime;
   std::unique_ptr<grpc::Service> service;
-  net::RunningServer server;
-  std::unique_ptr<solvernet::v1::Node::Stub> stub;
+  std::unique_ptr<solvernet::v1::Train::Stub> stub;
   JobConfig job;
 
-  SingleNode() {
+  explicit SingleNode(int64_t memory_limit_bytes = 0) {
     init_single_threaded();
+    net::NodeRuntimeOptions runtime_options;
+    runtime_options.key = &key;
+    runtime_options.memory_limit_bytes = memory_limit_bytes;
+    runtime = std::make_unique<net::NodeRuntime>(runtime_options);
     NodeServiceOptions options;
-    options.key = &key;
+    options.runtime = runtime.get();
     options.data_dir = dir;
     options.peer_timeout = std::chrono::milliseconds(2000);
     options.delivery = &delivery;
-    service = make_node_service(options);
-    server = std::move(net::start_server("127.0.0.1:0", {service.get(), &delivery}, key).value());
-    stub = solvernet::v1::Node::NewStub(net::make_channel("127.0.0.1:" + std::to_string(server.port), key.node_id()));
+    service = make_train_service(options);
+    runtime->add_service(service.get());
+    runtime->add_service(&delivery);
+    EXPECT_TRUE(runtime->start("127.0.0.1:0").ok());
+    stub = solvernet::v1::Train::NewStub(net::make_channel("127.0.0.1:" + std::to_string(runtime->port()), key.node_id()));
     job.model.layers = 2;
     job.model.d_model = 16;
     job.model.heads = 2;
@@ -213,7 +222,7 @@ struct SingleNode {
     job.parallel.micro_batches = 1;
   }
   ~SingleNode() {
-    server.server->Shutdown();
+    runtime->shutdown(std::chrono::system_clock::now());
     std::filesystem::remove_all(dir);
   }
 
@@ -227,7 +236,8 @@ struct SingleNode {
     auto* m = request.add_members();
     m->set_node_id(member_key.node_id());
     m->set_public_key(member_key.public_key().data(), 32);
-    m->set_address("127.0.0.1:" + std::to_string(server.port));
+    m->set_address("127.0.0.1:" + std::to_string(runtime->port()));
+    sign_request(signer, "SetupJob", request);
     solvernet::v1::SetupJobReply reply;
     grpc::ClientContext context;
     return stub->SetupJob(&context, request, &reply);
@@ -241,6 +251,7 @@ struct SingleNode {
     auto* mb = request.add_micro_batches();
     model::tensor_to_proto(tokens, mb->mutable_tokens());
     model::tensor_to_proto(targets, mb->mutable_targets());
+    sign_request(signer, "RunStep", request);
     grpc::ClientContext context;
     return stub->RunStep(&context, request, reply);
   }
@@ -288,12 +299,37 @@ TEST(NodeService, TrainsAndRejectsBadTensors) {
   EXPECT_NE(out_of_order.error_message().find("step 5"), std::string::npos);
 }
 
-TEST(NodeService, BusyNodeRefusesASecondJob) {
+TEST(NodeService, HoldsTwoJobsThatFitAndRefusesOneThatDoesNot) {
   SingleNode node;
   ASSERT_TRUE(node.setup("j1", node.key).ok());
   auto second = node.setup("j2", node.key);
-  ASSERT_FALSE(second.ok());
-  EXPECT_EQ(second.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(second.ok()) << second.error_message();
+  EXPECT_EQ(node.runtime->held().job_ids.size(), 2u);
+
+  SingleNode small(1 << 20);  // 1 MiB: less than any job's estimate
+  auto refused = small.setup("j1", small.key);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.error_message().find("job needs ~"), std::string::npos) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("this node admits 1 MiB"), std::string::npos) << refused.error_message();
+  EXPECT_TRUE(small.runtime->held().job_ids.empty());
+}
+
+TEST(NodeService, StageMemoryEstimateCountsEveryPart) {
+  JobConfig job;
+  job.parallel.stages = 2;
+  job.parallel.replicas = 2;
+  job.compression.activations = "aqsgd";
+  job.compression.gradients = "cocktail";
+  auto plain = estimate_stage_memory(JobConfig{}, 0, 0, 4, 1000);
+  auto first = estimate_stage_memory(job, 0, 0, 2, 1000);
+  EXPECT_GT(first.codec_buffers, 0);
+  EXPECT_GT(first.residuals, 0);
+  EXPECT_EQ(first.optimizer, 2 * first.weights);
+  EXPECT_EQ(first.total, first.weights + first.gradients + first.optimizer + first.activations + first.codec_buffers +
+                             first.residuals + first.overhead);
+  EXPECT_EQ(plain.codec_buffers, 0);
+  EXPECT_GT(plain.weights, first.weights);  // the whole model against half of it
 }
 
 TEST(NodeService, MessagesForNoJobAreRefused) {
@@ -303,7 +339,7 @@ TEST(NodeService, MessagesForNoJobAreRefused) {
   message.set_from_node_id(node.key.node_id());  // the sender its TLS certificate proves
   solvernet::v1::Empty reply;
   grpc::ClientContext context;
-  auto transport = solvernet::v1::Transport::NewStub(net::make_channel("127.0.0.1:" + std::to_string(node.server.port), node.key.node_id(), &node.key));
+  auto transport = solvernet::v1::Transport::NewStub(net::make_channel("127.0.0.1:" + std::to_string(node.runtime->port()), node.key.node_id(), &node.key));
   auto status = transport->Send(&context, message, &reply);
   ASSERT_FALSE(status.ok());
   EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);

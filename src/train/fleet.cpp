@@ -1,0 +1,248 @@
+#include "train/fleet.h"
+
+#include <spdlog/spdlog.h>
+
+#include "net/rpc.h"
+#include "train/control.h"
+
+namespace sn::train {
+namespace {
+
+using Steady = std::chrono::steady_clock;
+
+double seconds_of(Steady::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// Which failure explains a call best: a member that stopped answering or broke
+// the protocol is the cause; one that could not be reached comes next; a
+// member whose call was cancelled or aborted because a peer failed, last.
+int rank_of(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::DATA_LOSS: return 0;
+    case grpc::StatusCode::UNAVAILABLE: return 1;
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return 2;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+    case grpc::StatusCode::PERMISSION_DENIED:
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+    case grpc::StatusCode::NOT_FOUND: return 3;
+    case grpc::StatusCode::ABORTED: return 5;
+    case grpc::StatusCode::CANCELLED: return 6;
+    default: return 4;
+  }
+}
+
+}  // namespace
+
+std::string member_name(const net::MemberInfo& m) {
+  return fmt::format("node {} (stage {}, replica {}) at {}", m.node_id.substr(0, 8), m.stage, m.replica, m.address);
+}
+
+Fleet::Fleet(const std::vector<net::MemberInfo>& members, std::string job_id, const NodeKey& client_key,
+             FleetTimeouts timeouts, const std::atomic<bool>* cancel)
+    : members_(members), job_id_(std::move(job_id)), signer_(client_key), timeouts_(timeouts), cancel_(cancel) {
+  for (const auto& m : members_) {
+    auto channel = net::make_channel(m.address, m.node_id);
+    train_stubs_.push_back(solvernet::v1::Train::NewStub(channel));
+    node_stubs_.push_back(solvernet::v1::Node::NewStub(channel));
+  }
+}
+
+Fleet::~Fleet() {
+  {
+    std::lock_guard<std::mutex> lock(renew_mutex_);
+    renew_stop_ = true;
+  }
+  renew_wake_.notify_all();
+  if (renewer_.joinable()) renewer_.join();
+}
+
+Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadline, const Call& call) {
+  const size_t n = members_.size();
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::vector<grpc::Status> statuses(n);
+  std::vector<bool> done(n, false);
+  std::vector<Steady::time_point> last_answer(n, Steady::now());
+  bool finished = false;
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  for (size_t i = 0; i < n; ++i) {
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    contexts.back()->set_deadline(std::chrono::system_clock::now() + deadline);
+  }
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < n; ++i)
+    threads.emplace_back([&, i] {
+      grpc::Status status = call(i, *contexts[i]);
+      std::lock_guard<std::mutex> lock(mutex);
+      statuses[i] = status;
+      done[i] = true;
+      changed.notify_all();
+    });
+  // Liveness: ping each member whose call is still running, once a second.
+  std::vector<std::thread> pingers;
+  for (size_t i = 0; i < n; ++i)
+    pingers.emplace_back([&, i] {
+      std::unique_lock<std::mutex> lock(mutex);
+      while (!finished && !done[i]) {
+        lock.unlock();
+        grpc::ClientContext context;
+        context.set_deadline(std::chrono::system_clock::now() + timeouts_.ping);
+        solvernet::v1::PingRequest request;
+        solvernet::v1::PingReply reply;
+        grpc::Status status = node_stubs_[i]->Ping(&context, request, &reply);
+        lock.lock();
+        if (status.ok()) last_answer[i] = Steady::now();
+        changed.wait_for(lock, std::chrono::seconds(1), [&] { return finished || done[i]; });
+      }
+    });
+
+  std::vector<bool> silent(n, false);
+  std::string abort_reason;
+  {
+    std::unique_lock<std::mutex> lock(mutex);
+    while (true) {
+      bool all_done = true, any_failed = false;
+      for (size_t i = 0; i < n; ++i) {
+        all_done = all_done && done[i];
+        any_failed = any_failed || (done[i] && !statuses[i].ok());
+        if (!done[i] && Steady::now() - last_answer[i] > timeouts_.liveness) silent[i] = true;
+      }
+      if (all_done) break;
+      bool any_silent = std::find(silent.begin(), silent.end(), true) != silent.end();
+      bool interrupted = cancel_ && cancel_->load();
+      if (any_failed || any_silent || interrupted) {
+        abort_reason = interrupted ? "interrupted by the user" : "a member failed during " + what;
+        // Cancel what is still outstanding; the threads then return at once.
+        for (size_t i = 0; i < n; ++i)
+          if (!done[i]) contexts[i]->TryCancel();
+        changed.wait(lock, [&] { return std::all_of(done.begin(), done.end(), [](bool d) { return d; }); });
+        if (interrupted) abort_reason = "interrupted by the user";
+        break;
+      }
+      changed.wait_for(lock, std::chrono::milliseconds(200));
+    }
+    finished = true;
+    // A member whose own call was cancelled while it had not answered pings for
+    // a while is the one that froze, even if the liveness limit was not reached.
+    for (size_t i = 0; i < n; ++i)
+      if (statuses[i].error_code() == grpc::StatusCode::CANCELLED &&
+          Steady::now() - last_answer[i] > timeouts_.ping + std::chrono::seconds(1))
+        silent[i] = true;
+  }
+  changed.notify_all();
+  for (auto& t : threads) t.join();
+  for (auto& t : pingers) t.join();
+  if (abort_reason.empty()) return ok_status();
+  Error error = abort_reason == "interrupted by the user"
+                    ? kind_error(ErrorKind::aborted, "interrupted during {}", what)
+                    : blame(what, statuses, silent);
+  end_all(true, error.message);
+  return error;
+}
+
+Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& statuses,
+                   const std::vector<bool>& silent) {
+  for (size_t i = 0; i < members_.size(); ++i)
+    if (silent[i])
+      return kind_error(ErrorKind::timeout,
+                        "{} stopped responding during {} (no answer to pings for {:.0f} s); the job needs another "
+                        "node in its place",
+                        member_name(members_[i]), what, seconds_of(timeouts_.liveness));
+  int culprit = -1;
+  for (size_t i = 0; i < members_.size(); ++i)
+    if (!statuses[i].ok() && (culprit < 0 || rank_of(statuses[i].error_code()) <
+                                                 rank_of(statuses[static_cast<size_t>(culprit)].error_code())))
+      culprit = static_cast<int>(i);
+  if (culprit < 0) return make_error("{} failed with no member to blame", what);
+  const auto& status = statuses[static_cast<size_t>(culprit)];
+  const auto& member = members_[static_cast<size_t>(culprit)];
+  const ErrorKind kind = net::error_kind_of(status.error_code());
+  switch (kind) {
+    case ErrorKind::unavailable:
+      return kind_error(kind, "{} failed during {}: node unreachable ({}); the job needs another node in its place",
+                        member_name(member), what, status.error_message());
+    case ErrorKind::timeout:
+      return kind_error(kind, "{} failed during {}: no answer before the deadline; the job needs another node in its place",
+                        member_name(member), what);
+    case ErrorKind::bad_peer:
+      return kind_error(kind, "{} misbehaved during {}: {}", member_name(member), what, status.error_message());
+    case ErrorKind::resource_exhausted:
+    case ErrorKind::permission_denied:
+      return kind_error(kind, "{} refused {}: {}", member_name(member), what, status.error_message());
+    default:
+      return Error{fmt::format("{} failed during {}: {}", member_name(member), what, status.error_message()), 1, kind};
+  }
+}
+
+Status Fleet::run_one(size_t member, const std::string& what, std::chrono::milliseconds deadline, const Call& call) {
+  grpc::Status status;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + deadline);
+    status = call(member, context);
+    const auto code = status.error_code();
+    if (status.ok() || (code != grpc::StatusCode::UNAVAILABLE && code != grpc::StatusCode::DEADLINE_EXCEEDED)) break;
+    spdlog::info("{}: {} failed ({}), retrying once", member_name(members_[member]), what, status.error_message());
+  }
+  if (status.ok()) return ok_status();
+  std::vector<grpc::Status> statuses(members_.size());
+  statuses[member] = status;
+  return blame(what, statuses, std::vector<bool>(members_.size(), false));
+}
+
+void Fleet::start_lease_renewal(std::chrono::milliseconds lease) {
+  if (renewer_.joinable()) return;
+  const auto period = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(200), lease / 3);
+  renewer_ = std::thread([this, period] { renew_loop(period); });
+}
+
+void Fleet::renew_loop(std::chrono::milliseconds period) {
+  std::unique_lock<std::mutex> lock(renew_mutex_);
+  while (!renew_wake_.wait_for(lock, period, [&] { return renew_stop_; })) {
+    lock.unlock();
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < members_.size(); ++i)
+      threads.emplace_back([&, i] {
+        grpc::ClientContext context;
+        context.set_deadline(std::chrono::system_clock::now() + std::min(period, timeouts_.end));
+        solvernet::v1::RenewLeaseRequest request;
+        request.set_job_id(job_id_);
+        sign_request(signer_, "RenewLease", request);
+        solvernet::v1::RenewLeaseReply reply;
+        grpc::Status status = train_stubs_[i]->RenewLease(&context, request, &reply);
+        if (!status.ok())
+          spdlog::debug("{}: lease renewal failed: {}", member_name(members_[i]), status.error_message());
+      });
+    for (auto& t : threads) t.join();
+    lock.lock();
+  }
+}
+
+void Fleet::end_all(bool abort, const std::string& reason) {
+  if (ended_.exchange(true)) return;
+  {
+    std::lock_guard<std::mutex> lock(renew_mutex_);
+    renew_stop_ = true;
+  }
+  renew_wake_.notify_all();
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < members_.size(); ++i)
+    threads.emplace_back([&, i] {
+      solvernet::v1::EndJobRequest request;
+      request.set_job_id(job_id_);
+      request.set_abort(abort);
+      request.set_reason(reason);
+      for (int attempt = 0; attempt < 2; ++attempt) {
+        grpc::ClientContext context;
+        context.set_deadline(std::chrono::system_clock::now() + timeouts_.end);
+        sign_request(signer_, "EndJob", request);
+        solvernet::v1::Empty reply;
+        grpc::Status status = train_stubs_[i]->EndJob(&context, request, &reply);
+        if (status.error_code() != grpc::StatusCode::UNAVAILABLE) break;
+      }
+    });
+  for (auto& t : threads) t.join();
+  if (renewer_.joinable()) renewer_.join();
+}
+
+}  // namespace sn::train

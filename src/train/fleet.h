@@ -1,0 +1,90 @@
+// Private to sn_train: the client's connection to the members of one job.
+// It signs every control request with the client's key, runs a call on every
+// member at once under a deadline, pings every member while a call runs (so a
+// frozen node is told apart from the peers that time out waiting for it),
+// cancels outstanding calls when one fails, renews the job's leases in the
+// background, and names the member whose failure ended the call.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/keys.h"
+#include "core/result.h"
+#include "net/control.h"
+#include "net/transport.h"
+#include "proto/solvernet.grpc.pb.h"
+
+namespace sn::train {
+
+struct FleetTimeouts {
+  std::chrono::milliseconds ping{2000};       // one liveness ping
+  std::chrono::milliseconds liveness{5000};   // no answer to pings for this long: the member stopped responding
+  std::chrono::milliseconds end{3000};        // EndJob and RenewLease
+};
+
+// "node 3fa2c1d0 (stage 1, replica 0) at 127.0.0.1:7001"
+std::string member_name(const net::MemberInfo& member);
+
+class Fleet {
+ public:
+  using Call = std::function<grpc::Status(size_t member, grpc::ClientContext& context)>;
+
+  // MEMBERS and CANCEL (may be null; set by a signal handler) must outlive the fleet.
+  Fleet(const std::vector<net::MemberInfo>& members, std::string job_id, const NodeKey& client_key,
+        FleetTimeouts timeouts, const std::atomic<bool>* cancel);
+  ~Fleet();  // stops lease renewal; does not end the job (see JobSession)
+
+  const std::string& job_id() const { return job_id_; }
+  solvernet::v1::Train::Stub& stub(size_t member) { return *train_stubs_[member]; }
+  net::ControlSigner& signer() { return signer_; }
+
+  // Runs CALL on every member in parallel, each with DEADLINE from now. While
+  // the calls run, every member is pinged; a member silent for
+  // timeouts.liveness ends the call at once. On the first failure (or a
+  // user interrupt) the other calls are cancelled and the job is aborted on
+  // every member, so no node waits for a peer that will never answer. The
+  // error names the member at fault and what the client makes of it; its kind
+  // says whether retrying elsewhere may help (unavailable, timeout,
+  // resource_exhausted), the node misbehaved (bad_peer) or the input is wrong.
+  Status run_all(const std::string& what, std::chrono::milliseconds deadline, const Call& call);
+  // Runs CALL on one member, retrying once if it was unavailable or timed out.
+  Status run_one(size_t member, const std::string& what, std::chrono::milliseconds deadline, const Call& call);
+
+  // Starts renewing every member's lease every LEASE / 3 until the fleet ends.
+  void start_lease_renewal(std::chrono::milliseconds lease);
+  // EndJob on every member (abort with REASON, or a normal end); best effort,
+  // each call bounded by timeouts.end. Idempotent once it has run.
+  void end_all(bool abort, const std::string& reason);
+  bool ended() const { return ended_; }
+
+ private:
+  Error blame(const std::string& what, const std::vector<grpc::Status>& statuses, const std::vector<bool>& silent);
+  void renew_loop(std::chrono::milliseconds period);
+
+  const std::vector<net::MemberInfo>& members_;
+  std::string job_id_;
+  net::ControlSigner signer_;
+  FleetTimeouts timeouts_;
+  const std::atomic<bool>* cancel_;
+  std::vector<std::unique_ptr<solvernet::v1::Train::Stub>> train_stubs_;
+  std::vector<std::unique_ptr<solvernet::v1::Node::Stub>> node_stubs_;
+  std::atomic<bool> ended_{false};
+
+  std::mutex renew_mutex_;
+  std::condition_variable renew_wake_;
+  bool renew_stop_ = false;
+  std::thread renewer_;
+};
+
+}  // namespace sn::train
