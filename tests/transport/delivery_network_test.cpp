@@ -15,6 +15,7 @@
 #include "model/tensor_wire.h"
 #include "net/delivery.h"
 #include "net/rpc.h"
+#include "train/control.h"
 #include "train/train.h"
 
 namespace fs = std::filesystem;
@@ -109,14 +110,21 @@ TEST(Delivery, FloodsAreBoundedAndReplaysRefusedWhileTheJobGoesOn) {
   train::init_single_threaded();
   NodeKey key_b = NodeKey::generate();
   net::DeliveryService delivery_b;
+  net::NodeRuntimeOptions runtime_options;
+  runtime_options.key = &key_b;
+  net::NodeRuntime runtime_b(runtime_options);
   train::NodeServiceOptions options;
-  options.key = &key_b;
+  options.runtime = &runtime_b;
   options.data_dir = dir / "b";
   options.peer_timeout = 20s;
   options.delivery = &delivery_b;
-  auto service_b = train::make_node_service(options);
-  auto server_b = net::start_server("127.0.0.1:0", {service_b.get(), &delivery_b}, key_b);
-  ASSERT_TRUE(server_b.ok()) << server_b.message();
+  auto service_b = train::make_train_service(options);
+  runtime_b.add_service(service_b.get());
+  runtime_b.add_service(&delivery_b);
+  auto started_b = runtime_b.start("127.0.0.1:0");
+  ASSERT_TRUE(started_b.ok()) << started_b.message();
+  NodeKey client = NodeKey::generate();
+  net::ControlSigner signer(client);
 
   JobConfig job;
   job.model.layers = 2;
@@ -129,12 +137,12 @@ TEST(Delivery, FloodsAreBoundedAndReplaysRefusedWhileTheJobGoesOn) {
   job.parallel.replicas = 2;
   job.parallel.micro_batches = 1;
   const std::string address_a = "127.0.0.1:" + std::to_string(port);
-  const std::string address_b = "127.0.0.1:" + std::to_string(server_b->port);
-  auto control_a = solvernet::v1::Node::NewStub(net::make_channel(address_a, key_a->node_id()));
-  auto control_b = solvernet::v1::Node::NewStub(net::make_channel(address_b, key_b.node_id()));
+  const std::string address_b = "127.0.0.1:" + std::to_string(runtime_b.port());
+  auto control_a = solvernet::v1::Train::NewStub(net::make_channel(address_a, key_a->node_id()));
+  auto control_b = solvernet::v1::Train::NewStub(net::make_channel(address_b, key_b.node_id()));
   // Over B's TLS identity: A checks every message's sender against it.
   auto transport_a = solvernet::v1::Transport::NewStub(net::make_channel(address_a, key_a->node_id(), &key_b));
-  std::vector<solvernet::v1::Node::Stub*> controls = {control_a.get(), control_b.get()};
+  std::vector<solvernet::v1::Train::Stub*> controls = {control_a.get(), control_b.get()};
 
   solvernet::v1::SetupJobRequest setup;
   setup.set_job_id("flood");
@@ -151,6 +159,7 @@ TEST(Delivery, FloodsAreBoundedAndReplaysRefusedWhileTheJobGoesOn) {
   }
   for (int r = 0; r < 2; ++r) {
     setup.set_replica(r);
+    train::sign_request(signer, "SetupJob", setup);
     grpc::ClientContext context;
     solvernet::v1::SetupJobReply reply;
     auto status = controls[static_cast<size_t>(r)]->SetupJob(&context, setup, &reply);
@@ -170,6 +179,7 @@ TEST(Delivery, FloodsAreBoundedAndReplaysRefusedWhileTheJobGoesOn) {
         auto tokens = torch::arange(8, torch::kInt64).view({1, 8}) + static_cast<int64_t>(r + step);
         model::tensor_to_proto(tokens.remainder(32), mb->mutable_tokens());
         model::tensor_to_proto((tokens + 1).remainder(32), mb->mutable_targets());
+        train::sign_request(signer, "RunStep", request);
         grpc::ClientContext context;
         context.set_deadline(std::chrono::system_clock::now() + 60s);
         statuses[r] = controls[r]->RunStep(&context, request, &replies[r]);
@@ -226,6 +236,6 @@ TEST(Delivery, FloodsAreBoundedAndReplaysRefusedWhileTheJobGoesOn) {
             << " RESOURCE_EXHAUSTED" << std::endl;
 
   node->terminate();
-  server_b->server->Shutdown(std::chrono::system_clock::now());
+  runtime_b.shutdown(std::chrono::system_clock::now());
   fs::remove_all(dir);
 }
