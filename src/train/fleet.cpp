@@ -122,6 +122,9 @@ Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadlin
       changed.wait_for(lock, std::chrono::milliseconds(200));
     }
     finished = true;
+    // Every call may have ended (some failing) between two looks.
+    if (abort_reason.empty() && std::any_of(statuses.begin(), statuses.end(), [](const grpc::Status& s) { return !s.ok(); }))
+      abort_reason = "a member failed during " + what;
     // A member whose own call was cancelled while it had not answered pings for
     // a while is the one that froze, even if the liveness limit was not reached.
     for (size_t i = 0; i < n; ++i)

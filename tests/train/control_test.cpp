@@ -3,6 +3,7 @@
 // holding keys of its own.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <filesystem>
 #include <fstream>
@@ -69,7 +70,8 @@ struct Network {
   Network(const fs::path& d, int n, const std::vector<std::string>& node_flags) : dir(d) {
     SpawnOptions quiet;
     quiet.stdout_path = quiet.stderr_path = dir / "dht.log";
-    int port = 20000 + (::getpid() * 7 % 20000);
+    // A port nobody holds: a DHT of another test on the same port would mix networks.
+    int port = free_loopback_port(SOCK_DGRAM).value();
     dht = std::move(ChildProcess::spawn({bin(), "dht", "--port", std::to_string(port)}, quiet).value());
     bootstrap = "127.0.0.1:" + std::to_string(port);
     for (int i = 0; i < n; ++i) {
@@ -263,7 +265,8 @@ TEST(Admission, AJobTooLargeForTheNodeIsRefusedBeforeItStarts) {
   ASSERT_TRUE(status.has_value());
   EXPECT_NE(*status, 0);
   std::string err = read_file(dir / "train.err").value_or("");
-  EXPECT_NE(err.find("refused job setup: job needs ~"), std::string::npos) << err;
+  EXPECT_NE(err.find("refused job setup: job needs ~"), std::string::npos)
+      << err << read_file(net.log(0)).value_or("") << read_file(net.log(1)).value_or("");
   EXPECT_NE(err.find("this node admits 8 MiB"), std::string::npos) << err;
   EXPECT_EQ(err.find("step 1/"), std::string::npos) << "training started: " << err;
   fs::remove_all(dir);
