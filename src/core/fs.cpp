@@ -44,6 +44,14 @@ Status write_file_atomic(const std::filesystem::path& path, std::string_view dat
     ::unlink(tmp.c_str());
     return make_error("{}: rename failed: {}", path.string(), std::strerror(err));
   }
+  // The rename is durable only once its directory is synced.
+  auto dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return make_error("{}: cannot open directory to sync: {}", dir.string(), std::strerror(errno));
+  int rc = ::fsync(dir_fd);
+  int err = errno;
+  ::close(dir_fd);
+  if (rc != 0) return make_error("{}: directory fsync failed: {}", dir.string(), std::strerror(err));
   return ok_status();
 }
 

@@ -10,8 +10,9 @@
 namespace sn {
 
 Result<std::string> read_file(const std::filesystem::path& path);
-// Writes to PATH.tmp-<pid>, fsyncs, then renames over PATH: readers see the old
-// file or the new one, never a torn one, even if the process is killed.
+// Writes to PATH.tmp-<pid>, fsyncs, renames over PATH and fsyncs PATH's
+// directory: readers see the old file or the new one, never a torn one, even if
+// the process is killed, and the new one survives a crash once this returns.
 Status write_file_atomic(const std::filesystem::path& path, std::string_view data,
                          int mode = 0644);
 // Creates DIR (and parents) and checks that it is writable.

@@ -1,8 +1,5 @@
 #include "train/state.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <bit>
 #include <charconv>
@@ -63,17 +60,6 @@ Hasher part_hasher(StatePart part) {
 }
 
 constexpr const char* kManifestFormat = "solvernet-checkpoint-v1";
-
-// fsync of a directory makes a rename in it durable.
-Status fsync_directory(const std::filesystem::path& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return make_error("{}: cannot open directory to sync: {}", dir.string(), std::strerror(errno));
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  if (rc != 0) return make_error("{}: directory fsync failed: {}", dir.string(), std::strerror(err));
-  return ok_status();
-}
 
 // "step-000000000012" → 12; anything else → nullopt.
 std::optional<int64_t> step_of(const std::string& stem) {
@@ -236,9 +222,7 @@ Status CheckpointStore::save(int64_t step, const NamedTensors& tensors,
   CheckpointFile file{data_path(step).filename().string(), data.size(), hash_string(data)};
   // Data first, manifest last: a manifest on disk always names durable data.
   SN_TRY(write_file_atomic(data_path(step), data));
-  SN_TRY(fsync_directory(dir_));
   SN_TRY(write_file_atomic(manifest_path(step), manifest_json(step, labels, state, {file})));
-  SN_TRY(fsync_directory(dir_));
 
   // Prune: the oldest complete checkpoints beyond KEEP (manifest first, so a
   // crash mid-prune leaves orphan data, never a manifest without its data),
