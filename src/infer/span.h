@@ -31,9 +31,7 @@ struct ModelFile {
   Hash256 file_hash{};             // BLAKE2b-256 of the file's bytes
 };
 
-// The metadata train writes beside the weights.
-std::map<std::string, std::string> model_metadata(const std::string& name, const ModelConfig& config,
-                                                  const std::string& tokenizer_vocab);
+// (train writes the metadata with model::model_file_metadata, model/safetensors.h.)
 // Errors (invalid_input, naming the file): unreadable, not safetensors, no
 // solvernet metadata (an older file: retrain, or it was not written by
 // solvernet), a config that fails job validation, missing or mis-shaped tensors.
@@ -85,6 +83,8 @@ class SpanModel {
  private:
   SpanModel() = default;
   Status check_input(const torch::Tensor& input, int64_t cached) const;
+  std::vector<torch::Tensor> forward_batch_unchecked(const std::vector<KvCache*>& caches,
+                                                     const std::vector<torch::Tensor>& inputs, bool all_rows) const;
 
   ModelConfig config_;
   int first_ = 0, end_ = 0;

@@ -347,17 +347,25 @@ Result<Tokenizer> Tokenizer::load(const fs::path& vocab_or_model) {
       t.add_piece(std::move(piece), score);
     }
   } else {
-    std::istringstream lines(bytes);
-    std::string line;
-    while (std::getline(lines, line)) {
-      auto tab = line.rfind('\t');  // the piece itself may be a tab
-      if (tab == std::string::npos)
-        return make_error("{}:{}: expected \"piece<TAB>score\"", vocab_or_model.string(), t.pieces_.size() + 1);
-      t.add_piece(line.substr(0, tab), std::strtof(line.c_str() + tab + 1, nullptr));
-    }
+    return parse_vocab(bytes, vocab_or_model.string());
   }
   if (t.pieces_.size() < 3 || t.pieces_[0] != "<unk>" || t.pieces_[static_cast<size_t>(kEndOfLine)] != "</s>")
     return make_error("{}: not a SentencePiece vocabulary (expected <unk>, <s>, </s> first)", vocab_or_model.string());
+  return t;
+}
+
+Result<Tokenizer> Tokenizer::parse_vocab(std::string_view text, std::string_view what) {
+  Tokenizer t;
+  std::istringstream lines{std::string(text)};
+  std::string line;
+  while (std::getline(lines, line)) {
+    auto tab = line.rfind('\t');  // the piece itself may be a tab
+    if (tab == std::string::npos)
+      return make_error("{}:{}: expected \"piece<TAB>score\"", what, t.pieces_.size() + 1);
+    t.add_piece(line.substr(0, tab), std::strtof(line.c_str() + tab + 1, nullptr));
+  }
+  if (t.pieces_.size() < 3 || t.pieces_[0] != "<unk>" || t.pieces_[static_cast<size_t>(kEndOfLine)] != "</s>")
+    return make_error("{}: not a SentencePiece vocabulary (expected <unk>, <s>, </s> first)", what);
   return t;
 }
 

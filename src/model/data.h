@@ -80,6 +80,8 @@ class Tokenizer {
   // Reads the ".vocab" text file (piece TAB score per line) or the ".model"
   // protobuf written by spm_train (chosen by the file's extension).
   static Result<Tokenizer> load(const std::filesystem::path& vocab_or_model);
+  // The ".vocab" text itself (as a model file carries it); WHAT names it in errors.
+  static Result<Tokenizer> parse_vocab(std::string_view text, std::string_view what);
   // Unknown ids are skipped, <unk> decodes as "?", <s> as nothing.
   std::string decode(const std::vector<int32_t>& ids) const;
   // SentencePiece's BPE as llama.cpp does it: start from UTF-8 characters,

@@ -186,4 +186,11 @@ Result<std::map<std::string, std::string>> safetensors_metadata(std::string_view
   return out;
 }
 
+std::map<std::string, std::string> model_file_metadata(const std::string& name, const ModelConfig& c,
+                                                       const std::string& tokenizer_vocab) {
+  nlohmann::json config = {{"layers", c.layers}, {"d_model", c.d_model}, {"heads", c.heads},
+                           {"d_ff", c.d_ff},     {"vocab", c.vocab},     {"seq_len", c.seq_len}};
+  return {{kModelNameKey, name}, {kModelConfigKey, config.dump()}, {kTokenizerKey, tokenizer_vocab}};
+}
+
 }  // namespace sn::model

@@ -26,4 +26,13 @@ Result<NamedTensors> load_safetensors_bytes(std::string_view bytes);
 Result<NamedTensors> load_safetensors(const std::filesystem::path& path);
 Result<std::map<std::string, std::string>> safetensors_metadata(std::string_view bytes);
 
+// A model file's metadata (docs/inference.md): the job's name, the [model]
+// table as JSON and the SentencePiece vocabulary ("piece\tscore" lines), so that
+// the file alone is enough to serve the model (infer::load_model_file reads it).
+inline constexpr const char* kModelNameKey = "solvernet.name";
+inline constexpr const char* kModelConfigKey = "solvernet.model";
+inline constexpr const char* kTokenizerKey = "solvernet.tokenizer";
+std::map<std::string, std::string> model_file_metadata(const std::string& name, const ModelConfig& config,
+                                                       const std::string& tokenizer_vocab);
+
 }  // namespace sn::model

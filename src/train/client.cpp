@@ -90,6 +90,7 @@ class JobSession {
   const int64_t stages_, replicas_;
   std::optional<NodeKey> own_key_;
   std::optional<model::Dataset> dataset_;
+  std::string tokenizer_vocab_;  // saved inside the final model file
   std::string job_id_;
   std::vector<std::string> stage_weights_;  // per stage; empty: fresh weights
   JobDeadlines deadlines_{};
@@ -112,6 +113,7 @@ Status JobSession::check_members() {
 // The corpus and its samples, the job id, and each stage's starting weights.
 Status JobSession::prepare_data() {
   SN_ASSIGN(auto corpus, model::prepare_corpus(job_.data, static_cast<int>(job_.model.vocab)));
+  SN_ASSIGN(tokenizer_vocab_, read_file(corpus.vocab_file));
   dataset_.emplace(corpus.tokens, job_.model.seq_len, job_.data.holdout_fraction);
   if (dataset_->train_samples() < job_.train.global_batch)
     return input_error("{}: the corpus has {} training samples of {} tokens, fewer than train.global_batch = {}",
@@ -319,8 +321,10 @@ Status JobSession::fetch_model() {
   }
   SN_TRY(ensure_directory(options_.model_out.has_parent_path() ? options_.model_out.parent_path()
                                                                 : std::filesystem::path(".")));
-  SN_TRY(model::save_safetensors(options_.model_out, whole,
-                                 {{"job", job_.name}, {"steps", std::to_string(job_.train.steps)}}));
+  auto metadata = model::model_file_metadata(job_.name, job_.model, tokenizer_vocab_);
+  metadata["job"] = job_.name;
+  metadata["steps"] = std::to_string(job_.train.steps);
+  SN_TRY(model::save_safetensors(options_.model_out, whole, metadata));
   SN_ASSIGN(std::string bytes, read_file(options_.model_out));
   result_.model_path = options_.model_out;
   result_.model_hash = to_hex(hash_string(bytes));

@@ -103,8 +103,11 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
   }
   result.holdout_loss = eval_batches > 0 ? holdout_sum / static_cast<double>(eval_batches) : std::nan("");
   if (!options.model_out.empty()) {
-    SN_TRY(model::save_safetensors(options.model_out, parameters,
-                                   {{"job", job.name}, {"steps", std::to_string(job.train.steps)}}));
+    SN_ASSIGN(std::string vocab, read_file(corpus.vocab_file));
+    auto metadata = model::model_file_metadata(job.name, job.model, vocab);
+    metadata["job"] = job.name;
+    metadata["steps"] = std::to_string(job.train.steps);
+    SN_TRY(model::save_safetensors(options.model_out, parameters, metadata));
     SN_ASSIGN(std::string bytes, read_file(options.model_out));
     result.model_path = options.model_out;
     result.model_hash = to_hex(hash_string(bytes));
