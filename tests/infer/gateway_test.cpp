@@ -323,9 +323,17 @@ TEST_F(GatewayTest, SixtyFourConcurrentStreamsCompleteOrAreRefused) {
   EXPECT_GE(statuses.value("200", 0), 8) << out.dump();
   EXPECT_EQ(out["refused_with_retry_after"], 64 - statuses.value("200", 0)) << out.dump();
   EXPECT_EQ(out["texts"].size(), 1u) << "greedy streams differ: " << out.dump();
-  EXPECT_EQ(metrics(g)["sessions_open"], 0);
+  const json m = metrics(g);
+  EXPECT_EQ(m["sessions_open"], 0) << m.dump();
+  EXPECT_GE(m["tokens"].get<int>(), 16 * statuses.value("200", 0)) << m.dump();
+  EXPECT_GT(m["token_latency_p95_ms"].get<double>(), 0) << m.dump();
   EXPECT_EQ(client(g, {"request", "GET", "/v1/models", "-"})["status"], 200) << "the gateway is down";
   EXPECT_TRUE(g.process.running());
+  // The live line on stderr (on a file: the first after 1 s, then when the figures change, every 5 s at most).
+  bool live = false;
+  for (int i = 0; i < 100 && !live; ++i, std::this_thread::sleep_for(100ms))
+    live = read_file(g.dir / "gateway.err").value_or("").find("tok/s, per-token p50") != std::string::npos;
+  EXPECT_TRUE(live) << read_file(g.dir / "gateway.err").value_or("");
 }
 
 }  // namespace
