@@ -135,13 +135,15 @@ Result<PublicKey> NodeRuntime::authorize(const std::string& job_id, const std::s
   job.highest_sequence = std::max(job.highest_sequence, sequence);
   job.recent_sequences.push_back(sequence);
   std::erase_if(job.recent_sequences, [&](uint64_t s) { return s + kSequenceWindow <= job.highest_sequence; });
-  if (job.held) job.lease_until = SteadyClock::now() + options_.lease;
-  job.forget_after = SteadyClock::now() + options_.lease + 2 * options_.control_window;
+  const auto lease = job.lease.count() > 0 ? job.lease : options_.lease;
+  if (job.held) job.lease_until = SteadyClock::now() + lease;
+  job.forget_after = SteadyClock::now() + lease + 2 * options_.control_window;
   return key;
 }
 
 Status NodeRuntime::admit(const std::string& job_id, const PublicKey& owner, int64_t memory_bytes,
-                          const std::string& what, std::function<void()> on_expire) {
+                          const std::string& what, std::function<void()> on_expire,
+                          std::chrono::milliseconds lease) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     int64_t admitted = 0;
@@ -165,7 +167,8 @@ Status NodeRuntime::admit(const std::string& job_id, const PublicKey& owner, int
     job.held = true;
     job.memory_bytes = memory_bytes;
     job.admitted_seq = ++admissions_;
-    job.lease_until = SteadyClock::now() + options_.lease;
+    job.lease = lease.count() > 0 ? lease : options_.lease;
+    job.lease_until = SteadyClock::now() + job.lease;
     job.forget_after = job.lease_until + 2 * options_.control_window;
     job.on_expire = std::move(on_expire);
   }
@@ -211,11 +214,16 @@ void NodeRuntime::reaper_loop() {
   while (!stopping_) {
     auto now = SteadyClock::now();
     auto next = now + std::chrono::seconds(1);
-    std::vector<std::pair<std::string, std::function<void()>>> expired;
+    struct Expired {
+      std::string id;
+      std::function<void()> on_expire;
+      std::chrono::milliseconds lease;
+    };
+    std::vector<Expired> expired;
     for (auto it = jobs_.begin(); it != jobs_.end();) {
       JobRecord& job = it->second;
       if (job.held && job.lease_until <= now) {
-        expired.emplace_back(it->first, std::move(job.on_expire));
+        expired.push_back({it->first, std::move(job.on_expire), job.lease});
         job.on_expire = nullptr;
       } else if (job.held) {
         next = std::min(next, job.lease_until);
@@ -227,9 +235,9 @@ void NodeRuntime::reaper_loop() {
     }
     if (!expired.empty()) {
       lock.unlock();
-      for (auto& [id, on_expire] : expired) {
+      for (auto& [id, on_expire, lease] : expired) {
         spdlog::warn("job {}: lease of {} s ran out (the client stopped renewing it); dropping the job", id,
-                     std::chrono::duration<double>(options_.lease).count());
+                     std::chrono::duration<double>(lease).count());
         if (on_expire) on_expire();
         release(id);
       }

@@ -81,9 +81,11 @@ class NodeRuntime {
   // resource_exhausted naming the estimate and what is left ("job needs ~1.9
   // GiB for WHAT, this node admits 512 MiB"), permission_denied if another key
   // holds JOB_ID. ON_EXPIRE runs on the reaper thread if the lease runs out;
-  // the job is released after it returns.
+  // the job is released after it returns. LEASE overrides lease() for this job
+  // (zero: lease()); authorize() renews it by the same amount (an inference
+  // session's idle timeout differs from a training job's lease).
   Status admit(const std::string& job_id, const PublicKey& owner, int64_t memory_bytes, const std::string& what,
-               std::function<void()> on_expire);
+               std::function<void()> on_expire, std::chrono::milliseconds lease = {});
   // Frees JOB_ID's reservation (no-op if not held). Its owner and last
   // sequence are remembered for control_window, so old requests stay refused.
   void release(const std::string& job_id);
@@ -95,6 +97,7 @@ class NodeRuntime {
     PublicKey owner{};
     bool held = false;
     int64_t memory_bytes = 0;
+    std::chrono::milliseconds lease{0};  // this job's lease (admit's, else the runtime's)
     int64_t admitted_seq = 0;  // admission order
     std::chrono::steady_clock::time_point lease_until, forget_after;
     uint64_t highest_sequence = 0;
