@@ -1,16 +1,22 @@
 // solvernet node: contribute this machine — serve jobs over gRPC and announce
 // itself in the DHT until stopped.
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <iostream>
+#include <filesystem>
 #include <mutex>
+#include <optional>
 
 #include "cli/command.h"
 #include "cli/signals.h"
+#include "core/hash.h"
 #include "core/keys.h"
 #include "core/log.h"
 #include "core/process.h"
+#include "infer/server.h"
+#include "infer/span.h"
 #include "net/announce.h"
 #include "net/discovery.h"
 #include "net/node_runtime.h"
@@ -34,7 +40,53 @@ struct NodeArgs {
   int peer_timeout_s = 60;
   int64_t memory_limit_mb = 0;
   double lease_s = 30;
+  std::string serve;              // MODEL[:FIRST-LAST]
+  double session_idle_s = 60;
+  int max_batch = 32;
+  std::string cheat;
 };
+
+// What --serve loads: the model file and the span to hold (-1: choose one from the swarm).
+struct ServePlan {
+  infer::ModelFile file;
+  std::string model_id;
+  infer::ServeSpec spec;
+};
+
+Result<ServePlan> plan_serving(const NodeArgs& args) {
+  ServePlan plan;
+  SN_ASSIGN(plan.spec, infer::parse_serve_spec(args.serve));
+  std::error_code error;
+  if (!std::filesystem::is_regular_file(plan.spec.model, error))
+    return input_error("--serve {}: no such model file", plan.spec.model);
+  SN_ASSIGN(plan.file, infer::load_model_file(plan.spec.model));
+  // Until models travel through the model store, a file's own hash names it.
+  plan.model_id = to_hex(plan.file.file_hash);
+  const int layers = static_cast<int>(plan.file.config.layers);
+  if (plan.spec.first_block >= 0 && plan.spec.end_block > layers)
+    return input_error("--serve {}: block {} is past the model's last block {} (blocks are 0-based, LAST inclusive)",
+                       args.serve, plan.spec.end_block - 1, layers - 1);
+  return plan;
+}
+
+// With no span given: as many blocks as fit in half the memory limit (at most
+// all), placed over the least-covered blocks the swarm announces.
+std::pair<int, int> pick_span(const ServePlan& plan, net::Discovery& discovery, int64_t memory_limit) {
+  const ModelConfig& config = plan.file.config;
+  const int layers = static_cast<int>(config.layers);
+  const int64_t block_bytes = std::max<int64_t>(1, config.layer_parameter_count() * 4);
+  const int size = static_cast<int>(std::clamp<int64_t>(memory_limit / 2 / block_bytes, 1, layers));
+  std::vector<int> coverage(static_cast<size_t>(layers), 0);
+  auto nodes = discovery.list_nodes(std::chrono::seconds(3));
+  if (nodes.ok())
+    coverage = infer::swarm_coverage(*nodes, plan.model_id, layers);
+  else
+    spdlog::warn("could not read the swarm's served spans ({}); assuming none", nodes.message());
+  auto span = infer::choose_span(layers, size, coverage);
+  spdlog::info("swarm coverage of model {} per block: [{}]; taking blocks [{}, {})", plan.model_id.substr(0, 16),
+               fmt::join(coverage, ", "), span.first, span.second);
+  return span;
+}
 
 int run_node(const NodeArgs& args) {
   block_stop_signals();
@@ -56,12 +108,25 @@ int run_node(const NodeArgs& args) {
   if (args.memory_limit_mb < 0 || args.memory_limit_mb > (int64_t{1} << 30))
     return fail("node", "--memory-limit-mb must be in 0..1073741824 (0: what the machine has available)", 2);
   if (!(args.lease_s >= 0.1 && args.lease_s <= 86400)) return fail("node", "--lease-s must be in 0.1..86400", 2);
+  if (!(args.session_idle_s >= 0.1 && args.session_idle_s <= 86400))
+    return fail("node", "--session-idle-s must be in 0.1..86400", 2);
+  if (args.max_batch < 1 || args.max_batch > 1024) return fail("node", "--max-batch must be in 1..1024", 2);
+  if (!args.cheat.empty() && args.cheat != "garbage-states")
+    return fail("node", "--cheat must be garbage-states (the only cheat there is), got \"" + args.cheat + "\"", 2);
+  if (!args.cheat.empty() && args.serve.empty()) return fail("node", "--cheat garbage-states needs --serve", 2);
+  std::optional<ServePlan> serve_plan;
+  if (!args.serve.empty()) {
+    auto plan = plan_serving(args);
+    if (!plan.ok()) return fail("node", plan.message(), plan.error().exit_code);
+    serve_plan = std::move(plan).value();
+  }
 
   std::mutex info_mutex;
   solvernet::v1::NodeInfo info = net::local_node_info(*key, args.region);
   std::unique_ptr<net::Discovery> discovery;
   net::DeliveryService delivery;  // routes tensor messages to each job's transport; outlives the jobs
   std::unique_ptr<grpc::Service> train_service;
+  std::unique_ptr<infer::BlockServer> block_server;  // outlives the runtime that calls it
 
   // The runtime owns the server, admission and leases; each module only
   // registers its service on it.
@@ -77,10 +142,16 @@ int run_node(const NodeArgs& args) {
   runtime_options.on_jobs_change = [&] {
     if (!runtime_ptr) return;
     net::HeldJobs held = runtime_ptr->held();
+    std::optional<solvernet::v1::ServedSpan> served;
+    if (block_server) served = block_server->served_span();
     std::lock_guard<std::mutex> lock(info_mutex);
     info.set_busy_job_id(held.job_ids.empty() ? "" : held.job_ids.back());
     info.set_jobs(static_cast<int32_t>(held.job_ids.size()));
     info.set_memory_admitted_bytes(held.memory_admitted_bytes);
+    if (served) {
+      info.clear_serving();
+      *info.add_serving() = *served;
+    }
     if (discovery) discovery->update_announcement(info);
   };
   net::NodeRuntime runtime(runtime_options);
@@ -96,6 +167,44 @@ int run_node(const NodeArgs& args) {
   runtime.add_service(train_service.get());
   runtime.add_service(&delivery);
 
+  // The DHT first: a node choosing its span reads the swarm's before it serves.
+  auto dht = net::Discovery::start(static_cast<uint16_t>(args.dht_port), args.bootstrap);
+  if (!dht.ok()) return fail("node", dht.message(), 2);
+  if (serve_plan) {
+    auto span = std::make_pair(serve_plan->spec.first_block, serve_plan->spec.end_block);
+    if (span.first < 0) {
+      if (!args.bootstrap.empty()) (void)(*dht)->wait_for_bootstrap(std::chrono::seconds(10));
+      span = pick_span(*serve_plan, **dht, runtime.memory_limit_bytes());
+    }
+    infer::BlockServerOptions serve_options;
+    serve_options.runtime = &runtime;
+    serve_options.model_id = serve_plan->model_id;
+    serve_options.model_name = serve_plan->file.name;
+    serve_options.config = serve_plan->file.config;
+    serve_options.first_block = span.first;
+    serve_options.end_block = span.second;
+    serve_options.weights = std::move(serve_plan->file.tensors);
+    serve_options.session_idle = std::chrono::milliseconds(static_cast<int64_t>(args.session_idle_s * 1000));
+    serve_options.max_batch = args.max_batch;
+    serve_options.cheat_garbage_states = args.cheat == "garbage-states";
+    serve_options.on_sessions_change = runtime_options.on_jobs_change;
+    auto server = infer::BlockServer::create(std::move(serve_options));
+    if (!server.ok()) return fail("node", server.message(), server.error().exit_code);
+    block_server = std::move(server).value();
+    runtime.add_service(block_server->service());
+    const auto served = block_server->served_span();
+    {
+      std::lock_guard<std::mutex> lock(info_mutex);
+      *info.add_serving() = served;
+    }
+    if (!args.cheat.empty())
+      spdlog::warn("CHEAT --cheat garbage-states: this node answers every step with noise instead of its blocks' output");
+    std::cout << "serving blocks [" << span.first << ", " << span.second << ") of model " << serve_plan->file.name
+              << " (id " << serve_plan->model_id << ", " << serve_plan->file.config.layers << " blocks), "
+              << fmt::format("{:.0f}", served.throughput()) << " block·tokens/s, sessions idle out after "
+              << args.session_idle_s << " s" << (args.cheat.empty() ? "" : " [CHEAT: garbage states]") << std::endl;
+  }
+
   if (auto started = runtime.start(args.listen); !started.ok()) return fail("node", started.message(), 2);
   auto host = net::split_host_port(args.advertise.empty() ? args.listen : args.advertise);
   if (!host.ok()) return fail("node", host.message(), 2);
@@ -106,11 +215,9 @@ int run_node(const NodeArgs& args) {
     info.set_address(address);
   }
 
-  auto started = net::Discovery::start(static_cast<uint16_t>(args.dht_port), args.bootstrap);
-  if (!started.ok()) return fail("node", started.message(), 2);
   {
     std::lock_guard<std::mutex> lock(info_mutex);
-    discovery = std::move(started).value();
+    discovery = std::move(dht).value();
     discovery->announce(info, *key);
   }
   std::cout << "node " << key->node_id() << " listening on " << address << " (dht port "
@@ -126,7 +233,7 @@ int run_node(const NodeArgs& args) {
 }
 
 CommandRegistration node_command(
-    "node", "Run a node: serve training work and announce it in the DHT",
+    "node", "Run a node: serve training work (and model blocks) and announce it in the DHT",
     [](CLI::App& app) -> std::function<int()> {
       auto args = std::make_shared<NodeArgs>();
       app.add_option("--data", args->data_dir, "Data dir: node key, checkpoints")->required();
@@ -140,6 +247,14 @@ CommandRegistration node_command(
       app.add_option("--memory-limit-mb", args->memory_limit_mb,
                      "Memory budget for jobs, MiB (0: what the machine has available, less 512 MiB)")->capture_default_str();
       app.add_option("--lease-s", args->lease_s, "A job whose client stops renewing it is dropped after this")->capture_default_str();
+      app.add_option("--serve", args->serve,
+                     "Serve blocks of a model: MODEL[:FIRST-LAST] (model file; blocks 0-based, LAST inclusive; "
+                     "no span: fill the largest gap in the swarm's coverage)");
+      app.add_option("--session-idle-s", args->session_idle_s, "An inference session unused for this long is dropped")
+          ->capture_default_str();
+      app.add_option("--max-batch", args->max_batch, "Decode steps of concurrent sessions computed together, at most")
+          ->capture_default_str();
+      app.add_option("--cheat", args->cheat, "Misbehave on purpose, for tests: garbage-states (noise instead of outputs)");
       app.add_option("--log-level", args->log_level, "trace|debug|info|warn|error")->capture_default_str();
       add_insecure_flag(app);
       app.add_option("--parent-pid", args->parent_pid, "Exit when this process dies (used by devnet)")->group("");
