@@ -124,8 +124,8 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
     auto span = span_model(request->first_block(), request->end_block());
     if (!span.ok()) return net::to_grpc(span.error());
     const int64_t bytes = session_memory_bytes(options_.config, request->end_block() - request->first_block(), max_length);
-    // Opened again (a client starting over under the same id): the old cache goes first.
-    drop(id, false);
+    // Opened again (a client starting over under the same id): the old session and its admission go first.
+    drop(id, true);
     auto admitted = options_.runtime->admit(
         id, *owner, bytes, fmt::format("inference session ({} positions of blocks [{}, {}))", max_length,
                                        request->first_block(), request->end_block()),
