@@ -79,6 +79,14 @@ fs::path write_model(const fs::path& dir) {
   return path;
 }
 
+// Removes a test's scratch dir when it passed (declared before the processes using it, so it goes after them).
+struct ScratchCleanup {
+  fs::path dir;
+  ~ScratchCleanup() {
+    if (!::testing::Test::HasFailure()) fs::remove_all(dir);
+  }
+};
+
 // A DHT bootstrap and block servers; every process is stopped when it goes out of scope.
 struct Swarm {
   fs::path dir;
@@ -179,7 +187,7 @@ struct Client {
 };
 
 torch::Tensor tokens(std::vector<int64_t> ids) { return torch::tensor(ids, torch::kInt64); }
-int64_t argmax(const torch::Tensor& logits) { return logits.reshape({-1}).argmax().item<int64_t>(); }
+int64_t top_token(const torch::Tensor& logits) { return logits.reshape({-1}).argmax().item<int64_t>(); }
 bool same(const torch::Tensor& a, const torch::Tensor& b) { return a.sizes() == b.sizes() && torch::equal(a, b); }
 
 }  // namespace
@@ -202,7 +210,7 @@ TEST(ServeSpec, ParsesModelAndInclusiveSpan) {
 
 TEST(ServeSpec, ChoosesTheLargestGap) {
   EXPECT_EQ(infer::choose_span(4, 2, {1, 1, 0, 0}), std::make_pair(2, 4));
-  EXPECT_EQ(infer::choose_span(6, 2, {2, 0, 1, 1, 0, 2}), std::make_pair(0, 2));  // least total among windows with a 0
+  EXPECT_EQ(infer::choose_span(6, 2, {2, 0, 1, 1, 0, 2}), std::make_pair(1, 3));  // least total among windows with a 0, first
   EXPECT_EQ(infer::choose_span(4, 9, {}), std::make_pair(0, 4));                  // at most all blocks
   EXPECT_EQ(infer::choose_span(4, 1, {1, 1, 1, 0}), std::make_pair(3, 4));
   pb::NodeInfo a, b;
@@ -221,6 +229,7 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
   torch::set_num_threads(1);  // the nodes compute single-threaded; bitwise equality needs the same here
   torch::NoGradGuard no_grad;
   auto dir = scratch("swarm");
+  ScratchCleanup cleanup{dir};
   const fs::path model_path = write_model(dir);
   auto file = infer::load_model_file(model_path);
   ASSERT_TRUE(file.ok()) << file.message();
@@ -230,17 +239,18 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
 
   Swarm swarm(dir);
   const int a = swarm.start({"--serve", model_path.string() + ":0-1"});
-  const int b = swarm.start({"--serve", model_path.string() + ":2-3"});
-  const int cheat = swarm.start({"--serve", model_path.string() + ":0-3", "--cheat", "garbage-states"});
   const std::string address_a = wait_for_address(swarm.log(a));
   ASSERT_FALSE(address_a.empty()) << read_file(swarm.log(a)).value_or("");
-  // C picks its own span once A's [0, 2) is in the DHT: 1 MiB admits 2 blocks, so the gap [2, 4).
+  // C picks its own span once A's [0, 2) is in the DHT (and before the others are):
+  // 1 MiB admits 2 blocks, so it takes the gap [2, 4).
   bool listed = false;
   for (int i = 0; i < 30 && !(listed = swarm.listed(a)); ++i) std::this_thread::sleep_for(500ms);
   ASSERT_TRUE(listed);
   const int c = swarm.start({"--serve", model_path.string(), "--memory-limit-mb", "1", "--session-idle-s", "3"});
-  const std::string address_b = wait_for_address(swarm.log(b)), address_c = wait_for_address(swarm.log(c)),
-                    address_cheat = wait_for_address(swarm.log(cheat));
+  const std::string address_c = wait_for_address(swarm.log(c));
+  const int b = swarm.start({"--serve", model_path.string() + ":2-3"});
+  const int cheat = swarm.start({"--serve", model_path.string() + ":0-3", "--cheat", "garbage-states"});
+  const std::string address_b = wait_for_address(swarm.log(b)), address_cheat = wait_for_address(swarm.log(cheat));
   ASSERT_FALSE(address_b.empty()) << read_file(swarm.log(b)).value_or("");
   ASSERT_FALSE(address_c.empty()) << read_file(swarm.log(c)).value_or("");
   ASSERT_FALSE(address_cheat.empty()) << read_file(swarm.log(cheat)).value_or("");
@@ -277,7 +287,7 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
     EXPECT_TRUE(same(logits, want_logits)) << "position " << position;
     EXPECT_TRUE(same(logits, ref03.forward(cache03, in).value())) << "position " << position;
     position += in.size(0);
-    input = tokens({argmax(logits)});
+    input = tokens({top_token(logits)});
   };
   step(input);
   for (int i = 0; i < 4; ++i) step(input);
