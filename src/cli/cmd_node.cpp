@@ -173,7 +173,8 @@ int run_node(const NodeArgs& args) {
   if (serve_plan) {
     auto span = std::make_pair(serve_plan->spec.first_block, serve_plan->spec.end_block);
     if (span.first < 0) {
-      if (!args.bootstrap.empty()) (void)(*dht)->wait_for_bootstrap(std::chrono::seconds(10));
+      if (auto joined = (*dht)->wait_for_bootstrap(std::chrono::seconds(10)); !joined.ok())
+        spdlog::warn("choosing a span without the swarm's announcements: {}", joined.message());
       span = pick_span(*serve_plan, **dht, runtime.memory_limit_bytes());
     }
     infer::BlockServerOptions serve_options;

@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <filesystem>
@@ -223,6 +224,41 @@ TEST(ServeSpec, ChoosesTheLargestGap) {
   span->set_first_block(0);
   span->set_end_block(4);
   EXPECT_EQ(infer::swarm_coverage({a, b}, "m", 4), (std::vector<int>{1, 1, 0, 0}));
+}
+
+// Bad --serve flags: one line naming the problem, exit 2, before the node starts.
+TEST(BlockServers, BadServeFlagsExitTwoWithOneLine) {
+  auto dir = scratch("flags");
+  ScratchCleanup cleanup{dir};
+  const fs::path model_path = write_model(dir);
+  struct Case {
+    std::vector<std::string> flags;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {{"--serve", (dir / "missing.safetensors").string()}, "no such model file"},
+      {{"--serve", model_path.string() + ":2-4"}, "past the model's last block 3"},
+      {{"--serve", model_path.string() + ":3-1"}, "before its first"},
+      {{"--serve", model_path.string(), "--cheat", "lies"}, "--cheat must be garbage-states"},
+      {{"--cheat", "garbage-states"}, "needs --serve"},
+      {{"--serve", model_path.string(), "--max-batch", "0"}, "--max-batch must be in 1..1024"},
+      {{"--serve", model_path.string(), "--session-idle-s", "0"}, "--session-idle-s must be in"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    SpawnOptions options;
+    options.stdout_path = dir / ("out" + std::to_string(i));
+    options.stderr_path = dir / ("err" + std::to_string(i));
+    std::vector<std::string> argv = {bin(), "node", "--data", (dir / ("d" + std::to_string(i))).string(), "--listen",
+                                     "127.0.0.1:0", "--dht-port", "0"};
+    argv.insert(argv.end(), cases[i].flags.begin(), cases[i].flags.end());
+    auto child = ChildProcess::spawn(argv, options);
+    ASSERT_TRUE(child.ok());
+    EXPECT_EQ(child->wait_for(30s), 2) << cases[i].says;
+    const std::string err = read_file(options.stderr_path).value_or("");
+    EXPECT_NE(err.find(cases[i].says), std::string::npos) << err;
+    EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    EXPECT_EQ(read_file(options.stdout_path).value_or(""), "");
+  }
 }
 
 TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
