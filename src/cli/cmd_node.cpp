@@ -17,6 +17,7 @@
 #include "core/process.h"
 #include "infer/server.h"
 #include "infer/span.h"
+#include "infer/model_store.h"
 #include "net/announce.h"
 #include "net/discovery.h"
 #include "net/node_runtime.h"
@@ -154,6 +155,12 @@ int run_node(const NodeArgs& args) {
     }
     if (discovery) discovery->update_announcement(info);
   };
+  // Model distribution: the chunks of DATA/models are served (the store
+  // outlives the runtime that serves it), and the models held whole announced.
+  auto model_store = infer::ModelStore::open(std::filesystem::path(args.data_dir) / "models");
+  if (!model_store.ok()) return fail("node", model_store.message(), model_store.error().exit_code);
+  for (const auto& id : (*model_store)->complete_models()) info.add_models(id);
+  if (info.models_size() > 0) spdlog::info("announcing {} model(s) held in {}", info.models_size(), (*model_store)->dir().string());
   net::NodeRuntime runtime(runtime_options);
   runtime_ptr = &runtime;
   info.set_memory_limit_bytes(runtime.memory_limit_bytes());
@@ -166,6 +173,7 @@ int run_node(const NodeArgs& args) {
   train_service = train::make_train_service(train_options);
   runtime.add_service(train_service.get());
   runtime.add_service(&delivery);
+  runtime.add_service((*model_store)->service());
 
   // The DHT first: a node choosing its span reads the swarm's before it serves.
   auto dht = net::Discovery::start(static_cast<uint16_t>(args.dht_port), args.bootstrap);
