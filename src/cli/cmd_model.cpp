@@ -71,7 +71,7 @@ int run_fetch(const ModelArgs& args) {
   if (args.wait_ms < 0 || args.wait_ms > 600000) return fail(cmd, "--wait-ms must be in 0..600000", 2);
   // The span's syntax now; its range once the manifest (the layer count) is known.
   if (!args.blocks.empty())
-    if (auto syntax = infer::parse_block_range(args.blocks, 1 << 30, "--blocks"); !syntax.ok())
+    if (auto syntax = infer::parse_block_range(args.blocks, 0, "--blocks"); !syntax.ok())
       return fail(cmd, syntax.message(), 2);
   auto store = infer::ModelStore::open(store_dir(args));
   if (!store.ok()) return fail(cmd, store.message(), store.error().exit_code);

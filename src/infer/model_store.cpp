@@ -240,6 +240,7 @@ Result<Manifest> parse_manifest(std::string_view bytes) {
 
 Result<std::pair<int, int>> parse_block_range(std::string_view text, int64_t layers, std::string_view flag) {
   auto bad = [&] {
+    if (layers <= 0) return input_error("{} {}: expected FIRST-LAST, block indices with FIRST ≤ LAST", flag, text);
     return input_error("{} {}: expected FIRST-LAST, block indices in 0-{} with FIRST ≤ LAST", flag, text, layers - 1);
   };
   auto number = [](std::string_view s, int& out) {
@@ -253,7 +254,7 @@ Result<std::pair<int, int>> parse_block_range(std::string_view text, int64_t lay
   if (!number(text.substr(0, dash), first)) return bad();
   last = first;
   if (dash != std::string_view::npos && !number(text.substr(dash + 1), last)) return bad();
-  if (first > last || last >= layers) return bad();
+  if (first > last || (layers > 0 && last >= layers)) return bad();
   return std::make_pair(first, last + 1);
 }
 

@@ -66,8 +66,9 @@ Result<Manifest> make_manifest(const ModelFile& file, std::map<std::string, std:
 // fields, chunks out of order, bytes that re-serialise differently).
 Result<Manifest> parse_manifest(std::string_view bytes);
 
-// Checks "F-L" or "F" (inclusive block indices) against LAYERS; returns
-// [first, end). invalid_input naming FLAG and the model's layer count.
+// Checks "F-L" or "F" (inclusive block indices) against LAYERS (≤ 0: the
+// syntax only); returns [first, end). invalid_input naming FLAG and the
+// model's layer count.
 Result<std::pair<int, int>> parse_block_range(std::string_view text, int64_t layers, std::string_view flag);
 
 // A node to fetch from: its id (TLS checks it) and gRPC address.
