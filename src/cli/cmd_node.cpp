@@ -161,6 +161,13 @@ int run_node(const NodeArgs& args) {
   if (!model_store.ok()) return fail("node", model_store.message(), model_store.error().exit_code);
   for (const auto& id : (*model_store)->complete_models()) info.add_models(id);
   if (info.models_size() > 0) spdlog::info("announcing {} model(s) held in {}", info.models_size(), (*model_store)->dir().string());
+  (*model_store)->watch_complete_models(std::chrono::seconds(2), [&](const std::vector<std::string>& ids) {
+    std::lock_guard<std::mutex> lock(info_mutex);
+    info.clear_models();
+    for (const auto& id : ids) info.add_models(id);
+    spdlog::info("announcing {} model(s) held in {}", ids.size(), (*model_store)->dir().string());
+    if (discovery) discovery->update_announcement(info);
+  });
   net::NodeRuntime runtime(runtime_options);
   runtime_ptr = &runtime;
   info.set_memory_limit_bytes(runtime.memory_limit_bytes());

@@ -310,7 +310,32 @@ class ModelStore::Service final : public solvernet::v1::ModelStore::Service {
 // ---- the store ----
 
 ModelStore::ModelStore(fs::path dir) : dir_(std::move(dir)) {}
-ModelStore::~ModelStore() = default;
+ModelStore::~ModelStore() {
+  {
+    std::lock_guard<std::mutex> lock(watch_mutex_);
+    watch_stopping_ = true;
+  }
+  watch_wake_.notify_all();
+  if (watcher_.joinable()) watcher_.join();
+}
+
+void ModelStore::watch_complete_models(std::chrono::milliseconds every,
+                                       std::function<void(const std::vector<std::string>&)> on_change) {
+  if (watcher_.joinable()) return;
+  watcher_ = std::thread([this, every, on_change = std::move(on_change), last = complete_models()]() mutable {
+    std::unique_lock<std::mutex> lock(watch_mutex_);
+    while (!watch_wake_.wait_for(lock, every, [&] { return watch_stopping_; })) {
+      lock.unlock();
+      // A directory scan and a stat per chunk: cheap next to announcing.
+      auto now = complete_models();
+      if (now != last) {
+        last = now;
+        on_change(now);
+      }
+      lock.lock();
+    }
+  });
+}
 
 Result<std::unique_ptr<ModelStore>> ModelStore::open(const fs::path& dir) {
   SN_TRY(ensure_directory(dir / "manifests"));

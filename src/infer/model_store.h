@@ -8,6 +8,8 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -15,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/hash.h"
@@ -162,6 +165,14 @@ class ModelStore {
   Result<std::string> tokenizer_vocab(const std::string& id) const;  // hash-checked likewise
   Result<ModelConfig> config(const std::string& id) const;
 
+  // Calls ON_CHANGE with complete_models() whenever that list changes (a
+  // model published or fetched into this directory by another process while
+  // a node serves it), checked every EVERY on a thread of the store's, until
+  // the store is destroyed. The list at the time of this call is the baseline:
+  // no call until something changes. Only once per store.
+  void watch_complete_models(std::chrono::milliseconds every,
+                             std::function<void(const std::vector<std::string>&)> on_change);
+
   // The gRPC ModelStore service over this store (owned by it): GetManifest
   // (not_found for an unknown id) and GetChunk (not_found for an unknown or
   // malformed hash, invalid_input for a negative offset or max_bytes, or an
@@ -184,6 +195,10 @@ class ModelStore {
   std::unique_ptr<Service> service_;
   mutable std::mutex mutex_;  // guards the manifest cache and service_
   std::mutex fetch_mutex_;    // one fetch at a time (DIR/fetching/lock: one process at a time)
+  std::mutex watch_mutex_;
+  std::condition_variable watch_wake_;
+  bool watch_stopping_ = false;
+  std::thread watcher_;
   mutable std::map<std::string, Manifest> manifests_;
 };
 

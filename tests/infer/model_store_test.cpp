@@ -364,6 +364,19 @@ TEST(ModelStore, FetchOverTheDhtResumesAfterAKillAndRefusesCorruptChunks) {
       EXPECT_EQ(read_file(f_chunks / name).value_or("?"), read_file(a_chunks / name).value()) << name;
   }
 
+  // 4. A model published into a running node's store is announced without a restart.
+  {
+    auto second = write_model(dir / "second.safetensors", 9);
+    CommandRun added = run({bin(), "model", "publish", second.string(), "--data", (dir / "a").string(), "--json"}, dir);
+    ASSERT_EQ(added.status, 0) << added.err;
+    const std::string second_id = nlohmann::json::parse(added.out)["id"];
+    CommandRun got = run({bin(), "model", "fetch", second_id, "--data", (dir / "h").string(), "--bootstrap", bootstrap,
+                          "--json", "--wait-ms", "20000"},
+                         dir);
+    ASSERT_EQ(got.status, 0) << got.err;
+    EXPECT_EQ(nlohmann::json::parse(got.out)["chunks_fetched"], 7);
+  }
+
   // Bad input: one line, exit 2, before any work.
   CommandRun bad_id = run({bin(), "model", "fetch", "xyz", "--data", (dir / "g").string(), "--bootstrap", bootstrap}, dir);
   EXPECT_EQ(bad_id.status, 2);
