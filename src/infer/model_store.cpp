@@ -538,7 +538,11 @@ Result<FetchReport> ModelStore::fetch(const std::string& id, int first_block, in
   };
   SN_TRY(check_span(m, first_block, end_block));
 
-  const std::vector<ChunkRef> needed = m.chunks_for(first_block, end_block);
+  // Distinct chunks: two blocks with the same bytes are one chunk on disk and on the wire.
+  std::vector<ChunkRef> needed;
+  std::set<std::string> seen;
+  for (auto& c : m.chunks_for(first_block, end_block))
+    if (seen.insert(c.hash).second) needed.push_back(std::move(c));
   FetchProgress progress;
   progress.chunks_total = report.chunks_total = static_cast<int>(needed.size());
   std::vector<const ChunkRef*> missing;

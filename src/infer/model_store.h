@@ -83,7 +83,7 @@ struct Provider {
 std::vector<Provider> providers_of(const std::vector<solvernet::v1::NodeInfo>& nodes, const std::string& model_id);
 
 struct FetchProgress {
-  int chunks_total = 0;           // chunks the span needs
+  int chunks_total = 0;           // distinct chunks the span needs
   int chunks_done = 0;            // present so far (already held or fetched)
   int64_t bytes_total = 0;        // bytes of the chunks the span needs
   int64_t bytes_done = 0;         // present so far, partial chunks included
