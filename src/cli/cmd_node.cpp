@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <iostream>
+#include <algorithm>
 #include <filesystem>
 #include <mutex>
 #include <optional>
@@ -47,46 +48,110 @@ struct NodeArgs {
   std::string cheat;
 };
 
-// What --serve loads: the model file and the span to hold (-1: choose one from the swarm).
+// What --serve names: a model file (published into the node's store) or a
+// model id (fetched from the nodes that announce it), and the span to hold
+// (-1: choose one from the swarm's coverage).
 struct ServePlan {
-  infer::ModelFile file;
-  std::string model_id;
   infer::ServeSpec spec;
+  std::optional<infer::ModelFile> file;
+  std::string model_id;
 };
 
+bool is_model_id(const std::string& text) {
+  return text.size() == 64 && std::all_of(text.begin(), text.end(), [](char c) {
+           return std::isdigit(static_cast<unsigned char>(c)) || (c >= 'a' && c <= 'f');
+         });
+}
+
+Status check_span_in_model(const NodeArgs& args, const infer::ServeSpec& spec, int64_t layers) {
+  if (spec.first_block >= 0 && spec.end_block > layers)
+    return input_error("--serve {}: block {} is past the model's last block {} (blocks are 0-based, LAST inclusive)",
+                       args.serve, spec.end_block - 1, layers - 1);
+  return ok_status();
+}
+
+// Checks --serve before the node starts: the spec's syntax, and a file's
+// contents and span.
 Result<ServePlan> plan_serving(const NodeArgs& args) {
   ServePlan plan;
   SN_ASSIGN(plan.spec, infer::parse_serve_spec(args.serve));
   std::error_code error;
-  if (!std::filesystem::is_regular_file(plan.spec.model, error))
-    return input_error("--serve {}: no such model file", plan.spec.model);
-  SN_ASSIGN(plan.file, infer::load_model_file(plan.spec.model));
-  // Until models travel through the model store, a file's own hash names it.
-  plan.model_id = to_hex(plan.file.file_hash);
-  const int layers = static_cast<int>(plan.file.config.layers);
-  if (plan.spec.first_block >= 0 && plan.spec.end_block > layers)
-    return input_error("--serve {}: block {} is past the model's last block {} (blocks are 0-based, LAST inclusive)",
-                       args.serve, plan.spec.end_block - 1, layers - 1);
+  if (std::filesystem::is_regular_file(plan.spec.model, error)) {
+    SN_ASSIGN(plan.file, infer::load_model_file(plan.spec.model));
+    SN_TRY(check_span_in_model(args, plan.spec, plan.file->config.layers));
+  } else if (is_model_id(plan.spec.model)) {
+    plan.model_id = plan.spec.model;
+  } else {
+    return input_error("--serve {}: no such model file, nor a model id (64 lowercase hex digits)", plan.spec.model);
+  }
   return plan;
 }
 
 // With no span given: as many blocks as fit in half the memory limit (at most
-// all), placed over the least-covered blocks the swarm announces.
-std::pair<int, int> pick_span(const ServePlan& plan, net::Discovery& discovery, int64_t memory_limit) {
-  const ModelConfig& config = plan.file.config;
+// all), placed over the least-covered blocks NODES announce.
+std::pair<int, int> pick_span(const std::string& model_id, const ModelConfig& config,
+                              const std::vector<solvernet::v1::NodeInfo>& nodes, int64_t memory_limit) {
   const int layers = static_cast<int>(config.layers);
   const int64_t block_bytes = std::max<int64_t>(1, config.layer_parameter_count() * 4);
   const int size = static_cast<int>(std::clamp<int64_t>(memory_limit / 2 / block_bytes, 1, layers));
-  std::vector<int> coverage(static_cast<size_t>(layers), 0);
-  auto nodes = discovery.list_nodes(std::chrono::seconds(3));
-  if (nodes.ok())
-    coverage = infer::swarm_coverage(*nodes, plan.model_id, layers);
-  else
-    spdlog::warn("could not read the swarm's served spans ({}); assuming none", nodes.message());
+  const std::vector<int> coverage = infer::swarm_coverage(nodes, model_id, layers);
   auto span = infer::choose_span(layers, size, coverage);
-  spdlog::info("swarm coverage of model {} per block: [{}]; taking blocks [{}, {})", plan.model_id.substr(0, 16),
+  spdlog::info("swarm coverage of model {} per block: [{}]; taking blocks [{}, {})", model_id.substr(0, 16),
                fmt::join(coverage, ", "), span.first, span.second);
   return span;
+}
+
+// The model's id, config and the span's weights: a file is published into
+// STORE; an id is fetched (manifest, then the span's chunks) from the nodes
+// announcing it. Weights are read back from STORE's chunks, each hash-checked
+// against the manifest, so a block that does not match is never loaded.
+struct ServedModel {
+  std::string id, name;
+  ModelConfig config;
+  int first_block = 0, end_block = 0;
+  model::NamedTensors weights;
+};
+
+Result<ServedModel> prepare_serving(const NodeArgs& args, ServePlan& plan, infer::ModelStore& store,
+                                    net::Discovery& discovery, const NodeKey& key, int64_t memory_limit) {
+  ServedModel out;
+  std::vector<solvernet::v1::NodeInfo> nodes;
+  const bool needs_swarm = plan.spec.first_block < 0 || !plan.file;
+  if (needs_swarm) {
+    if (auto joined = discovery.wait_for_bootstrap(std::chrono::seconds(10)); !joined.ok())
+      spdlog::warn("reading the swarm's announcements: {}", joined.message());
+    auto listed = discovery.list_nodes(std::chrono::seconds(3));
+    if (listed.ok())
+      nodes = std::move(listed).value();
+    else
+      spdlog::warn("could not read the swarm's announcements ({}); assuming none", listed.message());
+  }
+  std::vector<infer::Provider> providers;
+  if (plan.file) {
+    SN_ASSIGN(out.id, store.publish(*plan.file));
+    out.name = plan.file->name;
+    out.config = plan.file->config;
+    plan.file.reset();  // the store's chunks are what gets loaded
+  } else {
+    out.id = plan.model_id;
+    providers = infer::providers_of(nodes, out.id);
+    SN_ASSIGN(auto manifest, store.fetch_manifest(out.id, providers, &key));
+    out.name = manifest.name;
+    out.config = manifest.config;
+    SN_TRY(check_span_in_model(args, plan.spec, out.config.layers));
+  }
+  std::tie(out.first_block, out.end_block) =
+      plan.spec.first_block >= 0 ? std::make_pair(plan.spec.first_block, plan.spec.end_block)
+                                 : pick_span(out.id, out.config, nodes, memory_limit);
+  if (!store.has_chunks(out.id, out.first_block, out.end_block)) {
+    infer::FetchOptions fetch_options;
+    SN_ASSIGN(auto report, store.fetch(out.id, out.first_block, out.end_block, providers, &key, fetch_options));
+    spdlog::info("fetched {} chunk(s), {} of blocks [{}, {}) of model {} from {} node(s){}", report.chunks_fetched,
+                 net::format_bytes(report.bytes_fetched), out.first_block, out.end_block, out.id.substr(0, 16),
+                 providers.size(), report.refused.empty() ? "" : fmt::format(" ({} refused)", report.refused.size()));
+  }
+  SN_ASSIGN(out.weights, store.load_span(out.id, out.first_block, out.end_block));
+  return out;
 }
 
 int run_node(const NodeArgs& args) {
@@ -186,20 +251,21 @@ int run_node(const NodeArgs& args) {
   auto dht = net::Discovery::start(static_cast<uint16_t>(args.dht_port), args.bootstrap);
   if (!dht.ok()) return fail("node", dht.message(), 2);
   if (serve_plan) {
-    auto span = std::make_pair(serve_plan->spec.first_block, serve_plan->spec.end_block);
-    if (span.first < 0) {
-      if (auto joined = (*dht)->wait_for_bootstrap(std::chrono::seconds(10)); !joined.ok())
-        spdlog::warn("choosing a span without the swarm's announcements: {}", joined.message());
-      span = pick_span(*serve_plan, **dht, runtime.memory_limit_bytes());
-    }
+    auto prepared = prepare_serving(args, *serve_plan, **model_store, **dht, *key, runtime.memory_limit_bytes());
+    if (!prepared.ok()) return fail("node", prepared.message(), prepared.error().exit_code);
+    ServedModel& served_model = *prepared;
+    const auto span = std::make_pair(served_model.first_block, served_model.end_block);
+    if (std::find(info.models().begin(), info.models().end(), served_model.id) == info.models().end() &&
+        (*model_store)->has_chunks(served_model.id, 0, static_cast<int>(served_model.config.layers)))
+      info.add_models(served_model.id);
     infer::BlockServerOptions serve_options;
     serve_options.runtime = &runtime;
-    serve_options.model_id = serve_plan->model_id;
-    serve_options.model_name = serve_plan->file.name;
-    serve_options.config = serve_plan->file.config;
+    serve_options.model_id = served_model.id;
+    serve_options.model_name = served_model.name;
+    serve_options.config = served_model.config;
     serve_options.first_block = span.first;
     serve_options.end_block = span.second;
-    serve_options.weights = std::move(serve_plan->file.tensors);
+    serve_options.weights = std::move(served_model.weights);
     serve_options.session_idle = std::chrono::milliseconds(static_cast<int64_t>(args.session_idle_s * 1000));
     serve_options.max_batch = args.max_batch;
     serve_options.cheat_garbage_states = args.cheat == "garbage-states";
@@ -215,8 +281,8 @@ int run_node(const NodeArgs& args) {
     }
     if (!args.cheat.empty())
       spdlog::warn("CHEAT --cheat garbage-states: this node answers every step with noise instead of its blocks' output");
-    std::cout << "serving blocks [" << span.first << ", " << span.second << ") of model " << serve_plan->file.name
-              << " (id " << serve_plan->model_id << ", " << serve_plan->file.config.layers << " blocks), "
+    std::cout << "serving blocks [" << span.first << ", " << span.second << ") of model " << served_model.name
+              << " (id " << served_model.id << ", " << served_model.config.layers << " blocks), "
               << fmt::format("{:.0f}", served.throughput()) << " block·tokens/s, sessions idle out after "
               << args.session_idle_s << " s" << (args.cheat.empty() ? "" : " [CHEAT: garbage states]") << std::endl;
   }
@@ -264,7 +330,8 @@ CommandRegistration node_command(
                      "Memory budget for jobs, MiB (0: what the machine has available, less 512 MiB)")->capture_default_str();
       app.add_option("--lease-s", args->lease_s, "A job whose client stops renewing it is dropped after this")->capture_default_str();
       app.add_option("--serve", args->serve,
-                     "Serve blocks of a model: MODEL[:FIRST-LAST] (model file; blocks 0-based, LAST inclusive; "
+                     "Serve blocks of a model: MODEL[:FIRST-LAST] (a model file, or a model id fetched from peers; "
+                     "blocks 0-based, LAST inclusive; "
                      "no span: fill the largest gap in the swarm's coverage)");
       app.add_option("--session-idle-s", args->session_idle_s, "An inference session unused for this long is dropped")
           ->capture_default_str();

@@ -15,6 +15,7 @@
 #include "core/fs.h"
 #include "core/keys.h"
 #include "core/process.h"
+#include "infer/model_store.h"
 #include "infer/protocol.h"
 #include "infer/server.h"
 #include "infer/span.h"
@@ -269,7 +270,12 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
   const fs::path model_path = write_model(dir);
   auto file = infer::load_model_file(model_path);
   ASSERT_TRUE(file.ok()) << file.message();
-  const std::string model_id = to_hex(file->file_hash);
+  // The model's id is its manifest's hash, as the nodes' stores compute it.
+  auto store = infer::ModelStore::open(dir / "store");
+  ASSERT_TRUE(store.ok()) << store.message();
+  auto published = (*store)->publish(model_path);
+  ASSERT_TRUE(published.ok()) << published.message();
+  const std::string model_id = *published;
   auto span = [&](int first, int end) { return infer::SpanModel::create(file->config, first, end, file->tensors).value(); };
   const auto ref01 = span(0, 2), ref23 = span(2, 4), ref03 = span(0, 4);
 
@@ -277,12 +283,14 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
   const int a = swarm.start({"--serve", model_path.string() + ":0-1"});
   const std::string address_a = wait_for_address(swarm.log(a));
   ASSERT_FALSE(address_a.empty()) << read_file(swarm.log(a)).value_or("");
-  // C picks its own span once A's [0, 2) is in the DHT (and before the others are):
-  // 1 MiB admits 2 blocks, so it takes the gap [2, 4).
+  // C is given only the model's id: it fetches the manifest from A (which
+  // published the file and announces the model), picks its own span once A's
+  // [0, 2) is in the DHT (and before the others are: 1 MiB admits 2 blocks, so
+  // the gap [2, 4)), and fetches that span's chunks.
   bool listed = false;
   for (int i = 0; i < 30 && !(listed = swarm.listed(a)); ++i) std::this_thread::sleep_for(500ms);
   ASSERT_TRUE(listed);
-  const int c = swarm.start({"--serve", model_path.string(), "--memory-limit-mb", "1", "--session-idle-s", "3"});
+  const int c = swarm.start({"--serve", model_id, "--memory-limit-mb", "1", "--session-idle-s", "3"});
   const std::string address_c = wait_for_address(swarm.log(c));
   const int b = swarm.start({"--serve", model_path.string() + ":2-3"});
   const int cheat = swarm.start({"--serve", model_path.string() + ":0-3", "--cheat", "garbage-states"});
@@ -291,6 +299,7 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
   ASSERT_FALSE(address_c.empty()) << read_file(swarm.log(c)).value_or("");
   ASSERT_FALSE(address_cheat.empty()) << read_file(swarm.log(cheat)).value_or("");
   EXPECT_TRUE(wait_for_text(swarm.log(c), "serving blocks [2, 4)", 1s)) << read_file(swarm.log(c)).value_or("");
+  EXPECT_TRUE(wait_for_text(swarm.log(c), "fetched ", 1s)) << read_file(swarm.log(c)).value_or("");
   EXPECT_TRUE(wait_for_text(swarm.log(cheat), "CHEAT", 1s));
 
   NodeKey owner = NodeKey::generate(), stranger = NodeKey::generate();
@@ -412,14 +421,20 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
   // C admits sessions within 1 MiB, refuses the next, and drops idle ones, freeing their memory.
   {
     Client server_c(address_c, swarm.node_id(c), signer, model_id);
-    int opened = 0;
+    // The fetched blocks compute what the file's do.
+    ASSERT_TRUE(server_c.open("fe7c4ed", 2, 4, 8).ok());
+    torch::Tensor hidden = torch::randn({3, 64}), logits;
+    ASSERT_TRUE(server_c.forward("fe7c4ed", 0, hidden, &logits).ok());
+    infer::KvCache fetched;
+    EXPECT_TRUE(same(logits, ref23.forward(fetched, hidden).value()));
+    int opened = 1;
     grpc::Status last;
     for (int i = 0; i < 64; ++i) {
       last = server_c.open("f111" + std::to_string(i), 2, 4, 64);
       if (!last.ok()) break;
       ++opened;
     }
-    EXPECT_GT(opened, 0);
+    EXPECT_GT(opened, 1);
     EXPECT_EQ(last.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << last.error_message();
     EXPECT_NE(last.error_message().find("inference session"), std::string::npos) << last.error_message();
     auto info = server_c.info();
@@ -436,6 +451,8 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
     EXPECT_EQ(info.memory_admitted_bytes(), 0);
     EXPECT_EQ(info.serving(0).sessions(), 0);
     auto gone = server_c.forward("f1110", 0, torch::zeros({1, 64}), nullptr);
+    EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND) << gone.error_message();
+    gone = server_c.forward("fe7c4ed", 3, torch::zeros({1, 64}), nullptr);
     EXPECT_EQ(gone.error_code(), grpc::StatusCode::NOT_FOUND) << gone.error_message();
     EXPECT_TRUE(wait_for_text(swarm.log(c), "idle for 3 s, dropped", 1s));
   }
