@@ -255,9 +255,12 @@ int run_node(const NodeArgs& args) {
     if (!prepared.ok()) return fail("node", prepared.message(), prepared.error().exit_code);
     ServedModel& served_model = *prepared;
     const auto span = std::make_pair(served_model.first_block, served_model.end_block);
-    if (std::find(info.models().begin(), info.models().end(), served_model.id) == info.models().end() &&
-        (*model_store)->has_chunks(served_model.id, 0, static_cast<int>(served_model.config.layers)))
-      info.add_models(served_model.id);
+    // A published model is announced from the first announcement on (the store's watcher would within seconds).
+    if ((*model_store)->has_chunks(served_model.id, 0, static_cast<int>(served_model.config.layers))) {
+      std::lock_guard<std::mutex> lock(info_mutex);
+      if (std::find(info.models().begin(), info.models().end(), served_model.id) == info.models().end())
+        info.add_models(served_model.id);
+    }
     infer::BlockServerOptions serve_options;
     serve_options.runtime = &runtime;
     serve_options.model_id = served_model.id;
