@@ -589,9 +589,8 @@ Result<FetchReport> ModelStore::fetch(const std::string& id, int first_block, in
       Peer& peer = peers[(i + attempt) % peers.size()];
       const std::string who = peer.provider.node_id;
       int64_t offset = file_size_or(part_path, 0);
-      if (offset > chunk.bytes) {
+      if (offset > chunk.bytes) {  // not this chunk's bytes (never counted as done): start over
         fs::remove(part_path);
-        progress.bytes_done -= offset;
         offset = 0;
       }
       bool failed = false;

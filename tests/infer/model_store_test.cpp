@@ -14,11 +14,14 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "core/keys.h"
 #include "core/process.h"
 #include "infer/model_store.h"
 #include "infer/span.h"
 #include "model/gpt.h"
 #include "model/safetensors.h"
+#include "net/rpc.h"
+#include "proto/solvernet.grpc.pb.h"
 #include "test_model.h"
 
 namespace fs = std::filesystem;
@@ -171,6 +174,54 @@ TEST(ModelStore, ATamperedChunkIsNeverLoaded) {
   auto vocab = (*store)->tokenizer_vocab(*id);
   ASSERT_FALSE(vocab.ok());
   EXPECT_NE(vocab.message().find("tokenizer"), std::string::npos) << vocab.message();
+  fs::remove_all(dir);
+}
+
+TEST(ModelStore, TheServiceServesOnlyChunksByTheirHash) {
+  auto dir = scratch("service");
+  auto store = infer::ModelStore::open(dir / "store");
+  ASSERT_TRUE(store.ok());
+  auto id = (*store)->publish(write_model(dir / "tiny.safetensors"));
+  ASSERT_TRUE(id.ok()) << id.message();
+  auto m = (*store)->manifest(*id);
+  NodeKey key = NodeKey::generate();
+  auto server = net::start_server("127.0.0.1:0", (*store)->service(), key);
+  ASSERT_TRUE(server.ok()) << server.message();
+  auto stub = solvernet::v1::ModelStore::NewStub(
+      net::make_channel("127.0.0.1:" + std::to_string(server->port), key.node_id()));
+  auto get_chunk = [&](const std::string& hash, int64_t offset, int64_t max_bytes, solvernet::v1::GetChunkReply* reply) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 10s);
+    solvernet::v1::GetChunkRequest request;
+    request.set_hash(hash);
+    request.set_offset(offset);
+    request.set_max_bytes(max_bytes);
+    return stub->GetChunk(&context, request, reply).error_code();
+  };
+  const auto& block1 = m->chunks[2];
+  const std::string bytes = read_file(dir / "store" / "chunks" / block1.hash).value();
+  solvernet::v1::GetChunkReply reply;
+  ASSERT_EQ(get_chunk(block1.hash, 1000, 500, &reply), grpc::OK);
+  EXPECT_EQ(reply.data(), bytes.substr(1000, 500));
+  EXPECT_EQ(reply.total_bytes(), block1.bytes);
+  ASSERT_EQ(get_chunk(block1.hash, 0, 0, &reply), grpc::OK);  // 0: as much as a reply carries
+  EXPECT_EQ(reply.data(), bytes);
+  // Only 64 hex digits name a file: no path reaches outside chunks/.
+  EXPECT_EQ(get_chunk("../manifests/" + *id + ".json", 0, 100, &reply), grpc::NOT_FOUND);
+  EXPECT_EQ(get_chunk(std::string(64, '0'), 0, 100, &reply), grpc::NOT_FOUND);
+  EXPECT_EQ(get_chunk(block1.hash, -1, 100, &reply), grpc::INVALID_ARGUMENT);
+  EXPECT_EQ(get_chunk(block1.hash, block1.bytes + 1, 100, &reply), grpc::INVALID_ARGUMENT);
+
+  grpc::ClientContext context;
+  solvernet::v1::GetManifestRequest request;
+  request.set_model(*id);
+  solvernet::v1::GetManifestReply manifest;
+  ASSERT_TRUE(stub->GetManifest(&context, request, &manifest).ok());
+  EXPECT_EQ(to_hex(hash_string(manifest.manifest())), *id);
+  grpc::ClientContext unknown_context;
+  request.set_model(std::string(64, 'f'));
+  EXPECT_EQ(stub->GetManifest(&unknown_context, request, &manifest).error_code(), grpc::NOT_FOUND);
+  server->server->Shutdown();
   fs::remove_all(dir);
 }
 
