@@ -272,7 +272,6 @@ int run_node(const NodeArgs& args) {
     serve_options.session_idle = std::chrono::milliseconds(static_cast<int64_t>(args.session_idle_s * 1000));
     serve_options.max_batch = args.max_batch;
     serve_options.cheat_garbage_states = args.cheat == "garbage-states";
-    serve_options.on_sessions_change = runtime_options.on_jobs_change;
     auto server = infer::BlockServer::create(std::move(serve_options));
     if (!server.ok()) return fail("node", server.message(), server.error().exit_code);
     block_server = std::move(server).value();

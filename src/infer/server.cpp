@@ -126,26 +126,30 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
     const int64_t bytes = session_memory_bytes(options_.config, request->end_block() - request->first_block(), max_length);
     // Opened again (a client starting over under the same id): the old session and its admission go first.
     drop(id, true);
-    auto admitted = options_.runtime->admit(
-        id, *owner, bytes, fmt::format("inference session ({} positions of blocks [{}, {}))", max_length,
-                                       request->first_block(), request->end_block()),
-        [this, id] { expire(id); }, options_.session_idle);
-    if (!admitted.ok()) return net::to_grpc(admitted.error());
     auto session = std::make_shared<Session>();
     session->id = id;
     session->owner = *owner;
     session->span = *span;
     session->max_length = max_length;
     {
+      // Held before admission, so the announcement the admission triggers counts it.
       std::lock_guard<std::mutex> lock(mutex_);
       sessions_[id] = session;
+    }
+    auto admitted = options_.runtime->admit(
+        id, *owner, bytes, fmt::format("inference session ({} positions of blocks [{}, {}))", max_length,
+                                       request->first_block(), request->end_block()),
+        [this, id] { expire(id); }, options_.session_idle);
+    if (!admitted.ok()) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      sessions_.erase(id);
+      return net::to_grpc(admitted.error());
     }
     spdlog::info("session {}: opened by client {}, blocks [{}, {}), up to {} positions, ~{} admitted", id,
                  node_id_of(*owner).substr(0, 8), request->first_block(), request->end_block(), max_length,
                  net::format_bytes(bytes));
     reply->set_memory_bytes(bytes);
     reply->set_lease_ms(options_.session_idle.count());
-    sessions_changed();
     return grpc::Status::OK;
   }
 
@@ -288,6 +292,7 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
 
   // Forgets session ID and frees its cache (a step in flight finishes first);
   // RELEASE also gives its admission back (the reaper does that on expiry).
+  // The runtime's release announces the node again, the session already gone.
   void drop(const std::string& id, bool release) {
     std::shared_ptr<Session> session;
     {
@@ -304,17 +309,12 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
       session->cache = KvCache{};
     }
     if (release) options_.runtime->release(id);
-    if (session) sessions_changed();
   }
 
   void expire(const std::string& id) {
     spdlog::info("session {}: idle for {} s, dropped (its KV cache is freed)", id,
                  std::chrono::duration<double>(options_.session_idle).count());
     drop(id, false);
-  }
-
-  void sessions_changed() {
-    if (options_.on_sessions_change) options_.on_sessions_change();
   }
 
   // ---- the compute thread -------------------------------------------------------

@@ -2,8 +2,10 @@
 // one model's blocks, hosted by the node runtime. Clients open sessions on it
 // (each with its own KV cache, admitted by memory and dropped when idle),
 // stream steps through it, and ask it to recompute a span for spot checks.
-// Decode steps of concurrent sessions run as one batch. docs/inference.md,
-// "Block servers".
+// Decode steps of concurrent sessions run as one batch. A session opening or
+// ending is an admission or a release, so the runtime's on_jobs_change runs,
+// with served_span() already counting it: that is where a node re-announces.
+// docs/inference.md, "Block servers".
 #pragma once
 
 #include <grpcpp/grpcpp.h>
@@ -35,9 +37,6 @@ struct BlockServerOptions {
   // Cheat (tests only): every output is replaced by noise of the right shape,
   // so a client's spot checks have something to catch.
   bool cheat_garbage_states = false;
-  // Runs (on the calling thread, no lock held) after a session opens or ends:
-  // the node re-announces served_span().
-  std::function<void()> on_sessions_change;
 };
 
 // What the server has done since it started (tests and the node's log read it).
