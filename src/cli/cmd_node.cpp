@@ -233,6 +233,30 @@ int run_node(const NodeArgs& args) {
     spdlog::info("announcing {} model(s) held in {}", ids.size(), (*model_store)->dir().string());
     if (discovery) discovery->update_announcement(info);
   });
+
+  // The DHT first: a node choosing its span reads the swarm's before it serves.
+  auto dht = net::Discovery::start(static_cast<uint16_t>(args.dht_port), args.bootstrap);
+  if (!dht.ok()) return fail("node", dht.message(), 2);
+  std::optional<ServedModel> served_model;
+  if (serve_plan) {
+    const int64_t memory_limit = args.memory_limit_mb > 0 ? args.memory_limit_mb << 20 : net::memory_default_limit_bytes();
+    auto prepared = prepare_serving(args, *serve_plan, **model_store, **dht, *key, memory_limit);
+    if (!prepared.ok()) return fail("node", prepared.message(), prepared.error().exit_code);
+    served_model = std::move(prepared).value();
+    // The span's weights stay for the node's life: jobs and sessions are admitted into what is left.
+    int64_t weight_bytes = 0;
+    for (const auto& [name, tensor] : served_model->weights) weight_bytes += static_cast<int64_t>(tensor.nbytes());
+    if (weight_bytes >= memory_limit)
+      return fail("node",
+                  fmt::format("--serve {}: the weights of blocks [{}, {}) take {}, the memory limit is {} (serve fewer "
+                              "blocks or raise --memory-limit-mb)",
+                              args.serve, served_model->first_block, served_model->end_block,
+                              net::format_bytes(weight_bytes), net::format_bytes(memory_limit)),
+                  2);
+    runtime_options.memory_limit_bytes = memory_limit - weight_bytes;
+    spdlog::info("the served blocks' weights take {}; {} left for sessions and jobs", net::format_bytes(weight_bytes),
+                 net::format_bytes(runtime_options.memory_limit_bytes));
+  }
   net::NodeRuntime runtime(runtime_options);
   runtime_ptr = &runtime;
   info.set_memory_limit_bytes(runtime.memory_limit_bytes());
@@ -247,28 +271,22 @@ int run_node(const NodeArgs& args) {
   runtime.add_service(&delivery);
   runtime.add_service((*model_store)->service());
 
-  // The DHT first: a node choosing its span reads the swarm's before it serves.
-  auto dht = net::Discovery::start(static_cast<uint16_t>(args.dht_port), args.bootstrap);
-  if (!dht.ok()) return fail("node", dht.message(), 2);
-  if (serve_plan) {
-    auto prepared = prepare_serving(args, *serve_plan, **model_store, **dht, *key, runtime.memory_limit_bytes());
-    if (!prepared.ok()) return fail("node", prepared.message(), prepared.error().exit_code);
-    ServedModel& served_model = *prepared;
-    const auto span = std::make_pair(served_model.first_block, served_model.end_block);
+  if (served_model) {
+    const auto span = std::make_pair(served_model->first_block, served_model->end_block);
     // A published model is announced from the first announcement on (the store's watcher would within seconds).
-    if ((*model_store)->has_chunks(served_model.id, 0, static_cast<int>(served_model.config.layers))) {
+    if ((*model_store)->has_chunks(served_model->id, 0, static_cast<int>(served_model->config.layers))) {
       std::lock_guard<std::mutex> lock(info_mutex);
-      if (std::find(info.models().begin(), info.models().end(), served_model.id) == info.models().end())
-        info.add_models(served_model.id);
+      if (std::find(info.models().begin(), info.models().end(), served_model->id) == info.models().end())
+        info.add_models(served_model->id);
     }
     infer::BlockServerOptions serve_options;
     serve_options.runtime = &runtime;
-    serve_options.model_id = served_model.id;
-    serve_options.model_name = served_model.name;
-    serve_options.config = served_model.config;
+    serve_options.model_id = served_model->id;
+    serve_options.model_name = served_model->name;
+    serve_options.config = served_model->config;
     serve_options.first_block = span.first;
     serve_options.end_block = span.second;
-    serve_options.weights = std::move(served_model.weights);
+    serve_options.weights = std::move(served_model->weights);
     serve_options.session_idle = std::chrono::milliseconds(static_cast<int64_t>(args.session_idle_s * 1000));
     serve_options.max_batch = args.max_batch;
     serve_options.cheat_garbage_states = args.cheat == "garbage-states";
@@ -283,8 +301,8 @@ int run_node(const NodeArgs& args) {
     }
     if (!args.cheat.empty())
       spdlog::warn("CHEAT --cheat garbage-states: this node answers every step with noise instead of its blocks' output");
-    std::cout << "serving blocks [" << span.first << ", " << span.second << ") of model " << served_model.name
-              << " (id " << served_model.id << ", " << served_model.config.layers << " blocks), "
+    std::cout << "serving blocks [" << span.first << ", " << span.second << ") of model " << served_model->name
+              << " (id " << served_model->id << ", " << served_model->config.layers << " blocks), "
               << fmt::format("{:.0f}", served.throughput()) << " block·tokens/s, sessions idle out after "
               << args.session_idle_s << " s" << (args.cheat.empty() ? "" : " [CHEAT: garbage states]") << std::endl;
   }
