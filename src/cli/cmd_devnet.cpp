@@ -16,6 +16,7 @@
 #include "core/keys.h"
 #include "core/log.h"
 #include "core/process.h"
+#include "infer/span.h"
 #include "net/tls.h"
 
 namespace sn::cli {
@@ -39,6 +40,12 @@ struct DevnetArgs {
   double time_dilation = 0;
   std::string key;
   int peer_timeout_s = 60;
+  // Serving (docs/inference.md): after training (or straight from --init), the
+  // model's blocks spread over block servers and an OpenAI-compatible gateway.
+  bool serve = false;
+  int serve_nodes = 4;
+  std::string gateway_listen = "127.0.0.1:0";
+  double serve_for_s = 0;  // 0: until Ctrl-C
 };
 
 std::string tail_of(const fs::path& log, size_t lines) {
@@ -60,6 +67,7 @@ std::string tail_of(const fs::path& log, size_t lines) {
 class Devnet {
  public:
   ~Devnet() {
+    stop_serving();
     for (auto& child : nodes_) child.terminate(std::chrono::milliseconds(3000));
     dht_.terminate(std::chrono::milliseconds(2000));
     if (!dir_.empty() && !keep_) {
@@ -128,6 +136,45 @@ class Devnet {
   std::string bootstrap() const { return "127.0.0.1:" + std::to_string(dht_port_); }
   const fs::path& dir() const { return dir_; }
   ChildProcess& node(size_t i) { return nodes_.at(i); }
+
+  // Block servers for MODEL: COUNT nodes, the model's blocks cut in two
+  // halves, each half held by every other server (so a killed server has a
+  // replacement), then the gateway, whose output (its curl line and live
+  // line) goes to our terminal.
+  Status start_serving(const fs::path& model, int64_t layers, int count, const std::string& listen) {
+    const std::string self = self_executable().string();
+    const int64_t half = std::max<int64_t>(1, layers / 2);
+    for (int i = 0; i < count; ++i) {
+      const bool second = layers > 1 && i % 2 == 1;
+      const std::string span = second ? fmt::format("{}-{}", half, layers - 1) : fmt::format("0-{}", (layers > 1 ? half : layers) - 1);
+      const fs::path log = dir_ / fmt::format("server{}.log", i);
+      SpawnOptions options;
+      options.stdout_path = options.stderr_path = log;
+      std::vector<std::string> argv = {self, "node", "--data", (dir_ / fmt::format("server{}", i)).string(),
+                                       "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap(),
+                                       "--serve", model.string() + ":" + span, "--parent-pid", std::to_string(::getpid())};
+      if (net::insecure()) argv.push_back("--insecure");
+      SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
+      servers_.push_back(std::move(child));
+    }
+    for (int i = 0; i < count; ++i) {
+      const fs::path log = dir_ / fmt::format("server{}.log", i);
+      for (int t = 0; read_file(log).value_or("").find("serving blocks") == std::string::npos; ++t) {
+        if (!servers_[static_cast<size_t>(i)].running() || t >= 1200 || stop_requested())
+          return make_error("block server {} did not start:\n{}", i, tail_of(log, 5));
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    }
+    std::vector<std::string> argv = {self, "gateway", "--listen", listen, "--bootstrap", bootstrap()};
+    if (net::insecure()) argv.push_back("--insecure");
+    SN_ASSIGN(gateway_, ChildProcess::spawn(argv, SpawnOptions{}));
+    return ok_status();
+  }
+  bool gateway_running() { return gateway_.running(); }
+  void stop_serving() {
+    gateway_.terminate(std::chrono::milliseconds(5000));
+    for (auto& server : servers_) server.terminate(std::chrono::milliseconds(3000));
+  }
   fs::path node_dir(size_t i) const { return dir_ / fmt::format("node{}", i); }
 
  private:
@@ -136,13 +183,41 @@ class Devnet {
   int dht_port_ = 0;
   ChildProcess dht_;
   std::vector<ChildProcess> nodes_;
+  std::vector<ChildProcess> servers_;
+  ChildProcess gateway_;
 };
+
+// Serves MODEL until Ctrl-C (or --serve-for): block servers and the gateway.
+int serve_model(Devnet& devnet, const fs::path& model, const DevnetArgs& args) {
+  auto file = infer::load_model_file(model);
+  if (!file.ok()) return fail("devnet", file.message(), file.error().exit_code);
+  std::cerr << fmt::format("devnet: serving {} ({} blocks) on {} block servers; the gateway follows\n",
+                           model.string(), file->config.layers, args.serve_nodes);
+  if (auto started = devnet.start_serving(model, file->config.layers, args.serve_nodes, args.gateway_listen);
+      !started.ok())
+    return fail("devnet", started.message(), stop_requested() ? stop_exit_code() : 1);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(args.serve_for_s);
+  while (!stop_requested()) {
+    if (!devnet.gateway_running()) return fail("devnet", "the gateway exited (see its lines above)");
+    if (args.serve_for_s > 0 && std::chrono::steady_clock::now() >= until) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  devnet.stop_serving();
+  return stop_requested() ? stop_exit_code() : 0;
+}
 
 int run_devnet(const DevnetArgs& args) {
   init_logging("devnet", "warn");
   install_stop_handlers();
   auto job = parse_job_file(args.job);
   if (!job.ok()) return fail("devnet", job.message(), job.error().exit_code);
+  if (args.serve_nodes < 1 || args.serve_nodes > 32)
+    return fail("devnet", fmt::format("--serve-nodes must be in 1..32, got {}", args.serve_nodes), 2);
+  if (!(args.serve_for_s >= 0 && args.serve_for_s <= 1e7))
+    return fail("devnet", fmt::format("--serve-for must be ≥ 0 seconds, got {}", args.serve_for_s), 2);
+  if (args.serve && !args.init.empty())
+    if (auto model = infer::load_model_file(args.init); !model.ok())
+      return fail("devnet", model.message() + " (--serve --init serves a model written by solvernet train)", 2);
   auto topology = parse_topology_file(args.topology);
   if (!topology.ok()) return fail("devnet", topology.message(), 2);
   RunSpec spec;
@@ -185,6 +260,11 @@ int run_devnet(const DevnetArgs& args) {
   if (auto checked = check_run_inputs(spec, false); !checked.ok()) return fail("devnet", checked.message(), 2);
 
   Devnet devnet;
+  if (args.serve && !args.init.empty()) {
+    // Serving the given weights: no training, so no training nodes.
+    if (auto started = devnet.start(args, *topology, 0); !started.ok()) return fail("devnet", started.message());
+    return serve_model(devnet, args.init, args);
+  }
   if (auto started = devnet.start(args, *topology, nodes); !started.ok()) return fail("devnet", started.message());
   if (!args.json)
     std::cerr << fmt::format("devnet: {} nodes on topology \"{}\", DHT bootstrap {}, logs in {}\n", nodes,
@@ -254,6 +334,7 @@ int run_devnet(const DevnetArgs& args) {
       print_balances((*summary)["chain"]["balances_before"], (*summary)["chain"]["balances_after"]);
     if (!args.summary_json.empty()) std::cout << "  summary                " << args.summary_json << "\n";
   }
+  if (args.serve) return serve_model(devnet, model_out, args);
   return 0;
 }
 
@@ -278,6 +359,12 @@ CommandRegistration devnet_command(
       app.add_option("--key", args->key, "Client key file (default: one made in the devnet's temp dir)");
       app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long a node waits for a peer")->capture_default_str();
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
+      app.add_flag("--serve", args->serve,
+                   "Then serve the model (--init: serve it without training): block servers and an OpenAI-compatible "
+                   "gateway, until Ctrl-C");
+      app.add_option("--serve-nodes", args->serve_nodes, "Block servers for --serve (default 4)");
+      app.add_option("--gateway-listen", args->gateway_listen, "Gateway HOST:PORT for --serve (default 127.0.0.1:0)");
+      app.add_option("--serve-for", args->serve_for_s, "Stop serving after this many seconds (default: until Ctrl-C)");
       add_insecure_flag(app);
       return [args] { return run_devnet(*args); };
     });

@@ -1,6 +1,7 @@
 // solvernet gateway: an OpenAI-compatible HTTP API over a model, in this
 // process (--model) or across the network's block servers (--bootstrap).
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -8,13 +9,16 @@
 #include <fstream>
 #include <iostream>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "cli/command.h"
 #include "cli/signals.h"
+#include "core/keys.h"
 #include "core/log.h"
 #include "infer/engine.h"
 #include "infer/gateway.h"
+#include "infer/route.h"
 #include "net/rpc.h"
 
 namespace sn::cli {
@@ -28,6 +32,9 @@ struct GatewayArgs {
   std::string api_key_file;
   bool json_log = false;
   int token_delay_ms = 0;
+  std::string model_id;     // with --bootstrap: which model (optional when the swarm serves one)
+  std::string key;          // with --bootstrap: the client key signing requests to block servers
+  double spot_check = 0.05; // with --bootstrap: fraction of steps recomputed on a second server
 };
 
 // One key per line; blank lines and lines starting with '#' are skipped.
@@ -73,13 +80,27 @@ int run_gateway(const GatewayArgs& args) {
     options.api_keys = std::move(*keys);
   }
 
+  std::optional<NodeKey> client_key;  // outlives the engine that signs with it
   std::shared_ptr<infer::Engine> engine;
   if (!args.model.empty()) {
     auto local = infer::open_local_engine(args.model);
     if (!local.ok()) return fail("gateway", local.message(), local.error().exit_code);
     engine = std::move(*local);
   } else {
-    return fail("gateway", "--bootstrap: serving from the network's block servers is not available yet; use --model", 2);
+    if (!(args.spot_check >= 0 && args.spot_check <= 1))
+      return fail("gateway", fmt::format("--spot-check must be in [0, 1], got {}", args.spot_check), 2);
+    auto key = args.key.empty() ? Result<NodeKey>(NodeKey::generate()) : NodeKey::load_or_create_file(args.key);
+    if (!key.ok()) return fail("gateway", key.message(), 2);
+    client_key = std::move(*key);
+    infer::RemoteEngineOptions remote;
+    remote.bootstrap = args.bootstrap;
+    remote.model = args.model_id;
+    remote.identity = &*client_key;
+    remote.spot_check_fraction = args.spot_check;
+    remote.on_event = [](const std::string& line) { spdlog::warn("{}", line); };
+    auto opened = infer::open_remote_engine(remote);
+    if (!opened.ok()) return fail("gateway", opened.message(), opened.error().exit_code);
+    engine = std::move(*opened);
   }
 
   std::mutex out_mutex;
@@ -164,6 +185,11 @@ CommandRegistration gateway_command(
                                        "Serve through the network's block servers, found via this DHT node HOST:PORT");
       model->excludes(bootstrap);
       bootstrap->excludes(model);
+      app.add_option("--model-id", args->model_id,
+                     "With --bootstrap: the model to serve (its id; default: the only model the swarm serves)");
+      app.add_option("--key", args->key, "With --bootstrap: client key file signing requests (default: a fresh key)");
+      app.add_option("--spot-check", args->spot_check,
+                     "With --bootstrap: fraction of steps recomputed on a second server (default 0.05)");
       app.add_option("--max-concurrency", args->max_concurrency,
                      "Generations at once (1..1024); one more is answered 429 with Retry-After")
           ->capture_default_str();

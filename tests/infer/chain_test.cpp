@@ -1,0 +1,246 @@
+// Serving across nodes, end to end with real `solvernet node --serve`
+// processes: greedy output over 2- and 3-hop chains equals the one-process
+// output token for token; a server killed mid-generation is replaced and the
+// output does not change; a server answering garbage is caught by spot checks
+// and avoided from then on; with no server left the client fails clearly.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/socket.h>
+
+#include <filesystem>
+#include <mutex>
+#include <thread>
+
+#include "core/fs.h"
+#include "core/keys.h"
+#include "core/process.h"
+#include "infer/engine.h"
+#include "infer/route.h"
+#include "test_model.h"
+
+namespace fs = std::filesystem;
+using namespace sn;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::string bin() { return std::getenv("SOLVERNET_BIN"); }
+
+fs::path scratch(const std::string& name) {
+  auto dir = fs::temp_directory_path() / ("sn-chain-" + name + "-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+bool wait_for_text(const fs::path& file, const std::string& text, std::chrono::seconds limit) {
+  for (auto until = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < until;) {
+    if (read_file(file).value_or("").find(text) != std::string::npos) return true;
+    std::this_thread::sleep_for(100ms);
+  }
+  return false;
+}
+
+// A DHT bootstrap and block servers, all stopped when it goes out of scope.
+struct Swarm {
+  fs::path dir;
+  std::string bootstrap;
+  ChildProcess dht;
+  std::vector<ChildProcess> nodes;
+
+  explicit Swarm(const fs::path& d) : dir(d) {
+    SpawnOptions quiet;
+    quiet.stdout_path = quiet.stderr_path = dir / "dht.log";
+    int port = free_loopback_port(SOCK_DGRAM).value();
+    dht = std::move(ChildProcess::spawn({bin(), "dht", "--port", std::to_string(port)}, quiet).value());
+    bootstrap = "127.0.0.1:" + std::to_string(port);
+  }
+  ~Swarm() {
+    for (auto& node : nodes) node.terminate();
+    dht.terminate();
+  }
+  int serve(const std::string& spec, std::vector<std::string> flags = {}) {
+    const int i = static_cast<int>(nodes.size());
+    SpawnOptions options;
+    options.stdout_path = options.stderr_path = log(i);
+    std::vector<std::string> argv = {bin(),         "node", "--data",      node_dir(i).string(), "--listen", "127.0.0.1:0",
+                                     "--dht-port",  "0",    "--bootstrap", bootstrap,            "--serve",  spec};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    nodes.push_back(std::move(ChildProcess::spawn(argv, options).value()));
+    EXPECT_TRUE(wait_for_text(log(i), "serving blocks", 60s)) << read_file(log(i)).value_or("");
+    return i;
+  }
+  fs::path node_dir(int i) const { return dir / ("n" + std::to_string(i)); }
+  fs::path log(int i) const { return dir / ("n" + std::to_string(i) + ".log"); }
+  std::string node_id(int i) const { return NodeKey::load_or_create(node_dir(i)).value().node_id(); }
+};
+
+struct Output {
+  std::vector<int32_t> ids;
+  std::string text;
+};
+
+Output generate(infer::Engine& engine, const std::string& prompt, int tokens,
+                const std::function<void(int)>& at_token = {}) {
+  infer::SamplingParams params;
+  params.max_tokens = tokens;
+  Output out;
+  auto stats = engine.generate(engine.encode(prompt), params, [&](const infer::TokenEvent& e) {
+    out.ids.push_back(e.id);
+    if (at_token) at_token(e.index);
+    return true;
+  });
+  EXPECT_TRUE(stats.ok()) << stats.message();
+  if (stats.ok()) out.text = stats->text;
+  return out;
+}
+
+// Events the remote engine reports, kept for assertions.
+struct Events {
+  std::mutex mutex;
+  std::vector<std::string> lines;
+  std::function<void(const std::string&)> sink() {
+    return [this](const std::string& line) {
+      std::lock_guard lock(mutex);
+      lines.push_back(line);
+    };
+  }
+  bool any(const std::string& text) {
+    std::lock_guard lock(mutex);
+    for (const auto& line : lines)
+      if (line.find(text) != std::string::npos) return true;
+    return false;
+  }
+  std::string all() {
+    std::lock_guard lock(mutex);
+    std::string out;
+    for (const auto& line : lines) out += line + "\n";
+    return out;
+  }
+};
+
+struct ChainTest : ::testing::Test {
+  void SetUp() override {
+    dir = scratch(::testing::UnitTest::GetInstance()->current_test_info()->name());
+    model = infer::testing::write_tiny_model(dir / "tiny.safetensors");
+    auto local = infer::open_local_engine(model);
+    ASSERT_TRUE(local.ok()) << local.message();
+    reference = generate(**local, "hello world", 24);
+    ASSERT_EQ(reference.ids.size(), 24u);
+  }
+  void TearDown() override { fs::remove_all(dir); }
+
+  std::unique_ptr<infer::RemoteEngine> connect(Swarm& swarm, double spot_checks = 0.0) {
+    infer::RemoteEngineOptions options;
+    options.bootstrap = {swarm.bootstrap};
+    options.identity = &client_key;
+    options.spot_check_fraction = spot_checks;
+    options.step_timeout = 5s;
+    options.on_event = events.sink();
+    auto engine = infer::open_remote_engine(options);
+    EXPECT_TRUE(engine.ok()) << engine.message();
+    return engine.ok() ? std::move(*engine) : nullptr;
+  }
+  // Waits until the engine's route can cover the whole model (announcements reach the DHT).
+  static void wait_covered(infer::RemoteEngine& engine) {
+    for (int i = 0; i < 60; ++i) {
+      infer::SamplingParams p;
+      p.max_tokens = 1;
+      if (engine.generate(engine.encode("a"), p, [](const infer::TokenEvent&) { return true; }).ok()) return;
+      std::this_thread::sleep_for(500ms);
+    }
+    FAIL() << "the swarm never covered every block";
+  }
+
+  fs::path dir, model;
+  Output reference;
+  NodeKey client_key = NodeKey::generate();
+  Events events;
+};
+
+TEST_F(ChainTest, GreedyOverTwoAndThreeHopsEqualsOneProcess) {
+  {
+    Swarm swarm(dir);
+    swarm.serve(model.string() + ":0-1");
+    swarm.serve(model.string() + ":2-3");
+    auto engine = connect(swarm);
+    ASSERT_TRUE(engine);
+    wait_covered(*engine);
+    Output two = generate(*engine, "hello world", 24);
+    EXPECT_EQ(two.ids, reference.ids);
+    EXPECT_EQ(two.text, reference.text);
+    EXPECT_TRUE(events.any("[0,2) → ")) << events.all();
+  }
+  Swarm swarm(scratch("three"));
+  swarm.serve(model.string() + ":0-0");
+  swarm.serve(model.string() + ":1-2");
+  swarm.serve(model.string() + ":3-3");
+  auto engine = connect(swarm);
+  ASSERT_TRUE(engine);
+  wait_covered(*engine);
+  Output three = generate(*engine, "hello world", 24);
+  EXPECT_EQ(three.ids, reference.ids);
+  EXPECT_TRUE(events.any("[0,1) → ")) << events.all();
+  fs::remove_all(swarm.dir);
+}
+
+TEST_F(ChainTest, KilledServerIsReplacedAndTheOutputIsUnchanged) {
+  Swarm swarm(dir);
+  const int a = swarm.serve(model.string() + ":0-1");
+  const int b = swarm.serve(model.string() + ":0-1");
+  swarm.serve(model.string() + ":2-3");
+  auto engine = connect(swarm);
+  ASSERT_TRUE(engine);
+  wait_covered(*engine);
+  // Kill whichever of the two servers of blocks [0, 2) the route uses, mid-generation.
+  const std::string id_a = swarm.node_id(a), id_b = swarm.node_id(b);
+  Output out = generate(*engine, "hello world", 24, [&](int index) {
+    if (index != 8) return;
+    const bool uses_a = events.any(id_a.substr(0, 8) + "[0,2)");
+    swarm.nodes[static_cast<size_t>(uses_a ? a : b)].kill_now();
+  });
+  EXPECT_EQ(out.ids, reference.ids);
+  auto counters = engine->counters();
+  EXPECT_GE(counters.replacements, 1) << events.all();
+  EXPECT_TRUE(events.any("moved to")) << events.all();
+  std::printf("failover stall: %.3f s\n", counters.last_stall_s);
+
+  // With every server of [0, 2) gone the client gives up with a clear error, no hang.
+  swarm.nodes[static_cast<size_t>(a)].kill_now();
+  swarm.nodes[static_cast<size_t>(b)].kill_now();
+  infer::SamplingParams params;
+  params.max_tokens = 4;
+  auto failed = engine->generate(engine->encode("hello"), params, [](const infer::TokenEvent&) { return true; });
+  ASSERT_FALSE(failed.ok());
+  EXPECT_TRUE(failed.error().kind == ErrorKind::not_found || failed.error().kind == ErrorKind::unavailable)
+      << failed.message();
+}
+
+TEST_F(ChainTest, SpotChecksCatchAServerReturningGarbage) {
+  Swarm swarm(dir);
+  const int honest1 = swarm.serve(model.string() + ":0-1");
+  const int honest2 = swarm.serve(model.string() + ":0-1");
+  const int cheat = swarm.serve(model.string() + ":0-1", {"--cheat", "garbage-states"});
+  swarm.serve(model.string() + ":2-3");
+  auto engine = connect(swarm, /*spot_checks=*/1.0);
+  ASSERT_TRUE(engine);
+  wait_covered(*engine);
+  const std::string cheat_id = swarm.node_id(cheat);
+  auto avoided = [&] {
+    auto list = engine->avoided();
+    return std::find(list.begin(), list.end(), cheat_id) != list.end();
+  };
+  for (int attempt = 0; attempt < 6 && !avoided(); ++attempt) generate(*engine, "hello world", 16);
+  ASSERT_TRUE(avoided()) << events.all();
+  EXPECT_TRUE(events.any("spot check mismatch")) << events.all();
+  EXPECT_TRUE(events.any(cheat_id)) << events.all();
+  auto list = engine->avoided();
+  EXPECT_EQ(std::count(list.begin(), list.end(), swarm.node_id(honest1)), 0);
+  EXPECT_EQ(std::count(list.begin(), list.end(), swarm.node_id(honest2)), 0);
+  EXPECT_GT(engine->counters().spot_checks, 0);
+  // From then on the cheater is not used, and the output is the one-process output.
+  Output clean = generate(*engine, "hello world", 24);
+  EXPECT_EQ(clean.ids, reference.ids);
+}
+
+}  // namespace
