@@ -1,7 +1,6 @@
 // solvernet gateway: an OpenAI-compatible HTTP API over a model, in this
 // process (--model) or across the network's block servers (--bootstrap).
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -97,7 +96,7 @@ int run_gateway(const GatewayArgs& args) {
     remote.model = args.model_id;
     remote.identity = &*client_key;
     remote.spot_check_fraction = args.spot_check;
-    remote.on_event = [](const std::string& line) { spdlog::warn("{}", line); };
+    // The engine logs what matters itself (a server dropped, replaced or caught by a spot check).
     auto opened = infer::open_remote_engine(remote);
     if (!opened.ok()) return fail("gateway", opened.message(), opened.error().exit_code);
     engine = std::move(*opened);

@@ -126,8 +126,13 @@ class RemoteEngineImpl : public RemoteEngine {
 
  private:
   friend class Generation;
-  void event(const std::string& line) {
-    spdlog::info("infer: {}", line);
+  // ROUTINE events (a route chosen) are logged at debug, the others (a server
+  // dropped, a replacement, a spot-check mismatch) at warn; all reach on_event.
+  void event(const std::string& line, bool routine = false) {
+    if (routine)
+      spdlog::debug("infer: {}", line);
+    else
+      spdlog::warn("infer: {}", line);
     if (options_.on_event) options_.on_event(line);
   }
   void avoid(const std::string& node_id, const std::string& why) {
@@ -309,7 +314,7 @@ class Generation {
         names.push_back(fmt::format("{}[{},{})", short_id(hop.server.node_id), hop.first_block, hop.end_block));
       }
       if (!failed) {
-        e_.event(fmt::format("route for blocks [{}, {}): {}", first, end, fmt::join(names, " → ")));
+        e_.event(fmt::format("route for blocks [{}, {}): {}", first, end, fmt::join(names, " → ")), true);
         return sessions;
       }
       for (auto& session : sessions) close(session);
