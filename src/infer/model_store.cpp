@@ -149,7 +149,7 @@ int64_t Manifest::total_bytes() const {
   return total;
 }
 
-Result<Manifest> make_manifest(const ModelFile& file, std::map<std::string, std::string>* chunks) {
+Result<Manifest> make_manifest(const ModelFile& file, const ChunkSink& sink) {
   // A file written without a name (an older train) is published as "model".
   const std::string name = file.name.empty() ? "model" : file.name;
   if (!valid_name(name))
@@ -160,13 +160,13 @@ Result<Manifest> make_manifest(const ModelFile& file, std::map<std::string, std:
   Manifest m;
   m.name = name;
   m.config = file.config;
-  auto add = [&](ChunkRef ref, std::string bytes) {
+  auto add = [&](ChunkRef ref, const std::string& bytes) -> Result<ChunkRef> {
     ref.hash = hex_hash(bytes);
     ref.bytes = static_cast<int64_t>(bytes.size());
-    if (chunks) (*chunks)[ref.hash] = std::move(bytes);
+    if (sink) SN_TRY(sink(ref, bytes));
     return ref;
   };
-  m.tokenizer = add(ChunkRef{"tokenizer", -1, "", 0}, file.tokenizer_vocab);
+  SN_ASSIGN(m.tokenizer, add(ChunkRef{"tokenizer", -1, "", 0}, file.tokenizer_vocab));
   std::vector<ChunkRef> refs{ChunkRef{"embed", -1, "", 0}};
   for (int b = 0; b < file.config.layers; ++b) refs.push_back(ChunkRef{"block", b, "", 0});
   refs.push_back(ChunkRef{"head", -1, "", 0});
@@ -177,7 +177,8 @@ Result<Manifest> make_manifest(const ModelFile& file, std::map<std::string, std:
       if (it == by_name.end()) return input_error("model {}: tensor {} is missing", m.name, tensor_name);
       tensors.emplace_back(tensor_name, it->second);
     }
-    m.chunks.push_back(add(ref, model::safetensors_bytes(tensors)));
+    SN_ASSIGN(ChunkRef chunk, add(ref, model::safetensors_bytes(tensors)));
+    m.chunks.push_back(std::move(chunk));
   }
   m.bytes = canonical_bytes(m);
   m.id = hex_hash(m.bytes);
@@ -363,9 +364,9 @@ Result<std::string> ModelStore::publish(const fs::path& model_file) {
 }
 
 Result<std::string> ModelStore::publish(const ModelFile& file) {
-  std::map<std::string, std::string> chunks;
-  SN_ASSIGN(Manifest m, make_manifest(file, &chunks));
-  for (const auto& [hash, bytes] : chunks) SN_TRY(store_chunk(hash, bytes));
+  SN_ASSIGN(Manifest m, make_manifest(file, [&](const ChunkRef& chunk, const std::string& bytes) {
+    return store_chunk(chunk.hash, bytes);
+  }));
   // The manifest last: a store never lists a model whose chunks it lacks for want of a crash.
   if (read_file(manifest_path(m.id)).value_or("") != m.bytes) SN_TRY(write_file_atomic(manifest_path(m.id), m.bytes));
   std::lock_guard<std::mutex> lock(mutex_);

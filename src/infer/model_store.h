@@ -62,8 +62,11 @@ struct Manifest {
   int64_t total_bytes() const;    // every chunk, tokenizer included
 };
 
-// Builds the manifest of FILE (chunk bytes in CHUNKS, by hash).
-Result<Manifest> make_manifest(const ModelFile& file, std::map<std::string, std::string>* chunks);
+// Builds the manifest of FILE, handing each chunk's bytes to SINK (if given)
+// as soon as they are made, so at most one chunk is held beside the model.
+// A SINK error stops it and is returned.
+using ChunkSink = std::function<Status(const ChunkRef& chunk, const std::string& bytes)>;
+Result<Manifest> make_manifest(const ModelFile& file, const ChunkSink& sink = {});
 // Parses canonical manifest bytes. invalid_input if they are not the canonical
 // form of a solvernet-model-v1 manifest (unknown format, missing or out-of-range
 // fields, chunks out of order, bytes that re-serialise differently).
