@@ -337,6 +337,22 @@ TEST(ModelStore, FetchOverTheDhtResumesAfterAKillAndRefusesCorruptChunks) {
   EXPECT_EQ(ls[0]["id"], id);
   EXPECT_TRUE(ls[0]["complete"].get<bool>());
 
+  // A span: only the chunks blocks 1-2 need (tokenizer and the two blocks; no embed or head).
+  CommandRun span = run({bin(), "model", "fetch", id, "--data", (dir / "s").string(), "--bootstrap", bootstrap,
+                         "--blocks", "1-2", "--json", "--wait-ms", "20000"},
+                        dir);
+  ASSERT_EQ(span.status, 0) << span.err;
+  std::set<std::string> want{manifest->tokenizer.hash, manifest->chunks[2].hash, manifest->chunks[3].hash};
+  std::set<std::string> got;
+  for (const auto& [name, size] : chunk_files(dir / "s" / "models" / "chunks", false)) got.insert(name);
+  EXPECT_EQ(got, want);
+  CommandRun span_ls = run({bin(), "model", "ls", "--data", (dir / "s").string(), "--json"}, dir);
+  ASSERT_EQ(span_ls.status, 0) << span_ls.err;
+  auto span_list = nlohmann::json::parse(span_ls.out);
+  ASSERT_EQ(span_list.size(), 1u);
+  EXPECT_FALSE(span_list[0]["complete"].get<bool>());
+  EXPECT_EQ(span_list[0]["blocks_held"], nlohmann::json::array({1, 2}));
+
   // 2. Corrupt chunks are refused and fetched from the other provider. C is
   // asked first for some blocks (chunk i starts at provider i mod 2).
   {
