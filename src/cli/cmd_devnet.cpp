@@ -220,6 +220,12 @@ int run_devnet(const DevnetArgs& args) {
       return fail("devnet", model.message() + " (--serve --init serves a model written by solvernet train)", 2);
   auto topology = parse_topology_file(args.topology);
   if (!topology.ok()) return fail("devnet", topology.message(), 2);
+  if (args.serve && !args.init.empty()) {
+    // Serving the given weights: no training, so no job checks and no training nodes.
+    Devnet devnet;
+    if (auto started = devnet.start(args, *topology, 0); !started.ok()) return fail("devnet", started.message());
+    return serve_model(devnet, args.init, args);
+  }
   RunSpec spec;
   spec.job = *job;
   if (args.steps) {
@@ -260,11 +266,6 @@ int run_devnet(const DevnetArgs& args) {
   if (auto checked = check_run_inputs(spec, false); !checked.ok()) return fail("devnet", checked.message(), 2);
 
   Devnet devnet;
-  if (args.serve && !args.init.empty()) {
-    // Serving the given weights: no training, so no training nodes.
-    if (auto started = devnet.start(args, *topology, 0); !started.ok()) return fail("devnet", started.message());
-    return serve_model(devnet, args.init, args);
-  }
   if (auto started = devnet.start(args, *topology, nodes); !started.ok()) return fail("devnet", started.message());
   if (!args.json)
     std::cerr << fmt::format("devnet: {} nodes on topology \"{}\", DHT bootstrap {}, logs in {}\n", nodes,

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <mutex>
 #include <thread>
 
@@ -241,6 +242,65 @@ TEST_F(ChainTest, SpotChecksCatchAServerReturningGarbage) {
   // From then on the cheater is not used, and the output is the one-process output.
   Output clean = generate(*engine, "hello world", 24);
   EXPECT_EQ(clean.ids, reference.ids);
+}
+
+}  // namespace
+
+namespace {
+
+// `solvernet devnet --serve --init MODEL`: block servers and the gateway on this
+// machine; a streamed completion over HTTP equals the one-process greedy text;
+// Ctrl-C stops everything, leaving no process behind.
+TEST_F(ChainTest, DevnetServesTheModelThroughTheGateway) {
+  const int port = free_loopback_port(SOCK_STREAM).value();
+  SpawnOptions options;
+  options.stdout_path = dir / "devnet.out";
+  options.stderr_path = dir / "devnet.err";
+  auto devnet = ChildProcess::spawn({bin(), "devnet", "--serve", "--init", model.string(), "--no-chain",
+                                     "--serve-nodes", "2", "--gateway-listen", "127.0.0.1:" + std::to_string(port),
+                                     "--serve-for", "120"},
+                                    options);
+  ASSERT_TRUE(devnet.ok()) << devnet.message();
+  ASSERT_TRUE(wait_for_text(dir / "devnet.out", "try: curl", 90s))
+      << read_file(dir / "devnet.out").value_or("") << read_file(dir / "devnet.err").value_or("");
+  // The gateway's route needs both servers' announcements: retry until a completion comes back whole.
+  const std::string request = R"({"prompt": "hello world", "max_tokens": 24, "temperature": 0, "stream": true})";
+  std::string body;
+  for (int attempt = 0; attempt < 30 && body.find("[DONE]") == std::string::npos; ++attempt) {
+    SpawnOptions curl;
+    curl.stdout_path = dir / "curl.out";
+    curl.stderr_path = dir / "curl.err";
+    auto child = ChildProcess::spawn({"curl", "-sN", "--max-time", "30", "-H", "Content-Type: application/json", "-d",
+                                      request, "http://127.0.0.1:" + std::to_string(port) + "/v1/completions"},
+                                     curl);
+    ASSERT_TRUE(child.ok());
+    child->wait_for(60s);
+    body = read_file(dir / "curl.out").value_or("");
+    if (body.find("[DONE]") == std::string::npos) std::this_thread::sleep_for(1s);
+  }
+  ASSERT_NE(body.find("data: [DONE]"), std::string::npos) << body;
+  // Concatenate the streamed pieces.
+  std::string streamed;
+  for (size_t at = 0; (at = body.find("data: {", at)) != std::string::npos;) {
+    const size_t end = body.find('\n', at);
+    auto chunk = nlohmann::json::parse(body.substr(at + 6, end - at - 6));
+    streamed += chunk["choices"][0]["text"].get<std::string>();
+    at = end;
+  }
+  EXPECT_EQ(streamed, reference.text);
+  // Ctrl-C: the devnet stops its servers and gateway and exits 130.
+  ::kill(devnet->pid(), SIGINT);
+  auto status = devnet->wait_for(30s);
+  ASSERT_TRUE(status.has_value());
+  EXPECT_EQ(*status, 130);
+  // Nothing the devnet started is left: the DHT and servers carry --parent-pid, the gateway its --listen.
+  for (const std::string pattern : {"--parent-pid " + std::to_string(devnet->pid()), "127.0.0.1:" + std::to_string(port)}) {
+    SpawnOptions quiet;
+    quiet.stdout_path = dir / "pgrep.out";
+    auto pgrep = ChildProcess::spawn({"pgrep", "-f", "--", pattern}, quiet);
+    ASSERT_TRUE(pgrep.ok());
+    EXPECT_NE(pgrep->wait(), 0) << pattern << " left behind: " << read_file(dir / "pgrep.out").value_or("");
+  }
 }
 
 }  // namespace
