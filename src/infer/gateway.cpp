@@ -66,12 +66,15 @@ HttpError bad_request(std::string message, std::string param = "", std::string c
   return HttpError{400, std::move(message), std::move(param), std::move(code)};
 }
 
-// What an engine's error becomes over HTTP: the caller's fault is a 400, a
-// network that cannot serve right now a 503 (retry later), anything else 500.
+// What an engine's error during a generation becomes over HTTP: the caller's
+// fault is a 400, a network that cannot serve right now a 503 (retry later),
+// anything else 500. The model itself was found before generating (an unknown
+// one is the gateway's own 404), so not_found here means blocks that no live
+// server covers any more: a 503 too.
 HttpError from_engine_error(const Error& error) {
   switch (error.kind) {
     case ErrorKind::invalid_input: return bad_request(error.message);
-    case ErrorKind::not_found: return HttpError{404, error.message, "model", "model_not_found"};
+    case ErrorKind::not_found:
     case ErrorKind::unavailable:
     case ErrorKind::timeout:
     case ErrorKind::bad_peer:

@@ -36,24 +36,25 @@ struct Gateway {
   ChildProcess process;
 };
 
-// Starts `solvernet gateway` on a free port with EXTRA flags; waits until it serves.
-void start_gateway(Gateway& gateway, const fs::path& model, const std::vector<std::string>& extra) {
+// Starts `solvernet gateway` on a free port with FLAGS (--model or
+// --bootstrap, and the rest); waits until it serves (LIMIT: finding block servers takes longer).
+void start_gateway(Gateway& gateway, const std::vector<std::string>& flags, std::chrono::seconds limit = 30s) {
   const uint16_t port = free_loopback_port(SOCK_STREAM).value();
   gateway.address = "127.0.0.1:" + std::to_string(port);
-  std::vector<std::string> argv = {bin(), "gateway", "--listen", gateway.address, "--model", model.string()};
-  argv.insert(argv.end(), extra.begin(), extra.end());
+  std::vector<std::string> argv = {bin(), "gateway", "--listen", gateway.address};
+  argv.insert(argv.end(), flags.begin(), flags.end());
   SpawnOptions spawn;
   spawn.stdout_path = gateway.dir / "gateway.out";
   spawn.stderr_path = gateway.dir / "gateway.err";
   auto child = ChildProcess::spawn(argv, spawn);
   ASSERT_TRUE(child.ok()) << child.message();
   gateway.process = std::move(*child);
-  for (auto until = std::chrono::steady_clock::now() + 30s; std::chrono::steady_clock::now() < until;) {
+  for (auto until = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < until;) {
     if (read_file(spawn.stdout_path).value_or("").find("gateway: serving") != std::string::npos) return;
     ASSERT_TRUE(gateway.process.running()) << "the gateway exited: " << read_file(spawn.stderr_path).value_or("");
     std::this_thread::sleep_for(50ms);
   }
-  FAIL() << "the gateway did not start within 30 s: " << read_file(spawn.stderr_path).value_or("");
+  FAIL() << "the gateway did not start within " << limit.count() << " s: " << read_file(spawn.stderr_path).value_or("");
 }
 
 json client(const Gateway& gateway, const std::vector<std::string>& args) {
@@ -122,7 +123,9 @@ class GatewayTest : public ::testing::Test {
     if (gateway.process.pid() <= 0) {
       gateway.dir = dir_ / name;
       fs::create_directories(gateway.dir);
-      start_gateway(gateway, model_, flags);
+      std::vector<std::string> all = {"--model", model_.string()};
+      all.insert(all.end(), flags.begin(), flags.end());
+      start_gateway(gateway, all);
     }
     return gateway;
   }
@@ -334,6 +337,59 @@ TEST_F(GatewayTest, SixtyFourConcurrentStreamsCompleteOrAreRefused) {
   for (int i = 0; i < 100 && !live; ++i, std::this_thread::sleep_for(100ms))
     live = read_file(g.dir / "gateway.err").value_or("").find("tok/s, per-token p50") != std::string::npos;
   EXPECT_TRUE(live) << read_file(g.dir / "gateway.err").value_or("");
+}
+
+// The gateway over the network: two block servers (`node --serve`) holding
+// the model's halves, `gateway --bootstrap`. Its greedy answers, whole and
+// streamed, equal those of the model in one process; with every server gone a
+// request is a 503 with Retry-After, and the gateway stays up.
+TEST_F(GatewayTest, OverBlockServersEqualsOneProcessThen503) {
+  const fs::path dir = dir_ / "network";
+  fs::create_directories(dir);
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "dht.log";
+  const int dht_port = free_loopback_port(SOCK_DGRAM).value();
+  auto dht = ChildProcess::spawn({bin(), "dht", "--port", std::to_string(dht_port)}, quiet);
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  const std::string bootstrap = "127.0.0.1:" + std::to_string(dht_port);
+  std::vector<ChildProcess> servers;
+  for (const std::string span : {":0-1", ":2-3"}) {
+    const std::string name = "node" + std::to_string(servers.size());
+    SpawnOptions options;
+    options.stdout_path = options.stderr_path = dir / (name + ".log");
+    auto node = ChildProcess::spawn({bin(), "node", "--data", (dir / name).string(), "--listen", "127.0.0.1:0",
+                                     "--dht-port", "0", "--bootstrap", bootstrap, "--serve", model_.string() + span},
+                                    options);
+    ASSERT_TRUE(node.ok()) << node.message();
+    servers.push_back(std::move(*node));
+  }
+  Gateway remote;
+  remote.dir = dir;
+  start_gateway(remote, {"--bootstrap", bootstrap, "--spot-check", "0"}, 60s);
+  if (HasFatalFailure()) {
+    for (const auto& log : {"node0.log", "node1.log"}) ADD_FAILURE() << log << ": " << read_file(dir / log).value_or("");
+    return;
+  }
+
+  const json body = {{"prompt", "Hello world"}, {"max_tokens", 12}, {"temperature", 0}};
+  json local = post(main_gateway(), "/v1/completions", body);
+  json over_network = post(remote, "/v1/completions", body);
+  ASSERT_EQ(local["status"], 200) << local.dump();
+  ASSERT_EQ(over_network["status"], 200) << over_network.dump() << read_file(dir / "gateway.err").value_or("");
+  EXPECT_EQ(over_network["body"]["choices"][0]["text"], local["body"]["choices"][0]["text"]);
+  EXPECT_EQ(over_network["body"]["usage"], local["body"]["usage"]);
+  json streamed = stream(remote, "/v1/completions", body);
+  EXPECT_EQ(streamed["text"], local["body"]["choices"][0]["text"]) << streamed.dump();
+  EXPECT_TRUE(streamed["done"]);
+
+  for (auto& server : servers) server.kill_now();
+  json gone = post(remote, "/v1/completions", body);
+  expect_error(gone, 503, "engine_unavailable");
+  EXPECT_FALSE(gone["retry_after"].get<std::string>().empty()) << gone.dump();
+  EXPECT_EQ(metrics(remote)["sessions_open"], 0);
+  EXPECT_TRUE(remote.process.running());
+  remote.process.terminate();
+  dht->terminate();
 }
 
 }  // namespace
