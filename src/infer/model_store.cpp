@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -571,22 +572,32 @@ Result<FetchReport> ModelStore::fetch(const std::string& id, int first_block, in
   if (options.max_rate_bytes_per_s > 0)
     request_bytes = std::min(request_bytes, std::max(static_cast<int64_t>(options.max_rate_bytes_per_s / 10), int64_t{4096}));
   const auto started = std::chrono::steady_clock::now();
+  std::mutex state_mutex;  // guards report, progress and the progress callback
+  // Sleeps until the bytes received so far fit under the rate cap.
   auto pace = [&] {
     if (options.max_rate_bytes_per_s <= 0) return;
-    auto due = started + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                             std::chrono::duration<double>(static_cast<double>(report.bytes_fetched) /
-                                                           options.max_rate_bytes_per_s));
-    std::this_thread::sleep_until(due);
+    int64_t fetched = 0;
+    {
+      std::lock_guard<std::mutex> lock(state_mutex);
+      fetched = report.bytes_fetched;
+    }
+    std::this_thread::sleep_until(started + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                std::chrono::duration<double>(static_cast<double>(fetched) /
+                                                                              options.max_rate_bytes_per_s)));
+  };
+  auto refuse = [&](const std::string& why) {
+    spdlog::warn("refused {}", why);
+    std::lock_guard<std::mutex> lock(state_mutex);
+    report.refused.push_back(why);
   };
 
-  for (size_t i = 0; i < missing.size(); ++i) {
+  // Chunk I of MISSING, trying provider i mod n first, then the others.
+  auto fetch_chunk = [&](size_t i) -> Status {
     const ChunkRef& chunk = *missing[i];
     const fs::path final_path = chunk_path(chunk.hash);
     const fs::path part_path = final_path.string() + ".part";
-    progress.chunk = chunk.label();
     std::string last_error;
-    bool done = false;
-    for (size_t attempt = 0; attempt < peers.size() && !done; ++attempt) {
+    for (size_t attempt = 0; attempt < peers.size(); ++attempt) {
       Peer& peer = peers[(i + attempt) % peers.size()];
       const std::string who = peer.provider.node_id;
       int64_t offset = file_size_or(part_path, 0);
@@ -614,17 +625,20 @@ Result<FetchReport> ModelStore::fetch(const std::string& id, int first_block, in
           last_error = fmt::format("chunk {} from node {}: it says the chunk has {} bytes and sent {} at offset {}, "
                                    "the manifest says {}",
                                    chunk.label(), who.substr(0, 8), reply.total_bytes(), got, offset, chunk.bytes);
-          spdlog::warn("refused {}", last_error);
-          report.refused.push_back(last_error);
+          refuse(last_error);
           failed = true;
           break;
         }
         SN_TRY(append_file(part_path, reply.data()));
         offset += got;
-        report.bytes_fetched += got;
-        progress.bytes_fetched = report.bytes_fetched;
-        progress.bytes_done += got;
-        if (options.progress) options.progress(progress);
+        {
+          std::lock_guard<std::mutex> lock(state_mutex);
+          report.bytes_fetched += got;
+          progress.bytes_fetched = report.bytes_fetched;
+          progress.bytes_done += got;
+          progress.chunk = chunk.label();
+          if (options.progress) options.progress(progress);
+        }
         pace();
       }
       if (failed) continue;
@@ -632,26 +646,51 @@ Result<FetchReport> ModelStore::fetch(const std::string& id, int first_block, in
       if (std::string got = hex_hash(bytes); got != chunk.hash) {
         // The bytes may have come from several providers (a resumed .part); the
         // one that completed it is named, and every byte is fetched again.
-        std::string why = fmt::format("chunk {} from {}: hash {} does not match the manifest's {}", chunk.label(), who,
-                                      got, chunk.hash);
-        spdlog::warn("refused {}", why);
-        report.refused.push_back(why);
-        last_error = why;
+        last_error = fmt::format("chunk {} from {}: hash {} does not match the manifest's {}", chunk.label(), who, got,
+                                 chunk.hash);
+        refuse(last_error);
         fs::remove(part_path);
+        std::lock_guard<std::mutex> lock(state_mutex);
         progress.bytes_done -= chunk.bytes;
         continue;
       }
       SN_TRY(rename_durable(part_path, final_path));
-      done = true;
+      std::lock_guard<std::mutex> lock(state_mutex);
+      ++report.chunks_fetched;
+      ++progress.chunks_done;
+      progress.chunk.clear();
+      if (options.progress) options.progress(progress);
+      return ok_status();
     }
-    if (!done)
-      return kind_error(ErrorKind::unavailable, "model {}: no provider sent chunk {} intact (tried {}): {}", short_id(id),
-                        chunk.label(), peers.size(), last_error);
-    ++report.chunks_fetched;
-    ++progress.chunks_done;
-    progress.chunk.clear();
-    if (options.progress) options.progress(progress);
-  }
+    return kind_error(ErrorKind::unavailable, "model {}: no provider sent chunk {} intact (tried {}): {}", short_id(id),
+                      chunk.label(), peers.size(), last_error);
+  };
+
+  // Up to one worker per provider (at most 4) take chunks in order; after an
+  // error the others finish the chunk in hand and stop.
+  size_t next = 0;
+  std::optional<Error> first_error;
+  auto worker = [&] {
+    for (;;) {
+      size_t i = 0;
+      {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        if (first_error || next >= missing.size()) return;
+        i = next++;
+      }
+      if (auto status = fetch_chunk(i); !status.ok()) {
+        std::lock_guard<std::mutex> lock(state_mutex);
+        if (!first_error) first_error = status.error();
+        return;
+      }
+    }
+  };
+  const size_t workers = std::min({missing.size(), peers.size(), size_t{4}});
+  std::vector<std::thread> threads;
+  for (size_t w = 1; w < workers; ++w) threads.emplace_back(worker);
+  worker();
+  for (auto& t : threads) t.join();
+  if (first_error) return *first_error;
   return report;
 }
 

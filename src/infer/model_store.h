@@ -98,7 +98,8 @@ struct FetchOptions {
   std::chrono::milliseconds call_timeout{10000};  // per RPC
   int64_t request_bytes = kMaxChunkReplyBytes;     // per GetChunk request, 1..4 MiB
   double max_rate_bytes_per_s = 0;                 // total receive rate cap (0: none)
-  std::function<void(const FetchProgress&)> progress;  // after each reply (and once at the start)
+  // After each reply (and once at the start); calls are serialised, from the fetching threads.
+  std::function<void(const FetchProgress&)> progress;
 };
 
 struct FetchReport {
@@ -140,7 +141,8 @@ class ModelStore {
 
   // Fetches the manifest of ID (if not held) and every chunk span [FIRST, END)
   // needs that is not held, from PROVIDERS: chunk i starts with provider
-  // i mod n and moves on to the next when one fails. A chunk is received into
+  // i mod n and moves on to the next when one fails; up to one chunk per
+  // provider (at most 4) is in transfer at a time. A chunk is received into
   // chunks/<hash>.part, resumed from that file's size (a killed fetch loses
   // nothing it wrote), hash-checked and renamed into place; a wrong hash
   // deletes the .part, logs the provider (warn) and tries the next one. A
