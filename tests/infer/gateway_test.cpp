@@ -183,19 +183,28 @@ TEST_F(GatewayTest, CompletionStreamedEqualsWholeAndEndsWithDone) {
   EXPECT_EQ(streamed["events"].size(), 21u) << streamed.dump();
   for (const auto& event : streamed["events"]) EXPECT_EQ(event["object"], "text_completion");
 
-  // A stop string cuts the text before its first occurrence, whole and streamed.
-  std::string stop;
-  for (size_t i = 2; i + 2 <= text.size() && stop.empty(); ++i)
-    if (text.substr(i, 2).find_first_of(" \n") == std::string::npos) stop = text.substr(i, 2);
-  if (stop.empty()) GTEST_SKIP() << "the greedy text has no 2-character stop candidate: " << text;
-  json stop_body = body;
-  stop_body["stop"] = json::array({stop, "\x01never"});
+  // Seeded sampling is as reproducible, streamed or not; it gives a varied
+  // text to cut. A stop string cuts it before its first occurrence; a second
+  // one whose start appears but whose end never can ("\x01" is no token) makes
+  // the stream hold text back and release it later: the chunks still add up.
+  json sampled_body = body;
+  sampled_body["temperature"] = 1.0;
+  sampled_body["seed"] = 5;
+  json sampled = post(main_gateway(), "/v1/completions", sampled_body);
+  ASSERT_EQ(sampled["status"], 200) << sampled.dump();
+  const std::string sampled_text = sampled["body"]["choices"][0]["text"];
+  EXPECT_EQ(stream(main_gateway(), "/v1/completions", sampled_body)["text"], sampled_text);
+  ASSERT_GE(sampled_text.size(), 12u) << sampled.dump();
+  const std::string stop = sampled_text.substr(8, 2), near_miss = sampled_text.substr(1, 2) + "\x01";
+  const std::string expected = sampled_text.substr(0, sampled_text.find(stop));
+  json stop_body = sampled_body;
+  stop_body["stop"] = json::array({near_miss, stop});
   json stopped = post(main_gateway(), "/v1/completions", stop_body);
   ASSERT_EQ(stopped["status"], 200) << stopped.dump();
-  EXPECT_EQ(stopped["body"]["choices"][0]["text"], text.substr(0, text.find(stop))) << "stop " << stop;
+  EXPECT_EQ(stopped["body"]["choices"][0]["text"], expected) << "stop " << json(stop).dump() << " in " << sampled.dump();
   EXPECT_EQ(stopped["body"]["choices"][0]["finish_reason"], "stop");
   json stopped_stream = stream(main_gateway(), "/v1/completions", stop_body);
-  EXPECT_EQ(stopped_stream["text"], text.substr(0, text.find(stop)));
+  EXPECT_EQ(stopped_stream["text"], expected) << stopped_stream.dump();
   EXPECT_EQ(stopped_stream["finish_reason"], "stop");
   EXPECT_TRUE(stopped_stream["done"]);
 }
