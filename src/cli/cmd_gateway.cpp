@@ -15,6 +15,7 @@
 #include "cli/signals.h"
 #include "core/keys.h"
 #include "core/log.h"
+#include "core/process.h"
 #include "infer/engine.h"
 #include "infer/gateway.h"
 #include "infer/route.h"
@@ -68,6 +69,14 @@ int run_gateway(const GatewayArgs& args) {
     return fail("gateway", fmt::format("--max-concurrency must be in 1..1024, got {}", args.max_concurrency), 2);
   if (args.token_delay_ms < 0 || args.token_delay_ms > 10000)
     return fail("gateway", fmt::format("--token-delay-ms must be in 0..10000, got {}", args.token_delay_ms), 2);
+  // A port already taken is found now, not after the model has loaded or the
+  // block servers have been found.
+  if (host_port->second != 0 && tcp_port_listening(static_cast<uint16_t>(host_port->second))) {
+    const auto holder = tcp_listener_pid(static_cast<uint16_t>(host_port->second));
+    return fail("gateway", fmt::format("--listen {}: port {} is in use{}", args.listen, host_port->second,
+                                       holder ? " by " + describe_pid(*holder) : std::string()),
+                2);
+  }
   infer::GatewayOptions options;
   options.host = host_port->first;
   options.port = host_port->second;

@@ -401,4 +401,38 @@ TEST_F(GatewayTest, OverBlockServersEqualsOneProcessThen503) {
   dht->terminate();
 }
 
+// Bad flags: one line naming the problem, exit 2, before any model is loaded
+// or port bound.
+TEST_F(GatewayTest, BadFlagsExit2WithOneLine) {
+  const fs::path dir = dir_ / "flags";
+  fs::create_directories(dir);
+  std::ofstream(dir / "empty-keys") << "# no key here\n\n";
+  const Gateway& busy = main_gateway();  // holds its port
+  const std::string model = model_.string();
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{}, "--model or --bootstrap is required"},
+      {{"--model", model, "--bootstrap", "127.0.0.1:1"}, "excludes"},
+      {{"--model", (dir / "missing.safetensors").string()}, "no such file"},
+      {{"--model", model, "--listen", "nope"}, "--listen"},
+      {{"--model", model, "--max-concurrency", "0"}, "--max-concurrency must be in 1..1024"},
+      {{"--model", model, "--api-key-file", (dir / "empty-keys").string()}, "holds no key"},
+      {{"--model", model, "--api-key-file", (dir / "no-such-file").string()}, "cannot be read"},
+      {{"--model", model, "--listen", busy.address}, "is in use"},
+  };
+  for (const auto& [flags, expected] : cases) {
+    std::vector<std::string> argv = {bin(), "gateway"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    SpawnOptions spawn;
+    fs::remove(dir / "out");
+    spawn.stdout_path = spawn.stderr_path = dir / "out";
+    auto child = ChildProcess::spawn(argv, spawn);
+    ASSERT_TRUE(child.ok()) << child.message();
+    const auto code = child->wait_for(30s);
+    const std::string out = read_file(dir / "out").value_or("");
+    EXPECT_EQ(code, 2) << json(flags).dump() << ": " << out;
+    EXPECT_NE(out.find(expected), std::string::npos) << json(flags).dump() << ": " << out;
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << json(flags).dump() << ": " << out;
+  }
+}
+
 }  // namespace
