@@ -50,8 +50,9 @@ struct GenerationStats {
   }
 };
 
-// What a model is: its id (manifest hash, or the file's BLAKE2b for a model
-// loaded from a file), a display name, and its shape.
+// What a model is: its id (the hash of its manifest, infer/model_store.h, the
+// same whether it runs in this process or on block servers), a display name,
+// and its shape.
 struct ModelCard {
   std::string id;
   std::string name;

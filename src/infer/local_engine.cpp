@@ -5,6 +5,7 @@
 #include "core/hash.h"
 #include "infer/engine.h"
 #include "infer/generation.h"
+#include "infer/model_store.h"
 #include "infer/span.h"
 #include "model/gpt.h"
 
@@ -47,7 +48,9 @@ Result<std::unique_ptr<Engine>> open_local_engine(const std::filesystem::path& m
   auto tokenizer = model::Tokenizer::parse_vocab(file.tokenizer_vocab, model_file.string());
   if (!tokenizer.ok()) return input_error("{}", tokenizer.error().message);
   ModelCard card;
-  card.id = to_hex(file.file_hash);
+  // The manifest's hash, as block servers announce the same model (infer/model_store.h).
+  SN_ASSIGN(auto manifest, make_manifest(file));
+  card.id = manifest.id;
   card.name = file.name.empty() ? model_file.stem().string() : file.name;
   card.config = file.config;
   return std::unique_ptr<Engine>(new LocalEngine(std::move(card), std::move(span), std::move(*tokenizer)));
