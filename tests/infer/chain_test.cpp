@@ -131,12 +131,13 @@ struct ChainTest : ::testing::Test {
   }
   void TearDown() override { fs::remove_all(dir); }
 
-  std::unique_ptr<infer::RemoteEngine> connect(Swarm& swarm, double spot_checks = 0.0) {
+  std::unique_ptr<infer::RemoteEngine> connect(Swarm& swarm, double spot_checks = 0.0,
+                                               std::chrono::milliseconds step_timeout = 5s) {
     infer::RemoteEngineOptions options;
     options.bootstrap = {swarm.bootstrap};
     options.identity = &client_key;
     options.spot_check_fraction = spot_checks;
-    options.step_timeout = 5s;
+    options.step_timeout = step_timeout;
     options.on_event = events.sink();
     auto engine = infer::open_remote_engine(options);
     EXPECT_TRUE(engine.ok()) << engine.message();
@@ -215,6 +216,31 @@ TEST_F(ChainTest, KilledServerIsReplacedAndTheOutputIsUnchanged) {
   ASSERT_FALSE(failed.ok());
   EXPECT_TRUE(failed.error().kind == ErrorKind::not_found || failed.error().kind == ErrorKind::unavailable)
       << failed.message();
+}
+
+// A server that freezes (SIGSTOP) mid-generation is replaced after the step
+// timeout; the output does not change.
+TEST_F(ChainTest, FrozenServerIsReplacedAfterTheStepTimeout) {
+  Swarm swarm(dir);
+  const int a = swarm.serve(model.string() + ":0-3");
+  const int b = swarm.serve(model.string() + ":0-3");
+  auto engine = connect(swarm, 0.0, 2s);
+  ASSERT_TRUE(engine);
+  wait_covered(*engine);
+  const std::string id_a = swarm.node_id(a);
+  int frozen = -1;
+  Output out = generate(*engine, "hello world", 24, [&](int index) {
+    if (index != 5) return;
+    frozen = events.any(id_a.substr(0, 8) + "[0,4)") ? a : b;
+    ::kill(swarm.nodes[static_cast<size_t>(frozen)].pid(), SIGSTOP);
+  });
+  ASSERT_GE(frozen, 0);
+  ::kill(swarm.nodes[static_cast<size_t>(frozen)].pid(), SIGCONT);  // so that it can be stopped cleanly
+  EXPECT_EQ(out.ids, reference.ids);
+  auto counters = engine->counters();
+  EXPECT_EQ(counters.replacements, 1) << events.all();
+  auto avoided = engine->avoided();
+  EXPECT_EQ(avoided, std::vector<std::string>{swarm.node_id(frozen)});
 }
 
 TEST_F(ChainTest, SpotChecksCatchAServerReturningGarbage) {
