@@ -108,6 +108,16 @@ int run_gateway(const GatewayArgs& args) {
     // The engine logs what matters itself (a server dropped, replaced or caught by a spot check).
     auto opened = infer::open_remote_engine(remote);
     if (!opened.ok()) return fail("gateway", opened.message(), opened.error().exit_code);
+    infer::RemoteEngine* route = opened->get();
+    options.engine_metrics = [route] {
+      const infer::RemoteEngineCounters c = route->counters();
+      return std::map<std::string, double>{{"steps", static_cast<double>(c.steps)},
+                                           {"spot_checks", static_cast<double>(c.spot_checks)},
+                                           {"spot_check_mismatches", static_cast<double>(c.spot_check_mismatches)},
+                                           {"replacements", static_cast<double>(c.replacements)},
+                                           {"dropped_servers", static_cast<double>(c.dropped_servers)},
+                                           {"last_stall_s", c.last_stall_s}};
+    };
     engine = std::move(*opened);
   }
 

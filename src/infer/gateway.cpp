@@ -716,21 +716,22 @@ struct Gateway::Impl {
 
   void handle_metrics(httplib::Response& res) {
     const GatewayMetrics m = metrics();
-    res.set_content(dump(json{{"sessions_open", m.sessions_open},
-                              {"max_concurrency", m.max_concurrency},
-                              {"requests", m.requests},
-                              {"completions", m.completions},
-                              {"cancelled", m.cancelled},
-                              {"rejected", m.rejected},
-                              {"errors", m.errors},
-                              {"tokens", m.tokens},
-                              {"tokens_per_s", m.tokens_per_s},
-                              {"token_latency_p50_ms", m.token_latency_p50_ms},
-                              {"token_latency_p95_ms", m.token_latency_p95_ms},
-                              {"first_token_p50_ms", m.first_token_p50_ms},
-                              {"uptime_s", m.uptime_s},
-                              {"model", engine->card().id}}),
-                    "application/json");
+    json body = json{{"sessions_open", m.sessions_open},
+                     {"max_concurrency", m.max_concurrency},
+                     {"requests", m.requests},
+                     {"completions", m.completions},
+                     {"cancelled", m.cancelled},
+                     {"rejected", m.rejected},
+                     {"errors", m.errors},
+                     {"tokens", m.tokens},
+                     {"tokens_per_s", m.tokens_per_s},
+                     {"token_latency_p50_ms", m.token_latency_p50_ms},
+                     {"token_latency_p95_ms", m.token_latency_p95_ms},
+                     {"first_token_p50_ms", m.first_token_p50_ms},
+                     {"uptime_s", m.uptime_s},
+                     {"model", engine->card().id}};
+    if (options.engine_metrics) body["engine"] = options.engine_metrics();
+    res.set_content(dump(body), "application/json");
   }
 
   bool authorized(const httplib::Request& req) const {

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,10 @@ struct GatewayOptions {
   std::chrono::milliseconds token_delay{0};
   // Called once per finished request, from a server thread (keep it short).
   std::function<void(const GatewayRequestLog&)> on_request;
+  // Figures of the engine itself (a remote engine's spot checks, replacements,
+  // last failover stall), added under "engine" to GET /metrics. Called from
+  // server threads.
+  std::function<std::map<std::string, double>()> engine_metrics;
 };
 
 // What the gateway has done, for the live line and GET /metrics. Latencies

@@ -390,6 +390,9 @@ TEST_F(GatewayTest, OverBlockServersEqualsOneProcessThen503) {
   json streamed = stream(remote, "/v1/completions", body);
   EXPECT_EQ(streamed["text"], local["body"]["choices"][0]["text"]) << streamed.dump();
   EXPECT_TRUE(streamed["done"]);
+  const json engine = metrics(remote)["engine"];
+  EXPECT_GT(engine.value("steps", 0.0), 0) << "no route counters in /metrics: " << engine.dump();
+  EXPECT_EQ(engine.value("spot_check_mismatches", -1.0), 0) << engine.dump();
 
   for (auto& server : servers) server.kill_now();
   json gone = post(remote, "/v1/completions", body);
