@@ -380,6 +380,11 @@ TEST_F(GatewayTest, OverBlockServersEqualsOneProcessThen503) {
     return;
   }
 
+  // Both name the model by its manifest's hash.
+  const json local_models = client(main_gateway(), {"request", "GET", "/v1/models", "-"});
+  const json remote_models = client(remote, {"request", "GET", "/v1/models", "-"});
+  EXPECT_EQ(remote_models["body"]["data"][0]["id"], local_models["body"]["data"][0]["id"]) << remote_models.dump();
+
   const json body = {{"prompt", "Hello world"}, {"max_tokens", 12}, {"temperature", 0}};
   json local = post(main_gateway(), "/v1/completions", body);
   json over_network = post(remote, "/v1/completions", body);
