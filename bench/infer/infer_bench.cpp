@@ -7,6 +7,8 @@
 // failover stall after a kill; the cost of 5% spot checks.
 //   bench_infer [--quick]
 #include <nlohmann/json.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -171,6 +173,8 @@ std::unique_ptr<infer::RemoteEngine> connect(const Swarm& swarm, const NodeKey& 
 
 int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  // stdout carries the JSON only: the engine's log lines go to stderr.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("bench_infer"));
   model::init_torch_single_thread();
   const fs::path dir = fs::temp_directory_path() / ("sn-bench-infer-" + std::to_string(::getpid()));
   fs::create_directories(dir);
