@@ -91,6 +91,8 @@ Status check_input_file(const std::filesystem::path& path, std::string_view flag
   if (path.empty()) return input_error("{}: empty path", flag);
   if (!fs::exists(path, ec)) return input_error("{} {}: no such file", flag, path.string());
   if (fs::is_directory(path, ec)) return input_error("{} {}: is a directory, not a file", flag, path.string());
+  // A device or a pipe (/dev/zero, /dev/stdin) has no end to read up to.
+  if (!fs::is_regular_file(path, ec)) return input_error("{} {}: not a regular file", flag, path.string());
   if (::access(path.c_str(), R_OK) != 0) return input_error("{} {}: not readable", flag, path.string());
   return ok_status();
 }

@@ -19,15 +19,26 @@ Status check_sampling(const SamplingParams& p) {
   return ok_status();
 }
 
+std::vector<int32_t> encode_prompt(const model::Tokenizer& tokenizer, std::string_view text, int64_t context) {
+  const size_t limit = tokenizer.max_piece_bytes() * static_cast<size_t>(context + 1);
+  if (text.size() <= limit) return tokenizer.encode(text);
+  size_t start = text.size() - limit;
+  while (start < text.size() && (static_cast<unsigned char>(text[start]) & 0xC0) == 0x80) ++start;  // a character's start
+  return tokenizer.encode(text.substr(start));
+}
+
 Result<std::vector<int32_t>> fit_prompt(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                         int64_t context) {
   if (prompt.empty()) return input_error("the prompt is empty (0 tokens)");
   // The last sampled token needs no forward pass, so a prompt may fill the context.
   if (static_cast<int64_t>(prompt.size()) <= context) return prompt;
+  // Truncation keeps room for max_tokens (at least one token of prompt).
+  const int64_t keep = std::max<int64_t>(1, context - params.max_tokens);
   if (!params.truncate_prompt)
-    return input_error("the prompt has {} tokens, the model's context is {} tokens (ask for truncation to keep the last {})",
-                       prompt.size(), context, context);
-  return std::vector<int32_t>(prompt.end() - context, prompt.end());
+    return input_error("the prompt is longer than the model's context of {} tokens (truncation, e.g. --truncate, keeps "
+                       "its last {})",
+                       context, keep);
+  return std::vector<int32_t>(prompt.end() - keep, prompt.end());
 }
 
 namespace {

@@ -22,6 +22,12 @@ using StepFunction = std::function<Result<torch::Tensor>(const std::vector<int32
 Result<std::vector<int32_t>> fit_prompt(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                         int64_t context);
 
+// TEXT's tokens, or, when TEXT has more bytes than CONTEXT + 1 tokens can
+// cover, the tokens of its tail only (still more than CONTEXT): BPE encoding is
+// quadratic in the text's length, and a prompt that long is refused or
+// truncated to its end anyway.
+std::vector<int32_t> encode_prompt(const model::Tokenizer& tokenizer, std::string_view text, int64_t context);
+
 Result<GenerationStats> run_generation(const model::Tokenizer& tokenizer, int64_t context,
                                        const std::vector<int32_t>& prompt, const SamplingParams& params,
                                        const StepFunction& step, const TokenCallback& on_token);

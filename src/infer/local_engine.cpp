@@ -18,7 +18,9 @@ class LocalEngine : public Engine {
       : card_(std::move(card)), span_(std::move(span)), tokenizer_(std::move(tokenizer)) {}
 
   const ModelCard& card() const override { return card_; }
-  std::vector<int32_t> encode(std::string_view text) const override { return tokenizer_.encode(text); }
+  std::vector<int32_t> encode(std::string_view text) const override {
+    return encode_prompt(tokenizer_, text, card_.config.seq_len);
+  }
   std::string decode(const std::vector<int32_t>& ids) const override { return tokenizer_.decode(ids); }
 
   Result<GenerationStats> generate(const std::vector<int32_t>& prompt, const SamplingParams& params,

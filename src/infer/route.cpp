@@ -106,17 +106,16 @@ class RemoteEngineImpl : public RemoteEngine {
   }
 
   const ModelCard& card() const override { return card_; }
-  std::vector<int32_t> encode(std::string_view text) const override { return tokenizer_.encode(text); }
+  std::vector<int32_t> encode(std::string_view text) const override {
+    return encode_prompt(tokenizer_, text, card_.config.seq_len);
+  }
   std::string decode(const std::vector<int32_t>& ids) const override { return tokenizer_.decode(ids); }
 
   RemoteEngineCounters counters() const override {
     std::lock_guard lock(mutex_);
     return counters_;
   }
-  std::vector<std::string> avoided() const override {
-    std::lock_guard lock(mutex_);
-    return {avoid_.begin(), avoid_.end()};
-  }
+  std::vector<std::string> avoided() const override { return avoid_list(); }
 
   Result<GenerationStats> generate(const std::vector<int32_t>& prompt, const SamplingParams& params,
                                    const TokenCallback& on_token) override;
@@ -135,17 +134,29 @@ class RemoteEngineImpl : public RemoteEngine {
       spdlog::warn("infer: {}", line);
     if (options_.on_event) options_.on_event(line);
   }
-  void avoid(const std::string& node_id, const std::string& why) {
+  // A server that failed (died, froze, refused, sent malformed states) is
+  // avoided for options_.avoid_failed_for, then tried again (it may have come
+  // back: a long-lived gateway must not lose it for good); one caught lying
+  // by a spot check is avoided for as long as this engine lives.
+  void avoid(const std::string& node_id, const std::string& why, bool lied = false) {
     {
       std::lock_guard lock(mutex_);
-      if (!avoid_.insert(node_id).second) return;
+      const auto until = lied ? Clock::time_point::max() : Clock::now() + options_.avoid_failed_for;
+      auto [it, inserted] = avoid_.try_emplace(node_id, until);
+      if (!inserted) {
+        if (it->second > Clock::now() && !lied) return;
+        it->second = std::max(it->second, until);
+      }
       counters_.dropped_servers++;
     }
-    event(fmt::format("dropping server {}: {}", node_id, why));
+    event(fmt::format("dropping server {}{}: {}", node_id, lied ? "" : " for a while", why));
   }
   std::vector<std::string> avoid_list() const {
     std::lock_guard lock(mutex_);
-    return {avoid_.begin(), avoid_.end()};
+    std::vector<std::string> out;
+    for (const auto& [id, until] : avoid_)
+      if (until > Clock::now()) out.push_back(id);
+    return out;
   }
   v1::Infer::Stub& stub(const ServerSpan& s) {
     std::lock_guard lock(mutex_);
@@ -169,7 +180,7 @@ class RemoteEngineImpl : public RemoteEngine {
   net::ControlSigner signer_;
   mutable std::mutex mutex_;
   RemoteEngineCounters counters_;
-  std::set<std::string> avoid_;
+  std::map<std::string, Clock::time_point> avoid_;  // node id → avoided until
   std::map<std::string, std::unique_ptr<v1::Infer::Stub>> stubs_;
   std::map<std::string, double> rtt_;  // node id → seconds
   std::vector<ServerSpan> last_servers_;
@@ -194,6 +205,8 @@ double RemoteEngineImpl::measure_rtt(const ServerSpan& s) {
     best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
   }
   if (options_.emulated_rtt_s) best += options_.emulated_rtt_s(s.node_id);
+  // A server that did not answer is asked again at the next refresh.
+  if (!std::isfinite(best)) return best;
   std::lock_guard lock(mutex_);
   rtt_[s.node_id] = best;
   return best;
@@ -488,7 +501,8 @@ Status Generation::maybe_spot_check(int64_t position, int64_t rows) {
     break;
   }
   e_.avoid(faulty, fmt::format("failed a spot check on blocks [{}, {})", checked.hop.first_block,
-                               checked.hop.end_block));
+                               checked.hop.end_block),
+           /*lied=*/true);
   if (faulty != checked.hop.server.node_id) return ok_status();
   // Every hop from the faulty one on consumed its states: rebuild them all
   // and recompute this step's logits through the new chain.

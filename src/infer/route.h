@@ -51,6 +51,9 @@ struct RemoteEngineOptions {
   int max_replacements = 3;             // per generation, before giving up
   std::chrono::milliseconds step_timeout{10000};  // one hop's step (a frozen server is replaced after this)
   std::chrono::milliseconds discovery_timeout{15000};
+  // A server that failed is not routed to for this long (one caught lying by
+  // a spot check: never again).
+  std::chrono::milliseconds avoid_failed_for{60000};
   // Each event the engine reports (route chosen, hop replaced, spot-check
   // mismatch, server dropped), one line, for logs and tests.
   std::function<void(const std::string&)> on_event;
@@ -68,7 +71,7 @@ struct RemoteEngineCounters {
 class RemoteEngine : public Engine {
  public:
   virtual RemoteEngineCounters counters() const = 0;
-  virtual std::vector<std::string> avoided() const = 0;  // node ids no longer used
+  virtual std::vector<std::string> avoided() const = 0;  // node ids not routed to now
 };
 
 // Joins the DHT, waits for servers of the model, fetches its manifest (config

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "core/fs.h"
+#include "core/memory.h"
 #include "model/data.h"
 #include "model/safetensors.h"
 
@@ -67,6 +68,11 @@ Status check_config(const ModelConfig& c) {
 
 Result<ModelFile> load_model_file(const std::filesystem::path& path) {
   SN_TRY(check_input_file(path, "model"));
+  std::error_code size_error;
+  const auto size = std::filesystem::file_size(path, size_error);
+  if (size_error) return input_error("model {}: {}", path.string(), size_error.message());
+  // Read whole, then parsed into tensors of the same size: twice the file in memory.
+  SN_TRY(check_memory_for(2 * static_cast<uint64_t>(size), fmt::format("model {}", path.string())));
   SN_ASSIGN(std::string bytes, read_file(path));
   auto metadata = model::safetensors_metadata(bytes);
   if (!metadata.ok()) return input_error("model {}: {}", path.string(), metadata.error().message);
@@ -129,6 +135,8 @@ Result<SpanModel> SpanModel::create(const ModelConfig& config, int first_block, 
     if (it->second.scalar_type() != torch::kFloat32 || it->second.sizes() != c10::IntArrayRef(shape))
       return input_error("tensor {} is {} {}, expected f32 {}", name, std::string(c10::toString(it->second.scalar_type())),
                          shape_text(it->second.sizes()), shape_text(shape));
+    if (!torch::isfinite(it->second).all().item<bool>())
+      return input_error("tensor {} holds NaN or infinite values", name);
     span.weights_[name] = it->second.detach().contiguous();
   }
   return span;

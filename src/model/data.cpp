@@ -319,7 +319,10 @@ size_t utf8_length(unsigned char lead) {
 }  // namespace
 
 void Tokenizer::add_piece(std::string piece, float score) {
-  if (!is_control_piece(piece)) index_.emplace(piece, static_cast<int32_t>(pieces_.size()));
+  if (!is_control_piece(piece)) {
+    index_.emplace(piece, static_cast<int32_t>(pieces_.size()));
+    max_piece_bytes_ = std::max(max_piece_bytes_, piece.size());
+  }
   pieces_.push_back(std::move(piece));
   scores_.push_back(score);
 }

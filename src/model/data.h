@@ -93,6 +93,10 @@ class Tokenizer {
   // characters all occur in the training corpus.
   std::vector<int32_t> encode(std::string_view text) const;
   int vocab_size() const { return static_cast<int>(pieces_.size()); }
+  // The longest mergeable piece, in bytes (at least 4, a UTF-8 character as
+  // <unk>): no token covers more text than this, so a text of N bytes has at
+  // least N / max_piece_bytes() tokens.
+  size_t max_piece_bytes() const { return std::max<size_t>(max_piece_bytes_, 4); }
   const std::string& piece(int32_t id) const { return pieces_.at(static_cast<size_t>(id)); }
   static constexpr int32_t kUnknown = 0;    // SentencePiece's <unk>
   static constexpr int32_t kEndOfLine = 2;  // SentencePiece's </s>, used as line break
@@ -104,6 +108,7 @@ class Tokenizer {
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
   std::unordered_map<std::string, int32_t> index_;  // mergeable pieces only (no control pieces)
+  size_t max_piece_bytes_ = 0;
 };
 
 // Non-overlapping samples of seq_len + 1 tokens over the token stream (sample

@@ -165,6 +165,9 @@ Result<NamedTensors> load_safetensors_bytes(std::string_view bytes) {
 Result<NamedTensors> load_safetensors(const std::filesystem::path& path) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) return input_error("{}: is a directory, not a safetensors file", path.string());
+  // A device or a pipe (/dev/zero) would be read without end.
+  if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
+    return input_error("{}: not a regular file", path.string());
   SN_ASSIGN(std::string bytes, read_file(path));
   auto tensors = load_safetensors_bytes(bytes);
   if (!tensors.ok()) {

@@ -43,6 +43,10 @@ class SpanTest : public ::testing::Test {
 };
 
 TEST_F(SpanTest, ModelFileCarriesConfigAndTokenizer) {
+  // A device is not a model file (it would be read without end).
+  auto device = load_model_file("/dev/zero");
+  ASSERT_FALSE(device.ok());
+  EXPECT_NE(device.message().find("not a regular file"), std::string::npos) << device.message();
   EXPECT_EQ(file_.name, "tiny-test");
   EXPECT_EQ(file_.config.layers, 4);
   EXPECT_EQ(file_.config.d_model, 64);
@@ -63,6 +67,18 @@ TEST_F(SpanTest, ModelFileCarriesConfigAndTokenizer) {
   auto short_file = load_model_file(dir_ / "short.safetensors");
   ASSERT_FALSE(short_file.ok());
   EXPECT_NE(short_file.message().find("missing"), std::string::npos) << short_file.message();
+  // Weights holding a NaN are refused, naming the tensor.
+  auto poisoned = gpt.named_parameters();
+  {
+    torch::NoGradGuard no_grad;
+    poisoned[3].second.view(-1)[0] = std::nanf("");
+  }
+  ASSERT_TRUE(model::save_safetensors(dir_ / "nan.safetensors", poisoned,
+                                      model::model_file_metadata("x", file_.config, testing::tiny_vocab_text()))
+                  .ok());
+  auto nan_file = load_model_file(dir_ / "nan.safetensors");
+  ASSERT_FALSE(nan_file.ok());
+  EXPECT_NE(nan_file.message().find("NaN"), std::string::npos) << nan_file.message();
   auto none = load_model_file(dir_ / "absent.safetensors");
   EXPECT_FALSE(none.ok());
 }
@@ -240,12 +256,21 @@ TEST_F(SpanTest, LocalEngineGeneratesAndRefusesBadPrompts) {
   std::vector<int32_t> too_long(65, 5);
   auto long_result = (*engine)->generate(too_long, params, [](const TokenEvent&) { return true; });
   ASSERT_FALSE(long_result.ok());
-  EXPECT_NE(long_result.message().find("context is 64"), std::string::npos) << long_result.message();
+  EXPECT_NE(long_result.message().find("context of 64 tokens"), std::string::npos) << long_result.message();
   params.truncate_prompt = true;
   auto truncated = (*engine)->generate(too_long, params, [](const TokenEvent&) { return true; });
   ASSERT_TRUE(truncated.ok()) << truncated.message();
-  EXPECT_EQ(truncated->prompt_tokens, 64);
-  EXPECT_EQ(truncated->generated_tokens, 1);  // the context is full after the first token
+  EXPECT_EQ(truncated->prompt_tokens, 64 - 12);  // room kept for max_tokens
+  EXPECT_EQ(truncated->generated_tokens, 12);
+  // A prompt far longer than the context is encoded by its tail only (BPE is
+  // quadratic), and is still too long.
+  std::string huge;
+  for (int i = 0; i < 200000; ++i) huge += "ab ";
+  auto huge_ids = (*engine)->encode(huge);
+  EXPECT_GT(huge_ids.size(), 64u);
+  EXPECT_LT(huge_ids.size(), 2000u);
+  params.truncate_prompt = false;
+  EXPECT_FALSE((*engine)->generate(huge_ids, params, [](const TokenEvent&) { return true; }).ok());
   SamplingParams bad;
   bad.top_p = 0;
   EXPECT_FALSE((*engine)->generate(prompt, bad, [](const TokenEvent&) { return true; }).ok());
