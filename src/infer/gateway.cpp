@@ -542,6 +542,10 @@ struct Gateway::Impl {
 
   void handle_generation(const httplib::Request& req, httplib::Response& res, bool chat) {
     count(&Impl::requests);
+    // httplib bounds Content-Length bodies, not chunked ones: the same limit here.
+    if (req.body.size() > options.max_body_bytes)
+      return respond_error(req, res, HttpError{413, fmt::format("the request body is larger than the limit of {} bytes",
+                                                                options.max_body_bytes), "", ""});
     json body = json::parse(req.body, nullptr, false);
     if (body.is_discarded())
       return respond_error(req, res, bad_request("the request body is not valid JSON", "", "invalid_json"));
@@ -772,7 +776,10 @@ struct Gateway::Impl {
       if (!res.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
       std::string message = fmt::format("{} {}: HTTP status {}", req.method, req.path, res.status);
       if (res.status == 413)
-        message = fmt::format("the request body is larger than the limit of {} bytes", options.max_body_bytes);
+        message = req.get_header_value("Content-Type").rfind("application/x-www-form-urlencoded", 0) == 0
+                      ? "the body was sent as a form (Content-Type: application/x-www-form-urlencoded); send JSON "
+                        "with Content-Type: application/json"
+                      : fmt::format("the request body is larger than the limit of {} bytes", options.max_body_bytes);
       else if (res.status == 404)
         message = fmt::format("no such endpoint: {} {} (see GET /v1/models, POST /v1/completions, "
                               "POST /v1/chat/completions, GET /metrics)", req.method, req.path);
