@@ -82,6 +82,16 @@ Result<ServePlan> plan_serving(const NodeArgs& args) {
   } else if (is_model_id(plan.spec.model)) {
     plan.model_id = plan.spec.model;
   } else {
+    // "FILE:junk": the model is there, the span is what is wrong.
+    const auto colon = args.serve.rfind(':');
+    if (plan.spec.first_block < 0 && colon != std::string::npos) {
+      const std::string prefix = args.serve.substr(0, colon);
+      if (std::filesystem::exists(prefix, error) || is_model_id(prefix))
+        return input_error("--serve {}: bad span \"{}\" (FIRST-LAST: 0-based blocks, LAST inclusive, e.g. {}:0-1)",
+                           args.serve, args.serve.substr(colon + 1), prefix);
+    }
+    if (std::filesystem::is_directory(plan.spec.model, error))
+      return input_error("--serve {}: is a directory, not a model file", plan.spec.model);
     return input_error("--serve {}: no such model file, nor a model id (64 lowercase hex digits)", plan.spec.model);
   }
   return plan;
