@@ -95,6 +95,9 @@ int run_gateway(const GatewayArgs& args) {
     if (!local.ok()) return fail("gateway", local.message(), local.error().exit_code);
     engine = std::move(*local);
   } else {
+    if (!args.model_id.empty() &&
+        (args.model_id.size() != 64 || args.model_id.find_first_not_of("0123456789abcdef") != std::string::npos))
+      return fail("gateway", "--model-id " + args.model_id + ": not a model id (64 lowercase hex digits)", 2);
     if (!(args.spot_check >= 0 && args.spot_check <= 1))
       return fail("gateway", fmt::format("--spot-check must be in [0, 1], got {}", args.spot_check), 2);
     auto key = args.key.empty() ? Result<NodeKey>(NodeKey::generate()) : NodeKey::load_or_create_file(args.key);

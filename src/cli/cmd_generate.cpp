@@ -33,6 +33,8 @@ Result<std::unique_ptr<infer::Engine>> open_engine(const GenerateArgs& args, std
     return input_error("--spot-check must be in [0, 1], got {}", args.spot_check);
   if (!(args.step_timeout_s > 0 && args.step_timeout_s <= 3600))
     return input_error("--step-timeout-s must be in (0, 3600], got {}", args.step_timeout_s);
+  if (!args.model.empty() && (args.model.size() != 64 || args.model.find_first_not_of("0123456789abcdef") != std::string::npos))
+    return input_error("--model {}: with --bootstrap, a model id (64 lowercase hex digits; `solvernet model ls`)", args.model);
   if (args.key.empty()) {
     key = NodeKey::generate();
   } else {

@@ -121,7 +121,10 @@ class RemoteEngineImpl : public RemoteEngine {
                                    const TokenCallback& on_token) override;
 
   // Servers of the model now (from the DHT), with measured RTTs.
-  Result<std::vector<ServerSpan>> servers();
+  // Servers of the model now (from the DHT, at most every 2 s), with measured
+  // RTTs. MAX_AGE: a list this recent will do (a replacement mid-generation
+  // uses the last one rather than wait on the DHT: failed servers are avoided anyway).
+  Result<std::vector<ServerSpan>> servers(std::chrono::seconds max_age = std::chrono::seconds(2));
 
  private:
   friend class Generation;
@@ -212,10 +215,10 @@ double RemoteEngineImpl::measure_rtt(const ServerSpan& s) {
   return best;
 }
 
-Result<std::vector<ServerSpan>> RemoteEngineImpl::servers() {
+Result<std::vector<ServerSpan>> RemoteEngineImpl::servers(std::chrono::seconds max_age) {
   {
     std::lock_guard lock(mutex_);
-    if (!last_servers_.empty() && Clock::now() - last_refresh_ < std::chrono::seconds(2)) return last_servers_;
+    if (!last_servers_.empty() && Clock::now() - last_refresh_ < max_age) return last_servers_;
   }
   SN_ASSIGN(auto nodes, discovery_->list_nodes(std::chrono::milliseconds(3000)));
   std::vector<ServerSpan> out;
@@ -305,15 +308,20 @@ class Generation {
 
   // Sessions on a fresh route over blocks [FIRST, END). A server that refuses
   // or does not answer the opening is avoided and the route drawn again.
-  Result<std::vector<HopSession>> open_route(int first, int end) {
+  Result<std::vector<HopSession>> open_route(int first, int end, bool replacing = false) {
     Error last = make_error("no route");
     for (int attempt = 0; attempt < 8; ++attempt) {
-      SN_ASSIGN(auto servers, e_.servers());
-      SN_ASSIGN(auto chain, route_chain(servers, first, end, e_.avoid_list()));
+      // A replacement first tries the servers already known; then the DHT's latest.
+      SN_ASSIGN(auto servers, e_.servers(replacing && attempt == 0 ? std::chrono::seconds(30) : std::chrono::seconds(2)));
+      auto chain = route_chain(servers, first, end, e_.avoid_list());
+      if (!chain.ok()) {
+        if (replacing && attempt == 0) continue;  // the DHT may know servers the last list did not
+        return chain.error();
+      }
       std::vector<HopSession> sessions;
       std::vector<std::string> names;
       bool failed = false;
-      for (const auto& hop : chain) {
+      for (const auto& hop : *chain) {
         auto session = open(hop);
         if (!session.ok()) {
           last = session.error();
@@ -389,7 +397,7 @@ class Generation {
     const int first = hops_[i].hop.first_block, end = hops_[j - 1].hop.end_block;
     std::vector<v1::Tensor> history = hops_[i].history;
     for (size_t k = i; k < j; ++k) close(hops_[k]);
-    SN_ASSIGN(auto fresh, open_route(first, end));
+    SN_ASSIGN(auto fresh, open_route(first, end, /*replacing=*/true));
     std::vector<std::string> names;
     for (const auto& session : fresh)
       names.push_back(fmt::format("{}[{},{})", short_id(session.hop.server.node_id), session.hop.first_block,
