@@ -187,9 +187,9 @@ int run_node(const NodeArgs& args) {
   if (!(args.session_idle_s >= 0.1 && args.session_idle_s <= 86400))
     return fail("node", "--session-idle-s must be in 0.1..86400", 2);
   if (args.max_batch < 1 || args.max_batch > 1024) return fail("node", "--max-batch must be in 1..1024", 2);
-  if (!args.cheat.empty() && args.cheat != "garbage-states")
-    return fail("node", "--cheat must be garbage-states (the only cheat there is), got \"" + args.cheat + "\"", 2);
-  if (!args.cheat.empty() && args.serve.empty()) return fail("node", "--cheat garbage-states needs --serve", 2);
+  if (!args.cheat.empty() && args.cheat != "garbage-states" && args.cheat != "malformed-states")
+    return fail("node", "--cheat must be garbage-states or malformed-states, got \"" + args.cheat + "\"", 2);
+  if (!args.cheat.empty() && args.serve.empty()) return fail("node", "--cheat " + args.cheat + " needs --serve", 2);
   std::optional<ServePlan> serve_plan;
   if (!args.serve.empty()) {
     auto plan = plan_serving(args);
@@ -300,6 +300,7 @@ int run_node(const NodeArgs& args) {
     serve_options.session_idle = std::chrono::milliseconds(static_cast<int64_t>(args.session_idle_s * 1000));
     serve_options.max_batch = args.max_batch;
     serve_options.cheat_garbage_states = args.cheat == "garbage-states";
+    serve_options.cheat_malformed_states = args.cheat == "malformed-states";
     auto server = infer::BlockServer::create(std::move(serve_options));
     if (!server.ok()) return fail("node", server.message(), server.error().exit_code);
     block_server = std::move(server).value();
@@ -310,11 +311,12 @@ int run_node(const NodeArgs& args) {
       *info.add_serving() = served;
     }
     if (!args.cheat.empty())
-      spdlog::warn("CHEAT --cheat garbage-states: this node answers every step with noise instead of its blocks' output");
+      spdlog::warn("CHEAT --cheat {}: this node answers every step with {} instead of its blocks' output", args.cheat,
+                   args.cheat == "garbage-states" ? "noise" : "a mis-shaped tensor");
     std::cout << "serving blocks [" << span.first << ", " << span.second << ") of model " << served_model->name
               << " (id " << served_model->id << ", " << served_model->config.layers << " blocks), "
               << fmt::format("{:.0f}", served.throughput()) << " block·tokens/s, sessions idle out after "
-              << args.session_idle_s << " s" << (args.cheat.empty() ? "" : " [CHEAT: garbage states]") << std::endl;
+              << args.session_idle_s << " s" << (args.cheat.empty() ? "" : " [CHEAT: " + args.cheat + "]") << std::endl;
   }
 
   if (auto started = runtime.start(args.listen); !started.ok()) return fail("node", started.message(), 2);
@@ -367,7 +369,8 @@ CommandRegistration node_command(
           ->capture_default_str();
       app.add_option("--max-batch", args->max_batch, "Decode steps of concurrent sessions computed together, at most")
           ->capture_default_str();
-      app.add_option("--cheat", args->cheat, "Misbehave on purpose, for tests: garbage-states (noise instead of outputs)");
+      app.add_option("--cheat", args->cheat, "Misbehave on purpose, for tests: garbage-states (noise instead of outputs) or "
+                     "malformed-states (outputs one column short)");
       app.add_option("--log-level", args->log_level, "trace|debug|info|warn|error")->capture_default_str();
       add_insecure_flag(app);
       app.add_option("--parent-pid", args->parent_pid, "Exit when this process dies (used by devnet)")->group("");

@@ -37,6 +37,9 @@ struct BlockServerOptions {
   // Cheat (tests only): every output is replaced by noise of the right shape,
   // so a client's spot checks have something to catch.
   bool cheat_garbage_states = false;
+  // Cheat (tests only): every output loses its last column, a mis-shaped
+  // answer the client must drop the server for.
+  bool cheat_malformed_states = false;
 };
 
 // What the server has done since it started (tests and the node's log read it).

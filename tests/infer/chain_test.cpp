@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <mutex>
 #include <thread>
@@ -132,13 +133,15 @@ struct ChainTest : ::testing::Test {
   void TearDown() override { fs::remove_all(dir); }
 
   std::unique_ptr<infer::RemoteEngine> connect(Swarm& swarm, double spot_checks = 0.0,
-                                               std::chrono::milliseconds step_timeout = 5s) {
+                                               std::chrono::milliseconds step_timeout = 5s,
+                                               std::function<double(const std::string&)> emulated_rtt_s = {}) {
     infer::RemoteEngineOptions options;
     options.bootstrap = {swarm.bootstrap};
     options.identity = &client_key;
     options.spot_check_fraction = spot_checks;
     options.step_timeout = step_timeout;
     options.on_event = events.sink();
+    options.emulated_rtt_s = std::move(emulated_rtt_s);
     auto engine = infer::open_remote_engine(options);
     EXPECT_TRUE(engine.ok()) << engine.message();
     return engine.ok() ? std::move(*engine) : nullptr;
@@ -241,6 +244,24 @@ TEST_F(ChainTest, FrozenServerIsReplacedAfterTheStepTimeout) {
   EXPECT_EQ(counters.replacements, 1) << events.all();
   auto avoided = engine->avoided();
   EXPECT_EQ(avoided, std::vector<std::string>{swarm.node_id(frozen)});
+}
+
+// A server answering mis-shaped states is dropped from the route and reported;
+// its blocks move to another server and the output is the one-process output.
+TEST_F(ChainTest, MalformedStatesDropTheServer) {
+  Swarm swarm(dir);
+  const int bad = swarm.serve(model.string() + ":0-1", {"--cheat", "malformed-states"});
+  const int good = swarm.serve(model.string() + ":0-1");
+  swarm.serve(model.string() + ":2-3");
+  const std::string good_id = swarm.node_id(good);
+  // The honest server looks 50 ms away, so the route takes the bad one first.
+  auto engine = connect(swarm, 0.0, 5s, [good_id](const std::string& id) { return id == good_id ? 0.05 : 0.0; });
+  ASSERT_TRUE(engine);
+  wait_covered(*engine);
+  Output out = generate(*engine, "hello world", 24);
+  EXPECT_EQ(out.ids, reference.ids);
+  EXPECT_TRUE(events.any("returned malformed states")) << events.all();
+  EXPECT_EQ(engine->avoided(), std::vector<std::string>{swarm.node_id(bad)});
 }
 
 TEST_F(ChainTest, SpotChecksCatchAServerReturningGarbage) {
