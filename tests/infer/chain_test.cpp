@@ -18,6 +18,7 @@
 #include "core/process.h"
 #include "infer/engine.h"
 #include "infer/route.h"
+#include "swarm.h"
 #include "test_model.h"
 
 namespace fs = std::filesystem;
@@ -26,56 +27,10 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::string bin() { return std::getenv("SOLVERNET_BIN"); }
-
-fs::path scratch(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("sn-chain-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-bool wait_for_text(const fs::path& file, const std::string& text, std::chrono::seconds limit) {
-  for (auto until = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < until;) {
-    if (read_file(file).value_or("").find(text) != std::string::npos) return true;
-    std::this_thread::sleep_for(100ms);
-  }
-  return false;
-}
-
-// A DHT bootstrap and block servers, all stopped when it goes out of scope.
-struct Swarm {
-  fs::path dir;
-  std::string bootstrap;
-  ChildProcess dht;
-  std::vector<ChildProcess> nodes;
-
-  explicit Swarm(const fs::path& d) : dir(d) {
-    SpawnOptions quiet;
-    quiet.stdout_path = quiet.stderr_path = dir / "dht.log";
-    int port = free_loopback_port(SOCK_DGRAM).value();
-    dht = std::move(ChildProcess::spawn({bin(), "dht", "--port", std::to_string(port)}, quiet).value());
-    bootstrap = "127.0.0.1:" + std::to_string(port);
-  }
-  ~Swarm() {
-    for (auto& node : nodes) node.terminate();
-    dht.terminate();
-  }
-  int serve(const std::string& spec, std::vector<std::string> flags = {}) {
-    const int i = static_cast<int>(nodes.size());
-    SpawnOptions options;
-    options.stdout_path = options.stderr_path = log(i);
-    std::vector<std::string> argv = {bin(),         "node", "--data",      node_dir(i).string(), "--listen", "127.0.0.1:0",
-                                     "--dht-port",  "0",    "--bootstrap", bootstrap,            "--serve",  spec};
-    argv.insert(argv.end(), flags.begin(), flags.end());
-    nodes.push_back(std::move(ChildProcess::spawn(argv, options).value()));
-    EXPECT_TRUE(wait_for_text(log(i), "serving blocks", 60s)) << read_file(log(i)).value_or("");
-    return i;
-  }
-  fs::path node_dir(int i) const { return dir / ("n" + std::to_string(i)); }
-  fs::path log(int i) const { return dir / ("n" + std::to_string(i) + ".log"); }
-  std::string node_id(int i) const { return NodeKey::load_or_create(node_dir(i)).value().node_id(); }
-};
+using infer::testing::Swarm;
+using infer::testing::wait_for_text;
+std::string bin() { return infer::testing::solvernet_bin(); }
+fs::path scratch(const std::string& name) { return infer::testing::scratch("chain", name); }
 
 struct Output {
   std::vector<int32_t> ids;

@@ -22,6 +22,7 @@
 #include "model/safetensors.h"
 #include "net/rpc.h"
 #include "proto/solvernet.grpc.pb.h"
+#include "swarm.h"
 #include "test_model.h"
 
 namespace fs = std::filesystem;
@@ -30,14 +31,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::string bin() { return std::getenv("SOLVERNET_BIN"); }
-
-fs::path scratch(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("sn-model-store-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+std::string bin() { return infer::testing::solvernet_bin(); }
+fs::path scratch(const std::string& name) { return infer::testing::scratch("model-store", name); }
 
 fs::path write_model(const fs::path& path, uint64_t seed = 7) { return infer::testing::write_tiny_model(path, seed); }
 

@@ -19,6 +19,8 @@
 #include "infer/protocol.h"
 #include "infer/server.h"
 #include "infer/span.h"
+#include "swarm.h"
+#include "test_model.h"
 #include "model/gpt.h"
 #include "model/safetensors.h"
 #include "model/tensor_wire.h"
@@ -32,104 +34,21 @@ namespace pb = solvernet::v1;
 
 namespace {
 
-std::string bin() { return std::getenv("SOLVERNET_BIN"); }
-
-fs::path scratch(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("sn-serve-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-bool wait_for_text(const fs::path& file, const std::string& text, std::chrono::seconds limit) {
-  for (auto until = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < until;) {
-    if (read_file(file).value_or("").find(text) != std::string::npos) return true;
-    std::this_thread::sleep_for(100ms);
-  }
-  return false;
-}
-
-// Waits until LOG shows "listening on ADDRESS"; returns ADDRESS ("" if not within 60 s).
-std::string wait_for_address(const fs::path& log) {
-  if (!wait_for_text(log, "listening on ", 60s)) return "";
-  std::string text = read_file(log).value_or("");
-  auto at = text.find("listening on ") + 13;
-  return text.substr(at, text.find(' ', at) - at);
-}
-
-ModelConfig tiny_config() {
-  ModelConfig config;
-  config.layers = 4;
-  config.d_model = 64;
-  config.heads = 4;
-  config.d_ff = 256;
-  config.vocab = 64;
-  config.seq_len = 64;
-  return config;
-}
+using infer::testing::Swarm;
+using infer::testing::wait_for_address;
+using infer::testing::wait_for_text;
+std::string bin() { return infer::testing::solvernet_bin(); }
+fs::path scratch(const std::string& name) { return infer::testing::scratch("serve", name); }
 
 // A model file as train writes it: weights and the metadata that makes it servable.
-fs::path write_model(const fs::path& dir) {
-  std::string vocab = "<unk>\t0\n<s>\t0\n</s>\t0\n";
-  const std::string chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ";
-  for (size_t i = 0; i + 3 < static_cast<size_t>(tiny_config().vocab); ++i) vocab += chars.substr(i, 1) + "\t-1\n";
-  model::StageModel whole(tiny_config(), 0, 4, 7);
-  auto path = dir / "tiny.safetensors";
-  auto saved = model::save_safetensors(path, whole.named_parameters(),
-                                       model::model_file_metadata("tiny", tiny_config(), vocab));
-  EXPECT_TRUE(saved.ok()) << saved.message();
-  return path;
-}
+fs::path write_model(const fs::path& dir) { return infer::testing::write_tiny_model(dir / "tiny.safetensors"); }
+ModelConfig tiny_config() { return infer::testing::tiny_model_config(); }
 
 // Removes a test's scratch dir when it passed (declared before the processes using it, so it goes after them).
 struct ScratchCleanup {
   fs::path dir;
   ~ScratchCleanup() {
     if (!::testing::Test::HasFailure()) fs::remove_all(dir);
-  }
-};
-
-// A DHT bootstrap and block servers; every process is stopped when it goes out of scope.
-struct Swarm {
-  fs::path dir;
-  std::string bootstrap;
-  ChildProcess dht;
-  std::vector<ChildProcess> nodes;
-
-  explicit Swarm(const fs::path& d) : dir(d) {
-    SpawnOptions quiet;
-    quiet.stdout_path = quiet.stderr_path = dir / "dht.log";
-    int port = free_loopback_port(SOCK_DGRAM).value();
-    dht = std::move(ChildProcess::spawn({bin(), "dht", "--port", std::to_string(port)}, quiet).value());
-    bootstrap = "127.0.0.1:" + std::to_string(port);
-  }
-  ~Swarm() {
-    for (auto& node : nodes) node.terminate();
-    dht.terminate();
-  }
-  int start(const std::vector<std::string>& flags) {
-    const int i = static_cast<int>(nodes.size());
-    SpawnOptions options;
-    options.stdout_path = options.stderr_path = log(i);
-    std::vector<std::string> argv = {bin(), "node", "--data", node_dir(i).string(), "--listen", "127.0.0.1:0",
-                                     "--dht-port", "0", "--bootstrap", bootstrap};
-    argv.insert(argv.end(), flags.begin(), flags.end());
-    nodes.push_back(std::move(ChildProcess::spawn(argv, options).value()));
-    return i;
-  }
-  fs::path node_dir(int i) const { return dir / ("n" + std::to_string(i)); }
-  fs::path log(int i) const { return dir / ("n" + std::to_string(i) + ".log"); }
-  std::string node_id(int i) const { return NodeKey::load_or_create(node_dir(i)).value().node_id(); }
-
-  // Whether `solvernet peers` lists node I yet (its announcement, with its span, is in the DHT).
-  bool listed(int i) const {
-    SpawnOptions options;
-    options.stdout_path = dir / "peers.out";
-    options.stderr_path = dir / "peers.err";
-    fs::remove(options.stdout_path);
-    auto child = ChildProcess::spawn({bin(), "peers", "--bootstrap", bootstrap, "--json"}, options);
-    if (!child.ok() || child->wait_for(30s) != 0) return false;
-    return read_file(options.stdout_path).value_or("").find(node_id(i)) != std::string::npos;
   }
 };
 
