@@ -18,22 +18,45 @@ Result<std::string> read_file(const std::filesystem::path& path) {
   return buffer.str();
 }
 
-Status write_file_atomic(const std::filesystem::path& path, std::string_view data, int mode) {
-  auto tmp = path;
-  tmp += ".tmp-" + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
-  if (fd < 0) return make_error("{}: cannot write: {}", path.string(), std::strerror(errno));
+namespace {
+
+// Writes all of DATA to FD (retrying short writes and EINTR); PATH names it in errors.
+Status write_all(int fd, std::string_view data, const std::filesystem::path& path) {
   size_t done = 0;
   while (done < data.size()) {
     ssize_t n = ::write(fd, data.data() + done, data.size() - done);
     if (n < 0) {
       if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return make_error("{}: write failed: {}", path.string(), std::strerror(err));
+      return make_error("{}: write failed: {}", path.string(), std::strerror(errno));
     }
     done += static_cast<size_t>(n);
+  }
+  return ok_status();
+}
+
+// A rename is durable only once its directory is synced.
+Status sync_parent_directory(const std::filesystem::path& path) {
+  auto dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return make_error("{}: cannot open directory to sync: {}", dir.string(), std::strerror(errno));
+  int rc = ::fsync(dir_fd);
+  int err = errno;
+  ::close(dir_fd);
+  if (rc != 0) return make_error("{}: directory fsync failed: {}", dir.string(), std::strerror(err));
+  return ok_status();
+}
+
+}  // namespace
+
+Status write_file_atomic(const std::filesystem::path& path, std::string_view data, int mode) {
+  auto tmp = path;
+  tmp += ".tmp-" + std::to_string(::getpid());
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+  if (fd < 0) return make_error("{}: cannot write: {}", path.string(), std::strerror(errno));
+  if (auto written = write_all(fd, data, path); !written.ok()) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return written;
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
     ::unlink(tmp.c_str());
@@ -44,15 +67,27 @@ Status write_file_atomic(const std::filesystem::path& path, std::string_view dat
     ::unlink(tmp.c_str());
     return make_error("{}: rename failed: {}", path.string(), std::strerror(err));
   }
-  // The rename is durable only once its directory is synced.
-  auto dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return make_error("{}: cannot open directory to sync: {}", dir.string(), std::strerror(errno));
-  int rc = ::fsync(dir_fd);
+  return sync_parent_directory(path);
+}
+
+Status append_file(const std::filesystem::path& path, std::string_view data) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) return make_error("{}: cannot write: {}", path.string(), std::strerror(errno));
+  auto written = write_all(fd, data, path);
+  ::close(fd);
+  return written;
+}
+
+Status rename_durable(const std::filesystem::path& from, const std::filesystem::path& to) {
+  int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return make_error("{}: cannot open: {}", from.string(), std::strerror(errno));
+  int rc = ::fsync(fd);
   int err = errno;
-  ::close(dir_fd);
-  if (rc != 0) return make_error("{}: directory fsync failed: {}", dir.string(), std::strerror(err));
-  return ok_status();
+  ::close(fd);
+  if (rc != 0) return make_error("{}: fsync failed: {}", from.string(), std::strerror(err));
+  if (::rename(from.c_str(), to.c_str()) != 0)
+    return make_error("{}: rename failed: {}", to.string(), std::strerror(errno));
+  return sync_parent_directory(to);
 }
 
 Status ensure_directory(const std::filesystem::path& dir) {

@@ -15,6 +15,12 @@ Result<std::string> read_file(const std::filesystem::path& path);
 // the process is killed, and the new one survives a crash once this returns.
 Status write_file_atomic(const std::filesystem::path& path, std::string_view data,
                          int mode = 0644);
+// Appends DATA to PATH (created if absent), all of it or an error. Not atomic:
+// for files that are resumed from their size (partial downloads).
+Status append_file(const std::filesystem::path& path, std::string_view data);
+// Fsyncs FROM, renames it over TO and fsyncs TO's directory: TO is either
+// absent or whole, even across a crash.
+Status rename_durable(const std::filesystem::path& from, const std::filesystem::path& to);
 // Creates DIR (and parents) and checks that it is writable.
 Status ensure_directory(const std::filesystem::path& dir);
 

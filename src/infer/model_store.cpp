@@ -1,14 +1,10 @@
 #include "infer/model_store.h"
 
-#include <fcntl.h>
 #include <spdlog/spdlog.h>
-#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <fstream>
 #include <optional>
 #include <set>
@@ -84,42 +80,6 @@ Status check_span(const Manifest& m, int first_block, int end_block) {
   if (first_block < 0 || end_block > m.config.layers || first_block >= end_block)
     return input_error("blocks [{}, {}) are not a span of model {} (blocks 0-{})", first_block, end_block,
                        short_id(m.id), m.config.layers - 1);
-  return ok_status();
-}
-
-// Renames FROM over TO after syncing FROM, then syncs the directory: the chunk
-// is either absent or whole, even across a crash.
-Status rename_durable(const fs::path& from, const fs::path& to) {
-  int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return make_error("{}: cannot open: {}", from.string(), std::strerror(errno));
-  int rc = ::fsync(fd);
-  ::close(fd);
-  if (rc != 0) return make_error("{}: fsync failed: {}", from.string(), std::strerror(errno));
-  if (::rename(from.c_str(), to.c_str()) != 0)
-    return make_error("{}: rename failed: {}", to.string(), std::strerror(errno));
-  int dir_fd = ::open(to.parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return make_error("{}: cannot open: {}", to.parent_path().string(), std::strerror(errno));
-  rc = ::fsync(dir_fd);
-  ::close(dir_fd);
-  if (rc != 0) return make_error("{}: directory fsync failed", to.parent_path().string());
-  return ok_status();
-}
-
-Status append_file(const fs::path& path, std::string_view data) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (fd < 0) return make_error("{}: cannot write: {}", path.string(), std::strerror(errno));
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      int err = errno;
-      ::close(fd);
-      return make_error("{}: write failed: {}", path.string(), std::strerror(err));
-    }
-    done += static_cast<size_t>(n);
-  }
-  ::close(fd);
   return ok_status();
 }
 
