@@ -18,6 +18,7 @@
 #include "core/fs.h"
 #include "core/keys.h"
 #include "core/process.h"
+#include "../common/test_support.h"
 
 namespace fs = std::filesystem;
 using namespace sn;
@@ -25,37 +26,14 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::string bin() { return std::getenv("SOLVERNET_BIN") ? std::getenv("SOLVERNET_BIN") : ""; }
-fs::path source(const std::string& rel) { return fs::path(std::getenv("SOLVERNET_SOURCE_DIR")) / rel; }
+std::string bin() { return test::solvernet_bin(); }
+fs::path source(const std::string& rel) { return test::source_path(rel); }
 
-fs::path scratch(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("sn-life-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+fs::path scratch(const std::string& name) { return test::scratch("life", name); }
 
-struct CommandRun {
-  int status = -1;
-  std::string out;
-  std::string err;
-};
-
+using test::CommandRun;
 CommandRun run(const std::vector<std::string>& argv, const fs::path& dir, std::chrono::seconds limit = 120s) {
-  SpawnOptions options;
-  options.stdout_path = dir / "out.txt";
-  options.stderr_path = dir / "err.txt";
-  fs::remove(options.stdout_path);
-  fs::remove(options.stderr_path);
-  CommandRun r;
-  auto child = ChildProcess::spawn(argv, options);
-  if (!child.ok()) return r;
-  auto status = child->wait_for(limit);
-  if (!status) child->kill_now();
-  r.status = status.value_or(-9);
-  r.out = read_file(options.stdout_path).value_or("");
-  r.err = read_file(options.stderr_path).value_or("");
-  return r;
+  return test::run_command(argv, dir, limit);
 }
 
 // Waits until FILE contains TEXT; fails if PROCESS exits first or LIMIT passes.
@@ -137,7 +115,6 @@ fs::path write_job(const fs::path& dir, int stages, int64_t steps, const std::st
 class Life : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (bin().empty()) GTEST_SKIP() << "SOLVERNET_BIN is not set (ctest sets it)";
     ASSERT_TRUE(fs::exists(bin())) << bin();
   }
 };

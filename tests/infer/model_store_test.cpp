@@ -254,27 +254,8 @@ Node start_node(const fs::path& data, const std::string& bootstrap, const fs::pa
   return node;
 }
 
-struct CommandRun {
-  int status = -1;
-  std::string out, err;
-};
-
-CommandRun run(const std::vector<std::string>& argv, const fs::path& dir) {
-  SpawnOptions options;
-  options.stdout_path = dir / "cmd.out";
-  options.stderr_path = dir / "cmd.err";
-  fs::remove(options.stdout_path);
-  fs::remove(options.stderr_path);
-  CommandRun r;
-  auto child = ChildProcess::spawn(argv, options);
-  if (!child.ok()) return r;
-  auto status = child->wait_for(60s);
-  if (!status) child->kill_now();
-  r.status = status.value_or(-9);
-  r.out = read_file(options.stdout_path).value_or("");
-  r.err = read_file(options.stderr_path).value_or("");
-  return r;
-}
+using test::CommandRun;
+CommandRun run(const std::vector<std::string>& argv, const fs::path& dir) { return test::run_command(argv, dir, 60s); }
 
 std::map<std::string, int64_t> chunk_files(const fs::path& chunks, bool parts) {
   std::map<std::string, int64_t> out;

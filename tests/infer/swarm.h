@@ -1,5 +1,5 @@
-// What the multi-process inference tests share: the solvernet binary, scratch
-// dirs, waiting for a log line, and a swarm of a DHT bootstrap and nodes on
+// What the multi-process inference tests share (beyond tests/common): waiting
+// for a node's address, and a swarm of a DHT bootstrap and nodes on
 // 127.0.0.1 that is stopped when it goes out of scope.
 #pragma once
 
@@ -18,33 +18,15 @@
 #include "core/fs.h"
 #include "core/keys.h"
 #include "core/process.h"
+#include "../common/test_support.h"
 
 namespace sn::infer::testing {
 
 namespace fs = std::filesystem;
 
-// $SOLVERNET_BIN (ctest sets it).
-inline std::string solvernet_bin() {
-  const char* bin = std::getenv("SOLVERNET_BIN");
-  if (!bin) throw std::runtime_error("SOLVERNET_BIN is not set (run the test through ctest)");
-  return bin;
-}
-
-// A fresh, empty temp dir "sn-PREFIX-NAME-PID".
-inline fs::path scratch(const std::string& prefix, const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("sn-" + prefix + "-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-inline bool wait_for_text(const fs::path& file, const std::string& text, std::chrono::seconds limit) {
-  for (auto until = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < until;) {
-    if (read_file(file).value_or("").find(text) != std::string::npos) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  return false;
-}
+using test::scratch;
+using test::solvernet_bin;
+using test::wait_for_text;
 
 // Waits until LOG shows "listening on ADDRESS"; returns ADDRESS ("" if not within 60 s).
 inline std::string wait_for_address(const fs::path& log) {

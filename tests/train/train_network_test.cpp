@@ -10,6 +10,7 @@
 #include "core/fs.h"
 #include "core/keys.h"
 #include "core/process.h"
+#include "../common/test_support.h"
 
 namespace fs = std::filesystem;
 using namespace sn;
@@ -17,39 +18,14 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::string bin() { return std::getenv("SOLVERNET_BIN"); }
-fs::path source(const std::string& rel) { return fs::path(std::getenv("SOLVERNET_SOURCE_DIR")) / rel; }
+std::string bin() { return test::solvernet_bin(); }
+fs::path source(const std::string& rel) { return test::source_path(rel); }
 fs::path data(const std::string& name) { return source("tests/train/data") / name; }
 
-fs::path scratch(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("sn-train-net-" + name + "-" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+fs::path scratch(const std::string& name) { return test::scratch("train-net", name); }
 
-struct CommandRun {
-  int status = -1;
-  std::string out;
-  std::string err;
-};
-
-CommandRun run(const std::vector<std::string>& argv, const fs::path& dir) {
-  SpawnOptions options;
-  options.stdout_path = dir / "out.txt";
-  options.stderr_path = dir / "err.txt";
-  fs::remove(options.stdout_path);
-  fs::remove(options.stderr_path);
-  CommandRun r;
-  auto child = ChildProcess::spawn(argv, options);
-  if (!child.ok()) return r;
-  auto status = child->wait_for(600s);
-  if (!status) child->kill_now();
-  r.status = status.value_or(-9);
-  r.out = read_file(options.stdout_path).value_or("");
-  r.err = read_file(options.stderr_path).value_or("");
-  return r;
-}
+using test::CommandRun;
+CommandRun run(const std::vector<std::string>& argv, const fs::path& dir) { return test::run_command(argv, dir, 600s); }
 
 // Waits until PROCESS's stderr (in ERR_FILE) shows a training step; fails if it exits first.
 ::testing::AssertionResult wait_for_training(ChildProcess& process, const fs::path& err_file) {
