@@ -168,7 +168,7 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
       return status(grpc::StatusCode::FAILED_PRECONDITION,
                     fmt::format("position {} does not match session {}: it holds {} positions (the cache is unchanged)",
                                 request->position(), id, session->cache.length));
-    auto input = check_input(*session->span, request->input(), "input", session->cache.length, session->max_length);
+    auto input = check_input(*session->span, request->input(), session->cache.length, session->max_length);
     if (!input.ok()) return net::to_grpc(input.error());
     const auto started = SteadyClock::now();
     auto work = std::make_unique<Work>();
@@ -209,7 +209,7 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
       return net::to_grpc(served.error());
     auto span = span_model(request->first_block(), request->end_block());
     if (!span.ok()) return net::to_grpc(span.error());
-    auto inputs = check_input(**span, request->inputs(), "inputs", 0, options_.config.seq_len);
+    auto inputs = check_input(**span, request->inputs(), 0, options_.config.seq_len);
     if (!inputs.ok()) return net::to_grpc(inputs.error());
     const int64_t positions = inputs->size(0);
     if (request->rows() < 1 || request->rows() > positions)
@@ -252,30 +252,12 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
     return std::shared_ptr<const SpanModel>(shared);
   }
 
-  // Decodes WIRE and checks it against SPAN: i64 tokens [T] in range when the
-  // span embeds, else f32 [T, d_model]; T ≥ 1 and CACHED + T ≤ LIMIT.
-  Result<torch::Tensor> check_input(const SpanModel& span, const solvernet::v1::Tensor& wire, const char* what,
-                                    int64_t cached, int64_t limit) const {
-    const ModelConfig& config = options_.config;
-    const bool tokens = span.embeds();
-    SN_ASSIGN(auto input, model::tensor_from_proto(wire, tokens ? torch::kInt64 : torch::kFloat32));
-    if (tokens && input.dim() != 1)
-      return input_error("{} must be i64 tokens [T] for a span starting at block 0, got {} dimensions", what, input.dim());
-    if (!tokens && (input.dim() != 2 || input.size(1) != config.d_model))
-      return input_error("{} must be f32 hidden states [T, {}], got shape {}", what, config.d_model,
-                         fmt::format("{}", fmt::join(input.sizes().vec(), "×")));
-    const int64_t count = input.size(0);
-    if (count < 1) return input_error("{} holds no positions", what);
-    if (cached + count > limit)
-      return input_error("{} positions after {} exceed the session's {} (the model's context is {})", count, cached,
-                         limit, config.seq_len);
-    if (tokens) {
-      const int64_t low = input.min().item<int64_t>(), high = input.max().item<int64_t>();
-      if (low < 0 || high >= config.vocab)
-        return input_error("token id {} is outside the vocabulary 0..{}", low < 0 ? low : high, config.vocab - 1);
-    } else if (!torch::isfinite(input).all().item<bool>()) {
-      return input_error("{} holds a NaN or infinite value", what);
-    }
+  // Decodes WIRE and runs SPAN's own input checks with the session's LIMIT
+  // before the step is queued, so a bad step never fails a batch.
+  Result<torch::Tensor> check_input(const SpanModel& span, const solvernet::v1::Tensor& wire, int64_t cached,
+                                    int64_t limit) const {
+    SN_ASSIGN(auto input, model::tensor_from_proto(wire, span.embeds() ? torch::kInt64 : torch::kFloat32));
+    SN_TRY(span.check_input(input, cached, limit));
     return input;
   }
 

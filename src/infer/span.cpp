@@ -148,7 +148,7 @@ int64_t SpanModel::parameter_bytes() const {
   return bytes;
 }
 
-Status SpanModel::check_input(const torch::Tensor& input, int64_t cached) const {
+Status SpanModel::check_input(const torch::Tensor& input, int64_t cached, int64_t limit) const {
   if (!input.defined()) return input_error("no input tensor");
   int64_t t = 0;
   if (embeds()) {
@@ -169,20 +169,16 @@ Status SpanModel::check_input(const torch::Tensor& input, int64_t cached) const 
     if (t > 0 && !torch::isfinite(input).all().item<bool>()) return input_error("hidden states are not finite");
   }
   if (t < 1) return input_error("an empty step (0 positions)");
-  if (cached + t > config_.seq_len)
-    return input_error("{} cached + {} new positions exceed the model's context of {} tokens", cached, t,
-                       config_.seq_len);
+  if (limit <= 0 || limit >= config_.seq_len) {
+    if (cached + t > config_.seq_len)
+      return input_error("{} cached + {} new positions exceed the model's context of {} tokens", cached, t,
+                         config_.seq_len);
+  } else if (cached + t > limit) {
+    return input_error("{} cached + {} new positions exceed the session's {} (the model's context is {} tokens)", cached,
+                       t, limit, config_.seq_len);
+  }
   return ok_status();
 }
-
-namespace {
-
-// x [B, T, d] after ln; returns q, k, v as [B, H, T, hd].
-struct Qkv {
-  torch::Tensor q, k, v;
-};
-
-}  // namespace
 
 // The span's arithmetic for B sessions, each adding T positions (B > 1 only
 // with T == 1). Mirrors StageModel::block op for op so that a one-process run

@@ -80,9 +80,14 @@ class SpanModel {
   bool has_head() const { return end_ == config_.layers; }
   int64_t parameter_bytes() const;
 
+  // The checks every step runs first (invalid_input naming what is wrong): the
+  // dtype and shape above, token ids in the vocabulary, finite hidden states,
+  // at least one position, and CACHED + T ≤ LIMIT (0: the model's seq_len; a
+  // server passes a session's own, smaller, limit).
+  Status check_input(const torch::Tensor& input, int64_t cached, int64_t limit = 0) const;
+
  private:
   SpanModel() = default;
-  Status check_input(const torch::Tensor& input, int64_t cached) const;
   std::vector<torch::Tensor> forward_batch_unchecked(const std::vector<KvCache*>& caches,
                                                      const std::vector<torch::Tensor>& inputs, bool all_rows) const;
 
