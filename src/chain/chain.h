@@ -29,7 +29,7 @@ using Bytes = std::vector<uint8_t>;
 using Address = std::array<uint8_t, 20>;
 using Wei = unsigned __int128;
 
-Hash256 keccak256(std::span<const uint8_t> data);
+using sn::keccak256;  // core/hash.h
 std::string hex0x(std::span<const uint8_t> bytes);  // "0x" + lowercase hex
 Result<Bytes> parse_hex0x(std::string_view text);    // accepts with or without 0x
 std::string address_hex(const Address& address);

@@ -1,6 +1,5 @@
 // Primitives: Keccak-256, hex, RLP, ABI words, secp256k1 keys, JSON-RPC over libcurl.
 #include <arpa/inet.h>
-#include <cryptopp/keccak.h>
 #include <curl/curl.h>
 #include <netinet/in.h>
 #include <secp256k1.h>
@@ -16,14 +15,6 @@
 #include "core/fs.h"
 
 namespace sn::chain {
-
-Hash256 keccak256(std::span<const uint8_t> data) {
-  CryptoPP::Keccak_256 hasher;
-  hasher.Update(data.data(), data.size());
-  Hash256 digest;
-  hasher.Final(digest.data());
-  return digest;
-}
 
 std::string hex0x(std::span<const uint8_t> bytes) { return "0x" + to_hex(bytes); }
 

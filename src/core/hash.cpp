@@ -1,5 +1,6 @@
 #include "core/hash.h"
 
+#include <cryptopp/keccak.h>
 #include <sodium.h>
 
 #include <cstring>
@@ -15,6 +16,14 @@ Hash256 hash_bytes(std::span<const uint8_t> data) {
 }
 
 Hash256 hash_string(std::string_view text) { return hash_bytes(as_bytes(text)); }
+
+Hash256 keccak256(std::span<const uint8_t> data) {
+  CryptoPP::Keccak_256 hasher;
+  hasher.Update(data.data(), data.size());
+  Hash256 digest;
+  hasher.Final(digest.data());
+  return digest;
+}
 
 Hash256 hash_pair(const Hash256& left, const Hash256& right) {
   std::array<uint8_t, 65> buffer;

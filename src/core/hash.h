@@ -18,6 +18,14 @@ Hash256 hash_string(std::string_view text);
 // Hash of the concatenation of two hashes: the inner node of a Merkle tree.
 Hash256 hash_pair(const Hash256& left, const Hash256& right);
 
+// Keccak-256 as Ethereum uses it (the original Keccak padding, not SHA3-256):
+// what a contract computes with keccak256(...), so anything a contract checks
+// (commitment Merkle proofs, operation chains) is hashed with it.
+Hash256 keccak256(std::span<const uint8_t> data);
+inline Hash256 keccak256(std::string_view text) {
+  return keccak256(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+}
+
 // Incremental hashing for data that arrives in pieces.
 class Hasher {
  public:

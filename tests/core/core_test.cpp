@@ -66,18 +66,46 @@ TEST(Hash, HexRoundTrip) {
   EXPECT_FALSE(from_hex("abz").ok());
 }
 
+TEST(Hash, KeccakMatchesEthereum) {
+  // Ethereum's Keccak-256 of the empty string and of a function signature
+  // (the ERC-20 transfer selector is its first 4 bytes, a9059cbb).
+  EXPECT_EQ(to_hex(keccak256(std::string_view(""))),
+            "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470");
+  EXPECT_EQ(to_hex(keccak256(std::string_view("transfer(address,uint256)"))).substr(0, 8), "a9059cbb");
+}
+
 TEST(Merkle, ProofsVerifyAndDetectTampering) {
-  for (size_t n : {1u, 2u, 3u, 5u, 8u, 13u}) {
-    std::vector<Hash256> leaves;
-    for (size_t i = 0; i < n; ++i) leaves.push_back(merkle_leaf(as_bytes(std::to_string(i))));
-    Hash256 root = merkle_root(leaves);
-    for (size_t i = 0; i < n; ++i) {
-      auto proof = merkle_proof(leaves, i);
-      EXPECT_TRUE(merkle_verify(root, leaves[i], proof)) << n << " " << i;
-      Hash256 wrong = merkle_leaf(as_bytes("x"));
-      EXPECT_FALSE(merkle_verify(root, wrong, proof));
+  for (MerkleHash kind : {MerkleHash::blake2b, MerkleHash::keccak256}) {
+    for (size_t n : {1u, 2u, 3u, 5u, 8u, 13u}) {
+      std::vector<Hash256> leaves;
+      for (size_t i = 0; i < n; ++i) leaves.push_back(merkle_leaf(as_bytes(std::to_string(i)), kind));
+      Hash256 root = merkle_root(leaves, kind);
+      for (size_t i = 0; i < n; ++i) {
+        auto proof = merkle_proof(leaves, i, kind);
+        EXPECT_TRUE(merkle_verify(root, leaves[i], proof, kind)) << n << " " << i;
+        Hash256 wrong = merkle_leaf(as_bytes("x"), kind);
+        EXPECT_FALSE(merkle_verify(root, wrong, proof, kind));
+        if (n > 1) {
+          // A proof made with one hash never verifies under the other.
+          const MerkleHash other = kind == MerkleHash::blake2b ? MerkleHash::keccak256 : MerkleHash::blake2b;
+          EXPECT_FALSE(merkle_verify(root, leaves[i], proof, other));
+        }
+      }
     }
   }
+  // Keccak leaf and inner node, byte for byte as a contract computes them:
+  // keccak256(abi.encodePacked(bytes1(0x00), leaf)), keccak256(abi.encodePacked(bytes1(0x01), l, r)).
+  Hash256 a{}, b{};
+  a.fill(0xaa);
+  b.fill(0xbb);
+  std::vector<uint8_t> leaf_bytes(33, 0xaa);
+  leaf_bytes[0] = 0x00;
+  EXPECT_EQ(merkle_leaf(a, MerkleHash::keccak256), keccak256(leaf_bytes));
+  std::vector<uint8_t> pair(65);
+  pair[0] = 0x01;
+  std::copy(a.begin(), a.end(), pair.begin() + 1);
+  std::copy(b.begin(), b.end(), pair.begin() + 33);
+  EXPECT_EQ(merkle_root({a, b}, MerkleHash::keccak256), keccak256(pair));
 }
 
 TEST(Job, ParsesAndRoundTrips) {
