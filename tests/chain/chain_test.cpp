@@ -53,7 +53,7 @@ DevChain* ChainTest::chain_ = nullptr;
 }  // namespace
 
 TEST(ChainEncoding, KeccakRlpAbiMatchKnownVectors) {
-  EXPECT_EQ(to_hex(keccak256({})), "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470");
+  EXPECT_EQ(to_hex(keccak256(std::span<const uint8_t>{})), "c5d2460186f7233c927e7db2dcc703c0e500b653ca82273b7bfad8045d85a470");
   std::string dog = "dog";
   EXPECT_EQ(to_hex(rlp::encode_bytes(as_bytes(dog))), "83646f67");
   EXPECT_EQ(to_hex(rlp::encode_list({rlp::encode_bytes(as_bytes("cat")), rlp::encode_bytes(as_bytes(dog))})),
