@@ -16,6 +16,7 @@ struct PlanArgs {
   int stages = 1;
   int replicas = 1;
   std::string algo = "ours";
+  std::string objective = "time";
   uint64_t seed = 1;
   bool json = false;
 };
@@ -25,6 +26,7 @@ int run_plan(const PlanArgs& args) {
   if (!topology.ok()) return fail("plan", topology.message(), topology.error().exit_code);
   auto request = sched::read_plan_spec(args.model, args.stages, args.replicas);
   if (!request.ok()) return fail("plan", request.message(), request.error().exit_code);
+  request->objective = args.objective;
   // Refused before the n² link matrix is built (sched::check_plan_size).
   if (auto size = sched::check_plan_size(topology->device_count()); !size.ok())
     return fail("plan", fmt::format("{}: {}", args.topology, size.message()), size.error().exit_code);
@@ -39,6 +41,7 @@ int run_plan(const PlanArgs& args) {
   }
   if (args.json) {
     nlohmann::json out = {{"algo", args.algo},
+                          {"objective", args.objective},
                           {"seed", args.seed},
                           {"devices", links.n},
                           {"stages", args.stages},
@@ -58,8 +61,9 @@ int run_plan(const PlanArgs& args) {
     std::cout << out.dump(2) << std::endl;
     return 0;
   }
-  std::cout << fmt::format("plan ({}, seed {}) for {} stages x {} replicas on {} devices\n", args.algo, args.seed,
-                           args.stages, args.replicas, links.n);
+  std::cout << fmt::format("plan ({}{}, seed {}) for {} stages x {} replicas on {} devices\n", args.algo,
+                           args.algo == "ours" ? ", objective " + args.objective : "", args.seed, args.stages,
+                           args.replicas, links.n);
   for (size_t s = 0; s < plan->stage_devices.size(); ++s)
     std::cout << fmt::format("  stage {:>2}: devices {}\n", s, fmt::join(plan->stage_devices[s], " "));
   std::cout << fmt::format("DT-FM cost {:.3f} s (data parallel {:.3f} s + 2 x pipeline {:.3f} s)\n",
@@ -81,6 +85,10 @@ CommandRegistration plan_command("plan", "Place a training job's pipeline stages
                                    app.add_option("--replicas", args->replicas, "D: replicas per stage")->required();
                                    app.add_option("--algo", args->algo, "ours | dtfm | random | naive")
                                        ->check(CLI::IsMember({"ours", "dtfm", "random", "naive"}));
+                                   app.add_option("--objective", args->objective,
+                                                  "What --algo ours minimises: time (the simulated iteration) | "
+                                                  "dtfm (DT-FM's cost)")
+                                       ->check(CLI::IsMember({"time", "dtfm"}));
                                    app.add_option("--seed", args->seed, "Search seed");
                                    app.add_flag("--json", args->json, "Print one JSON object");
                                    return [args] { return run_plan(*args); };

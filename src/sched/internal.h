@@ -55,5 +55,40 @@ std::vector<int> spares_of(int n, const Groups& g);
 // The searches (docs/scheduler.md).
 Groups search_dtfm(const EdgeCosts& c, const PlanRequest& r, uint64_t seed);
 Groups search_ours(const EdgeCosts& c, const PlanRequest& r, uint64_t seed);
+// Ours with objective "time": a placement [stage][replica] (ordered and paired,
+// as simulate() plays it) minimising the simulated iteration, no slower than
+// START (an ordered placement, e.g. the proxy search's) by that measure.
+std::vector<std::vector<int>> search_time(const LinkMatrix& m, const EdgeCosts& c, const PlanRequest& r,
+                                          const std::vector<std::vector<int>>& start, uint64_t seed);
+
+// The simulator's pieces, shared by simulate() and the time search so that the
+// search ranks placements by exactly the figure simulate() reports.
+struct SimOp {
+  bool forward;
+  int micro_batch;
+};
+
+// One replica's pipeline, played op by op. Scratch is kept between runs: one
+// object per thread of search.
+class ReplicaSim {
+ public:
+  ReplicaSim(const LinkMatrix& m, const PlanRequest& r);
+  // DEVICES[s] runs stage s of this replica; DONE[s] receives when its last op ends (s).
+  void run(const int* devices, double* done);
+
+ private:
+  const LinkMatrix& m_;
+  const PlanRequest& r_;
+  int p_, mb_;
+  double fwd_ = 0, bwd_ = 0, host_fwd_ = 0, host_bwd_ = 0;
+  std::vector<std::vector<SimOp>> order_;
+  std::vector<double> act_ready_, grad_ready_, device_free_, down_free_, up_free_;
+  std::vector<size_t> next_;
+};
+
+// Seconds of one stage's ring all-reduce over DEVICES[0..D) in that order.
+double ring_allreduce_seconds(const LinkMatrix& m, const PlanRequest& r, const int* devices);
+// Seconds of the tied-embedding swap between a replica's first and last stage.
+double tied_swap_seconds(const LinkMatrix& m, const PlanRequest& r, int first, int last);
 
 }  // namespace sn::sched::detail

@@ -30,6 +30,8 @@ struct PlanRequest {
   int micro_batches = 1;                           // per replica per iteration
   std::string schedule = "gpipe";                  // simulator order: "gpipe" or "1f1b"
   int search_trials = 4900;                        // dtfm: GA trials; random: placements tried
+  std::string objective = "time";                  // ours: "time" (the simulator's iteration) or
+                                                   //   "dtfm" (DT-FM's cost alone); other searches ignore it
 
   // The hosts' cost of moving BYTES as messages of at most max_message_bytes.
   double host_seconds(double bytes) const;
@@ -77,8 +79,12 @@ Status check_plan_size(int devices);
 
 // algo: "ours" (local search with restarts), "dtfm" (genetic search after DT-FM),
 // "random" (best of search_trials random partitions), "naive" (devices in id order).
-// Errors (exit code 2): P·D > N, sizes out of range, non-finite links or request
-// figures, a plan too large for this machine's memory (check_plan_size), unknown algo.
+// "ours" minimises request.objective: "time", the simulated iteration (simulate();
+// it starts from its own DT-FM-cost search and never returns a slower placement
+// than that one), or "dtfm", DT-FM's cost alone. The other searches minimise DT-FM's
+// cost whatever the objective. Errors (exit code 2): P·D > N, sizes out of range,
+// non-finite links or request figures, a plan too large for this machine's memory
+// (check_plan_size), unknown algo, schedule or objective.
 Result<Plan> make_plan(const LinkMatrix& links, const PlanRequest& request,
                        const std::string& algo, uint64_t seed);
 

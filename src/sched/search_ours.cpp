@@ -213,7 +213,8 @@ Neighbours nearest(const EdgeCosts& c, const std::vector<int>& pool, int k) {
 // groups), within a row (re-pairs two pipelines), with a spare, two whole rows
 // (re-orders stages), or the tails of two columns below a row (re-matches one
 // stage boundary).
-void random_move(Grid& g, const Neighbours& near, std::mt19937_64& rng) {
+template <class G>
+void random_move(G& g, const Neighbours& near, std::mt19937_64& rng) {
   const int p = g.stages(), d = g.replicas(), cells = p * d;
   auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
   if (pick(100) < 40) {
@@ -558,6 +559,240 @@ std::vector<int> candidate_pool(const EdgeCosts& c, const PlanRequest& r) {
   return pool;
 }
 
+
+// The same P × D grid, scored by the simulator instead of DT-FM's proxy: column
+// k is replica k's pipeline (played by ReplicaSim), row s is stage s's ring in
+// column order. Per column the stage finish times, per row the all-reduce and
+// per column the tied swap are cached; a swap dirties at most two columns and
+// two rows, which evaluate() replays before it takes the maxima (O(P·D)).
+class TimeGrid {
+ public:
+  TimeGrid(const LinkMatrix& m, const PlanRequest& r, std::vector<int> cells, std::vector<int> spares)
+      : m_(m), r_(r), sim_(m, r), p_(r.stages), d_(r.replicas), cell_(std::move(cells)), spare_(std::move(spares)) {
+    slot_of_.assign(m.n, -1);
+    for (size_t i = 0; i < cell_.size(); ++i) slot_of_[cell_[i]] = static_cast<int>(i);
+    for (size_t i = 0; i < spare_.size(); ++i) slot_of_[spare_[i]] = static_cast<int>(cell_.size() + i);
+    col_done_.assign(static_cast<size_t>(p_) * d_, 0);
+    col_end_.assign(d_, 0);
+    tied_.assign(d_, 0);
+    ring_.assign(p_, 0);
+    reduced_.assign(p_, 0);
+    column_.resize(p_);
+    row_.resize(d_);
+    dirty_col_.assign(d_, 1);
+    dirty_row_.assign(p_, 1);
+    evaluate();
+    commit();
+  }
+
+  int stages() const { return p_; }
+  int replicas() const { return d_; }
+  int spares() const { return static_cast<int>(spare_.size()); }
+  const std::vector<int>& cells() const { return cell_; }
+  int device_at(int slot) const { return slot < p_ * d_ ? cell_[slot] : spare_[slot - p_ * d_]; }
+  int slot_of(int device) const { return slot_of_[device]; }
+  // Boundary T's slowest activation hop; the stage finishing last; the device
+  // at the slower end of the stage's slowest ring hop.
+  int worst_edge_column(int t) const {
+    int best = 0;
+    double worst = -1;
+    for (int k = 0; k < d_; ++k) {
+      const double x = m_.at(at(t, k), at(t + 1, k)).transfer_seconds(r_.activation_bytes);
+      if (x > worst) { worst = x; best = k; }
+    }
+    return best;
+  }
+  int worst_row() const { return static_cast<int>(std::max_element(reduced_.begin(), reduced_.end()) - reduced_.begin()); }
+  int worst_in_row(int s) const {
+    int best = 0;
+    double worst = -1;
+    for (int k = 0; k < d_; ++k) {
+      const double x = m_.at(at(s, k), at(s, (k + 1) % d_)).transfer_seconds(1);
+      if (x > worst) { worst = x; best = k; }
+    }
+    return best;
+  }
+
+  void swap_slots(int a, int b) {
+    const int cells = p_ * d_;
+    if (a >= cells) std::swap(a, b);
+    if (a >= cells) return;
+    int& x = cell_[a];
+    int& y = b < cells ? cell_[b] : spare_[b - cells];
+    swaps_.emplace_back(a, b);
+    std::swap(x, y);
+    slot_of_[x] = a;
+    slot_of_[y] = b;
+    mark(a);
+    if (b < cells) mark(b);
+  }
+
+  // Replays what the swaps since the last commit() or undo() changed.
+  void evaluate() {
+    for (int k = 0; k < d_; ++k) {
+      if (!dirty_col_[k]) continue;
+      dirty_col_[k] = 0;
+      saved_cols_.push_back(k);
+      double* done = &col_done_[static_cast<size_t>(k) * p_];
+      saved_.insert(saved_.end(), done, done + p_);
+      saved_.push_back(tied_[k]);
+      for (int s = 0; s < p_; ++s) column_[s] = at(s, k);
+      sim_.run(column_.data(), done);
+      tied_[k] = p_ > 1 && r_.tied_bytes > 0 ? tied_swap_seconds(m_, r_, at(0, k), at(p_ - 1, k)) : 0;
+    }
+    for (int s = 0; s < p_; ++s) {
+      if (!dirty_row_[s]) continue;
+      dirty_row_[s] = 0;
+      saved_rows_.push_back(s);
+      saved_.push_back(ring_[s]);
+      for (int k = 0; k < d_; ++k) row_[k] = at(s, k);
+      ring_[s] = ring_allreduce_seconds(m_, r_, row_.data());
+    }
+    totals();
+  }
+
+  double cost() const { return total_; }
+  // The simulated iteration, plus a small slope for the plateaus of its maxima:
+  // the mean over stages of their reduced time and over replicas of their
+  // pipeline's end.
+  double objective(double tie) const { return total_ + tie * (sum_reduced_ / p_ + sum_col_end_ / d_); }
+
+  void commit() {
+    swaps_.clear();
+    saved_.clear();
+    saved_cols_.clear();
+    saved_rows_.clear();
+  }
+  void undo() {
+    for (auto it = swaps_.rbegin(); it != swaps_.rend(); ++it) {
+      const int cells = p_ * d_;
+      int& x = cell_[it->first];
+      int& y = it->second < cells ? cell_[it->second] : spare_[it->second - cells];
+      std::swap(x, y);
+      slot_of_[x] = it->first;
+      slot_of_[y] = it->second;
+    }
+    size_t i = 0;
+    for (int k : saved_cols_) {
+      std::copy(saved_.begin() + static_cast<std::ptrdiff_t>(i), saved_.begin() + static_cast<std::ptrdiff_t>(i + p_),
+                col_done_.begin() + static_cast<std::ptrdiff_t>(k) * p_);
+      tied_[k] = saved_[i + p_];
+      i += p_ + 1;
+    }
+    for (int s : saved_rows_) ring_[s] = saved_[i++];
+    std::fill(dirty_col_.begin(), dirty_col_.end(), 0);
+    std::fill(dirty_row_.begin(), dirty_row_.end(), 0);
+    if (!saved_cols_.empty() || !saved_rows_.empty()) totals();
+    commit();
+  }
+
+ private:
+  int at(int s, int k) const { return cell_[static_cast<size_t>(s) * d_ + k]; }
+  void mark(int slot) {
+    dirty_col_[slot % d_] = 1;
+    dirty_row_[slot / d_] = 1;
+  }
+  // As simulate(): per stage the last replica's finish plus its all-reduce,
+  // then the tied swap once the first and last stage are reduced.
+  void totals() {
+    sum_col_end_ = 0;
+    for (int k = 0; k < d_; ++k) {
+      const double* done = &col_done_[static_cast<size_t>(k) * p_];
+      col_end_[k] = *std::max_element(done, done + p_);
+      sum_col_end_ += col_end_[k];
+    }
+    double t = 0;
+    sum_reduced_ = 0;
+    for (int s = 0; s < p_; ++s) {
+      double stage = 0;
+      for (int k = 0; k < d_; ++k) stage = std::max(stage, col_done_[static_cast<size_t>(k) * p_ + s]);
+      reduced_[s] = stage + ring_[s];
+      sum_reduced_ += reduced_[s];
+      t = std::max(t, reduced_[s]);
+    }
+    if (p_ > 1 && r_.tied_bytes > 0) {
+      const double both = std::max(reduced_[0], reduced_[p_ - 1]);
+      for (int k = 0; k < d_; ++k) t = std::max(t, both + tied_[k]);
+    }
+    total_ = t;
+  }
+
+  const LinkMatrix& m_;
+  const PlanRequest& r_;
+  ReplicaSim sim_;
+  int p_, d_;
+  std::vector<int> cell_, spare_, slot_of_, column_, row_;
+  std::vector<double> col_done_, col_end_, tied_, ring_, reduced_;
+  std::vector<char> dirty_col_, dirty_row_;
+  double total_ = 0, sum_reduced_ = 0, sum_col_end_ = 0;
+  std::vector<std::pair<int, int>> swaps_;
+  std::vector<double> saved_;
+  std::vector<int> saved_cols_, saved_rows_;
+};
+
+struct TimeAnnealed {
+  std::vector<int> cells;
+  double cost = kInf;
+};
+
+// Annealing on the simulated iteration; the same moves as the proxy's grid.
+TimeAnnealed anneal_time(TimeGrid g, const Neighbours& near, long moves, std::mt19937_64& rng) {
+  constexpr double kTie = 0.05;
+  std::uniform_real_distribution<double> unit(0, 1);
+  TimeAnnealed best{g.cells(), g.cost()};
+  double current = g.objective(kTie), worse_sum = 0;
+  int worse = 0;
+  for (int i = 0; i < 200; ++i) {
+    random_move(g, near, rng);
+    g.evaluate();
+    const double delta = g.objective(kTie) - current;
+    if (delta > 0) { worse_sum += delta; ++worse; }
+    g.undo();
+  }
+  const double t0 = 0.3 * (worse ? worse_sum / worse / std::log(2.0) : 1e-3);
+  const double t_end = t0 * 1e-2;
+  const double cool = std::pow(t_end / t0, 1.0 / static_cast<double>(std::max<long>(1, moves)));
+  double t = t0;
+  for (long i = 0; i < moves; ++i, t *= cool) {
+    random_move(g, near, rng);
+    g.evaluate();
+    const double next = g.objective(kTie);
+    if (next <= current || unit(rng) < std::exp((current - next) / t)) {
+      current = next;
+      g.commit();
+      if (g.cost() < best.cost) { best.cost = g.cost(); best.cells = g.cells(); }
+    } else {
+      g.undo();
+    }
+  }
+  return best;
+}
+
+// First-improvement swaps of any cell with any other cell or pool spare on the
+// exact simulated time (ties broken by the slope), within EVALUATIONS replays.
+TimeAnnealed descend_time(TimeGrid g, long evaluations) {
+  constexpr double kTie = 0.05;
+  const int cells = g.stages() * g.replicas(), slots = cells + g.spares();
+  double current = g.objective(kTie);
+  for (bool improved = true; improved && evaluations > 0;) {
+    improved = false;
+    for (int a = 0; a < cells; ++a)
+      for (int b = a + 1; b < slots && evaluations > 0; ++b, --evaluations) {
+        g.swap_slots(a, b);
+        g.evaluate();
+        const double next = g.objective(kTie);
+        if (next < current - 1e-12) {
+          current = next;
+          improved = true;
+          g.commit();
+        } else {
+          g.undo();
+        }
+      }
+  }
+  return {g.cells(), g.cost()};
+}
+
 }  // namespace
 
 Groups search_ours(const EdgeCosts& c, const PlanRequest& r, uint64_t seed) {
@@ -614,6 +849,53 @@ Groups search_ours(const EdgeCosts& c, const PlanRequest& r, uint64_t seed) {
   // Exact swaps: affordable on small grids, where they close the last gap.
   if (cells <= 32) best = polish(c, best, outside(best), 200000);
   return best;
+}
+
+}  // namespace sn::sched::detail
+
+namespace sn::sched::detail {
+
+std::vector<std::vector<int>> search_time(const LinkMatrix& m, const EdgeCosts& c, const PlanRequest& r,
+                                          const std::vector<std::vector<int>>& start, uint64_t seed) {
+  std::mt19937_64 rng(seed ^ 0x7157u);
+  const int p = r.stages, d = r.replicas, cells = p * d;
+  std::vector<int> pool = candidate_pool(c, r);
+  std::vector<int> first(cells);
+  for (int s = 0; s < p; ++s)
+    for (int k = 0; k < d; ++k) first[static_cast<size_t>(s) * d + k] = start[s][k];
+  // The start's devices stay in the pool, whichever the pool's rule picked.
+  for (int x : first)
+    if (std::find(pool.begin(), pool.end(), x) == pool.end()) pool.push_back(x);
+  std::sort(pool.begin(), pool.end());
+  const Neighbours near = nearest(c, pool, 12);
+  auto outside = [&](const std::vector<int>& placed) {
+    std::vector<char> in(c.n, 0);
+    for (int x : placed) in[x] = 1;
+    std::vector<int> spares;
+    for (int x : pool)
+      if (!in[x]) spares.push_back(x);
+    return spares;
+  };
+  std::vector<std::vector<int>> starts{first};
+  {
+    std::vector<int> placed(cells);
+    auto columns = clusters(pool, d, p, [&](int a, int b) { return c.pp_at(a, b); });
+    for (int k = 0; k < d; ++k)
+      for (int s = 0; s < p; ++s) placed[static_cast<size_t>(s) * d + k] = columns[k][s];
+    starts.push_back(placed);
+  }
+  const long moves = std::max(20000L, 1500L * cells);
+  TimeAnnealed best{first, TimeGrid(m, r, first, outside(first)).cost()};
+  for (const auto& from : starts) {
+    TimeAnnealed a = anneal_time(TimeGrid(m, r, from, outside(from)), near, moves, rng);
+    a = descend_time(TimeGrid(m, r, a.cells, outside(a.cells)), 200000);
+    if (a.cost < best.cost) best = std::move(a);
+  }
+  std::vector<std::vector<int>> out(p);
+  for (int s = 0; s < p; ++s)
+    out[s].assign(best.cells.begin() + static_cast<std::ptrdiff_t>(s) * d,
+                  best.cells.begin() + static_cast<std::ptrdiff_t>(s + 1) * d);
+  return out;
 }
 
 }  // namespace sn::sched::detail
