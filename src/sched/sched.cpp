@@ -9,6 +9,7 @@
 #include <numeric>
 #include <random>
 
+#include "core/memory.h"
 #include "core/toml_reader.h"
 #include "sched/internal.h"
 
@@ -68,6 +69,11 @@ Result<Plan> make_plan(const LinkMatrix& links, const PlanRequest& request, cons
       links.compute_tflops.size() != static_cast<size_t>(links.n) || links.memory_gb.size() != static_cast<size_t>(links.n))
     return make_error("make_plan: a link matrix of {} devices holds {} links", links.n, links.links.size());
   SN_TRY(check_plan_size(links.n));
+  // The simulator keeps per stage its op order and, per micro-batch, when its
+  // activations and gradients arrive: 32 bytes per stage and micro-batch.
+  SN_TRY(check_memory_for(32 * static_cast<uint64_t>(request.stages) * static_cast<uint64_t>(request.micro_batches),
+                          fmt::format("simulating {} stages x {} micro-batches", request.stages,
+                                      request.micro_batches)));
   // Sizes and times feed sums and divisions: each must be a finite figure.
   for (auto [what, value] : {std::pair<const char*, double>{"activation_bytes", request.activation_bytes},
                              {"gradient_bytes", request.gradient_bytes},

@@ -84,7 +84,8 @@ Status check_plan_size(int devices);
 // than that one), or "dtfm", DT-FM's cost alone. The other searches minimise DT-FM's
 // cost whatever the objective. Errors (exit code 2): P·D > N, sizes out of range,
 // non-finite links or request figures, a plan too large for this machine's memory
-// (check_plan_size), unknown algo, schedule or objective.
+// (check_plan_size, or the simulator's 32 bytes per stage and micro-batch), unknown
+// algo, schedule or objective.
 Result<Plan> make_plan(const LinkMatrix& links, const PlanRequest& request,
                        const std::string& algo, uint64_t seed);
 

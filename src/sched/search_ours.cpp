@@ -632,7 +632,7 @@ class TimeGrid {
     for (int k = 0; k < d_; ++k) {
       if (!dirty_col_[k]) continue;
       dirty_col_[k] = 0;
-      saved_cols_.push_back(k);
+      saved_cols_.emplace_back(k, saved_.size());
       double* done = &col_done_[static_cast<size_t>(k) * p_];
       saved_.insert(saved_.end(), done, done + p_);
       saved_.push_back(tied_[k]);
@@ -643,7 +643,7 @@ class TimeGrid {
     for (int s = 0; s < p_; ++s) {
       if (!dirty_row_[s]) continue;
       dirty_row_[s] = 0;
-      saved_rows_.push_back(s);
+      saved_rows_.emplace_back(s, saved_.size());
       saved_.push_back(ring_[s]);
       for (int k = 0; k < d_; ++k) row_[k] = at(s, k);
       ring_[s] = ring_allreduce_seconds(m_, r_, row_.data());
@@ -672,14 +672,13 @@ class TimeGrid {
       slot_of_[x] = it->first;
       slot_of_[y] = it->second;
     }
-    size_t i = 0;
-    for (int k : saved_cols_) {
-      std::copy(saved_.begin() + static_cast<std::ptrdiff_t>(i), saved_.begin() + static_cast<std::ptrdiff_t>(i + p_),
-                col_done_.begin() + static_cast<std::ptrdiff_t>(k) * p_);
-      tied_[k] = saved_[i + p_];
-      i += p_ + 1;
+    // Newest first, so that a figure saved twice ends at its oldest value.
+    for (auto it = saved_rows_.rbegin(); it != saved_rows_.rend(); ++it) ring_[it->first] = saved_[it->second];
+    for (auto it = saved_cols_.rbegin(); it != saved_cols_.rend(); ++it) {
+      const auto from = saved_.begin() + static_cast<std::ptrdiff_t>(it->second);
+      std::copy(from, from + p_, col_done_.begin() + static_cast<std::ptrdiff_t>(it->first) * p_);
+      tied_[it->first] = saved_[it->second + p_];
     }
-    for (int s : saved_rows_) ring_[s] = saved_[i++];
     std::fill(dirty_col_.begin(), dirty_col_.end(), 0);
     std::fill(dirty_row_.begin(), dirty_row_.end(), 0);
     if (!saved_cols_.empty() || !saved_rows_.empty()) totals();
@@ -727,7 +726,7 @@ class TimeGrid {
   double total_ = 0, sum_reduced_ = 0, sum_col_end_ = 0;
   std::vector<std::pair<int, int>> swaps_;
   std::vector<double> saved_;
-  std::vector<int> saved_cols_, saved_rows_;
+  std::vector<std::pair<int, size_t>> saved_cols_, saved_rows_;  // (column or row, offset in saved_)
 };
 
 struct TimeAnnealed {
