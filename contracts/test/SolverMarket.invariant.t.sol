@@ -2,6 +2,7 @@
 pragma solidity ^0.8.24;
 
 import {SolverMarket} from "../src/SolverMarket.sol";
+import {MerkleTree} from "./MerkleTree.sol";
 import {TestBase, Vm} from "./Vm.sol";
 
 /// Drives the market with random but well-formed moves from a few actors and keeps
@@ -65,40 +66,70 @@ contract MarketHandler {
         deposited += escrow;
     }
 
-    function commit(uint256 who, uint256 job) external {
-        if (jobIds.length == 0) return;
-        vm.prank(_actor(who));
-        try market.commit(jobIds[job % jobIds.length], bytes32(who | 0x100)) {} catch {}
+    uint48 internal constant LEAVES = 8;
+
+    function _leaves(address who) internal pure returns (bytes32[] memory leaves) {
+        leaves = new bytes32[](LEAVES);
+        for (uint256 t = 0; t < LEAVES; ++t) leaves[t] = keccak256(abi.encodePacked(who, t));
     }
 
-    function accept(uint256 who, uint256 job) external {
+    /// An interim commit (4 leaves) or the final one (8).
+    function commit(uint256 who, uint256 job, bool isFinal) external {
         if (jobIds.length == 0) return;
-        vm.prank(_actor(who));
-        try market.accept(jobIds[job % jobIds.length]) {} catch {}
+        address a = _actor(who);
+        vm.prank(a);
+        try market.commit(jobIds[job % jobIds.length], MerkleTree.root(_leaves(a)), isFinal ? LEAVES : 4, isFinal) {}
+            catch {}
+    }
+
+    /// The selected node takes the next seat, once the seed is known.
+    function accept(uint256 job) external {
+        if (jobIds.length == 0) return;
+        uint256 jobId = jobIds[job % jobIds.length];
+        try market.selectedVerifier(jobId, market.getJob(jobId).verifiersAccepted) returns (address chosen) {
+            if (chosen == address(0)) return;
+            vm.prank(chosen);
+            try market.accept(jobId) {} catch {}
+        } catch {}
     }
 
     function challenge(uint256 who, uint256 solver, uint256 job, uint8 span) external {
         if (jobIds.length == 0) return;
+        address s = _actor(solver);
+        bytes32[] memory leaves = _leaves(s);
+        uint48 hi = uint48(1 + span % (LEAVES - 1));
         vm.prank(_actor(who));
-        try market.challenge{value: 1 ether}(jobIds[job % jobIds.length], _actor(solver), 0, uint48(1 + span % 8))
-        returns (uint256 id) {
+        try market.challenge{value: 1 ether}(
+            jobIds[job % jobIds.length], s, 0, leaves[0], MerkleTree.proof(leaves, 0), hi, leaves[hi],
+            MerkleTree.proof(leaves, hi)
+        ) returns (uint256 id) {
             disputeIds.push(id);
             deposited += 1 ether;
         } catch {}
     }
 
-    function play(uint256 dispute, bool agree, bool solverWins) external {
+    function play(uint256 dispute, bool agree, bool solverWins, uint8 ops) external {
         if (disputeIds.length == 0) return;
         uint256 id = disputeIds[dispute % disputeIds.length];
-        (address challenger,, SolverMarket.Turn turn, address solver,,,, uint64 jobId,) = market.disputes(id);
-        if (turn == SolverMarket.Turn.Solver) {
-            vm.prank(solver);
-            market.claimMidpoint(id, bytes32(dispute));
-        } else if (turn == SolverMarket.Turn.Challenger) {
-            vm.prank(challenger);
+        SolverMarket.DisputeView memory d = market.getDispute(id);
+        if (block.number > d.deadline) return; // only timeout() may move it now
+        SolverMarket.Stage stage = d.stage;
+        if (stage == SolverMarket.Stage.StepClaim) {
+            uint256 mid = (uint256(d.lo) + d.hi) / 2;
+            bytes32[] memory leaves = _leaves(d.solver);
+            vm.prank(d.solver);
+            market.claimLeaf(id, leaves[mid], MerkleTree.proof(leaves, mid));
+        } else if (stage == SolverMarket.Stage.OpsPost) {
+            vm.prank(d.solver);
+            market.postOps(id, 2 + uint48(ops), bytes32(dispute), 0, 0, 0);
+        } else if (stage == SolverMarket.Stage.OpsClaim) {
+            vm.prank(d.solver);
+            market.claimOp(id, bytes32(dispute));
+        } else if (stage == SolverMarket.Stage.StepBisect || stage == SolverMarket.Stage.OpsBisect) {
+            vm.prank(d.challenger);
             market.bisect(id, agree);
-        } else if (turn == SolverMarket.Turn.Referee) {
-            vm.prank(market.getJob(jobId).referee);
+        } else if (stage == SolverMarket.Stage.Referee) {
+            vm.prank(market.getJob(d.jobId).referee);
             market.resolve(id, solverWins);
         }
     }
