@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "chain/chain.h"
+#include "core/merkle.h"
 
 using namespace sn;
 using namespace sn::chain;
@@ -70,18 +71,53 @@ int main() {
   ops["post_job_first_ever"] = receipt.gas_used;
   uint64_t job = CHECK_OK(submitter.post_job(terms, &receipt));
   ops["post_job_with_verifier_seat"] = receipt.gas_used;
+  // A solver's commitment over 1025 step leaves (1024 steps): interim, then final.
+  constexpr size_t kLeaves = 1025;
+  constexpr uint64_t kOps = 4096;
+  std::vector<Hash256> leaves, nodes;
+  for (size_t t = 0; t < kLeaves; ++t) leaves.push_back(keccak256(word(1000 + t)));
+  for (const auto& leaf : leaves) nodes.push_back(merkle_leaf(leaf, MerkleHash::keccak256));
+  std::vector<Hash256> half(nodes.begin(), nodes.begin() + 513);
+  ops["commit_first_interim"] =
+      CHECK_OK(solver.commit(job, merkle_root(half, MerkleHash::keccak256), half.size(), false)).gas_used;
+  ops["commit_final_after_interim"] =
+      CHECK_OK(solver.commit(job, merkle_root(nodes, MerkleHash::keccak256), kLeaves, true)).gas_used;
+  if (!chain->mine(2).ok()) return 1;  // the seed block and one after it
   ops["accept_verifier"] = CHECK_OK(verifier.accept(job)).gas_used;
-  ops["commit"] = CHECK_OK(solver.commit(job, keccak256(word(7)))).gas_used;
-  uint64_t dispute = CHECK_OK(verifier.challenge(job, solver.address(), 0, 1024, kEth, &receipt));
+  auto proof = [&](size_t index) { return merkle_proof(nodes, index, MerkleHash::keccak256).siblings; };
+  uint64_t dispute =
+      CHECK_OK(verifier.challenge(job, solver.address(), 0, leaves[0], proof(0), 1024, leaves[1024], proof(1024), kEth,
+                                  &receipt));
   ops["challenge"] = receipt.gas_used;
-  nlohmann::json rounds = nlohmann::json::array();
-  for (int round = 0; round < 10; ++round) {  // 1024 steps: 10 rounds to one step
-    auto claim = CHECK_OK(solver.claim_midpoint(dispute, word(100 + round))).gas_used;
+  nlohmann::json step_rounds = nlohmann::json::array(), op_rounds = nlohmann::json::array();
+  uint64_t solver_gas = 0, challenger_gas = receipt.gas_used;
+  for (int round = 0;; ++round) {  // 1024 steps: 10 rounds to one step
+    auto d = CHECK_OK(solver.dispute(dispute));
+    if (d.stage != DisputeStage::step_claim) break;
+    uint64_t mid = (d.lo + d.hi) / 2;
+    auto claim = CHECK_OK(solver.claim_leaf(dispute, leaves[mid], proof(mid))).gas_used;
     auto bisect = CHECK_OK(verifier.bisect(dispute, round % 2 == 0)).gas_used;
-    rounds.push_back({{"claim_midpoint", claim}, {"bisect", bisect}});
+    solver_gas += claim;
+    challenger_gas += bisect;
+    step_rounds.push_back({{"claim_leaf", claim}, {"bisect", bisect}});
   }
-  ops["dispute_rounds_1024_steps"] = rounds;
+  auto posted = CHECK_OK(solver.post_ops(dispute, kOps, word(7), word(8), word(9), word(10))).gas_used;
+  solver_gas += posted;
+  ops["post_ops"] = posted;
+  for (int round = 0;; ++round) {  // 4096 operations: 12 rounds to one operation
+    auto d = CHECK_OK(solver.dispute(dispute));
+    if (d.stage != DisputeStage::op_claim) break;
+    auto claim = CHECK_OK(solver.claim_op(dispute, word(5000 + round))).gas_used;
+    auto bisect = CHECK_OK(verifier.bisect(dispute, round % 2 == 1)).gas_used;
+    solver_gas += claim;
+    challenger_gas += bisect;
+    op_rounds.push_back({{"claim_op", claim}, {"bisect", bisect}});
+  }
+  ops["dispute_step_rounds_1024_steps"] = step_rounds;
+  ops["dispute_op_rounds_4096_ops"] = op_rounds;
   ops["resolve"] = CHECK_OK(submitter.resolve(dispute, true)).gas_used;
+  ops["dispute_total_solver"] = solver_gas;
+  ops["dispute_total_challenger"] = challenger_gas;
   if (!chain->mine(6).ok()) return 1;
   ops["finalize_1_solver_1_verifier"] = CHECK_OK(submitter.finalize(job)).gas_used;
   ops["withdraw"] = CHECK_OK(solver.withdraw()).gas_used;
@@ -104,7 +140,8 @@ int main() {
       uint64_t id = CHECK_OK(submitter.post_job(honest, &receipt));
       uint64_t post = receipt.gas_used;
       uint64_t commits = 0;
-      for (uint16_t i = 0; i < n; ++i) commits += CHECK_OK(solvers[i].commit(id, keccak256(word(i + 1)))).gas_used;
+      for (uint16_t i = 0; i < n; ++i)
+        commits += CHECK_OK(solvers[i].commit(id, keccak256(word(i + 1)), 1025, true)).gas_used;
       if (!chain->mine(6).ok()) return 1;
       uint64_t finalize = CHECK_OK(submitter.finalize(id)).gas_used;
       jobs.push_back({{"solvers", n},
@@ -131,7 +168,7 @@ int main() {
 
   nlohmann::json out = {
       {"bench", "chain"},
-      {"chain", "anvil (automine), SolverMarket compiled by solc 0.8.37 (optimizer 10000 runs, cancun)"},
+      {"chain", "anvil (automine), SolverMarket compiled by solc 0.8.37 (optimizer 5000 runs, cancun)"},
       {"gas", ops},
       {"honest_jobs", jobs},
       {"targets", {{"commit_max", 60000}, {"dispute_round_max", 80000}, {"settlement_per_solver_beyond_commit_max", 40000}}},

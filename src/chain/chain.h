@@ -209,7 +209,70 @@ struct JobTerms {
   Wei escrow() const { return price_per_solver * solver_count + verifier_fee * verifier_count; }
 };
 
+// Where a dispute stands (SolverMarket.Stage): whose move it is and what it is.
+enum class DisputeStage : uint8_t {
+  none = 0,
+  step_claim = 1,   // solver: claim_leaf at mid = (lo + hi) / 2
+  step_bisect = 2,  // challenger: bisect
+  ops_post = 3,     // solver: post_ops for step `step`
+  op_claim = 4,     // solver: claim_op at mid
+  op_bisect = 5,    // challenger: bisect
+  referee = 6,      // the job's referee: resolve (operation hi, chain hashes lo_hash → hi_hash)
+  closed = 7,
+};
+enum class DisputePhase { none, steps, ops, referee, closed };
+enum class DisputeTurn { none, solver, challenger, referee };
+DisputePhase phase_of(DisputeStage stage);
+DisputeTurn turn_of(DisputeStage stage);
+std::string_view stage_name(DisputeStage stage);  // "step_claim", …
+
+// SolverMarket.getDispute. Indices lo/hi are leaves (step phase) or operations (ops
+// phase, 0 … op_count); lo_hash is agreed, hi_hash the solver's; mid_hash the solver's
+// last claim. deadline: the last block for the party whose turn it is.
+struct DisputeState {
+  DisputeStage stage = DisputeStage::none;
+  DisputePhase phase = DisputePhase::none;
+  DisputeTurn turn = DisputeTurn::none;
+  uint64_t job = 0;
+  Address solver{}, challenger{};
+  uint64_t step = 0;  // the disputed step t (leaf t), once narrowed to one step
+  uint64_t lo = 0, hi = 0, op_count = 0;
+  Hash256 lo_hash{}, hi_hash{}, mid_hash{};
+  uint64_t deadline = 0;
+  Wei bond = 0;
+};
+
+// A solver's commitment as the market holds it (root zero: none, slashed or paid).
+struct CommitState {
+  Hash256 root{};
+  uint64_t leaf_count = 0;
+  bool is_final = false;
+};
+
+// SolverMarket.getJob: the terms and the job's progress.
+struct JobState {
+  Address submitter{}, referee{};
+  uint16_t solver_count = 0, verifier_count = 0;
+  Wei price_per_solver = 0, verifier_fee = 0, stake_per_role = 0;
+  uint64_t commit_deadline = 0, challenge_window = 0, last_commit_block = 0;
+  uint16_t committed = 0, verifiers_accepted = 0, open_disputes = 0, seated = 0;
+  bool finalized = false, all_final = false;
+};
+
+// What the contract recomputes of the operation chain (docs/contracts.md):
+// r_0 = K("solvernet/ops/v1" ‖ leaf_{t-1}); the `commit` operation's record hash (inputs
+// state, inbound, outbound; output leaf); one link r_j = K(r_{j-1} ‖ record_j).
+Hash256 ops_start(const Hash256& leaf_prev);
+Hash256 commit_record_hash(const Hash256& state, const Hash256& inbound, const Hash256& outbound, const Hash256& leaf);
+Hash256 ops_link(const Hash256& r_prev, const Hash256& record);
+
+// Every SolverMarket event's signature (topic 0 is its Keccak-256), for log readers.
+const std::vector<std::string_view>& market_events();
+
 // One key's view of the market. Thread-safe (the Wallet serialises nonces).
+// Transactions revert with the contract's reason (e.g. "not the solver's turn",
+// "bad Merkle proof", "turn deadline passed"), returned as the error message; a
+// reverted call changes nothing on chain.
 class MarketClient {
  public:
   // JOURNAL: see Wallet (a node passes DATA_DIR/chain.journal).
@@ -222,6 +285,7 @@ class MarketClient {
   const Address& address() const { return wallet_.address(); }
   const Deployment& deployment() const { return deployment_; }
   Wallet& wallet() { return wallet_; }
+  const RpcClient& rpc() const { return *rpc_; }
 
   // ACTION names the call for the journal's exactly-once (see Wallet); empty: none.
   Result<Receipt> register_node(const Hash256& node_id, Wei stake, std::string_view action = {});
@@ -230,13 +294,39 @@ class MarketClient {
   Result<Receipt> withdraw();
   // Returns the new job's id (from its JobPosted event).
   Result<uint64_t> post_job(const JobTerms& terms, Receipt* receipt = nullptr);
+  // Commits ROOT over LEAF_COUNT leaves (< 2^48). The first commit takes a seat and
+  // locks stakePerRole; until IS_FINAL, later ones replace the root (leaf_count must grow).
+  Result<Receipt> commit(uint64_t job_id, const Hash256& root, uint64_t leaf_count, bool is_final,
+                         std::string_view action = {});
+  // K(blockhash(seed block) ‖ job): errors ("commits not final yet", "seed block not
+  // mined yet") until it exists. The same seed picks the segments a verifier replays.
+  // (An automining dev chain makes a block per transaction only: DevChain::mine(2)
+  // after the last commit makes the seed block and one after it.)
+  Result<Hash256> verifier_seed(uint64_t job_id) const;
+  // The node that may take verifier seat SEAT at the latest block (zero address: none
+  // eligible). A selected node that stays silent turn_blocks is passed over.
+  Result<Address> selected_verifier(uint64_t job_id, uint64_t seat) const;
+  // Takes the next verifier seat; only the selected verifier may.
   Result<Receipt> accept(uint64_t job_id, std::string_view action = {});
-  Result<Receipt> commit(uint64_t job_id, const Hash256& root, std::string_view action = {});
-  Result<uint64_t> challenge(uint64_t job_id, const Address& solver, uint64_t lo, uint64_t hi,
-                             Wei bond, Receipt* receipt = nullptr);
-  Result<Receipt> claim_midpoint(uint64_t dispute_id, const Hash256& state_hash);
+  // Disputes SOLVER's commit: agrees with leaf LO, disputes leaf HI (lo < hi < leaf
+  // count), each with its Merkle proof (siblings bottom-up, as core/merkle.h's
+  // merkle_proof(leaves, index, MerkleHash::keccak256).siblings). Returns the dispute id.
+  Result<uint64_t> challenge(uint64_t job_id, const Address& solver, uint64_t lo, const Hash256& lo_leaf,
+                             const std::vector<Hash256>& lo_proof, uint64_t hi, const Hash256& hi_leaf,
+                             const std::vector<Hash256>& hi_proof, Wei bond, Receipt* receipt = nullptr);
+  // Solver, step phase: its leaf at mid = (lo + hi) / 2 with the proof.
+  Result<Receipt> claim_leaf(uint64_t dispute_id, const Hash256& leaf, const std::vector<Hash256>& proof);
+  // Challenger, either phase: whether it agrees with the solver's claim at mid.
   Result<Receipt> bisect(uint64_t dispute_id, bool agree);
+  // Solver, opening the operation phase of step t = hi: the step's operation count m
+  // (≥ 1), r_{m-1} and the commit operation's inputs.
+  Result<Receipt> post_ops(uint64_t dispute_id, uint64_t op_count, const Hash256& r_prev, const Hash256& state_hash,
+                           const Hash256& inbound_digest, const Hash256& outbound_digest);
+  // Solver, operation phase: the chain hash r_mid after operation mid = (lo + hi) / 2.
+  Result<Receipt> claim_op(uint64_t dispute_id, const Hash256& r_mid);
+  // The job's referee, within refereeBlocks of the referee's turn.
   Result<Receipt> resolve(uint64_t dispute_id, bool solver_wins);
+  // Anyone, after the deadline: the silent party loses; a silent referee cancels.
   Result<Receipt> timeout(uint64_t dispute_id);
   // Pays the job's live solvers and verifiers, read from its events.
   Result<Receipt> finalize(uint64_t job_id);
@@ -245,7 +335,16 @@ class MarketClient {
   Result<Wei> withdrawable_of(const Address& account) const;
   Result<Wei> balance_of(const Address& account) const { return rpc_->balance(account); }
   Result<bool> is_registered(const Address& node) const;
+  Result<bool> is_verifier(uint64_t job_id, const Address& account) const;
   Result<Hash256> commit_of(uint64_t job_id, const Address& solver) const;
+  Result<CommitState> commit_state(uint64_t job_id, const Address& solver) const;
+  Result<JobState> job(uint64_t job_id) const;
+  // The dispute over SOLVER's commit in the job, 0 if never challenged.
+  Result<uint64_t> dispute_of(uint64_t job_id, const Address& solver) const;
+  Result<DisputeState> dispute(uint64_t dispute_id) const;
+  // Whether LEAF is leaf INDEX of the COUNT-leaf tree ROOT, as the contract checks it.
+  Result<bool> verify_leaf(const Hash256& root, uint64_t count, uint64_t index, const Hash256& leaf,
+                           const std::vector<Hash256>& proof) const;
 
  private:
   Result<Receipt> call_market(std::string_view signature, const Bytes& args, Wei value = 0,
@@ -262,6 +361,8 @@ Bytes selector(std::string_view signature);
 void put_uint(Bytes& out, Wei value);
 void put_address(Bytes& out, const Address& address);
 void put_bytes32(Bytes& out, const Hash256& word);
+// A bytes32[] tail: length, then the words.
+void put_bytes32_array(Bytes& out, const std::vector<Hash256>& words);
 Result<std::string> decode_revert(std::span<const uint8_t> data);  // Error(string)
 }  // namespace abi
 

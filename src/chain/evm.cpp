@@ -192,6 +192,10 @@ void put_address(Bytes& out, const Address& address) {
 }
 
 void put_bytes32(Bytes& out, const Hash256& word) { out.insert(out.end(), word.begin(), word.end()); }
+void put_bytes32_array(Bytes& out, const std::vector<Hash256>& words) {
+  put_uint(out, words.size());
+  for (const auto& word : words) put_bytes32(out, word);
+}
 
 Result<std::string> decode_revert(std::span<const uint8_t> data) {
   static const Bytes error_selector = selector("Error(string)");

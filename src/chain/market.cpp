@@ -24,6 +24,22 @@ Wei word_to_uint(std::span<const uint8_t> word) {
   return out;
 }
 
+uint64_t uint_at(const Bytes& out, size_t index) {
+  return static_cast<uint64_t>(word_to_uint(std::span<const uint8_t>(out).subspan(index * 32, 32)));
+}
+
+Hash256 word_at(const Bytes& out, size_t index) {
+  Hash256 word;
+  std::copy(out.begin() + index * 32, out.begin() + (index + 1) * 32, word.begin());
+  return word;
+}
+
+Address address_at(const Bytes& out, size_t index) {
+  Address address;
+  std::copy(out.begin() + index * 32 + 12, out.begin() + (index + 1) * 32, address.begin());
+  return address;
+}
+
 std::string to_quantity(Wei value) {
   uint64_t high = static_cast<uint64_t>(value >> 64), low = static_cast<uint64_t>(value);
   return high ? fmt::format("0x{:x}{:016x}", high, low) : fmt::format("0x{:x}", low);
@@ -92,7 +108,14 @@ std::filesystem::path foundry_tool(const std::string& name, const std::filesyste
 
 static Result<nlohmann::json> load_artifact(const std::filesystem::path& contracts_dir) {
   auto artifact = contracts_dir / "out" / "SolverMarket.sol" / "SolverMarket.json";
-  if (!std::filesystem::exists(artifact)) {
+  // Rebuilt when missing or older than the source: a checkout that changed the contract
+  // must not deploy the previous one (whose calls would then revert without a reason).
+  std::error_code ec;
+  auto source = contracts_dir / "src" / "SolverMarket.sol";
+  bool stale = !std::filesystem::exists(artifact) ||
+               (std::filesystem::exists(source) &&
+                std::filesystem::last_write_time(source, ec) > std::filesystem::last_write_time(artifact, ec));
+  if (stale) {
     // forge builds offline with the solc-js front; run it in the contracts folder.
     auto forge = foundry_tool("forge", contracts_dir);
     auto built = run_command({"/bin/sh", "-c",
@@ -244,25 +267,55 @@ Result<Receipt> MarketClient::accept(uint64_t job_id, std::string_view action) {
   return call_market("accept(uint256)", args, 0, action);
 }
 
-Result<Receipt> MarketClient::commit(uint64_t job_id, const Hash256& root, std::string_view action) {
+Result<Receipt> MarketClient::commit(uint64_t job_id, const Hash256& root, uint64_t leaf_count, bool is_final,
+                                     std::string_view action) {
+  if (leaf_count == 0 || leaf_count >> 48)
+    return input_error("commit: leaf count must be in 1 … 2^48 − 1, got {}", leaf_count);
   Bytes args;
   abi::put_uint(args, job_id);
   abi::put_bytes32(args, root);
-  return call_market("commit(uint256,bytes32)", args, 0, action);
+  abi::put_uint(args, leaf_count);
+  abi::put_uint(args, is_final ? 1 : 0);
+  return call_market("commit(uint256,bytes32,uint48,bool)", args, 0, action);
 }
 
-Result<uint64_t> MarketClient::challenge(uint64_t job_id, const Address& solver, uint64_t lo, uint64_t hi,
-                                         Wei bond, Receipt* receipt_out) {
+Result<Hash256> MarketClient::verifier_seed(uint64_t job_id) const {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  SN_ASSIGN(Bytes out, view("verifierSeed(uint256)", args));
+  return word_at(out, 0);
+}
+
+Result<Address> MarketClient::selected_verifier(uint64_t job_id, uint64_t seat) const {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  abi::put_uint(args, seat);
+  SN_ASSIGN(Bytes out, view("selectedVerifier(uint256,uint256)", args));
+  return address_at(out, 0);
+}
+
+Result<uint64_t> MarketClient::challenge(uint64_t job_id, const Address& solver, uint64_t lo, const Hash256& lo_leaf,
+                                         const std::vector<Hash256>& lo_proof, uint64_t hi, const Hash256& hi_leaf,
+                                         const std::vector<Hash256>& hi_proof, Wei bond, Receipt* receipt_out) {
+  if (lo >> 48 || hi >> 48) return input_error("challenge: leaf indices must be < 2^48");
+  constexpr size_t kHead = 8 * 32;  // the static head; the two proofs follow as tails
   Bytes args;
   abi::put_uint(args, job_id);
   abi::put_address(args, solver);
   abi::put_uint(args, lo);
+  abi::put_bytes32(args, lo_leaf);
+  abi::put_uint(args, kHead);
   abi::put_uint(args, hi);
-  SN_ASSIGN(Receipt receipt, call_market("challenge(uint256,address,uint48,uint48)", args, bond));
-  static const Hash256 topic =
-      keccak256(as_bytes("Challenged(uint256,uint256,address,address,uint48,uint48,uint256)"));
+  abi::put_bytes32(args, hi_leaf);
+  abi::put_uint(args, kHead + 32 * (1 + lo_proof.size()));
+  abi::put_bytes32_array(args, lo_proof);
+  abi::put_bytes32_array(args, hi_proof);
+  SN_ASSIGN(Receipt receipt,
+            call_market("challenge(uint256,address,uint48,bytes32,bytes32[],uint48,bytes32,bytes32[])", args, bond));
+  static const Hash256 topic = keccak256(
+      as_bytes("Challenged(uint256,uint256,address,address,uint48,uint48,bytes32,bytes32,uint256,uint32)"));
   for (const auto& log : receipt.logs) {
-    if (log.topics.size() == 4 && log.topics[0] == topic) {
+    if (log.address == deployment_.market && log.topics.size() == 4 && log.topics[0] == topic) {
       if (receipt_out) *receipt_out = receipt;
       return static_cast<uint64_t>(word_to_uint(log.topics[2]));
     }
@@ -270,11 +323,35 @@ Result<uint64_t> MarketClient::challenge(uint64_t job_id, const Address& solver,
   return make_error("challenge: receipt has no Challenged event");
 }
 
-Result<Receipt> MarketClient::claim_midpoint(uint64_t dispute_id, const Hash256& state_hash) {
+Result<Receipt> MarketClient::claim_leaf(uint64_t dispute_id, const Hash256& leaf, const std::vector<Hash256>& proof) {
   Bytes args;
   abi::put_uint(args, dispute_id);
+  abi::put_bytes32(args, leaf);
+  abi::put_uint(args, 3 * 32);
+  abi::put_bytes32_array(args, proof);
+  return call_market("claimLeaf(uint256,bytes32,bytes32[])", args);
+}
+
+Result<Receipt> MarketClient::post_ops(uint64_t dispute_id, uint64_t op_count, const Hash256& r_prev,
+                                       const Hash256& state_hash, const Hash256& inbound_digest,
+                                       const Hash256& outbound_digest) {
+  if (op_count == 0 || op_count >> 48)
+    return input_error("postOps: operation count must be in 1 … 2^48 − 1, got {}", op_count);
+  Bytes args;
+  abi::put_uint(args, dispute_id);
+  abi::put_uint(args, op_count);
+  abi::put_bytes32(args, r_prev);
   abi::put_bytes32(args, state_hash);
-  return call_market("claimMidpoint(uint256,bytes32)", args);
+  abi::put_bytes32(args, inbound_digest);
+  abi::put_bytes32(args, outbound_digest);
+  return call_market("postOps(uint256,uint48,bytes32,bytes32,bytes32,bytes32)", args);
+}
+
+Result<Receipt> MarketClient::claim_op(uint64_t dispute_id, const Hash256& r_mid) {
+  Bytes args;
+  abi::put_uint(args, dispute_id);
+  abi::put_bytes32(args, r_mid);
+  return call_market("claimOp(uint256,bytes32)", args);
 }
 
 Result<Receipt> MarketClient::bisect(uint64_t dispute_id, bool agree) {
@@ -320,7 +397,7 @@ Result<Receipt> MarketClient::finalize(uint64_t job_id) {
     }
     return out;
   };
-  SN_ASSIGN(auto committed, participants("Committed(uint256,address,bytes32)"));
+  SN_ASSIGN(auto committed, participants("Committed(uint256,address,bytes32,uint48,bool)"));
   SN_ASSIGN(auto verifiers, participants("VerifierAccepted(uint256,address)"));
   std::vector<Address> solvers;
   for (const auto& solver : committed) {
@@ -364,9 +441,208 @@ Result<Hash256> MarketClient::commit_of(uint64_t job_id, const Address& solver) 
   abi::put_uint(args, job_id);
   abi::put_address(args, solver);
   SN_ASSIGN(Bytes out, view("commitOf(uint256,address)", args));
-  Hash256 root;
-  std::copy(out.begin(), out.begin() + 32, root.begin());
-  return root;
+  return word_at(out, 0);
+}
+
+Result<bool> MarketClient::is_verifier(uint64_t job_id, const Address& account) const {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  abi::put_address(args, account);
+  SN_ASSIGN(Bytes out, view("isVerifier(uint256,address)", args));
+  return uint_at(out, 0) != 0;
+}
+
+Result<CommitState> MarketClient::commit_state(uint64_t job_id, const Address& solver) const {
+  CommitState state;
+  SN_ASSIGN(state.root, commit_of(job_id, solver));
+  Bytes args;
+  abi::put_uint(args, job_id);
+  abi::put_address(args, solver);
+  SN_ASSIGN(Bytes out, view("commitInfo(uint256,address)", args));
+  if (out.size() < 64) return make_error("commitInfo: answer too short ({} bytes)", out.size());
+  state.leaf_count = uint_at(out, 0);
+  state.is_final = uint_at(out, 1) != 0;
+  return state;
+}
+
+Result<JobState> MarketClient::job(uint64_t job_id) const {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  SN_ASSIGN(Bytes out, view("getJob(uint256)", args));
+  if (out.size() < 16 * 32) return make_error("getJob: answer too short ({} bytes)", out.size());
+  auto wei_at = [&](size_t index) { return word_to_uint(std::span<const uint8_t>(out).subspan(index * 32, 32)); };
+  JobState job;
+  job.submitter = address_at(out, 0);
+  job.referee = address_at(out, 1);
+  job.solver_count = static_cast<uint16_t>(uint_at(out, 2));
+  job.verifier_count = static_cast<uint16_t>(uint_at(out, 3));
+  job.price_per_solver = wei_at(4);
+  job.verifier_fee = wei_at(5);
+  job.stake_per_role = wei_at(6);
+  job.commit_deadline = uint_at(out, 7);
+  job.challenge_window = uint_at(out, 8);
+  job.last_commit_block = uint_at(out, 9);
+  job.committed = static_cast<uint16_t>(uint_at(out, 10));
+  job.verifiers_accepted = static_cast<uint16_t>(uint_at(out, 11));
+  job.open_disputes = static_cast<uint16_t>(uint_at(out, 12));
+  job.finalized = uint_at(out, 13) != 0;
+  job.seated = static_cast<uint16_t>(uint_at(out, 14));
+  job.all_final = uint_at(out, 15) != 0;
+  if (job.solver_count == 0) return kind_error(ErrorKind::not_found, "job {} does not exist", job_id);
+  return job;
+}
+
+Result<uint64_t> MarketClient::dispute_of(uint64_t job_id, const Address& solver) const {
+  Bytes args;
+  abi::put_uint(args, job_id);
+  abi::put_address(args, solver);
+  SN_ASSIGN(Bytes out, view("disputeOf(uint256,address)", args));
+  return uint_at(out, 0);
+}
+
+Result<DisputeState> MarketClient::dispute(uint64_t dispute_id) const {
+  Bytes args;
+  abi::put_uint(args, dispute_id);
+  SN_ASSIGN(Bytes out, view("getDispute(uint256)", args));
+  if (out.size() < 13 * 32) return make_error("getDispute: answer too short ({} bytes)", out.size());
+  DisputeState d;
+  uint64_t stage = uint_at(out, 0);
+  if (stage > static_cast<uint64_t>(DisputeStage::closed)) return make_error("getDispute: unknown stage {}", stage);
+  d.stage = static_cast<DisputeStage>(stage);
+  if (d.stage == DisputeStage::none) return kind_error(ErrorKind::not_found, "dispute {} does not exist", dispute_id);
+  d.phase = phase_of(d.stage);
+  d.turn = turn_of(d.stage);
+  d.job = uint_at(out, 1);
+  d.solver = address_at(out, 2);
+  d.challenger = address_at(out, 3);
+  d.step = uint_at(out, 4);
+  d.lo = uint_at(out, 5);
+  d.hi = uint_at(out, 6);
+  d.op_count = uint_at(out, 7);
+  d.lo_hash = word_at(out, 8);
+  d.hi_hash = word_at(out, 9);
+  d.mid_hash = word_at(out, 10);
+  d.deadline = uint_at(out, 11);
+  d.bond = word_to_uint(std::span<const uint8_t>(out).subspan(12 * 32, 32));
+  return d;
+}
+
+Result<bool> MarketClient::verify_leaf(const Hash256& root, uint64_t count, uint64_t index, const Hash256& leaf,
+                                       const std::vector<Hash256>& proof) const {
+  Bytes args;
+  abi::put_bytes32(args, root);
+  abi::put_uint(args, count);
+  abi::put_uint(args, index);
+  abi::put_bytes32(args, leaf);
+  abi::put_uint(args, 5 * 32);
+  abi::put_bytes32_array(args, proof);
+  SN_ASSIGN(Bytes out, view("verifyLeaf(bytes32,uint256,uint256,bytes32,bytes32[])", args));
+  return uint_at(out, 0) != 0;
+}
+
+const std::vector<std::string_view>& market_events() {
+  static const std::vector<std::string_view> events = {
+      "NodeRegistered(address,bytes32)",
+      "Staked(address,uint256,uint256)",
+      "UnstakeRequested(address,uint256,uint64)",
+      "Withdrawn(address,uint256)",
+      "JobPosted(uint256,address,address,bytes32)",
+      "VerifierAccepted(uint256,address)",
+      "Committed(uint256,address,bytes32,uint48,bool)",
+      "Challenged(uint256,uint256,address,address,uint48,uint48,bytes32,bytes32,uint256,uint32)",
+      "LeafClaimed(uint256,uint48,bytes32,uint32)",
+      "OpsPosted(uint256,uint48,uint48,bytes32,bytes32,bytes32,bytes32,bytes32,uint32)",
+      "OpClaimed(uint256,uint48,bytes32,uint32)",
+      "Bisected(uint256,uint8,uint48,uint48,uint32)",
+      "RefereeTurn(uint256,uint48,uint48,bytes32,bytes32,uint32)",
+      "DisputeResolved(uint256,address,address,uint256,uint256,bool)",
+      "DisputeCancelled(uint256)",
+      "JobFinalized(uint256,uint256,uint256,uint256)"};
+  return events;
+}
+
+// ------------------------------------------------------------------ operation chain
+
+Hash256 ops_start(const Hash256& leaf_prev) {
+  Bytes data;
+  auto tag = as_bytes("solvernet/ops/v1");
+  data.insert(data.end(), tag.begin(), tag.end());
+  data.insert(data.end(), leaf_prev.begin(), leaf_prev.end());
+  return keccak256(data);
+}
+
+Hash256 commit_record_hash(const Hash256& state, const Hash256& inbound, const Hash256& outbound, const Hash256& leaf) {
+  // abi.encodePacked("solvernet/op/v1", K(kind), uint32 layer, uint32 micro, uint32 n_in,
+  // (K(name), hash)…, uint32 n_out, (K(name), hash)…), as the contract builds it.
+  Bytes data;
+  auto put = [&](std::span<const uint8_t> bytes) { data.insert(data.end(), bytes.begin(), bytes.end()); };
+  auto put_u32 = [&](uint32_t v) {
+    for (int shift = 24; shift >= 0; shift -= 8) data.push_back(static_cast<uint8_t>(v >> shift));
+  };
+  auto named = [&](std::string_view name, const Hash256& hash) {
+    put(keccak256(as_bytes(name)));
+    put(hash);
+  };
+  put(as_bytes("solvernet/op/v1"));
+  put(keccak256(as_bytes("commit")));
+  put_u32(0);
+  put_u32(0);
+  put_u32(3);
+  named("state", state);
+  named("inbound", inbound);
+  named("outbound", outbound);
+  put_u32(1);
+  named("leaf", leaf);
+  return keccak256(data);
+}
+
+Hash256 ops_link(const Hash256& r_prev, const Hash256& record) {
+  std::array<uint8_t, 64> data;
+  std::copy(r_prev.begin(), r_prev.end(), data.begin());
+  std::copy(record.begin(), record.end(), data.begin() + 32);
+  return keccak256(data);
+}
+
+DisputePhase phase_of(DisputeStage stage) {
+  switch (stage) {
+    case DisputeStage::step_claim:
+    case DisputeStage::step_bisect: return DisputePhase::steps;
+    case DisputeStage::ops_post:
+    case DisputeStage::op_claim:
+    case DisputeStage::op_bisect: return DisputePhase::ops;
+    case DisputeStage::referee: return DisputePhase::referee;
+    case DisputeStage::closed: return DisputePhase::closed;
+    case DisputeStage::none: break;
+  }
+  return DisputePhase::none;
+}
+
+DisputeTurn turn_of(DisputeStage stage) {
+  switch (stage) {
+    case DisputeStage::step_claim:
+    case DisputeStage::ops_post:
+    case DisputeStage::op_claim: return DisputeTurn::solver;
+    case DisputeStage::step_bisect:
+    case DisputeStage::op_bisect: return DisputeTurn::challenger;
+    case DisputeStage::referee: return DisputeTurn::referee;
+    case DisputeStage::none:
+    case DisputeStage::closed: break;
+  }
+  return DisputeTurn::none;
+}
+
+std::string_view stage_name(DisputeStage stage) {
+  switch (stage) {
+    case DisputeStage::none: return "none";
+    case DisputeStage::step_claim: return "step_claim";
+    case DisputeStage::step_bisect: return "step_bisect";
+    case DisputeStage::ops_post: return "ops_post";
+    case DisputeStage::op_claim: return "op_claim";
+    case DisputeStage::op_bisect: return "op_bisect";
+    case DisputeStage::referee: return "referee";
+    case DisputeStage::closed: return "closed";
+  }
+  return "unknown";
 }
 
 // ------------------------------------------------------------------ dev chain

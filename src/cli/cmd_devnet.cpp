@@ -316,7 +316,7 @@ int run_devnet(const DevnetArgs& args) {
     for (const auto& stage : (*summary)["placement"]["stages"])
       for (const auto& member : stage) solvers.push_back(member["node_id"].get<std::string>());
     auto roots = (*summary)["member_commitments"].get<std::vector<std::string>>();
-    auto settled = settlement->commit_and_finalize(chain_job, solvers, roots);
+    auto settled = settlement->commit_and_finalize(chain_job, solvers, roots, std::max<uint64_t>(1, spec.job.train.steps));
     if (!settled.ok()) return fail("devnet", "chain: " + settled.message());
     auto after = settlement->balances();
     if (!after.ok()) return fail("devnet", "chain: " + after.message());

@@ -146,17 +146,9 @@ int run_history(const WalletArgs& args) {
                                         {"fromBlock", fmt::format("0x{:x}", deployment->deploy_block)},
                                         {"toBlock", "latest"}}});
   if (!logs.ok()) return fail("wallet history", logs.message());
-  static const char* kEvents[] = {
-      "NodeRegistered(address,bytes32)", "Staked(address,uint256,uint256)",
-      "UnstakeRequested(address,uint256,uint64)", "Withdrawn(address,uint256)",
-      "JobPosted(uint256,address,address,bytes32)", "VerifierAccepted(uint256,address)",
-      "Committed(uint256,address,bytes32)", "Challenged(uint256,uint256,address,address,uint48,uint48,uint256)",
-      "MidpointClaimed(uint256,uint48,bytes32,uint64)", "Bisected(uint256,uint48,uint48,uint64)",
-      "DisputeResolved(uint256,address,address,uint256,uint256,bool)",
-      "JobFinalized(uint256,uint256,uint256,uint256)"};
   std::map<std::string, std::string> names;
-  for (const char* event : kEvents)
-    names[chain::hex0x(chain::keccak256(as_bytes(event)))] = std::string(event).substr(0, std::string(event).find('('));
+  for (std::string_view event : chain::market_events())
+    names[chain::hex0x(chain::keccak256(as_bytes(event)))] = std::string(event.substr(0, event.find('(')));
   std::string padded = "0x000000000000000000000000" + chain::address_hex(address).substr(2);
   nlohmann::json out = nlohmann::json::array();
   if (!logs->is_array()) return fail("wallet history", "RPC answer: eth_getLogs result is not an array");

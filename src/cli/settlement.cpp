@@ -69,12 +69,12 @@ Result<uint64_t> DevnetSettlement::post_job(int solvers, const std::string& job_
 }
 
 Status DevnetSettlement::commit_and_finalize(uint64_t job_id, const std::vector<std::string>& solver_node_ids,
-                                             const std::vector<std::string>& roots_hex) {
+                                             const std::vector<std::string>& roots_hex, uint64_t leaf_count) {
   for (size_t i = 0; i < solver_node_ids.size(); ++i) {
     auto it = impl_->nodes.find(solver_node_ids[i]);
     if (it == impl_->nodes.end()) return make_error("node {} is not staked", solver_node_ids[i].substr(0, 8));
     SN_ASSIGN(Hash256 root, hash_from_hex(roots_hex.at(i)));
-    auto committed = it->second->commit(job_id, root);
+    auto committed = it->second->commit(job_id, root, leaf_count, true);
     if (!committed.ok()) return make_error("node {} could not commit: {}", solver_node_ids[i].substr(0, 8), committed.message());
   }
   SN_TRY(impl_->chain->mine(impl_->window_blocks + 1));

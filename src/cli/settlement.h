@@ -28,9 +28,10 @@ class DevnetSettlement {
 
   // Posts the job with escrow for SOLVERS solvers; returns the job id.
   Result<uint64_t> post_job(int solvers, const std::string& job_name);
-  // SOLVERS[i] commits ROOTS[i] (hex), the window passes, the job is finalized.
+  // SOLVERS[i] commits ROOTS[i] (hex) over LEAF_COUNT leaves, final; the window
+  // passes, the job is finalized.
   Status commit_and_finalize(uint64_t job_id, const std::vector<std::string>& solver_node_ids,
-                             const std::vector<std::string>& roots_hex);
+                             const std::vector<std::string>& roots_hex, uint64_t leaf_count);
   // Balance, free stake and withdrawable payout (wei, as decimal strings) of every node and the submitter.
   Result<nlohmann::json> balances() const;
   std::string rpc_url() const;

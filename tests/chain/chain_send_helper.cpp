@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
       if (static_cast<size_t>(i / 3) >= jobs.size()) return die("too few jobs for " + name);
       Hash256 root{};
       root.fill(static_cast<uint8_t>(0x10 + i));
-      done = market->commit(jobs[static_cast<size_t>(i / 3)], root, name);
+      done = market->commit(jobs[static_cast<size_t>(i / 3)], root, 1, true, name);
     }
     if (!done.ok()) return die(name + ": " + done.message());
   }

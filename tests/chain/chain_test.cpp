@@ -13,6 +13,7 @@
 
 #include "chain/chain.h"
 #include "core/fs.h"
+#include "core/merkle.h"
 #include "core/process.h"
 
 using namespace sn;
@@ -150,39 +151,6 @@ TEST(ChainRpc, HostileAnswersAreErrorsNotCrashes) {
   }
 }
 
-TEST_F(ChainTest, HonestJobPaysSolversAndUnlocksStakes) {
-  MarketClient submitter = funded_node(0, 0);
-  MarketClient a = funded_node(1, 5 * kEth);
-  MarketClient b = funded_node(2, 5 * kEth);
-  MarketClient verifier = funded_node(3, 5 * kEth);
-  JobTerms terms;
-  terms.solver_count = 2;
-  terms.verifier_count = 1;
-  terms.price_per_solver = 2 * kEth;
-  terms.verifier_fee = kEth / 2;
-  terms.stake_per_role = kEth;
-  terms.challenge_window_blocks = 5;
-  terms.referee = submitter.address();
-  auto job = submitter.post_job(terms);
-  ASSERT_TRUE(job.ok()) << job.message();
-  ASSERT_TRUE(verifier.accept(*job).ok());
-  ASSERT_TRUE(a.commit(*job, word(0xaa)).ok());
-  ASSERT_TRUE(b.commit(*job, word(0xbb)).ok());
-  EXPECT_EQ(*a.stake_of(a.address()), 4 * kEth);
-  auto early = submitter.finalize(*job);
-  ASSERT_FALSE(early.ok());
-  EXPECT_NE(early.message().find("challenge window not over"), std::string::npos) << early.message();
-  ASSERT_TRUE(chain_->mine(6).ok());
-  auto finalized = submitter.finalize(*job);
-  ASSERT_TRUE(finalized.ok()) << finalized.message();
-  EXPECT_EQ(*a.stake_of(a.address()), 5 * kEth);
-  EXPECT_EQ(*a.withdrawable_of(a.address()), 2 * kEth);
-  EXPECT_EQ(*a.withdrawable_of(verifier.address()), kEth / 2);
-  Wei before = *a.balance_of(a.address());
-  ASSERT_TRUE(a.withdraw().ok());
-  EXPECT_GT(*a.balance_of(a.address()), before + 2 * kEth - kEth / 100);  // minus gas
-}
-
 TEST_F(ChainTest, RevertComesBackAsTheContractsReason) {
   MarketClient a = funded_node(4, 5 * kEth);
   auto again = a.register_node(word(5), 0);
@@ -266,36 +234,331 @@ TEST_F(ChainTest, RestartedWalletPicksUpTheChainsNonce) {
   EXPECT_FALSE(again.ok());
 }
 
-TEST_F(ChainTest, DisputeNarrowsAndRefereeSlashes) {
-  MarketClient referee = funded_node(0, 0);
-  MarketClient solver = funded_node(8, 5 * kEth);
-  MarketClient verifier = funded_node(9, 5 * kEth);
+// The same fixed vector as contracts/test/SolverMarket.t.sol (and js-sha3): C++'s Keccak
+// Merkle tree, proofs and operation-chain hashes are the ones the contract checks.
+TEST(ChainEncoding, MerkleVectorMatchesTheContracts) {
+  auto word_of = [](uint64_t t) {
+    Hash256 w{};
+    for (int i = 0; i < 8; ++i) w[31 - i] = static_cast<uint8_t>(t >> (8 * i));
+    return w;
+  };
+  std::vector<Hash256> leaves, nodes;
+  for (uint64_t t = 0; t < 5; ++t) leaves.push_back(keccak256(word_of(t)));
+  for (const auto& leaf : leaves) nodes.push_back(merkle_leaf(leaf, MerkleHash::keccak256));
+  EXPECT_EQ(to_hex(merkle_root(nodes, MerkleHash::keccak256)),
+            "e9f03fd6cde449589c5ae1a7372890d88446d3dbcd1b5301da3ea99f6920d219");
+  auto proof3 = merkle_proof(nodes, 3, MerkleHash::keccak256).siblings;
+  ASSERT_EQ(proof3.size(), 3u);
+  EXPECT_EQ(to_hex(proof3[0]), "210a0ee75c46d1c8fb508605584c276bec6f4735d7ce19240d7d496ce976e0ca");
+  EXPECT_EQ(to_hex(proof3[1]), "61c40257bd5978001c0f6f1747fbccdffcfe3609e95e369bfa67c33f50a508ac");
+  EXPECT_EQ(to_hex(proof3[2]), "786148dd307b9413b66143d77f7b9467c8988b949ad78f00f204904a1aee5916");
+  auto proof4 = merkle_proof(nodes, 4, MerkleHash::keccak256).siblings;  // carried up twice
+  ASSERT_EQ(proof4.size(), 1u);
+  EXPECT_EQ(to_hex(proof4[0]), "25a6df6fcae202696e784a1594551a6683a440d438b785b11a59d653cf1dfa3a");
+  EXPECT_EQ(to_hex(ops_start(leaves[3])), "28ee525e00f5646fd7bcba5c1cddf5d4ee32ced88cbb56d9951da2e6a8a5b3cf");
+  EXPECT_EQ(to_hex(commit_record_hash(keccak256(as_bytes("state-x")), keccak256(as_bytes("inbound-x")),
+                                      keccak256(as_bytes("outbound-x")), leaves[4])),
+            "215943cf19c03771fa1a75e6491a179852c9135ed0ad31cd0c6fc29900464362");
+}
+
+namespace {
+// A fresh chain per test: the verifier is drawn from every staked node, so nodes left
+// by other tests must not be in the pool.
+class DisputeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    DevChainOptions options;
+    options.deploy.turn_blocks = 4;
+    auto chain = DevChain::start(options);
+    ASSERT_TRUE(chain.ok()) << chain.message();
+    chain_ = std::move(chain).value();
+  }
+
+  MarketClient node(uint8_t id, Wei stake) {
+    Key key = Key::generate();
+    EXPECT_TRUE(chain_->fund(key.address(), 100 * kEth).ok());
+    MarketClient client(chain_->rpc(), chain_->deployment(), key);
+    if (stake > 0) {
+      auto registered = client.register_node(word(id), stake);
+      EXPECT_TRUE(registered.ok()) << registered.message();
+    }
+    return client;
+  }
+
+  // A solver's step leaves: K(tag ‖ t); DIVERGE_AT on, another tag (what the other
+  // side computes).
+  static std::vector<Hash256> leaves(uint64_t n, uint8_t tag, uint64_t diverge_at = ~0ULL) {
+    std::vector<Hash256> out;
+    for (uint64_t t = 0; t < n; ++t) {
+      Hash256 w = word(t >= diverge_at ? tag + 1 : tag);
+      w[0] = static_cast<uint8_t>(t);
+      out.push_back(keccak256(w));
+    }
+    return out;
+  }
+  static std::vector<Hash256> nodes_of(const std::vector<Hash256>& leaves) {
+    std::vector<Hash256> out;
+    for (const auto& leaf : leaves) out.push_back(merkle_leaf(leaf, MerkleHash::keccak256));
+    return out;
+  }
+  static std::vector<Hash256> proof(const std::vector<Hash256>& leaves, uint64_t index) {
+    return merkle_proof(nodes_of(leaves), index, MerkleHash::keccak256).siblings;
+  }
+  static Hash256 root(const std::vector<Hash256>& leaves) { return merkle_root(nodes_of(leaves), MerkleHash::keccak256); }
+
+  // Mines until the dispute's deadline has passed.
+  void pass_deadline(const MarketClient& client, uint64_t dispute) {
+    auto d = client.dispute(dispute);
+    ASSERT_TRUE(d.ok()) << d.message();
+    auto now = client.rpc().block_number();
+    ASSERT_TRUE(now.ok());
+    if (*now <= d->deadline) ASSERT_TRUE(chain_->mine(d->deadline + 1 - *now).ok());
+  }
+
+  // The selected verifier among CANDIDATES takes the job's next seat.
+  MarketClient* accept_selected(uint64_t job, std::vector<MarketClient*> candidates) {
+    auto state = candidates[0]->job(job);
+    EXPECT_TRUE(state.ok()) << state.message();
+    if (!state.ok()) return nullptr;
+    auto chosen = candidates[0]->selected_verifier(job, state->verifiers_accepted);
+    EXPECT_TRUE(chosen.ok()) << chosen.message();
+    if (!chosen.ok()) return nullptr;
+    for (auto* candidate : candidates) {
+      if (candidate->address() != *chosen) continue;
+      auto accepted = candidate->accept(job);
+      EXPECT_TRUE(accepted.ok()) << accepted.message();
+      return accepted.ok() ? candidate : nullptr;
+    }
+    ADD_FAILURE() << "selected " << address_hex(*chosen) << " is none of the candidates";
+    return nullptr;
+  }
+
+  std::unique_ptr<DevChain> chain_;
+};
+}  // namespace
+
+TEST_F(DisputeTest, HonestJobPaysSolversAndUnlocksStakes) {
+  MarketClient submitter = node(0, 0);
+  MarketClient a = node(1, 5 * kEth);
+  MarketClient b = node(2, 5 * kEth);
+  MarketClient verifier = node(3, 5 * kEth);
+  JobTerms terms;
+  terms.solver_count = 2;
+  terms.verifier_count = 1;
+  terms.price_per_solver = 2 * kEth;
+  terms.verifier_fee = kEth / 2;
+  terms.stake_per_role = kEth;
+  terms.challenge_window_blocks = 8;
+  terms.referee = submitter.address();
+  auto job = submitter.post_job(terms);
+  ASSERT_TRUE(job.ok()) << job.message();
+  auto early = verifier.accept(*job);
+  ASSERT_FALSE(early.ok());
+  EXPECT_NE(early.message().find("commits not final yet"), std::string::npos) << early.message();
+  ASSERT_TRUE(a.commit(*job, word(0xaa), 4, false).ok());  // interim
+  ASSERT_TRUE(a.commit(*job, word(0xab), 8, true).ok());
+  auto state = a.commit_state(*job, a.address());
+  ASSERT_TRUE(state.ok()) << state.message();
+  EXPECT_EQ(state->root, word(0xab));
+  EXPECT_EQ(state->leaf_count, 8u);
+  EXPECT_TRUE(state->is_final);
+  ASSERT_TRUE(b.commit(*job, word(0xbb), 8, true).ok());
+  EXPECT_TRUE(a.job(*job)->all_final);
+  ASSERT_TRUE(chain_->mine(2).ok());  // the seed block and one after it
+  auto seed = a.verifier_seed(*job);
+  ASSERT_TRUE(seed.ok()) << seed.message();
+  ASSERT_EQ(accept_selected(*job, {&a, &b, &verifier}), &verifier) << "solvers are never selected";
+  EXPECT_EQ(*a.stake_of(a.address()), 4 * kEth);
+  auto too_early = submitter.finalize(*job);
+  ASSERT_FALSE(too_early.ok());
+  EXPECT_NE(too_early.message().find("challenge window not over"), std::string::npos) << too_early.message();
+  ASSERT_TRUE(chain_->mine(9).ok());
+  auto finalized = submitter.finalize(*job);
+  ASSERT_TRUE(finalized.ok()) << finalized.message();
+  EXPECT_EQ(*a.stake_of(a.address()), 5 * kEth);
+  EXPECT_EQ(*a.withdrawable_of(a.address()), 2 * kEth);
+  EXPECT_EQ(*a.withdrawable_of(verifier.address()), kEth / 2);
+  Wei before = *a.balance_of(a.address());
+  ASSERT_TRUE(a.withdraw().ok());
+  EXPECT_GT(*a.balance_of(a.address()), before + 2 * kEth - kEth / 100);  // minus gas
+}
+
+// A whole dispute through MarketClient, each side playing from its own leaves and
+// operation chain: bisection over steps to the first differing step, over that step's
+// operations to the first differing one, and the referee's ruling.
+TEST_F(DisputeTest, BothPhasesToTheRefereesRuling) {
+  MarketClient referee = node(0, 0);
+  MarketClient solver = node(8, 5 * kEth);
+  MarketClient verifier = node(9, 5 * kEth);
   JobTerms terms;
   terms.solver_count = 1;
   terms.verifier_count = 1;
   terms.price_per_solver = kEth;
   terms.verifier_fee = kEth / 10;
   terms.stake_per_role = kEth;
+  terms.challenge_window_blocks = 20;
   terms.referee = referee.address();
   auto job = referee.post_job(terms);
   ASSERT_TRUE(job.ok()) << job.message();
-  ASSERT_TRUE(verifier.accept(*job).ok());
-  ASSERT_TRUE(solver.commit(*job, word(1)).ok());
-  auto dispute = verifier.challenge(*job, solver.address(), 0, 4, kEth);
+  constexpr uint64_t kLeaves = 13, kFirstBad = 6, kOps = 20, kFirstBadOp = 13;
+  auto solver_leaves = leaves(kLeaves, 1, kFirstBad);  // the solver's work goes wrong at step 6
+  auto honest_leaves = leaves(kLeaves, 1);
+  ASSERT_TRUE(solver.commit(*job, root(solver_leaves), kLeaves, true).ok());
+  ASSERT_TRUE(chain_->mine(2).ok());
+  ASSERT_EQ(accept_selected(*job, {&solver, &verifier}), &verifier);
+
+  // The verifier replayed and disagrees with the last leaf; leaf 0 is agreed.
+  const uint64_t hi = kLeaves - 1;
+  auto forged = verifier.challenge(*job, solver.address(), 0, honest_leaves[0], proof(solver_leaves, 0), hi,
+                                   solver_leaves[hi], proof(solver_leaves, hi - 1), kEth);
+  ASSERT_FALSE(forged.ok());
+  EXPECT_NE(forged.message().find("bad Merkle proof"), std::string::npos) << forged.message();
+  Receipt receipt;
+  auto dispute = verifier.challenge(*job, solver.address(), 0, solver_leaves[0], proof(solver_leaves, 0), hi,
+                                    solver_leaves[hi], proof(solver_leaves, hi), kEth, &receipt);
   ASSERT_TRUE(dispute.ok()) << dispute.message();
-  auto out_of_turn = verifier.bisect(*dispute, true);
-  ASSERT_FALSE(out_of_turn.ok());
-  EXPECT_NE(out_of_turn.message().find("not the challenger's turn"), std::string::npos);
-  ASSERT_TRUE(solver.claim_midpoint(*dispute, word(2)).ok());  // mid 2
-  ASSERT_TRUE(verifier.bisect(*dispute, true).ok());           // (2,4]
-  ASSERT_TRUE(solver.claim_midpoint(*dispute, word(3)).ok());  // mid 3
-  ASSERT_TRUE(verifier.bisect(*dispute, false).ok());          // (2,3]
+  uint64_t challenger_gas = receipt.gas_used, solver_gas = 0;
+  EXPECT_EQ(*solver.dispute_of(*job, solver.address()), *dispute);
+
+  int step_rounds = 0;
+  for (;;) {
+    auto d = solver.dispute(*dispute);
+    ASSERT_TRUE(d.ok()) << d.message();
+    if (d->stage != DisputeStage::step_claim) break;
+    EXPECT_EQ(d->phase, DisputePhase::steps);
+    EXPECT_EQ(d->turn, DisputeTurn::solver);
+    uint64_t mid = (d->lo + d->hi) / 2;
+    auto claimed = solver.claim_leaf(*dispute, solver_leaves[mid], proof(solver_leaves, mid));
+    ASSERT_TRUE(claimed.ok()) << claimed.message();
+    solver_gas += claimed->gas_used;
+    d = verifier.dispute(*dispute);
+    ASSERT_EQ(d->turn, DisputeTurn::challenger);
+    auto bisected = verifier.bisect(*dispute, d->mid_hash == honest_leaves[mid]);
+    ASSERT_TRUE(bisected.ok()) << bisected.message();
+    challenger_gas += bisected->gas_used;
+    ++step_rounds;
+  }
+  auto d = solver.dispute(*dispute);
+  ASSERT_EQ(d->stage, DisputeStage::ops_post);
+  EXPECT_EQ(d->step, kFirstBad);
+  EXPECT_EQ(d->lo_hash, honest_leaves[kFirstBad - 1]);
+  EXPECT_EQ(d->hi_hash, solver_leaves[kFirstBad]);
+  EXPECT_LE(step_rounds, 4) << "⌈log2 12⌉";
+
+  // Operation chains of step 6: record j = K(tag ‖ j); the solver's differs from op 13.
+  auto chain_of = [&](uint8_t tag, uint64_t diverge_at) {
+    std::vector<Hash256> r{ops_start(d->lo_hash)};
+    for (uint64_t j = 1; j < kOps; ++j) {
+      Hash256 w = word(j >= diverge_at ? tag + 1 : tag);
+      w[0] = static_cast<uint8_t>(j);
+      r.push_back(ops_link(r.back(), keccak256(w)));
+    }
+    return r;  // r_0 … r_{m-1}; the contract adds r_m from the commit record
+  };
+  auto solver_ops = chain_of(5, kFirstBadOp), honest_ops = chain_of(5, ~0ULL);
+  const Hash256 state = word(0x51), inbound = word(0x52), outbound = word(0x53);
+  auto posted = solver.post_ops(*dispute, kOps, solver_ops[kOps - 1], state, inbound, outbound);
+  ASSERT_TRUE(posted.ok()) << posted.message();
+  solver_gas += posted->gas_used;
+  d = solver.dispute(*dispute);
+  EXPECT_EQ(d->stage, DisputeStage::op_claim);
+  EXPECT_EQ(d->lo_hash, honest_ops[0]) << "r_0 from the agreed leaf";
+  EXPECT_EQ(d->hi_hash,
+            ops_link(solver_ops[kOps - 1], commit_record_hash(state, inbound, outbound, solver_leaves[kFirstBad])))
+      << "r_m: the commit record over the solver's leaf, built by the contract as in C++";
+  EXPECT_EQ(d->op_count, kOps);
+  int op_rounds = 0;
+  for (;;) {
+    d = solver.dispute(*dispute);
+    ASSERT_TRUE(d.ok()) << d.message();
+    if (d->stage != DisputeStage::op_claim) break;
+    uint64_t mid = (d->lo + d->hi) / 2;
+    auto claimed = solver.claim_op(*dispute, solver_ops[mid]);
+    ASSERT_TRUE(claimed.ok()) << claimed.message();
+    solver_gas += claimed->gas_used;
+    auto bisected = verifier.bisect(*dispute, solver_ops[mid] == honest_ops[mid]);
+    ASSERT_TRUE(bisected.ok()) << bisected.message();
+    challenger_gas += bisected->gas_used;
+    ++op_rounds;
+  }
+  EXPECT_LE(op_rounds, 5) << "⌈log2 20⌉";
+  d = solver.dispute(*dispute);
+  ASSERT_EQ(d->stage, DisputeStage::referee);
+  EXPECT_EQ(d->hi, kFirstBadOp);
+  EXPECT_EQ(d->lo_hash, honest_ops[kFirstBadOp - 1]);
+  EXPECT_EQ(d->hi_hash, solver_ops[kFirstBadOp]);
   auto not_referee = verifier.resolve(*dispute, false);
   ASSERT_FALSE(not_referee.ok());
-  EXPECT_NE(not_referee.message().find("only the job's referee"), std::string::npos);
-  ASSERT_TRUE(referee.resolve(*dispute, false).ok());
+  EXPECT_NE(not_referee.message().find("only the job's referee"), std::string::npos) << not_referee.message();
+  auto ruled = referee.resolve(*dispute, false);
+  ASSERT_TRUE(ruled.ok()) << ruled.message();
+  EXPECT_EQ(solver.dispute(*dispute)->stage, DisputeStage::closed);
   EXPECT_EQ(*referee.withdrawable_of(verifier.address()), kEth + kEth / 2);
   EXPECT_EQ(*referee.stake_of(solver.address()), 4 * kEth);
+  EXPECT_EQ(*referee.commit_of(*job, solver.address()), Hash256{}) << "the slashed commit is removed";
+  EXPECT_GT(solver_gas, 0u);
+  EXPECT_GT(challenger_gas, 0u);
+  std::cerr << "dispute gas: solver " << solver_gas << ", challenger " << challenger_gas << ", referee "
+            << ruled->gas_used << " (" << step_rounds << " step rounds, " << op_rounds << " operation rounds)\n";
+}
+
+// A solver that stops answering loses on its deadline; a referee that never rules lets
+// anyone cancel: the bond returns and nobody is slashed.
+TEST_F(DisputeTest, SilentSolverLosesAndSilentRefereeCancels) {
+  MarketClient referee = node(0, 0);
+  MarketClient a = node(1, 5 * kEth);
+  MarketClient b = node(2, 5 * kEth);
+  MarketClient verifier = node(3, 5 * kEth);
+  JobTerms terms;
+  terms.solver_count = 2;
+  terms.verifier_count = 1;
+  terms.price_per_solver = kEth;
+  terms.stake_per_role = kEth;
+  terms.challenge_window_blocks = 20;
+  terms.referee = referee.address();
+  auto job = referee.post_job(terms);
+  ASSERT_TRUE(job.ok()) << job.message();
+  auto la = leaves(9, 3), lb = leaves(9, 7);
+  ASSERT_TRUE(a.commit(*job, root(la), 9, true).ok());
+  ASSERT_TRUE(b.commit(*job, root(lb), 9, true).ok());
+  ASSERT_TRUE(chain_->mine(2).ok());
+  ASSERT_EQ(accept_selected(*job, {&a, &b, &verifier}), &verifier);
+
+  auto silent = verifier.challenge(*job, a.address(), 0, la[0], proof(la, 0), 8, la[8], proof(la, 8), kEth);
+  ASSERT_TRUE(silent.ok()) << silent.message();
+  auto early = verifier.timeout(*silent);
+  ASSERT_FALSE(early.ok());
+  EXPECT_NE(early.message().find("turn deadline not passed"), std::string::npos) << early.message();
+  pass_deadline(verifier, *silent);
+  auto late = a.claim_leaf(*silent, la[4], proof(la, 4));
+  ASSERT_FALSE(late.ok());
+  EXPECT_NE(late.message().find("turn deadline passed"), std::string::npos) << late.message();
+  ASSERT_TRUE(referee.timeout(*silent).ok());
+  EXPECT_EQ(*a.commit_of(*job, a.address()), Hash256{}) << "the silent solver is slashed";
+  EXPECT_EQ(*a.withdrawable_of(verifier.address()), kEth + kEth / 2);
+
+  // b: one step apart at once, two operations, then a referee that never rules.
+  auto dispute = verifier.challenge(*job, b.address(), 3, lb[3], proof(lb, 3), 4, lb[4], proof(lb, 4), kEth);
+  ASSERT_TRUE(dispute.ok()) << dispute.message();
+  EXPECT_EQ(b.dispute(*dispute)->stage, DisputeStage::ops_post);
+  ASSERT_TRUE(b.post_ops(*dispute, 2, word(0x21), word(0x22), word(0x23), word(0x24)).ok());
+  ASSERT_TRUE(b.claim_op(*dispute, word(0x25)).ok());
+  ASSERT_TRUE(verifier.bisect(*dispute, false).ok());
+  auto d = b.dispute(*dispute);
+  ASSERT_EQ(d->stage, DisputeStage::referee);
+  EXPECT_EQ(d->hi, 1u);
+  EXPECT_EQ(d->lo_hash, ops_start(lb[3]));
+  EXPECT_EQ(d->hi_hash, word(0x25));
+  pass_deadline(b, *dispute);
+  auto ruling = referee.resolve(*dispute, true);
+  ASSERT_FALSE(ruling.ok());
+  EXPECT_NE(ruling.message().find("referee deadline passed"), std::string::npos) << ruling.message();
+  Wei before = *b.withdrawable_of(verifier.address());
+  ASSERT_TRUE(a.timeout(*dispute).ok());
+  EXPECT_EQ(b.dispute(*dispute)->stage, DisputeStage::closed);
+  EXPECT_EQ(*b.withdrawable_of(verifier.address()), before + kEth) << "bond back";
+  EXPECT_EQ(*b.withdrawable_of(b.address()), 0u) << "nobody slashed, nobody rewarded";
+  EXPECT_EQ(*b.commit_of(*job, b.address()), root(lb)) << "the commit stands";
 }
 
 // Every transaction ADDRESS sent in blocks FROM_BLOCK.., in block order, as
@@ -401,11 +664,13 @@ static void kill_and_restart(DevChain& chain, MarketClient& submitter, const std
       expected.push_back(address_hex(sink) + " " + std::to_string(1000 + i) + " 0x");
       sent += 1000 + i;
     } else {
-      Bytes commit_call = chain::abi::selector("commit(uint256,bytes32)");
+      Bytes commit_call = chain::abi::selector("commit(uint256,bytes32,uint48,bool)");
       chain::abi::put_uint(commit_call, job_ids[i / 3]);
       Hash256 root{};
       root.fill(static_cast<uint8_t>(0x10 + i));
       chain::abi::put_bytes32(commit_call, root);
+      chain::abi::put_uint(commit_call, 1);
+      chain::abi::put_uint(commit_call, 1);
       expected.push_back(market + " 0 " + hex0x(commit_call));
       staked -= kStakePerRole;
       auto committed = submitter.commit_of(job_ids[i / 3], key->address());
@@ -523,4 +788,24 @@ TEST(ChainCli, WalletCommandsAgainstChainUp) {
   EXPECT_EQ(events, (std::vector<std::string>{"NodeRegistered", "Staked", "UnstakeRequested"}));
   up->terminate();
   std::filesystem::remove_all(dir);
+}
+
+// market_events() names every event of the deployed contract's ABI, so log readers
+// (wallet history, finalize) cannot drift from the contract.
+TEST_F(DisputeTest, EventSignaturesMatchTheContractsAbi) {
+  auto artifact = read_file(default_contracts_dir() / "out" / "SolverMarket.sol" / "SolverMarket.json");
+  ASSERT_TRUE(artifact.ok()) << artifact.message();
+  std::vector<std::string> from_abi, ours;
+  const auto json = nlohmann::json::parse(*artifact);  // kept: a range over a temporary's member dangles
+  for (const auto& entry : json["abi"]) {
+    if (entry["type"] != "event") continue;
+    std::string signature = entry["name"].get<std::string>() + "(";
+    for (const auto& input : entry["inputs"]) signature += input["type"].get<std::string>() + ",";
+    if (signature.back() == ',') signature.pop_back();
+    from_abi.push_back(signature + ")");
+  }
+  for (auto event : market_events()) ours.emplace_back(event);
+  std::sort(from_abi.begin(), from_abi.end());
+  std::sort(ours.begin(), ours.end());
+  EXPECT_EQ(ours, from_abi);
 }
