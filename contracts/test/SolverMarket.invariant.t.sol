@@ -62,7 +62,7 @@ contract MarketHandler {
         uint256 escrow = uint256(solvers) * price + uint256(verifiers) * (price / 4);
         vm.prank(_actor(who));
         address judge = price % 2 == 0 ? address(0) : referee;
-        jobIds.push(market.postJob{value: escrow}(solvers, verifiers, price, price / 4, 1 ether, 6, 4, judge, 0));
+        jobIds.push(market.postJob{value: escrow}(solvers, verifiers, price, price / 4, 1 ether, 6, 30, judge, 0));
         deposited += escrow;
     }
 
@@ -78,14 +78,21 @@ contract MarketHandler {
         if (jobIds.length == 0) return;
         address a = _actor(who);
         vm.prank(a);
-        try market.commit(jobIds[job % jobIds.length], MerkleTree.root(_leaves(a)), isFinal ? LEAVES : 4, isFinal) {}
-            catch {}
+        uint48 count = isFinal ? LEAVES : 4;
+        bytes32[] memory all = _leaves(a);
+        bytes32[] memory leaves = new bytes32[](count);
+        for (uint256 t = 0; t < count; ++t) leaves[t] = all[t];
+        try market.commit(jobIds[job % jobIds.length], MerkleTree.root(leaves), count, isFinal) {} catch {}
     }
 
-    /// The selected node takes the next seat, once the seed is known.
+    /// The selected node takes the next seat, once the seed is known (waiting for
+    /// the commit deadline and the seed block if need be).
     function accept(uint256 job) external {
         if (jobIds.length == 0) return;
         uint256 jobId = jobIds[job % jobIds.length];
+        SolverMarket.JobView memory terms = market.getJob(jobId);
+        uint256 seedBlock = terms.allFinal ? terms.lastCommitBlock + 1 : terms.commitDeadline + 1;
+        if (block.number <= seedBlock) vm.roll(seedBlock + 1);
         try market.selectedVerifier(jobId, market.getJob(jobId).verifiersAccepted) returns (address chosen) {
             if (chosen == address(0)) return;
             vm.prank(chosen);
@@ -93,49 +100,81 @@ contract MarketHandler {
         } catch {}
     }
 
-    function challenge(uint256 who, uint256 solver, uint256 job, uint8 span) external {
+    /// A verifier of the job (if any) challenges a live commit of an actor.
+    function challenge(uint256 solver, uint256 job, uint8 span) external {
         if (jobIds.length == 0) return;
-        address s = _actor(solver);
+        uint256 jobId = jobIds[job % jobIds.length];
+        address challenger;
+        for (uint256 i = 0; i < actors.length; ++i) {
+            if (market.isVerifier(jobId, actors[i])) challenger = actors[i];
+        }
+        if (challenger == address(0)) return;
+        address s;
+        uint48 count;
+        for (uint256 i = 0; i < actors.length && s == address(0); ++i) {
+            address candidate = _actor(solver % actors.length + i);
+            (count,) = market.commitInfo(jobId, candidate);
+            if (count >= 2 && market.commitOf(jobId, candidate) != 0 && market.disputeOf(jobId, candidate) == 0) {
+                s = candidate;
+            }
+        }
+        if (s == address(0)) return;
         bytes32[] memory leaves = _leaves(s);
-        uint48 hi = uint48(1 + span % (LEAVES - 1));
-        vm.prank(_actor(who));
+        uint48 hi = uint48(1 + span % (count - 1));
+        vm.prank(challenger);
         try market.challenge{value: 1 ether}(
-            jobIds[job % jobIds.length], s, 0, leaves[0], MerkleTree.proof(leaves, 0), hi, leaves[hi],
-            MerkleTree.proof(leaves, hi)
+            jobId, s, 0, leaves[0], _proof(s, count, 0), hi, leaves[hi], _proof(s, count, hi)
         ) returns (uint256 id) {
             disputeIds.push(id);
             deposited += 1 ether;
         } catch {}
     }
 
+    function _proof(address who, uint48 count, uint256 index) internal pure returns (bytes32[] memory) {
+        bytes32[] memory all = _leaves(who);
+        bytes32[] memory leaves = new bytes32[](count);
+        for (uint256 t = 0; t < count; ++t) leaves[t] = all[t];
+        return MerkleTree.proof(leaves, index);
+    }
+
+    /// Up to eight moves of one dispute, each by whoever's turn it is.
     function play(uint256 dispute, bool agree, bool solverWins, uint8 ops) external {
         if (disputeIds.length == 0) return;
         uint256 id = disputeIds[dispute % disputeIds.length];
+        for (uint256 move = 0; move <= ops % 8; ++move) {
+            if (!_move(id, (dispute >> move) & 1 == 1 ? agree : !agree, solverWins, ops)) return;
+        }
+    }
+
+    function _move(uint256 id, bool agree, bool solverWins, uint8 ops) internal returns (bool) {
         SolverMarket.DisputeView memory d = market.getDispute(id);
-        if (block.number > d.deadline) return; // only timeout() may move it now
+        if (block.number > d.deadline) return false; // only timeout() may move it now
         SolverMarket.Stage stage = d.stage;
         if (stage == SolverMarket.Stage.StepClaim) {
             uint256 mid = (uint256(d.lo) + d.hi) / 2;
-            bytes32[] memory leaves = _leaves(d.solver);
+            (uint48 count,) = market.commitInfo(d.jobId, d.solver);
             vm.prank(d.solver);
-            market.claimLeaf(id, leaves[mid], MerkleTree.proof(leaves, mid));
+            market.claimLeaf(id, _leaves(d.solver)[mid], _proof(d.solver, count, mid));
         } else if (stage == SolverMarket.Stage.OpsPost) {
             vm.prank(d.solver);
-            market.postOps(id, 2 + uint48(ops), bytes32(dispute), 0, 0, 0);
+            market.postOps(id, 2 + uint48(ops % 6), bytes32(id), 0, 0, 0);
         } else if (stage == SolverMarket.Stage.OpsClaim) {
             vm.prank(d.solver);
-            market.claimOp(id, bytes32(dispute));
+            market.claimOp(id, bytes32(uint256(ops)));
         } else if (stage == SolverMarket.Stage.StepBisect || stage == SolverMarket.Stage.OpsBisect) {
             vm.prank(d.challenger);
             market.bisect(id, agree);
         } else if (stage == SolverMarket.Stage.Referee) {
             vm.prank(market.getJob(d.jobId).referee);
             market.resolve(id, solverWins);
+        } else {
+            return false;
         }
+        return true;
     }
 
     function advance(uint8 blocks) external {
-        vm.roll(block.number + 1 + blocks % 8);
+        vm.roll(block.number + 1 + blocks % 4);
     }
 
     function timeout(uint256 dispute) external {
@@ -178,7 +217,7 @@ contract SolverMarketInvariantTest is TestBase {
     MarketHandler handler;
 
     function setUp() public {
-        market = new SolverMarket(5, 3);
+        market = new SolverMarket(5, 8);
         handler = new MarketHandler(market);
     }
 
