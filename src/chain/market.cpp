@@ -1,4 +1,6 @@
 // SolverMarket calls, deployment and the local anvil dev chain.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -108,6 +110,19 @@ std::filesystem::path foundry_tool(const std::string& name, const std::filesyste
 
 static Result<nlohmann::json> load_artifact(const std::filesystem::path& contracts_dir) {
   auto artifact = contracts_dir / "out" / "SolverMarket.sol" / "SolverMarket.json";
+  // Processes started together (tests under ctest -j) would otherwise build at once and
+  // read each other's half-written artifact: check, build and read under one flock.
+  // (A read-only contracts folder has a built artifact; then no lock is taken.)
+  std::error_code mkdir_error;
+  std::filesystem::create_directories(contracts_dir / "cache", mkdir_error);
+  int lock_fd = ::open((contracts_dir / "cache" / "solvernet-deploy.lock").c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0644);
+  if (lock_fd >= 0) ::flock(lock_fd, LOCK_EX);
+  struct Unlock {
+    int fd;
+    ~Unlock() {
+      if (fd >= 0) ::close(fd);  // closing releases the flock
+    }
+  } unlock{lock_fd};
   // Rebuilt when missing or older than the source: a checkout that changed the contract
   // must not deploy the previous one (whose calls would then revert without a reason).
   std::error_code ec;
