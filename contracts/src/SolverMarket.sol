@@ -392,27 +392,35 @@ contract SolverMarket {
 
     /// The node that may take verifier seat SEAT now (0: nobody eligible). The walk
     /// visits nodes[(seed + seat + i) % nodes.length] for i < min(nodes, WALK_CAP),
-    /// keeping those eligible: not a solver or verifier of the job, free stake >=
-    /// stakePerRole. Candidate k = ⌊(block − seedBlock − 1) / turnBlocks⌋ of that list
+    /// keeping those eligible: not a solver, verifier or the referee of the job, free
+    /// stake >= stakePerRole. Candidate k = ⌊(block − seedBlock − 1) / turnBlocks⌋ of that list
     /// (mod its length) is selected: each gets turnBlocks to accept, then the next.
     function selectedVerifier(uint256 jobId, uint256 seat) public view returns (address) {
-        Job storage job = jobs[jobId];
         uint256 seed = uint256(verifierSeed(jobId));
         uint256 count = nodes.length;
         if (count == 0) return address(0);
-        uint256 steps = count < WALK_CAP ? count : WALK_CAP;
-        uint256 wanted = (block.number - _seedBlock(job) - 1) / turnBlocks;
+        (address[] memory eligible, uint256 found) = _eligible(jobId, (seed % count + seat % count) % count, count);
+        if (found == 0) return address(0);
+        uint256 wanted = (block.number - _seedBlock(jobs[jobId]) - 1) / turnBlocks;
+        return eligible[wanted % found];
+    }
+
+    /// The eligible nodes among min(COUNT, WALK_CAP) from START on, in walk order.
+    function _eligible(uint256 jobId, uint256 start, uint256 count)
+        private
+        view
+        returns (address[] memory eligible, uint256 found)
+    {
+        Job storage job = jobs[jobId];
         uint88 need = job.stakePerRole;
-        address[] memory eligible = new address[](steps);
-        uint256 found = 0;
-        uint256 start = (seed % count + seat % count) % count;
+        address referee = _referee(job); // it rules disputes: it may not open one
+        uint256 steps = count < WALK_CAP ? count : WALK_CAP;
+        eligible = new address[](steps);
         for (uint256 i = 0; i < steps; ++i) {
             address node = nodes[(start + i) % count];
-            if (roleOf[jobId][node] != 0 || accounts[node].stake < need) continue;
+            if (roleOf[jobId][node] != 0 || node == referee || accounts[node].stake < need) continue;
             eligible[found++] = node;
         }
-        if (found == 0) return address(0);
-        return eligible[wanted % found];
     }
 
     /// The selected node takes the next verifier seat, locking stakePerRole until
@@ -667,9 +675,7 @@ contract SolverMarket {
     function resolve(uint256 disputeId, bool solverWins) external {
         Dispute storage d = disputes[disputeId];
         require(d.stage == Stage.Referee, "dispute not narrowed to one operation");
-        Job storage job = jobs[d.jobId];
-        address referee = job.referee;
-        require(msg.sender == (referee == address(0) ? job.submitter : referee), "only the job's referee");
+        require(msg.sender == _referee(jobs[d.jobId]), "only the job's referee");
         require(block.number <= d.deadline, "referee deadline passed");
         _settle(disputeId, solverWins, false);
     }
@@ -689,6 +695,11 @@ contract SolverMarket {
             return;
         }
         _settle(disputeId, stage == Stage.StepBisect || stage == Stage.OpsBisect, true);
+    }
+
+    function _referee(Job storage job) private view returns (address) {
+        address referee = job.referee;
+        return referee == address(0) ? job.submitter : referee;
     }
 
     function _mid(Dispute storage d) private view returns (uint48) {

@@ -367,7 +367,7 @@ contract SolverMarketTest is TestBase {
         }
         assertEq(market.nodeCount(), 8, "pool");
         vm.prank(submitter);
-        uint256 jobId = market.postJob{value: 2 * PRICE + 2 * FEE}(2, 2, PRICE, FEE, STAKE, 20, 40, referee, 0);
+        uint256 jobId = market.postJob{value: 2 * PRICE + 2 * FEE}(2, 2, PRICE, FEE, STAKE, 20, 200, referee, 0);
         _commit(jobId, solverA);
         _commit(jobId, solverB);
         uint256 seedBlock = block.number + 1;
@@ -387,6 +387,16 @@ contract SolverMarketTest is TestBase {
         market.accept(jobId);
         vm.prank(second);
         market.accept(jobId);
+        // The referee never verifies the job it referees (it would rule its own dispute).
+        vm.prank(referee);
+        market.register{value: 0}(bytes32("referee"));
+        vm.deal(referee, 10 ether);
+        vm.prank(referee);
+        market.stake{value: 5 ether}();
+        for (uint256 k = 0; k < 12; ++k) {
+            vm.roll(block.number + TURN);
+            assertTrue(market.selectedVerifier(jobId, 1) != referee, "never the referee");
+        }
         address third = market.selectedVerifier(jobId, 1);
         assertTrue(third != second && third != solverA && third != solverB && third != pool[4], "seat 2 eligible");
         vm.prank(third);
