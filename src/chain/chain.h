@@ -341,6 +341,8 @@ class MarketClient {
   Result<JobState> job(uint64_t job_id) const;
   // The dispute over SOLVER's commit in the job, 0 if never challenged.
   Result<uint64_t> dispute_of(uint64_t job_id, const Address& solver) const;
+  // A party polls this to take its turn (stage, ends, hashes, deadline); an unknown id
+  // is a not_found error. job() likewise for an unknown job.
   Result<DisputeState> dispute(uint64_t dispute_id) const;
   // Whether LEAF is leaf INDEX of the COUNT-leaf tree ROOT, as the contract checks it.
   Result<bool> verify_leaf(const Hash256& root, uint64_t count, uint64_t index, const Hash256& leaf,
