@@ -51,6 +51,10 @@ torch::Tensor StageModel::add(const std::string& name, std::vector<int64_t> shap
       t.fill_(fill);
     }
   }
+  return adopt(name, t);
+}
+
+torch::Tensor StageModel::adopt(const std::string& name, torch::Tensor t) {
   std::string registered = name;
   for (char& c : registered)
     if (c == '.') c = '_';
@@ -62,7 +66,7 @@ torch::Tensor StageModel::add(const std::string& name, std::vector<int64_t> shap
 
 torch::Tensor StageModel::param(const std::string& name) const { return by_name_.at(name); }
 
-StageModel::StageModel(const ModelConfig& config, int first_layer, int layer_count, uint64_t seed)
+StageModel::StageModel(const ModelConfig& config, int first_layer, int layer_count)
     : config_(config), first_layer_(first_layer), layer_count_(layer_count) {
   // Job files are validated by parse_job; these catch programming errors.
   TORCH_CHECK(config.layers >= 1 && config.d_model >= 1 && config.heads >= 1 && config.d_model % config.heads == 0,
@@ -70,6 +74,18 @@ StageModel::StageModel(const ModelConfig& config, int first_layer, int layer_cou
   TORCH_CHECK(first_layer >= 0 && layer_count >= 0 && first_layer + layer_count <= config.layers,
               "StageModel: blocks [", first_layer, ", ", first_layer + layer_count, ") outside the model's ",
               config.layers, " layers");
+  causal_mask_ = torch::ones({config.seq_len, config.seq_len}, torch::kBool).triu(1);
+}
+
+std::unique_ptr<StageModel> StageModel::with_weights(const ModelConfig& config, int first_layer, int layer_count,
+                                                     const NamedTensors& weights) {
+  std::unique_ptr<StageModel> model(new StageModel(config, first_layer, layer_count));
+  for (const auto& [name, t] : weights) model->adopt(name, t.detach().clone());
+  return model;
+}
+
+StageModel::StageModel(const ModelConfig& config, int first_layer, int layer_count, uint64_t seed)
+    : StageModel(config, first_layer, layer_count) {
   const int64_t d = config.d_model, ff = config.d_ff;
   const double std = 0.02;
   // GPT-2: residual projections scaled down so the residual stream's variance
@@ -99,7 +115,6 @@ StageModel::StageModel(const ModelConfig& config, int first_layer, int layer_cou
     add("ln_f.bias", {d}, 0, 0.0, seed);
     if (!is_first()) add("wte.weight", {config.vocab, d}, std, 0, seed);
   }
-  causal_mask_ = torch::ones({config.seq_len, config.seq_len}, torch::kBool).triu(1);
 }
 
 torch::Tensor StageModel::block(int layer, const torch::Tensor& x) {
@@ -123,22 +138,38 @@ torch::Tensor StageModel::block(int layer, const torch::Tensor& x) {
   return out + mlp;
 }
 
+torch::Tensor StageModel::embed(const torch::Tensor& tokens) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == torch::kInt64, "first stage takes int64 tokens [B, T]");
+  const int64_t seq = tokens.size(1);
+  TORCH_CHECK(seq <= config_.seq_len, "sequence longer than model.seq_len");
+  auto positions = torch::arange(seq, torch::kInt64);
+  return torch::embedding(param("wte.weight"), tokens) + torch::embedding(param("wpe.weight"), positions);
+}
+
+torch::Tensor StageModel::head(const torch::Tensor& x) {
+  auto normed = torch::layer_norm(x, {config_.d_model}, param("ln_f.weight"), param("ln_f.bias"), 1e-5);
+  return torch::matmul(normed, param("wte.weight").t());
+}
+
 torch::Tensor StageModel::forward(const torch::Tensor& input) {
+  using Part = ForwardObserver::Part;
   torch::Tensor x;
   if (is_first()) {
-    TORCH_CHECK(input.dim() == 2 && input.scalar_type() == torch::kInt64, "first stage takes int64 tokens [B, T]");
-    const int64_t seq = input.size(1);
-    TORCH_CHECK(seq <= config_.seq_len, "sequence longer than model.seq_len");
-    auto positions = torch::arange(seq, torch::kInt64);
-    x = torch::embedding(param("wte.weight"), input) + torch::embedding(param("wpe.weight"), positions);
+    x = embed(input);
+    if (observer_) observer_->on_forward(Part::embed, 0, input, x);
   } else {
     TORCH_CHECK(input.dim() == 3 && input.size(2) == config_.d_model, "stage takes hidden [B, T, d_model]");
     x = input;
   }
-  for (int layer = first_layer_; layer < first_layer_ + layer_count_; ++layer) x = block(layer, x);
+  for (int layer = first_layer_; layer < first_layer_ + layer_count_; ++layer) {
+    torch::Tensor y = block(layer, x);
+    if (observer_) observer_->on_forward(Part::block, layer, x, y);
+    x = y;
+  }
   if (!is_last()) return x;
-  x = torch::layer_norm(x, {config_.d_model}, param("ln_f.weight"), param("ln_f.bias"), 1e-5);
-  return torch::matmul(x, param("wte.weight").t());
+  torch::Tensor logits = head(x);
+  if (observer_) observer_->on_forward(Part::head, 0, x, logits);
+  return logits;
 }
 
 torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& targets) {

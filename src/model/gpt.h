@@ -7,6 +7,8 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -16,6 +18,19 @@
 namespace sn::model {
 
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// Watches a stage's forward at its part boundaries, for the operation trace
+// of verification (train/trace.h). It sees the live tensors, autograd
+// attached, and may register gradient hooks on them; it must not change them.
+// Called on the forward's thread, in execution order.
+class ForwardObserver {
+ public:
+  enum class Part { embed, block, head };
+  virtual ~ForwardObserver() = default;
+  // embed: IN tokens, OUT the first block's input; block LAYER: its input and
+  // output; head: IN the last block's output, OUT the logits.
+  virtual void on_forward(Part part, int layer, const torch::Tensor& in, const torch::Tensor& out) = 0;
+};
 
 // Pins LibTorch to one intra-op and one inter-op thread (idempotent):
 // results then do not depend on how many cores the machine has.
@@ -35,9 +50,26 @@ class StageModel : public torch::nn::Module {
  public:
   StageModel(const ModelConfig& config, int first_layer, int layer_count, uint64_t seed);
 
+  // A stage [first_layer, first_layer + layer_count) holding exactly WEIGHTS
+  // (copied, as fresh parameters; any subset of the stage's names): what a
+  // referee needs to rerun one part of it. A part that uses a weight not
+  // given throws std::out_of_range (callers check names first).
+  static std::unique_ptr<StageModel> with_weights(const ModelConfig& config, int first_layer, int layer_count,
+                                                  const NamedTensors& weights);
+
   // First stage: int64 tokens [B, T]; others: float hidden [B, T, d_model].
   // Last stage returns logits [B, T, vocab]; others hidden [B, T, d_model].
   torch::Tensor forward(const torch::Tensor& input);
+
+  // The parts forward runs, one at a time (the same arithmetic): the token
+  // and position embedding [B, T] → [B, T, d]; block LAYER [B, T, d] →
+  // [B, T, d]; ln_f and the tied LM head [B, T, d] → logits [B, T, vocab].
+  torch::Tensor embed(const torch::Tensor& tokens);
+  torch::Tensor block(int layer, const torch::Tensor& x);
+  torch::Tensor head(const torch::Tensor& x);
+
+  // Null (the default) in training; it costs one branch per part.
+  void set_observer(ForwardObserver* observer) { observer_ = observer; }
 
   bool is_first() const { return first_layer_ == 0; }
   bool is_last() const { return first_layer_ + layer_count_ == config_.layers; }
@@ -50,9 +82,10 @@ class StageModel : public torch::nn::Module {
   NamedTensors named_parameters() const { return parameters_; }
 
  private:
+  StageModel(const ModelConfig& config, int first_layer, int layer_count);
   torch::Tensor add(const std::string& name, std::vector<int64_t> shape, double init_std, double fill,
                     uint64_t seed);
-  torch::Tensor block(int layer, const torch::Tensor& x);
+  torch::Tensor adopt(const std::string& name, torch::Tensor t);
   torch::Tensor param(const std::string& name) const;
 
   ModelConfig config_;
@@ -60,6 +93,7 @@ class StageModel : public torch::nn::Module {
   NamedTensors parameters_;
   std::map<std::string, torch::Tensor> by_name_;
   torch::Tensor causal_mask_;
+  ForwardObserver* observer_ = nullptr;
 };
 
 // Mean token cross-entropy of LOGITS [B, T, V] against TARGETS [B, T].

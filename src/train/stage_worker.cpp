@@ -10,6 +10,7 @@
 #include "model/tensor_wire.h"
 #include "net/collectives.h"
 #include "train/allreduce.h"
+#include "train/trace.h"
 
 namespace sn::train {
 
@@ -332,6 +333,11 @@ Status StageWorker::load_checkpoint(int64_t step) {
   return ok_status();
 }
 
+void StageWorker::set_tracer(StepTracer* tracer) {
+  tracer_ = tracer;
+  model_->set_observer(tracer);
+}
+
 std::string StageWorker::weights_safetensors() const {
   return model::safetensors_bytes(parameters_, {{"job_id", job_id_}, {"step", std::to_string(steps_done_)}});
 }
@@ -387,6 +393,7 @@ Status StageWorker::forward_micro(StepState& state, int micro) {
     SN_ASSIGN(input, pipeline_->receive(Flow::kActivation, state.step, micro, state.codec_ids(micro, ids)));
     if (!state.forward_only) input.requires_grad_(true);
   }
+  if (tracer_) tracer_->on_input(micro, input);
   torch::Tensor output = model_->forward(input);
   if (last) {
     SN_ASSIGN(auto targets, model::tensor_from_proto(batch_data.targets(), torch::kInt64, std::vector<int64_t>{batch, seq}));
@@ -395,9 +402,11 @@ Status StageWorker::forward_micro(StepState& state, int micro) {
     torch::Tensor loss = model::lm_loss(output, targets);
     state.loss_sum += loss.item<double>();
     state.losses[m] = loss;
+    if (tracer_) tracer_->on_loss(micro, loss);
   } else {
     const uint64_t seed = shared_seed(state.step, "act", micro, stage_ * replicas_ + replica_);
     SN_TRY(pipeline_->send(Flow::kActivation, state.step, micro, output, state.codec_ids(micro, ids), seed));
+    if (tracer_) tracer_->on_send(true, micro, output);
   }
   if (!state.forward_only) {
     state.inputs[m] = input;
@@ -417,11 +426,14 @@ Status StageWorker::backward_micro(StepState& state, int micro) {
     (state.losses[m] * scale).backward();
   } else {
     SN_ASSIGN(auto grad, pipeline_->receive(Flow::kGradient, state.step, micro, state.codec_ids(micro, ids)));
+    if (tracer_) tracer_->on_output_gradient(micro, grad);
     state.outputs[m].backward(grad);
   }
+  if (tracer_) tracer_->on_backward(micro);
   if (!first) {
     const uint64_t seed = shared_seed(state.step, "grad", micro, stage_ * replicas_ + replica_);
     SN_TRY(pipeline_->send(Flow::kGradient, state.step, micro, state.inputs[m].grad(), state.codec_ids(micro, ids), seed));
+    if (tracer_) tracer_->on_send(false, micro, state.inputs[m].grad());
   }
   state.inputs[m] = state.outputs[m] = state.losses[m] = torch::Tensor();
   return ok_status();
@@ -465,6 +477,7 @@ Status StageWorker::update_weights(int64_t step, solvernet::v1::RunStepReply& re
   optimizer_->step(step);
   ++steps_done_;
   const StateDigest digest = training_state_digest(training_state());
+  if (tracer_) tracer_->on_update(training_state(), digest.root);
   if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0)
     SN_TRY(save_checkpoint(digest));
   reply.set_state_hash(digest.root.data(), digest.root.size());
@@ -507,10 +520,18 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
   state.losses.resize(state.inputs.size());
   pipeline_->take_wait_seconds();
 
+  // Gradients are defined zeros before every step, the first included, so
+  // that each micro-batch's accumulation is always "before + its gradient"
+  // (an undefined gradient would take the first one as is, whose -0.0 then
+  // differs from 0 + -0.0): the operation trace recomputes exactly that.
   for (auto& [name, p] : parameters_)
-    if (p.grad().defined()) p.mutable_grad().zero_();
+    if (p.grad().defined())
+      p.mutable_grad().zero_();
+    else
+      p.mutable_grad() = torch::zeros_like(p);
   {
     torch::AutoGradMode grad_mode(!state.forward_only);
+    if (tracer_ && !state.forward_only) tracer_->begin(request, training_state(), parameters_);
     std::vector<ScheduleOp> ops;
     if (state.forward_only) {
       for (int m = 0; m < micro_batches; ++m) ops.push_back({true, m});
@@ -524,7 +545,9 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
   if (!state.forward_only) {
     auto t0 = Clock::now();
     SN_TRY(reduce_replica_gradients(state.step));
+    if (tracer_) tracer_->on_reduced();
     SN_TRY(sync_tied_embedding(state.step));
+    if (tracer_) tracer_->on_tied();
     state.reduce_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     SN_TRY(update_weights(state.step, reply));
   }

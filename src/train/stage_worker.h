@@ -27,6 +27,8 @@
 
 namespace sn::train {
 
+class StepTracer;  // train/trace.h
+
 // One entry of a stage's schedule: forward or backward of micro-batch `micro`.
 struct ScheduleOp {
   bool forward = true;
@@ -71,6 +73,9 @@ class StageWorker {
   std::string weights_safetensors() const;
   int64_t steps_done() const { return steps_done_; }
   void abort(const std::string& reason) { transport_->abort(reason); }
+  // Verification (train/trace.h): TRACER (not owned; null to detach) sees
+  // every operation of the training steps that follow. Null in training.
+  void set_tracer(StepTracer* tracer);
 
  private:
   StageWorker() = default;
@@ -117,6 +122,7 @@ class StageWorker {
   int64_t steps_done_ = 0;
   int64_t dataset_samples_ = 0;
   std::unique_ptr<CheckpointStore> checkpoints_;
+  StepTracer* tracer_ = nullptr;  // trace hooks: null except when verifying
 };
 
 }  // namespace sn::train
