@@ -9,11 +9,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <set>
+#include <thread>
 
+#include "chain/chain.h"
 #include "core/hash.h"
 #include "core/keys.h"
 #include "model/tensor_wire.h"
 #include "net/delivery.h"
+#include "net/rpc.h"
 #include "train/stage_worker.h"
 #include "train/state.h"
 #include "train/trace.h"
@@ -161,6 +164,78 @@ Hash256 run_untraced(Member& member, const JobConfig& job, int64_t step) {
   return hash_of(reply->state_hash());
 }
 
+// Every member of a STAGES × REPLICAS job in this process, each with its own
+// key, gRPC server and worker: the real transport between them.
+struct Swarm {
+  JobConfig job;
+  fs::path dir;
+  std::vector<std::unique_ptr<NodeKey>> keys;
+  std::vector<std::unique_ptr<net::DeliveryService>> services;
+  std::vector<net::RunningServer> servers;
+  std::vector<solvernet::v1::SetupJobRequest> setups;
+  std::vector<std::unique_ptr<StageWorker>> workers;
+
+  Swarm(const JobConfig& j, const std::string& name) : job(j) {
+    dir = fs::temp_directory_path() / ("sn-trace-swarm-" + name + "-" + std::to_string(::getpid()));
+    fs::remove_all(dir);
+    const int stages = static_cast<int>(job.parallel.stages), replicas = static_cast<int>(job.parallel.replicas);
+    const int per_stage = static_cast<int>(job.model.layers) / stages;
+    solvernet::v1::SetupJobRequest base;
+    base.set_job_id("trace");
+    base.set_job_toml(job_to_toml(job));
+    base.set_dataset_samples(64);
+    for (int i = 0; i < stages * replicas; ++i) {
+      keys.push_back(std::make_unique<NodeKey>(NodeKey::generate()));
+      services.push_back(std::make_unique<net::DeliveryService>());
+      auto server = net::start_server("127.0.0.1:0", services.back().get(), *keys.back());
+      EXPECT_TRUE(server.ok()) << server.message();
+      auto* m = base.add_members();
+      m->set_node_id(keys.back()->node_id());
+      m->set_public_key(keys.back()->public_key().data(), 32);
+      m->set_address("127.0.0.1:" + std::to_string(server->port));
+      m->set_stage(i / replicas);
+      m->set_replica(i % replicas);
+      servers.push_back(std::move(server).value());
+    }
+    for (int i = 0; i < stages * replicas; ++i) {
+      auto setup = base;
+      setup.set_stage(i / replicas);
+      setup.set_replica(i % replicas);
+      setup.set_first_layer(i / replicas * per_stage);
+      setup.set_layer_count(per_stage);
+      auto created = StageWorker::create(setup, *keys[static_cast<size_t>(i)], dir / std::to_string(i),
+                                         std::chrono::milliseconds(10000), *services[static_cast<size_t>(i)]);
+      EXPECT_TRUE(created.ok()) << created.message();
+      setups.push_back(setup);
+      workers.push_back(std::move(created).value());
+    }
+  }
+  ~Swarm() {
+    for (auto& w : workers) w->abort("test over");
+    workers.clear();
+    for (auto& s : servers) s.server->Shutdown(std::chrono::system_clock::now());
+    fs::remove_all(dir);
+  }
+
+  // Step STEP on every member at once; with TRACERS (one per member) attached.
+  std::vector<Hash256> run(int64_t step, std::vector<std::unique_ptr<StepTracer>>* tracers = nullptr) {
+    std::vector<Hash256> states(workers.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < workers.size(); ++i)
+      threads.emplace_back([&, i] {
+        auto request = step_request(job, step * 10 + setups[i].replica());
+        request.set_step(step);
+        if (tracers) workers[i]->set_tracer((*tracers)[i].get());
+        auto reply = workers[i]->run_step(request);
+        workers[i]->set_tracer(nullptr);
+        EXPECT_TRUE(reply.ok()) << "member " << i << ": " << reply.message();
+        if (reply.ok()) states[i] = hash_of(reply->state_hash());
+      });
+    for (auto& t : threads) t.join();
+    return states;
+  }
+};
+
 }  // namespace
 
 class TraceTest : public ::testing::Test {
@@ -203,6 +278,14 @@ TEST_F(TraceTest, EveryOpHasItsInputsFromThePrefixAndTheChainHolds) {
     EXPECT_TRUE(status.ok()) << status.message();
   }
   EXPECT_TRUE(check_chain(trace).ok());
+  // The contract's own rebuild of r_0 and of the commit record (chain/chain.h)
+  // agrees with the trace's: it can close the chain from the posted digests.
+  const OpRecord& commit = trace.records.back();
+  EXPECT_EQ(chain::ops_start(trace.leaf_prev), trace.chain.front());
+  EXPECT_EQ(chain::commit_record_hash(commit.inputs[0].hash, commit.inputs[1].hash, commit.inputs[2].hash,
+                                     commit.outputs[0].hash),
+            record_hash(commit));
+  EXPECT_EQ(chain::ops_link(trace.chain[trace.chain.size() - 2], record_hash(commit)), trace.root());
   // m for this job: start, per micro-batch batch + embed + 2 blocks + head
   // forward and head + 2 blocks + embed backward, an adam per tensor, hash_state, commit.
   const size_t tensors = 2 + 12 * 2 + 2;
@@ -346,4 +429,53 @@ TEST_F(TraceTest, CostOfOneBlockBackwardAgainstOneStep) {
   }
   std::printf("trace cost: step %.2f ms, traced step %.2f ms (%zu ops), one block.bwd recompute %.3f ms = %.2f%% of a step\n",
               step_s * 1e3, traced_s * 1e3, t.trace.records.size(), best * 1e3, 100.0 * best / step_s);
+}
+
+// A pipeline of two stages, each with two replicas: the ops that cross members
+// (recv, send, reduce, tied) are traced too, and every member's compute ops
+// (a first stage that is not the last, a last that is not the first) recompute.
+TEST_F(TraceTest, EveryMemberOfATwoByTwoJobTracesAndRecomputes) {
+  JobConfig job = tiny_job(2);
+  job.parallel.stages = 2;
+  job.parallel.replicas = 2;
+  job.train.global_batch = 8;
+  Swarm plain(job, "plain"), traced(job, "traced");
+  plain.run(0);
+  traced.run(0);
+  const std::vector<Hash256> expected = plain.run(1);
+  std::vector<std::unique_ptr<StepTracer>> tracers;
+  std::vector<OpContext> contexts;
+  for (const auto& setup : traced.setups) {
+    auto context = op_context_of(setup, 2);
+    ASSERT_TRUE(context.ok()) << context.message();
+    contexts.push_back(*context);
+    tracers.push_back(std::make_unique<StepTracer>(*context, hash_string("leaf before")));
+  }
+  const std::vector<Hash256> states = traced.run(1, &tracers);
+  EXPECT_EQ(states, expected);
+  for (size_t i = 0; i < tracers.size(); ++i) {
+    auto trace = tracers[i]->finish(hash_string("inbound"), hash_string("outbound"), hash_string("leaf"));
+    ASSERT_TRUE(trace.ok()) << trace.message();
+    std::map<std::string, int> kinds;
+    for (size_t j = 0; j < trace->records.size(); ++j) {
+      const OpRecord& r = trace->records[j];
+      ++kinds[r.kind];
+      auto status = check_inputs_from_prefix(*trace, j);
+      EXPECT_TRUE(status.ok()) << "member " << i << ": " << status.message();
+      if (!recomputable(r.kind) || r.kind == "commit") continue;
+      auto inputs = op_inputs(*trace, j);
+      ASSERT_TRUE(inputs.ok()) << inputs.message();
+      auto outputs = recompute_op(contexts[i], r, *inputs);
+      ASSERT_TRUE(outputs.ok()) << r.kind << ": " << outputs.message();
+      EXPECT_EQ(*outputs, r.outputs) << "member " << i << " op " << j + 1 << " " << r.kind << " layer " << r.layer;
+    }
+    const bool first = traced.setups[i].stage() == 0;
+    EXPECT_EQ(kinds["recv"], 2) << i;
+    EXPECT_EQ(kinds["send"], 2) << i;
+    EXPECT_EQ(kinds["reduce"], 1) << i;
+    EXPECT_EQ(kinds["tied"], 1) << i;
+    EXPECT_EQ(kinds["block.bwd"], 2) << i;
+    EXPECT_EQ(kinds[first ? "embed.bwd" : "head.bwd"], 2) << i;
+    EXPECT_EQ(kinds[first ? "head.bwd" : "embed.bwd"], 0) << i;
+  }
 }
