@@ -163,6 +163,7 @@ torch::Tensor StageModel::forward(const torch::Tensor& input) {
   }
   for (int layer = first_layer_; layer < first_layer_ + layer_count_; ++layer) {
     torch::Tensor y = block(layer, x);
+    if (offset_ != 0 && layer == offset_layer_) y = y + offset_;
     if (observer_) observer_->on_forward(Part::block, layer, x, y);
     x = y;
   }

@@ -71,6 +71,14 @@ class StageModel : public torch::nn::Module {
   // Null (the default) in training; it costs one branch per part.
   void set_observer(ForwardObserver* observer) { observer_ = observer; }
 
+  // The wrong-op cheat (tests and the devnet only, never honest training):
+  // forward adds DELTA to block LAYER's output until set back to 0; the
+  // observer sees the altered output, as the cheater's own trace records it.
+  void set_block_offset(int layer, double delta) {
+    offset_layer_ = layer;
+    offset_ = delta;
+  }
+
   bool is_first() const { return first_layer_ == 0; }
   bool is_last() const { return first_layer_ + layer_count_ == config_.layers; }
   int first_layer() const { return first_layer_; }
@@ -94,6 +102,8 @@ class StageModel : public torch::nn::Module {
   std::map<std::string, torch::Tensor> by_name_;
   torch::Tensor causal_mask_;
   ForwardObserver* observer_ = nullptr;
+  int offset_layer_ = -1;
+  double offset_ = 0;
 };
 
 // Mean token cross-entropy of LOGITS [B, T, V] against TARGETS [B, T].

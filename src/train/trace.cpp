@@ -228,14 +228,14 @@ class Recompute {
 
   Result<torch::Tensor> get(const std::string& name) const {
     auto it = inputs_.find(name);
-    if (it == inputs_.end()) return kind_error(ErrorKind::invalid_input, "{}: input {} is missing", record_.kind, name);
+    if (it == inputs_.end()) return kind_error(ErrorKind::bad_peer, "{}: input {} is missing", record_.kind, name);
     return it->second;
   }
   // The one input whose name starts with PREFIX (an activation or its gradient).
   Result<std::string> name_with(std::string_view prefix) const {
     for (const OpValue& in : record_.inputs)
       if (in.name.starts_with(prefix)) return in.name;
-    return kind_error(ErrorKind::invalid_input, "{}: names no {}* input", record_.kind, prefix);
+    return kind_error(ErrorKind::bad_peer, "{}: names no {}* input", record_.kind, prefix);
   }
   Result<NamedTensors> weights(const std::vector<std::string>& names) const {
     NamedTensors out;
@@ -262,7 +262,7 @@ class Recompute {
     std::vector<OpValue> out;
     for (const OpValue& o : record_.outputs) {
       auto it = results_.find(o.name);
-      if (it == results_.end()) return kind_error(ErrorKind::invalid_input, "{}: names an output {} it does not make", record_.kind, o.name);
+      if (it == results_.end()) return kind_error(ErrorKind::bad_peer, "{}: names an output {} it does not make", record_.kind, o.name);
       out.push_back({o.name, value_hash(o.name, it->second)});
     }
     return out;
@@ -368,7 +368,7 @@ Result<std::vector<OpValue>> recompute(const OpContext& context, const OpRecord&
   } else if (kind == "adam") {
     // One parameter through the same AdamW as training, at the same step:
     // every parameter's update is independent of the others.
-    if (record.outputs.empty()) return kind_error(ErrorKind::invalid_input, "adam: names no outputs");
+    if (record.outputs.empty()) return kind_error(ErrorKind::bad_peer, "adam: names no outputs");
     const std::string& name = record.outputs[0].name;
     SN_ASSIGN(auto p_in, rc.get(name));
     SN_ASSIGN(auto g, rc.get(grad_name(name)));
@@ -376,7 +376,7 @@ Result<std::vector<OpValue>> recompute(const OpContext& context, const OpRecord&
     SN_ASSIGN(auto v, rc.get("adam.v." + name));
     SN_ASSIGN(auto step, rc.get("adam.step"));
     if (step.numel() != 1 || step.scalar_type() != torch::kInt64)
-      return kind_error(ErrorKind::invalid_input, "adam: adam.step is not one I64");
+      return kind_error(ErrorKind::bad_peer, "adam: adam.step is not one I64");
     torch::Tensor p = p_in.detach().clone().requires_grad_(true);
     AdamW optimizer({{name, p}}, context.job.train);
     SN_TRY(optimizer.load_state({{"adam.m." + name, m}, {"adam.v." + name, v}, {"adam.step", step}}));

@@ -105,11 +105,13 @@ Result<OpContext> op_context_of(const solvernet::v1::SetupJobRequest& setup, int
 // need the step replayed up to them.
 bool recomputable(std::string_view kind);
 
-// Recomputes RECORD from INPUTS (by name; every input the record names must
-// be there, else invalid_input naming it; their hashes are not checked here:
+// Recomputes RECORD from INPUTS (by name; their hashes are not checked here:
 // see check_inputs) and returns its outputs, names in the record's order.
-// A kind that is not recomputable fails with kind unavailable ("needs a step
-// replay"). Pure: no state is kept; the same inputs give the same bits.
+// Errors: bad_peer when the record or its inputs are malformed (an input it
+// needs is missing, a shape or dtype does not fit, an output it names is not
+// the op's): whoever served them is at fault; unavailable for a kind that is
+// not recomputable ("needs a step replay"). Pure: no state is kept; the same
+// inputs give the same bits.
 Result<std::vector<OpValue>> recompute_op(const OpContext& context, const OpRecord& record,
                                           const std::map<std::string, torch::Tensor>& inputs);
 // Each of RECORD's inputs is in INPUTS with the hash the record names (bad_peer otherwise).

@@ -387,6 +387,12 @@ TEST_F(TraceTest, RecomputeRefusesMissingOrMisshapenInputs) {
   auto r1 = recompute_op(*context, t.trace.records[j], missing);
   ASSERT_FALSE(r1.ok());
   EXPECT_NE(r1.message().find("missing"), std::string::npos) << r1.message();
+  EXPECT_EQ(r1.error().kind, ErrorKind::bad_peer);
+  OpRecord renamed = t.trace.records[j];
+  renamed.outputs[0].name = "hidden.0.7";
+  auto r3 = recompute_op(*context, renamed, *inputs);
+  ASSERT_FALSE(r3.ok());
+  EXPECT_EQ(r3.error().kind, ErrorKind::bad_peer) << r3.message();
   auto misshapen = *inputs;
   misshapen[t.trace.records[j].inputs[2].name] = torch::zeros({3, 5});
   auto r2 = recompute_op(*context, t.trace.records[j], misshapen);
@@ -477,5 +483,45 @@ TEST_F(TraceTest, EveryMemberOfATwoByTwoJobTracesAndRecomputes) {
     EXPECT_EQ(kinds["block.bwd"], 2) << i;
     EXPECT_EQ(kinds[first ? "embed.bwd" : "head.bwd"], 2) << i;
     EXPECT_EQ(kinds[first ? "head.bwd" : "embed.bwd"], 0) << i;
+  }
+}
+
+// The wrong-op cheat as the model carries it out (StageModel::set_block_offset):
+// the observer, and so the cheater's own trace, sees the altered output of
+// that block, and that block's forward alone fails its recompute.
+TEST_F(TraceTest, AnAlteredBlockOutputFailsItsRecomputeAndOnlyIt) {
+  const JobConfig job = tiny_job(1);
+  struct Seen : model::ForwardObserver {
+    std::map<int, std::pair<torch::Tensor, torch::Tensor>> blocks;
+    void on_forward(Part part, int layer, const torch::Tensor& in, const torch::Tensor& out) override {
+      if (part == Part::block) blocks[layer] = {in.detach().clone(), out.detach().clone()};
+    }
+  } seen;
+  model::StageModel gpt(job.model, 0, static_cast<int>(job.model.layers), 7);
+  gpt.set_observer(&seen);
+  gpt.set_block_offset(1, 1e-3);
+  auto tokens = torch::randint(0, job.model.vocab, {2, job.model.seq_len}, torch::kInt64);
+  gpt.forward(tokens);
+  OpContext context;
+  context.job = job;
+  context.layer_count = static_cast<int>(job.model.layers);
+  for (int layer : {0, 1}) {
+    OpRecord r{"block.fwd", static_cast<uint32_t>(layer), 0, {}, {}};
+    std::map<std::string, torch::Tensor> inputs;
+    for (const auto& [name, p] : gpt.named_parameters())
+      if (name.starts_with("blocks." + std::to_string(layer) + ".")) {
+        inputs[name] = p;
+        r.inputs.push_back({name, tensor_hash(p)});
+      }
+    const std::string in = "hidden.0." + std::to_string(layer), out = "hidden.0." + std::to_string(layer + 1);
+    inputs[in] = seen.blocks[layer].first;
+    r.inputs.push_back({in, tensor_hash(inputs[in])});
+    r.outputs.push_back({out, tensor_hash(seen.blocks[layer].second)});
+    auto outputs = recompute_op(context, r, inputs);
+    ASSERT_TRUE(outputs.ok()) << outputs.message();
+    if (layer == 1)
+      EXPECT_NE(*outputs, r.outputs);
+    else
+      EXPECT_EQ(*outputs, r.outputs);
   }
 }
