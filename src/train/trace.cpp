@@ -459,6 +459,7 @@ void StepTracer::begin(const solvernet::v1::RunStepRequest& request, const Train
 }
 
 void StepTracer::on_input(int micro, const torch::Tensor& input) {
+  if (!began_) return;
   current_micro_ = micro;
   const auto m = static_cast<uint32_t>(micro);
   if (context_.is_first() || context_.is_last()) {
@@ -480,6 +481,7 @@ void StepTracer::on_input(int micro, const torch::Tensor& input) {
 }
 
 void StepTracer::on_forward(Part part, int layer, const torch::Tensor& in, const torch::Tensor& out) {
+  if (!began_) return;
   const int micro = current_micro_;
   const auto m = static_cast<uint32_t>(micro);
   auto capture = [this, micro](int at) {
@@ -514,6 +516,7 @@ void StepTracer::on_forward(Part part, int layer, const torch::Tensor& in, const
 }
 
 void StepTracer::on_loss(int micro, const torch::Tensor& loss) {
+  if (!began_) return;
   const int end = context_.first_layer + context_.layer_count;
   OpRecord r{"head.fwd", 0, static_cast<uint32_t>(micro), {}, {}};
   for (const auto& name : kHeadWeights) r.inputs.push_back(latest(name));
@@ -526,12 +529,14 @@ void StepTracer::on_loss(int micro, const torch::Tensor& loss) {
 }
 
 void StepTracer::on_output_gradient(int micro, const torch::Tensor& gradient) {
+  if (!began_) return;
   const int end = context_.first_layer + context_.layer_count;
   add({"recv", 0, static_cast<uint32_t>(micro), {}, {put(dhidden(micro, end), gradient)}});
   message_records_[{"grad", micro}] = trace_.records.size() - 1;
 }
 
 void StepTracer::on_backward(int micro) {
+  if (!began_) return;
   const int end = context_.first_layer + context_.layer_count;
   const auto m = static_cast<uint32_t>(micro);
   std::map<std::string, torch::Tensor> grads;
@@ -592,6 +597,7 @@ void StepTracer::on_backward(int micro) {
 }
 
 void StepTracer::on_send(bool activation, int micro, const torch::Tensor&) {
+  if (!began_) return;
   const int end = context_.first_layer + context_.layer_count;
   const std::string what = activation ? hidden(micro, end) : dhidden(micro, context_.first_layer);
   add({"send", 0, static_cast<uint32_t>(micro), {latest(what)}, {}});
@@ -599,6 +605,7 @@ void StepTracer::on_send(bool activation, int micro, const torch::Tensor&) {
 }
 
 void StepTracer::on_reduced() {
+  if (!began_) return;
   if (context_.job.parallel.replicas <= 1) return;
   OpRecord r{"reduce", 0, 0, {}, {}};
   for (const auto& [name, p] : parameters_) r.inputs.push_back(latest(grad_name(name)));
@@ -608,6 +615,7 @@ void StepTracer::on_reduced() {
 }
 
 void StepTracer::on_tied() {
+  if (!began_) return;
   if (context_.job.parallel.stages <= 1 || !(context_.is_first() || context_.is_last())) return;
   for (const auto& [name, p] : parameters_) {
     if (name != "wte.weight") continue;
@@ -617,6 +625,7 @@ void StepTracer::on_tied() {
 }
 
 void StepTracer::on_update(const TrainingState& after, const Hash256& state_hash) {
+  if (!began_) return;
   std::map<std::string, torch::Tensor> optimizer(after.optimizer.begin(), after.optimizer.end());
   for (const auto& [name, p] : after.weights) {
     OpRecord r{"adam", 0, 0, {}, {}};

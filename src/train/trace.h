@@ -122,7 +122,8 @@ Result<std::map<std::string, torch::Tensor>> op_inputs(const Trace& trace, size_
 // Records a step as the worker runs it. The worker calls these hooks (see
 // StageWorker::set_tracer) and the model calls on_forward; then finish()
 // seals the trace with the digests only the step's end knows. One step per
-// tracer. Not thread-safe (a worker's step runs on one thread).
+// tracer; hooks outside begin() … finish() (an evaluation round) do nothing.
+// Not thread-safe (a worker's step runs on one thread).
 class StepTracer : public model::ForwardObserver {
  public:
   StepTracer(OpContext context, const Hash256& leaf_prev);

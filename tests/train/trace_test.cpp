@@ -525,3 +525,22 @@ TEST_F(TraceTest, AnAlteredBlockOutputFailsItsRecomputeAndOnlyIt) {
       EXPECT_EQ(*outputs, r.outputs);
   }
 }
+
+// An evaluation round run with a tracer attached records nothing, and a
+// tracer that saw no training step refuses to make a trace of it.
+TEST_F(TraceTest, AnEvaluationRoundIsNotTraced) {
+  const JobConfig job = tiny_job(1);
+  Member member(job, "eval");
+  auto context = op_context_of(member.setup, 1);
+  ASSERT_TRUE(context.ok());
+  StepTracer tracer(*context, hash_string("leaf before"));
+  member.worker->set_tracer(&tracer);
+  auto request = step_request(job, 0);
+  request.set_forward_only(true);
+  auto reply = member.worker->run_step(request);
+  member.worker->set_tracer(nullptr);
+  ASSERT_TRUE(reply.ok()) << reply.message();
+  auto trace = tracer.finish(hash_string("in"), hash_string("out"), hash_string("leaf"));
+  ASSERT_FALSE(trace.ok());
+  EXPECT_NE(trace.message().find("did not run"), std::string::npos) << trace.message();
+}
