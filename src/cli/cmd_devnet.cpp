@@ -40,6 +40,8 @@ struct DevnetArgs {
   double time_dilation = 0;
   std::string key;
   int peer_timeout_s = 60;
+  std::string plan_from = "topology";  // or "probes": the links the nodes measured (net/probe.h)
+  double probe_every_s = 0;            // the nodes' --probe-every-s (0: 3 s when planning from probes, else 30 s)
   // Serving (docs/inference.md): after training (or straight from --init), the
   // model's blocks spread over block servers and an OpenAI-compatible gateway.
   bool serve = false;
@@ -115,6 +117,10 @@ class Devnet {
                                        "--bootstrap", bootstrap(), "--region",
                                        topology.regions[static_cast<size_t>(regions[static_cast<size_t>(i)])].name,
                                        "--parent-pid", std::to_string(::getpid())};
+      // The nodes emulate the file's links for their probes, so their estimates see the same links as the job.
+      argv.insert(argv.end(), {"--topology", args.topology, "--probe-every-s",
+                               fmt::format("{:g}", args.probe_every_s > 0 ? args.probe_every_s
+                                                   : args.plan_from == "probes" ? 3.0 : 30.0)});
       if (net::insecure()) argv.push_back("--insecure");  // the nodes must speak what the client speaks
       SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
       nodes_.push_back(std::move(child));
@@ -240,6 +246,8 @@ int run_devnet(const DevnetArgs& args) {
   spec.time_dilation = args.time_dilation;
   if (args.peer_timeout_s < 1 || args.peer_timeout_s > 86400)
     return fail("devnet", fmt::format("--peer-timeout-s must be in 1..86400, got {}", args.peer_timeout_s), 2);
+  if (!(args.probe_every_s == 0 || (args.probe_every_s >= 0.5 && args.probe_every_s <= 86400)))
+    return fail("devnet", fmt::format("--probe-every-s must be 0 (the default) or in 0.5..86400, got {:g}", args.probe_every_s), 2);
   spec.initial_weights = args.init;
   const int needed = static_cast<int>(spec.job.parallel.stages * spec.job.parallel.replicas);
   const int nodes = args.nodes ? *args.nodes : std::max(needed, topology->device_count());
@@ -276,6 +284,13 @@ int run_devnet(const DevnetArgs& args) {
   if (stop_requested()) return fail("devnet", "interrupted", stop_exit_code());
   if (!found.ok()) return fail("devnet", found.message() + "\n" + devnet.dead_processes_report());
   if (!args.json) std::cerr << fmt::format("devnet: all {} nodes discovered\n", found->size());
+  if (args.plan_from == "probes") {
+    // Plan from what the nodes measured: wait (bounded) until each announces every peer.
+    found = wait_for_link_estimates({devnet.bootstrap()}, std::move(found).value(), std::chrono::seconds(60));
+    if (stop_requested()) return fail("devnet", "interrupted", stop_exit_code());
+    if (!found.ok()) return fail("devnet", found.message() + "\n" + devnet.dead_processes_report());
+    spec.plan_from_probes = true;
+  }
 
   // Settlement: a local chain, every node funded and staked, the job escrowed.
   std::unique_ptr<DevnetSettlement> settlement;
@@ -352,6 +367,11 @@ CommandRegistration devnet_command(
       app.add_option("--emulate", args->emulate, "raw | scaled (default: the topology's mode)")
           ->check(CLI::IsMember({"raw", "scaled"}));
       app.add_option("--algo", args->algo, "Placement: ours | dtfm | random | naive")->capture_default_str();
+      app.add_option("--plan-from", args->plan_from, "Links the placement plans from: topology | probes (measured by the nodes)")
+          ->check(CLI::IsMember({"topology", "probes"}))
+          ->capture_default_str();
+      app.add_option("--probe-every-s", args->probe_every_s,
+                     "The nodes' probe interval (default: 3 s with --plan-from probes, else 30 s)");
       app.add_option("--init", args->init, "Start from these weights (safetensors)");
       app.add_flag("--no-chain", args->no_chain, "Skip settlement (no anvil, no stakes or escrow)");
       app.add_flag("--keep", args->keep, "Keep the temp dir (logs, node data) afterwards");

@@ -22,6 +22,7 @@
 #include "net/announce.h"
 #include "net/discovery.h"
 #include "net/node_runtime.h"
+#include "net/probe.h"
 #include "net/rpc.h"
 #include "net/topology.h"
 #include "train/train.h"
@@ -46,6 +47,9 @@ struct NodeArgs {
   double session_idle_s = 60;
   int max_batch = 32;
   std::string cheat;
+  double probe_every_s = 30;      // 0: no probes
+  int probe_peers = 16;
+  int probe_limit = 120;          // probe requests answered per prober per minute
 };
 
 // What --serve names: a model file (published into the node's store) or a
@@ -174,12 +178,21 @@ int run_node(const NodeArgs& args) {
   init_logging("node " + key->node_id().substr(0, 8), args.log_level);
   train::init_single_threaded();
 
+  // With a topology, probe traffic is paced as the links to peers' regions (the devnet).
+  std::optional<Topology> topology;
   if (!args.topology.empty()) {
-    auto topology = parse_topology_file(args.topology);
-    if (!topology.ok()) return fail("node", topology.message(), 2);
-    if (topology->region_index(args.region) < 0)
+    auto parsed = parse_topology_file(args.topology);
+    if (!parsed.ok()) return fail("node", parsed.message(), 2);
+    if (parsed->region_index(args.region) < 0)
       return fail("node", "region \"" + args.region + "\" is not in " + args.topology, 2);
+    topology = std::move(parsed).value();
   }
+  if (!(args.probe_every_s == 0 || (args.probe_every_s >= 0.5 && args.probe_every_s <= 86400)))
+    return fail("node", fmt::format("--probe-every-s must be 0 (no probes) or in 0.5..86400, got {:g}", args.probe_every_s), 2);
+  if (args.probe_peers < 1 || args.probe_peers > 256)
+    return fail("node", fmt::format("--probe-peers must be in 1..256, got {}", args.probe_peers), 2);
+  if (args.probe_limit < 1 || args.probe_limit > 100000)
+    return fail("node", fmt::format("--probe-limit must be in 1..100000, got {}", args.probe_limit), 2);
 
   if (args.memory_limit_mb < 0 || args.memory_limit_mb > (int64_t{1} << 30))
     return fail("node", "--memory-limit-mb must be in 0..1073741824 (0: what the machine has available)", 2);
@@ -203,6 +216,7 @@ int run_node(const NodeArgs& args) {
   net::DeliveryService delivery;  // routes tensor messages to each job's transport; outlives the jobs
   std::unique_ptr<grpc::Service> train_service;
   std::unique_ptr<infer::BlockServer> block_server;  // outlives the runtime that calls it
+  std::unique_ptr<net::ProbeService> probe_service;  // likewise
 
   // The runtime owns the server, admission and leases; each module only
   // registers its service on it.
@@ -280,6 +294,13 @@ int run_node(const NodeArgs& args) {
   runtime.add_service(train_service.get());
   runtime.add_service(&delivery);
   runtime.add_service((*model_store)->service());
+  net::ProbeServiceOptions probe_service_options;
+  probe_service_options.key = &*key;
+  probe_service_options.region = args.region;
+  probe_service_options.topology = topology;
+  probe_service_options.per_minute = args.probe_limit;
+  probe_service = std::make_unique<net::ProbeService>(probe_service_options);
+  runtime.add_service(probe_service->service());
 
   if (served_model) {
     const auto span = std::make_pair(served_model->first_block, served_model->end_block);
@@ -339,8 +360,33 @@ int run_node(const NodeArgs& args) {
             << static_cast<int>(info.compute_gflops()) << " GFLOP/s, admits "
             << net::format_bytes(runtime.memory_limit_bytes()) << ", lease " << args.lease_s << " s)" << std::endl;
 
+  // Measured links: probe the peers the DHT lists and announce the estimates.
+  std::unique_ptr<net::Prober> prober;
+  if (args.probe_every_s > 0) {
+    net::ProberOptions probe_options;
+    probe_options.key = &*key;
+    probe_options.region = args.region;
+    probe_options.topology = topology;
+    probe_options.every = std::chrono::milliseconds(static_cast<int64_t>(args.probe_every_s * 1000));
+    probe_options.max_peers = static_cast<size_t>(args.probe_peers);
+    probe_options.peers = [&] {
+      auto listed = discovery->list_nodes(std::chrono::seconds(2));
+      if (!listed.ok()) spdlog::debug("probes: listing peers: {}", listed.message());
+      return listed.ok() ? std::move(listed).value() : std::vector<solvernet::v1::NodeInfo>{};
+    };
+    probe_options.on_update = [&](const std::vector<solvernet::v1::LinkEstimate>& estimates) {
+      std::lock_guard<std::mutex> lock(info_mutex);
+      if (const size_t announced = net::set_link_estimates(info, estimates); announced < estimates.size())
+        spdlog::debug("announcing {} of {} link estimates (the DHT's 4 KiB value limit)", announced, estimates.size());
+      discovery->update_announcement(info);
+    };
+    prober = std::make_unique<net::Prober>(probe_options);
+    prober->start();
+  }
+
   int signal_number = wait_for_stop_signal();
   spdlog::info("stopping on signal {}", signal_number);
+  if (prober) prober->stop();
   discovery->stop();
   runtime.shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   return 0;
@@ -356,7 +402,7 @@ CommandRegistration node_command(
       app.add_option("--dht-port", args->dht_port, "UDP port of the DHT (0: any free)")->capture_default_str();
       app.add_option("--bootstrap", args->bootstrap, "DHT node to join, HOST:PORT (repeatable)");
       app.add_option("--region", args->region, "Region name (as in the topology file)")->capture_default_str();
-      app.add_option("--topology", args->topology, "Topology file, to check --region against");
+      app.add_option("--topology", args->topology, "Topology file: checks --region; probes are paced as its links to peers' regions");
       app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long to wait for a peer's tensor (unless the job says)")->capture_default_str();
       app.add_option("--memory-limit-mb", args->memory_limit_mb,
                      "Memory budget for jobs, MiB (0: what the machine has available, less 512 MiB)")->capture_default_str();
@@ -371,6 +417,10 @@ CommandRegistration node_command(
           ->capture_default_str();
       app.add_option("--cheat", args->cheat, "Misbehave on purpose, for tests: garbage-states (noise instead of outputs) or "
                      "malformed-states (outputs one column short)");
+      app.add_option("--probe-every-s", args->probe_every_s,
+                     "Measure RTT and throughput to peers this often, ±20% (0: never)")->capture_default_str();
+      app.add_option("--probe-peers", args->probe_peers, "Peers probed: the most recently announced")->capture_default_str();
+      app.add_option("--probe-limit", args->probe_limit, "Probe requests answered per prober per minute")->capture_default_str();
       app.add_option("--log-level", args->log_level, "trace|debug|info|warn|error")->capture_default_str();
       add_insecure_flag(app);
       app.add_option("--parent-pid", args->parent_pid, "Exit when this process dies (used by devnet)")->group("");

@@ -26,6 +26,7 @@ struct TrainArgs {
   int wait_s = 60;
   std::string key;
   int peer_timeout_s = 60;
+  std::string plan_from;  // "topology" | "probes"; empty: the topology if given, else probes
 };
 
 int run_train(const TrainArgs& args) {
@@ -56,6 +57,8 @@ int run_train(const TrainArgs& args) {
     if (!topology.ok()) return fail("train", topology.message(), 2);
     spec.topology = *topology;
   }
+  if (args.plan_from == "topology" && !spec.topology) return fail("train", "--plan-from topology needs a --topology", 2);
+  spec.plan_from_probes = args.plan_from == "probes";
   if (auto checked = check_run_inputs(spec, args.local); !checked.ok()) return fail("train", checked.message(), 2);
   Result<nlohmann::json> summary = Error{};
   if (args.local) {
@@ -82,7 +85,11 @@ CommandRegistration train_command(
       app.add_option("--job", args->job_file, "Job file (TOML; see examples/jobs)")->required();
       app.add_option("--bootstrap", args->bootstrap, "DHT node to discover nodes through, HOST:PORT");
       app.add_flag("--local", args->local, "Train the whole model in this process (the reference run)");
-      app.add_option("--topology", args->topology_file, "Topology file: links to emulate between the nodes");
+      app.add_option("--topology", args->topology_file,
+                     "Topology file: links to emulate between the nodes (none: plan from the links the nodes measured)");
+      app.add_option("--plan-from", args->plan_from,
+                     "Links the placement plans from: topology | probes (default: the topology if given, else probes)")
+          ->check(CLI::IsMember({"topology", "probes"}));
       app.add_option("--emulate", args->emulate, "raw | scaled (default: the topology's mode)")
           ->check(CLI::IsMember({"raw", "scaled"}));
       app.add_option("--algo", args->algo, "Placement: ours | dtfm | random | naive")->capture_default_str();

@@ -6,10 +6,12 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <map>
 #include <set>
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include "cli/signals.h"
@@ -20,6 +22,7 @@
 #include "train/inputs.h"
 #include "net/rpc.h"
 #include "net/local_mesh.h"
+#include "net/probe.h"
 #include "sched/placement.h"
 #include "train/train.h"
 
@@ -204,6 +207,32 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
   return live;
 }
 
+Result<std::vector<solvernet::v1::NodeInfo>> wait_for_link_estimates(const std::vector<std::string>& bootstrap,
+                                                                     std::vector<solvernet::v1::NodeInfo> nodes,
+                                                                     std::chrono::milliseconds timeout) {
+  SN_ASSIGN(auto discovery, net::Discovery::start(0, bootstrap));
+  SN_TRY(discovery->wait_for_bootstrap(std::min(timeout, std::chrono::milliseconds(5000))));
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < nodes.size(); ++i) index[nodes[i].node_id()] = i;
+  auto complete = [&] {
+    for (const auto& n : nodes) {
+      size_t peers = 0;
+      for (const auto& e : n.links()) peers += index.count(e.peer_node_id()) && e.peer_node_id() != n.node_id();
+      if (peers + 1 < nodes.size()) return false;
+    }
+    return true;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!complete() && std::chrono::steady_clock::now() < deadline && !stop_requested()) {
+    if (auto listed = discovery->list_nodes(std::chrono::milliseconds(2000)); listed.ok())
+      for (auto& n : *listed)
+        if (auto it = index.find(n.node_id()); it != index.end()) nodes[it->second] = std::move(n);
+    if (!complete()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  discovery->stop();
+  return nodes;
+}
+
 std::filesystem::path default_client_key_path() {
   const char* home = std::getenv("HOME");
   return std::filesystem::path(home && *home ? home : ".") / ".solvernet" / "client.key";
@@ -220,12 +249,30 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   request.algo = spec.algo;
   request.seed = spec.plan_seed;
   request.time_dilation = spec.time_dilation;
+  // No topology: plan from the links the nodes measured, if they announce any.
+  request.measured_links = spec.algo != "naive" && (spec.plan_from_probes || (!spec.topology && net::any_link_estimates(nodes)));
+  if (request.measured_links && !spec.topology) {
+    // Planning measures compute on the whole model here (check_run_inputs checks it only with a topology).
+    const double bytes = job.training_memory_bytes();
+    if (auto fits = check_memory_for(bytes >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(bytes), "planning the job");
+        !fits.ok()) {
+      spdlog::warn("not planning from measured links ({}); placing nodes in id order", fits.message());
+      request.measured_links = false;
+    }
+  }
+  if (spec.plan_from_probes && !net::any_link_estimates(nodes))
+    spdlog::warn("no node announces measured links yet: every pair is planned as {:g} ms / {:g} Mbps",
+                 net::kUnmeasuredLink.latency_ms, net::kUnmeasuredLink.bandwidth_mbps);
   sched::Measurements measure;
   measure.microbatch_seconds = train::measure_microbatch_seconds;
   measure.step_update_seconds = train::measure_step_update_seconds;
   measure.message_cost = net::measure_message_cost;
   SN_ASSIGN(sched::Placement placement, sched::place_job(request, nodes, measure));
   if (!spec.quiet) sched::print_placement(placement, std::cerr);
+  if (!placement.unmeasured.empty())
+    spdlog::warn("{} node pair(s) announce no measured link and were planned as {:g} ms / {:g} Mbps: {}",
+                 placement.unmeasured.size(), net::kUnmeasuredLink.latency_ms, net::kUnmeasuredLink.bandwidth_mbps,
+                 fmt::join(placement.unmeasured, ", "));
 
   train::DistributedOptions options;
   if (spec.topology) {

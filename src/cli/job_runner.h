@@ -31,6 +31,10 @@ struct RunSpec {
   // control request. Empty: ~/.solvernet/client.key.
   std::filesystem::path client_key;
   int peer_timeout_s = 60;             // how long nodes wait for a peer; the client's deadlines follow
+  // Plan from the links the nodes measured (NodeInfo.links) even with a
+  // topology (which then only sets the emulation). With no topology, measured
+  // links are used whenever a node announces some.
+  bool plan_from_probes = false;
 };
 
 // Limits of --time-dilation (0: measure it); T stretches every emulated time.
@@ -56,6 +60,15 @@ std::filesystem::path default_client_key_path();
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(
     const std::vector<std::string>& bootstrap, size_t want, std::chrono::milliseconds timeout,
     std::chrono::milliseconds bootstrap_timeout = std::chrono::milliseconds(5000));
+
+// Waits until each of NODES announces a measured link (NodeInfo.links) to
+// every other one, or TIMEOUT passes, and returns their newest announcements
+// (a node no longer listed keeps the one given). Pairs still unmeasured are
+// left to the planner (net::kUnmeasuredLink, with a warning). Errors: the DHT
+// cannot be joined (as discover_nodes).
+Result<std::vector<solvernet::v1::NodeInfo>> wait_for_link_estimates(const std::vector<std::string>& bootstrap,
+                                                                     std::vector<solvernet::v1::NodeInfo> nodes,
+                                                                     std::chrono::milliseconds timeout);
 
 // The CANDIDATES that answer a Ping within TIMEOUT with their own node id.
 std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1::NodeInfo>& candidates,

@@ -3,9 +3,11 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 #include <random>
 #include <set>
 
+#include "core/memory.h"
 #include "net/rpc.h"
 
 namespace sn::net {
@@ -294,6 +296,85 @@ std::vector<solvernet::v1::LinkEstimate> Prober::estimates() const {
     out.push_back(estimate_of(id, {it->second.samples.begin(), it->second.samples.end()}, it->second.measured_at_ms));
   }
   return out;
+}
+
+size_t set_link_estimates(solvernet::v1::NodeInfo& info, const std::vector<solvernet::v1::LinkEstimate>& estimates,
+                          size_t max_bytes) {
+  info.clear_links();
+  for (const auto& e : estimates) {
+    *info.add_links() = e;
+    if (info.ByteSizeLong() > max_bytes) {
+      info.mutable_links()->RemoveLast();
+      break;
+    }
+  }
+  return static_cast<size_t>(info.links_size());
+}
+
+double slowest_rtt_ms(const std::vector<solvernet::v1::NodeInfo>& nodes) {
+  std::set<std::string> ids;
+  for (const auto& n : nodes) ids.insert(n.node_id());
+  double slowest = 0;
+  for (const auto& n : nodes)
+    for (const auto& e : n.links())
+      if (ids.count(e.peer_node_id()) && std::isfinite(e.rtt_ms())) slowest = std::max(slowest, e.rtt_ms());
+  return slowest;
+}
+
+std::chrono::milliseconds adaptive_timeout(std::chrono::milliseconds floor, double rtt_ms, double slowest_step_s,
+                                           double k, double history) {
+  const double ms = k * std::max(0.0, rtt_ms) + history * std::max(0.0, slowest_step_s) * 1e3;
+  // Capped at a day: a figure past it is a broken measurement, not a link.
+  const double capped = std::min(ms, 86400e3);
+  return std::max(floor, std::chrono::milliseconds(static_cast<int64_t>(std::isfinite(capped) ? capped : 0)));
+}
+
+bool any_link_estimates(const std::vector<solvernet::v1::NodeInfo>& nodes) {
+  return std::any_of(nodes.begin(), nodes.end(), [](const auto& n) { return n.links_size() > 0; });
+}
+
+Result<LinkMatrix> link_matrix_from_estimates(const std::vector<solvernet::v1::NodeInfo>& nodes, LinkSpec fallback,
+                                              std::vector<std::pair<int, int>>* missing) {
+  const int n = static_cast<int>(nodes.size());
+  if (n > kMaxDevices) return input_error("{} nodes exceed the limit of {} devices", n, kMaxDevices);
+  SN_TRY(check_memory_for(link_matrix_bytes(n), fmt::format("the link matrix of {} nodes", n)));
+  std::map<std::string, int> index;
+  for (int i = 0; i < n; ++i) index[nodes[static_cast<size_t>(i)].node_id()] = i;
+  // (i, j) → the estimates either end made of the pair.
+  std::map<std::pair<int, int>, std::vector<const solvernet::v1::LinkEstimate*>> measured;
+  for (int i = 0; i < n; ++i)
+    for (const auto& e : nodes[static_cast<size_t>(i)].links()) {
+      auto it = index.find(e.peer_node_id());
+      if (it == index.end() || it->second == i || !(e.rtt_ms() >= 0) || !(e.mbps() > 0) || !std::isfinite(e.mbps()))
+        continue;
+      measured[{std::min(i, it->second), std::max(i, it->second)}].push_back(&e);
+    }
+  LinkMatrix m;
+  m.n = n;
+  m.links.assign(static_cast<size_t>(n) * static_cast<size_t>(n), LinkSpec{});
+  m.compute_tflops.assign(static_cast<size_t>(n), 1.0);
+  m.memory_gb.assign(static_cast<size_t>(n), 16.0);
+  std::map<std::string, int> regions;
+  for (const auto& node : nodes) m.region_of.push_back(regions.emplace(node.region(), static_cast<int>(regions.size())).first->second);
+  for (int i = 0; i < n; ++i)
+    for (int j = i + 1; j < n; ++j) {
+      LinkSpec link = fallback;
+      auto it = measured.find({i, j});
+      if (it == measured.end()) {
+        if (missing) missing->emplace_back(i, j);
+      } else {
+        double rtt = 0, mbps = 0;
+        for (const auto* e : it->second) {
+          rtt += e->rtt_ms();
+          mbps += e->mbps();
+        }
+        const double count = static_cast<double>(it->second.size());
+        link.latency_ms = std::min(rtt / count / 2, kMaxLatencyMs);
+        link.bandwidth_mbps = std::clamp(mbps / count, kMinBandwidthMbps, kMaxBandwidthMbps);
+      }
+      m.at(i, j) = m.at(j, i) = link;
+    }
+  return m;
 }
 
 }  // namespace sn::net

@@ -143,4 +143,34 @@ class Prober {
 solvernet::v1::LinkEstimate estimate_of(const std::string& peer_node_id, const std::vector<ProbeSample>& samples,
                                         int64_t measured_at_ms);
 
+// The scheduler's view of NODES' links from their announced estimates:
+// device i is NODES[i]. A pair's latency is half the RTT and its bandwidth the
+// throughput, averaged over both ends' estimates when both measured it. A pair
+// neither end measured gets FALLBACK and is listed in MISSING (if not null) as
+// (i, j), i < j. Compute and memory per device are the topology defaults
+// (1 TFLOP/s, 16 GB): announcements do not calibrate them. Errors as
+// link_matrix_for (too many devices for memory).
+inline constexpr LinkSpec kUnmeasuredLink{100.0, 10.0};  // 100 ms one-way, 10 Mbps: a poor WAN link
+Result<LinkMatrix> link_matrix_from_estimates(const std::vector<solvernet::v1::NodeInfo>& nodes,
+                                              LinkSpec fallback = kUnmeasuredLink,
+                                              std::vector<std::pair<int, int>>* missing = nullptr);
+// Replaces INFO's links with ESTIMATES, in order, as many as keep the
+// serialized NodeInfo within MAX_BYTES (the DHT stores announcements of at
+// most 4096 bytes, signature and framing included). Returns how many fit.
+inline constexpr size_t kMaxAnnouncedInfoBytes = 3900;
+size_t set_link_estimates(solvernet::v1::NodeInfo& info, const std::vector<solvernet::v1::LinkEstimate>& estimates,
+                          size_t max_bytes = kMaxAnnouncedInfoBytes);
+
+// Timeouts from measurements rather than a hand-tuned constant. The slowest
+// round trip NODES announce between one another (ms; 0: none measured), and a
+// wait derived from it: max(FLOOR, K × RTT_MS + HISTORY × SLOWEST_STEP_S),
+// where SLOWEST_STEP_S is the slowest step seen so far (0 before the first).
+// The training client does not use it yet (docs/discovery.md, "Measured links").
+double slowest_rtt_ms(const std::vector<solvernet::v1::NodeInfo>& nodes);
+std::chrono::milliseconds adaptive_timeout(std::chrono::milliseconds floor, double rtt_ms, double slowest_step_s,
+                                           double k = 8, double history = 3);
+
+// Whether any of NODES announces a measured link.
+bool any_link_estimates(const std::vector<solvernet::v1::NodeInfo>& nodes);
+
 }  // namespace sn::net

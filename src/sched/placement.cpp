@@ -1,9 +1,12 @@
 #include "sched/placement.h"
 
+#include <fmt/ranges.h>
+
 #include <algorithm>
 #include <cstring>
 #include <thread>
 
+#include "net/probe.h"
 #include "sched/sched.h"
 
 namespace sn::sched {
@@ -65,7 +68,7 @@ Result<Placement> place_job(const PlacementRequest& spec, const std::vector<solv
 
   Placement placement;
   placement.emulate = spec.topology ? (spec.emulate.empty() ? spec.topology->mode : spec.emulate) : "none";
-  const bool use_scheduler = spec.topology && spec.algo != "naive";
+  const bool use_scheduler = (spec.topology || spec.measured_links) && spec.algo != "naive";
   AnchorSetting anchor;
   // Our compute per micro-batch and stage: needed to scale links and to plan.
   double compute = 0;
@@ -77,9 +80,23 @@ Result<Placement> place_job(const PlacementRequest& spec, const std::vector<solv
   std::vector<std::vector<int>> stage_devices;
   if (use_scheduler) {
     // Devices as the scheduler sees them: the nodes' links as they will be emulated.
-    std::vector<int> region_of;
-    for (const auto& n : nodes) region_of.push_back(spec.topology->region_index(n.region()));
-    SN_ASSIGN(LinkMatrix links, link_matrix_for(*spec.topology, region_of, placement.scale));
+    LinkMatrix links;
+    if (spec.measured_links) {
+      std::vector<std::pair<int, int>> missing;
+      SN_ASSIGN(links, net::link_matrix_from_estimates(nodes, net::kUnmeasuredLink, &missing));
+      for (int a = 0; a < links.n; ++a)
+        for (int b = 0; b < links.n; ++b)
+          if (a != b) links.at(a, b) = placement.scale.apply(links.at(a, b));
+      for (const auto& [a, b] : missing)
+        placement.unmeasured.push_back(nodes[static_cast<size_t>(a)].node_id().substr(0, 8) + "-" +
+                                       nodes[static_cast<size_t>(b)].node_id().substr(0, 8));
+      placement.links = "measured";
+    } else {
+      std::vector<int> region_of;
+      for (const auto& n : nodes) region_of.push_back(spec.topology->region_index(n.region()));
+      SN_ASSIGN(links, link_matrix_for(*spec.topology, region_of, placement.scale));
+      placement.links = "topology";
+    }
     PlanRequest request = request_from_job(job, compute);
     request.gradient_bytes *= placement.scale.pacing_weight(true);
     request.tied_bytes *= placement.scale.pacing_weight(true);
@@ -161,6 +178,8 @@ nlohmann::json Placement::to_json() const {
   if (predicted_iteration_s > 0) j["predicted_iteration_s"] = predicted_iteration_s;
   if (dtfm_cost_s > 0) j["dtfm_cost_s"] = dtfm_cost_s;
   if (!prediction.is_null()) j["prediction"] = prediction;
+  j["links"] = links;
+  if (!unmeasured.empty()) j["unmeasured_links"] = unmeasured;
   return j;
 }
 
@@ -170,6 +189,12 @@ void print_placement(const Placement& p, std::ostream& out) {
     out << fmt::format("  stage {} replica {}  node {}  {}  [{}]\n", m.stage, m.replica, m.node_id.substr(0, 8),
                        m.address, m.region);
   if (p.predicted_iteration_s > 0) out << fmt::format("  predicted step time {:.3f} s\n", p.predicted_iteration_s);
+  if (p.links == "measured")
+    out << fmt::format("  planned from measured links{}\n",
+                       p.unmeasured.empty() ? std::string()
+                                            : fmt::format("; {} pair(s) unmeasured, planned as {:g} ms / {:g} Mbps: {}",
+                                                          p.unmeasured.size(), net::kUnmeasuredLink.latency_ms,
+                                                          net::kUnmeasuredLink.bandwidth_mbps, fmt::join(p.unmeasured, ", ")));
   if (p.emulate == "scaled")
     out << fmt::format("  links scaled to {}: time dilation T = {:.4g}, byte ratio R = {:.4g} (gradients {:.4g})\n",
                        AnchorSetting{}.name, p.scale.time_dilation, p.scale.byte_ratio, p.scale.gradient_byte_ratio);

@@ -31,6 +31,11 @@ struct PlacementRequest {
   uint64_t seed = 1;
   double time_dilation = 0;          // > 0: this T instead of measuring compute; host costs then count as 0
   unsigned host_cores = 0;           // cores of a host that all nodes share (0: this machine's)
+  // Plan from the links the nodes measured and announced (net/probe.h) rather
+  // than from the topology (which, if given, still sets the emulation). A pair
+  // nobody measured is planned as net::kUnmeasuredLink and named in
+  // Placement::unmeasured.
+  bool measured_links = false;
 };
 
 // What placement measures on this machine, supplied by the caller (the CLI
@@ -50,6 +55,8 @@ struct Placement {
   double predicted_iteration_s = 0;      // from the scheduler's simulator (0: none)
   double dtfm_cost_s = 0;
   nlohmann::json prediction;             // the simulator's split and its inputs (docs/scheduler.md)
+  std::string links = "none";            // what the plan's links came from: "topology", "measured" or "none"
+  std::vector<std::string> unmeasured;   // measured links: pairs "a1b2c3d4-e5f6a7b8" planned with the default
   nlohmann::json to_json() const;
 };
 

@@ -3,9 +3,19 @@
 // too frequent ones; the estimates match the emulated link.
 #include <gtest/gtest.h>
 
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
 #include <thread>
 
+#include "core/process.h"
+#include "net/discovery.h"
 #include "net/probe.h"
 #include "net/rpc.h"
 
@@ -165,6 +175,161 @@ TEST(Probe, EstimateIsBestRttAndMedianThroughput) {
   EXPECT_EQ(e.mbps(), 92.5);
   EXPECT_EQ(e.samples(), 4);
   EXPECT_EQ(e.measured_at_ms(), 123);
+}
+
+TEST(Probe, LinkMatrixFromEstimatesAveragesBothEndsAndFillsGaps) {
+  std::vector<solvernet::v1::NodeInfo> nodes(3);
+  for (int i = 0; i < 3; ++i) {
+    nodes[static_cast<size_t>(i)].set_node_id(std::string(64, static_cast<char>('a' + i)));
+    nodes[static_cast<size_t>(i)].set_region(i < 2 ? "x" : "y");
+  }
+  auto add = [&](int from, int to, double rtt, double mbps) {
+    auto* e = nodes[static_cast<size_t>(from)].add_links();
+    e->set_peer_node_id(nodes[static_cast<size_t>(to)].node_id());
+    e->set_rtt_ms(rtt);
+    e->set_mbps(mbps);
+  };
+  add(0, 1, 40, 100);
+  add(1, 0, 44, 120);  // both ends: averaged
+  add(2, 0, 80, 50);   // one end only
+  std::vector<std::pair<int, int>> missing;
+  auto m = link_matrix_from_estimates(nodes, kUnmeasuredLink, &missing);
+  ASSERT_TRUE(m.ok()) << m.message();
+  EXPECT_DOUBLE_EQ(m->at(0, 1).latency_ms, 21);
+  EXPECT_DOUBLE_EQ(m->at(1, 0).bandwidth_mbps, 110);
+  EXPECT_DOUBLE_EQ(m->at(0, 2).latency_ms, 40);
+  EXPECT_DOUBLE_EQ(m->at(2, 0).bandwidth_mbps, 50);
+  EXPECT_DOUBLE_EQ(m->at(1, 2).latency_ms, kUnmeasuredLink.latency_ms);
+  EXPECT_EQ(missing, (std::vector<std::pair<int, int>>{{1, 2}}));
+  EXPECT_EQ(m->region_of, (std::vector<int>{0, 0, 1}));
+}
+
+TEST(Probe, AnnouncedEstimatesKeepTheAnnouncementWithinTheDhtLimit) {
+  NodeKey key = NodeKey::generate();
+  solvernet::v1::NodeInfo info;
+  info.set_node_id(key.node_id());
+  std::vector<solvernet::v1::LinkEstimate> estimates(200);
+  for (auto& e : estimates) {
+    e.set_peer_node_id(NodeKey::generate().node_id());
+    e.set_rtt_ms(40.123);
+    e.set_mbps(99.5);
+    e.set_samples(5);
+    e.set_measured_at_ms(1700000000000);
+  }
+  const size_t announced = set_link_estimates(info, estimates);
+  EXPECT_GE(announced, 16u);  // the default --probe-peers fit
+  EXPECT_LT(announced, estimates.size());
+  EXPECT_LE(info.ByteSizeLong(), kMaxAnnouncedInfoBytes);
+  EXPECT_EQ(info.links(0).peer_node_id(), estimates[0].peer_node_id());  // newest peers first
+}
+
+TEST(Probe, AdaptiveTimeoutFollowsRttAndStepHistoryAboveAFloor) {
+  EXPECT_EQ(adaptive_timeout(5000ms, 40, 0), 5000ms);          // short links: the floor
+  EXPECT_EQ(adaptive_timeout(5000ms, 1000, 0), 8000ms);        // 8 × a 1 s round trip
+  EXPECT_EQ(adaptive_timeout(5000ms, 100, 4.0), 12800ms);      // + 3 × the slowest 4 s step
+  EXPECT_EQ(adaptive_timeout(1000ms, 1e300, 0), std::chrono::milliseconds(86400000));
+  std::vector<solvernet::v1::NodeInfo> nodes(2);
+  nodes[0].set_node_id("a");
+  nodes[1].set_node_id("b");
+  auto* e = nodes[0].add_links();
+  e->set_peer_node_id("b");
+  e->set_rtt_ms(30);
+  e = nodes[1].add_links();
+  e->set_peer_node_id("elsewhere");  // not among NODES: ignored
+  e->set_rtt_ms(900);
+  EXPECT_EQ(slowest_rtt_ms(nodes), 30);
+}
+
+// Real node processes on 127.0.0.1, each given the topology and its region:
+// the probes go through the link emulator, and the announced estimates match
+// the file's latency and bandwidth within 15%.
+constexpr char kDevnetTopology[] = R"(
+name = "probe-devnet"
+[[region]]
+name = "west"
+nodes = 2
+latency_ms = 20
+bandwidth_mbps = 50
+[[region]]
+name = "east"
+nodes = 1
+latency_ms = 1
+bandwidth_mbps = 10000
+[[link]]
+from = "west"
+to = "east"
+latency_ms = 40
+bandwidth_mbps = 100
+)";
+
+TEST(ProbeDevnet, EstimatesAreWithinFifteenPercentOfTheTopology) {
+  const char* bin_env = std::getenv("SOLVERNET_BIN");
+  if (!bin_env) GTEST_SKIP() << "SOLVERNET_BIN is not set (ctest sets it)";
+  const std::string bin = bin_env;
+  ASSERT_TRUE(std::filesystem::exists(bin)) << "SOLVERNET_BIN " << bin << " does not exist: build target solvernet";
+  const auto dir = std::filesystem::temp_directory_path() / ("probe-devnet-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "topology.toml") << kDevnetTopology;
+  auto topology = parse_topology_file(dir / "topology.toml");
+  ASSERT_TRUE(topology.ok()) << topology.message();
+  auto port = free_loopback_port(SOCK_DGRAM);
+  ASSERT_TRUE(port.ok());
+  SpawnOptions spawn;
+  spawn.stdout_path = spawn.stderr_path = dir / "dht.log";
+  auto dht = ChildProcess::spawn({bin, "dht", "--port", std::to_string(*port)}, spawn);
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  const std::string bootstrap = "127.0.0.1:" + std::to_string(*port);
+  const std::vector<std::string> regions = {"west", "west", "east"};
+  std::vector<ChildProcess> nodes;
+  for (size_t i = 0; i < regions.size(); ++i) {
+    SpawnOptions options;
+    options.stdout_path = options.stderr_path = dir / ("node" + std::to_string(i) + ".log");
+    auto node = ChildProcess::spawn({bin, "node", "--data", (dir / ("n" + std::to_string(i))).string(), "--listen",
+                                     "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region",
+                                     regions[i], "--topology", (dir / "topology.toml").string(), "--probe-every-s",
+                                     "1", "--probe-limit", "1000"},
+                                    options);
+    ASSERT_TRUE(node.ok()) << node.message();
+    nodes.push_back(std::move(node).value());
+  }
+  auto discovery = Discovery::start(0, {bootstrap});
+  ASSERT_TRUE(discovery.ok()) << discovery.message();
+  // Every node has announced estimates of both peers, each from 3 rounds at least.
+  std::vector<solvernet::v1::NodeInfo> listed;
+  auto complete = [&] {
+    if (listed.size() != regions.size()) return false;
+    for (const auto& n : listed) {
+      if (n.links_size() != static_cast<int>(regions.size()) - 1) return false;
+      for (const auto& e : n.links())
+        if (e.samples() < 3) return false;
+    }
+    return true;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + 50s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto got = (*discovery)->list_nodes(2s);
+    if (got.ok()) listed = *got;
+    if (complete()) break;
+    std::this_thread::sleep_for(500ms);
+  }
+  ASSERT_TRUE(complete()) << "not every node announced 3 rounds of estimates of both peers within 50 s (" << listed.size()
+                          << " nodes listed); logs in " << dir;
+  std::map<std::string, std::string> region_of;
+  for (const auto& n : listed) region_of[n.node_id()] = n.region();
+  for (const auto& n : listed)
+    for (const auto& e : n.links()) {
+      const LinkSpec link = topology->link(topology->region_index(n.region()), topology->region_index(region_of[e.peer_node_id()]));
+      SCOPED_TRACE(n.region() + " -> " + region_of[e.peer_node_id()]);
+      EXPECT_NEAR(e.rtt_ms() / 2, link.latency_ms, 0.15 * link.latency_ms) << "rtt " << e.rtt_ms() << " ms";
+      EXPECT_NEAR(e.mbps(), link.bandwidth_mbps, 0.15 * link.bandwidth_mbps) << e.mbps() << " Mbps";
+      std::printf("%s -> %s: one-way %.2f ms (file %.0f), %.1f Mbps (file %.0f), %d rounds\n", n.region().c_str(),
+                  region_of[e.peer_node_id()].c_str(), e.rtt_ms() / 2, link.latency_ms, e.mbps(),
+                  link.bandwidth_mbps, e.samples());
+    }
+  (*discovery)->stop();
+  for (auto& node : nodes) node.terminate();
+  dht->terminate();
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

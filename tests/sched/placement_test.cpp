@@ -117,6 +117,48 @@ TEST(Placement, WithoutATopologyNodesAreTakenInIdOrderAndNothingIsMeasured) {
   EXPECT_EQ(placed->members[1].node_id, sorted[1]);
 }
 
+// No topology: the links the nodes measured and announced (net/probe.h) plan
+// the job, as a topology of the same figures would.
+TEST(Placement, WithoutATopologyMeasuredLinksPlanTheJob) {
+  std::vector<solvernet::v1::NodeInfo> nodes = {node("a", "10.0.0.1", 1), node("b", "10.0.0.2", 1),
+                                                node("a", "10.0.0.3", 1), node("b", "10.0.0.4", 1)};
+  auto measure = [&](size_t from, size_t to, double rtt_ms, double mbps) {
+    auto* e = nodes[from].add_links();
+    e->set_peer_node_id(nodes[to].node_id());
+    e->set_rtt_ms(rtt_ms);
+    e->set_mbps(mbps);
+    e->set_samples(5);
+  };
+  // Fast inside a region, slow between: the two_regions() figures, measured from one end.
+  measure(0, 2, 1, 10000);
+  measure(1, 3, 1, 10000);
+  for (size_t a : {0, 2})
+    for (size_t b : {1, 3}) measure(a, b, 100, 10);
+  PlacementRequest request;
+  request.job = job(2, 2);
+  request.host_cores = 64;
+  request.measured_links = true;
+  int calls = 0;
+  auto placed = place_job(request, nodes, constants(&calls));
+  ASSERT_TRUE(placed.ok()) << placed.message();
+  EXPECT_EQ(placed->links, "measured");
+  EXPECT_TRUE(placed->unmeasured.empty());
+  EXPECT_EQ(placed->algo, "ours");
+  EXPECT_EQ(placed->members[0].region, placed->members[1].region);
+  EXPECT_EQ(placed->members[2].region, placed->members[3].region);
+  EXPECT_NE(placed->members[0].region, placed->members[2].region);
+  EXPECT_EQ(placed->to_json()["links"], "measured");
+
+  // A pair nobody measured is planned with the default and named.
+  nodes[1].clear_links();
+  placed = place_job(request, nodes, constants(&calls));
+  ASSERT_TRUE(placed.ok()) << placed.message();
+  ASSERT_EQ(placed->unmeasured.size(), 1u);
+  const std::string b1 = nodes[1].node_id().substr(0, 8), b3 = nodes[3].node_id().substr(0, 8);
+  EXPECT_TRUE(placed->unmeasured[0] == b1 + "-" + b3 || placed->unmeasured[0] == b3 + "-" + b1) << placed->unmeasured[0];
+  EXPECT_EQ(placed->to_json()["unmeasured_links"].size(), 1u);
+}
+
 TEST(Placement, TooFewNodesOrAnUnknownRegionIsRefused) {
   PlacementRequest request;
   request.job = job(2, 2);
