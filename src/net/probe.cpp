@@ -18,6 +18,7 @@ constexpr auto kRateWindow = std::chrono::seconds(60);
 // Probers remembered at once; past this the oldest idle ones are forgotten
 // (their sequence floor goes with them, but the control window still bounds replays).
 constexpr size_t kMaxProbers = 4096;
+constexpr auto kNewPeerCheck = std::chrono::seconds(5);
 
 std::string probe_job_id(const std::string& target_node_id) { return "probe:" + target_node_id; }
 
@@ -229,16 +230,32 @@ void Prober::stop() {
 void Prober::loop() {
   std::mt19937_64 random(std::random_device{}());
   std::uniform_real_distribution<double> spread(1.0 - options_.jitter, 1.0 + options_.jitter);
+  auto next_round = [&] {
+    return SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(
+                                    std::chrono::duration<double, std::milli>(static_cast<double>(options_.every.count()) * spread(random)));
+  };
+  round(false);
+  auto next_full = next_round();
   while (true) {
-    round();
-    std::unique_lock<std::mutex> lock(mutex_);
-    const auto pause = std::chrono::duration<double, std::milli>(static_cast<double>(options_.every.count()) * spread(random));
-    wake_.wait_for(lock, pause, [&] { return stopping_; });
-    if (stopping_) return;
+    {
+      // Between full rounds, a look every kNewPeerCheck for peers never probed
+      // (a node that just joined is measured within seconds, not a whole interval).
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait_until(lock, std::min(next_full, SteadyClock::now() + kNewPeerCheck), [&] { return stopping_; });
+      if (stopping_) return;
+    }
+    if (SteadyClock::now() >= next_full) {
+      round(false);
+      next_full = next_round();
+    } else {
+      round(true);
+    }
   }
 }
 
-void Prober::round() {
+void Prober::round() { round(false); }
+
+void Prober::round(bool only_new) {
   std::vector<solvernet::v1::NodeInfo> listed = options_.peers ? options_.peers() : std::vector<solvernet::v1::NodeInfo>{};
   std::erase_if(listed, [&](const solvernet::v1::NodeInfo& n) {
     return n.node_id() == options_.key->node_id() || n.withdrawn() || n.address().empty();
@@ -258,11 +275,13 @@ void Prober::round() {
         record.region = n.region();
         record.pacer = pacer_for(options_.topology, options_.region, n.region());
         record.samples.clear();  // figures of another emulated link
+        record.attempted = false;
       }
     }
     std::erase_if(peers_, [&](const auto& entry) { return !keep.count(entry.first); });
   }
   // One peer at a time: probes of two links never share this node's uplink.
+  bool probed = false;
   for (const auto& peer : listed) {
     LinkPacer* pacer = nullptr;
     double previous = 0;
@@ -270,9 +289,12 @@ void Prober::round() {
       std::lock_guard<std::mutex> lock(mutex_);
       if (stopping_) return;
       PeerRecord& record = peers_[peer.node_id()];
+      if (only_new && record.attempted) continue;
+      record.attempted = true;
       pacer = record.pacer.get();
       if (!record.samples.empty()) previous = record.samples.back().mbps;
     }
+    probed = true;
     auto sample = probe_peer(peer, options_, signer_, pacer, previous);
     if (!sample.ok()) {
       spdlog::debug("probe of node {} at {}: {}", peer.node_id().substr(0, 8), peer.address(), sample.message());
@@ -284,7 +306,7 @@ void Prober::round() {
     while (static_cast<int>(record.samples.size()) > std::max(1, options_.keep_rounds)) record.samples.pop_front();
     record.measured_at_ms = unix_ms_now();
   }
-  if (options_.on_update) options_.on_update(estimates());
+  if (options_.on_update && (probed || !only_new)) options_.on_update(estimates());
 }
 
 std::vector<solvernet::v1::LinkEstimate> Prober::estimates() const {

@@ -103,9 +103,11 @@ struct ProberOptions {
 Result<ProbeSample> probe_peer(const solvernet::v1::NodeInfo& peer, const ProberOptions& options,
                                ControlSigner& signer, LinkPacer* pacer, double previous_mbps);
 
-// Runs rounds in a background thread until stop() or destruction. A failed
-// probe is logged (debug) and the peer's older estimate kept; an estimate of
-// a peer no longer listed is dropped.
+// Runs rounds in a background thread until stop() or destruction: a full
+// round at start and every `every` ± jitter, and between them, every 5 s, a
+// probe of peers never tried (so a node that just joined is measured within
+// seconds). A failed probe is logged (debug) and the peer's older estimate
+// kept; an estimate of a peer no longer listed is dropped.
 class Prober {
  public:
   explicit Prober(ProberOptions options);
@@ -126,8 +128,11 @@ class Prober {
     int64_t measured_at_ms = 0;
     std::unique_ptr<LinkPacer> pacer;
     std::string region;
+    bool attempted = false;  // probed (or tried) at least once
   };
   void loop();
+  // ONLY_NEW: probe only peers never tried (the checks between full rounds).
+  void round(bool only_new);
 
   ProberOptions options_;
   ControlSigner signer_;
