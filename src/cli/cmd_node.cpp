@@ -26,6 +26,7 @@
 #include "net/rpc.h"
 #include "net/topology.h"
 #include "train/train.h"
+#include "verify/verify.h"
 
 namespace sn::cli {
 namespace {
@@ -51,6 +52,10 @@ struct NodeArgs {
   int probe_peers = 16;
   int probe_limit = 120;          // probe requests answered per prober per minute
 };
+
+// Cheats of a block server (inference) and of a training solver (verification).
+bool is_serving_cheat(const std::string& cheat) { return cheat == "garbage-states" || cheat == "malformed-states"; }
+bool is_training_cheat(const std::string& cheat) { return cheat == "withhold"; }
 
 // What --serve names: a model file (published into the node's store) or a
 // model id (fetched from the nodes that announce it), and the span to hold
@@ -200,9 +205,10 @@ int run_node(const NodeArgs& args) {
   if (!(args.session_idle_s >= 0.1 && args.session_idle_s <= 86400))
     return fail("node", "--session-idle-s must be in 0.1..86400", 2);
   if (args.max_batch < 1 || args.max_batch > 1024) return fail("node", "--max-batch must be in 1..1024", 2);
-  if (!args.cheat.empty() && args.cheat != "garbage-states" && args.cheat != "malformed-states")
-    return fail("node", "--cheat must be garbage-states or malformed-states, got \"" + args.cheat + "\"", 2);
-  if (!args.cheat.empty() && args.serve.empty()) return fail("node", "--cheat " + args.cheat + " needs --serve", 2);
+  if (!args.cheat.empty() && !is_serving_cheat(args.cheat) && !is_training_cheat(args.cheat))
+    return fail("node", "--cheat must be garbage-states, malformed-states (serving) or withhold (training), got \"" +
+                            args.cheat + "\"", 2);
+  if (is_serving_cheat(args.cheat) && args.serve.empty()) return fail("node", "--cheat " + args.cheat + " needs --serve", 2);
   std::optional<ServePlan> serve_plan;
   if (!args.serve.empty()) {
     auto plan = plan_serving(args);
@@ -215,6 +221,7 @@ int run_node(const NodeArgs& args) {
   std::unique_ptr<net::Discovery> discovery;
   net::DeliveryService delivery;  // routes tensor messages to each job's transport; outlives the jobs
   std::unique_ptr<grpc::Service> train_service;
+  std::unique_ptr<grpc::Service> evidence_service;  // outlives the runtime that calls it
   std::unique_ptr<infer::BlockServer> block_server;  // outlives the runtime that calls it
   std::unique_ptr<net::ProbeService> probe_service;  // likewise
 
@@ -301,6 +308,13 @@ int run_node(const NodeArgs& args) {
   probe_service_options.per_minute = args.probe_limit;
   probe_service = std::make_unique<net::ProbeService>(probe_service_options);
   runtime.add_service(probe_service->service());
+  // Verification: what this node kept of its training, served to verifiers and referees.
+  verify::EvidenceServiceOptions evidence_options;
+  evidence_options.data_dir = args.data_dir;
+  evidence_options.withhold = args.cheat == "withhold";
+  if (evidence_options.withhold) spdlog::warn("CHEAT --cheat withhold: checkpoints, step evidence and tensors are refused");
+  evidence_service = verify::make_evidence_service(evidence_options);
+  runtime.add_service(evidence_service.get());
 
   if (served_model) {
     const auto span = std::make_pair(served_model->first_block, served_model->end_block);
@@ -331,13 +345,13 @@ int run_node(const NodeArgs& args) {
       std::lock_guard<std::mutex> lock(info_mutex);
       *info.add_serving() = served;
     }
-    if (!args.cheat.empty())
+    if (is_serving_cheat(args.cheat))
       spdlog::warn("CHEAT --cheat {}: this node answers every step with {} instead of its blocks' output", args.cheat,
                    args.cheat == "garbage-states" ? "noise" : "a mis-shaped tensor");
     std::cout << "serving blocks [" << span.first << ", " << span.second << ") of model " << served_model->name
               << " (id " << served_model->id << ", " << served_model->config.layers << " blocks), "
               << fmt::format("{:.0f}", served.throughput()) << " block·tokens/s, sessions idle out after "
-              << args.session_idle_s << " s" << (args.cheat.empty() ? "" : " [CHEAT: " + args.cheat + "]") << std::endl;
+              << args.session_idle_s << " s" << (!is_serving_cheat(args.cheat) ? "" : " [CHEAT: " + args.cheat + "]") << std::endl;
   }
 
   if (auto started = runtime.start(args.listen); !started.ok()) return fail("node", started.message(), 2);
@@ -416,7 +430,8 @@ CommandRegistration node_command(
       app.add_option("--max-batch", args->max_batch, "Decode steps of concurrent sessions computed together, at most")
           ->capture_default_str();
       app.add_option("--cheat", args->cheat, "Misbehave on purpose, for tests: garbage-states (noise instead of outputs) or "
-                     "malformed-states (outputs one column short)");
+                     "malformed-states (outputs one column short) when serving; withhold (refuse to serve evidence) "
+                     "when training");
       app.add_option("--probe-every-s", args->probe_every_s,
                      "Measure RTT and throughput to peers this often, ±20% (0: never)")->capture_default_str();
       app.add_option("--probe-peers", args->probe_peers, "Peers probed: the most recently announced")->capture_default_str();

@@ -284,6 +284,10 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   options.cancel = &install_stop_handlers();
   options.client_key = &*key;
   options.peer_timeout = std::chrono::seconds(spec.peer_timeout_s);
+  options.chain_job_id = spec.chain_job_id;
+  // The job id is chosen here so the summary can name it (verifiers ask the nodes for it).
+  options.job_id = fmt::format("{}-{}", job.name, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                        std::chrono::system_clock::now().time_since_epoch()).count());
   ProgressLine progress(spec.quiet);
   options.progress = [&](const train::StepReport& r) { progress(r); };
   SN_ASSIGN(auto result, train::run_distributed(job, placement.members, options));
@@ -291,6 +295,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   std::set<std::string> used;
   for (const auto& member : placement.members) used.insert(member.node_id);
   nlohmann::json summary = summary_of(spec, result, static_cast<int>(used.size()));
+  summary["job_id"] = options.job_id;
   summary["nodes_seen"] = nodes.size();
   summary["placement"] = placement.to_json();
   summary["emulate"] = placement.emulate;

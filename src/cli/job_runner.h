@@ -35,6 +35,7 @@ struct RunSpec {
   // topology (which then only sets the emulation). With no topology, measured
   // links are used whenever a node announces some.
   bool plan_from_probes = false;
+  uint64_t chain_job_id = 0;           // the job on SolverMarket (0: none): the nodes commit there themselves
 };
 
 // Limits of --time-dilation (0: measure it); T stretches every emulated time.

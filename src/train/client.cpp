@@ -150,6 +150,7 @@ Status JobSession::set_up_members() {
     request.set_replica(self.replica);
     request.set_first_layer(ranges[static_cast<size_t>(self.stage)].first);
     request.set_layer_count(ranges[static_cast<size_t>(self.stage)].second);
+    request.set_chain_job_id(options_.chain_job_id);
     for (const auto& m : members_) {
       auto* member = request.add_members();
       member->set_node_id(m.node_id);

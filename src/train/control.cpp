@@ -22,6 +22,7 @@ net::ControlBody control_body(const solvernet::v1::SetupJobRequest& r) {
   body.add(bits_of(r.time_dilation())).add(bits_of(r.byte_ratio())).add(bits_of(r.gradient_byte_ratio()));
   body.add(digest_of(r.initial_weights()));
   body.add(r.start_step()).add(r.dataset_samples()).add(r.peer_timeout_ms());
+  body.add(static_cast<int64_t>(r.chain_job_id()));
   return body;
 }
 

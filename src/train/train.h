@@ -108,6 +108,9 @@ struct DistributedOptions {
   // How long a node waits for a peer's tensor; sent to every member, and the
   // client's deadlines derive from it and the job's step size.
   std::chrono::milliseconds peer_timeout{60000};
+  // The job's id on SolverMarket (0: none): every member commits its step
+  // leaves there itself (docs/verification.md).
+  uint64_t chain_job_id = 0;
 };
 
 // Runs JOB on MEMBERS (one per stage × replica; member.stage/.replica say the role).

@@ -1,0 +1,136 @@
+// Verification, the public face (docs/verification.md): what a solver's node
+// keeps and serves as evidence of its training, the commitment it puts on
+// chain, how a verifier samples what it replays, and the client every
+// verifier and referee fetches evidence with. No LibTorch in this header.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/hash.h"
+#include "core/keys.h"
+#include "core/result.h"
+#include "proto/solvernet.pb.h"
+
+
+namespace sn::verify {
+
+// ---- sampling (a verifier's plan) ---------------------------------------------
+
+// Probability that replaying a fraction F of N segments catches a solver that
+// faked a fraction Q of them: 1 − (1 − Q)^(F·N) (the figure; sampling
+// without replacement only does better). Q and F are clamped to [0, 1].
+double detection_probability(double q, double f, int64_t segments);
+
+// The smallest fraction f (a whole number of segments over N, at most 1) whose
+// detection_probability reaches TARGET against Q. Input errors (exit 2) for Q
+// outside (0, 1), TARGET outside (0, 1) or N < 1.
+Result<double> fraction_for_target(double target, double q, int64_t segments);
+
+// How many segments a fraction F of N is: ⌈F·N⌉, at least 1, at most N.
+int64_t segments_for_fraction(double f, int64_t segments);
+
+// Which COUNT of the N segments a verifier replays for the member (STAGE,
+// REPLICA), from the job's verifier SEED: a partial Fisher–Yates shuffle of
+// 0 … N−1 driven by x_i = the first 8 bytes (little-endian) of
+// BLAKE2b(str("solvernet/segments/v1") ‖ seed ‖ u64(stage) ‖ u64(replica) ‖ u64(i)),
+// swap position i with i + x_i mod (N − i). Ascending. Anyone with the seed
+// recomputes the same picks; nobody knows them before the seed exists.
+std::vector<int64_t> pick_segments(const Hash256& seed, int stage, int replica, int64_t segments, int64_t count);
+
+// ---- evidence on disk (written by train, read here) ----------------------------
+
+// DATA/evidence/<job>/stage<s>-replica<r>/ and DATA/checkpoints/<job>/stage<s>-replica<r>/.
+std::filesystem::path evidence_dir(const std::filesystem::path& data_dir, const std::string& job_id, int stage,
+                                   int replica);
+std::filesystem::path checkpoint_dir(const std::filesystem::path& data_dir, const std::string& job_id, int stage,
+                                     int replica);
+// step-<12-digit t>.pb
+std::string step_evidence_name(int64_t step);
+
+// A job id usable as one path component: 1..256 bytes, no '/', '\\' or NUL, not "." or "..".
+Status check_job_id(const std::string& job_id);
+
+// leaves.bin: 32 bytes a leaf. Error (not_found) if missing, (bad_peer) if its
+// size is not a multiple of 32.
+Result<std::vector<Hash256>> read_leaves(const std::filesystem::path& file);
+std::vector<Hash256> split_leaves(const std::string& bytes);  // trailing partial leaf dropped
+
+// ---- the commitment (Keccak Merkle tree, as SolverMarket checks it) -----------
+
+// Root over merkle_leaf(leaf_t, keccak256), t = 0 … N−1.
+Hash256 commitment_root(const std::vector<Hash256>& leaves);
+// Siblings bottom-up for leaf INDEX (a level where the node is carried up
+// contributes none).
+std::vector<Hash256> commitment_proof(const std::vector<Hash256>& leaves, uint64_t index);
+// Whether SIBLINGS prove LEAF at INDEX of a tree of COUNT leaves with ROOT:
+// the sides and carried levels follow from INDEX and COUNT alone, as the
+// contract derives them; extra or missing siblings fail.
+bool check_commitment_proof(const Hash256& root, uint64_t count, uint64_t index, const Hash256& leaf,
+                            const std::vector<Hash256>& siblings);
+
+// ---- the Evidence service (hosted by the node) ---------------------------------
+
+struct EvidenceServiceOptions {
+  std::filesystem::path data_dir;        // the node's: evidence/ and checkpoints/ under it
+  std::string chain_address;             // 0x… the node commits with (empty: no chain)
+  // Cheat `withhold` (tests): refuse checkpoints, step evidence and tensors.
+  bool withhold = false;
+  double requests_per_second = 100;      // per requester key (token bucket)
+  double burst = 400;
+  std::chrono::milliseconds control_window{60000};  // signed requests older or newer are refused
+};
+
+// The Evidence gRPC service. Requests are signed by the requester's key
+// (checked: key, signature, time within the window); each key is rate limited
+// (resource_exhausted beyond it). Files are read per request: nothing is held
+// in memory between calls. Thread-safe.
+std::unique_ptr<grpc::Service> make_evidence_service(EvidenceServiceOptions options);
+
+// ---- the client verifiers and referees fetch with ------------------------------
+
+struct Member {
+  std::string job_id;
+  int stage = 0;
+  int replica = 0;
+};
+
+struct Commitment {
+  std::vector<Hash256> leaves;
+  Hash256 root{};
+  std::string chain_address;
+};
+
+class EvidenceClient {
+ public:
+  // The node NODE_ID at ADDRESS; requests signed with KEY (must outlive the client).
+  EvidenceClient(const std::string& address, const std::string& node_id, const NodeKey& key,
+                 std::chrono::milliseconds deadline = std::chrono::seconds(30));
+  ~EvidenceClient();
+
+  // Leaves, root and count; the root is recomputed from the leaves and must match
+  // (bad_peer otherwise).
+  Result<Commitment> commitment(const Member& member);
+  Result<solvernet::v1::SetupJobRequest> setup(const Member& member);
+  // The serialized StepEvidence of step T.
+  Result<std::string> step_evidence(const Member& member, int64_t step);
+  // Every file of the checkpoint of STEP into DEST (created), in ≤ 4 MiB
+  // chunks; returns DEST. A file whose size changes mid-way is bad_peer.
+  Result<std::filesystem::path> fetch_checkpoint(const Member& member, int64_t step,
+                                                 const std::filesystem::path& dest);
+  Result<solvernet::v1::GetOpTraceReply> op_trace(const Member& member, int64_t step);
+  Result<solvernet::v1::Tensor> tensor(const Member& member, int64_t step, const Hash256& hash);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace sn::verify
