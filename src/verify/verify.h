@@ -20,6 +20,10 @@
 #include "proto/solvernet.pb.h"
 
 
+namespace sn::chain {
+class MarketClient;
+}
+
 namespace sn::verify {
 
 // ---- sampling (a verifier's plan) ---------------------------------------------
@@ -129,6 +133,45 @@ class EvidenceClient {
   Result<solvernet::v1::Tensor> tensor(const Member& member, int64_t step, const Hash256& hash);
 
  private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// ---- a solver's node on chain --------------------------------------------------
+
+// What a node needs to answer for the operations of one of its steps: its
+// trace, as train/trace.h records it (records, chain r_0 … r_m). Implemented
+// by trace_own_step (the node replays its own step from its evidence).
+struct StepOps {
+  std::vector<solvernet::v1::OpRecord> records;  // j = 1 … m
+  std::vector<Hash256> chain;                    // r_0 … r_m
+  Hash256 state{}, inbound{}, outbound{};        // the commit record's inputs
+};
+using StepOpsSource = std::function<Result<StepOps>(const Member& member, int64_t step)>;
+
+struct SolverAgentOptions {
+  std::filesystem::path data_dir;
+  std::shared_ptr<chain::MarketClient> market;  // the node's own chain key
+  std::chrono::milliseconds poll{300};
+  StepOpsSource step_ops;                       // null: the operation phase is not answered (the node loses it)
+  // Progress lines ("committed …", "dispute 3: claimed leaf 5") go here (null: the log).
+  std::function<void(const std::string&)> report;
+};
+
+// The node's solver role on chain, one background thread: for every member it
+// runs whose setup names a chain job (SetupJobRequest.chain_job_id), it
+// commits (root, leaf count) as final once leaves.bin holds leaf n (the job's
+// last step), and answers every dispute over its commit:
+// leaves with Merkle proofs at the step phase, the operation count and chain
+// hashes at the operation phase. Errors of one job are logged and retried at
+// the next poll; they never stop the others. Stops (joins) on destruction.
+class SolverAgent {
+ public:
+  static std::unique_ptr<SolverAgent> start(SolverAgentOptions options);
+  ~SolverAgent();
+
+ private:
+  SolverAgent() = default;
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
