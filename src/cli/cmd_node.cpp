@@ -26,6 +26,7 @@
 #include "net/rpc.h"
 #include "net/topology.h"
 #include "train/train.h"
+#include "chain/chain.h"
 #include "verify/verify.h"
 
 namespace sn::cli {
@@ -48,6 +49,8 @@ struct NodeArgs {
   double session_idle_s = 60;
   int max_batch = 32;
   std::string cheat;
+  std::string chain_rpc;          // settlement: the node commits its step leaves and answers disputes
+  std::string deployment;         // the market's deployment JSON (default: the dev market at --chain-rpc)
   double probe_every_s = 30;      // 0: no probes
   int probe_peers = 16;
   int probe_limit = 120;          // probe requests answered per prober per minute
@@ -208,6 +211,19 @@ int run_node(const NodeArgs& args) {
   if (!args.cheat.empty() && !is_serving_cheat(args.cheat) && !is_training_cheat(args.cheat))
     return fail("node", "--cheat must be garbage-states, malformed-states (serving) or withhold (training), got \"" +
                             args.cheat + "\"", 2);
+  // Settlement: the node commits its step leaves with its own chain key
+  // (DATA/chain.key) and answers the disputes over them.
+  std::shared_ptr<chain::MarketClient> market;
+  if (!args.chain_rpc.empty()) {
+    auto rpc = std::make_shared<chain::RpcClient>(args.chain_rpc);
+    auto deployment = args.deployment.empty() ? chain::find_dev_deployment(rpc) : chain::Deployment::load(args.deployment);
+    if (!deployment.ok()) return fail("node", "--chain-rpc " + args.chain_rpc + ": " + deployment.message(), 2);
+    auto client = chain::MarketClient::for_data_dir(rpc, *deployment, args.data_dir);
+    if (!client.ok()) return fail("node", client.message(), client.error().exit_code);
+    market = std::make_shared<chain::MarketClient>(std::move(client).value());
+  } else if (!args.deployment.empty()) {
+    return fail("node", "--deployment needs --chain-rpc", 2);
+  }
   if (is_serving_cheat(args.cheat) && args.serve.empty()) return fail("node", "--cheat " + args.cheat + " needs --serve", 2);
   std::optional<ServePlan> serve_plan;
   if (!args.serve.empty()) {
@@ -312,6 +328,7 @@ int run_node(const NodeArgs& args) {
   verify::EvidenceServiceOptions evidence_options;
   evidence_options.data_dir = args.data_dir;
   evidence_options.withhold = args.cheat == "withhold";
+  if (market) evidence_options.chain_address = chain::address_hex(market->address());
   if (evidence_options.withhold) spdlog::warn("CHEAT --cheat withhold: checkpoints, step evidence and tensors are refused");
   evidence_service = verify::make_evidence_service(evidence_options);
   runtime.add_service(evidence_service.get());
@@ -398,7 +415,17 @@ int run_node(const NodeArgs& args) {
     prober->start();
   }
 
+  std::unique_ptr<verify::SolverAgent> solver_agent;
+  if (market) {
+    verify::SolverAgentOptions agent_options;
+    agent_options.data_dir = args.data_dir;
+    agent_options.market = market;
+    solver_agent = verify::SolverAgent::start(std::move(agent_options));
+    std::cout << "committing as " << chain::address_hex(market->address()) << " on " << args.chain_rpc << std::endl;
+  }
+
   int signal_number = wait_for_stop_signal();
+  solver_agent.reset();
   spdlog::info("stopping on signal {}", signal_number);
   if (prober) prober->stop();
   discovery->stop();
@@ -436,6 +463,9 @@ CommandRegistration node_command(
                      "Measure RTT and throughput to peers this often, ±20% (0: never)")->capture_default_str();
       app.add_option("--probe-peers", args->probe_peers, "Peers probed: the most recently announced")->capture_default_str();
       app.add_option("--probe-limit", args->probe_limit, "Probe requests answered per prober per minute")->capture_default_str();
+      app.add_option("--chain-rpc", args->chain_rpc,
+                     "Settlement chain JSON-RPC URL: commit step leaves with DATA/chain.key and answer disputes");
+      app.add_option("--deployment", args->deployment, "The market's deployment JSON (default: the dev market at --chain-rpc)");
       app.add_option("--log-level", args->log_level, "trace|debug|info|warn|error")->capture_default_str();
       add_insecure_flag(app);
       app.add_option("--parent-pid", args->parent_pid, "Exit when this process dies (used by devnet)")->group("");
