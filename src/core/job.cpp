@@ -123,6 +123,16 @@ static JobConfig read_job(TomlFile& file) {
   c.topk_fraction = comp.number("topk_fraction", c.topk_fraction, 1e-6, 1.0);
   comp.reject_unknown_keys();
 
+  if (root.has("verify")) {
+    TomlTable verify = root.table("verify");
+    auto& v = job.verify;
+    v.enabled = true;
+    const int64_t default_segment = t.checkpoint_every > 0 ? t.checkpoint_every : 10;
+    v.segment_steps = verify.integer("segment_steps", default_segment, 1, kMaxSteps);
+    v.commit_every = verify.integer("commit_every", v.commit_every, 0, kMaxSteps);
+    verify.reject_unknown_keys();
+  }
+
   root.reject_unknown_keys();
   return job;
 }
@@ -211,6 +221,9 @@ std::string job_to_toml(const JobConfig& j) {
                      j.compression.backward_bits, q(j.compression.gradients),
                      j.compression.gradient_bits, j.compression.random_fraction,
                      j.compression.topk_fraction);
+  if (j.verify.enabled)
+    out += fmt::format("\n[verify]\nsegment_steps = {}\ncommit_every = {}\n", j.verify.segment_steps,
+                       j.verify.commit_every);
   return out;
 }
 

@@ -70,6 +70,15 @@ struct CompressionConfig {
   double topk_fraction = 0.2;               // CocktailSGD: top-k of that subset
 };
 
+// [verify]: the job is verifiable (docs/verification.md). With the table
+// present every member records its evidence and keeps a checkpoint at step 0
+// and every segment_steps steps for the challenge window.
+struct VerifyConfig {
+  bool enabled = false;                     // the table is present
+  int64_t segment_steps = 0;                // K; 0 in the file: checkpoint_every, or 10 if that is 0
+  int64_t commit_every = 0;                 // steps between interim commits; 0: only at the end
+};
+
 struct JobConfig {
   std::string name = "job";
   ModelConfig model;
@@ -77,6 +86,7 @@ struct JobConfig {
   ParallelConfig parallel;
   TrainConfig train;
   CompressionConfig compression;
+  VerifyConfig verify;
   std::filesystem::path source;             // the file it was read from, for messages
 
   int64_t sequences_per_micro_batch() const {

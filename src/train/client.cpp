@@ -5,12 +5,14 @@
 #include <spdlog/spdlog.h>
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <set>
 
 #include "core/fs.h"
 #include "core/hash.h"
 #include "core/merkle.h"
+#include "train/evidence.h"
 #include "model/gpt.h"
 #include "model/safetensors.h"
 #include "model/tensor_wire.h"
@@ -95,7 +97,7 @@ class JobSession {
   std::vector<std::string> stage_weights_;  // per stage; empty: fresh weights
   JobDeadlines deadlines_{};
   std::unique_ptr<Fleet> fleet_;
-  std::vector<std::vector<Hash256>> state_leaves_;
+  std::vector<std::vector<Hash256>> step_leaves_;  // per member: leaf_0 … leaf_t (docs/commitments.md)
   TrainResult result_;
   Clock::time_point setup_started_ = Clock::now();
 };
@@ -141,6 +143,7 @@ Status JobSession::set_up_members() {
   const auto ranges = stage_layer_ranges(job_.model.layers, stages_);
   const std::string job_toml = job_to_toml(job_);
   std::vector<int64_t> leases(members_.size(), 0);
+  std::vector<std::string> start_leaves(members_.size());
   SN_TRY(fleet_->run_all("job setup", deadlines_.setup, [&](size_t i, grpc::ClientContext& context) {
     const auto& self = members_[i];
     solvernet::v1::SetupJobRequest request;
@@ -171,13 +174,25 @@ Status JobSession::set_up_members() {
     solvernet::v1::SetupJobReply reply;
     grpc::Status status = fleet_->stub(i).SetupJob(&context, request, &reply);
     leases[i] = reply.lease_ms();
+    start_leaves[i] = reply.leaf();
     return status;
   }));
   int64_t lease = *std::min_element(leases.begin(), leases.end());
   fleet_->start_lease_renewal(milliseconds(lease > 0 ? lease : 30000));
   result_.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started_).count();
   result_.stage_state_hashes.assign(static_cast<size_t>(stages_), "");
-  state_leaves_.assign(members_.size(), {});
+  step_leaves_.assign(members_.size(), {});
+  for (size_t i = 0; i < members_.size(); ++i) {
+    if (start_leaves[i].size() != 32) {
+      auto error = kind_error(ErrorKind::bad_peer, "{} sent a start leaf of {} bytes, not 32", member_name(members_[i]),
+                              start_leaves[i].size());
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+    Hash256 leaf;
+    std::memcpy(leaf.data(), start_leaves[i].data(), 32);
+    step_leaves_[i].push_back(leaf);
+  }
   // Steady state begins once every training sample has passed once (an epoch
   // leaves a few out, so that can be later than the second epoch).
   std::vector<bool> seen(static_cast<size_t>(dataset_->train_samples()), false);
@@ -220,15 +235,22 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
   double loss_sum = 0;
   int64_t loss_count = 0;
   for (size_t i = 0; i < members_.size(); ++i) {
-    // The state hash is 32 binary bytes; a leaf is merkle_leaf of exactly
-    // those bytes (docs/commitments.md). Hex is for display only.
-    if (!forward_only && (replies[i].state_hash().size() != 32 || replies[i].replica_hash().size() != 32)) {
-      auto error = kind_error(ErrorKind::bad_peer, "{} sent a state hash of {} bytes and a replica hash of {}, not 32 each",
-                              member_name(members_[i]), replies[i].state_hash().size(), replies[i].replica_hash().size());
+    // State hash and step leaf are 32 binary bytes each (docs/commitments.md).
+    // Hex is for display only.
+    if (!forward_only && (replies[i].state_hash().size() != 32 || replies[i].replica_hash().size() != 32 ||
+                          replies[i].leaf().size() != 32)) {
+      auto error = kind_error(ErrorKind::bad_peer,
+                              "{} sent a state hash of {} bytes, a replica hash of {} and a leaf of {}, not 32 each",
+                              member_name(members_[i]), replies[i].state_hash().size(), replies[i].replica_hash().size(),
+                              replies[i].leaf().size());
       fleet_->end_all(true, error.message);
       return error;
     }
-    if (!forward_only) state_leaves_[i].push_back(merkle_leaf(as_bytes(replies[i].state_hash())));
+    if (!forward_only) {
+      Hash256 leaf;
+      std::memcpy(leaf.data(), replies[i].leaf().data(), 32);
+      step_leaves_[i].push_back(leaf);
+    }
     loss_sum += replies[i].loss_sum();
     loss_count += replies[i].loss_count();
     if (members_[i].replica == 0 && !forward_only)
@@ -283,7 +305,7 @@ Status JobSession::train() {
   }
   result_.wall_seconds = std::chrono::duration<double>(Clock::now() - run_started).count();
   result_.tokens_per_s = static_cast<double>(tokens_per_step(job_) * job_.train.steps) / result_.wall_seconds;
-  for (const auto& leaves : state_leaves_) result_.member_commitments.push_back(to_hex(merkle_root(leaves)));
+  for (const auto& leaves : step_leaves_) result_.member_commitments.push_back(to_hex(leaves_root(leaves)));
   return ok_status();
 }
 

@@ -44,7 +44,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     const auto peer_timeout = request->peer_timeout_ms() > 0 ? std::chrono::milliseconds(request->peer_timeout_ms())
                                                              : options_.peer_timeout;
     auto worker = StageWorker::create(*request, options_.runtime->key(), options_.data_dir, peer_timeout,
-                                      *options_.delivery);
+                                      *options_.delivery, options_.cheat);
     if (!worker.ok()) {
       options_.runtime->release(job_id);
       spdlog::warn("rejected job {}: {}", job_id, worker.message());
@@ -54,6 +54,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     reply->set_parameters((*worker)->parameter_count());
     reply->set_lease_ms(options_.runtime->lease().count());
     reply->set_memory_bytes(memory.total);
+    reply->set_leaf((*worker)->start_leaf().data(), (*worker)->start_leaf().size());
     spdlog::info("job {}: stage {} replica {}, layers [{}, {}), {} parameters, ~{} admitted", job_id,
                  request->stage(), request->replica(), request->first_layer(),
                  request->first_layer() + request->layer_count(), (*worker)->parameter_count(),

@@ -2,7 +2,11 @@
 
 #include <spdlog/spdlog.h>
 
+#include <sodium.h>
+
 #include <cstring>
+#include <limits>
+#include <random>
 
 #include "core/fs.h"
 #include "core/hash.h"
@@ -11,10 +15,22 @@
 #include "net/collectives.h"
 #include "train/allreduce.h"
 #include "train/trace.h"
+#include "train/step_transport.h"
 
 namespace sn::train {
 
 using Clock = std::chrono::steady_clock;
+
+namespace {
+// Uniform noise in [-SCALE, SCALE) shaped like LIKE, from SEED alone
+// (mt19937_64's sequence is fixed by the standard): what the cheats add.
+torch::Tensor cheat_noise(const torch::Tensor& like, uint64_t seed, double scale) {
+  std::mt19937_64 rng(seed);
+  std::vector<float> values(static_cast<size_t>(like.numel()));
+  for (auto& v : values) v = static_cast<float>((static_cast<double>(rng() >> 40) / double(1 << 24) * 2.0 - 1.0) * scale);
+  return torch::from_blob(values.data(), like.sizes(), torch::kFloat32).clone();
+}
+}  // namespace
 
 std::vector<ScheduleOp> pipeline_schedule(const std::string& kind, int stage, int stages,
                                           int micro_batches) {
@@ -100,11 +116,27 @@ net::InboxLimits job_inbox_limits(const JobConfig& job, int64_t stage_parameters
   return net::InboxLimits{2 * bytes + (int64_t{1} << 20), 2 * messages + 16};
 }
 
-Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::SetupJobRequest& request,
-                                                         const NodeKey& key,
-                                                         const std::filesystem::path& data_dir,
-                                                         std::chrono::milliseconds peer_timeout,
-                                                         net::DeliveryService& delivery) {
+std::vector<net::MemberInfo> StageWorker::members_of(const solvernet::v1::SetupJobRequest& request) const {
+  std::vector<net::MemberInfo> members;
+  for (int i = 0; i < request.members_size(); ++i) {
+    const auto& m = request.members(i);
+    net::MemberInfo info;
+    info.node_id = m.node_id();
+    std::memcpy(info.public_key.data(), m.public_key().data(), std::min<size_t>(32, m.public_key().size()));
+    info.address = m.address();
+    info.region = m.region();
+    info.stage = m.stage();
+    info.replica = m.replica();
+    members.push_back(std::move(info));
+  }
+  return members;
+}
+
+Result<std::unique_ptr<StageWorker>> StageWorker::build(const solvernet::v1::SetupJobRequest& request,
+                                                        const std::filesystem::path& data_dir,
+                                                        std::chrono::milliseconds peer_timeout,
+                                                        const CheckpointStore* restore_from, int64_t restore_step,
+                                                        std::optional<LoadedCheckpoint>& restored) {
   std::unique_ptr<StageWorker> w(new StageWorker());
   w->job_id_ = request.job_id();
   if (w->job_id_.empty() || w->job_id_.size() > 128) return make_error("job id must be 1..128 characters");
@@ -118,9 +150,10 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
   w->replicas_ = static_cast<int>(w->job_.parallel.replicas);
   w->data_dir_ = data_dir;
   w->dataset_samples_ = request.dataset_samples();
+  // A verifiable job keeps every checkpoint for the challenge window.
   w->checkpoints_ = std::make_unique<CheckpointStore>(
-      data_dir / "checkpoints" / w->job_id_ / fmt::format("stage{}-replica{}", w->stage_, w->replica_),
-      w->job_.train.checkpoint_keep);
+      checkpoint_dir(data_dir, w->job_id_, w->stage_, w->replica_),
+      w->job_.verify.enabled ? std::numeric_limits<int64_t>::max() : w->job_.train.checkpoint_keep);
   w->peer_timeout_ = peer_timeout;
   if (w->stage_ < 0 || w->stage_ >= w->stages_ || w->replica_ < 0 || w->replica_ >= w->replicas_)
     return make_error("role stage {} replica {} is outside the job's {} × {}", w->stage_, w->replica_,
@@ -133,36 +166,16 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
       request.first_layer() + request.layer_count() > model_config.layers)
     return make_error("layers [{}, {}) are outside the model's {} layers", request.first_layer(),
                       request.first_layer() + request.layer_count(), model_config.layers);
-
-  std::vector<net::MemberInfo> members;
   for (int i = 0; i < request.members_size(); ++i) {
     const auto& m = request.members(i);
-    net::MemberInfo info;
-    info.node_id = m.node_id();
+    PublicKey key{};
     if (m.public_key().size() != 32) return make_error("member {} has a public key of {} bytes", i, m.public_key().size());
-    std::memcpy(info.public_key.data(), m.public_key().data(), 32);
-    if (node_id_of(info.public_key) != info.node_id)
-      return make_error("member {}: node id does not match its public key", i);
-    info.address = m.address();
-    info.region = m.region();
-    info.stage = m.stage();
-    info.replica = m.replica();
-    if (info.stage * w->replicas_ + info.replica != i)
-      return make_error("member {} has role stage {} replica {}, out of order", i, info.stage, info.replica);
-    members.push_back(std::move(info));
+    std::memcpy(key.data(), m.public_key().data(), 32);
+    if (node_id_of(key) != m.node_id()) return make_error("member {}: node id does not match its public key", i);
+    if (m.stage() * w->replicas_ + m.replica() != i)
+      return make_error("member {} has role stage {} replica {}, out of order", i, m.stage(), m.replica());
+    w->member_node_ids_.push_back(m.node_id());
   }
-  int self = w->member(w->stage_, w->replica_);
-  if (members[static_cast<size_t>(self)].node_id != key.node_id())
-    return make_error("the job assigns stage {} replica {} to node {}, not to this node", w->stage_,
-                      w->replica_, members[static_cast<size_t>(self)].node_id.substr(0, 8));
-  std::optional<Topology> topology;
-  if (!request.topology_toml().empty()) {
-    SN_ASSIGN(topology, parse_topology_string(request.topology_toml(), "topology from client"));
-  }
-  EmulationScale scale;
-  if (request.time_dilation() > 0) scale.time_dilation = request.time_dilation();
-  if (request.byte_ratio() > 0) scale.byte_ratio = request.byte_ratio();
-  if (request.gradient_byte_ratio() > 0) scale.gradient_byte_ratio = request.gradient_byte_ratio();
 
   w->model_ = std::make_unique<model::StageModel>(model_config, request.first_layer(),
                                                   request.layer_count(), w->job_.train.seed);
@@ -180,14 +193,31 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
     }
   }
   w->optimizer_ = std::make_unique<AdamW>(w->parameters_, w->job_.train);
+  w->buffer_dir_ = data_dir / "compress" / w->job_id_;
+  if (restore_from) {
+    // Read and check the whole checkpoint first: its AQ-SGD buffer files must
+    // be in place before the codecs open (and lock) theirs.
+    SN_ASSIGN(restored, restore_from->load(restore_step));
+    if (w->job_.compression.activations != "none") SN_TRY(ensure_directory(w->buffer_dir_));
+    for (const auto& [name, path] : w->buffer_files()) {
+      const std::string file = fmt::format("step-{:012d}.{}.buf", restore_step, name);
+      const bool listed = std::any_of(restored->manifest.files.begin(), restored->manifest.files.end(),
+                                      [&](const CheckpointFile& f) { return f.name == file; });
+      if (!listed) continue;  // a checkpoint without buffers: they go on from the live files
+      std::error_code ec;
+      std::filesystem::copy_file(restore_from->dir() / file, path, std::filesystem::copy_options::overwrite_existing, ec);
+      if (ec) return make_error("cannot restore {} from {}: {}", path.string(), (restore_from->dir() / file).string(), ec.message());
+    }
+  }
   if (w->job_.compression.activations != "none") {
     // Each side of each boundary keeps its own buffer file: sender and receiver
     // evolve theirs identically (AQ-SGD) and the codec checks they agree.
-    auto dir = data_dir / "compress" / w->job_id_;
-    SN_TRY(ensure_directory(dir));
+    SN_TRY(ensure_directory(w->buffer_dir_));
+    std::map<std::string, std::filesystem::path> paths;
+    for (const auto& [name, path] : w->buffer_files()) paths[name] = path;
     auto buffer = [&](const std::string& name) {
       compress::ActivationBufferOptions options;
-      options.path = dir / fmt::format("stage{}-replica{}-{}.buf", w->stage_, w->replica_, name);
+      options.path = paths.at(name);
       options.num_samples = std::max<int64_t>(1, request.dataset_samples());
       options.sample_shape = {model_config.seq_len, model_config.d_model};
       return options;
@@ -217,26 +247,98 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
                                          w->job_.compression, p.numel(), static_cast<uint64_t>(w->stage_)));
     }
   }
-  SN_ASSIGN(w->transport_,
-            net::JobTransport::create(w->job_id_, key, std::move(members), self, topology ? &*topology : nullptr,
-                                      scale, job_inbox_limits(w->job_, w->parameter_count(),
-                                                              w->job_.compression.gradients != "none")));
-  const bool first = w->stage_ == 0, last = w->stage_ == w->stages_ - 1;
-  w->pipeline_ = std::make_unique<PipelineChannel>(
-      *w->transport_, first ? -1 : w->member(w->stage_ - 1, w->replica_),
-      last ? -1 : w->member(w->stage_ + 1, w->replica_),
-      std::vector<int64_t>{w->job_.sequences_per_micro_batch(), model_config.seq_len, model_config.d_model},
-      PipelineChannel::Codecs{w->forward_out_.get(), w->forward_in_.get(), w->backward_out_.get(),
-                              w->backward_in_.get()},
-      peer_timeout);
-  if (request.start_step() > 0) {
-    SN_TRY(w->load_checkpoint(request.start_step()));
-    w->transport_->finish_step(request.start_step() - 1);
-  }
-  w->registration_ = delivery.add(w->transport_);
   return w;
 }
 
+std::vector<std::pair<std::string, std::filesystem::path>> StageWorker::buffer_files() const {
+  std::vector<std::pair<std::string, std::filesystem::path>> out;
+  if (job_.compression.activations == "none") return out;
+  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
+  for (const char* name : {"fwd-out", "fwd-in", "bwd-out", "bwd-in"}) {
+    const bool out_side = name[4] == 'o';
+    const bool fwd = name[0] == 'f';
+    // fwd-out, bwd-in: towards the next stage; fwd-in, bwd-out: towards the previous.
+    const bool towards_next = fwd == out_side;
+    if ((towards_next && last) || (!towards_next && first)) continue;
+    out.emplace_back(name, buffer_dir_ / fmt::format("stage{}-replica{}-{}.buf", stage_, replica_, name));
+  }
+  return out;
+}
+
+Status StageWorker::attach(std::shared_ptr<net::Transport> link, const std::string& self_node_id) {
+  transport_ = std::make_shared<StepRecorder>(std::move(link), job_id_, self_node_id);
+  const bool first = stage_ == 0, last = stage_ == stages_ - 1;
+  pipeline_ = std::make_unique<PipelineChannel>(
+      *transport_, first ? -1 : member(stage_ - 1, replica_), last ? -1 : member(stage_ + 1, replica_),
+      std::vector<int64_t>{job_.sequences_per_micro_batch(), job_.model.seq_len, job_.model.d_model},
+      PipelineChannel::Codecs{forward_out_.get(), forward_in_.get(), backward_out_.get(), backward_in_.get()},
+      peer_timeout_);
+  return ok_status();
+}
+
+Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::SetupJobRequest& request,
+                                                         const NodeKey& key,
+                                                         const std::filesystem::path& data_dir,
+                                                         std::chrono::milliseconds peer_timeout,
+                                                         net::DeliveryService& delivery, Cheat cheat) {
+  std::optional<LoadedCheckpoint> restored;
+  std::optional<CheckpointStore> store;
+  if (request.start_step() > 0)
+    store.emplace(checkpoint_dir(data_dir, request.job_id(), request.stage(), request.replica()), 1);
+  SN_ASSIGN(auto w, build(request, data_dir, peer_timeout, store ? &*store : nullptr, request.start_step(), restored));
+  w->cheat_ = cheat;
+  w->cheat_first_ = cheat.first_step(w->job_.train.steps);
+  const int self = w->member(w->stage_, w->replica_);
+  if (w->member_node_ids_[static_cast<size_t>(self)] != key.node_id())
+    return make_error("the job assigns stage {} replica {} to node {}, not to this node", w->stage_, w->replica_,
+                      w->member_node_ids_[static_cast<size_t>(self)].substr(0, 8));
+  std::optional<Topology> topology;
+  if (!request.topology_toml().empty()) {
+    SN_ASSIGN(topology, parse_topology_string(request.topology_toml(), "topology from client"));
+  }
+  EmulationScale scale;
+  if (request.time_dilation() > 0) scale.time_dilation = request.time_dilation();
+  if (request.byte_ratio() > 0) scale.byte_ratio = request.byte_ratio();
+  if (request.gradient_byte_ratio() > 0) scale.gradient_byte_ratio = request.gradient_byte_ratio();
+  SN_ASSIGN(w->live_, net::JobTransport::create(w->job_id_, key, w->members_of(request), self,
+                                                topology ? &*topology : nullptr, scale,
+                                                job_inbox_limits(w->job_, w->parameter_count(),
+                                                                 w->job_.compression.gradients != "none")));
+  SN_TRY(w->attach(w->live_, key.node_id()));
+  if (restored) {
+    SN_TRY(w->apply_checkpoint(std::move(*restored), store->manifest_path(request.start_step()).string()));
+    w->live_->finish_step(request.start_step() - 1);
+  }
+  if (cheat.strategy == Cheat::Strategy::random_weights) w->apply_weight_cheat(-1);
+  SN_TRY(w->start_evidence(request));
+  w->registration_ = delivery.add(w->live_);
+  return w;
+}
+
+Result<std::unique_ptr<StageWorker>> StageWorker::create_offline(const solvernet::v1::SetupJobRequest& request,
+                                                                 std::shared_ptr<net::Transport> link,
+                                                                 const std::filesystem::path& checkpoint_dir,
+                                                                 int64_t checkpoint_step,
+                                                                 const std::filesystem::path& scratch_dir, Cheat cheat) {
+  std::optional<LoadedCheckpoint> restored;
+  CheckpointStore store(checkpoint_dir, 1);
+  SN_ASSIGN(auto w, build(request, scratch_dir, std::chrono::milliseconds(1), &store, checkpoint_step, restored));
+  w->offline_ = true;
+  w->cheat_ = cheat;
+  w->cheat_first_ = cheat.first_step(w->job_.train.steps);
+  const int self = w->member(w->stage_, w->replica_);
+  SN_TRY(w->attach(std::move(link), w->member_node_ids_[static_cast<size_t>(self)]));
+  SN_TRY(w->apply_checkpoint(std::move(*restored), store.manifest_path(checkpoint_step).string()));
+  const Hash256 state = w->state_hash();
+  w->start_leaf_ = step_leaf(checkpoint_step, state, Hash256{}, Hash256{});
+  return w;
+}
+
+StageWorker::~StageWorker() = default;
+
+void StageWorker::abort(const std::string& reason) {
+  if (transport_) transport_->abort(reason);
+}
 int64_t StageWorker::parameter_count() const {
   int64_t n = 0;
   for (const auto& [name, p] : parameters_) n += p.numel();
@@ -277,6 +379,7 @@ TrainingState StageWorker::training_state() const {
 }
 
 Status StageWorker::save_checkpoint(const StateDigest& digest) {
+  if (offline_) return ok_status();
   // The AQ-SGD buffers live in their own files: make them durable before the
   // manifest that records their digest.
   for (auto* codec : {forward_out_.get(), forward_in_.get(), backward_out_.get(), backward_in_.get()})
@@ -285,14 +388,23 @@ Status StageWorker::save_checkpoint(const StateDigest& digest) {
   NamedTensors all = state.weights;
   for (auto& entry : state.optimizer) all.push_back(entry);
   for (auto& entry : state.residuals) all.push_back(entry);
+  // A verifiable job's checkpoints carry copies of the buffers, so a replay
+  // (or a resume) can start from any of them bitwise.
+  std::vector<std::pair<std::string, std::filesystem::path>> extra;
+  if (job_.verify.enabled) {
+    const std::map<std::string, compress::ActivationCodec*> codecs{
+        {"fwd-out", forward_out_.get()}, {"fwd-in", forward_in_.get()},
+        {"bwd-out", backward_out_.get()}, {"bwd-in", backward_in_.get()}};
+    for (const auto& [name, path] : buffer_files())
+      if (auto* codec = codecs.at(name); codec && codec->buffer_digest()) extra.emplace_back(name + ".buf", path);
+  }
   return checkpoints_->save(steps_done_, all,
                             {{"job_id", job_id_}, {"stage", std::to_string(stage_)}, {"replica", std::to_string(replica_)}},
-                            digest);
+                            digest, extra);
 }
 
-Status StageWorker::load_checkpoint(int64_t step) {
-  SN_ASSIGN(auto loaded, checkpoints_->load(step));
-  const std::string where = checkpoints_->manifest_path(step).string();
+Status StageWorker::apply_checkpoint(LoadedCheckpoint loaded, const std::string& where) {
+  const int64_t step = loaded.manifest.step;
   std::map<std::string, torch::Tensor> by_name(loaded.tensors.begin(), loaded.tensors.end());
   torch::NoGradGuard no_grad;
   for (auto& [name, p] : parameters_) {
@@ -314,16 +426,19 @@ Status StageWorker::load_checkpoint(int64_t step) {
   if (optimizer_->steps_taken() != step)
     return make_error("{}: holds step {}, asked to resume at {}", where, optimizer_->steps_taken(), step);
   steps_done_ = step;
-  // The restored state must reproduce what the manifest committed to. The
-  // AQ-SGD buffers are not copied into checkpoints (they can be gigabytes):
-  // if steps ran after this checkpoint, they have moved on, both ends of a
-  // boundary alike, and training goes on from them (not bitwise the run that
-  // never stopped, which the state hash then shows).
+  // The restored state must reproduce what the manifest committed to. A
+  // checkpoint with buffer copies ([verify] jobs) restored them; one without
+  // leaves the live buffer files, which have moved on if steps ran after it
+  // (both ends of a boundary alike): training goes on from them, not bitwise
+  // the run that never stopped, which the state hash then shows.
+  bool buffers_copied = false;
+  for (const auto& file : loaded.manifest.files)
+    if (file.name.ends_with(".buf")) buffers_copied = true;
   const StateDigest now = training_state_digest(training_state());
   for (size_t p = 0; p < kStateParts; ++p) {
     const auto part = static_cast<StatePart>(p);
     if (now.parts[p] == loaded.manifest.state.parts[p]) continue;
-    if (part == StatePart::activation_buffers) {
+    if (part == StatePart::activation_buffers && !buffers_copied && !offline_) {
       spdlog::warn("job {}: the AQ-SGD buffers have moved on since the checkpoint of step {}", job_id_, step);
       continue;
     }
@@ -336,6 +451,67 @@ Status StageWorker::load_checkpoint(int64_t step) {
 void StageWorker::set_tracer(StepTracer* tracer) {
   tracer_ = tracer;
   model_->set_observer(tracer);
+}
+
+Hash256 StageWorker::state_hash() const { return training_state_digest(training_state()).root; }
+
+bool StageWorker::cheat_acts(int64_t step) const {
+  using S = Cheat::Strategy;
+  const int64_t t = step + 1;
+  switch (cheat_.strategy) {
+    case S::none:
+    case S::withhold:
+      return false;
+    case S::perturb:
+    case S::lie_in_leaf:
+    case S::wrong_op:
+      return t == cheat_first_;
+    case S::random_weights:
+      return true;
+    default:
+      return t >= cheat_first_;
+  }
+}
+
+// Evidence of a [verify] job: the setup as received, leaf_0 (or, resumed at
+// step c, leaves.bin cut back to leaf_c) and the checkpoint of step 0.
+Status StageWorker::start_evidence(const solvernet::v1::SetupJobRequest& request) {
+  const Hash256 state = state_hash();
+  start_leaf_ = step_leaf(steps_done_, state, Hash256{}, Hash256{});
+  if (cheat_.strategy == Cheat::Strategy::random_weights) randombytes_buf(start_leaf_.data(), start_leaf_.size());
+  if (!job_.verify.enabled) return ok_status();
+  evidence_dir_ = evidence_dir(data_dir_, job_id_, stage_, replica_);
+  SN_TRY(ensure_directory(evidence_dir_));
+  SN_TRY(write_file_atomic(setup_evidence_path(evidence_dir_), request.SerializeAsString()));
+  const auto leaves = leaves_path(evidence_dir_);
+  if (steps_done_ == 0) {
+    SN_TRY(write_file_atomic(leaves, std::string_view(reinterpret_cast<const char*>(start_leaf_.data()), 32)));
+    SN_TRY(save_checkpoint(training_state_digest(training_state())));
+  } else {
+    // Resumed: the leaves up to this step stay, later ones (of the run that
+    // failed) go; without them this member cannot answer for earlier steps.
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(leaves, ec);
+    const auto keep = static_cast<uintmax_t>(32 * (steps_done_ + 1));
+    if (ec || size < keep) {
+      spdlog::warn("job {}: no leaves up to step {} here: this member records no evidence", job_id_, steps_done_);
+      return ok_status();
+    }
+    std::filesystem::resize_file(leaves, keep, ec);
+    if (ec) return make_error("cannot cut {} back to step {}: {}", leaves.string(), steps_done_, ec.message());
+  }
+  record_ = true;
+  return ok_status();
+}
+
+// Noise on the weights (perturb) or, for random-weights, weights that never
+// saw the data: drawn from a generator seeded by the step, so a cheater
+// tracing its own step reproduces them.
+void StageWorker::apply_weight_cheat(int64_t step) {
+  torch::NoGradGuard no_grad;
+  const double scale = cheat_.strategy == Cheat::Strategy::perturb ? 1e-2 : 1.0;
+  int64_t index = 0;
+  for (auto& [name, p] : parameters_) p.add_(cheat_noise(p, shared_seed(step, "cheat", stage_, index++), scale));
 }
 
 std::string StageWorker::weights_safetensors() const {
@@ -399,14 +575,23 @@ Status StageWorker::forward_micro(StepState& state, int micro) {
     SN_ASSIGN(auto targets, model::tensor_from_proto(batch_data.targets(), torch::kInt64, std::vector<int64_t>{batch, seq}));
     if (targets.min().item<int64_t>() < 0 || targets.max().item<int64_t>() >= job_.model.vocab)
       return make_error("micro-batch {} holds target ids outside the vocabulary", micro);
-    torch::Tensor loss = model::lm_loss(output, targets);
+    torch::Tensor loss;
+    if (!state.forward_only && cheat_.strategy == Cheat::Strategy::less_data && cheat_acts(state.step)) {
+      const int64_t kept = std::max<int64_t>(1, batch / 2);
+      loss = model::lm_loss(output.slice(0, 0, kept), targets.slice(0, 0, kept));
+    } else {
+      loss = model::lm_loss(output, targets);
+    }
     state.loss_sum += loss.item<double>();
     state.losses[m] = loss;
     if (tracer_) tracer_->on_loss(micro, loss);
   } else {
     const uint64_t seed = shared_seed(state.step, "act", micro, stage_ * replicas_ + replica_);
-    SN_TRY(pipeline_->send(Flow::kActivation, state.step, micro, output, state.codec_ids(micro, ids), seed));
-    if (tracer_) tracer_->on_send(true, micro, output);
+    torch::Tensor sent = output;
+    if (!state.forward_only && cheat_.strategy == Cheat::Strategy::equivocate && cheat_acts(state.step))
+      sent = output.detach() + cheat_noise(output, shared_seed(state.step, "cheat-act", micro), 1e-2);
+    SN_TRY(pipeline_->send(Flow::kActivation, state.step, micro, sent, state.codec_ids(micro, ids), seed));
+    if (tracer_) tracer_->on_send(true, micro, sent);
   }
   if (!state.forward_only) {
     state.inputs[m] = input;
@@ -427,6 +612,11 @@ Status StageWorker::backward_micro(StepState& state, int micro) {
   } else {
     SN_ASSIGN(auto grad, pipeline_->receive(Flow::kGradient, state.step, micro, state.codec_ids(micro, ids)));
     if (tracer_) tracer_->on_output_gradient(micro, grad);
+    if (cheat_.strategy == Cheat::Strategy::less_data && cheat_acts(state.step)) {
+      // Not the loss's stage: the left-out half's gradient is dropped instead.
+      grad = grad.clone();
+      grad.slice(0, std::max<int64_t>(1, grad.size(0) / 2)).zero_();
+    }
     state.outputs[m].backward(grad);
   }
   if (tracer_) tracer_->on_backward(micro);
@@ -472,14 +662,19 @@ Status StageWorker::sync_tied_embedding(int64_t step) {
   return ok_status();
 }
 
-// AdamW, then the checkpoint (every checkpoint_every steps) and the state hash.
+// AdamW, then the checkpoint (every checkpoint_every steps, and every
+// segment_steps in a [verify] job) and the state hash.
 Status StageWorker::update_weights(int64_t step, solvernet::v1::RunStepReply& reply) {
-  optimizer_->step(step);
+  using S = Cheat::Strategy;
+  const bool skip = (cheat_.strategy == S::skip_steps || cheat_.strategy == S::random_weights) && cheat_acts(step);
+  if (!skip) optimizer_->step(step);
+  if (cheat_.strategy == S::perturb && cheat_acts(step)) apply_weight_cheat(step);
   ++steps_done_;
   const StateDigest digest = training_state_digest(training_state());
   if (tracer_) tracer_->on_update(training_state(), digest.root);
-  if (job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0)
-    SN_TRY(save_checkpoint(digest));
+  const bool periodic = job_.train.checkpoint_every > 0 && steps_done_ % job_.train.checkpoint_every == 0;
+  const bool segment = job_.verify.enabled && steps_done_ % job_.verify.segment_steps == 0;
+  if (periodic || segment) SN_TRY(save_checkpoint(digest));
   reply.set_state_hash(digest.root.data(), digest.root.size());
   reply.set_replica_hash(digest.replica.data(), digest.replica.size());
   return ok_status();
@@ -490,14 +685,14 @@ Status StageWorker::update_weights(int64_t step, solvernet::v1::RunStepReply& re
 // reports loss, traffic and time.
 Status StageWorker::report(StepState& state, solvernet::v1::RunStepReply& reply) {
   SN_TRY(transport_->flush(peer_timeout_));
-  transport_->finish_step(state.step);
+  if (live_) live_->finish_step(state.step);
   const bool last = stage_ == stages_ - 1;
   reply.set_step(state.step);
   reply.set_loss_sum(state.loss_sum);
   reply.set_loss_count(last ? state.request.micro_batches_size() : 0);
-  for (const auto& counter : transport_->take_counters()) {
+  for (const auto& counter : live_ ? live_->take_counters() : std::vector<net::LinkCounter>{}) {
     auto* sent = reply.add_sent();
-    sent->set_to_node_id(transport_->members()[static_cast<size_t>(counter.to)].node_id);
+    sent->set_to_node_id(member_node_ids_[static_cast<size_t>(counter.to)]);
     sent->set_link_class(counter.link_class);
     sent->set_traffic(net::traffic_name(counter.traffic));
     sent->set_bytes(counter.bytes);
@@ -519,6 +714,7 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
   state.outputs.resize(state.inputs.size());
   state.losses.resize(state.inputs.size());
   pipeline_->take_wait_seconds();
+  transport_->begin_step(record_ && !state.forward_only);
 
   // Gradients are defined zeros before every step, the first included, so
   // that each micro-batch's accumulation is always "before + its gradient"
@@ -552,7 +748,45 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
     SN_TRY(update_weights(state.step, reply));
   }
   SN_TRY(report(state, reply));
+  if (!state.forward_only) SN_TRY(commit_step(request, reply));
   return reply;
+}
+
+// The step's leaf from the state hash and the traffic the recorder saw; with
+// evidence on, the step's file (written, then renamed: a reader never sees
+// half of one) and the leaf appended to leaves.bin.
+Status StageWorker::commit_step(const solvernet::v1::RunStepRequest& request, solvernet::v1::RunStepReply& reply) {
+  using S = Cheat::Strategy;
+  auto traffic = transport_->take_step();
+  StepOutcome outcome;
+  outcome.step = request.step() + 1;
+  std::memcpy(outcome.state_hash.data(), reply.state_hash().data(), 32);
+  outcome.inbound_digest = inbound_digest(step_request_digest(request), traffic.inbound);
+  outcome.outbound_digest = outbound_digest(traffic.outbound);
+  outcome.leaf = step_leaf(outcome.step, outcome.state_hash, outcome.inbound_digest, outcome.outbound_digest);
+  outcome.outbound = std::move(traffic.outbound);
+  if (cheat_.strategy == S::lie_in_leaf && cheat_acts(request.step())) outcome.leaf[0] ^= 0x5a;
+  if (cheat_.strategy == S::random_weights) {
+    randombytes_buf(outcome.state_hash.data(), outcome.state_hash.size());
+    randombytes_buf(outcome.leaf.data(), outcome.leaf.size());
+    reply.set_state_hash(outcome.state_hash.data(), outcome.state_hash.size());
+  }
+  reply.set_leaf(outcome.leaf.data(), outcome.leaf.size());
+  if (record_) {
+    solvernet::v1::StepEvidence evidence;
+    evidence.set_step(outcome.step);
+    *evidence.mutable_request() = request;
+    for (auto& message : traffic.inbound_messages) *evidence.add_inbound() = std::move(message);
+    evidence.set_state_hash(outcome.state_hash.data(), 32);
+    evidence.set_inbound_digest(outcome.inbound_digest.data(), 32);
+    evidence.set_outbound_digest(outcome.outbound_digest.data(), 32);
+    evidence.set_leaf(outcome.leaf.data(), 32);
+    SN_TRY(write_step_evidence(evidence_dir_, evidence));
+    SN_TRY(append_file(leaves_path(evidence_dir_),
+                       std::string_view(reinterpret_cast<const char*>(outcome.leaf.data()), outcome.leaf.size())));
+  }
+  last_step_ = std::move(outcome);
+  return ok_status();
 }
 
 }  // namespace sn::train

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,7 +24,9 @@
 #include "proto/solvernet.pb.h"
 #include "train/adamw.h"
 #include "train/pipeline_channel.h"
+#include "train/evidence.h"
 #include "train/state.h"
+#include "train/train.h"
 
 namespace sn::train {
 
@@ -48,19 +51,53 @@ Hash256 parameters_hash(const NamedTensors& parameters);
 // legitimate pipeline and all-reduce traffic never reaches the bound.
 net::InboxLimits job_inbox_limits(const JobConfig& job, int64_t stage_parameters, bool compressed_gradients);
 
+class StepRecorder;
+
+// What one training step committed to (docs/commitments.md, "Step leaves").
+struct StepOutcome {
+  int64_t step = 0;  // t, 1-based
+  Hash256 state_hash{}, inbound_digest{}, outbound_digest{}, leaf{};
+  std::vector<OutboundDigest> outbound;  // sorted by (to, tag)
+};
+
 class StageWorker {
  public:
   // Its transport is registered with DELIVERY (which must outlive the worker)
   // for the worker's life, so the node's Transport service routes to it.
+  // A job with a [verify] table records its evidence under
+  // DATA_DIR/evidence (train/evidence.h) and keeps a checkpoint at step 0 and
+  // every segment_steps steps. CHEAT: none for an honest node.
   static Result<std::unique_ptr<StageWorker>> create(const solvernet::v1::SetupJobRequest& request,
                                                      const NodeKey& key,
                                                      const std::filesystem::path& data_dir,
                                                      std::chrono::milliseconds peer_timeout,
-                                                     net::DeliveryService& delivery);
+                                                     net::DeliveryService& delivery, Cheat cheat = {});
+  // A worker with no network (replay): LINK stands in for the peers, the
+  // state comes from the checkpoint of CHECKPOINT_STEP in CHECKPOINT_DIR (its
+  // AQ-SGD buffer files are copied into SCRATCH_DIR, where the worker keeps
+  // its buffers). It records no evidence and writes no checkpoint.
+  static Result<std::unique_ptr<StageWorker>> create_offline(const solvernet::v1::SetupJobRequest& request,
+                                                             std::shared_ptr<net::Transport> link,
+                                                             const std::filesystem::path& checkpoint_dir,
+                                                             int64_t checkpoint_step,
+                                                             const std::filesystem::path& scratch_dir, Cheat cheat = {});
 
   const std::string& job_id() const { return job_id_; }
-  net::JobTransport& transport() { return *transport_; }
+  const JobConfig& job() const { return job_; }
+  int stage() const { return stage_; }
+  int replica() const { return replica_; }
+  model::StageModel& model() { return *model_; }
+  const Cheat& cheat() const { return cheat_; }
+  // Whether the cheat acts in 0-based step STEP (from its first step on, or
+  // only there for the one-step strategies).
+  bool cheat_acts(int64_t step) const;
   int64_t parameter_count() const;
+  // The state hash now, and the leaf of the state the worker started from
+  // (after setup: leaf_0, or the resumed step's state with zero digests).
+  Hash256 state_hash() const;
+  const Hash256& start_leaf() const { return start_leaf_; }
+  // What the last training step committed to (after run_step succeeded).
+  const StepOutcome& last_step() const { return last_step_; }
 
   // One optimizer step (or, forward_only, one evaluation round), in phases:
   // run the schedule (per op: receive input, forward, send output; receive
@@ -72,13 +109,28 @@ class StageWorker {
   // This stage's weights as safetensors (whole-model names).
   std::string weights_safetensors() const;
   int64_t steps_done() const { return steps_done_; }
-  void abort(const std::string& reason) { transport_->abort(reason); }
+  void abort(const std::string& reason);
+  ~StageWorker();
   // Verification (train/trace.h): TRACER (not owned; null to detach) sees
   // every operation of the training steps that follow. Null in training.
   void set_tracer(StepTracer* tracer);
 
  private:
   StageWorker() = default;
+  // Everything but the transport: role, model, optimizer, codecs. RESTORE
+  // (if set) is the checkpoint to start from; its buffer files are put in
+  // place before the codecs open them.
+  static Result<std::unique_ptr<StageWorker>> build(const solvernet::v1::SetupJobRequest& request,
+                                                    const std::filesystem::path& data_dir,
+                                                    std::chrono::milliseconds peer_timeout,
+                                                    const CheckpointStore* restore_from, int64_t restore_step,
+                                                    std::optional<LoadedCheckpoint>& restored);
+  std::vector<net::MemberInfo> members_of(const solvernet::v1::SetupJobRequest& request) const;
+  Status attach(std::shared_ptr<net::Transport> link, const std::string& self_node_id);
+  // Records a training step: digests, leaf (with the cheat), evidence files.
+  Status commit_step(const solvernet::v1::RunStepRequest& request, solvernet::v1::RunStepReply& reply);
+  Status start_evidence(const solvernet::v1::SetupJobRequest& request);
+  void apply_weight_cheat(int64_t step);
   int member(int stage, int replica) const { return stage * replicas_ + replica; }
 
   // The working state of one step, handed from phase to phase.
@@ -97,7 +149,10 @@ class StageWorker {
   // STEP's checkpoint and fails (naming the file) unless the restored state
   // reproduces the manifest's digest. On failure the worker is unusable.
   Status save_checkpoint(const StateDigest& digest);
-  Status load_checkpoint(int64_t step);
+  Status apply_checkpoint(LoadedCheckpoint loaded, const std::string& where);
+  // The AQ-SGD buffer file paths by boundary name ("fwd-out", …): where the
+  // codecs keep them if they have one (only AQ-SGD's forward codecs do).
+  std::vector<std::pair<std::string, std::filesystem::path>> buffer_files() const;
 
   std::string job_id_;
   JobConfig job_;
@@ -107,8 +162,18 @@ class StageWorker {
   std::unique_ptr<model::StageModel> model_;
   NamedTensors parameters_;
   std::unique_ptr<AdamW> optimizer_;
-  std::shared_ptr<net::JobTransport> transport_;
+  std::shared_ptr<net::JobTransport> live_;   // null offline
+  std::shared_ptr<StepRecorder> transport_;    // over live_ or the offline link
   net::DeliveryService::Registration registration_;
+  std::vector<std::string> member_node_ids_;
+  Cheat cheat_;
+  int64_t cheat_first_ = 0;  // resolved 1-based first step
+  bool offline_ = false;
+  bool record_ = false;      // writes evidence ([verify] job, live)
+  std::filesystem::path evidence_dir_;
+  std::filesystem::path buffer_dir_;
+  Hash256 start_leaf_{};
+  StepOutcome last_step_;
   std::unique_ptr<PipelineChannel> pipeline_;
   // Activation codecs at this stage's boundaries (none when compression is off):
   // forward to the next stage / from the previous, backward to the previous / from the next.

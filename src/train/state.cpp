@@ -214,15 +214,22 @@ std::filesystem::path CheckpointStore::manifest_path(int64_t step) const {
 }
 
 Status CheckpointStore::save(int64_t step, const NamedTensors& tensors,
-                             const std::map<std::string, std::string>& labels, const StateDigest& state) {
+                             const std::map<std::string, std::string>& labels, const StateDigest& state,
+                             const std::vector<std::pair<std::string, std::filesystem::path>>& extra_files) {
   SN_TRY(ensure_directory(dir_));
   std::map<std::string, std::string> metadata = labels;
   metadata["step"] = std::to_string(step);
   const std::string data = model::safetensors_bytes(tensors, metadata);
-  CheckpointFile file{data_path(step).filename().string(), data.size(), hash_string(data)};
+  std::vector<CheckpointFile> files{{data_path(step).filename().string(), data.size(), hash_string(data)}};
   // Data first, manifest last: a manifest on disk always names durable data.
   SN_TRY(write_file_atomic(data_path(step), data));
-  SN_TRY(write_file_atomic(manifest_path(step), manifest_json(step, labels, state, {file})));
+  for (const auto& [name, source] : extra_files) {
+    SN_ASSIGN(std::string bytes, read_file(source));
+    const auto target = dir_ / fmt::format("step-{:012d}.{}", step, name);
+    SN_TRY(write_file_atomic(target, bytes));
+    files.push_back({target.filename().string(), bytes.size(), hash_string(bytes)});
+  }
+  SN_TRY(write_file_atomic(manifest_path(step), manifest_json(step, labels, state, files)));
 
   // Prune: the oldest complete checkpoints beyond KEEP (manifest first, so a
   // crash mid-prune leaves orphan data, never a manifest without its data),
@@ -242,8 +249,9 @@ Status CheckpointStore::save(int64_t step, const NamedTensors& tensors,
       std::filesystem::remove(entry.path(), ec);
       continue;
     }
-    if (entry.path().extension() != ".safetensors") continue;
-    auto s = step_of(entry.path().stem().string());
+    // Data and buffer copies: step-<12 digits>.<anything>, manifests gone already.
+    if (name.size() < 18 || name[17] != '.') continue;
+    auto s = step_of(name.substr(0, 17));
     if (s && !kept.count(*s)) std::filesystem::remove(entry.path(), ec);
   }
   return ok_status();

@@ -114,13 +114,15 @@ class CheckpointStore {
   std::filesystem::path data_path(int64_t step) const;
   std::filesystem::path manifest_path(int64_t step) const;
 
-  // Writes TENSORS as the checkpoint of STEP: the data file, then its
-  // manifest, each through a temp file, fsync, rename and fsync of the
+  // Writes TENSORS as the checkpoint of STEP: the data file, copies of
+  // EXTRA_FILES (name → source; stored as step-<step>.<name>, listed in the
+  // manifest with their BLAKE2b: AQ-SGD buffers), then its manifest, each through a temp file, fsync, rename and fsync of the
   // directory; then deletes all but the KEEP newest complete checkpoints and
   // any temp file a killed writer left. On failure the checkpoints already on
   // disk are untouched (a stray temp file may remain until the next save).
   Status save(int64_t step, const NamedTensors& tensors, const std::map<std::string, std::string>& labels,
-              const StateDigest& state);
+              const StateDigest& state,
+              const std::vector<std::pair<std::string, std::filesystem::path>>& extra_files = {});
 
   // Steps of the complete checkpoints (those with a manifest), ascending.
   std::vector<int64_t> steps() const;

@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
@@ -28,11 +29,41 @@ void init_single_threaded();
 
 // ---- the node side ----------------------------------------------------------
 
+// A solver that cheats, for tests and the devnet (docs/verification.md,
+// "Cheats"). Train-side strategies change what the worker computes, sends or
+// reports; withhold is the Evidence service's (it refuses to serve).
+struct Cheat {
+  enum class Strategy {
+    none,
+    skip_steps,      // from from_step on: no optimizer update (state and leaves honest to that)
+    less_data,       // from from_step on: half of each micro-batch's sequences left out of the loss
+    perturb,         // at from_step: noise added to the weights after the update
+    random_weights,  // never trains: random weights, leaves made up from random bytes
+    lie_in_leaf,     // correct training; leaf of from_step altered
+    wrong_op,        // at from_step: one block's forward output perturbed
+    equivocate,      // from from_step on: the activations sent are perturbed after computing
+    withhold,        // the Evidence service refuses to serve (nothing changes here)
+  };
+  Strategy strategy = Strategy::none;
+  // The first step it affects, 1-based (= the leaf index); 0: three quarters
+  // into the job (at least step 1).
+  int64_t from_step = 0;
+
+  bool active() const { return strategy != Strategy::none; }
+  // The resolved first step for a job of STEPS steps.
+  int64_t first_step(int64_t steps) const;
+};
+// "skip-steps", "less-data", … and back; an unknown name is an input error
+// listing the valid ones.
+const char* cheat_name(Cheat::Strategy strategy);
+Result<Cheat::Strategy> parse_cheat_strategy(std::string_view name);
+
 struct NodeServiceOptions {
   net::NodeRuntime* runtime = nullptr;             // admission, leases, control auth; must outlive the service
   std::filesystem::path data_dir;                  // checkpoints go to data_dir/checkpoints/<job>
   std::chrono::milliseconds peer_timeout{60000};   // waiting for a peer's tensor, unless the job says
   net::DeliveryService* delivery = nullptr;        // routes the jobs' messages; must outlive the service
+  Cheat cheat;                                     // none: an honest node
 };
 
 // The Train gRPC service: SetupJob, RunStep, FetchWeights, EndJob, RenewLease,
@@ -88,8 +119,9 @@ struct TrainResult {
   std::filesystem::path model_path;
   std::string model_hash;              // hex BLAKE2b of the saved weights file
   std::vector<std::string> stage_state_hashes;  // per stage: hex of replica 0's state hash after the last step
-  // Per member (stage × replicas + replica): hex Merkle root over its binary
-  // state hashes after every step (docs/commitments.md): what a solver commits on chain.
+  // Per member (stage × replicas + replica): hex Keccak-256 Merkle root over
+  // its step leaves 0 … n (docs/commitments.md, "Step leaves"): what a solver
+  // commits on chain.
   std::vector<std::string> member_commitments;
 };
 
