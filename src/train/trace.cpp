@@ -1,11 +1,9 @@
 #include "train/trace.h"
 
-#include <google/protobuf/io/coded_stream.h>
-#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
-
 #include <cstring>
 
 #include "model/tensor_wire.h"
+#include "train/evidence.h"
 #include "train/state.h"
 
 namespace sn::train {
@@ -52,30 +50,6 @@ std::string grad_name(const std::string& parameter) { return "grad." + parameter
 std::string hidden(int micro, int layer) { return "hidden." + std::to_string(micro) + "." + std::to_string(layer); }
 std::string dhidden(int micro, int layer) { return "dhidden." + std::to_string(micro) + "." + std::to_string(layer); }
 std::string indexed(const char* what, int micro) { return std::string(what) + "." + std::to_string(micro); }
-
-// H(str("solvernet/step-request/v1") ‖ deterministic serialization): the
-// request digest of the step leaves (docs/verification.md).
-Hash256 request_digest(const solvernet::v1::RunStepRequest& request) {
-  std::string bytes;
-  {
-    google::protobuf::io::StringOutputStream stream(&bytes);
-    google::protobuf::io::CodedOutputStream coded(&stream);
-    coded.SetSerializationDeterministic(true);
-    request.SerializeToCodedStream(&coded);
-  }
-  Hasher h;
-  put_string(h, "solvernet/step-request/v1");
-  h.update(bytes);
-  return h.finish();
-}
-
-Hash256 leaf_of(int64_t t, const Hash256& state, const Hash256& inbound, const Hash256& outbound) {
-  Hasher h;
-  put_string(h, "solvernet/leaf/v2");
-  h.update_u64(static_cast<uint64_t>(t));
-  h.update(state).update(inbound).update(outbound);
-  return h.finish();
-}
 
 Hash256 digest_of(const torch::Tensor& t) {
   Hash256 out{};
@@ -390,7 +364,7 @@ Result<std::vector<OpValue>> recompute(const OpContext& context, const OpRecord&
     SN_ASSIGN(auto state, rc.get("state"));
     SN_ASSIGN(auto inbound, rc.get("inbound"));
     SN_ASSIGN(auto outbound, rc.get("outbound"));
-    rc.set("leaf", digest_tensor(leaf_of(context.step, digest_of(state), digest_of(inbound), digest_of(outbound))));
+    rc.set("leaf", digest_tensor(step_leaf(context.step, digest_of(state), digest_of(inbound), digest_of(outbound))));
   } else {
     return kind_error(ErrorKind::unavailable, "op {} needs a step replay: only the step's trace up to it can rule", kind);
   }
@@ -454,7 +428,7 @@ void StepTracer::begin(const solvernet::v1::RunStepRequest& request, const Train
   for (const auto* list : {&state.weights, &state.optimizer, &state.residuals})
     for (const auto& [name, t] : *list) start.outputs.push_back(put(name, t));
   for (const auto& [name, p] : parameters) start.outputs.push_back(put(grad_name(name), p.grad()));
-  start.outputs.push_back(put("request", digest_tensor(request_digest(request))));
+  start.outputs.push_back(put("request", digest_tensor(step_request_digest(request))));
   add(std::move(start));
 }
 
