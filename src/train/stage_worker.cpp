@@ -570,7 +570,13 @@ Status StageWorker::forward_micro(StepState& state, int micro) {
     if (!state.forward_only) input.requires_grad_(true);
   }
   if (tracer_) tracer_->on_input(micro, input);
+  // wrong-op: one block forward (the stage's first block, micro-batch 0) is
+  // corrupted; everything after it is computed honestly from that output.
+  const bool wrong_op = !state.forward_only && micro == 0 && cheat_.strategy == Cheat::Strategy::wrong_op &&
+                        cheat_acts(state.step);
+  if (wrong_op) model_->set_block_offset(model_->first_layer(), 1e-3);
   torch::Tensor output = model_->forward(input);
+  if (wrong_op) model_->set_block_offset(model_->first_layer(), 0.0);
   if (last) {
     SN_ASSIGN(auto targets, model::tensor_from_proto(batch_data.targets(), torch::kInt64, std::vector<int64_t>{batch, seq}));
     if (targets.min().item<int64_t>() < 0 || targets.max().item<int64_t>() >= job_.model.vocab)

@@ -40,7 +40,7 @@ struct Cheat {
     perturb,         // at from_step: noise added to the weights after the update
     random_weights,  // never trains: random weights, leaves made up from random bytes
     lie_in_leaf,     // correct training; leaf of from_step altered
-    wrong_op,        // at from_step: one block's forward output perturbed
+    wrong_op,        // at from_step: the stage's first block's forward output (micro-batch 0) offset by 1e-3
     equivocate,      // from from_step on: the activations sent are perturbed after computing
     withhold,        // the Evidence service refuses to serve (nothing changes here)
   };

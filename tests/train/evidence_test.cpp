@@ -248,7 +248,7 @@ TEST(Evidence, ACheatDepartsFromTheHonestLeavesAtItsStep) {
   DevnetRun& run = devnet();
   ASSERT_EQ(run.members.size(), 4u);
   using S = train::Cheat::Strategy;
-  for (S strategy : {S::skip_steps, S::perturb, S::less_data, S::lie_in_leaf, S::equivocate}) {
+  for (S strategy : {S::skip_steps, S::perturb, S::less_data, S::lie_in_leaf, S::wrong_op, S::equivocate}) {
     for (size_t m : {size_t{0}, size_t{3}}) {
       const auto& member = run.members[m];
       auto in = inputs(member, 0, 6);
