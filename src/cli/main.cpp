@@ -11,6 +11,7 @@
 
 #include "cli/command.h"
 #include "cli/signals.h"
+#include "core/kernels.h"
 #include "net/tls.h"
 
 namespace sn::cli {
@@ -37,39 +38,8 @@ int fail(const std::string& command, const std::string& message, int code) {
 
 }  // namespace sn::cli
 
-namespace {
-
-// Bitwise-equal training across x86 machines needs every process to run the
-// same OpenBLAS kernels: OpenBLAS picks them per CPU when the library loads,
-// and different kernels sum in different orders. OPENBLAS_CORETYPE overrides
-// the choice but is read only at load time, before main, so the CLI sets it
-// and re-executes itself once. "Haswell" (AVX2 + FMA) is a kernel set every
-// x86-64 CPU since 2013 (Intel Haswell, AMD Zen) runs; a CPU without AVX2
-// keeps OpenBLAS's own choice and is warned that its results will not match
-// other nodes' bit for bit (docs/verification.md). An OPENBLAS_CORETYPE
-// already in the environment is respected (tests use it to prove the pin).
-void pin_blas_kernels(char** argv) {
-  if (getenv("OPENBLAS_CORETYPE") != nullptr) return;
-#if defined(__x86_64__)
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
-    std::cerr << "solvernet: this CPU lacks AVX2/FMA: training will not be bitwise reproducible on other "
-                 "machines (verification would fail)" << std::endl;
-    return;
-  }
-  setenv("OPENBLAS_CORETYPE", "Haswell", 1);
-  setenv("OPENBLAS_NUM_THREADS", "1", 0);
-  execv("/proc/self/exe", argv);
-  // exec failed (no /proc): go on with the library's own choice.
-  std::cerr << "solvernet: could not re-execute to pin OpenBLAS kernels: " << strerror(errno) << std::endl;
-#else
-  (void)argv;
-#endif
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
-  pin_blas_kernels(argv);
+  sn::pin_blas_kernels();
   // A peer that vanishes mid-write must surface as an error, not kill us.
   signal(SIGPIPE, SIG_IGN);
   CLI::App app{"solvernet: a decentralized compute network for AI (train, plan, serve, settle)",

@@ -11,14 +11,12 @@
 
 #include "core/fs.h"
 #include "core/merkle.h"
+#include "train/hashing.h"
 
 namespace sn::train {
 namespace {
 
-void put_string(Hasher& h, std::string_view s) {
-  h.update_u64(s.size());
-  h.update(s);
-}
+using hashing::put_string;
 
 template <class Message>
 Result<Message> read_message(const std::filesystem::path& path, std::string_view what) {

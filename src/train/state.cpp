@@ -9,6 +9,7 @@
 
 #include "core/fs.h"
 #include "model/safetensors.h"
+#include "train/hashing.h"
 
 namespace sn::train {
 namespace {
@@ -16,40 +17,13 @@ namespace {
 static_assert(std::endian::native == std::endian::little,
               "tensor bytes enter the state hash as stored: little-endian");
 
-// Every string goes in as its byte length (u64 LE) and its bytes, every
-// integer as u64 LE (two's complement for signed values), so that no two
-// different inputs concatenate to the same stream.
-void put_string(Hasher& h, std::string_view s) {
-  h.update_u64(s.size());
-  h.update(s);
-}
-
-const char* dtype_name(torch::ScalarType type) {
-  switch (type) {
-    case torch::kFloat32: return "F32";
-    case torch::kFloat16: return "F16";
-    case torch::kBFloat16: return "BF16";
-    case torch::kFloat64: return "F64";
-    case torch::kInt64: return "I64";
-    case torch::kInt32: return "I32";
-    case torch::kInt8: return "I8";
-    case torch::kUInt8: return "U8";
-    case torch::kBool: return "BOOL";
-    default: return "OTHER";
-  }
-}
+using hashing::put_string;
 
 void put_tensors(Hasher& h, const NamedTensors& tensors) {
   h.update_u64(tensors.size());
   for (const auto& [name, tensor] : tensors) {
     put_string(h, name);
-    torch::Tensor c = tensor.detach().contiguous();
-    put_string(h, dtype_name(c.scalar_type()));
-    h.update_u64(static_cast<uint64_t>(c.dim()));
-    for (int64_t d : c.sizes()) h.update_u64(static_cast<uint64_t>(d));
-    const auto bytes = static_cast<size_t>(c.numel()) * c.element_size();
-    h.update_u64(bytes);
-    h.update(std::span<const uint8_t>(static_cast<const uint8_t*>(c.data_ptr()), bytes));
+    hashing::put_tensor(h, tensor);
   }
 }
 

@@ -2,32 +2,16 @@
 
 #include <cstring>
 
+#include "chain/chain.h"
 #include "model/tensor_wire.h"
 #include "train/evidence.h"
+#include "train/hashing.h"
 #include "train/state.h"
 
 namespace sn::train {
 namespace {
 
-const char* dtype_name(torch::ScalarType type) {
-  switch (type) {
-    case torch::kFloat32: return "F32";
-    case torch::kFloat16: return "F16";
-    case torch::kBFloat16: return "BF16";
-    case torch::kFloat64: return "F64";
-    case torch::kInt64: return "I64";
-    case torch::kInt32: return "I32";
-    case torch::kInt8: return "I8";
-    case torch::kUInt8: return "U8";
-    case torch::kBool: return "BOOL";
-    default: return "?";
-  }
-}
-
-void put_string(Hasher& h, std::string_view s) {
-  h.update_u64(s.size());
-  h.update(s);
-}
+using hashing::put_string;
 
 void put_u32_be(std::vector<uint8_t>& out, uint32_t v) {
   for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<uint8_t>(v >> shift));
@@ -65,15 +49,9 @@ std::string message_name(const char* direction, const net::Tag& tag, int peer) {
 }  // namespace
 
 Hash256 tensor_hash(const torch::Tensor& tensor) {
-  torch::Tensor c = tensor.detach().contiguous();
   Hasher h;
   put_string(h, "solvernet/tensor/v1");
-  put_string(h, dtype_name(c.scalar_type()));
-  h.update_u64(static_cast<uint64_t>(c.dim()));
-  for (int64_t d : c.sizes()) h.update_u64(static_cast<uint64_t>(d));
-  const size_t nbytes = static_cast<size_t>(c.numel()) * c.element_size();
-  h.update_u64(nbytes);
-  h.update(std::span<const uint8_t>(static_cast<const uint8_t*>(c.data_ptr()), nbytes));
+  hashing::put_tensor(h, tensor);
   return h.finish();
 }
 
@@ -109,18 +87,10 @@ Hash256 record_hash(const OpRecord& record) {
   return keccak256(bytes);
 }
 
-Hash256 chain_start(const Hash256& leaf_prev) {
-  std::vector<uint8_t> bytes;
-  put_raw(bytes, as_bytes("solvernet/ops/v1"));
-  put_raw(bytes, leaf_prev);
-  return keccak256(bytes);
-}
+// The contract rebuilds r_0 and checks links: one implementation, chain's.
+Hash256 chain_start(const Hash256& leaf_prev) { return chain::ops_start(leaf_prev); }
 
-Hash256 chain_next(const Hash256& previous, const Hash256& record) {
-  std::vector<uint8_t> bytes(previous.begin(), previous.end());
-  put_raw(bytes, record);
-  return keccak256(bytes);
-}
+Hash256 chain_next(const Hash256& previous, const Hash256& record) { return chain::ops_link(previous, record); }
 
 Status check_inputs_from_prefix(const Trace& trace, size_t j) {
   if (j >= trace.records.size()) return kind_error(ErrorKind::invalid_input, "no op {} in a trace of {}", j + 1, trace.records.size());

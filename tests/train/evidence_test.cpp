@@ -18,6 +18,7 @@
 
 #include "core/fs.h"
 #include "core/hash.h"
+#include "core/kernels.h"
 #include "core/merkle.h"
 #include "core/process.h"
 #include "train/evidence.h"
@@ -34,21 +35,8 @@ namespace {
 // this process must run the same kernels to reproduce their leaves, and the
 // variable is read only when the library loads: re-execute once, as the CLI does.
 const bool kPinned = [] {
-  if (std::getenv("OPENBLAS_CORETYPE")) return true;
-  std::string cmdline = read_file("/proc/self/cmdline").value_or("");
-  std::vector<std::string> args;
-  for (size_t start = 0; start < cmdline.size();) {
-    size_t end = cmdline.find('\0', start);
-    if (end == std::string::npos) end = cmdline.size();
-    args.push_back(cmdline.substr(start, end - start));
-    start = end + 1;
-  }
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  setenv("OPENBLAS_CORETYPE", "Haswell", 1);
-  execv("/proc/self/exe", argv.data());
-  return false;
+  pin_blas_kernels();
+  return true;
 }();
 
 struct Member {

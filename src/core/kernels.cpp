@@ -1,0 +1,43 @@
+#include "core/kernels.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "core/fs.h"
+
+namespace sn {
+
+void pin_blas_kernels() {
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
+#if defined(__x86_64__)
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    std::cerr << "solvernet: this CPU lacks AVX2/FMA: training will not be bitwise reproducible on other "
+                 "machines (verification would fail)" << std::endl;
+    return;
+  }
+  std::string cmdline = read_file("/proc/self/cmdline").value_or("");
+  std::vector<std::string> args;
+  for (size_t start = 0; start < cmdline.size();) {
+    size_t end = cmdline.find('\0', start);
+    if (end == std::string::npos) end = cmdline.size();
+    args.push_back(cmdline.substr(start, end - start));
+    start = end + 1;
+  }
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  setenv("OPENBLAS_CORETYPE", "Haswell", 1);
+  setenv("OPENBLAS_NUM_THREADS", "1", 0);
+  if (!args.empty()) execv("/proc/self/exe", argv.data());
+  std::cerr << "solvernet: could not re-execute to pin OpenBLAS kernels: "
+            << (args.empty() ? "no /proc/self/cmdline" : strerror(errno)) << std::endl;
+#endif
+}
+
+}  // namespace sn

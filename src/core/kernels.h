@@ -1,0 +1,19 @@
+// One OpenBLAS kernel set for every solvernet process, so that training is
+// bitwise equal across x86 machines (docs/verification.md, "Kernel pin").
+#pragma once
+
+namespace sn {
+
+// OpenBLAS picks its kernels per CPU when the library loads, and different
+// kernels sum in different orders. OPENBLAS_CORETYPE overrides the choice but
+// is read only at load time, before main, so this sets it to "Haswell" (AVX2 +
+// FMA: every x86-64 CPU since 2013, Intel Haswell and AMD Zen) and
+// re-executes the process once with the same arguments (/proc/self/cmdline).
+// It returns without doing anything when OPENBLAS_CORETYPE is already set (a
+// test that proves the pin sets its own). A CPU without AVX2/FMA keeps
+// OpenBLAS's choice and gets a warning on stderr naming the consequence; a
+// failed exec (no /proc) is warned too and the process goes on unpinned.
+// Call it first thing in main (or a static initializer), before any thread.
+void pin_blas_kernels();
+
+}  // namespace sn
