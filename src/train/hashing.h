@@ -1,6 +1,6 @@
 // Internal to train: how strings and tensors enter a BLAKE2b hash, shared by
 // the state hash (state.cpp), the step leaves (evidence.cpp) and the op trace
-// (trace.cpp), whose formats (docs/commitments.md, docs/verification-ops.md)
+// (trace.cpp), whose formats (docs/commitments.md, docs/verification.md, "Operation trace")
 // must agree byte for byte.
 #pragma once
 

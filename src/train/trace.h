@@ -1,5 +1,5 @@
 // The operation trace of one training step of one member, and the referee's
-// recomputation of one operation (docs/verification-ops.md): the second
+// recomputation of one operation (docs/verification.md, "Operation trace"): the second
 // bisection of a dispute, after the step bisection has found the one step
 // whose leaf the parties disagree on.
 //
