@@ -261,6 +261,7 @@ std::string replay_under(const std::string& coretype, const fs::path& out) {
   pid_t pid = fork();
   if (pid == 0) {
     setenv("OPENBLAS_CORETYPE", coretype.c_str(), 1);
+    setenv("SOLVERNET_BLAS_CORETYPE", coretype.c_str(), 1);
     setenv("SN_EVIDENCE_REPLAY_OUT", out.c_str(), 1);
     setenv("SN_EVIDENCE_DIR", devnet().members[0].evidence.c_str(), 1);
     setenv("SN_CHECKPOINT_DIR", devnet().members[0].checkpoints.c_str(), 1);
