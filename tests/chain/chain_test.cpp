@@ -28,6 +28,19 @@ Hash256 word(uint8_t fill) {
   return h;
 }
 
+// A fresh key funded with 100 ETH on CHAIN, registered as node WORD(ID) with
+// STAKE (not registered if STAKE is 0).
+MarketClient funded_client(DevChain& chain, uint8_t id, Wei stake) {
+  Key key = Key::generate();
+  EXPECT_TRUE(chain.fund(key.address(), 100 * kEth).ok());
+  MarketClient client(chain.rpc(), chain.deployment(), key);
+  if (stake > 0) {
+    auto registered = client.register_node(word(id), stake);
+    EXPECT_TRUE(registered.ok()) << registered.message();
+  }
+  return client;
+}
+
 // One anvil for the whole suite: starting it is the slow part.
 class ChainTest : public ::testing::Test {
  protected:
@@ -38,16 +51,7 @@ class ChainTest : public ::testing::Test {
   }
   static void TearDownTestSuite() { delete chain_; }
 
-  MarketClient funded_node(uint8_t id, Wei stake) {
-    Key key = Key::generate();
-    EXPECT_TRUE(chain_->fund(key.address(), 100 * kEth).ok());
-    MarketClient client(chain_->rpc(), chain_->deployment(), key);
-    if (stake > 0) {
-      auto registered = client.register_node(word(id), stake);
-      EXPECT_TRUE(registered.ok()) << registered.message();
-    }
-    return client;
-  }
+  MarketClient funded_node(uint8_t id, Wei stake) { return funded_client(*chain_, id, stake); }
   static DevChain* chain_;
 };
 DevChain* ChainTest::chain_ = nullptr;
@@ -274,16 +278,7 @@ class DisputeTest : public ::testing::Test {
     chain_ = std::move(chain).value();
   }
 
-  MarketClient node(uint8_t id, Wei stake) {
-    Key key = Key::generate();
-    EXPECT_TRUE(chain_->fund(key.address(), 100 * kEth).ok());
-    MarketClient client(chain_->rpc(), chain_->deployment(), key);
-    if (stake > 0) {
-      auto registered = client.register_node(word(id), stake);
-      EXPECT_TRUE(registered.ok()) << registered.message();
-    }
-    return client;
-  }
+  MarketClient node(uint8_t id, Wei stake) { return funded_client(*chain_, id, stake); }
 
   // A solver's step leaves: K(tag ‖ t); DIVERGE_AT on, another tag (what the other
   // side computes).
