@@ -88,7 +88,7 @@ struct ProberOptions {
   size_t max_peers = 16;                  // the most recently announced peers
   int rtt_probes = 4;                     // small requests per round; the best counts
   double target_seconds = 0.25;           // a payload's transfer is sized to take about this
-  int keep_rounds = 5;                    // rounds an estimate is built from (RTT: best; throughput: median)
+  int keep_rounds = 5;                    // rounds an estimate is built from (the best RTT and the best throughput)
   std::chrono::milliseconds timeout{5000};  // per request
   // The peers this node may work with (their announcements; self, withdrawn
   // and address-less entries are skipped). Called once per round.
@@ -144,7 +144,7 @@ class Prober {
   std::thread thread_;
 };
 
-// The estimate from a peer's samples: best RTT, median throughput.
+// The estimate from a peer's samples: best RTT, best throughput.
 solvernet::v1::LinkEstimate estimate_of(const std::string& peer_node_id, const std::vector<ProbeSample>& samples,
                                         int64_t measured_at_ms);
 
