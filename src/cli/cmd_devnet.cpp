@@ -1,13 +1,16 @@
 // solvernet devnet: the whole network on this machine — a DHT bootstrap and N
 // node processes on 127.0.0.1 over emulated links — running one job end to end.
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <filesystem>
+#include <atomic>
 #include <iostream>
 #include <optional>
 #include <thread>
 
+#include "chain/chain.h"
 #include "cli/command.h"
 #include "cli/job_runner.h"
 #include "cli/settlement.h"
@@ -18,6 +21,8 @@
 #include "core/process.h"
 #include "infer/span.h"
 #include "net/tls.h"
+#include "train/train.h"
+#include "verify/verify.h"
 
 namespace sn::cli {
 namespace {
@@ -48,6 +53,11 @@ struct DevnetArgs {
   int serve_nodes = 4;
   std::string gateway_listen = "127.0.0.1:0";
   double serve_for_s = 0;  // 0: until Ctrl-C
+  // Verification (docs/verification.md): spare staked nodes verify the solvers.
+  std::optional<int> verifiers;
+  std::string cheater;     // NODE_INDEX:STRATEGY
+  bool lying_verifier = false;
+  bool silent_cheater = false;  // tests: the cheater's node is stopped (SIGSTOP) once challenged
 };
 
 std::string tail_of(const fs::path& log, size_t lines) {
@@ -78,7 +88,11 @@ class Devnet {
     }
   }
 
-  Status start(const DevnetArgs& args, const Topology& topology, int nodes) {
+  // BEFORE_NODES runs once the temp dir and the DHT exist, before any node
+  // starts; NODE_ARGS(i) adds flags to node i.
+  Status start(const DevnetArgs& args, const Topology& topology, int nodes,
+               const std::function<Status()>& before_nodes = {},
+               const std::function<std::vector<std::string>(int)>& node_args = {}) {
     keep_ = args.keep;
     char tmpl[] = "/tmp/solvernet-devnet-XXXXXX";
     if (!::mkdtemp(tmpl)) return make_error("cannot create a temp dir in /tmp");
@@ -108,20 +122,25 @@ class Devnet {
                           tail_of(dir_ / "dht.log", 5));
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
+    if (before_nodes) SN_TRY(before_nodes());
     auto regions = topology.device_regions();
     for (int i = 0; i < nodes; ++i) {
       SpawnOptions options;
       options.stdout_path = options.stderr_path = dir_ / fmt::format("node{}.log", i);
+      // Nodes beyond the topology's places (verifiers) take its places' regions in turn.
+      const int region = regions[static_cast<size_t>(i) % regions.size()];
       std::vector<std::string> argv = {self, "node", "--data", (dir_ / fmt::format("node{}", i)).string(),
                                        "--listen", "127.0.0.1:0", "--dht-port", "0",
                                        "--bootstrap", bootstrap(), "--region",
-                                       topology.regions[static_cast<size_t>(regions[static_cast<size_t>(i)])].name,
+                                       topology.regions[static_cast<size_t>(region)].name,
                                        "--parent-pid", std::to_string(::getpid())};
       // The nodes emulate the file's links for their probes, so their estimates see the same links as the job.
       argv.insert(argv.end(), {"--topology", args.topology, "--probe-every-s",
                                fmt::format("{:g}", args.probe_every_s > 0 ? args.probe_every_s
                                                    : args.plan_from == "probes" ? 3.0 : 30.0)});
       if (net::insecure()) argv.push_back("--insecure");  // the nodes must speak what the client speaks
+      if (node_args)
+        for (auto& extra : node_args(i)) argv.push_back(std::move(extra));
       SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
       nodes_.push_back(std::move(child));
     }
@@ -182,6 +201,7 @@ class Devnet {
     for (auto& server : servers_) server.terminate(std::chrono::milliseconds(3000));
   }
   fs::path node_dir(size_t i) const { return dir_ / fmt::format("node{}", i); }
+  fs::path node_log(size_t i) const { return dir_ / fmt::format("node{}.log", i); }
 
  private:
   fs::path dir_;
@@ -210,6 +230,237 @@ int serve_model(Devnet& devnet, const fs::path& model, const DevnetArgs& args) {
   }
   devnet.stop_serving();
   return stop_requested() ? stop_exit_code() : 0;
+}
+
+// "NODE_INDEX:STRATEGY" of --cheater.
+Result<std::pair<int, std::string>> parse_cheater(const std::string& text, int nodes) {
+  const auto colon = text.find(':');
+  if (colon == std::string::npos || colon == 0)
+    return input_error("--cheater {}: expected NODE_INDEX:STRATEGY, e.g. 0:lie-in-leaf", text);
+  int index = -1;
+  try {
+    size_t used = 0;
+    index = std::stoi(text.substr(0, colon), &used);
+    if (used != colon) index = -1;
+  } catch (const std::exception&) {
+  }
+  if (index < 0 || index >= nodes)
+    return input_error("--cheater {}: node index must be in 0..{} (there are {} nodes)", text, nodes - 1, nodes);
+  const std::string strategy = text.substr(colon + 1);
+  SN_TRY(train::parse_cheat_strategy(strategy));
+  return std::make_pair(index, strategy);
+}
+
+// After training: the solvers' own commits, the verifiers each seat's seed
+// selects, the referee (the submitter) ruling what reaches it, the window,
+// finalization. Lines go to stderr as they happen; returns the verification
+// report (null when nobody verifies).
+Result<nlohmann::json> settle(DevnetSettlement& settlement, Devnet& devnet, uint64_t chain_job,
+                              const nlohmann::json& summary, int verifiers, const std::vector<std::string>& node_ids,
+                              const DevnetArgs& args, std::optional<int> silent_node) {
+  bool stopped = false;
+  auto say = [&](const std::string& line) {
+    if (!args.json) std::cerr << "devnet: " << line << std::endl;
+  };
+  SN_TRY(settlement.wait_for_final_commits(chain_job, 120));
+  auto market = settlement.submitter();
+  std::vector<verify::MemberEndpoint> members;
+  int stage = 0;
+  for (const auto& replicas : summary["placement"]["stages"]) {
+    int replica = 0;
+    for (const auto& m : replicas) {
+      members.push_back({stage, replica, m.value("node_id", ""), m.value("address", "")});
+      ++replica;
+    }
+    ++stage;
+  }
+  for (const auto& m : members) {
+    auto client = settlement.node_client(m.node_id);
+    if (!client.ok()) return client.error();
+    SN_ASSIGN(chain::CommitState commit, market->commit_state(chain_job, (*client)->address()));
+    say(fmt::format("stage {} replica {}: node {} committed root {}… over {} leaves{}", m.stage, m.replica,
+                    m.node_id.substr(0, 8), to_hex(commit.root).substr(0, 16), commit.leaf_count,
+                    commit.is_final ? " (final)" : ""));
+  }
+  if (verifiers == 0) {
+    SN_TRY(settlement.finalize(chain_job));
+    return nlohmann::json();
+  }
+  // Replays must compute what the nodes computed: one thread, as they run.
+  train::init_single_threaded();
+  // Deadlines are in blocks: from now on blocks come with time, not only with transactions.
+  settlement.start_block_clock(std::chrono::milliseconds(1000));
+  SN_ASSIGN(Hash256 seed, market->verifier_seed(chain_job));
+  say(fmt::format("verifier seed {}… (the hash of the block after the last commit)", to_hex(seed).substr(0, 16)));
+  // The referee watches the whole time the verifiers work.
+  std::atomic<bool> verifying{true};
+  Result<nlohmann::json> rulings = nlohmann::json::array();
+  auto referee_key = NodeKey::load_or_create(devnet.dir() / "submitter");
+  if (!referee_key.ok()) return referee_key.error();
+  verify::RefereeOptions referee;
+  referee.work_dir = devnet.dir() / "submitter" / "referee";
+  referee.key = &*referee_key;
+  referee.market = market;
+  referee.chain_job = chain_job;
+  referee.job_id = summary["job_id"].get<std::string>();
+  referee.members = members;
+  referee.keep_going = [&] { return verifying.load() && !stop_requested(); };
+  referee.report = [&](const std::string& line) { say("referee: " + line); };
+  std::thread referee_thread([&] { rulings = verify::run_referee(referee); });
+  nlohmann::json reports = nlohmann::json::array();
+  Status outcome = ok_status();
+  for (int seat = 0; seat < verifiers && outcome.ok(); ++seat) {
+    auto selected = market->selected_verifier(chain_job, static_cast<uint64_t>(seat));
+    if (!selected.ok()) {
+      outcome = selected.error();
+      break;
+    }
+    const std::string node_id = settlement.node_of_address(chain::address_hex(*selected));
+    if (node_id.empty()) {
+      outcome = make_error("seat {}: the seed selects {}, not a devnet node", seat, chain::address_hex(*selected));
+      break;
+    }
+    const size_t index = static_cast<size_t>(
+        std::find(node_ids.begin(), node_ids.end(), node_id) - node_ids.begin());
+    say(fmt::format("seat {}: the seed picks node {} ({}) as verifier", seat, index, node_id.substr(0, 8)));
+    auto key = NodeKey::load_or_create(devnet.node_dir(index));
+    auto client = settlement.node_client(node_id);
+    if (!key.ok() || !client.ok()) {
+      outcome = make_error("verifier node {}: {}", index, key.ok() ? client.message() : key.message());
+      break;
+    }
+    verify::VerifierOptions options;
+    options.work_dir = devnet.node_dir(index) / "verify";
+    options.key = &*key;
+    options.market = *client;
+    options.chain_job = chain_job;
+    options.job_id = referee.job_id;
+    options.members = members;
+    options.seat = static_cast<uint64_t>(seat);
+    options.lie = args.lying_verifier;
+    options.report = [&](const std::string& line) {
+      say("verifier: " + line);
+      // --silent-cheater: the cheater stops answering the moment it is challenged.
+      if (silent_node && line.find("challenged") != std::string::npos) {
+        say(fmt::format("stopping node {} (SIGSTOP): it will miss its turn", *silent_node));
+        ::kill(devnet.node(static_cast<size_t>(*silent_node)).pid(), SIGSTOP);
+        stopped = true;
+      }
+    };
+    auto report = verify::run_verifier(options);
+    if (stopped) ::kill(devnet.node(static_cast<size_t>(*silent_node)).pid(), SIGCONT);
+    if (!report.ok()) {
+      outcome = report.error();
+      break;
+    }
+    (*report)["node"] = static_cast<int>(index);
+    (*report)["address"] = chain::address_hex(*selected);
+    reports.push_back(*report);
+  }
+  verifying = false;
+  referee_thread.join();
+  settlement.stop_block_clock();
+  SN_TRY(outcome);
+  if (!rulings.ok()) return rulings.error();
+  SN_TRY(settlement.finalize(chain_job));
+  say("challenge window over: job finalized");
+  // The flat view the table and tests read: verdicts per member, disputes with their figures.
+  nlohmann::json disputes = nlohmann::json::array();
+  int64_t checked = 0, honest = 0, caught = 0, not_checked = 0;
+  for (const auto& verifier : reports)
+    for (const auto& member : verifier["members"]) {
+      if (member.contains("error")) {
+        ++not_checked;
+        continue;
+      }
+      ++checked;
+      if (member.value("verdict", "") == "honest") ++honest;
+      if (!member.contains("dispute")) continue;
+      const auto& outcome = member.value("outcome", nlohmann::json::object());
+      if (outcome.value("loser", "") == member.value("solver", "")) ++caught;
+      nlohmann::json d = {{"dispute", member["dispute"]},
+                          {"stage", member["stage"]},
+                          {"replica", member["replica"]},
+                          {"solver", member["solver"]},
+                          {"challenger", verifier.value("address", "")},
+                          {"challenged", member.value("challenged", nlohmann::json::array())},
+                          {"result", outcome.value("result", "open")},
+                          {"by_timeout", outcome.value("by_timeout", false)},
+                          {"winner", outcome.value("winner", "")},
+                          {"loser", outcome.value("loser", "")},
+                          {"slashed_wei", outcome.value("slashed", "0")},
+                          {"wall_s", outcome.value("wall_s", 0.0)}};
+      if (outcome.contains("figures")) {
+        d["step_rounds"] = outcome["figures"]["step_rounds"];
+        d["op_rounds"] = outcome["figures"]["op_rounds"];
+        d["transactions"] = outcome["figures"]["transactions"];
+        d["gas"] = outcome["figures"]["gas"];
+      }
+      for (const auto& ruling : *rulings)
+        if (ruling.value("dispute", uint64_t{0}) == member["dispute"].get<uint64_t>()) {
+          d["step"] = ruling["step"];
+          d["operation"] = ruling["operation"];
+          d["operation_kind"] = ruling.value("kind", "");
+          d["referee"] = ruling.value("why", "");
+        }
+      disputes.push_back(d);
+    }
+  return nlohmann::json{{"seed", to_hex(seed)},
+                        {"verifier_count", reports.size()},
+                        {"members_checked", checked},
+                        {"members_not_checked", not_checked},
+                        {"verdicts", {{"honest", honest}, {"disputed", disputes.size()}, {"slashed", caught}}},
+                        {"disputes", disputes},
+                        {"verifiers", reports},
+                        {"rulings", *rulings}};
+}
+
+// The verification section of the table: verdicts, each dispute, the stakes it moved.
+void print_verification(const nlohmann::json& v, const nlohmann::json& before, const nlohmann::json& after) {
+  auto row = [](const std::string& k, const std::string& value) { std::cout << fmt::format("  {:<22} {}\n", k, value); };
+  std::cout << "\n";
+  for (const auto& verifier : v["verifiers"]) {
+    std::string members;
+    double p = 1;
+    for (const auto& m : verifier["members"]) {
+      if (!m.contains("replayed")) continue;
+      members += fmt::format("{}s{}r{}: {}/{}", members.empty() ? "" : ", ", m["stage"].get<int>(), m["replica"].get<int>(),
+                             m["replayed"].size(), m.value("segments", int64_t{0}));
+      p = std::min(p, m.value("detection_probability", 1.0));
+    }
+    row("verifier", fmt::format("{} replayed segments {} (detection ≥ {:.4f} at q = 10%)", verifier.value("address", ""),
+                                members.empty() ? "none" : members, p));
+  }
+  const auto& verdicts = v["verdicts"];
+  row("verification", fmt::format("{} members checked: {} honest, {} disputed, {} slashed{}", v.value("members_checked", 0),
+                                  verdicts.value("honest", 0), verdicts.value("disputed", 0), verdicts.value("slashed", 0),
+                                  v.value("members_not_checked", 0) > 0
+                                      ? fmt::format(", {} not checked", v.value("members_not_checked", 0)) : ""));
+  for (const auto& d : v["disputes"]) {
+    std::string gas;
+    if (d.contains("gas"))
+      gas = fmt::format(", gas solver {} / challenger {} / referee {}", d["gas"].value("solver", uint64_t{0}),
+                        d["gas"].value("challenger", uint64_t{0}), d["gas"].value("referee", uint64_t{0}));
+    row(fmt::format("dispute {}", d["dispute"].get<uint64_t>()),
+        fmt::format("stage {} replica {}: {}{} after {} step + {} operation rounds{}{}", d["stage"].get<int>(),
+                    d["replica"].get<int>(), d.value("result", ""), d.value("by_timeout", false) ? " (by timeout)" : "",
+                    d.value("step_rounds", 0), d.value("op_rounds", 0),
+                    d.contains("operation") ? fmt::format(", operation {} of step {} ({})", d["operation"].get<uint64_t>(),
+                                                          d["step"].get<int64_t>(), d.value("operation_kind", ""))
+                                            : "",
+                    gas));
+  }
+  // Stakes that moved (wei → ETH, 4 decimals).
+  auto eth = [](const std::string& wei) {
+    std::string s = wei;
+    while (s.size() < 19) s = "0" + s;
+    return s.substr(0, s.size() - 18) + "." + s.substr(s.size() - 18, 4);
+  };
+  for (auto& [who, a] : after.items()) {
+    if (!before.contains(who) || before[who].value("staked", "") == a.value("staked", "")) continue;
+    row(who == "submitter" ? "stake of submitter" : "stake of node " + who.substr(0, 8),
+        fmt::format("{} → {} ETH", eth(before[who].value("staked", "0")), eth(a.value("staked", "0"))));
+  }
 }
 
 int run_devnet(const DevnetArgs& args) {
@@ -250,12 +501,18 @@ int run_devnet(const DevnetArgs& args) {
     return fail("devnet", fmt::format("--probe-every-s must be 0 (the default) or in 0.5..86400, got {:g}", args.probe_every_s), 2);
   spec.initial_weights = args.init;
   const int needed = static_cast<int>(spec.job.parallel.stages * spec.job.parallel.replicas);
-  const int nodes = args.nodes ? *args.nodes : std::max(needed, topology->device_count());
+  // Verifiers are nodes beyond the job's: they train nothing, so they may be
+  // more than the topology has places for (they sit in its regions in turn).
+  const bool verify_asked = !args.cheater.empty() || args.verifiers || args.lying_verifier;
+  if (args.verifiers && (*args.verifiers < 0 || *args.verifiers > 255))
+    return fail("devnet", fmt::format("--verifiers must be in 0..255, got {}", *args.verifiers), 2);
+  const int extra_verifiers = args.verifiers ? *args.verifiers : verify_asked ? 1 : 0;
+  const int nodes = args.nodes ? *args.nodes : std::max(needed + extra_verifiers, topology->device_count());
   if (args.nodes && nodes < 1) return fail("devnet", fmt::format("--nodes must be at least 1, got {}", nodes), 2);
   if (nodes < needed)
     return fail("devnet", fmt::format("--nodes {} is fewer than the job's {} stages × {} replicas", nodes,
                                       spec.job.parallel.stages, spec.job.parallel.replicas), 2);
-  if (nodes > topology->device_count())
+  if (nodes > std::max(topology->device_count(), needed + extra_verifiers))
     return fail("devnet", args.nodes ? fmt::format("{}: the topology has places for {} nodes, --nodes asks for {}",
                                                    args.topology, topology->device_count(), nodes)
                                      : fmt::format("{}: the topology has places for {} nodes, the job needs {} "
@@ -273,11 +530,78 @@ int run_devnet(const DevnetArgs& args) {
       return fail("devnet", writable.message(), 2);
   if (auto checked = check_run_inputs(spec, false); !checked.ok()) return fail("devnet", checked.message(), 2);
 
+  // Verification: spare staked nodes verify, the submitter referees, a
+  // --cheater node cheats. On whenever asked for or the job has [verify].
+  std::optional<std::pair<int, std::string>> cheater;
+  if (!args.cheater.empty()) {
+    auto parsed = parse_cheater(args.cheater, nodes);
+    if (!parsed.ok()) return fail("devnet", parsed.message(), 2);
+    cheater = *parsed;
+  }
+  if ((cheater || (args.verifiers && *args.verifiers > 0) || args.lying_verifier) && args.no_chain)
+    return fail("devnet", "--cheater, --verifiers and --lying-verifier need the chain (drop --no-chain)", 2);
+  // On the chain every solver's node commits its own step leaves, so the job
+  // records evidence; spare nodes (or --verifiers of them) verify it.
+  if (!args.no_chain && !spec.job.verify.enabled) {
+    // As a [verify] table with no keys would read (core/job.h).
+    spec.job.verify.enabled = true;
+    spec.job.verify.segment_steps = spec.job.train.checkpoint_every > 0 ? spec.job.train.checkpoint_every : 10;
+  }
+  int verifiers = 0;
+  if (!args.no_chain) {
+    const int spare = nodes - needed;
+    const bool asked = cheater || args.lying_verifier || (args.verifiers && *args.verifiers > 0);
+    verifiers = args.verifiers ? *args.verifiers : spare;
+    if ((asked && verifiers < 1) || verifiers > spare || verifiers < 0)
+      return fail("devnet",
+                  fmt::format("{} verifier(s) need as many spare nodes: {} nodes, the job takes {} (give --nodes {})",
+                              std::max(1, verifiers), nodes, needed, needed + std::max(1, verifiers)),
+                  2);
+  }
+  const bool verifying = verifiers > 0;
+
   Devnet devnet;
-  if (auto started = devnet.start(args, *topology, nodes); !started.ok()) return fail("devnet", started.message());
+  // Settlement: a local chain, every node funded and staked before it starts
+  // (so it commits for itself from its first step), the job escrowed.
+  std::unique_ptr<DevnetSettlement> settlement;
+  nlohmann::json balances_before;
+  uint64_t chain_job = 0;
+  auto start_chain = [&]() -> Status {
+    if (args.no_chain) return ok_status();
+    std::vector<SettlementNode> staked;
+    for (int i = 0; i < nodes; ++i) {
+      SN_ASSIGN(auto key, NodeKey::load_or_create(devnet.node_dir(static_cast<size_t>(i))));
+      staked.push_back({key.node_id(), devnet.node_dir(static_cast<size_t>(i))});
+    }
+    auto started = DevnetSettlement::start(devnet.dir(), staked);
+    if (!started.ok()) return make_error("chain: {}", started.message());
+    settlement = std::move(started).value();
+    SN_ASSIGN(balances_before, settlement->balances());
+    auto posted = settlement->post_job(needed, verifiers, spec.job.name);
+    if (!posted.ok()) return make_error("chain: posting the job: {}", posted.message());
+    chain_job = *posted;
+    return ok_status();
+  };
+  auto node_args = [&](int i) {
+    std::vector<std::string> extra;
+    if (settlement) extra = {"--chain-rpc", settlement->rpc_url()};
+    if (cheater && cheater->first == i) {
+      extra.push_back("--cheat");
+      extra.push_back(cheater->second);
+    }
+    return extra;
+  };
+  if (auto started = devnet.start(args, *topology, nodes, start_chain, node_args); !started.ok())
+    return fail("devnet", started.message());
   if (!args.json)
     std::cerr << fmt::format("devnet: {} nodes on topology \"{}\", DHT bootstrap {}, logs in {}\n", nodes,
                              topology->name, devnet.bootstrap(), devnet.dir().string());
+  if (settlement && !args.json)
+    std::cerr << fmt::format("devnet: chain at {}, {} nodes staked, job {} escrowed for {} solvers{}\n",
+                             settlement->rpc_url(), nodes, chain_job, needed,
+                             verifiers > 0 ? fmt::format(" and {} verifier(s)", verifiers) : "");
+  if (cheater && !args.json)
+    std::cerr << fmt::format("devnet: node {} cheats: {}\n", cheater->first, cheater->second);
   // The bootstrap is our own child, still starting: give it the whole minute.
   auto found = discover_nodes({devnet.bootstrap()}, static_cast<size_t>(nodes), std::chrono::seconds(60),
                               std::chrono::seconds(60));
@@ -292,50 +616,40 @@ int run_devnet(const DevnetArgs& args) {
     spec.plan_from_probes = true;
   }
 
-  // Settlement: a local chain, every node funded and staked, the job escrowed.
-  std::unique_ptr<DevnetSettlement> settlement;
-  nlohmann::json balances_before;
-  uint64_t chain_job = 0;
-  if (!args.no_chain) {
-    std::vector<SettlementNode> staked;
-    for (int i = 0; i < nodes; ++i) {
-      auto key = NodeKey::load_or_create(devnet.node_dir(static_cast<size_t>(i)));
-      if (!key.ok()) return fail("devnet", key.message());
-      staked.push_back({key->node_id(), devnet.node_dir(static_cast<size_t>(i))});
-    }
-    auto started = DevnetSettlement::start(devnet.dir(), staked);
-    if (!started.ok()) return fail("devnet", "chain: " + started.message());
-    settlement = std::move(started).value();
-    auto before = settlement->balances();
-    if (!before.ok()) return fail("devnet", "chain: " + before.message());
-    balances_before = *before;
-    auto posted = settlement->post_job(needed, spec.job.name);
-    if (!posted.ok()) return fail("devnet", "chain: posting the job: " + posted.message());
-    chain_job = *posted;
-    if (!args.json)
-      std::cerr << fmt::format("devnet: chain at {}, {} nodes staked, job {} escrowed\n", settlement->rpc_url(), nodes,
-                               chain_job);
+  // Only the job's members are placed; the spare nodes stay free to verify.
+  std::vector<solvernet::v1::NodeInfo> candidates = *found;
+  if (verifying && static_cast<int>(candidates.size()) > needed) {
+    // Keep the cheater among the solvers: it is what the run is about.
+    std::stable_partition(candidates.begin(), candidates.end(), [&](const solvernet::v1::NodeInfo& n) {
+      if (!cheater) return false;
+      auto key = NodeKey::load_or_create(devnet.node_dir(static_cast<size_t>(cheater->first)));
+      return key.ok() && key->node_id() == n.node_id();
+    });
+    candidates.resize(static_cast<size_t>(needed));
   }
 
   // The client's key lives with the devnet unless --key names one.
   spec.client_key = args.key.empty() ? devnet.dir() / "client.key" : fs::path(args.key);
   spec.peer_timeout_s = args.peer_timeout_s;
-  auto summary = run_job_on_nodes(spec, *found);
+  spec.chain_job_id = chain_job;
+  auto summary = run_job_on_nodes(spec, candidates);
   if (!summary.ok()) {
     std::string report = devnet.dead_processes_report();
     return fail("devnet", summary.message() + (report.empty() ? "" : "\n" + report),
                 stop_requested() ? stop_exit_code() : summary.error().exit_code);
   }
   if (settlement) {
-    std::vector<std::string> solvers;
-    for (const auto& stage : (*summary)["placement"]["stages"])
-      for (const auto& member : stage) solvers.push_back(member["node_id"].get<std::string>());
-    auto roots = (*summary)["member_commitments"].get<std::vector<std::string>>();
-    auto settled = settlement->commit_and_finalize(chain_job, solvers, roots, std::max<uint64_t>(1, spec.job.train.steps));
-    if (!settled.ok()) return fail("devnet", "chain: " + settled.message());
+    std::vector<std::string> node_ids;
+    for (int i = 0; i < nodes; ++i)
+      node_ids.push_back(NodeKey::load_or_create(devnet.node_dir(static_cast<size_t>(i))).value_or(NodeKey::generate()).node_id());
+    std::optional<int> silent_node;
+    if (args.silent_cheater && cheater) silent_node = cheater->first;
+    auto verified = settle(*settlement, devnet, chain_job, *summary, verifiers, node_ids, args, silent_node);
+    if (!verified.ok()) return fail("devnet", "chain: " + verified.message() + "\n" + devnet.dead_processes_report());
     auto after = settlement->balances();
     if (!after.ok()) return fail("devnet", "chain: " + after.message());
     (*summary)["chain"] = {{"job_id", chain_job}, {"balances_before", balances_before}, {"balances_after", *after}};
+    if (!verified->is_null()) (*summary)["verification"] = *verified;
   }
   (*summary)["devnet_dir"] = args.keep ? devnet.dir().string() : "";
   if (!args.summary_json.empty()) {
@@ -346,6 +660,9 @@ int run_devnet(const DevnetArgs& args) {
     std::cout << summary->dump(2) << std::endl;
   else {
     print_summary_table(*summary);
+    if (summary->contains("verification"))
+      print_verification((*summary)["verification"], (*summary)["chain"]["balances_before"],
+                         (*summary)["chain"]["balances_after"]);
     if (summary->contains("chain"))
       print_balances((*summary)["chain"]["balances_before"], (*summary)["chain"]["balances_after"]);
     if (!args.summary_json.empty()) std::cout << "  summary                " << args.summary_json << "\n";
@@ -386,6 +703,14 @@ CommandRegistration devnet_command(
       app.add_option("--serve-nodes", args->serve_nodes, "Block servers for --serve (default 4)");
       app.add_option("--gateway-listen", args->gateway_listen, "Gateway HOST:PORT for --serve (default 127.0.0.1:0)");
       app.add_option("--serve-for", args->serve_for_s, "Stop serving after this many seconds (default: until Ctrl-C)");
+      app.add_option("--verifiers", args->verifiers,
+                     "Staked spare nodes that verify the solvers (default: every spare node, at least 1, when verifying)");
+      app.add_option("--cheater", args->cheater,
+                     "NODE_INDEX:STRATEGY: that node cheats (skip-steps, less-data, perturb, random-weights, lie-in-leaf, "
+                     "withhold, wrong-op, equivocate); turns verification on");
+      app.add_flag("--lying-verifier", args->lying_verifier, "The verifier challenges honest work (tests)")->group("");
+      app.add_flag("--silent-cheater", args->silent_cheater,
+                   "The cheater's node is stopped once challenged: it loses on its deadline (tests)")->group("");
       add_insecure_flag(app);
       return [args] { return run_devnet(*args); };
     });

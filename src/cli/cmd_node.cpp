@@ -27,6 +27,7 @@
 #include "net/topology.h"
 #include "train/train.h"
 #include "chain/chain.h"
+#include "verify/trace_cache.h"
 #include "verify/verify.h"
 
 namespace sn::cli {
@@ -58,7 +59,7 @@ struct NodeArgs {
 
 // Cheats of a block server (inference) and of a training solver (verification).
 bool is_serving_cheat(const std::string& cheat) { return cheat == "garbage-states" || cheat == "malformed-states"; }
-bool is_training_cheat(const std::string& cheat) { return cheat == "withhold"; }
+bool is_training_cheat(const std::string& cheat) { return train::parse_cheat_strategy(cheat).ok(); }
 
 // What --serve names: a model file (published into the node's store) or a
 // model id (fetched from the nodes that announce it), and the span to hold
@@ -208,9 +209,14 @@ int run_node(const NodeArgs& args) {
   if (!(args.session_idle_s >= 0.1 && args.session_idle_s <= 86400))
     return fail("node", "--session-idle-s must be in 0.1..86400", 2);
   if (args.max_batch < 1 || args.max_batch > 1024) return fail("node", "--max-batch must be in 1..1024", 2);
-  if (!args.cheat.empty() && !is_serving_cheat(args.cheat) && !is_training_cheat(args.cheat))
-    return fail("node", "--cheat must be garbage-states, malformed-states (serving) or withhold (training), got \"" +
-                            args.cheat + "\"", 2);
+  train::Cheat cheat;
+  if (!args.cheat.empty() && !is_serving_cheat(args.cheat)) {
+    auto strategy = train::parse_cheat_strategy(args.cheat);
+    if (!strategy.ok())
+      return fail("node", "--cheat must be garbage-states or malformed-states (serving), or a training cheat: " +
+                              strategy.message(), 2);
+    cheat.strategy = *strategy;
+  }
   // Settlement: the node commits its step leaves with its own chain key
   // (DATA/chain.key) and answers the disputes over them.
   std::shared_ptr<chain::MarketClient> market;
@@ -313,6 +319,8 @@ int run_node(const NodeArgs& args) {
   train_options.delivery = &delivery;
   train_options.data_dir = args.data_dir;
   train_options.peer_timeout = std::chrono::seconds(args.peer_timeout_s);
+  train_options.cheat = cheat;
+  if (cheat.active()) spdlog::warn("CHEAT --cheat {}: this node trains dishonestly", args.cheat);
   train_service = train::make_train_service(train_options);
   runtime.add_service(train_service.get());
   runtime.add_service(&delivery);
@@ -327,7 +335,9 @@ int run_node(const NodeArgs& args) {
   // Verification: what this node kept of its training, served to verifiers and referees.
   verify::EvidenceServiceOptions evidence_options;
   evidence_options.data_dir = args.data_dir;
-  evidence_options.withhold = args.cheat == "withhold";
+  evidence_options.withhold = cheat.strategy == train::Cheat::Strategy::withhold;
+  auto traces = std::make_shared<verify::TraceCache>(args.data_dir, cheat);
+  evidence_options.traces = traces;
   if (market) evidence_options.chain_address = chain::address_hex(market->address());
   if (evidence_options.withhold) spdlog::warn("CHEAT --cheat withhold: checkpoints, step evidence and tensors are refused");
   evidence_service = verify::make_evidence_service(evidence_options);
@@ -420,6 +430,7 @@ int run_node(const NodeArgs& args) {
     verify::SolverAgentOptions agent_options;
     agent_options.data_dir = args.data_dir;
     agent_options.market = market;
+    agent_options.step_ops = traces->step_ops();
     solver_agent = verify::SolverAgent::start(std::move(agent_options));
     std::cout << "committing as " << chain::address_hex(market->address()) << " on " << args.chain_rpc << std::endl;
   }

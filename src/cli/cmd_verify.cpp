@@ -1,12 +1,18 @@
 // solvernet verify: check a solver's training (docs/verification.md). `odds`
-// plans a verifier's sample; `fetch` pulls a member's commitment and checks it.
+// plans a verifier's sample; `fetch` pulls a member's commitment and checks it;
+// `run` is a verifier (takes the seat the seed gives it, replays, challenges);
+// `referee` rules the disputes of a job that reach the referee.
 #include <nlohmann/json.hpp>
 
 #include <iostream>
 
+#include "chain/chain.h"
 #include "cli/command.h"
+#include "cli/signals.h"
+#include "core/fs.h"
 #include "core/keys.h"
 #include "core/log.h"
+#include "train/train.h"
 #include "verify/verify.h"
 
 namespace sn::cli {
@@ -87,6 +93,137 @@ int run_fetch(const VerifyArgs& args) {
   return 0;
 }
 
+struct ChainRoleArgs {
+  std::string summary;       // the job's summary JSON (job id, placement)
+  std::string chain_rpc;
+  std::string deployment;
+  uint64_t chain_job = 0;
+  std::string data_dir;
+  double q = 0.1, target = 0.99, fraction = 0;
+  uint64_t seat = 0;
+  double seed_timeout_s = 120;
+  double for_s = 0;          // referee: stop after this long (0: until Ctrl-C)
+  bool lie = false;
+  bool json = false;
+};
+
+struct JobView {
+  std::string job_id;
+  std::vector<verify::MemberEndpoint> members;
+};
+
+Result<JobView> read_summary(const std::string& path) {
+  SN_ASSIGN(std::string text, read_file(path));
+  nlohmann::json summary;
+  try {
+    summary = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    return input_error("--summary {}: not JSON ({})", path, e.what());
+  }
+  JobView view;
+  if (!summary.contains("job_id") || !summary["job_id"].is_string())
+    return input_error("--summary {}: no job_id (written by solvernet train/devnet --summary-json)", path);
+  view.job_id = summary["job_id"].get<std::string>();
+  if (!summary.contains("placement") || !summary["placement"].contains("stages"))
+    return input_error("--summary {}: no placement.stages", path);
+  int stage = 0;
+  for (const auto& replicas : summary["placement"]["stages"]) {
+    int replica = 0;
+    for (const auto& m : replicas) {
+      view.members.push_back({stage, replica, m.value("node_id", ""), m.value("address", "")});
+      ++replica;
+    }
+    ++stage;
+  }
+  if (view.members.empty()) return input_error("--summary {}: no members in placement.stages", path);
+  return view;
+}
+
+Result<std::shared_ptr<chain::MarketClient>> open_market(const ChainRoleArgs& args) {
+  auto rpc = std::make_shared<chain::RpcClient>(args.chain_rpc);
+  Result<chain::Deployment> deployment =
+      args.deployment.empty() ? chain::find_dev_deployment(rpc) : chain::Deployment::load(args.deployment);
+  if (!deployment.ok()) return input_error("--chain-rpc {}: {}", args.chain_rpc, deployment.message());
+  SN_ASSIGN(auto client, chain::MarketClient::for_data_dir(rpc, *deployment, args.data_dir));
+  return std::make_shared<chain::MarketClient>(std::move(client));
+}
+
+int run_verifier_command(const ChainRoleArgs& args) {
+  init_logging("verify", "warn");
+  install_stop_handlers();
+  auto view = read_summary(args.summary);
+  if (!view.ok()) return fail("verify run", view.message(), 2);
+  if (!(args.q > 0 && args.q < 1)) return fail("verify run", fmt::format("--q must be in (0, 1), got {}", args.q), 2);
+  if (!(args.target > 0 && args.target < 1))
+    return fail("verify run", fmt::format("--target must be in (0, 1), got {}", args.target), 2);
+  if (!(args.fraction >= 0 && args.fraction <= 1))
+    return fail("verify run", fmt::format("--fraction must be in [0, 1], got {}", args.fraction), 2);
+  auto key = NodeKey::load_or_create(args.data_dir);
+  if (!key.ok()) return fail("verify run", key.message(), 2);
+  train::init_single_threaded();  // replays compute what the nodes computed: one thread, as they run
+  auto market = open_market(args);
+  if (!market.ok()) return fail("verify run", market.message(), market.error().exit_code);
+  verify::VerifierOptions options;
+  options.work_dir = std::filesystem::path(args.data_dir) / "verify";
+  options.key = &*key;
+  options.market = *market;
+  options.chain_job = args.chain_job;
+  options.job_id = view->job_id;
+  options.members = view->members;
+  options.seat = args.seat;
+  options.q = args.q;
+  options.target = args.target;
+  options.fraction = args.fraction;
+  options.lie = args.lie;
+  options.seed_timeout = std::chrono::seconds(static_cast<int64_t>(args.seed_timeout_s));
+  options.report = [&](const std::string& line) {
+    if (!args.json) std::cout << line << std::endl;
+  };
+  auto report = verify::run_verifier(options);
+  if (!report.ok()) return fail("verify run", report.message(), report.error().exit_code);
+  if (args.json) std::cout << report->dump(2) << std::endl;
+  return 0;
+}
+
+int run_referee_command(const ChainRoleArgs& args) {
+  init_logging("referee", "warn");
+  install_stop_handlers();
+  auto view = read_summary(args.summary);
+  if (!view.ok()) return fail("verify referee", view.message(), 2);
+  auto key = NodeKey::load_or_create(args.data_dir);
+  if (!key.ok()) return fail("verify referee", key.message(), 2);
+  train::init_single_threaded();
+  auto market = open_market(args);
+  if (!market.ok()) return fail("verify referee", market.message(), market.error().exit_code);
+  verify::RefereeOptions options;
+  options.work_dir = std::filesystem::path(args.data_dir) / "referee";
+  options.key = &*key;
+  options.market = *market;
+  options.chain_job = args.chain_job;
+  options.job_id = view->job_id;
+  options.members = view->members;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(args.for_s);
+  options.keep_going = [&] {
+    return !stop_requested() && (args.for_s <= 0 || std::chrono::steady_clock::now() < until);
+  };
+  options.report = [&](const std::string& line) {
+    if (!args.json) std::cout << line << std::endl;
+  };
+  auto rulings = verify::run_referee(options);
+  if (!rulings.ok()) return fail("verify referee", rulings.message(), rulings.error().exit_code);
+  if (args.json) std::cout << rulings->dump(2) << std::endl;
+  return 0;
+}
+
+void add_chain_role_options(CLI::App* sub, ChainRoleArgs& args) {
+  sub->add_option("--summary", args.summary, "The job's summary JSON (solvernet train/devnet --summary-json)")->required();
+  sub->add_option("--chain-rpc", args.chain_rpc, "JSON-RPC URL of the settlement chain")->required();
+  sub->add_option("--deployment", args.deployment, "The market's deployment JSON (default: the dev market at --chain-rpc)");
+  sub->add_option("--chain-job", args.chain_job, "The job's id on the market")->required();
+  sub->add_option("--data", args.data_dir, "Data dir: node key (signs evidence requests), chain key")->required();
+  sub->add_flag("--json", args.json, "Print the report as JSON (no progress lines)");
+}
+
 CommandRegistration verify_command(
     "verify", "Verify training: plan a verifier's sample, fetch and check a solver's evidence",
     [](CLI::App& app) -> std::function<int()> {
@@ -105,8 +242,27 @@ CommandRegistration verify_command(
       fetch->add_option("--replica", args->replica, "Replica")->capture_default_str();
       fetch->add_option("--data", args->data_dir, "Data dir holding this verifier's node key")->required();
       fetch->add_flag("--json", args->json, "Print JSON");
+      auto roles = std::make_shared<ChainRoleArgs>();
+      auto* run = app.add_subcommand("run", "Be a job's verifier: take the seat the seed gives this key, replay the "
+                                            "sampled segments, challenge a mismatch and play the dispute");
+      add_chain_role_options(run, *roles);
+      run->add_option("--q", roles->q, "Fraction of segments a cheater fakes, to catch …")->capture_default_str();
+      run->add_option("--target", roles->target, "… with this probability")->capture_default_str();
+      run->add_option("--fraction", roles->fraction, "Replay this fraction of segments instead (0: from --target)");
+      run->add_option("--seat", roles->seat, "Verifier seat to take")->capture_default_str();
+      run->add_option("--seed-timeout-s", roles->seed_timeout_s, "Wait this long for the commits and the seed")
+          ->capture_default_str();
+      run->add_flag("--lie", roles->lie, "Challenge honest work (tests)")->group("");
+      auto* referee = app.add_subcommand("referee", "Be a job's referee: rule every dispute that reaches the referee's turn");
+      add_chain_role_options(referee, *roles);
+      referee->add_option("--for", roles->for_s, "Stop after this many seconds (default: until Ctrl-C)");
       add_insecure_flag(app);
-      return [args, odds] { return odds->parsed() ? run_odds(*args) : run_fetch(*args); };
+      return [args, roles, odds, fetch, run] {
+        if (odds->parsed()) return run_odds(*args);
+        if (fetch->parsed()) return run_fetch(*args);
+        if (run->parsed()) return run_verifier_command(*roles);
+        return run_referee_command(*roles);
+      };
     });
 
 }  // namespace

@@ -76,6 +76,7 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
   s["model_hash"] = result.model_hash;
   s["stage_state_hashes"] = result.stage_state_hashes;
   s["member_commitments"] = result.member_commitments;
+  if (!result.replica_divergences.empty()) s["replica_divergences"] = result.replica_divergences;
   if (!result.losses.empty()) {
     const auto steps = static_cast<double>(result.losses.size());
     s["timing"] = {{"step_s", result.step_seconds_total / steps},

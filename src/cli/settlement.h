@@ -1,16 +1,23 @@
 // The devnet's settlement on a local chain (anvil): nodes register and stake,
-// the submitter escrows the job, every solver commits the Merkle root of its
-// per-step state hashes, and the job is finalized after the challenge window.
+// the submitter escrows the job, every solver's node commits the Merkle root
+// of its step leaves itself, verifiers (spare staked nodes) check them, the
+// submitter referees disputes, and the job is finalized after the challenge
+// window.
 #pragma once
 
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <filesystem>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "core/result.h"
+
+namespace sn::chain {
+class MarketClient;
+}
 
 namespace sn::cli {
 
@@ -26,15 +33,28 @@ class DevnetSettlement {
                                                          const std::vector<SettlementNode>& nodes);
   ~DevnetSettlement();
 
-  // Posts the job with escrow for SOLVERS solvers; returns the job id.
-  Result<uint64_t> post_job(int solvers, const std::string& job_name);
-  // SOLVERS[i] commits ROOTS[i] (hex) over LEAF_COUNT leaves, final; the window
-  // passes, the job is finalized.
-  Status commit_and_finalize(uint64_t job_id, const std::vector<std::string>& solver_node_ids,
-                             const std::vector<std::string>& roots_hex, uint64_t leaf_count);
+  // Posts the job with escrow for SOLVERS solvers and VERIFIERS verifiers; returns the job id.
+  Result<uint64_t> post_job(int solvers, int verifiers, const std::string& job_name);
+  // Waits (up to TIMEOUT_S) until every solver has committed final, then mines
+  // the block the verifier seed comes from.
+  Status wait_for_final_commits(uint64_t job_id, double timeout_s);
+  // The window passes (mined), the job is finalized.
+  Status finalize(uint64_t job_id);
   // Balance, free stake and withdrawable payout (wei, as decimal strings) of every node and the submitter.
   Result<nlohmann::json> balances() const;
   std::string rpc_url() const;
+  // The submitter's client (the job's referee) and a node's (by node id; a
+  // journal of its own, so it never shares one with the node process).
+  std::shared_ptr<chain::MarketClient> submitter() const;
+  Result<std::shared_ptr<chain::MarketClient>> node_client(const std::string& node_id) const;
+  // The node id whose chain address is ADDRESS ("0x…"), empty if none.
+  std::string node_of_address(const std::string& address) const;
+  // Anvil mines a block per transaction only; disputes count their deadlines
+  // in blocks, so while a dispute may run a clock mines one every PERIOD (a
+  // silent party's deadline then passes as on a real chain). Stopped by
+  // stop_block_clock or the destructor.
+  void start_block_clock(std::chrono::milliseconds period);
+  void stop_block_clock();
 
  private:
   struct Impl;

@@ -265,6 +265,16 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
     if (replies[i].replica_hash() != replies[static_cast<size_t>(members_[i].stage * replicas_)].replica_hash()) {
       auto error = kind_error(ErrorKind::bad_peer, "{} diverged from replica 0 of its stage after step {}",
                               member_name(members_[i]), step + 1);
+      // A verifiable job on chain goes on: every replica committed to its own
+      // leaves, and the verifiers' replays (not the client) decide who lied
+      // (docs/verification.md, "Replicas that diverge").
+      if (job_.verify.enabled && options_.chain_job_id != 0) {
+        const std::string who = member_name(members_[i]);
+        bool known = false;
+        for (const auto& seen : result_.replica_divergences) known |= seen.starts_with(who + " ");
+        if (!known) result_.replica_divergences.push_back(error.message);
+        continue;
+      }
       fleet_->end_all(true, error.message);
       return error;
     }

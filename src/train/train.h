@@ -123,6 +123,9 @@ struct TrainResult {
   // its step leaves 0 … n (docs/commitments.md, "Step leaves"): what a solver
   // commits on chain.
   std::vector<std::string> member_commitments;
+  // A [verify] job on chain does not stop when a replica's weights differ from
+  // replica 0's: each such member, once, "<member> diverged … after step t".
+  std::vector<std::string> replica_divergences;
 };
 
 struct DistributedOptions {

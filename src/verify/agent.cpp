@@ -13,6 +13,7 @@
 #include "chain/chain.h"
 #include "core/fs.h"
 #include "core/job.h"
+#include "train/evidence.h"
 #include "verify/verify.h"
 
 namespace sn::verify {
@@ -132,7 +133,7 @@ struct SolverAgent::Impl {
     }
     if (chain::turn_of(d.stage) != chain::DisputeTurn::solver) return ok_status();
     if (d.stage == chain::DisputeStage::step_claim) {
-      SN_ASSIGN(auto leaves, read_leaves(job.dir / "leaves.bin"));
+      SN_ASSIGN(auto leaves, train::read_leaves(job.dir));
       const uint64_t mid = (d.lo + d.hi) / 2;
       if (mid >= leaves.size()) return make_error("dispute {}: no leaf {} on disk", id, mid);
       SN_TRY(options.market->claim_leaf(id, leaves[mid], commitment_proof(leaves, mid)));

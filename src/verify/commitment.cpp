@@ -8,16 +8,6 @@ namespace sn::verify {
 
 namespace fs = std::filesystem;
 
-fs::path evidence_dir(const fs::path& data_dir, const std::string& job_id, int stage, int replica) {
-  return data_dir / "evidence" / job_id / fmt::format("stage{}-replica{}", stage, replica);
-}
-
-fs::path checkpoint_dir(const fs::path& data_dir, const std::string& job_id, int stage, int replica) {
-  return data_dir / "checkpoints" / job_id / fmt::format("stage{}-replica{}", stage, replica);
-}
-
-std::string step_evidence_name(int64_t step) { return fmt::format("step-{:012d}.pb", step); }
-
 Status check_job_id(const std::string& job_id) {
   // It names a directory under DATA/evidence: one path component, nothing more.
   if (job_id.empty() || job_id.size() > 256 || job_id == "." || job_id == ".." ||
@@ -31,16 +21,6 @@ std::vector<Hash256> split_leaves(const std::string& bytes) {
   std::vector<Hash256> leaves(bytes.size() / 32);
   for (size_t i = 0; i < leaves.size(); ++i) std::copy_n(bytes.data() + 32 * i, 32, leaves[i].begin());
   return leaves;
-}
-
-Result<std::vector<Hash256>> read_leaves(const fs::path& file) {
-  std::error_code error;
-  if (!fs::exists(file, error)) return kind_error(ErrorKind::not_found, "{}: no such file", file.string());
-  SN_ASSIGN(std::string bytes, read_file(file));
-  if (bytes.size() % 32 != 0)
-    return kind_error(ErrorKind::bad_peer, "{}: {} bytes is not a whole number of 32-byte leaves", file.string(),
-                      bytes.size());
-  return split_leaves(bytes);
 }
 
 namespace {

@@ -8,9 +8,13 @@
 #include <mutex>
 
 #include "core/fs.h"
+#include "model/tensor_wire.h"
+#include "verify/step_trace.h"
+#include "verify/trace_cache.h"
 #include "net/rpc.h"
 #include "proto/solvernet.grpc.pb.h"
 #include "verify/evidence_rpc.h"
+#include "train/evidence.h"
 #include "verify/verify.h"
 
 namespace sn::verify {
@@ -29,7 +33,7 @@ class EvidenceServiceImpl final : public pb::Evidence::Service {
                              pb::GetCommitmentReply* reply) override {
     auto dir = admit("Evidence.GetCommitment", *request);
     if (!dir.ok()) return net::to_grpc(dir.error());
-    auto leaves = read_leaves(*dir / "leaves.bin");
+    auto leaves = train::read_leaves(*dir);
     if (!leaves.ok()) return net::to_grpc(leaves.error());
     std::string bytes;
     for (const auto& leaf : *leaves) bytes.append(reinterpret_cast<const char*>(leaf.data()), leaf.size());
@@ -56,7 +60,7 @@ class EvidenceServiceImpl final : public pb::Evidence::Service {
     if (!dir.ok()) return net::to_grpc(dir.error());
     if (options_.withhold) return withheld("step evidence");
     if (request->step() < 1) return refuse(ErrorKind::invalid_input, fmt::format("step {} < 1 (steps are 1-based)", request->step()));
-    auto evidence = read_existing(*dir / step_evidence_name(request->step()));
+    auto evidence = read_existing(train::step_evidence_path(*dir, request->step()));
     if (!evidence.ok()) return net::to_grpc(evidence.error());
     reply->set_evidence(std::move(evidence).value());
     return grpc::Status::OK;
@@ -71,7 +75,7 @@ class EvidenceServiceImpl final : public pb::Evidence::Service {
       return refuse(ErrorKind::invalid_input,
                     fmt::format("offset must be ≥ 0 and max_bytes in 0..{}", kMaxChunkBytes));
     const auto& m = request->member();
-    const fs::path ckpt = checkpoint_dir(options_.data_dir, m.job_id(), m.stage(), m.replica());
+    const fs::path ckpt = train::checkpoint_dir(options_.data_dir, m.job_id(), m.stage(), m.replica());
     const std::string manifest_name = fmt::format("step-{:012d}.manifest.json", request->step());
     auto manifest = read_existing(ckpt / manifest_name);
     if (!manifest.ok()) return net::to_grpc(manifest.error());
@@ -111,17 +115,32 @@ class EvidenceServiceImpl final : public pb::Evidence::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status GetOpTrace(grpc::ServerContext*, const pb::GetOpTraceRequest* request, pb::GetOpTraceReply*) override {
+  grpc::Status GetOpTrace(grpc::ServerContext*, const pb::GetOpTraceRequest* request,
+                          pb::GetOpTraceReply* reply) override {
     auto dir = admit("Evidence.GetOpTrace", *request);
     if (!dir.ok()) return net::to_grpc(dir.error());
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "operation traces are not served yet");
+    auto trace = traced(*request);
+    if (!trace.ok()) return net::to_grpc(trace.error());
+    for (const auto& record : (*trace)->records) *reply->add_records() = record_to_proto(record);
+    const Hash256& root = (*trace)->root();
+    reply->set_root(root.data(), root.size());
+    return grpc::Status::OK;
   }
 
-  grpc::Status GetTensor(grpc::ServerContext*, const pb::GetTensorRequest* request, pb::Tensor*) override {
+  grpc::Status GetTensor(grpc::ServerContext*, const pb::GetTensorRequest* request, pb::Tensor* reply) override {
     auto dir = admit("Evidence.GetTensor", *request);
     if (!dir.ok()) return net::to_grpc(dir.error());
     if (options_.withhold) return withheld("tensors");
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "tensors are not served yet");
+    if (request->hash().size() != 32) return refuse(ErrorKind::invalid_input, "a tensor hash has 32 bytes");
+    auto trace = traced(*request);
+    if (!trace.ok()) return net::to_grpc(trace.error());
+    Hash256 hash;
+    std::copy(request->hash().begin(), request->hash().end(), hash.begin());
+    auto it = (*trace)->tensors.find(hash);
+    if (it == (*trace)->tensors.end())
+      return refuse(ErrorKind::not_found, fmt::format("step {}'s trace holds no tensor {}", request->step(), to_hex(hash)));
+    model::tensor_to_proto(it->second, reply);
+    return grpc::Status::OK;
   }
 
  private:
@@ -147,12 +166,19 @@ class EvidenceServiceImpl final : public pb::Evidence::Service {
     SN_TRY(check_job_id(m.job_id()));
     if (m.stage() < 0 || m.replica() < 0 || m.stage() > 4096 || m.replica() > 4096)
       return input_error("stage {} replica {} out of range", m.stage(), m.replica());
-    fs::path dir = evidence_dir(options_.data_dir, m.job_id(), m.stage(), m.replica());
+    fs::path dir = train::evidence_dir(options_.data_dir, m.job_id(), m.stage(), m.replica());
     std::error_code error;
     if (!fs::is_directory(dir, error))
       return kind_error(ErrorKind::not_found, "this node holds no evidence of job {} stage {} replica {}", m.job_id(),
                         m.stage(), m.replica());
     return dir;
+  }
+
+  template <class Request>
+  Result<std::shared_ptr<const train::Trace>> traced(const Request& request) {
+    if (!options_.traces) return kind_error(ErrorKind::unavailable, "this node does not serve operation traces");
+    const auto& m = request.member();
+    return options_.traces->get({m.job_id(), m.stage(), m.replica()}, request.step());
   }
 
   bool take_token(const PublicKey& key) {

@@ -17,12 +17,10 @@
 #include "core/hash.h"
 #include "core/keys.h"
 #include "core/result.h"
+#include "chain/chain.h"
 #include "proto/solvernet.pb.h"
+#include "train/train.h"
 
-
-namespace sn::chain {
-class MarketClient;
-}
 
 namespace sn::verify {
 
@@ -49,23 +47,15 @@ int64_t segments_for_fraction(double f, int64_t segments);
 // recomputes the same picks; nobody knows them before the seed exists.
 std::vector<int64_t> pick_segments(const Hash256& seed, int stage, int replica, int64_t segments, int64_t count);
 
-// ---- evidence on disk (written by train, read here) ----------------------------
-
-// DATA/evidence/<job>/stage<s>-replica<r>/ and DATA/checkpoints/<job>/stage<s>-replica<r>/.
-std::filesystem::path evidence_dir(const std::filesystem::path& data_dir, const std::string& job_id, int stage,
-                                   int replica);
-std::filesystem::path checkpoint_dir(const std::filesystem::path& data_dir, const std::string& job_id, int stage,
-                                     int replica);
-// step-<12-digit t>.pb
-std::string step_evidence_name(int64_t step);
+// ---- evidence on disk ------------------------------------------------------------
+// Paths and readers are train/evidence.h's (train writes the evidence).
 
 // A job id usable as one path component: 1..256 bytes, no '/', '\\' or NUL, not "." or "..".
 Status check_job_id(const std::string& job_id);
 
-// leaves.bin: 32 bytes a leaf. Error (not_found) if missing, (bad_peer) if its
-// size is not a multiple of 32.
-Result<std::vector<Hash256>> read_leaves(const std::filesystem::path& file);
-std::vector<Hash256> split_leaves(const std::string& bytes);  // trailing partial leaf dropped
+// Leaves from leaves.bin's bytes (32 a leaf) while the job may still be
+// appending: a trailing partial leaf is dropped.
+std::vector<Hash256> split_leaves(const std::string& bytes);
 
 // ---- the commitment (Keccak Merkle tree, as SolverMarket checks it) -----------
 
@@ -82,6 +72,8 @@ bool check_commitment_proof(const Hash256& root, uint64_t count, uint64_t index,
 
 // ---- the Evidence service (hosted by the node) ---------------------------------
 
+class TraceCache;  // verify/trace_cache.h
+
 struct EvidenceServiceOptions {
   std::filesystem::path data_dir;        // the node's: evidence/ and checkpoints/ under it
   std::string chain_address;             // 0x… the node commits with (empty: no chain)
@@ -90,6 +82,8 @@ struct EvidenceServiceOptions {
   double requests_per_second = 100;      // per requester key (token bucket)
   double burst = 400;
   std::chrono::milliseconds control_window{60000};  // signed requests older or newer are refused
+  // GetOpTrace / GetTensor: the node's traces of its own steps (null: not served).
+  std::shared_ptr<TraceCache> traces;
 };
 
 // The Evidence gRPC service. Requests are signed by the requester's key
@@ -160,8 +154,8 @@ struct SolverAgentOptions {
 
 // The node's solver role on chain, one background thread: for every member it
 // runs whose setup names a chain job (SetupJobRequest.chain_job_id), it
-// commits (root, leaf count) as final once leaves.bin holds leaf n (the job's
-// last step), and answers every dispute over its commit:
+// commits (root, leaf count) every verify.commit_every steps and finally at
+// leaf n (the job's last step), and answers every dispute over its commit:
 // leaves with Merkle proofs at the step phase, the operation count and chain
 // hashes at the operation phase. Errors of one job are logged and retried at
 // the next poll; they never stop the others. Stops (joins) on destruction.
@@ -175,5 +169,63 @@ class SolverAgent {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// ---- the verifier --------------------------------------------------------------
+
+// One member of the job and the node that ran it.
+struct MemberEndpoint {
+  int stage = 0, replica = 0;
+  std::string node_id, address;
+};
+
+struct VerifierOptions {
+  std::filesystem::path work_dir;        // fetched checkpoints and evidence go here
+  const NodeKey* key = nullptr;          // signs evidence requests
+  std::shared_ptr<chain::MarketClient> market;
+  uint64_t chain_job = 0;
+  std::string job_id;                    // as the nodes know it
+  std::vector<MemberEndpoint> members;
+  uint64_t seat = 0;                     // the verifier seat to take
+  double q = 0.1;                        // the faked fraction to catch …
+  double target = 0.99;                  // … with this probability
+  double fraction = 0;                   // > 0: replay this fraction instead
+  std::chrono::milliseconds poll{300};
+  std::chrono::seconds seed_timeout{120};      // waiting for the commits and the seed
+  std::chrono::seconds dispute_timeout{600};   // a dispute still open after this is left
+  // Tests: a verifier that lies challenges honest work (its last leaf) and
+  // disagrees with every claim.
+  bool lie = false;
+  std::function<void(const std::string&)> report;  // live lines (null: the log)
+};
+
+// Takes the job's verifier seat if the seed selects this key, replays a
+// fraction of every member's segments (picked with the seed), challenges the
+// first leaf that differs and plays the challenger to the end of each
+// dispute. Returns a JSON report: seed, fraction, detection probability, per
+// member the segments replayed, any dispute and its outcome. Errors: not
+// selected (permission_denied), the seed never came (timeout), chain errors.
+Result<nlohmann::json> run_verifier(const VerifierOptions& options);
+
+// ---- the referee ---------------------------------------------------------------
+
+struct RefereeOptions {
+  std::filesystem::path work_dir;
+  const NodeKey* key = nullptr;
+  std::shared_ptr<chain::MarketClient> market;  // the job's referee key
+  uint64_t chain_job = 0;
+  std::string job_id;
+  std::vector<MemberEndpoint> members;
+  std::chrono::milliseconds poll{300};
+  std::function<bool()> keep_going;             // polled; false ends the loop
+  std::function<void(const std::string&)> report;
+};
+
+// Rules every dispute of the job that reaches the referee's turn: fetches the
+// disputed operation's record and input tensors from the solver, checks the
+// record against the agreed chain hash r_{j−1} and the solver's claim r_j and
+// its inputs against the records before it, recomputes the operation (or
+// re-traces the step, for kinds that need it) and resolves on chain. What it
+// cannot get from the solver rules against the solver. Returns the rulings.
+Result<nlohmann::json> run_referee(const RefereeOptions& options);
 
 }  // namespace sn::verify

@@ -7,6 +7,7 @@
 
 #include "chain/chain.h"
 #include "core/fs.h"
+#include "train/evidence.h"
 #include "verify/verify.h"
 
 namespace sn::verify {
@@ -56,7 +57,7 @@ TEST(SolverAgent, CommitsItsLeavesAndClaimsTheMidpointOfAChallenge) {
   ASSERT_TRUE(job.ok()) << job.message();
 
   // The member's evidence as train writes it: its setup, then leaves 0 … 6 of a 6-step job.
-  const fs::path ev = evidence_dir(solver_dir, "job-a", 1, 0);
+  const fs::path ev = train::evidence_dir(solver_dir, "job-a", 1, 0);
   fs::create_directories(ev);
   solvernet::v1::SetupJobRequest setup;
   setup.set_job_id("job-a");

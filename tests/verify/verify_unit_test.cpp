@@ -11,6 +11,7 @@
 #include "net/rpc.h"
 #include "net/tls.h"
 #include "proto/solvernet.grpc.pb.h"
+#include "train/evidence.h"
 #include "verify/verify.h"
 
 namespace sn::verify {
@@ -112,7 +113,7 @@ class EvidenceServiceTest : public ::testing::Test {
     dir_ = fs::temp_directory_path() / ("sn-verify-unit-" + std::to_string(::getpid()));
     fs::remove_all(dir_);
     leaves_ = some_leaves(5);
-    const fs::path ev = evidence_dir(dir_, "job-1", 1, 0);
+    const fs::path ev = train::evidence_dir(dir_, "job-1", 1, 0);
     fs::create_directories(ev);
     std::string bytes;
     for (auto& l : leaves_) bytes.append(reinterpret_cast<const char*>(l.data()), 32);
@@ -122,8 +123,8 @@ class EvidenceServiceTest : public ::testing::Test {
     setup.set_stage(1);
     setup.set_chain_job_id(7);
     ASSERT_TRUE(write_file_atomic(ev / "setup.pb", setup.SerializeAsString()).ok());
-    ASSERT_TRUE(write_file_atomic(ev / step_evidence_name(2), "step two").ok());
-    const fs::path ck = checkpoint_dir(dir_, "job-1", 1, 0);
+    ASSERT_TRUE(write_file_atomic(train::step_evidence_path(ev, 2), "step two").ok());
+    const fs::path ck = train::checkpoint_dir(dir_, "job-1", 1, 0);
     fs::create_directories(ck);
     big_ = std::string((9 << 20) + 17, 'x');  // three chunks
     for (size_t i = 0; i < big_.size(); i += 4093) big_[i] = static_cast<char>(i % 251);
