@@ -132,7 +132,7 @@ Result<RefereeFigures> referee_figures(const Member& member, int64_t t, int64_t 
     SN_ASSIGN(auto session, train::ReplaySession::open(inputs));
     for (int64_t s = inputs.checkpoint_step + 1; s < t; ++s) {
       SN_ASSIGN(auto evidence, train::read_step_evidence(member.evidence, s));
-      SN_TRY(session->run_step(evidence).status());
+      SN_TRY(session->run_step(evidence));
     }
     return session;
   };
@@ -141,7 +141,7 @@ Result<RefereeFigures> referee_figures(const Member& member, int64_t t, int64_t 
   {
     SN_ASSIGN(auto session, open_at_step_before());
     const auto t0 = Clock::now();
-    SN_TRY(session->run_step(evidence).status());
+    SN_TRY(session->run_step(evidence));
     out.step_s = seconds_since(t0);
   }
   SN_ASSIGN(auto session, open_at_step_before());

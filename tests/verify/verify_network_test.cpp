@@ -19,26 +19,26 @@ using namespace std::chrono_literals;
 
 fs::path data(const std::string& name) { return source_path("tests/verify/data/" + name); }
 
-struct Run {
+struct DevnetRun {
   int status = -1;
   nlohmann::json summary;
   std::string err;
 };
 
-Run devnet(const std::string& name, const std::vector<std::string>& extra) {
+DevnetRun devnet(const std::string& name, const std::vector<std::string>& extra) {
   const fs::path dir = scratch("verify", name);
   std::vector<std::string> argv = {solvernet_bin(), "devnet", "--job", data("job.toml").string(), "--topology",
                                    data("lan.toml").string(), "--nodes", "3", "--json", "--peer-timeout-s", "20",
                                    "--out", (dir / "model.safetensors").string()};
   argv.insert(argv.end(), extra.begin(), extra.end());
   auto r = run_command(argv, dir, 240s);
-  Run run{r.status, nlohmann::json::parse(r.out, nullptr, false), r.err};
+  DevnetRun run{r.status, nlohmann::json::parse(r.out, nullptr, false), r.err};
   if (run.status != 0 || run.summary.is_discarded() || !run.summary.contains("verification"))
     ADD_FAILURE() << name << ": devnet exited " << r.status << ":\n" << r.err.substr(r.err.size() > 4000 ? r.err.size() - 4000 : 0);
   return run;
 }
 
-const nlohmann::json& disputes(const Run& run) { return run.summary["verification"]["disputes"]; }
+const nlohmann::json& disputes(const DevnetRun& run) { return run.summary["verification"]["disputes"]; }
 
 std::string stake(const nlohmann::json& summary, const std::string& when, const std::string& address) {
   for (const auto& [who, entry] : summary["chain"][when].items())
@@ -56,7 +56,7 @@ void expect_logarithmic_rounds(const nlohmann::json& d) {
 TEST(VerifyNetwork, HonestSolversAreNotBlamedAndALyingVerifierLosesItsBond) {
   // The liar challenges the first member's honest last leaf; the second member
   // it verifies honestly.
-  Run run = devnet("honest-liar", {"--verifiers", "1", "--lying-verifier"});
+  DevnetRun run = devnet("honest-liar", {"--verifiers", "1", "--lying-verifier"});
   if (run.status != 0) return;
   const auto& v = run.summary["verification"];
   EXPECT_EQ(v["members_checked"], 2) << v.dump(2);
@@ -79,7 +79,7 @@ TEST(VerifyNetwork, HonestSolversAreNotBlamedAndALyingVerifierLosesItsBond) {
 class CheatTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CheatTest, IsCaughtAndSlashed) {
-  Run run = devnet(GetParam(), {"--cheater", "0:" + GetParam()});
+  DevnetRun run = devnet(GetParam(), {"--cheater", "0:" + GetParam()});
   if (run.status != 0) return;
   ASSERT_EQ(disputes(run).size(), 1u) << run.summary["verification"].dump(2);
   const auto& d = disputes(run)[0];
@@ -103,7 +103,7 @@ INSTANTIATE_TEST_SUITE_P(Cheats, CheatTest,
                          });
 
 TEST(VerifyNetwork, ASolverThatStopsAnsweringLosesOnItsDeadline) {
-  Run run = devnet("silent", {"--cheater", "0:lie-in-leaf", "--silent-cheater"});
+  DevnetRun run = devnet("silent", {"--cheater", "0:lie-in-leaf", "--silent-cheater"});
   if (run.status != 0) return;
   ASSERT_EQ(disputes(run).size(), 1u) << run.summary["verification"].dump(2);
   const auto& d = disputes(run)[0];
