@@ -58,6 +58,9 @@ struct DevnetArgs {
   std::string cheater;     // NODE_INDEX:STRATEGY
   bool lying_verifier = false;
   bool silent_cheater = false;  // tests: the cheater's node is stopped (SIGSTOP) once challenged
+  // The verifiers and the referee as processes (solvernet verify run / verify
+  // referee) instead of threads of the devnet: the same code, as a user runs it.
+  bool role_processes = false;
 };
 
 std::string tail_of(const fs::path& log, size_t lines) {
@@ -306,7 +309,37 @@ Result<nlohmann::json> settle(DevnetSettlement& settlement, Devnet& devnet, uint
   referee.members = members;
   referee.keep_going = [&] { return verifying.load() && !stop_requested(); };
   referee.report = [&](const std::string& line) { say("referee: " + line); };
-  std::thread referee_thread([&] { rulings = verify::run_referee(referee); });
+  // With --role-processes: `solvernet verify referee` / `verify run`, given
+  // the job's summary, the chain and the role's data dir, JSON on stdout.
+  const std::string self = self_executable().string();
+  const fs::path summary_file = devnet.dir() / "job-summary.json";
+  auto role_argv = [&](const std::string& role, const fs::path& data) {
+    return std::vector<std::string>{self, "verify", role, "--summary", summary_file.string(), "--chain-rpc",
+                                    settlement.rpc_url(), "--chain-job", std::to_string(chain_job), "--data",
+                                    data.string(), "--json"};
+  };
+  auto role_options = [&](const std::string& name) {
+    SpawnOptions spawn;
+    spawn.stdout_path = devnet.dir() / (name + ".json");
+    if (args.json) spawn.stderr_path = devnet.dir() / (name + ".log");  // else its live lines go to our stderr
+    return spawn;
+  };
+  auto role_json = [&](const std::string& name) -> Result<nlohmann::json> {
+    SN_ASSIGN(std::string text, read_file(devnet.dir() / (name + ".json")));
+    auto parsed = nlohmann::json::parse(text, nullptr, false);
+    if (parsed.is_discarded()) return make_error("{} printed no JSON", name);
+    return parsed;
+  };
+  ChildProcess referee_process;
+  std::thread referee_thread;
+  if (args.role_processes) {
+    SN_TRY(write_file_atomic(summary_file, summary.dump(2) + "\n"));
+    if (silent_node) return input_error("--silent-cheater needs the in-process roles (drop --role-processes)");
+    SN_ASSIGN(referee_process, ChildProcess::spawn(role_argv("referee", devnet.dir() / "submitter"),
+                                                   role_options("referee")));
+  } else {
+    referee_thread = std::thread([&] { rulings = verify::run_referee(referee); });
+  }
   nlohmann::json reports = nlohmann::json::array();
   Status outcome = ok_status();
   for (int seat = 0; seat < verifiers && outcome.ok(); ++seat) {
@@ -328,6 +361,24 @@ Result<nlohmann::json> settle(DevnetSettlement& settlement, Devnet& devnet, uint
     if (!key.ok() || !client.ok()) {
       outcome = make_error("verifier node {}: {}", index, key.ok() ? client.message() : key.message());
       break;
+    }
+    if (args.role_processes) {
+      auto argv = role_argv("run", devnet.node_dir(index));
+      argv.insert(argv.end(), {"--seat", std::to_string(seat)});
+      if (args.lying_verifier) argv.push_back("--lie");
+      const std::string name = fmt::format("verifier{}", seat);
+      auto child = ChildProcess::spawn(argv, role_options(name));
+      const int status = child.ok() ? child->wait() : -1;
+      auto report = status == 0 ? role_json(name) : Result<nlohmann::json>(make_error(
+          "solvernet verify run (seat {}) exited with {}", seat, child.ok() ? std::to_string(status) : child.message()));
+      if (!report.ok()) {
+        outcome = report.error();
+        break;
+      }
+      (*report)["node"] = static_cast<int>(index);
+      (*report)["address"] = chain::address_hex(*selected);
+      reports.push_back(*report);
+      continue;
     }
     verify::VerifierOptions options;
     options.work_dir = devnet.node_dir(index) / "verify";
@@ -358,7 +409,12 @@ Result<nlohmann::json> settle(DevnetSettlement& settlement, Devnet& devnet, uint
     reports.push_back(*report);
   }
   verifying = false;
-  referee_thread.join();
+  if (referee_thread.joinable()) referee_thread.join();
+  if (args.role_processes) {
+    // SIGTERM ends its loop; it prints its rulings and exits 0.
+    referee_process.terminate(std::chrono::milliseconds(20000));
+    rulings = role_json("referee");
+  }
   settlement.stop_block_clock();
   SN_TRY(outcome);
   if (!rulings.ok()) return rulings.error();
@@ -709,6 +765,8 @@ CommandRegistration devnet_command(
                      "NODE_INDEX:STRATEGY: that node cheats (skip-steps, less-data, perturb, random-weights, lie-in-leaf, "
                      "withhold, wrong-op, equivocate); turns verification on");
       app.add_flag("--lying-verifier", args->lying_verifier, "The verifier challenges honest work (tests)")->group("");
+      app.add_flag("--role-processes", args->role_processes,
+                   "Run the verifiers and the referee as solvernet verify run / verify referee processes")->group("");
       app.add_flag("--silent-cheater", args->silent_cheater,
                    "The cheater's node is stopped once challenged: it loses on its deadline (tests)")->group("");
       add_insecure_flag(app);

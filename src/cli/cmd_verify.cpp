@@ -113,7 +113,9 @@ struct JobView {
 };
 
 Result<JobView> read_summary(const std::string& path) {
-  SN_ASSIGN(std::string text, read_file(path));
+  auto read = read_file(path);
+  if (!read.ok()) return input_error("--summary {}: {}", path, read.message());
+  const std::string& text = *read;
   nlohmann::json summary;
   try {
     summary = nlohmann::json::parse(text);
@@ -121,16 +123,23 @@ Result<JobView> read_summary(const std::string& path) {
     return input_error("--summary {}: not JSON ({})", path, e.what());
   }
   JobView view;
-  if (!summary.contains("job_id") || !summary["job_id"].is_string())
+  if (!summary.is_object() || !summary.contains("job_id") || !summary["job_id"].is_string())
     return input_error("--summary {}: no job_id (written by solvernet train/devnet --summary-json)", path);
   view.job_id = summary["job_id"].get<std::string>();
-  if (!summary.contains("placement") || !summary["placement"].contains("stages"))
+  if (auto checked = verify::check_job_id(view.job_id); !checked.ok())
+    return input_error("--summary {}: {}", path, checked.message());
+  if (!summary.contains("placement") || !summary["placement"].is_object() ||
+      !summary["placement"].contains("stages") || !summary["placement"]["stages"].is_array())
     return input_error("--summary {}: no placement.stages", path);
   int stage = 0;
   for (const auto& replicas : summary["placement"]["stages"]) {
     int replica = 0;
+    if (!replicas.is_array()) return input_error("--summary {}: placement.stages[{}] is not a list", path, stage);
     for (const auto& m : replicas) {
-      view.members.push_back({stage, replica, m.value("node_id", ""), m.value("address", "")});
+      if (!m.is_object() || !m.contains("node_id") || !m["node_id"].is_string() || !m.contains("address") ||
+          !m["address"].is_string())
+        return input_error("--summary {}: stage {} replica {} has no node_id and address", path, stage, replica);
+      view.members.push_back({stage, replica, m["node_id"].get<std::string>(), m["address"].get<std::string>()});
       ++replica;
     }
     ++stage;
@@ -144,13 +153,28 @@ Result<std::shared_ptr<chain::MarketClient>> open_market(const ChainRoleArgs& ar
   Result<chain::Deployment> deployment =
       args.deployment.empty() ? chain::find_dev_deployment(rpc) : chain::Deployment::load(args.deployment);
   if (!deployment.ok()) return input_error("--chain-rpc {}: {}", args.chain_rpc, deployment.message());
-  SN_ASSIGN(auto client, chain::MarketClient::for_data_dir(rpc, *deployment, args.data_dir));
-  return std::make_shared<chain::MarketClient>(std::move(client));
+  // The node's chain key; a journal of its own (the node process keeps DATA/chain.journal).
+  auto key = chain::Key::load_or_create(std::filesystem::path(args.data_dir) / "chain.key");
+  if (!key.ok()) return input_error("--data {}: {}", args.data_dir, key.message());
+  return std::make_shared<chain::MarketClient>(rpc, *deployment, *key,
+                                               std::filesystem::path(args.data_dir) / "verify.journal");
+}
+
+// Checks shared by run and referee, before anything starts (exit 2, one line).
+Status check_role_args(const ChainRoleArgs& args) {
+  if (args.chain_job < 1) return input_error("--chain-job must be ≥ 1 (a job id on the market), got {}", args.chain_job);
+  if (args.data_dir.empty()) return input_error("--data must name a directory");
+  if (auto made = ensure_directory(args.data_dir); !made.ok()) return input_error("--data {}: {}", args.data_dir, made.message());
+  return ok_status();
 }
 
 int run_verifier_command(const ChainRoleArgs& args) {
   init_logging("verify", "warn");
   install_stop_handlers();
+  if (auto checked = check_role_args(args); !checked.ok()) return fail("verify run", checked.message(), 2);
+  if (!(args.seed_timeout_s >= 1 && args.seed_timeout_s <= 86400))
+    return fail("verify run", fmt::format("--seed-timeout-s must be in 1..86400, got {:g}", args.seed_timeout_s), 2);
+  if (args.seat > 254) return fail("verify run", fmt::format("--seat must be in 0..254, got {}", args.seat), 2);
   auto view = read_summary(args.summary);
   if (!view.ok()) return fail("verify run", view.message(), 2);
   if (!(args.q > 0 && args.q < 1)) return fail("verify run", fmt::format("--q must be in (0, 1), got {}", args.q), 2);
@@ -176,9 +200,8 @@ int run_verifier_command(const ChainRoleArgs& args) {
   options.fraction = args.fraction;
   options.lie = args.lie;
   options.seed_timeout = std::chrono::seconds(static_cast<int64_t>(args.seed_timeout_s));
-  options.report = [&](const std::string& line) {
-    if (!args.json) std::cout << line << std::endl;
-  };
+  // Live lines: stdout, or stderr under --json (stdout then holds the JSON alone).
+  options.report = [&](const std::string& line) { (args.json ? std::cerr : std::cout) << line << std::endl; };
   auto report = verify::run_verifier(options);
   if (!report.ok()) return fail("verify run", report.message(), report.error().exit_code);
   if (args.json) std::cout << report->dump(2) << std::endl;
@@ -188,6 +211,9 @@ int run_verifier_command(const ChainRoleArgs& args) {
 int run_referee_command(const ChainRoleArgs& args) {
   init_logging("referee", "warn");
   install_stop_handlers();
+  if (auto checked = check_role_args(args); !checked.ok()) return fail("verify referee", checked.message(), 2);
+  if (!(args.for_s >= 0 && args.for_s <= 1e7))
+    return fail("verify referee", fmt::format("--for must be ≥ 0 seconds, got {:g}", args.for_s), 2);
   auto view = read_summary(args.summary);
   if (!view.ok()) return fail("verify referee", view.message(), 2);
   auto key = NodeKey::load_or_create(args.data_dir);
@@ -206,9 +232,8 @@ int run_referee_command(const ChainRoleArgs& args) {
   options.keep_going = [&] {
     return !stop_requested() && (args.for_s <= 0 || std::chrono::steady_clock::now() < until);
   };
-  options.report = [&](const std::string& line) {
-    if (!args.json) std::cout << line << std::endl;
-  };
+  // Live lines: stdout, or stderr under --json (stdout then holds the JSON alone).
+  options.report = [&](const std::string& line) { (args.json ? std::cerr : std::cout) << line << std::endl; };
   auto rulings = verify::run_referee(options);
   if (!rulings.ok()) return fail("verify referee", rulings.message(), rulings.error().exit_code);
   if (args.json) std::cout << rulings->dump(2) << std::endl;

@@ -3,11 +3,13 @@
 // the submitter referees. Each cheat is caught and its node slashed; honest
 // solvers are never blamed; a verifier that challenges honest work loses its
 // bond; a solver that stops answering loses on its deadline. One devnet per
-// case: 2 stages × 1 replica, 6 steps, segments of 2.
+// case: 2 stages × 1 replica, 6 steps, segments of 2; the cheater is node 0,
+// which --algo naive on lan.toml puts on stage 0.
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 
 #include "../common/test_support.h"
@@ -25,11 +27,12 @@ struct DevnetRun {
   std::string err;
 };
 
-DevnetRun devnet(const std::string& name, const std::vector<std::string>& extra) {
+DevnetRun devnet(const std::string& name, const std::vector<std::string>& extra, const std::string& job = "job.toml",
+                 int nodes = 3) {
   const fs::path dir = scratch("verify", name);
-  std::vector<std::string> argv = {solvernet_bin(), "devnet", "--job", data("job.toml").string(), "--topology",
-                                   data("lan.toml").string(), "--nodes", "3", "--json", "--peer-timeout-s", "20",
-                                   "--out", (dir / "model.safetensors").string()};
+  std::vector<std::string> argv = {solvernet_bin(), "devnet", "--job", data(job).string(), "--topology",
+                                   data("lan.toml").string(), "--nodes", std::to_string(nodes), "--algo", "naive",
+                                   "--json", "--peer-timeout-s", "20", "--out", (dir / "model.safetensors").string()};
   argv.insert(argv.end(), extra.begin(), extra.end());
   auto r = run_command(argv, dir, 240s);
   DevnetRun run{r.status, nlohmann::json::parse(r.out, nullptr, false), r.err};
@@ -55,8 +58,9 @@ void expect_logarithmic_rounds(const nlohmann::json& d) {
 
 TEST(VerifyNetwork, HonestSolversAreNotBlamedAndALyingVerifierLosesItsBond) {
   // The liar challenges the first member's honest last leaf; the second member
-  // it verifies honestly.
-  DevnetRun run = devnet("honest-liar", {"--verifiers", "1", "--lying-verifier"});
+  // it verifies honestly. The verifier and the referee run as processes
+  // (solvernet verify run --lie, verify referee).
+  DevnetRun run = devnet("honest-liar", {"--verifiers", "1", "--lying-verifier", "--role-processes"});
   if (run.status != 0) return;
   const auto& v = run.summary["verification"];
   EXPECT_EQ(v["members_checked"], 2) << v.dump(2);
@@ -95,12 +99,27 @@ TEST_P(CheatTest, IsCaughtAndSlashed) {
 
 INSTANTIATE_TEST_SUITE_P(Cheats, CheatTest,
                          ::testing::Values("skip-steps", "less-data", "perturb", "random-weights", "lie-in-leaf",
-                                           "withhold"),
+                                           "withhold", "wrong-op", "equivocate"),
                          [](const auto& info) {
                            std::string name = info.param;
                            std::replace(name.begin(), name.end(), '-', '_');
                            return name;
                          });
+
+// A cheat on one replica of a replicated stage: the client does not stop the
+// job at the divergence (it records it), and the verifier catches the cheater.
+TEST(VerifyNetwork, ACheatingReplicaIsCaughtNotStoppedByTheClient) {
+  DevnetRun run = devnet("replica", {"--cheater", "0:skip-steps"}, "job-replicas.toml", 5);
+  if (run.status != 0) return;
+  ASSERT_TRUE(run.summary.contains("replica_divergences")) << run.summary.dump(2).substr(0, 2000);
+  EXPECT_EQ(run.summary["replica_divergences"].size(), 1u);
+  EXPECT_EQ(run.summary["verification"]["members_checked"], 4);
+  ASSERT_EQ(disputes(run).size(), 1u) << run.summary["verification"].dump(2);
+  const auto& d = disputes(run)[0];
+  EXPECT_EQ(d["result"], "challenger wins") << d.dump(2);
+  EXPECT_EQ(d["loser"], d["solver"]);
+  EXPECT_EQ(d["stage"], 0);
+}
 
 TEST(VerifyNetwork, ASolverThatStopsAnsweringLosesOnItsDeadline) {
   DevnetRun run = devnet("silent", {"--cheater", "0:lie-in-leaf", "--silent-cheater"});
@@ -110,6 +129,35 @@ TEST(VerifyNetwork, ASolverThatStopsAnsweringLosesOnItsDeadline) {
   EXPECT_EQ(d["result"], "challenger wins") << d.dump(2);
   EXPECT_TRUE(d.value("by_timeout", false)) << d.dump(2);
   EXPECT_EQ(d["loser"], d["solver"]);
+}
+
+// verify run / verify referee refuse bad input with one line and exit 2,
+// before touching the chain.
+TEST(VerifyNetwork, RoleCommandsRefuseBadInput) {
+  const fs::path dir = scratch("verify", "bad-input");
+  ASSERT_TRUE(write_file_atomic(dir / "summary.json", R"({"job_id": "j", "placement": {"stages": [[{"node_id": "ab", "address": "127.0.0.1:1"}]]}})").ok());
+  ASSERT_TRUE(write_file_atomic(dir / "garbage.json", "not json").ok());
+  const std::string summary = (dir / "summary.json").string(), data_dir = (dir / "data").string();
+  struct Case {
+    std::vector<std::string> args;
+    std::string says;
+  };
+  const std::vector<Case> cases = {
+      {{"run", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "0", "--data", data_dir}, "--chain-job"},
+      {{"run", "--summary", (dir / "garbage.json").string(), "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir}, "not JSON"},
+      {{"run", "--summary", (dir / "missing.json").string(), "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir}, "--summary"},
+      {{"run", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir, "--fraction", "2"}, "--fraction"},
+      {{"run", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir}, "--chain-rpc"},
+      {{"referee", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir, "--for", "-1"}, "--for"},
+  };
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {solvernet_bin(), "verify"};
+    argv.insert(argv.end(), c.args.begin(), c.args.end());
+    auto r = run_command(argv, dir, 30s);
+    EXPECT_EQ(r.status, 2) << c.says << ": " << r.err;
+    EXPECT_NE(r.err.find(c.says), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
 }
 
 }  // namespace
