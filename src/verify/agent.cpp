@@ -94,6 +94,7 @@ struct SolverAgent::Impl {
         m.dir = member_dir.path();
         m.chain_job = setup.chain_job_id();
         m.steps = job->train.steps;
+        m.commit_every = job->verify.commit_every;
         jobs.emplace(key, std::move(m));
       }
     }
