@@ -472,9 +472,13 @@ Result<nlohmann::json> settle(DevnetSettlement& settlement, Devnet& devnet, uint
 }
 
 // The verification section of the table: verdicts, each dispute, the stakes it moved.
-void print_verification(const nlohmann::json& v, const nlohmann::json& before, const nlohmann::json& after) {
+void print_verification(const nlohmann::json& summary, const nlohmann::json& v, const nlohmann::json& before,
+                        const nlohmann::json& after) {
   auto row = [](const std::string& k, const std::string& value) { std::cout << fmt::format("  {:<22} {}\n", k, value); };
   std::cout << "\n";
+  // The client did not stop at these (a [verify] job on chain): verification decides who lied.
+  for (const auto& line : summary.value("replica_divergences", nlohmann::json::array()))
+    row("replicas differ", line.get<std::string>() + " (left to verification)");
   for (const auto& verifier : v["verifiers"]) {
     std::string members;
     double p = 1;
@@ -717,7 +721,7 @@ int run_devnet(const DevnetArgs& args) {
   else {
     print_summary_table(*summary);
     if (summary->contains("verification"))
-      print_verification((*summary)["verification"], (*summary)["chain"]["balances_before"],
+      print_verification(*summary, (*summary)["verification"], (*summary)["chain"]["balances_before"],
                          (*summary)["chain"]["balances_after"]);
     if (summary->contains("chain"))
       print_balances((*summary)["chain"]["balances_before"], (*summary)["chain"]["balances_after"]);

@@ -72,6 +72,7 @@ TEST(VerifyNetwork, HonestSolversAreNotBlamedAndALyingVerifierLosesItsBond) {
   EXPECT_EQ(d["loser"], d["challenger"]);
   EXPECT_EQ(v["verdicts"]["slashed"], 0);
   expect_logarithmic_rounds(d);
+  EXPECT_GE(d.value("step_rounds", 0), 1) << "the liar's (0, n) challenge bisects over steps first";
   // Nobody's stake moved: the liar lost its bond (posted with the challenge), not its stake.
   for (const auto& [who, entry] : run.summary["chain"]["balances_after"].items())
     EXPECT_EQ(entry.value("staked", ""), run.summary["chain"]["balances_before"][who].value("staked", "")) << who;
