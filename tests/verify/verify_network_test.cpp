@@ -36,8 +36,13 @@ DevnetRun devnet(const std::string& name, const std::vector<std::string>& extra,
   argv.insert(argv.end(), extra.begin(), extra.end());
   auto r = run_command(argv, dir, 240s);
   DevnetRun run{r.status, nlohmann::json::parse(r.out, nullptr, false), r.err};
-  if (run.status != 0 || run.summary.is_discarded() || !run.summary.contains("verification"))
-    ADD_FAILURE() << name << ": devnet exited " << r.status << ":\n" << r.err.substr(r.err.size() > 4000 ? r.err.size() - 4000 : 0);
+  if (run.status != 0 || run.summary.is_discarded() || !run.summary.contains("verification")) {
+    ADD_FAILURE() << name << ": devnet exited " << r.status << " (output kept in " << dir.string() << "):\n"
+                  << r.err.substr(r.err.size() > 4000 ? r.err.size() - 4000 : 0);
+    return run;
+  }
+  std::error_code ignored;
+  fs::remove_all(dir, ignored);  // the model and logs of a run that worked
   return run;
 }
 
@@ -159,6 +164,7 @@ TEST(VerifyNetwork, RoleCommandsRefuseBadInput) {
     EXPECT_NE(r.err.find(c.says), std::string::npos) << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
+  if (!HasFailure()) fs::remove_all(dir);
 }
 
 }  // namespace
