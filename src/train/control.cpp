@@ -47,4 +47,18 @@ net::ControlBody control_body(const solvernet::v1::EndJobRequest& r) {
 
 net::ControlBody control_body(const solvernet::v1::RenewLeaseRequest&) { return {}; }
 
+net::ControlBody control_body(const solvernet::v1::FetchCheckpointRequest& r) {
+  net::ControlBody body;
+  body.add(int64_t{r.stage()}).add(int64_t{r.replica()}).add(r.step());
+  return body;
+}
+
+// The files' names and digests: the signature covers every byte put on the node.
+net::ControlBody control_body(const solvernet::v1::PutCheckpointRequest& r) {
+  net::ControlBody body;
+  body.add(int64_t{r.stage()}).add(int64_t{r.replica()}).add(r.step()).add(int64_t{r.files_size()});
+  for (const auto& f : r.files()) body.add(f.name()).add(digest_of(f.data()));
+  return body;
+}
+
 }  // namespace sn::train

@@ -13,6 +13,8 @@ net::ControlBody control_body(const solvernet::v1::RunStepRequest& request);
 net::ControlBody control_body(const solvernet::v1::FetchWeightsRequest& request);
 net::ControlBody control_body(const solvernet::v1::EndJobRequest& request);
 net::ControlBody control_body(const solvernet::v1::RenewLeaseRequest& request);
+net::ControlBody control_body(const solvernet::v1::FetchCheckpointRequest& request);
+net::ControlBody control_body(const solvernet::v1::PutCheckpointRequest& request);
 
 // Fills REQUEST's auth: signed by SIGNER for METHOD ("SetupJob", ...).
 template <class Request>

@@ -7,8 +7,11 @@
 #include <map>
 #include <mutex>
 
+#include "core/fs.h"
 #include "net/rpc.h"
 #include "train/control.h"
+#include "train/evidence.h"
+#include "train/state.h"
 #include "train/stage_worker.h"
 #include "train/train.h"
 
@@ -122,7 +125,85 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     return grpc::Status::OK;
   }
 
+  // Recovery (docs/resilience.md): the files of one kept
+  // checkpoint of a role this node held, checked against their manifest
+  // before they leave. Works whether or not the job is still held (a node
+  // restarted with its data dir still has them).
+  grpc::Status FetchCheckpoint(grpc::ServerContext*, const solvernet::v1::FetchCheckpointRequest* request,
+                               solvernet::v1::FetchCheckpointReply* reply) override {
+    auto owner = options_.runtime->authorize(request->job_id(), "FetchCheckpoint", request->auth(),
+                                             request_digest("FetchCheckpoint", *request));
+    if (!owner.ok()) return net::to_grpc(owner.error());
+    if (!valid_job_id(request->job_id()))
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed job id");
+    CheckpointStore store(checkpoint_dir(options_.data_dir, request->job_id(), request->stage(), request->replica()), 1);
+    auto loaded = store.load(request->step());
+    if (!loaded.ok())
+      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          fmt::format("no usable checkpoint of step {} here: {}", request->step(), loaded.message()));
+    for (const auto& file : loaded->manifest.files) {
+      auto bytes = read_file(store.dir() / file.name);
+      if (!bytes.ok()) return net::to_grpc(bytes.error());
+      auto* blob = reply->add_files();
+      blob->set_name(file.name);
+      blob->set_data(std::move(bytes).value());
+    }
+    auto manifest = read_file(store.manifest_path(request->step()));
+    if (!manifest.ok()) return net::to_grpc(manifest.error());
+    auto* blob = reply->add_files();
+    blob->set_name(store.manifest_path(request->step()).filename().string());
+    blob->set_data(std::move(manifest).value());
+    reply->set_step(request->step());
+    return grpc::Status::OK;
+  }
+
+  // A spare taking over a role receives that role's checkpoint here, then
+  // SetupJob with start_step. Each file lands through a temp file; the
+  // manifest comes last, so a half-received checkpoint is never complete; the
+  // whole is then loaded and checked against the manifest, and removed if it
+  // does not hold.
+  grpc::Status PutCheckpoint(grpc::ServerContext*, const solvernet::v1::PutCheckpointRequest* request,
+                             solvernet::v1::Empty*) override {
+    auto owner = options_.runtime->authorize(request->job_id(), "PutCheckpoint", request->auth(),
+                                             request_digest("PutCheckpoint", *request));
+    if (!owner.ok()) return net::to_grpc(owner.error());
+    if (!valid_job_id(request->job_id()) || request->stage() < 0 || request->replica() < 0 || request->step() < 0)
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed job id, role or step");
+    CheckpointStore store(checkpoint_dir(options_.data_dir, request->job_id(), request->stage(), request->replica()), 1);
+    const std::string prefix = store.data_path(request->step()).filename().string();
+    const std::string stem = prefix.substr(0, prefix.find('.') + 1);  // "step-000000000012."
+    const std::string manifest_name = store.manifest_path(request->step()).filename().string();
+    int manifests = 0;
+    for (const auto& f : request->files()) {
+      if (!f.name().starts_with(stem) || f.name().find('/') != std::string::npos || f.name().find("..") != std::string::npos)
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            fmt::format("checkpoint file \"{}\" is not one of step {}", f.name(), request->step()));
+      manifests += f.name() == manifest_name;
+    }
+    if (manifests != 1 || request->files(request->files_size() - 1).name() != manifest_name)
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the checkpoint's manifest must come once, last");
+    if (auto made = ensure_directory(store.dir()); !made.ok()) return net::to_grpc(made.error());
+    for (const auto& f : request->files())
+      if (auto written = write_file_atomic(store.dir() / f.name(), f.data()); !written.ok())
+        return net::to_grpc(written.error());
+    if (auto loaded = store.load(request->step()); !loaded.ok()) {
+      std::error_code ec;
+      std::filesystem::remove(store.manifest_path(request->step()), ec);
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the checkpoint put here does not hold: " + loaded.message());
+    }
+    spdlog::info("job {}: received the checkpoint of stage {} replica {} at step {}", request->job_id(),
+                 request->stage(), request->replica(), request->step());
+    return grpc::Status::OK;
+  }
+
  private:
+  static bool valid_job_id(const std::string& id) {
+    if (id.empty() || id.size() > 128) return false;
+    for (char c : id)
+      if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) return false;
+    return id != "." && id != "..";
+  }
+
   struct Slot {
     std::shared_ptr<StageWorker> worker;
     std::mutex step_mutex;  // one RunStep / FetchWeights at a time per job

@@ -209,6 +209,13 @@ Result<std::unique_ptr<StageWorker>> StageWorker::build(const solvernet::v1::Set
       if (ec) return make_error("cannot restore {} from {}: {}", path.string(), (restore_from->dir() / file).string(), ec.message());
     }
   }
+  if (!restore_from && !w->offline_)
+    // A fresh start (also a job set up again from step 0 after a failure)
+    // begins with empty buffers, not those a failed run left behind.
+    for (const auto& [name, path] : w->buffer_files()) {
+      std::error_code ec;
+      std::filesystem::remove(path, ec);
+    }
   if (w->job_.compression.activations != "none") {
     // Each side of each boundary keeps its own buffer file: sender and receiver
     // evolve theirs identically (AQ-SGD) and the codec checks they agree.
@@ -388,10 +395,11 @@ Status StageWorker::save_checkpoint(const StateDigest& digest) {
   NamedTensors all = state.weights;
   for (auto& entry : state.optimizer) all.push_back(entry);
   for (auto& entry : state.residuals) all.push_back(entry);
-  // A verifiable job's checkpoints carry copies of the buffers, so a replay
-  // (or a resume) can start from any of them bitwise.
+  // Checkpoints carry copies of the buffers, so a replay, a resume or a spare
+  // taking over this role (docs/resilience.md) starts from any of
+  // them bitwise.
   std::vector<std::pair<std::string, std::filesystem::path>> extra;
-  if (job_.verify.enabled) {
+  {
     const std::map<std::string, compress::ActivationCodec*> codecs{
         {"fwd-out", forward_out_.get()}, {"fwd-in", forward_in_.get()},
         {"bwd-out", backward_out_.get()}, {"bwd-in", backward_in_.get()}};
