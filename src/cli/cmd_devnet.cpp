@@ -4,9 +4,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <atomic>
 #include <iostream>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <thread>
 
@@ -61,6 +64,18 @@ struct DevnetArgs {
   // The verifiers and the referee as processes (solvernet verify run / verify
   // referee) instead of threads of the devnet: the same code, as a user runs it.
   bool role_processes = false;
+  // Recovery (docs/resilience.md): spare nodes beyond the plan (default 1
+  // when the topology has room), how long a recovery waits for one.
+  std::optional<int> spares;
+  int spare_wait_s = 10;
+  // Hidden, for tests and the demo: kill -9 the node in role STAGE.REPLICA
+  // during step S+1 (S:STAGE.REPLICA, after step S's report, plus
+  // kill_delay_ms); restart it with its data dir after restart_after_s (<0:
+  // never); start one more node after step join_at_step (0: never).
+  std::string kill_at;
+  int kill_delay_ms = 0;
+  double restart_after_s = -1;
+  int64_t join_at_step = 0;
 };
 
 std::string tail_of(const fs::path& log, size_t lines) {
@@ -146,9 +161,40 @@ class Devnet {
         for (auto& extra : node_args(i)) argv.push_back(std::move(extra));
       SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
       nodes_.push_back(std::move(child));
+      argvs_.push_back(argv);
     }
     return ok_status();
   }
+
+  // Churn (hidden flags): kill -9 node I; start it again with its data dir
+  // (same argv, log appended); start one more node like node I in REGION.
+  pid_t kill_node(size_t i) {
+    const pid_t pid = nodes_.at(i).pid();
+    nodes_.at(i).kill_now();
+    return pid;
+  }
+  Status restart_node(size_t i) {
+    SpawnOptions options;
+    options.stdout_path = options.stderr_path = dir_ / fmt::format("node{}-restarted.log", i);
+    SN_ASSIGN(auto child, ChildProcess::spawn(argvs_.at(i), options));
+    nodes_.at(i) = std::move(child);
+    return ok_status();
+  }
+  Result<size_t> add_node(const std::string& region) {
+    const size_t i = nodes_.size();
+    auto argv = argvs_.at(0);
+    for (size_t a = 0; a + 1 < argv.size(); ++a) {
+      if (argv[a] == "--data") argv[a + 1] = (dir_ / fmt::format("node{}", i)).string();
+      if (argv[a] == "--region") argv[a + 1] = region;
+    }
+    SpawnOptions options;
+    options.stdout_path = options.stderr_path = dir_ / fmt::format("node{}.log", i);
+    SN_ASSIGN(auto child, ChildProcess::spawn(argv, options));
+    nodes_.push_back(std::move(child));
+    argvs_.push_back(argv);
+    return i;
+  }
+  size_t node_count() const { return nodes_.size(); }
 
   // The log tails of processes that have exited, for error messages.
   std::string dead_processes_report() {
@@ -212,6 +258,7 @@ class Devnet {
   int dht_port_ = 0;
   ChildProcess dht_;
   std::vector<ChildProcess> nodes_;
+  std::vector<std::vector<std::string>> argvs_;
   std::vector<ChildProcess> servers_;
   ChildProcess gateway_;
 };
@@ -567,7 +614,12 @@ int run_devnet(const DevnetArgs& args) {
   if (args.verifiers && (*args.verifiers < 0 || *args.verifiers > 255))
     return fail("devnet", fmt::format("--verifiers must be in 0..255, got {}", *args.verifiers), 2);
   const int extra_verifiers = args.verifiers ? *args.verifiers : verify_asked ? 1 : 0;
-  const int nodes = args.nodes ? *args.nodes : std::max(needed + extra_verifiers, topology->device_count());
+  if (args.spares && (*args.spares < 0 || *args.spares > 64))
+    return fail("devnet", fmt::format("--spares must be in 0..64, got {}", *args.spares), 2);
+  if (args.spare_wait_s < 0 || args.spare_wait_s > 86400)
+    return fail("devnet", fmt::format("--spare-wait-s must be in 0..86400, got {}", args.spare_wait_s), 2);
+  const int nodes = args.nodes ? *args.nodes
+                              : std::max(needed + extra_verifiers + args.spares.value_or(0), topology->device_count());
   if (args.nodes && nodes < 1) return fail("devnet", fmt::format("--nodes must be at least 1, got {}", nodes), 2);
   if (nodes < needed)
     return fail("devnet", fmt::format("--nodes {} is fewer than the job's {} stages × {} replicas", nodes,
@@ -579,6 +631,27 @@ int run_devnet(const DevnetArgs& args) {
                                                    "({} stages × {} replicas)", args.topology,
                                                    topology->device_count(), nodes, spec.job.parallel.stages,
                                                    spec.job.parallel.replicas), 2);
+  if (args.spares && nodes < needed + *args.spares)
+    return fail("devnet", fmt::format("--spares {} needs {} nodes ({} for the job), the devnet has {}", *args.spares,
+                                      needed + *args.spares, needed, nodes), 2);
+  // Spares: asked for, or one when the devnet has a node beyond the plan.
+  spec.spares = args.spares.value_or(std::min(1, nodes - needed));
+  spec.spare_wait_s = args.spare_wait_s;
+  struct KillPlan {
+    int64_t step = 0;
+    int stage = 0, replica = 0;
+  };
+  std::optional<KillPlan> kill_plan;
+  if (!args.kill_at.empty()) {
+    KillPlan plan;
+    char extra = 0;
+    if (std::sscanf(args.kill_at.c_str(), "%ld:%d.%d%c", &plan.step, &plan.stage, &plan.replica, &extra) != 3 ||
+        plan.step < 0 || plan.stage < 0 || plan.stage >= spec.job.parallel.stages || plan.replica < 0 ||
+        plan.replica >= spec.job.parallel.replicas)
+      return fail("devnet", fmt::format("--kill-at must be STEP:STAGE.REPLICA within the job's {} × {}, got \"{}\"",
+                                        spec.job.parallel.stages, spec.job.parallel.replicas, args.kill_at), 2);
+    kill_plan = plan;
+  }
   fs::path model_out = args.out;
   if (model_out.empty())
     model_out = args.summary_json.empty() ? fs::path("devnet-model.safetensors")
@@ -692,7 +765,56 @@ int run_devnet(const DevnetArgs& args) {
   spec.client_key = args.key.empty() ? devnet.dir() / "client.key" : fs::path(args.key);
   spec.peer_timeout_s = args.peer_timeout_s;
   spec.chain_job_id = chain_job;
+  // The job dir (mirrored checkpoints) lives with the devnet.
+  spec.job_dir = devnet.dir() / "jobs";
+  // Spares found mid-job through the DHT, unless idle nodes are there to verify.
+  if (!verifying) spec.bootstrap = {devnet.bootstrap()};
+  // Churn for tests and the demo (hidden flags): the devnet's node index of each node id.
+  std::map<std::string, size_t> index_of;
+  for (size_t i = 0; i < static_cast<size_t>(nodes); ++i)
+    if (auto key = NodeKey::load_or_create(devnet.node_dir(i)); key.ok()) index_of[key->node_id()] = i;
+  std::vector<std::thread> churn;
+  bool killed = false, joined = false;
+  std::mutex churn_mutex;  // the devnet's process list changes under the churn threads
+  const auto regions = topology->device_regions();
+  spec.on_step = [&](const train::StepReport& report) {
+    // Once: the steps after a recovery's checkpoint are reported again.
+    if (kill_plan && !killed && report.step == kill_plan->step && report.members) {
+      killed = true;
+      for (const auto& m : *report.members) {
+        if (m.stage != kill_plan->stage || m.replica != kill_plan->replica || !index_of.count(m.node_id)) continue;
+        const size_t i = index_of[m.node_id];
+        churn.emplace_back([&, i, delay = args.kill_delay_ms, step = report.step] {
+          std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+          {
+            std::lock_guard<std::mutex> lock(churn_mutex);
+            const pid_t pid = devnet.kill_node(i);
+            std::cerr << fmt::format("devnet: killed node {} (pid {}, stage {} replica {}) after step {}\n", i, pid,
+                                     kill_plan->stage, kill_plan->replica, step);
+          }
+          if (args.restart_after_s < 0) return;
+          std::this_thread::sleep_for(std::chrono::duration<double>(args.restart_after_s));
+          std::lock_guard<std::mutex> lock(churn_mutex);
+          if (auto restarted = devnet.restart_node(i); restarted.ok())
+            std::cerr << fmt::format("devnet: restarted node {} with its data dir\n", i);
+          else
+            std::cerr << "devnet: restarting node " << i << ": " << restarted.message() << "\n";
+        });
+      }
+    }
+    if (args.join_at_step > 0 && !joined && report.step == args.join_at_step) {
+      joined = true;
+      std::lock_guard<std::mutex> lock(churn_mutex);
+      const size_t place = std::min(devnet.node_count(), regions.size() - 1);
+      auto added = devnet.add_node(topology->regions[static_cast<size_t>(regions[place])].name);
+      if (added.ok())
+        std::cerr << fmt::format("devnet: node {} joined after step {}\n", *added, report.step);
+      else
+        std::cerr << "devnet: starting a node mid-job: " << added.message() << "\n";
+    }
+  };
   auto summary = run_job_on_nodes(spec, candidates);
+  for (auto& t : churn) t.join();
   if (!summary.ok()) {
     std::string report = devnet.dead_processes_report();
     return fail("devnet", summary.message() + (report.empty() ? "" : "\n" + report),
@@ -773,6 +895,14 @@ CommandRegistration devnet_command(
                    "Run the verifiers and the referee as solvernet verify run / verify referee processes")->group("");
       app.add_flag("--silent-cheater", args->silent_cheater,
                    "The cheater's node is stopped once challenged: it loses on its deadline (tests)")->group("");
+      app.add_option("--spares", args->spares,
+                     "Idle nodes kept to replace a member that dies (default: 1 when the devnet has a node to spare)");
+      app.add_option("--spare-wait-s", args->spare_wait_s, "How long a recovery waits for a spare")
+          ->capture_default_str();
+      app.add_option("--kill-at", args->kill_at, "Test: kill -9 a member, STEP:STAGE.REPLICA")->group("");
+      app.add_option("--kill-delay-ms", args->kill_delay_ms, "Test: delay of --kill-at after the step")->group("");
+      app.add_option("--restart-after-s", args->restart_after_s, "Test: restart the killed node after this")->group("");
+      app.add_option("--join-at-step", args->join_at_step, "Test: start one more node after this step")->group("");
       add_insecure_flag(app);
       return [args] { return run_devnet(*args); };
     });

@@ -27,14 +27,46 @@ struct TrainArgs {
   std::string key;
   int peer_timeout_s = 60;
   std::string plan_from;  // "topology" | "probes"; empty: the topology if given, else probes
+  // Recovery (docs/resilience.md).
+  int spares = 0;
+  std::string job_dir;
+  std::string resume;
+  int spare_wait_s = 0;
 };
 
 int run_train(const TrainArgs& args) {
   init_logging("train", "warn");
-  auto job = parse_job_file(args.job_file);
-  if (!job.ok()) return fail("train", job.message(), job.error().exit_code);
+  if (args.job_file.empty() == args.resume.empty())
+    return fail("train", "give --job FILE, or --resume JOB_DIR to continue a stopped job", 2);
+  if (!args.resume.empty() && args.local) return fail("train", "--resume continues a job on nodes, not --local", 2);
+  if (args.spares < 0 || args.spares > 64) return fail("train", fmt::format("--spares must be in 0..64, got {}", args.spares), 2);
+  if (args.spare_wait_s < 0 || args.spare_wait_s > 86400)
+    return fail("train", fmt::format("--spare-wait-s must be in 0..86400, got {}", args.spare_wait_s), 2);
+  const std::string job_file = args.resume.empty() ? args.job_file : args.resume + "/job.toml";
+  auto job = parse_job_file(job_file);
+  if (!job.ok())
+    return fail("train", args.resume.empty() ? job.message() : args.resume + " is not a job dir: " + job.message(),
+                job.error().exit_code);
   RunSpec spec;
   spec.job = *job;
+  spec.spares = args.spares;
+  spec.spare_wait_s = args.spare_wait_s;
+  spec.bootstrap = args.bootstrap;
+  if (!args.job_dir.empty()) {
+    if (auto made = ensure_directory(args.job_dir); !made.ok()) return fail("train", "--job-dir: " + made.message(), 2);
+    spec.job_dir = args.job_dir;
+  }
+  if (!args.resume.empty()) {
+    auto state = train::read_job_dir(args.resume, spec.job);
+    if (!state.ok()) return fail("train", state.message(), 2);
+    if (state->finished == "completed")
+      return fail("train", fmt::format("{}: the job {} has completed; nothing to resume", args.resume, state->job_id), 2);
+    spec.job_dir = args.resume;
+    spec.resume = true;
+    spec.job_id = state->job_id;
+    spec.resume_step = state->checkpoint_step;
+    spec.resumed_losses = state->losses;
+  }
   if (args.steps) {
     auto overridden = override_job_integer(spec.job, "train.steps", *args.steps, "--steps");
     if (!overridden.ok()) return fail("train", overridden.message(), 2);
@@ -66,7 +98,15 @@ int run_train(const TrainArgs& args) {
   } else {
     if (args.bootstrap.empty()) return fail("train", "give --bootstrap HOST:PORT (or --local)", 2);
     size_t want = static_cast<size_t>(spec.job.parallel.stages * spec.job.parallel.replicas);
-    auto nodes = discover_nodes(args.bootstrap, want, std::chrono::seconds(args.wait_s));
+    if (spec.spares > 0 && spec.job_dir.empty())
+      return fail("train", "--spares needs --job-dir (where the checkpoints a spare restarts from are mirrored)", 2);
+    // Spares are asked for, not required: with too few nodes the job runs without them.
+    auto nodes = discover_nodes(args.bootstrap, want + static_cast<size_t>(spec.spares),
+                                std::chrono::seconds(spec.spares > 0 ? std::max(1, args.wait_s / 2) : args.wait_s));
+    if (!nodes.ok() && spec.spares > 0) {
+      std::cerr << "train: " << nodes.message() << "; running without all the spares\n";
+      nodes = discover_nodes(args.bootstrap, want, std::chrono::seconds(std::max(1, args.wait_s / 2)));
+    }
     if (!nodes.ok()) return fail("train", nodes.message(), nodes.error().exit_code);
     summary = run_job_on_nodes(spec, *nodes);
   }
@@ -82,7 +122,17 @@ CommandRegistration train_command(
     "train", "Train a model: on discovered nodes (--bootstrap) or in this process (--local)",
     [](CLI::App& app) -> std::function<int()> {
       auto args = std::make_shared<TrainArgs>();
-      app.add_option("--job", args->job_file, "Job file (TOML; see examples/jobs)")->required();
+      app.add_option("--job", args->job_file, "Job file (TOML; see examples/jobs)");
+      app.add_option("--resume", args->resume,
+                     "Continue a stopped job from the newest checkpoint in its job dir (with the same --key)");
+      app.add_option("--job-dir", args->job_dir,
+                     "Keep the job here (JOB_DIR/<job id>: job file, state, mirrored checkpoints) and replace a "
+                     "member that dies by a spare");
+      app.add_option("--spares", args->spares, "Idle nodes to keep for replacements (needs --job-dir)")
+          ->capture_default_str();
+      app.add_option("--spare-wait-s", args->spare_wait_s,
+                     "How long a recovery waits for a spare to appear (nodes that join mid-job)")
+          ->capture_default_str();
       app.add_option("--bootstrap", args->bootstrap, "DHT node to discover nodes through, HOST:PORT");
       app.add_flag("--local", args->local, "Train the whole model in this process (the reference run)");
       app.add_option("--topology", args->topology_file,

@@ -234,6 +234,37 @@ Result<std::vector<solvernet::v1::NodeInfo>> wait_for_link_estimates(const std::
   return nodes;
 }
 
+namespace {
+net::MemberInfo member_of_node(const solvernet::v1::NodeInfo& node) {
+  net::MemberInfo m;
+  m.node_id = node.node_id();
+  if (node.public_key().size() == m.public_key.size())
+    std::copy(node.public_key().begin(), node.public_key().end(), m.public_key.begin());
+  m.address = node.address();
+  m.region = node.region();
+  return m;
+}
+}  // namespace
+
+std::vector<net::MemberInfo> find_idle_nodes(const std::vector<std::string>& bootstrap,
+                                             const std::vector<std::string>& exclude,
+                                             std::chrono::milliseconds timeout) {
+  std::vector<net::MemberInfo> out;
+  if (bootstrap.empty()) return out;
+  auto discovery = net::Discovery::start(0, bootstrap);
+  if (!discovery.ok()) return out;
+  if (!(*discovery)->wait_for_bootstrap(timeout).ok()) return out;
+  auto nodes = (*discovery)->list_nodes(timeout);
+  (*discovery)->stop();
+  if (!nodes.ok()) return out;
+  std::vector<solvernet::v1::NodeInfo> idle;
+  for (auto& n : *nodes)
+    if (n.busy_job_id().empty() && std::find(exclude.begin(), exclude.end(), n.node_id()) == exclude.end())
+      idle.push_back(n);
+  for (const auto& n : live_nodes(idle, std::chrono::milliseconds(1500))) out.push_back(member_of_node(n));
+  return out;
+}
+
 std::filesystem::path default_client_key_path() {
   const char* home = std::getenv("HOME");
   return std::filesystem::path(home && *home ? home : ".") / ".solvernet" / "client.key";
@@ -268,6 +299,8 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   measure.microbatch_seconds = train::measure_microbatch_seconds;
   measure.step_update_seconds = train::measure_step_update_seconds;
   measure.message_cost = net::measure_message_cost;
+  // Spares: the placement chooses the nodes it needs; the others found are
+  // kept idle for replacements (pinged when taken, not leased).
   SN_ASSIGN(sched::Placement placement, sched::place_job(request, nodes, measure));
   if (!spec.quiet) sched::print_placement(placement, std::cerr);
   if (!placement.unmeasured.empty())
@@ -287,23 +320,70 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   options.peer_timeout = std::chrono::seconds(spec.peer_timeout_s);
   options.chain_job_id = spec.chain_job_id;
   // The job id is chosen here so the summary can name it (verifiers ask the nodes for it).
-  options.job_id = fmt::format("{}-{}", job.name, std::chrono::duration_cast<std::chrono::milliseconds>(
-                                                        std::chrono::system_clock::now().time_since_epoch()).count());
+  options.job_id = !spec.job_id.empty()
+                       ? spec.job_id
+                       : fmt::format("{}-{}", job.name, std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                            std::chrono::system_clock::now().time_since_epoch()).count());
+  std::set<std::string> placed;
+  for (const auto& member : placement.members) placed.insert(member.node_id);
+  if (!spec.job_dir.empty()) {
+    options.recovery.job_dir = spec.job_dir / options.job_id;
+    if (spec.resume) options.recovery.job_dir = spec.job_dir;  // --resume names the job's own dir
+    for (const auto& node : nodes)
+      if (!placed.count(node.node_id()) && options.recovery.spares.size() < static_cast<size_t>(spec.spares))
+        options.recovery.spares.push_back(member_of_node(node));
+    options.recovery.spare_wait = std::chrono::seconds(spec.spare_wait_s);
+    options.recovery.resume_step = spec.resume_step;
+    options.recovery.resumed_losses = spec.resumed_losses;
+    // Nodes that joined (or came back) since the job began are found through the DHT.
+    // (A member that died and came back with its data dir is one of them; the
+    // client leaves out its current members itself.)
+    if (!spec.bootstrap.empty())
+      options.recovery.find_spares = [bootstrap = spec.bootstrap] {
+        return find_idle_nodes(bootstrap, {}, std::chrono::milliseconds(2000));
+      };
+  }
   ProgressLine progress(spec.quiet);
-  options.progress = [&](const train::StepReport& r) { progress(r); };
+  options.progress = [&](const train::StepReport& r) {
+    progress(r);
+    if (spec.on_step) spec.on_step(r);
+  };
   SN_ASSIGN(auto result, train::run_distributed(job, placement.members, options));
   // "nodes" counts the nodes the job ran on; the others seen (perhaps dead) are "nodes_seen".
   std::set<std::string> used;
   for (const auto& member : placement.members) used.insert(member.node_id);
+  for (const auto& id : result.member_node_ids) used.insert(id);
   nlohmann::json summary = summary_of(spec, result, static_cast<int>(used.size()));
   summary["job_id"] = options.job_id;
   summary["nodes_seen"] = nodes.size();
   summary["placement"] = placement.to_json();
+  // After a recovery the roles are held by the final members (settlement pays them).
+  if (!result.recoveries.empty() && summary["placement"].contains("stages"))
+    for (size_t i = 0; i < placement.members.size() && i < result.member_node_ids.size(); ++i) {
+      auto& stages = summary["placement"]["stages"];
+      const auto s = static_cast<size_t>(placement.members[i].stage), r = static_cast<size_t>(placement.members[i].replica);
+      if (s < stages.size() && r < stages[s].size()) stages[s][r]["node_id"] = result.member_node_ids[i];
+    }
   summary["emulate"] = placement.emulate;
   summary["time_dilation"] = placement.scale.time_dilation;
   summary["byte_ratio"] = placement.scale.byte_ratio;
   summary["gradient_byte_ratio"] = placement.scale.gradient_byte_ratio;
   summary["topology"] = spec.topology ? spec.topology->name : "";
+  if (!options.recovery.job_dir.empty()) {
+    nlohmann::json recoveries = nlohmann::json::array();
+    for (const auto& r : result.recoveries)
+      recoveries.push_back({{"failed_step", r.failed_step}, {"restored_step", r.restored_step}, {"dead", r.dead},
+                            {"replacements", r.replacements}, {"seconds", r.seconds},
+                            {"redone_steps", r.redone_steps}, {"aqsgd_buffers", r.aqsgd}});
+    summary["recovery"] = {{"job_dir", std::filesystem::absolute(result.job_dir).string()},
+                           {"spares_asked", spec.spares},
+                           {"spares_at_start", options.recovery.spares.size()},
+                           {"idle_spares", result.idle_spares},
+                           {"recoveries", recoveries},
+                           {"resumed_from", result.resumed_from},
+                           {"mirror_s", result.mirror_seconds},
+                           {"mirror_bytes", result.mirror_bytes}};
+  }
   return summary;
 }
 
@@ -363,6 +443,18 @@ void print_summary_table(const nlohmann::json& s) {
     else
       row("links", fmt::format("{}{} (T = {:.3g}, R = {:.3g})", topology.empty() ? "" : topology + " ", emulate,
                                s.value("time_dilation", 1.0), s.value("byte_ratio", 1.0)));
+  }
+  if (s.contains("recovery")) {
+    const auto& r = s["recovery"];
+    row("spares", fmt::format("{} at start, {} idle at the end", r.value("spares_at_start", 0),
+                              r["idle_spares"].size()));
+    for (const auto& rec : r["recoveries"])
+      row("recovery", fmt::format("step {}: {} replaced, restarted from step {} in {:.1f} s (AQ-SGD buffers: {})",
+                                  rec["failed_step"].get<int64_t>(), rec["dead"].size(),
+                                  rec["restored_step"].get<int64_t>(), rec["seconds"].get<double>(),
+                                  rec["aqsgd_buffers"].get<std::string>()));
+    if (r.value("resumed_from", int64_t{0}) > 0) row("resumed from", fmt::format("step {}", r["resumed_from"].get<int64_t>()));
+    row("job dir", r.value("job_dir", ""));
   }
   if (!s.value("model_path", std::string()).empty()) row("model", s["model_path"].get<std::string>());
   std::cout << std::flush;

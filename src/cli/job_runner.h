@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "net/topology.h"
 #include "net/transport.h"
 #include "proto/solvernet.pb.h"
+#include "train/train.h"
 
 namespace sn::cli {
 
@@ -36,6 +38,18 @@ struct RunSpec {
   // links are used whenever a node announces some.
   bool plan_from_probes = false;
   uint64_t chain_job_id = 0;           // the job on SolverMarket (0: none): the nodes commit there themselves
+  // Recovery (docs/resilience.md). With a job dir the client
+  // mirrors checkpoints there and replaces a member that dies by a spare.
+  std::filesystem::path job_dir;       // empty: no recovery; a failure ends the job
+  int spares = 0;                      // idle nodes kept beyond the plan (asked for, not required)
+  std::vector<std::string> bootstrap;  // where to look for more spares mid-job (nodes that joined)
+  int spare_wait_s = 0;                // how long a recovery waits for a spare to appear
+  std::string job_id;                  // empty: name-<ms>; --resume: the stopped job's
+  bool resume = false;                 // job_dir is a stopped job's own dir (--resume), not a parent
+  int64_t resume_step = 0;             // --resume: the job dir's checkpoint step
+  std::vector<double> resumed_losses;
+  // Called after every step with the job's current members (the devnet's hidden kill switch).
+  std::function<void(const train::StepReport&)> on_step;
 };
 
 // Limits of --time-dilation (0: measure it); T stretches every emulated time.
@@ -75,7 +89,12 @@ Result<std::vector<solvernet::v1::NodeInfo>> wait_for_link_estimates(const std::
 std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1::NodeInfo>& candidates,
                                                 std::chrono::milliseconds timeout);
 
+// Idle nodes (via BOOTSTRAP) that answer a ping within TIMEOUT and are not in EXCLUDE, as spares.
+std::vector<net::MemberInfo> find_idle_nodes(const std::vector<std::string>& bootstrap,
+                                             const std::vector<std::string>& exclude, std::chrono::milliseconds timeout);
+
 // Places the job on NODES and runs it; returns the summary JSON (docs/cli.md).
+// Nodes beyond the plan, up to SPEC.spares, are the job's spares.
 Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<solvernet::v1::NodeInfo>& nodes);
 // The same job in this process (the reference).
 Result<nlohmann::json> run_job_locally(const RunSpec& spec);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <optional>
 #include <set>
+#include <thread>
 
 #include "core/fs.h"
 #include "core/hash.h"
@@ -21,6 +22,7 @@
 #include "train/control.h"
 #include "train/fleet.h"
 #include "train/inputs.h"
+#include "train/recovery.h"
 #include "train/train.h"
 
 namespace sn::train {
@@ -74,20 +76,43 @@ class JobSession {
 
   Status check_members();
   Status prepare_data();
-  Status set_up_members();
+  // SetupJob on every member; START_STEP > 0: each first receives its role's
+  // checkpoint of that step from the job dir's mirror and resumes from it.
+  Status set_up_members(int64_t start_step);
   Status train();
   Status evaluate();
   Status fetch_model();
-  void end() { fleet_->end_all(false, ""); }
+  void end() {
+    fleet_->end_all(false, "");
+    if (mirror_) {
+      JobDirState state{job_id_, mirror_->newest_common_step(), result_.losses, "completed"};
+      if (auto written = write_job_state(options_.recovery.job_dir, state); !written.ok())
+        spdlog::warn("job dir: {}", written.message());
+    }
+    for (const auto& spare : spares_) result_.idle_spares.push_back(spare.node_id);
+    for (const auto& member : members_) result_.member_node_ids.push_back(member.node_id);
+  }
   TrainResult& result() { return result_; }
 
  private:
   Result<double> run_step(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches, bool forward_only,
                           const std::string& what);
   void account_traffic(const solvernet::v1::RunStepReply& reply, int64_t step, bool forward_only);
+  // Recovery (docs/resilience.md; train/recovery.h).
+  bool recovery_enabled() const { return !options_.recovery.job_dir.empty(); }
+  // Every member's checkpoint of STEP (steps done) into the job dir's mirror.
+  Status mirror_checkpoints(int64_t step);
+  // After FAILURE during 0-based step FAILED_STEP: replaces the members that
+  // stopped answering by spares, restarts every member from the newest
+  // mirrored checkpoint, and returns its step (where training goes on). An
+  // error (no spare, too many recoveries, a failure that is not a node
+  // gone) stops the job; its message says where the checkpoint is and how to
+  // resume.
+  Result<int64_t> recover(int64_t failed_step, Error failure);
+  std::optional<net::MemberInfo> take_spare();
 
   const JobConfig& job_;
-  const std::vector<net::MemberInfo>& members_;
+  std::vector<net::MemberInfo> members_;  // a recovery puts spares in dead members' places
   const DistributedOptions& options_;
   const int64_t stages_, replicas_;
   std::optional<NodeKey> own_key_;
@@ -100,6 +125,10 @@ class JobSession {
   std::vector<std::vector<Hash256>> step_leaves_;  // per member: leaf_0 … leaf_t (docs/commitments.md)
   TrainResult result_;
   Clock::time_point setup_started_ = Clock::now();
+  std::optional<CheckpointMirror> mirror_;
+  std::vector<net::MemberInfo> spares_;
+  int recoveries_ = 0;
+  int64_t start_step_ = 0;
 };
 
 Status JobSession::check_members() {
@@ -132,18 +161,57 @@ Status JobSession::prepare_data() {
     for (const auto& w : stage_weights_) weights_bytes += w.size();
   }
   deadlines_ = deadlines_for(job_, options_.peer_timeout, weights_bytes);
+  const auto& recovery = options_.recovery;
+  spares_ = recovery.spares;
+  start_step_ = recovery.resume_step;
+  result_.resumed_from = start_step_;
+  result_.losses = recovery.resumed_losses;
+  if (static_cast<int64_t>(result_.losses.size()) != start_step_)
+    return make_error("resuming at step {} with {} earlier losses", start_step_, result_.losses.size());
+  if (recovery_enabled()) {
+    result_.job_dir = recovery.job_dir;
+    mirror_.emplace(recovery.job_dir, stages_, replicas_);
+    SN_TRY(write_job_file(recovery.job_dir, job_));
+    if (start_step_ == 0) SN_TRY(write_job_state(recovery.job_dir, JobDirState{job_id_, 0, {}, ""}));
+  }
   return ok_status();
 }
 
 // SetupJob on every member; from then on the members' leases are renewed.
-Status JobSession::set_up_members() {
+Status JobSession::set_up_members(int64_t start_step) {
   const NodeKey* key = options_.client_key;
-  if (!key) key = &own_key_.emplace(NodeKey::generate());
+  if (!key) key = own_key_ ? &*own_key_ : &own_key_.emplace(NodeKey::generate());
+  fleet_.reset();  // a recovery's new fleet: the old one has ended the job on every member
   fleet_ = std::make_unique<Fleet>(members_, job_id_, *key, deadlines_.fleet, options_.cancel);
   const auto ranges = stage_layer_ranges(job_.model.layers, stages_);
   const std::string job_toml = job_to_toml(job_);
   std::vector<int64_t> leases(members_.size(), 0);
   std::vector<std::string> start_leaves(members_.size());
+  // The state each member must restart from, bitwise: the mirrored
+  // manifest's state hash, which its start leaf commits to.
+  std::vector<Hash256> expected_state(members_.size());
+  if (start_step > 0) {
+    if (!mirror_) return make_error("resuming at step {} needs a job dir", start_step);
+    std::vector<std::vector<solvernet::v1::CheckpointBlob>> files(members_.size());
+    for (size_t i = 0; i < members_.size(); ++i) {
+      SN_ASSIGN(files[i], mirror_->files(members_[i].stage, members_[i].replica, start_step));
+      SN_ASSIGN(auto manifest, mirror_->manifest(members_[i].stage, members_[i].replica, start_step));
+      expected_state[i] = manifest.state.root;
+    }
+    // Every member gets its role's files, not only a replacement: a member
+    // that kept only newer checkpoints (checkpoint_keep) rolls back as well.
+    SN_TRY(fleet_->run_all("restoring checkpoints", deadlines_.setup, [&](size_t i, grpc::ClientContext& context) {
+      solvernet::v1::PutCheckpointRequest request;
+      request.set_job_id(job_id_);
+      request.set_stage(members_[i].stage);
+      request.set_replica(members_[i].replica);
+      request.set_step(start_step);
+      for (const auto& f : files[i]) *request.add_files() = f;
+      sign_request(fleet_->signer(), "PutCheckpoint", request);
+      solvernet::v1::Empty reply;
+      return fleet_->stub(i).PutCheckpoint(&context, request, &reply);
+    }));
+  }
   SN_TRY(fleet_->run_all("job setup", deadlines_.setup, [&](size_t i, grpc::ClientContext& context) {
     const auto& self = members_[i];
     solvernet::v1::SetupJobRequest request;
@@ -170,6 +238,7 @@ Status JobSession::set_up_members() {
     request.set_dataset_samples(dataset_->train_samples());
     request.set_peer_timeout_ms(options_.peer_timeout.count());
     request.set_initial_weights(stage_weights_[static_cast<size_t>(self.stage)]);
+    request.set_start_step(start_step);
     sign_request(fleet_->signer(), "SetupJob", request);
     solvernet::v1::SetupJobReply reply;
     grpc::Status status = fleet_->stub(i).SetupJob(&context, request, &reply);
@@ -179,9 +248,12 @@ Status JobSession::set_up_members() {
   }));
   int64_t lease = *std::min_element(leases.begin(), leases.end());
   fleet_->start_lease_renewal(milliseconds(lease > 0 ? lease : 30000));
-  result_.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started_).count();
-  result_.stage_state_hashes.assign(static_cast<size_t>(stages_), "");
-  step_leaves_.assign(members_.size(), {});
+  const bool first_setup = step_leaves_.empty();
+  if (first_setup) {
+    result_.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started_).count();
+    result_.stage_state_hashes.assign(static_cast<size_t>(stages_), "");
+    step_leaves_.assign(members_.size(), {});
+  }
   for (size_t i = 0; i < members_.size(); ++i) {
     if (start_leaves[i].size() != 32) {
       auto error = kind_error(ErrorKind::bad_peer, "{} sent a start leaf of {} bytes, not 32", member_name(members_[i]),
@@ -191,8 +263,25 @@ Status JobSession::set_up_members() {
     }
     Hash256 leaf;
     std::memcpy(leaf.data(), start_leaves[i].data(), 32);
-    step_leaves_[i].push_back(leaf);
+    // A member restarted from a checkpoint commits to the restored state in
+    // its start leaf: it must be the mirrored one, bitwise.
+    if (start_step > 0 && leaf != step_leaf(start_step, expected_state[i], Hash256{}, Hash256{})) {
+      auto error = kind_error(ErrorKind::bad_peer,
+                              "{} restored a state at step {} that differs from its checkpoint's state hash",
+                              member_name(members_[i]), start_step);
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+    // Rolled back: the leaves after the checkpoint go (they are run again);
+    // the leaves up to it stay. A job resumed in a new client starts its
+    // list at the checkpoint.
+    auto& leaves = step_leaves_[i];
+    if (static_cast<int64_t>(leaves.size()) > start_step)
+      leaves.resize(static_cast<size_t>(start_step) + 1);
+    else
+      leaves.assign(1, leaf);
   }
+  if (!first_setup) return ok_status();
   // Steady state begins once every training sample has passed once (an epoch
   // leaves a few out, so that can be later than the second epoch).
   std::vector<bool> seen(static_cast<size_t>(dataset_->train_samples()), false);
@@ -215,6 +304,102 @@ void JobSession::account_traffic(const solvernet::v1::RunStepReply& reply, int64
     if (!forward_only && step >= result_.first_steady_step)
       (pipeline ? result_.steady_bytes_pipeline : result_.steady_bytes_data_parallel) += sent.bytes();
   }
+}
+
+Status JobSession::mirror_checkpoints(int64_t step) {
+  const auto started = Clock::now();
+  std::vector<solvernet::v1::FetchCheckpointReply> replies(members_.size());
+  SN_TRY(fleet_->run_all("mirroring checkpoints", deadlines_.fetch + deadlines_.setup,
+                         [&](size_t i, grpc::ClientContext& context) {
+                           solvernet::v1::FetchCheckpointRequest request;
+                           request.set_job_id(job_id_);
+                           request.set_stage(members_[i].stage);
+                           request.set_replica(members_[i].replica);
+                           request.set_step(step);
+                           sign_request(fleet_->signer(), "FetchCheckpoint", request);
+                           return fleet_->stub(i).FetchCheckpoint(&context, request, &replies[i]);
+                         }));
+  for (size_t i = 0; i < members_.size(); ++i) {
+    std::vector<solvernet::v1::CheckpointBlob> files(replies[i].files().begin(), replies[i].files().end());
+    for (const auto& f : files) result_.mirror_bytes += static_cast<int64_t>(f.data().size());
+    if (auto stored = mirror_->store(members_[i].stage, members_[i].replica, step, files); !stored.ok()) {
+      Error error = stored.error();
+      error.message = member_name(members_[i]) + ": " + error.message;
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+  }
+  // The previous checkpoint goes only now that this one is whole for every member.
+  mirror_->prune_before(step);
+  JobDirState state{job_id_, step, result_.losses, ""};
+  SN_TRY(write_job_state(options_.recovery.job_dir, state));
+  result_.mirror_seconds += std::chrono::duration<double>(Clock::now() - started).count();
+  return ok_status();
+}
+
+std::optional<net::MemberInfo> JobSession::take_spare() {
+  const auto& recovery = options_.recovery;
+  const auto deadline = Clock::now() + recovery.spare_wait;
+  std::set<std::string> members;
+  for (const auto& m : members_) members.insert(m.node_id);
+  while (true) {
+    while (!spares_.empty()) {
+      net::MemberInfo spare = spares_.front();
+      spares_.erase(spares_.begin());
+      // Spares are idle, not leased: the one taken must still answer.
+      if (!members.count(spare.node_id) && answers_ping(spare, deadlines_.fleet.ping)) return spare;
+      spdlog::warn("spare node {} at {} does not answer; not using it", spare.node_id.substr(0, 8), spare.address);
+    }
+    if (recovery.find_spares)
+      for (auto& found : recovery.find_spares())
+        if (!members.count(found.node_id)) spares_.push_back(std::move(found));
+    if (!spares_.empty()) continue;
+    if (Clock::now() >= deadline || (options_.cancel && options_.cancel->load())) return std::nullopt;
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+}
+
+Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
+  const auto started = Clock::now();
+  const int64_t restore = mirror_->newest_common_step();
+  auto stop = [&](const std::string& why) {
+    return Error{fmt::format("{}; {}", why, resume_advice(options_.recovery.job_dir, restore)), 1, failure.kind};
+  };
+  RecoveryReport report;
+  report.failed_step = failed_step + 1;
+  report.restored_step = restore;
+  report.aqsgd = job_.compression.activations == "aqsgd" ? "restored from the checkpoint" : "none";
+  while (true) {
+    const bool node_gone = failure.kind == ErrorKind::unavailable || failure.kind == ErrorKind::timeout;
+    if (!node_gone) return failure;
+    if (recoveries_ >= options_.recovery.max_recoveries)
+      return stop(fmt::format("{} (after {} recoveries, giving up)", failure.message, recoveries_));
+    ++recoveries_;
+    spdlog::warn("{}", failure.message);
+    const auto dead = fleet_->unresponsive(deadlines_.fleet.ping);
+    for (size_t i : dead) {
+      auto spare = take_spare();
+      if (!spare)
+        return stop(fmt::format("{}; {} is gone and no spare node is available to take its place", failure.message,
+                                member_name(members_[i])));
+      report.dead.push_back(member_name(members_[i]));
+      spare->stage = members_[i].stage;
+      spare->replica = members_[i].replica;
+      members_[i] = *spare;
+      report.replacements.push_back(member_name(members_[i]));
+      spdlog::warn("recovery: {} takes the place of {}", report.replacements.back(), report.dead.back());
+    }
+    // No member gone (a link or a peer wait failed): the same members restart.
+    auto set_up = set_up_members(restore);
+    if (set_up.ok()) break;
+    failure = set_up.error();
+  }
+  result_.losses.resize(static_cast<size_t>(restore));  // the steps after the checkpoint run again
+  result_.steady_steps = std::max<int64_t>(0, restore - std::max(result_.first_steady_step, start_step_));
+  report.redone_steps = static_cast<double>(failed_step - restore);
+  report.seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  result_.recoveries.push_back(report);
+  return restore;
 }
 
 // One step (or one forward-only evaluation batch) on every member; the mean loss.
@@ -290,31 +475,44 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
 
 Status JobSession::train() {
   const auto run_started = Clock::now();
-  for (int64_t step = 0; step < job_.train.steps; ++step) {
+  const int64_t every = job_.train.checkpoint_every;
+  for (int64_t step = start_step_; step < job_.train.steps;) {
     if (options_.cancel && options_.cancel->load()) {
       fleet_->end_all(true, "interrupted by the user");
       return kind_error(ErrorKind::aborted, "interrupted at step {} of {}", step, job_.train.steps);
     }
     const auto step_started = Clock::now();
-    SN_ASSIGN(double loss, run_step(step, step_batches(job_, *dataset_, step), false, fmt::format("step {}", step + 1)));
-    result_.losses.push_back(loss);
+    auto loss = run_step(step, step_batches(job_, *dataset_, step), false, fmt::format("step {}", step + 1));
+    if (loss.ok()) result_.losses.push_back(*loss);
+    Status advanced = loss.ok() ? ok_status() : Status(loss.error());
+    // The members wrote a checkpoint in this step: mirror it before going on.
+    if (advanced.ok() && mirror_ && every > 0 && (step + 1) % every == 0 && step + 1 < job_.train.steps)
+      advanced = mirror_checkpoints(step + 1);
+    if (!advanced.ok()) {
+      if (!mirror_) return advanced.error();
+      SN_ASSIGN(step, recover(step, advanced.error()));
+      continue;
+    }
     result_.step_seconds_total += std::chrono::duration<double>(Clock::now() - step_started).count();
     if (options_.progress) {
       StepReport report;
+      report.members = &members_;
       report.step = step + 1;
       report.steps = job_.train.steps;
-      report.loss = loss;
+      report.loss = *loss;
       report.step_seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
       const double elapsed = std::chrono::duration<double>(Clock::now() - run_started).count();
-      report.tokens_per_s = static_cast<double>(tokens_per_step(job_) * (step + 1)) / elapsed;
+      report.tokens_per_s = static_cast<double>(tokens_per_step(job_) * (step + 1 - start_step_)) / elapsed;
       report.bytes_by_class = result_.bytes_by_class;
       report.bytes_pipeline = result_.bytes_pipeline;
       report.bytes_data_parallel = result_.bytes_data_parallel;
       options_.progress(report);
     }
+    ++step;
   }
   result_.wall_seconds = std::chrono::duration<double>(Clock::now() - run_started).count();
-  result_.tokens_per_s = static_cast<double>(tokens_per_step(job_) * job_.train.steps) / result_.wall_seconds;
+  result_.tokens_per_s =
+      static_cast<double>(tokens_per_step(job_) * (job_.train.steps - start_step_)) / result_.wall_seconds;
   for (const auto& leaves : step_leaves_) result_.member_commitments.push_back(to_hex(leaves_root(leaves)));
   return ok_status();
 }
@@ -383,7 +581,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   JobSession session(job, members, options);
   SN_TRY(session.check_members());
   SN_TRY(session.prepare_data());
-  SN_TRY(session.set_up_members());
+  SN_TRY(session.set_up_members(options.recovery.resume_step));
   SN_TRY(session.train());
   SN_TRY(session.evaluate());
   SN_TRY(session.fetch_model());

@@ -37,6 +37,15 @@ std::string member_name(const net::MemberInfo& m) {
   return fmt::format("node {} (stage {}, replica {}) at {}", m.node_id.substr(0, 8), m.stage, m.replica, m.address);
 }
 
+bool answers_ping(const net::MemberInfo& node, std::chrono::milliseconds timeout) {
+  auto stub = solvernet::v1::Node::NewStub(net::make_channel(node.address, node.node_id));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + timeout);
+  solvernet::v1::PingRequest request;
+  solvernet::v1::PingReply reply;
+  return stub->Ping(&context, request, &reply).ok() && reply.node_id() == node.node_id;
+}
+
 Fleet::Fleet(const std::vector<net::MemberInfo>& members, std::string job_id, const NodeKey& client_key,
              FleetTimeouts timeouts, const std::atomic<bool>* cancel)
     : members_(members), job_id_(std::move(job_id)), signer_(client_key), timeouts_(timeouts), cancel_(cancel) {
@@ -191,6 +200,28 @@ Status Fleet::run_one(size_t member, const std::string& what, std::chrono::milli
   std::vector<grpc::Status> statuses(members_.size());
   statuses[member] = status;
   return blame(what, statuses, std::vector<bool>(members_.size(), false));
+}
+
+std::vector<size_t> Fleet::unresponsive(std::chrono::milliseconds timeout) {
+  std::vector<char> alive(members_.size(), 0);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < members_.size(); ++i)
+      if (!alive[i])
+        threads.emplace_back([&, i] {
+          grpc::ClientContext context;
+          context.set_deadline(std::chrono::system_clock::now() + timeout);
+          solvernet::v1::PingRequest request;
+          solvernet::v1::PingReply reply;
+          grpc::Status status = node_stubs_[i]->Ping(&context, request, &reply);
+          alive[i] = status.ok() && reply.node_id() == members_[i].node_id;
+        });
+    for (auto& t : threads) t.join();
+  }
+  std::vector<size_t> out;
+  for (size_t i = 0; i < members_.size(); ++i)
+    if (!alive[i]) out.push_back(i);
+  return out;
 }
 
 void Fleet::start_lease_renewal(std::chrono::milliseconds lease) {

@@ -36,6 +36,9 @@ struct FleetTimeouts {
 // "node 3fa2c1d0 (stage 1, replica 0) at 127.0.0.1:7001"
 std::string member_name(const net::MemberInfo& member);
 
+// Whether NODE answers a Ping within TIMEOUT with its own node id.
+bool answers_ping(const net::MemberInfo& node, std::chrono::milliseconds timeout);
+
 class Fleet {
  public:
   using Call = std::function<grpc::Status(size_t member, grpc::ClientContext& context)>;
@@ -60,6 +63,10 @@ class Fleet {
   Status run_all(const std::string& what, std::chrono::milliseconds deadline, const Call& call);
   // Runs CALL on one member, retrying once if it was unavailable or timed out.
   Status run_one(size_t member, const std::string& what, std::chrono::milliseconds deadline, const Call& call);
+
+  // Recovery: the members that answer no Ping within TIMEOUT, twice, with
+  // their own node id (dead, frozen, or another process on their port).
+  std::vector<size_t> unresponsive(std::chrono::milliseconds timeout);
 
   // Starts renewing every member's lease every LEASE / 3 until the fleet ends.
   void start_lease_renewal(std::chrono::milliseconds lease);

@@ -86,6 +86,8 @@ StageMemory estimate_stage_memory(const JobConfig& job, int stage, int first_lay
 
 struct StepReport {
   int64_t step = 0;          // 1-based for display
+  // The job's members as they stand (a recovery replaces some); valid during the callback.
+  const std::vector<net::MemberInfo>* members = nullptr;
   int64_t steps = 0;
   double loss = 0;
   double step_seconds = 0;
@@ -93,6 +95,20 @@ struct StepReport {
   std::map<std::string, int64_t> bytes_by_class;  // "intra"/"inter" → bytes, cumulative
   int64_t bytes_pipeline = 0;                     // cumulative
   int64_t bytes_data_parallel = 0;
+};
+
+// One recovery from a member's failure (docs/resilience.md).
+struct RecoveryReport {
+  int64_t failed_step = 0;              // 1-based: the step that was running
+  int64_t restored_step = 0;            // the checkpoint every member restarted from (steps done)
+  std::vector<std::string> dead;        // member_name() of each member that stopped answering
+  std::vector<std::string> replacements;  // the spare that took each dead member's role, same order
+  double seconds = 0;                   // detection to the first step after it, wall
+  double redone_steps = 0;              // steps run again: failed_step - 1 - restored_step
+  // AQ-SGD buffers of the pairs a replacement belongs to: "restored from the
+  // checkpoint" (sender and receiver both roll back to the checkpoint's
+  // buffers) or "none" (the job keeps none).
+  std::string aqsgd;
 };
 
 struct TrainResult {
@@ -126,7 +142,50 @@ struct TrainResult {
   // A [verify] job on chain does not stop when a replica's weights differ from
   // replica 0's: each such member, once, "<member> diverged … after step t".
   std::vector<std::string> replica_divergences;
+  // Recovery: what happened, the spares left idle at the end (node ids), the
+  // job dir and, for a resumed job, the step it resumed from.
+  std::vector<RecoveryReport> recoveries;
+  std::vector<std::string> idle_spares;
+  std::vector<std::string> member_node_ids;  // per member at the end (a recovery replaces some)
+  std::filesystem::path job_dir;
+  int64_t resumed_from = 0;
+  double mirror_seconds = 0;           // spent fetching checkpoints into the job dir, wall
+  int64_t mirror_bytes = 0;
 };
+
+// How a distributed job survives its members (docs/resilience.md).
+// With a job dir, the client mirrors every member's checkpoint into it each
+// time the members write one (train.checkpoint_every), and a member that
+// stops answering is replaced by a spare that loads its mirrored checkpoint;
+// every member restarts from that checkpoint and the steps since are run
+// again (bitwise as before). Without a job dir a failure ends the job.
+struct RecoveryOptions {
+  std::filesystem::path job_dir;        // empty: no recovery
+  std::vector<net::MemberInfo> spares;  // idle nodes kept for replacements (their stage/replica are ignored)
+  // Asked for more idle nodes (e.g. through the DHT: nodes that joined
+  // mid-job, or came back) when the pool is empty; returns nodes that answer
+  // a ping and are not members. May be empty.
+  std::function<std::vector<net::MemberInfo>()> find_spares;
+  // How long to keep asking find_spares before stopping the job cleanly.
+  std::chrono::milliseconds spare_wait{0};
+  int max_recoveries = 3;               // then the job stops with its checkpoint and --resume advice
+  // --resume: every member starts from the job dir's mirrored checkpoint of
+  // this step (0: a fresh start).
+  int64_t resume_step = 0;
+  std::vector<double> resumed_losses;   // the losses of the steps before resume_step (for the summary)
+};
+
+// What a job dir holds besides the checkpoints (JOB_DIR/state.json).
+struct JobDirState {
+  std::string job_id;
+  int64_t checkpoint_step = 0;          // the newest step mirrored for every member (0: none)
+  std::vector<double> losses;           // per step up to checkpoint_step
+  std::string finished;                 // "" while running or stopped, else "completed"
+};
+// Reads JOB_DIR/state.json and checks that the mirror holds checkpoint_step
+// for every member of the job in JOB_DIR/job.toml. Error: invalid_input naming
+// what is missing.
+Result<JobDirState> read_job_dir(const std::filesystem::path& job_dir, const JobConfig& job);
 
 struct DistributedOptions {
   std::string job_id;                  // empty: derived from job name + time
@@ -146,11 +205,14 @@ struct DistributedOptions {
   // The job's id on SolverMarket (0: none): every member commits its step
   // leaves there itself (docs/verification.md).
   uint64_t chain_job_id = 0;
+  RecoveryOptions recovery;
 };
 
 // Runs JOB on MEMBERS (one per stage × replica; member.stage/.replica say the role).
 // Every member holds the job under a lease that a background thread renews.
-// On any failure every member's job is aborted and outstanding calls are
+// A member that stops answering during a step is replaced per
+// options.recovery (above) if it has a job dir; otherwise, and on any other
+// failure, every member's job is aborted and outstanding calls are
 // cancelled before this returns: no error leaves a node busy. The error names
 // the member at fault; its kind says what the client made of it (unavailable
 // or timeout: the node stopped or is unreachable and needs replacing;

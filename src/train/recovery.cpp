@@ -1,0 +1,166 @@
+#include "train/recovery.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <iterator>
+#include <set>
+
+#include "core/fs.h"
+
+namespace sn::train {
+namespace fs = std::filesystem;
+
+CheckpointMirror::CheckpointMirror(fs::path job_dir, int64_t stages, int64_t replicas)
+    : dir_(std::move(job_dir) / "checkpoints"), stages_(stages), replicas_(replicas) {}
+
+fs::path CheckpointMirror::role_dir(int64_t stage, int64_t replica) const {
+  return dir_ / fmt::format("stage{}-replica{}", stage, replica);
+}
+
+Status CheckpointMirror::store(int64_t stage, int64_t replica, int64_t step,
+                               const std::vector<solvernet::v1::CheckpointBlob>& files) {
+  CheckpointStore store(role_dir(stage, replica), 1);
+  const std::string manifest = store.manifest_path(step).filename().string();
+  const std::string stem = fmt::format("step-{:012d}.", step);
+  if (files.empty() || files.back().name() != manifest)
+    return kind_error(ErrorKind::bad_peer, "the checkpoint of step {} came without its manifest last", step);
+  SN_TRY(ensure_directory(store.dir()));
+  for (const auto& f : files) {
+    // Names come from the node: only files of this step, inside this directory.
+    if (!f.name().starts_with(stem) || f.name().find('/') != std::string::npos)
+      return kind_error(ErrorKind::bad_peer, "the checkpoint of step {} holds a file named \"{}\"", step, f.name());
+    SN_TRY(write_file_atomic(store.dir() / f.name(), f.data()));
+  }
+  if (auto loaded = store.load(step); !loaded.ok()) {
+    std::error_code ec;
+    fs::remove(store.manifest_path(step), ec);
+    return kind_error(ErrorKind::bad_peer, "the checkpoint of stage {} replica {} at step {} does not hold: {}", stage,
+                      replica, step, loaded.message());
+  }
+  return ok_status();
+}
+
+int64_t CheckpointMirror::newest_common_step() const {
+  std::set<int64_t> common;
+  for (int64_t s = 0; s < stages_; ++s)
+    for (int64_t r = 0; r < replicas_; ++r) {
+      auto steps = CheckpointStore(role_dir(s, r), 1).steps();
+      std::set<int64_t> here(steps.begin(), steps.end());
+      if (s == 0 && r == 0) {
+        common = here;
+      } else {
+        std::set<int64_t> both;
+        std::set_intersection(common.begin(), common.end(), here.begin(), here.end(), std::inserter(both, both.end()));
+        common = std::move(both);
+      }
+    }
+  return common.empty() ? 0 : *common.rbegin();
+}
+
+Result<std::vector<solvernet::v1::CheckpointBlob>> CheckpointMirror::files(int64_t stage, int64_t replica,
+                                                                          int64_t step) const {
+  CheckpointStore store(role_dir(stage, replica), 1);
+  SN_ASSIGN(auto loaded, store.load(step));  // checks every file against the manifest first
+  std::vector<solvernet::v1::CheckpointBlob> out;
+  for (const auto& file : loaded.manifest.files) {
+    SN_ASSIGN(std::string bytes, read_file(store.dir() / file.name));
+    out.emplace_back();
+    out.back().set_name(file.name);
+    out.back().set_data(std::move(bytes));
+  }
+  SN_ASSIGN(std::string manifest, read_file(store.manifest_path(step)));
+  out.emplace_back();
+  out.back().set_name(store.manifest_path(step).filename().string());
+  out.back().set_data(std::move(manifest));
+  return out;
+}
+
+Result<CheckpointManifest> CheckpointMirror::manifest(int64_t stage, int64_t replica, int64_t step) const {
+  SN_ASSIGN(auto loaded, CheckpointStore(role_dir(stage, replica), 1).load(step));
+  return std::move(loaded.manifest);
+}
+
+void CheckpointMirror::prune_before(int64_t step) const {
+  for (int64_t s = 0; s < stages_; ++s)
+    for (int64_t r = 0; r < replicas_; ++r) {
+      std::error_code ec;
+      for (const auto& entry : fs::directory_iterator(role_dir(s, r), ec)) {
+        const std::string name = entry.path().filename().string();
+        // step-<12 digits>.…: older steps go, manifest first (so none is left half complete).
+        if (name.size() < 18 || !name.starts_with("step-")) continue;
+        int64_t file_step = 0;
+        try {
+          file_step = std::stoll(name.substr(5, 12));
+        } catch (...) {
+          continue;
+        }
+        if (file_step < step && name.ends_with(".manifest.json")) fs::remove(entry.path(), ec);
+      }
+      for (const auto& entry : fs::directory_iterator(role_dir(s, r), ec)) {
+        const std::string name = entry.path().filename().string();
+        if (name.size() < 18 || !name.starts_with("step-")) continue;
+        int64_t file_step = 0;
+        try {
+          file_step = std::stoll(name.substr(5, 12));
+        } catch (...) {
+          continue;
+        }
+        if (file_step < step) fs::remove(entry.path(), ec);
+      }
+    }
+}
+
+Status write_job_file(const fs::path& job_dir, const JobConfig& job) {
+  SN_TRY(ensure_directory(job_dir));
+  return write_file_atomic(job_dir / "job.toml", job_to_toml(job));
+}
+
+Status write_job_state(const fs::path& job_dir, const JobDirState& state) {
+  nlohmann::json j;
+  j["job_id"] = state.job_id;
+  j["checkpoint_step"] = state.checkpoint_step;
+  j["losses"] = state.losses;
+  j["finished"] = state.finished;
+  SN_TRY(ensure_directory(job_dir));
+  return write_file_atomic(job_dir / "state.json", j.dump(2) + "\n");
+}
+
+Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) {
+  auto text = read_file(job_dir / "state.json");
+  if (!text.ok()) return input_error("{}: not a job dir (no state.json)", job_dir.string());
+  JobDirState state;
+  try {
+    auto j = nlohmann::json::parse(*text);
+    state.job_id = j.at("job_id").get<std::string>();
+    state.checkpoint_step = j.at("checkpoint_step").get<int64_t>();
+    state.losses = j.at("losses").get<std::vector<double>>();
+    state.finished = j.value("finished", "");
+  } catch (const std::exception& e) {
+    return input_error("{}: unreadable ({})", (job_dir / "state.json").string(), e.what());
+  }
+  if (state.checkpoint_step < 0 || static_cast<int64_t>(state.losses.size()) < state.checkpoint_step)
+    return input_error("{}: checkpoint_step {} with {} losses", (job_dir / "state.json").string(),
+                       state.checkpoint_step, state.losses.size());
+  state.losses.resize(static_cast<size_t>(state.checkpoint_step));
+  CheckpointMirror mirror(job_dir, job.parallel.stages, job.parallel.replicas);
+  if (state.checkpoint_step > 0)
+    for (int64_t s = 0; s < job.parallel.stages; ++s)
+      for (int64_t r = 0; r < job.parallel.replicas; ++r)
+        if (auto loaded = CheckpointStore(mirror.role_dir(s, r), 1).load(state.checkpoint_step); !loaded.ok())
+          return input_error("{}: the checkpoint of stage {} replica {} at step {} is not usable: {}",
+                             job_dir.string(), s, r, state.checkpoint_step, loaded.message());
+  return state;
+}
+
+std::string resume_advice(const fs::path& job_dir, int64_t step) {
+  if (step <= 0)
+    return fmt::format("no checkpoint was mirrored yet (set train.checkpoint_every); the job dir is {}",
+                       job_dir.string());
+  return fmt::format("the job stopped at its checkpoint of step {} in {}; continue it with: solvernet train --resume {} "
+                     "--bootstrap HOST:PORT",
+                     step, (job_dir / "checkpoints").string(), job_dir.string());
+}
+
+}  // namespace sn::train

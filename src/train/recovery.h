@@ -1,0 +1,53 @@
+// Private to sn_train: what the client keeps to survive a member's death
+// (docs/resilience.md): the job dir (job file, state.json and a
+// mirror of every member's newest checkpoints) and the moves of a recovery.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "core/job.h"
+#include "core/result.h"
+#include "net/transport.h"
+#include "proto/solvernet.pb.h"
+#include "train/state.h"
+#include "train/train.h"
+
+namespace sn::train {
+
+// JOB_DIR/checkpoints/stage<s>-replica<r>/ holds each role's checkpoint files
+// exactly as its node wrote them (docs/checkpoints.md), so CheckpointStore
+// checks a mirrored checkpoint the same way a node checks its own.
+class CheckpointMirror {
+ public:
+  CheckpointMirror(std::filesystem::path job_dir, int64_t stages, int64_t replicas);
+
+  std::filesystem::path role_dir(int64_t stage, int64_t replica) const;
+  // Writes FILES (the manifest last) as ROLE's checkpoint of STEP, then loads
+  // it whole to check sizes and BLAKE2b against the manifest. On failure the
+  // manifest is removed: that step is not complete for the role.
+  Status store(int64_t stage, int64_t replica, int64_t step, const std::vector<solvernet::v1::CheckpointBlob>& files);
+  // The newest step complete for every role (0: none).
+  int64_t newest_common_step() const;
+  // ROLE's checkpoint of STEP, checked, as the files PutCheckpoint carries
+  // (manifest last), and its manifest (the state digest the spare must reproduce).
+  Result<std::vector<solvernet::v1::CheckpointBlob>> files(int64_t stage, int64_t replica, int64_t step) const;
+  Result<CheckpointManifest> manifest(int64_t stage, int64_t replica, int64_t step) const;
+  // Deletes every role's checkpoints older than STEP (best effort).
+  void prune_before(int64_t step) const;
+
+ private:
+  std::filesystem::path dir_;
+  int64_t stages_, replicas_;
+};
+
+// JOB_DIR/job.toml (the job as sent to the nodes) and JOB_DIR/state.json.
+Status write_job_file(const std::filesystem::path& job_dir, const JobConfig& job);
+Status write_job_state(const std::filesystem::path& job_dir, const JobDirState& state);
+
+// The advice printed when a job stops with a checkpoint it can resume from.
+std::string resume_advice(const std::filesystem::path& job_dir, int64_t step);
+
+}  // namespace sn::train

@@ -1,0 +1,228 @@
+// Churn (issue 13, items 3 and 4; docs/resilience.md): real devnets
+// on 127.0.0.1 whose nodes are killed with SIGKILL mid-job (the devnet's
+// hidden --kill-at), joined mid-job (--join-at-step) and restarted with their
+// data dir (--restart-after-s). Each job is tiny; each run is compared with an
+// undisturbed run of the same job.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "core/fs.h"
+#include "core/keys.h"
+#include "../common/test_support.h"
+
+namespace fs = std::filesystem;
+using namespace sn;
+using namespace std::chrono_literals;
+using sn::ChildProcess;
+using sn::SpawnOptions;
+
+namespace {
+
+fs::path data(const std::string& name) { return test::source_path("tests/train/data") / name; }
+
+struct DevnetRun {
+  int status = -1;
+  nlohmann::json summary;
+  std::string err;
+  fs::path devnet_dir;  // kept (--keep) so the test can read node keys; removed by the test
+};
+
+// A devnet on the churn topology, no chain, short peer timeout; EXTRA adds flags.
+DevnetRun devnet(const std::string& name, const std::string& job, const std::vector<std::string>& extra) {
+  auto dir = test::scratch("churn", name);
+  std::vector<std::string> argv = {test::solvernet_bin(), "devnet", "--job", data(job).string(), "--topology",
+                                   data("churn-net.toml").string(), "--no-chain", "--json", "--keep",
+                                   "--peer-timeout-s", "4", "--out", (dir / "model.safetensors").string()};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  auto run = test::run_command(argv, dir, 120s);
+  DevnetRun out;
+  out.status = run.status;
+  out.err = run.err;
+  try {
+    out.summary = nlohmann::json::parse(run.out);
+    out.devnet_dir = out.summary.value("devnet_dir", "");
+  } catch (...) {
+  }
+  fs::remove_all(dir);
+  return out;
+}
+
+// The undisturbed run of JOB on NODES nodes (STEPS: 0 for the job's own), once per test binary.
+const DevnetRun& reference(const std::string& job, int nodes, int steps = 0) {
+  static std::map<std::string, DevnetRun> runs;
+  const std::string key = job + "/" + std::to_string(nodes) + "/" + std::to_string(steps);
+  if (!runs.count(key)) {
+    std::vector<std::string> flags = {"--nodes", std::to_string(nodes), "--spares", "0"};
+    if (steps > 0) flags.insert(flags.end(), {"--steps", std::to_string(steps)});
+    runs[key] = devnet("ref", job, flags);
+    if (!runs[key].devnet_dir.empty()) fs::remove_all(runs[key].devnet_dir);
+  }
+  return runs[key];
+}
+
+std::string node_id_of(const fs::path& devnet_dir, int node) {
+  auto key = NodeKey::load_or_create(devnet_dir / ("node" + std::to_string(node)));
+  return key.ok() ? key->node_id() : "";
+}
+
+// The recovery report of a summary, checked for one recovery that replaced one node.
+const nlohmann::json& one_recovery(const DevnetRun& run) {
+  static const nlohmann::json none = nlohmann::json::object();
+  if (!run.summary.contains("recovery") || run.summary["recovery"]["recoveries"].empty()) return none;
+  return run.summary["recovery"]["recoveries"][0];
+}
+
+}  // namespace
+
+// A replica killed mid-step while its stage has another: a spare takes its
+// role from the mirrored checkpoint, the steps since are run again, and the
+// final weights are bitwise those of the run nobody disturbed.
+TEST(Churn, ReplicaKilledMidStepFinishesWithTheUndisturbedWeights) {
+  const auto& ref = reference("churn.toml", 5);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto run = devnet("replica", "churn.toml", {"--nodes", "5", "--spares", "1", "--kill-at", "4:1.1", "--kill-delay-ms", "30"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const auto& recovery = one_recovery(run);
+  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
+  EXPECT_EQ(recovery["dead"].size(), 1u);
+  EXPECT_EQ(recovery["replacements"].size(), 1u);
+  EXPECT_LE(recovery["restored_step"].get<int64_t>(), 4);
+  EXPECT_EQ(recovery["aqsgd_buffers"], "restored from the checkpoint");
+  EXPECT_EQ(run.summary["steps"], ref.summary["steps"]);
+  EXPECT_EQ(run.summary["model_hash"], ref.summary["model_hash"]);
+  EXPECT_EQ(run.summary["stage_state_hashes"], ref.summary["stage_state_hashes"]);
+  EXPECT_EQ(run.summary["losses"], ref.summary["losses"]);
+  EXPECT_TRUE(run.summary["recovery"]["idle_spares"].empty());  // the one spare was used
+  fs::remove_all(run.devnet_dir);
+}
+
+// The only holder of a stage killed: the job restarts from the last mirrored
+// checkpoint on a spare and redoes the steps since; the loss stays within
+// 1e-6 (relative) of the undisturbed run's (in fact the run is bitwise the same).
+TEST(Churn, OnlyHolderOfAStageKilledFinishesFromTheCheckpoint) {
+  const auto& ref = reference("churn-pipeline.toml", 3);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto run = devnet("holder", "churn-pipeline.toml", {"--nodes", "3", "--spares", "1", "--kill-at", "5:1.0"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const auto& recovery = one_recovery(run);
+  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
+  EXPECT_EQ(recovery["restored_step"].get<int64_t>(), 3);  // checkpoint_every = 3
+  EXPECT_GE(recovery["redone_steps"].get<double>(), 2.0);
+  const double loss = run.summary["loss_last"].get<double>(), want = ref.summary["loss_last"].get<double>();
+  EXPECT_LE(std::abs(loss - want), 1e-6 * std::abs(want)) << loss << " vs " << want;
+  EXPECT_EQ(run.summary["model_hash"], ref.summary["model_hash"]);
+  fs::remove_all(run.devnet_dir);
+}
+
+// No spare at the start: a node that starts during the job is found through
+// the DHT and takes the dead member's place.
+TEST(Churn, NodeJoiningMidJobIsUsedAsASpare) {
+  const auto& ref = reference("churn-pipeline.toml", 3);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto run = devnet("join", "churn-pipeline.toml",
+                    {"--nodes", "2", "--spares", "0", "--join-at-step", "1", "--kill-at", "5:0.0", "--spare-wait-s", "30"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const auto& recovery = one_recovery(run);
+  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
+  ASSERT_EQ(recovery["replacements"].size(), 1u);
+  const std::string joined = node_id_of(run.devnet_dir, 2);  // the devnet's third node: the one that joined
+  ASSERT_FALSE(joined.empty());
+  EXPECT_NE(recovery["replacements"][0].get<std::string>().find("node " + joined.substr(0, 8)), std::string::npos)
+      << recovery.dump();
+  EXPECT_EQ(run.summary["model_hash"], ref.summary["model_hash"]);
+  fs::remove_all(run.devnet_dir);
+}
+
+// A node killed with SIGKILL and started again with its data dir comes back
+// as a spare (the only one) and takes its old role again.
+TEST(Churn, NodeRestartedWithItsDataDirRejoins) {
+  const auto& ref = reference("churn-pipeline.toml", 3);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto run = devnet("restart", "churn-pipeline.toml",
+                    {"--nodes", "2", "--spares", "0", "--kill-at", "4:1.0", "--restart-after-s", "1",
+                     "--spare-wait-s", "30"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const auto& recovery = one_recovery(run);
+  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
+  ASSERT_EQ(recovery["dead"].size(), 1u);
+  ASSERT_EQ(recovery["replacements"].size(), 1u);
+  // "node 3fa2c1d0 (stage 1, replica 0) at …": the same node id, at its new address.
+  const std::string dead = recovery["dead"][0], back = recovery["replacements"][0];
+  EXPECT_EQ(dead.substr(0, 14), back.substr(0, 14)) << dead << " / " << back;
+  EXPECT_EQ(run.summary["model_hash"], ref.summary["model_hash"]);
+  fs::remove_all(run.devnet_dir);
+}
+
+// No spare: the job stops cleanly with its checkpoint and the --resume advice;
+// `train --resume JOB_DIR` on other nodes continues it from that checkpoint
+// to the model the undisturbed run makes.
+TEST(Churn, StoppedJobResumesFromItsJobDir) {
+  const auto& ref = reference("churn-pipeline.toml", 3, 60);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto dir = test::scratch("churn", "resume");
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
+  const int dht_port = 20000 + ((::getpid() + 7919) % 20000);
+  auto dht = ChildProcess::spawn({test::solvernet_bin(), "dht", "--port", std::to_string(dht_port)}, quiet);
+  ASSERT_TRUE(dht.ok());
+  const std::string bootstrap = "127.0.0.1:" + std::to_string(dht_port);
+  auto node = [&](int i, const char* region) {
+    return ChildProcess::spawn({test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
+                                "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region",
+                                region},
+                               quiet);
+  };
+  std::vector<ChildProcess> nodes;
+  for (int i = 0; i < 2; ++i) {
+    auto n = node(i, i == 0 ? "a" : "b");
+    ASSERT_TRUE(n.ok());
+    nodes.push_back(std::move(n).value());
+  }
+  const std::string key = (dir / "client.key").string();
+  SpawnOptions client_out;
+  client_out.stdout_path = dir / "client.out";
+  client_out.stderr_path = dir / "client.err";
+  auto client = ChildProcess::spawn({test::solvernet_bin(), "train", "--job", data("churn-pipeline.toml").string(),
+                                     "--steps", "60", "--bootstrap", bootstrap, "--topology",
+                                     data("churn-net.toml").string(), "--peer-timeout-s", "4", "--key", key,
+                                     "--job-dir", (dir / "jobs").string()},
+                                    client_out);
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(test::wait_for_text(dir / "client.err", "step 6/60", 60s)) << read_file(dir / "client.err").value_or("");
+  ::kill(nodes[1].pid(), SIGKILL);
+  auto status = client->wait_for(60s);
+  ASSERT_TRUE(status.has_value()) << "the client still runs 60 s after the node died";
+  EXPECT_NE(*status, 0);
+  const std::string err = read_file(dir / "client.err").value_or("");
+  EXPECT_NE(err.find("no spare node is available"), std::string::npos) << err;
+  EXPECT_NE(err.find("solvernet train --resume"), std::string::npos) << err;
+  fs::path job_dir;
+  for (const auto& entry : fs::directory_iterator(dir / "jobs")) job_dir = entry.path();
+  ASSERT_FALSE(job_dir.empty());
+  // Another node takes the dead one's place; the job goes on from its job dir.
+  auto fresh = node(2, "b");
+  ASSERT_TRUE(fresh.ok());
+  auto resumed = test::run_command({test::solvernet_bin(), "train", "--resume", job_dir.string(), "--bootstrap",
+                                    bootstrap, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                    "4", "--key", key, "--json", "--wait-s", "30"},
+                                   dir, 120s);
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  auto summary = nlohmann::json::parse(resumed.out);
+  EXPECT_GE(summary["recovery"]["resumed_from"].get<int64_t>(), 3);
+  EXPECT_EQ(summary["steps"], 60);
+  EXPECT_EQ(summary["losses"], ref.summary["losses"]);
+  EXPECT_EQ(summary["model_hash"], ref.summary["model_hash"]);
+  // A completed job is not resumed twice.
+  auto again = test::run_command({test::solvernet_bin(), "train", "--resume", job_dir.string(), "--bootstrap", bootstrap},
+                                 dir, 30s);
+  EXPECT_EQ(again.status, 2) << again.err;
+  fresh->terminate();
+  nodes[0].terminate();
+  dht->terminate();
+  fs::remove_all(dir);
+}
