@@ -176,6 +176,9 @@ class Devnet {
   Status restart_node(size_t i) {
     SpawnOptions options;
     options.stdout_path = options.stderr_path = dir_ / fmt::format("node{}-restarted.log", i);
+    // Started from a churn thread that ends before the node should: it dies
+    // with the devnet through --parent-pid instead.
+    options.parent_death_signal = 0;
     SN_ASSIGN(auto child, ChildProcess::spawn(argvs_.at(i), options));
     nodes_.at(i) = std::move(child);
     return ok_status();

@@ -109,7 +109,9 @@ class JobSession {
   // gone) stops the job; its message says where the checkpoint is and how to
   // resume.
   Result<int64_t> recover(int64_t failed_step, Error failure);
-  std::optional<net::MemberInfo> take_spare();
+  // An idle node that answers, not one of the LIVE members (a dead member
+  // restarted with its data dir has its old node id and is welcome back).
+  std::optional<net::MemberInfo> take_spare(const std::set<std::string>& live);
 
   const JobConfig& job_;
   std::vector<net::MemberInfo> members_;  // a recovery puts spares in dead members' places
@@ -337,11 +339,9 @@ Status JobSession::mirror_checkpoints(int64_t step) {
   return ok_status();
 }
 
-std::optional<net::MemberInfo> JobSession::take_spare() {
+std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string>& members) {
   const auto& recovery = options_.recovery;
   const auto deadline = Clock::now() + recovery.spare_wait;
-  std::set<std::string> members;
-  for (const auto& m : members_) members.insert(m.node_id);
   while (true) {
     while (!spares_.empty()) {
       net::MemberInfo spare = spares_.front();
@@ -377,8 +377,11 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
     ++recoveries_;
     spdlog::warn("{}", failure.message);
     const auto dead = fleet_->unresponsive(deadlines_.fleet.ping);
+    std::set<std::string> live;
+    for (size_t i = 0; i < members_.size(); ++i)
+      if (std::find(dead.begin(), dead.end(), i) == dead.end()) live.insert(members_[i].node_id);
     for (size_t i : dead) {
-      auto spare = take_spare();
+      auto spare = take_spare(live);
       if (!spare)
         return stop(fmt::format("{}; {} is gone and no spare node is available to take its place", failure.message,
                                 member_name(members_[i])));
@@ -386,6 +389,7 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
       spare->stage = members_[i].stage;
       spare->replica = members_[i].replica;
       members_[i] = *spare;
+      live.insert(spare->node_id);
       report.replacements.push_back(member_name(members_[i]));
       spdlog::warn("recovery: {} takes the place of {}", report.replacements.back(), report.dead.back());
     }

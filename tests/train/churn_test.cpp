@@ -209,7 +209,8 @@ TEST(Churn, StoppedJobResumesFromItsJobDir) {
   ASSERT_TRUE(fresh.ok());
   auto resumed = test::run_command({test::solvernet_bin(), "train", "--resume", job_dir.string(), "--bootstrap",
                                     bootstrap, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
-                                    "4", "--key", key, "--json", "--wait-s", "30"},
+                                    "4", "--key", key, "--json", "--wait-s", "30", "--out",
+                                    (dir / "model.safetensors").string()},
                                    dir, 120s);
   ASSERT_EQ(resumed.status, 0) << resumed.err;
   auto summary = nlohmann::json::parse(resumed.out);
