@@ -439,6 +439,7 @@ Result<nlohmann::json> settle(DevnetSettlement& settlement, Devnet& devnet, uint
     options.members = members;
     options.seat = static_cast<uint64_t>(seat);
     options.lie = args.lying_verifier;
+    options.keep_going = [] { return !stop_requested(); };
     options.report = [&](const std::string& line) {
       say("verifier: " + line);
       // --silent-cheater: the cheater stops answering the moment it is challenged.

@@ -152,7 +152,13 @@ Result<std::shared_ptr<chain::MarketClient>> open_market(const ChainRoleArgs& ar
   auto rpc = std::make_shared<chain::RpcClient>(args.chain_rpc);
   Result<chain::Deployment> deployment =
       args.deployment.empty() ? chain::find_dev_deployment(rpc) : chain::Deployment::load(args.deployment);
-  if (!deployment.ok()) return input_error("--chain-rpc {}: {}", args.chain_rpc, deployment.message());
+  if (!deployment.ok()) {
+    if (!args.deployment.empty()) return input_error("--deployment {}: {}", args.deployment, deployment.message());
+    // No answer, or no market deployed there: the chain is not usable now (exit 1), not a typo.
+    return kind_error(ErrorKind::unavailable, "--chain-rpc {}: {}", args.chain_rpc, deployment.message());
+  }
+  // Only now, with the chain answering, does the data dir get keys.
+  if (auto made = ensure_directory(args.data_dir); !made.ok()) return input_error("--data {}: {}", args.data_dir, made.message());
   // The node's chain key; a journal of its own (the node process keeps DATA/chain.journal).
   auto key = chain::Key::load_or_create(std::filesystem::path(args.data_dir) / "chain.key");
   if (!key.ok()) return input_error("--data {}: {}", args.data_dir, key.message());
@@ -164,7 +170,9 @@ Result<std::shared_ptr<chain::MarketClient>> open_market(const ChainRoleArgs& ar
 Status check_role_args(const ChainRoleArgs& args) {
   if (args.chain_job < 1) return input_error("--chain-job must be ≥ 1 (a job id on the market), got {}", args.chain_job);
   if (args.data_dir.empty()) return input_error("--data must name a directory");
-  if (auto made = ensure_directory(args.data_dir); !made.ok()) return input_error("--data {}: {}", args.data_dir, made.message());
+  std::error_code ec;
+  if (std::filesystem::exists(args.data_dir, ec) && !std::filesystem::is_directory(args.data_dir, ec))
+    return input_error("--data {}: not a directory", args.data_dir);
   return ok_status();
 }
 
@@ -182,11 +190,11 @@ int run_verifier_command(const ChainRoleArgs& args) {
     return fail("verify run", fmt::format("--target must be in (0, 1), got {}", args.target), 2);
   if (!(args.fraction >= 0 && args.fraction <= 1))
     return fail("verify run", fmt::format("--fraction must be in [0, 1], got {}", args.fraction), 2);
+  auto market = open_market(args);
+  if (!market.ok()) return fail("verify run", market.message(), market.error().exit_code);
   auto key = NodeKey::load_or_create(args.data_dir);
   if (!key.ok()) return fail("verify run", key.message(), 2);
   train::init_single_threaded();  // replays compute what the nodes computed: one thread, as they run
-  auto market = open_market(args);
-  if (!market.ok()) return fail("verify run", market.message(), market.error().exit_code);
   verify::VerifierOptions options;
   options.work_dir = std::filesystem::path(args.data_dir) / "verify";
   options.key = &*key;
@@ -199,6 +207,7 @@ int run_verifier_command(const ChainRoleArgs& args) {
   options.target = args.target;
   options.fraction = args.fraction;
   options.lie = args.lie;
+  options.keep_going = [] { return !stop_requested(); };
   options.seed_timeout = std::chrono::seconds(static_cast<int64_t>(args.seed_timeout_s));
   // Live lines: stdout, or stderr under --json (stdout then holds the JSON alone).
   options.report = [&](const std::string& line) { (args.json ? std::cerr : std::cout) << line << std::endl; };
@@ -216,11 +225,11 @@ int run_referee_command(const ChainRoleArgs& args) {
     return fail("verify referee", fmt::format("--for must be ≥ 0 seconds, got {:g}", args.for_s), 2);
   auto view = read_summary(args.summary);
   if (!view.ok()) return fail("verify referee", view.message(), 2);
+  auto market = open_market(args);
+  if (!market.ok()) return fail("verify referee", market.message(), market.error().exit_code);
   auto key = NodeKey::load_or_create(args.data_dir);
   if (!key.ok()) return fail("verify referee", key.message(), 2);
   train::init_single_threaded();
-  auto market = open_market(args);
-  if (!market.ok()) return fail("verify referee", market.message(), market.error().exit_code);
   verify::RefereeOptions options;
   options.work_dir = std::filesystem::path(args.data_dir) / "referee";
   options.key = &*key;

@@ -64,6 +64,8 @@ class Verifier {
       // A liar lies about the first member only (one dispute to watch).
       lying_ = o_.lie && &endpoint == &o_.members.front();
       auto checked = check_member(endpoint, seed, job_state);
+      // Interrupted: the run ends here, nothing after it (finalizing) may act as if it had finished.
+      if (!checked.ok() && checked.error().kind == ErrorKind::aborted) return checked.error();
       if (!checked.ok()) {
         say(fmt::format("member stage {} replica {}: {}", endpoint.stage, endpoint.replica, checked.message()));
         out["members"].push_back({{"stage", endpoint.stage}, {"replica", endpoint.replica}, {"error", checked.message()}});
@@ -82,6 +84,13 @@ class Verifier {
       spdlog::info("{}", line);
   }
 
+  // Ctrl-C (or the caller's stop) ends the run between two polls.
+  Status check_going() const {
+    if (o_.keep_going && !o_.keep_going())
+      return kind_error(ErrorKind::aborted, "chain job {}: verification interrupted", o_.chain_job);
+    return ok_status();
+  }
+
   Result<Hash256> wait_for_seed() {
     const auto until = steady_clock::now() + o_.seed_timeout;
     std::string last;
@@ -92,6 +101,7 @@ class Verifier {
       if (steady_clock::now() >= until)
         return kind_error(ErrorKind::timeout, "chain job {}: no verifier seed within {} s ({})", o_.chain_job,
                           o_.seed_timeout.count(), last);
+      SN_TRY(check_going());
       std::this_thread::sleep_for(o_.poll);
     }
   }
@@ -228,6 +238,7 @@ class Verifier {
     int64_t last_round = -1;
     int rounds = 0;
     while (steady_clock::now() < until) {
+      SN_TRY(check_going());
       SN_ASSIGN(chain::DisputeState d, o_.market->dispute(id));
       const int64_t round_key = static_cast<int64_t>(d.stage) * 1000003 + static_cast<int64_t>(d.lo * 1009 + d.hi);
       if (round_key != last_round) {
@@ -249,7 +260,9 @@ class Verifier {
           say(fmt::format("dispute {}: its gas figures could not be read: {}", id, figures.message()));
         const bool won = outcome.value("winner", "") == chain::address_hex(o_.market->address());
         say(fmt::format("dispute {}: {} after {} rounds: {}", id, outcome.value("result", "closed"), rounds,
-                        won ? "the solver is slashed" : "the challenger loses its bond"));
+                        won                                         ? "the solver is slashed"
+                        : outcome.value("result", "") == "cancelled" ? "nobody is slashed, the bond is returned"
+                                                                     : "the challenger loses its bond"));
         return outcome;
       }
       SN_ASSIGN(uint64_t block, o_.market->rpc().block_number());

@@ -196,6 +196,9 @@ struct VerifierOptions {
   // disagrees with every claim.
   bool lie = false;
   std::function<void(const std::string&)> report;  // live lines (null: the log)
+  // Polled while it waits (the seed, each turn); false ends the run with an
+  // aborted error at once, its open disputes left to their deadlines (null: never).
+  std::function<bool()> keep_going;
 };
 
 // Takes the job's verifier seat if the seed selects this key, replays a

@@ -138,7 +138,8 @@ TEST(VerifyNetwork, ASolverThatStopsAnsweringLosesOnItsDeadline) {
 }
 
 // verify run / verify referee refuse bad input with one line and exit 2,
-// before touching the chain.
+// before touching the chain; a chain that does not answer is not bad input
+// (exit 1). None of them leaves a data dir or key behind.
 TEST(VerifyNetwork, RoleCommandsRefuseBadInput) {
   const fs::path dir = scratch("verify", "bad-input");
   ASSERT_TRUE(write_file_atomic(dir / "summary.json", R"({"job_id": "j", "placement": {"stages": [[{"node_id": "ab", "address": "127.0.0.1:1"}]]}})").ok());
@@ -147,23 +148,25 @@ TEST(VerifyNetwork, RoleCommandsRefuseBadInput) {
   struct Case {
     std::vector<std::string> args;
     std::string says;
+    int status = 2;
   };
   const std::vector<Case> cases = {
       {{"run", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "0", "--data", data_dir}, "--chain-job"},
       {{"run", "--summary", (dir / "garbage.json").string(), "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir}, "not JSON"},
       {{"run", "--summary", (dir / "missing.json").string(), "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir}, "--summary"},
       {{"run", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir, "--fraction", "2"}, "--fraction"},
-      {{"run", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir}, "--chain-rpc"},
+      {{"run", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir}, "--chain-rpc", 1},
       {{"referee", "--summary", summary, "--chain-rpc", "http://127.0.0.1:1", "--chain-job", "1", "--data", data_dir, "--for", "-1"}, "--for"},
   };
   for (const auto& c : cases) {
     std::vector<std::string> argv = {solvernet_bin(), "verify"};
     argv.insert(argv.end(), c.args.begin(), c.args.end());
     auto r = run_command(argv, dir, 30s);
-    EXPECT_EQ(r.status, 2) << c.says << ": " << r.err;
+    EXPECT_EQ(r.status, c.status) << c.says << ": " << r.err;
     EXPECT_NE(r.err.find(c.says), std::string::npos) << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   }
+  EXPECT_FALSE(fs::exists(data_dir)) << "a failed role command created its data dir";
   if (!HasFailure()) fs::remove_all(dir);
 }
 
