@@ -628,6 +628,11 @@ int run_devnet(const DevnetArgs& args) {
   if (nodes < needed)
     return fail("devnet", fmt::format("--nodes {} is fewer than the job's {} stages × {} replicas", nodes,
                                       spec.job.parallel.stages, spec.job.parallel.replicas), 2);
+  // Only verifiers may sit beyond the topology's places: the job's own members need one each.
+  if (needed > topology->device_count())
+    return fail("devnet", fmt::format("{}: the topology has places for {} nodes, the job needs {} ({} stages × {} replicas)",
+                                      args.topology, topology->device_count(), needed, spec.job.parallel.stages,
+                                      spec.job.parallel.replicas), 2);
   if (nodes > std::max(topology->device_count(), needed + extra_verifiers))
     return fail("devnet", args.nodes ? fmt::format("{}: the topology has places for {} nodes, --nodes asks for {}",
                                                    args.topology, topology->device_count(), nodes)
