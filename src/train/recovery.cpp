@@ -5,12 +5,28 @@
 
 #include <algorithm>
 #include <iterator>
+#include <optional>
 #include <set>
 
 #include "core/fs.h"
 
 namespace sn::train {
 namespace fs = std::filesystem;
+
+namespace {
+
+// The step of a mirrored checkpoint file "step-<12 digits>.…" (none for other names).
+std::optional<int64_t> checkpoint_file_step(const fs::path& path) {
+  const std::string name = path.filename().string();
+  if (name.size() < 18 || !name.starts_with("step-")) return std::nullopt;
+  try {
+    return std::stoll(name.substr(5, 12));
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+
+}  // namespace
 
 CheckpointMirror::CheckpointMirror(fs::path job_dir, int64_t stages, int64_t replicas)
     : dir_(std::move(job_dir) / "checkpoints"), stages_(stages), replicas_(replicas) {}
@@ -87,27 +103,14 @@ void CheckpointMirror::prune_before(int64_t step) const {
     for (int64_t r = 0; r < replicas_; ++r) {
       std::error_code ec;
       for (const auto& entry : fs::directory_iterator(role_dir(s, r), ec)) {
-        const std::string name = entry.path().filename().string();
         // step-<12 digits>.…: older steps go, manifest first (so none is left half complete).
-        if (name.size() < 18 || !name.starts_with("step-")) continue;
-        int64_t file_step = 0;
-        try {
-          file_step = std::stoll(name.substr(5, 12));
-        } catch (...) {
-          continue;
-        }
-        if (file_step < step && name.ends_with(".manifest.json")) fs::remove(entry.path(), ec);
+        const auto file_step = checkpoint_file_step(entry.path());
+        if (file_step && *file_step < step && entry.path().filename().string().ends_with(".manifest.json"))
+          fs::remove(entry.path(), ec);
       }
       for (const auto& entry : fs::directory_iterator(role_dir(s, r), ec)) {
-        const std::string name = entry.path().filename().string();
-        if (name.size() < 18 || !name.starts_with("step-")) continue;
-        int64_t file_step = 0;
-        try {
-          file_step = std::stoll(name.substr(5, 12));
-        } catch (...) {
-          continue;
-        }
-        if (file_step < step) fs::remove(entry.path(), ec);
+        const auto file_step = checkpoint_file_step(entry.path());
+        if (file_step && *file_step < step) fs::remove(entry.path(), ec);
       }
     }
 }
