@@ -1,6 +1,11 @@
 #include "cli/signals.h"
 
+#include <fmt/format.h>
 #include <signal.h>
+#include <unistd.h>
+
+#include <string>
+#include <thread>
 
 #include "core/process.h"
 
@@ -44,6 +49,17 @@ int wait_for_stop_signal() {
     int signal_number = sigtimedwait(&set, nullptr, &tick);
     if (signal_number > 0) sn::note_stop_signal(signal_number);
   }
+  // A server told to stop is gone within a bounded time even if a cleanup
+  // step hangs (a peer that froze, a chain that vanished): nothing it still
+  // holds is worth outliving the parent that asked it to go.
+  std::thread([signal_number = sn::stop_signal()] {
+    std::this_thread::sleep_for(kStopGrace);
+    const std::string line = fmt::format("solvernet: still stopping {} s after signal {}; exiting now\n",
+                                         std::chrono::duration_cast<std::chrono::seconds>(kStopGrace).count(),
+                                         signal_number);
+    [[maybe_unused]] auto written = ::write(2, line.data(), line.size());
+    ::_exit(128 + signal_number);
+  }).detach();
   return sn::stop_signal();
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 
 namespace sn::cli {
 
@@ -17,6 +18,9 @@ bool stop_requested();
 // wait_for_stop_signal() then waits for one (and records it as the stop
 // signal). Call before starting gRPC/DHT.
 void block_stop_signals();
+// Once the signal has come, the process has kStopGrace to finish its cleanup;
+// then it says so on stderr and exits 128 + the signal's number regardless.
+inline constexpr std::chrono::seconds kStopGrace{15};
 int wait_for_stop_signal();
 
 // 128 + the stop signal's number if a stop was requested, else 0.

@@ -139,7 +139,7 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
     auto admitted = options_.runtime->admit(
         id, *owner, bytes, fmt::format("inference session ({} positions of blocks [{}, {}))", max_length,
                                        request->first_block(), request->end_block()),
-        [this, id] { expire(id); }, options_.session_idle);
+        [this, id](const std::string& why) { expire(id, why); }, options_.session_idle);
     if (!admitted.ok()) {
       std::lock_guard<std::mutex> lock(mutex_);
       sessions_.erase(id);
@@ -293,9 +293,12 @@ class BlockServerImpl final : public BlockServer, public solvernet::v1::Infer::S
     if (release) options_.runtime->release(id);
   }
 
-  void expire(const std::string& id) {
-    spdlog::info("session {}: idle for {} s, dropped (its KV cache is freed)", id,
-                 std::chrono::duration<double>(options_.session_idle).count());
+  void expire(const std::string& id, const std::string& why) {
+    if (why == net::kLeaseRanOut)
+      spdlog::info("session {}: idle for {} s, dropped (its KV cache is freed)", id,
+                   std::chrono::duration<double>(options_.session_idle).count());
+    else
+      spdlog::info("session {}: dropped, {} (its KV cache is freed)", id, why);
     drop(id, false);
   }
 

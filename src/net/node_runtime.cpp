@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <utility>
 
 #include "net/control.h"
 #include "net/rpc.h"
@@ -92,6 +93,19 @@ void NodeRuntime::shutdown(std::chrono::system_clock::time_point deadline) {
     stopping_ = true;
   }
   wake_.notify_all();
+  // Handlers blocked on a job (a step waiting for its peers' messages) wake
+  // when the job is dropped; Server::Shutdown waits for every handler.
+  std::vector<std::pair<std::string, std::function<void(const std::string&)>>> held;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [id, job] : jobs_)
+      if (job.held && job.on_expire) held.emplace_back(id, std::exchange(job.on_expire, nullptr));
+  }
+  for (auto& [id, on_expire] : held) {
+    spdlog::info("job {}: dropped, the node is stopping", id);
+    on_expire("the node is stopping");
+    release(id);
+  }
   if (server_) server_->Shutdown(deadline);
   if (reaper_.joinable()) reaper_.join();
 }
@@ -142,7 +156,7 @@ Result<PublicKey> NodeRuntime::authorize(const std::string& job_id, const std::s
 }
 
 Status NodeRuntime::admit(const std::string& job_id, const PublicKey& owner, int64_t memory_bytes,
-                          const std::string& what, std::function<void()> on_expire,
+                          const std::string& what, std::function<void(const std::string& why)> on_expire,
                           std::chrono::milliseconds lease) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -216,7 +230,7 @@ void NodeRuntime::reaper_loop() {
     auto next = now + std::chrono::seconds(1);
     struct Expired {
       std::string id;
-      std::function<void()> on_expire;
+      std::function<void(const std::string& why)> on_expire;
       std::chrono::milliseconds lease;
     };
     std::vector<Expired> expired;
@@ -238,7 +252,7 @@ void NodeRuntime::reaper_loop() {
       for (auto& [id, on_expire, lease] : expired) {
         spdlog::warn("job {}: lease of {} s ran out (the client stopped renewing it); dropping the job", id,
                      std::chrono::duration<double>(lease).count());
-        if (on_expire) on_expire();
+        if (on_expire) on_expire(kLeaseRanOut);
         release(id);
       }
       lock.lock();

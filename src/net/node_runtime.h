@@ -47,6 +47,9 @@ struct HeldJobs {
   int64_t memory_limit_bytes = 0;
 };
 
+// The reason on_expire gets when a job's lease ran out (rather than the node stopping).
+inline constexpr const char* kLeaseRanOut = "the client's lease ran out";
+
 class NodeRuntime {
  public:
   explicit NodeRuntime(NodeRuntimeOptions options);
@@ -60,7 +63,10 @@ class NodeRuntime {
   // reaper. Error (invalid_input) if the address is bad or the port taken.
   Status start(const std::string& listen);
   int port() const { return port_; }
-  // Stops serving (in-flight calls get until DEADLINE). Idempotent.
+  // Stops serving. Every held job is dropped first (its on_expire runs with
+  // "the node is stopping"), so handlers blocked on a job's peers return at
+  // once rather than at their own timeouts; other in-flight calls get until
+  // DEADLINE. Idempotent.
   void shutdown(std::chrono::system_clock::time_point deadline);
 
   const NodeKey& key() const { return *options_.key; }
@@ -80,12 +86,13 @@ class NodeRuntime {
   // If JOB_ID is already held by OWNER, its reservation is replaced. Fails with
   // resource_exhausted naming the estimate and what is left ("job needs ~1.9
   // GiB for WHAT, this node admits 512 MiB"), permission_denied if another key
-  // holds JOB_ID. ON_EXPIRE runs on the reaper thread if the lease runs out;
-  // the job is released after it returns. LEASE overrides lease() for this job
+  // holds JOB_ID. ON_EXPIRE(why) runs on the reaper thread if the lease runs
+  // out, or in shutdown() when the node stops; the job is released after it
+  // returns. LEASE overrides lease() for this job
   // (zero: lease()); authorize() renews it by the same amount (an inference
   // session's idle timeout differs from a training job's lease).
   Status admit(const std::string& job_id, const PublicKey& owner, int64_t memory_bytes, const std::string& what,
-               std::function<void()> on_expire, std::chrono::milliseconds lease = {});
+               std::function<void(const std::string& why)> on_expire, std::chrono::milliseconds lease = {});
   // Frees JOB_ID's reservation (no-op if not held). Its owner and last
   // sequence are remembered for control_window, so old requests stay refused.
   void release(const std::string& job_id);
@@ -102,7 +109,7 @@ class NodeRuntime {
     std::chrono::steady_clock::time_point lease_until, forget_after;
     uint64_t highest_sequence = 0;
     std::vector<uint64_t> recent_sequences;  // accepted, within 1024 of highest
-    std::function<void()> on_expire;
+    std::function<void(const std::string& why)> on_expire;
   };
   void reaper_loop();
   void notify_change();

@@ -97,6 +97,7 @@ JobTransport::~JobTransport() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
+    cancel_in_flight_locked();
   }
   changed_.notify_all();
   for (auto& link : links_)
@@ -148,13 +149,21 @@ void JobTransport::sender_loop(int to) {
     Outgoing next = std::move(link.queue.front());
     link.queue.pop_front();
     link.busy = true;
-    lock.unlock();
-    std::this_thread::sleep_until(next.deliver_at);
+    // The emulated link's pacing, cut short when the job is aborted or the transport goes.
+    if (changed_.wait_until(lock, next.deliver_at, [&] { return stopping_ || aborted_.has_value(); })) {
+      link.busy = false;
+      changed_.notify_all();
+      if (stopping_) return;
+      continue;
+    }
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    link.in_flight = &context;
+    lock.unlock();
     solvernet::v1::Empty reply;
     grpc::Status status = link.stub->Send(&context, next.message, &reply);
     lock.lock();
+    link.in_flight = nullptr;
     link.busy = false;
     if (!status.ok() && !link.failure) {
       link.failure = kind_error(error_kind_of(status.error_code()), "{} did not accept a {} message: {}",
@@ -288,7 +297,14 @@ void JobTransport::abort(const std::string& reason) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!aborted_) aborted_ = reason;
   for (auto& link : links_) link->queue.clear();
+  cancel_in_flight_locked();
   changed_.notify_all();
+}
+
+void JobTransport::cancel_in_flight_locked() {
+  // A peer that froze holds a Send until its deadline; nobody waits for it now.
+  for (auto& link : links_)
+    if (link->in_flight) link->in_flight->TryCancel();
 }
 
 std::vector<LinkCounter> JobTransport::take_counters() {

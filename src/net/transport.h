@@ -159,6 +159,7 @@ class JobTransport final : public Transport {
     std::deque<Outgoing> queue;
     std::optional<Error> failure;
     bool busy = false;
+    grpc::ClientContext* in_flight = nullptr;  // the Send under way (cancelled by abort and destruction)
     std::thread sender;
     std::map<Traffic, std::pair<int64_t, int64_t>> counters;  // bytes, messages
   };
@@ -173,6 +174,7 @@ class JobTransport final : public Transport {
   void sender_loop(int to);
   void drop_locked(std::map<Tag, Held>::iterator it);
   Error refuse_locked(Error error);
+  void cancel_in_flight_locked();
 
   std::string job_id_;
   const NodeKey* key_ = nullptr;

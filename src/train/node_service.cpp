@@ -42,7 +42,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     const StageMemory memory = estimate_stage_memory(*job, request->stage(), request->first_layer(),
                                                      request->layer_count(), request->dataset_samples());
     auto admitted = options_.runtime->admit(job_id, *owner, memory.total, fmt::format("stage {}", request->stage()),
-                                            [this, job_id] { drop(job_id, "the client's lease ran out"); });
+                                            [this, job_id](const std::string& why) { drop(job_id, why); });
     if (!admitted.ok()) return net::to_grpc(admitted.error());
     const auto peer_timeout = request->peer_timeout_ms() > 0 ? std::chrono::milliseconds(request->peer_timeout_ms())
                                                              : options_.peer_timeout;

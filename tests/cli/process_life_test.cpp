@@ -1,5 +1,6 @@
 // Multi-process tests of process lifetimes, on 127.0.0.1 with real solvernet
-// processes: a SIGKILLed devnet leaves nothing behind, `chain up` refuses a
+// processes: a SIGKILLed devnet leaves nothing behind (even with a node frozen
+// mid-step), `chain up` refuses a
 // port another anvil holds, one node per data dir, an unreachable bootstrap is
 // reported, a dead node still listed is not placed, and signals give 130/143
 // and stop corpus preparation at once.
@@ -8,9 +9,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -123,8 +126,29 @@ class Life : public ::testing::Test {
 
 // ---- kind 4: children tied to their parent ----
 
-TEST_F(Life, SigkillOfTheDevnetLeavesNoProcessAndNoTempDir) {
-  auto dir = scratch("sigkill");
+std::string last_lines(const fs::path& file, size_t n) {
+  std::string text = read_file(file).value_or("(no log)");
+  size_t at = text.size();
+  for (size_t i = 0; i <= n && at != std::string::npos && at > 0; ++i) at = text.rfind('\n', at - 1);
+  return at == std::string::npos ? text : text.substr(at + 1);
+}
+
+// A devnet of 4 nodes training a long job, killed with SIGKILL by the tests below.
+struct RunningDevnet {
+  std::optional<ChildProcess> process;
+  std::string temp_dir;      // its node and chain keys
+  std::set<pid_t> tree;      // dht, nodes, anvil
+  std::vector<pid_t> nodes;  // the `solvernet node` processes
+};
+
+// argv of PID as one string, arguments joined by spaces.
+std::string cmdline_of(pid_t pid) {
+  std::string line = read_file("/proc/" + std::to_string(pid) + "/cmdline").value_or("");
+  std::replace(line.begin(), line.end(), '\0', ' ');
+  return line;
+}
+
+void start_training_devnet(const fs::path& dir, RunningDevnet& out) {
   SpawnOptions options;
   options.stdout_path = dir / "out.txt";
   options.stderr_path = dir / "err.txt";
@@ -133,33 +157,84 @@ TEST_F(Life, SigkillOfTheDevnetLeavesNoProcessAndNoTempDir) {
                                      (dir / "m.safetensors").string()},
                                     options);
   ASSERT_TRUE(devnet.ok());
+  out.process = std::move(devnet).value();
   // The chain is up (anvil, keys in the temp dir) and training has begun.
-  ASSERT_TRUE(wait_for_text(*devnet, dir / "err.txt", "step ", 120s));
+  ASSERT_TRUE(wait_for_text(*out.process, dir / "err.txt", "step ", 120s));
   std::string err = read_file(dir / "err.txt").value_or("");
   auto at = err.find("logs in ");
   ASSERT_NE(at, std::string::npos) << err;
-  const std::string temp_dir = err.substr(at + 8, err.find('\n', at) - at - 8);
-  ASSERT_TRUE(fs::exists(temp_dir));
-  auto tree = descendants(devnet->pid());
+  out.temp_dir = err.substr(at + 8, err.find('\n', at) - at - 8);
+  ASSERT_TRUE(fs::exists(out.temp_dir));
+  out.tree = descendants(out.process->pid());
+  for (pid_t pid : out.tree)
+    if (cmdline_of(pid).find(" node ") != std::string::npos) out.nodes.push_back(pid);
+  ASSERT_EQ(out.nodes.size(), 4u);
+}
+
+// Waits up to LIMIT until none of PIDS is alive and (if given) DIR is gone; returns those still alive.
+std::set<pid_t> wait_until_gone(std::set<pid_t> pids, const std::string& dir, std::chrono::seconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while ((!pids.empty() || (!dir.empty() && fs::exists(dir))) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(200ms);
+    for (auto it = pids.begin(); it != pids.end();) it = alive(*it) ? std::next(it) : pids.erase(it);
+  }
+  return pids;
+}
+
+TEST_F(Life, SigkillOfTheDevnetLeavesNoProcessAndNoTempDir) {
+  auto dir = scratch("sigkill");
+  RunningDevnet devnet;
+  ASSERT_NO_FATAL_FAILURE(start_training_devnet(dir, devnet));
   std::set<std::string> names;
-  for (pid_t pid : tree) names.insert(comm_of(pid));
+  for (pid_t pid : devnet.tree) names.insert(comm_of(pid));
   EXPECT_TRUE(names.count("anvil")) << "anvil is not a direct child of the devnet (a wrapper?)";
   EXPECT_FALSE(names.count("node")) << "anvil runs through its Node.js wrapper";
-  EXPECT_GE(tree.size(), 6u);  // dht, 4 nodes, anvil
+  EXPECT_GE(devnet.tree.size(), 6u);  // dht, 4 nodes, anvil
 
-  ::kill(devnet->pid(), SIGKILL);
-  devnet->wait();
+  ::kill(devnet.process->pid(), SIGKILL);
+  devnet.process->wait();
   const auto killed_at = std::chrono::steady_clock::now();
-  std::set<pid_t> left = tree;
-  const auto deadline = std::chrono::steady_clock::now() + 30s;
-  while ((!left.empty() || fs::exists(temp_dir)) && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(200ms);
-    for (auto it = left.begin(); it != left.end();) it = alive(*it) ? std::next(it) : left.erase(it);
-  }
-  std::printf("%zu processes of the devnet gone and its temp dir removed %.1f s after SIGKILL\n", tree.size(),
+  // Below the nodes' stop grace (15 s): they stop by dropping their jobs, not by the backstop.
+  auto left = wait_until_gone(devnet.tree, devnet.temp_dir, 12s);
+  std::printf("%zu processes of the devnet: %zu gone %.1f s after SIGKILL\n", devnet.tree.size(),
+              devnet.tree.size() - left.size(),
               std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count());
-  for (pid_t pid : left) ADD_FAILURE() << "still running 30 s after the devnet was killed: " << pid << " " << comm_of(pid);
-  EXPECT_FALSE(fs::exists(temp_dir)) << "the devnet's temp dir (node and chain keys) is still there: " << temp_dir;
+  for (pid_t pid : left) ADD_FAILURE() << "still running 12 s after the devnet was killed: " << pid << " " << comm_of(pid);
+  EXPECT_FALSE(fs::exists(devnet.temp_dir)) << "the devnet's temp dir (node and chain keys) is still there: " << devnet.temp_dir;
+  for (pid_t pid : left) ::kill(pid, SIGKILL);
+  fs::remove_all(dir);
+}
+
+// A node blocked mid-step on a peer that froze must not outlive the devnet by
+// its step timeout: the node's shutdown drops its jobs, which wakes the wait.
+TEST_F(Life, NodesWaitingOnAFrozenPeerStillDieWithTheDevnet) {
+  auto dir = scratch("frozen-peer");
+  RunningDevnet devnet;
+  ASSERT_NO_FATAL_FAILURE(start_training_devnet(dir, devnet));
+  const pid_t frozen = devnet.nodes.front();
+  ASSERT_EQ(::kill(frozen, SIGSTOP), 0);
+  std::this_thread::sleep_for(2s);  // the other nodes now wait for its messages
+  ::kill(devnet.process->pid(), SIGKILL);
+  devnet.process->wait();
+  std::set<pid_t> others;
+  for (pid_t pid : devnet.nodes)
+    if (pid != frozen) others.insert(pid);
+  auto left = wait_until_gone(others, "", 12s);
+  for (pid_t pid : left) {
+    std::string data = cmdline_of(pid);
+    data = data.substr(data.find("--data ") + 7);
+    data = data.substr(0, data.find(' '));
+    ADD_FAILURE() << "node " << pid << " still running 12 s after the devnet was killed; its log ends:\n"
+                  << last_lines(data + ".log", 8);
+    if (std::getenv("LIFE_DEBUG_STACKS"))
+      std::system(("gdb -p " + std::to_string(pid) + " -batch -ex 'thread apply all bt' 2>/dev/null | grep -E '^#|^Thread' | grep -v '__' | head -150").c_str());
+  }
+  // Woken, the frozen node finds its SIGTERM and goes too; then the temp dir is removed.
+  ::kill(frozen, SIGCONT);
+  auto all_left = wait_until_gone(devnet.tree, devnet.temp_dir, 25s);
+  for (pid_t pid : all_left) ADD_FAILURE() << "still running 25 s after SIGCONT: " << pid << " " << cmdline_of(pid);
+  EXPECT_FALSE(fs::exists(devnet.temp_dir)) << devnet.temp_dir;
+  for (pid_t pid : all_left) ::kill(pid, SIGKILL);
   for (pid_t pid : left) ::kill(pid, SIGKILL);
   fs::remove_all(dir);
 }
