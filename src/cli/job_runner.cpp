@@ -87,6 +87,18 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
                        {"steps", result.steady_steps},
                        {"bytes_pipeline", result.steady_bytes_pipeline},
                        {"bytes_data_parallel", result.steady_bytes_data_parallel}};
+  s["step_deadline_ms"] = result.step_deadline_ms;
+  s["step_p95_s"] = result.step_p95_seconds;
+  s["rtt_ms"] = result.rtt_ms;
+  if (spec.job.diloco.enabled) {
+    const auto& d = result.diloco;
+    s["diloco"] = {{"inner_steps", spec.job.diloco.inner_steps}, {"outer_lr", spec.job.diloco.outer_lr},
+                   {"outer_momentum", spec.job.diloco.outer_momentum}, {"pseudo_grad", spec.job.diloco.pseudo_grad},
+                   {"outer_steps", d.outer_steps}, {"dropped_groups", d.dropped_groups},
+                   {"dropped_at_step", d.dropped_at_step}, {"outer_hashes", d.outer_hashes},
+                   {"bytes_outer", d.bytes_outer}, {"data_bytes_not_sent", d.data_bytes_not_sent},
+                   {"dataset_hash", d.dataset_hash}};
+  }
   const auto& c = spec.job.compression;
   s["compression"] = {{"activations", c.activations}, {"forward_bits", c.forward_bits},
                       {"backward_bits", c.backward_bits}, {"gradients", c.gradients},
@@ -319,6 +331,14 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   options.client_key = &*key;
   options.peer_timeout = std::chrono::seconds(spec.peer_timeout_s);
   options.chain_job_id = spec.chain_job_id;
+  {
+    std::vector<solvernet::v1::NodeInfo> member_infos;
+    for (const auto& node : nodes)
+      if (std::any_of(placement.members.begin(), placement.members.end(),
+                      [&](const net::MemberInfo& m) { return m.node_id == node.node_id(); }))
+        member_infos.push_back(node);
+    options.peer_rtt_ms = net::slowest_rtt_ms(member_infos);
+  }
   // The job id is chosen here so the summary can name it (verifiers ask the nodes for it).
   options.job_id = !spec.job_id.empty()
                        ? spec.job_id

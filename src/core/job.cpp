@@ -133,6 +133,25 @@ static JobConfig read_job(TomlFile& file) {
     verify.reject_unknown_keys();
   }
 
+  if (root.has("diloco")) {
+    TomlTable diloco = root.table("diloco");
+    auto& d = job.diloco;
+    d.enabled = true;
+    d.inner_steps = diloco.integer("inner_steps", d.inner_steps, 1, kMaxSteps);
+    d.outer_lr = diloco.number("outer_lr", d.outer_lr, 1e-6, 10.0);
+    d.outer_momentum = diloco.number("outer_momentum", d.outer_momentum, 0.0, 0.999999);
+    d.pseudo_grad = diloco.choice("pseudo_grad", d.pseudo_grad, {"int8", "fp32"});
+    // The replicas part ways between outer steps: there is nothing to verify
+    // step by step against a peer, and no every-step gradient to compress.
+    if (!diloco.failed() && job.verify.enabled)
+      diloco.fail_here("[diloco] cannot be combined with [verify] (DiLoCo jobs are not verifiable yet)");
+    if (!diloco.failed() && c.gradients != "none")
+      diloco.fail_here(fmt::format("[diloco] needs compression.gradients = \"none\" (got \"{}\"): "
+                                             "groups exchange no gradients, only pseudo-gradients",
+                                             c.gradients));
+    diloco.reject_unknown_keys();
+  }
+
   root.reject_unknown_keys();
   return job;
 }
@@ -224,6 +243,9 @@ std::string job_to_toml(const JobConfig& j) {
   if (j.verify.enabled)
     out += fmt::format("\n[verify]\nsegment_steps = {}\ncommit_every = {}\n", j.verify.segment_steps,
                        j.verify.commit_every);
+  if (j.diloco.enabled)
+    out += fmt::format("\n[diloco]\ninner_steps = {}\nouter_lr = {:.17g}\nouter_momentum = {:.17g}\npseudo_grad = {}\n",
+                       j.diloco.inner_steps, j.diloco.outer_lr, j.diloco.outer_momentum, q(j.diloco.pseudo_grad));
   return out;
 }
 

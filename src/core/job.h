@@ -79,6 +79,19 @@ struct VerifyConfig {
   int64_t commit_every = 0;                 // steps between interim commits; 0: only at the end
 };
 
+// [diloco]: replica groups train apart and meet rarely (docs/diloco.md). Each
+// replica group (every stage's replica r: one whole pipeline) takes
+// inner_steps local AdamW steps with no all-reduce between groups; then, per
+// stage, the groups average their pseudo-gradients θ_start − θ_end (int8 with
+// a per-chunk scale, or fp32) and take one outer Nesterov step.
+struct DilocoConfig {
+  bool enabled = false;                     // the table is present
+  int64_t inner_steps = 50;                 // H: local steps between outer steps
+  double outer_lr = 0.7;
+  double outer_momentum = 0.9;              // Nesterov momentum μ; 0: plain averaging steps
+  std::string pseudo_grad = "int8";         // int8 | fp32: what the groups exchange
+};
+
 struct JobConfig {
   std::string name = "job";
   ModelConfig model;
@@ -87,6 +100,7 @@ struct JobConfig {
   TrainConfig train;
   CompressionConfig compression;
   VerifyConfig verify;
+  DilocoConfig diloco;
   std::filesystem::path source;             // the file it was read from, for messages
 
   int64_t sequences_per_micro_batch() const {

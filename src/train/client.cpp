@@ -20,6 +20,8 @@
 #include "train/adamw.h"
 #include "train/batches.h"
 #include "train/control.h"
+#include "net/rpc.h"
+#include "train/diloco.h"
 #include "train/fleet.h"
 #include "train/inputs.h"
 #include "train/recovery.h"
@@ -44,6 +46,9 @@ void fill_micro_batch(const MicroBatchData& data, bool with_tokens, bool with_ta
 // plus four times its compute estimated at a slow 1 GFLOP/s.
 struct JobDeadlines {
   milliseconds setup, step, fetch;
+  // A step's deadline adapts (train/diloco.h, StepDeadline): `step` above
+  // until the first step, then max(step_floor, 8 × RTT + 3 × recent p95).
+  milliseconds step_floor;
   FleetTimeouts fleet;
 };
 
@@ -57,6 +62,9 @@ JobDeadlines deadlines_for(const JobConfig& job, milliseconds peer_timeout, size
   JobDeadlines d;
   d.setup = peer_timeout + std::chrono::seconds(30) + transfer(static_cast<double>(weights_bytes));
   d.step = 2 * peer_timeout + 4 * compute;
+  // Never below one peer timeout: a node waiting for a peer gives up by
+  // then and says which peer, an error worth more than the client's timeout.
+  d.step_floor = peer_timeout;
   d.fetch = peer_timeout + transfer(4.0 * params / stages);
   // A member silent for half the peer timeout (3..15 s) has stopped, well
   // before its peers give up waiting for it.
@@ -81,6 +89,9 @@ class JobSession {
   Status set_up_members(int64_t start_step);
   Status train();
   Status evaluate();
+  // [diloco]: inner steps per live replica group, outer steps at every
+  // inner_steps-th step and the last; a group that fails is dropped.
+  Status train_diloco();
   Status fetch_model();
   void end() {
     fleet_->end_all(false, "");
@@ -112,6 +123,12 @@ class JobSession {
   // An idle node that answers, not one of the LIVE members (a dead member
   // restarted with its data dir has its old node id and is welcome back).
   std::optional<net::MemberInfo> take_spare(const std::set<std::string>& live);
+  Status diloco_outer_step(int64_t steps_done);
+  // A held-out batch on the live groups only (each its own share of it).
+  Result<double> diloco_evaluate(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches);
+  void drop_groups(const std::set<int>& failed, int64_t step, const std::string& why);
+  std::vector<size_t> live_members() const;
+  int first_live_group() const;
 
   const JobConfig& job_;
   std::vector<net::MemberInfo> members_;  // a recovery puts spares in dead members' places
@@ -131,6 +148,9 @@ class JobSession {
   std::vector<net::MemberInfo> spares_;
   int recoveries_ = 0;
   int64_t start_step_ = 0;
+  std::optional<StepDeadline> step_deadline_;
+  std::string dataset_hash_;            // [diloco]: binary, 32 bytes
+  std::vector<bool> live_groups_;       // per replica group; all live unless [diloco] dropped some
 };
 
 Status JobSession::check_members() {
@@ -147,6 +167,12 @@ Status JobSession::check_members() {
 Status JobSession::prepare_data() {
   SN_ASSIGN(auto corpus, model::prepare_corpus(job_.data, static_cast<int>(job_.model.vocab)));
   SN_ASSIGN(tokenizer_vocab_, read_file(corpus.vocab_file));
+  if (job_.diloco.enabled) {
+    const Hash256 hash = dataset_hash(corpus.tokens);
+    dataset_hash_.assign(reinterpret_cast<const char*>(hash.data()), hash.size());
+    result_.diloco.dataset_hash = to_hex(hash);
+  }
+  live_groups_.assign(static_cast<size_t>(replicas_), true);
   dataset_.emplace(corpus.tokens, job_.model.seq_len, job_.data.holdout_fraction);
   if (dataset_->train_samples() < job_.train.global_batch)
     return input_error("{}: the corpus has {} training samples of {} tokens, fewer than train.global_batch = {}",
@@ -176,6 +202,7 @@ Status JobSession::prepare_data() {
     SN_TRY(write_job_file(recovery.job_dir, job_));
     if (start_step_ == 0) SN_TRY(write_job_state(recovery.job_dir, JobDirState{job_id_, 0, {}, ""}));
   }
+  step_deadline_.emplace(deadlines_.step, deadlines_.step_floor);
   return ok_status();
 }
 
@@ -241,6 +268,7 @@ Status JobSession::set_up_members(int64_t start_step) {
     request.set_peer_timeout_ms(options_.peer_timeout.count());
     request.set_initial_weights(stage_weights_[static_cast<size_t>(self.stage)]);
     request.set_start_step(start_step);
+    request.set_dataset_hash(dataset_hash_);
     sign_request(fleet_->signer(), "SetupJob", request);
     solvernet::v1::SetupJobReply reply;
     grpc::Status status = fleet_->stub(i).SetupJob(&context, request, &reply);
@@ -248,6 +276,14 @@ Status JobSession::set_up_members(int64_t start_step) {
     start_leaves[i] = reply.leaf();
     return status;
   }));
+  // The slowest round trip among the members (their probes) or to them from
+  // here: part of every step deadline from now on.
+  {
+    std::vector<std::pair<std::string, std::string>> addresses;
+    for (const auto& m : members_) addresses.emplace_back(m.address, m.node_id);
+    result_.rtt_ms = std::max(options_.peer_rtt_ms, measure_client_rtt_ms(addresses));
+    step_deadline_->set_rtt_ms(result_.rtt_ms);
+  }
   int64_t lease = *std::min_element(leases.begin(), leases.end());
   fleet_->start_lease_renewal(milliseconds(lease > 0 ? lease : 30000));
   const bool first_setup = step_leaves_.empty();
@@ -478,6 +514,7 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
 }
 
 Status JobSession::train() {
+  if (job_.diloco.enabled) return train_diloco();
   const auto run_started = Clock::now();
   const int64_t every = job_.train.checkpoint_every;
   for (int64_t step = start_step_; step < job_.train.steps;) {
@@ -486,8 +523,12 @@ Status JobSession::train() {
       return kind_error(ErrorKind::aborted, "interrupted at step {} of {}", step, job_.train.steps);
     }
     const auto step_started = Clock::now();
+    deadlines_.step = step_deadline_->deadline();
     auto loss = run_step(step, step_batches(job_, *dataset_, step), false, fmt::format("step {}", step + 1));
-    if (loss.ok()) result_.losses.push_back(*loss);
+    if (loss.ok()) {
+      result_.losses.push_back(*loss);
+      step_deadline_->record(std::chrono::duration<double>(Clock::now() - step_started).count());
+    }
     Status advanced = loss.ok() ? ok_status() : Status(loss.error());
     // The members wrote a checkpoint in this step: mirror it before going on.
     if (advanced.ok() && mirror_ && every > 0 && (step + 1) % every == 0 && step + 1 < job_.train.steps)
@@ -518,6 +559,211 @@ Status JobSession::train() {
   result_.tokens_per_s =
       static_cast<double>(tokens_per_step(job_) * (job_.train.steps - start_step_)) / result_.wall_seconds;
   for (const auto& leaves : step_leaves_) result_.member_commitments.push_back(to_hex(leaves_root(leaves)));
+  result_.step_deadline_ms = static_cast<double>(step_deadline_->deadline().count());
+  result_.step_p95_seconds = step_deadline_->p95_seconds();
+  return ok_status();
+}
+
+std::vector<size_t> JobSession::live_members() const {
+  std::vector<size_t> out;
+  for (size_t i = 0; i < members_.size(); ++i)
+    if (live_groups_[static_cast<size_t>(members_[i].replica)]) out.push_back(i);
+  return out;
+}
+
+int JobSession::first_live_group() const {
+  for (int r = 0; r < static_cast<int>(replicas_); ++r)
+    if (live_groups_[static_cast<size_t>(r)]) return r;
+  return -1;
+}
+
+// The groups in FAILED leave the job: their members are told to abort (a
+// member still alive stops waiting for its dead peer), and from now on no
+// call goes to them. Their samples of this round are simply not trained on.
+void JobSession::drop_groups(const std::set<int>& failed, int64_t step, const std::string& why) {
+  std::vector<size_t> ending;
+  for (int r : failed) {
+    live_groups_[static_cast<size_t>(r)] = false;
+    result_.diloco.dropped_groups.push_back(r);
+    result_.diloco.dropped_at_step.push_back(step + 1);
+    for (int64_t s = 0; s < stages_; ++s) ending.push_back(static_cast<size_t>(s * replicas_ + r));
+    spdlog::warn("replica group {} dropped at step {}: {}", r, step + 1, why);
+  }
+  end_members(*fleet_, ending, "replica group dropped: " + why, deadlines_.fleet.end);
+}
+
+// The outer step on every live member; the replicas of each stage must then
+// report the same replica hash (weights and outer momentum, bitwise).
+Status JobSession::diloco_outer_step(int64_t steps_done) {
+  const auto members = live_members();
+  std::vector<int> groups;
+  for (size_t i : members) groups.push_back(members_[i].replica);
+  std::vector<solvernet::v1::RunStepReply> replies(members_.size());
+  const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
+    solvernet::v1::RunStepRequest request;
+    request.set_job_id(job_id_);
+    request.set_step(steps_done);
+    request.set_outer_sync(true);
+    for (int r = 0; r < static_cast<int>(replicas_); ++r)
+      if (live_groups_[static_cast<size_t>(r)]) request.add_outer_replicas(r);
+    sign_request(fleet_->signer(), "RunStep", request);
+    return fleet_->stub(i).RunStep(&context, request, &replies[i]);
+  });
+  // A group lost in the outer step itself takes the step with it: the
+  // survivors' all-gather cannot complete without it.
+  for (size_t k = 0; k < members.size(); ++k)
+    if (!statuses[k].ok()) {
+      auto error = kind_error(net::error_kind_of(statuses[k].error_code()),
+                              "{} failed during the outer step after step {}: {}", member_name(members_[members[k]]),
+                              steps_done, statuses[k].error_message());
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+  std::vector<std::string> hashes(static_cast<size_t>(stages_));
+  for (size_t i : members) {
+    const auto& reply = replies[i];
+    if (reply.replica_hash().size() != 32 || reply.state_hash().size() != 32) {
+      auto error = kind_error(ErrorKind::bad_peer, "{} sent outer-step hashes of {} and {} bytes, not 32",
+                              member_name(members_[i]), reply.replica_hash().size(), reply.state_hash().size());
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+    auto& expected = hashes[static_cast<size_t>(members_[i].stage)];
+    if (expected.empty()) expected = reply.replica_hash();
+    if (reply.replica_hash() != expected) {
+      auto error = kind_error(ErrorKind::bad_peer, "{} diverged from the other replicas of its stage at the outer step "
+                              "after step {}", member_name(members_[i]), steps_done);
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+    for (const auto& sent : reply.sent()) result_.diloco.bytes_outer += sent.bytes();
+    account_traffic(reply, steps_done, false);
+    if (members_[i].replica == first_live_group())
+      result_.stage_state_hashes[static_cast<size_t>(members_[i].stage)] = to_hex(as_bytes(reply.state_hash()));
+  }
+  for (auto& h : hashes) h = to_hex(as_bytes(h));
+  result_.diloco.outer_hashes.push_back(std::move(hashes));
+  ++result_.diloco.outer_steps;
+  return ok_status();
+}
+
+Result<double> JobSession::diloco_evaluate(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches) {
+  const auto members = live_members();
+  std::vector<int> groups;
+  for (size_t i : members) groups.push_back(members_[i].replica);
+  std::vector<solvernet::v1::RunStepReply> replies(members_.size());
+  const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
+    const auto& self = members_[i];
+    solvernet::v1::RunStepRequest request;
+    request.set_job_id(job_id_);
+    request.set_step(step);
+    request.set_forward_only(true);
+    for (const auto& mb : batches[static_cast<size_t>(self.replica)])
+      fill_micro_batch(mb, self.stage == 0, self.stage == stages_ - 1, request.add_micro_batches());
+    sign_request(fleet_->signer(), "RunStep", request);
+    return fleet_->stub(i).RunStep(&context, request, &replies[i]);
+  });
+  double loss_sum = 0;
+  int64_t loss_count = 0;
+  for (size_t k = 0; k < members.size(); ++k) {
+    if (!statuses[k].ok()) {
+      auto error = kind_error(net::error_kind_of(statuses[k].error_code()), "{} failed during held-out evaluation: {}",
+                              member_name(members_[members[k]]), statuses[k].error_message());
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+    loss_sum += replies[members[k]].loss_sum();
+    loss_count += replies[members[k]].loss_count();
+  }
+  if (loss_count == 0) return make_error("no loss came back from the last stage");
+  return loss_sum / static_cast<double>(loss_count);
+}
+
+Status JobSession::train_diloco() {
+  const auto run_started = Clock::now();
+  const int64_t steps = job_.train.steps, inner = job_.diloco.inner_steps;
+  // What the client no longer sends: each step's tokens (stage 0) and targets
+  // (last stage) as i64, every replica's share of the global batch.
+  const int64_t data_bytes_per_step = 2 * tokens_per_step(job_) * 8;
+  for (int64_t step = 0; step < steps; ++step) {
+    if (options_.cancel && options_.cancel->load()) {
+      fleet_->end_all(true, "interrupted by the user");
+      return kind_error(ErrorKind::aborted, "interrupted at step {} of {}", step, steps);
+    }
+    const auto step_started = Clock::now();
+    const auto members = live_members();
+    std::vector<int> groups;
+    for (size_t i : members) groups.push_back(members_[i].replica);
+    std::vector<solvernet::v1::RunStepReply> replies(members_.size());
+    const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
+      solvernet::v1::RunStepRequest request;
+      request.set_job_id(job_id_);
+      request.set_step(step);
+      sign_request(fleet_->signer(), "RunStep", request);
+      return fleet_->stub(i).RunStep(&context, request, &replies[i]);
+    });
+    std::set<int> failed;
+    std::string why;
+    for (size_t k = 0; k < members.size(); ++k)
+      if (!statuses[k].ok() && statuses[k].error_code() != grpc::StatusCode::CANCELLED) {
+        if (failed.insert(members_[members[k]].replica).second && why.empty())
+          why = fmt::format("{}: {}", member_name(members_[members[k]]), statuses[k].error_message());
+      }
+    for (size_t k = 0; k < members.size(); ++k)  // cancelled only because a group mate failed
+      if (!statuses[k].ok()) failed.insert(members_[members[k]].replica);
+    if (options_.cancel && options_.cancel->load()) {
+      fleet_->end_all(true, "interrupted by the user");
+      return kind_error(ErrorKind::aborted, "interrupted at step {} of {}", step + 1, steps);
+    }
+    if (!failed.empty()) drop_groups(failed, step, why);
+    if (first_live_group() < 0) {
+      auto error = kind_error(ErrorKind::unavailable, "every replica group failed by step {} (last: {})", step + 1, why);
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+    double loss_sum = 0;
+    int64_t loss_count = 0;
+    for (size_t i : live_members()) {
+      const auto& reply = replies[i];
+      if (reply.leaf().size() == 32) {
+        Hash256 leaf;
+        std::memcpy(leaf.data(), reply.leaf().data(), 32);
+        step_leaves_[i].push_back(leaf);
+      }
+      loss_sum += reply.loss_sum();
+      loss_count += reply.loss_count();
+      account_traffic(reply, step, false);
+      result_.node_compute_seconds_total += reply.compute_seconds() / static_cast<double>(members.size());
+      result_.node_wait_seconds_total += reply.wait_seconds() / static_cast<double>(members.size());
+    }
+    result_.diloco.data_bytes_not_sent += data_bytes_per_step;
+    if (loss_count == 0) return make_error("no loss came back from the last stage at step {}", step + 1);
+    if ((step + 1) % inner == 0 || step + 1 == steps) SN_TRY(diloco_outer_step(step + 1));
+    const double loss = loss_sum / static_cast<double>(loss_count);
+    result_.losses.push_back(loss);
+    if (step >= result_.first_steady_step) ++result_.steady_steps;
+    const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
+    step_deadline_->record(seconds);
+    result_.step_seconds_total += seconds;
+    if (options_.progress) {
+      StepReport report;
+      report.step = step + 1;
+      report.steps = steps;
+      report.loss = loss;
+      report.step_seconds = seconds;
+      const double elapsed = std::chrono::duration<double>(Clock::now() - run_started).count();
+      report.tokens_per_s = static_cast<double>(tokens_per_step(job_) * (step + 1)) / elapsed;
+      report.bytes_by_class = result_.bytes_by_class;
+      report.bytes_pipeline = result_.bytes_pipeline;
+      report.bytes_data_parallel = result_.bytes_data_parallel;
+      options_.progress(report);
+    }
+  }
+  result_.wall_seconds = std::chrono::duration<double>(Clock::now() - run_started).count();
+  result_.tokens_per_s = static_cast<double>(tokens_per_step(job_) * steps) / result_.wall_seconds;
+  for (const auto& leaves : step_leaves_) result_.member_commitments.push_back(to_hex(leaves_root(leaves)));
+  result_.step_deadline_ms = static_cast<double>(step_deadline_->deadline().count());
+  result_.step_p95_seconds = step_deadline_->p95_seconds();
   return ok_status();
 }
 
@@ -525,6 +771,11 @@ Status JobSession::evaluate() {
   const int64_t batches = holdout_batch_count(job_, *dataset_, options_.eval_batches);
   double sum = 0;
   for (int64_t i = 0; i < batches; ++i) {
+    if (job_.diloco.enabled) {
+      SN_ASSIGN(double loss, diloco_evaluate(-1 - i, holdout_batches(job_, *dataset_, i)));
+      sum += loss;
+      continue;
+    }
     SN_ASSIGN(double loss, run_step(-1 - i, holdout_batches(job_, *dataset_, i), true, "held-out evaluation"));
     sum += loss;
   }
@@ -538,7 +789,8 @@ Status JobSession::fetch_model() {
   NamedTensors whole;
   std::set<std::string> seen;
   for (int64_t s = 0; s < stages_; ++s) {
-    const size_t i = static_cast<size_t>(s * replicas_);
+    // Every live replica holds the same weights after the last step (or outer step).
+    const size_t i = static_cast<size_t>(s * replicas_ + first_live_group());
     solvernet::v1::FetchWeightsReply reply;
     auto fetched = fleet_->run_one(i, "fetching weights", deadlines_.fetch, [&](size_t m, grpc::ClientContext& context) {
       solvernet::v1::FetchWeightsRequest request;

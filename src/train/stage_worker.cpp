@@ -14,6 +14,7 @@
 #include "model/tensor_wire.h"
 #include "net/collectives.h"
 #include "train/allreduce.h"
+#include "train/diloco.h"
 #include "train/trace.h"
 #include "train/step_transport.h"
 
@@ -109,6 +110,11 @@ net::InboxLimits job_inbox_limits(const JobConfig& job, int64_t stage_parameters
     bytes += 2 * gradient_bytes + ring_messages * kHeaderBytes;
     messages += ring_messages;
   }
+  // [diloco]: an outer step's all-gather forwards D − 1 whole pseudo-gradients (f32 at most).
+  if (job.diloco.enabled) {
+    bytes += (replicas - 1) * (gradient_bytes + kCodecSlackBytes);
+    messages += replicas;
+  }
   // The tied embedding's swap between the first and the last stage.
   bytes += 2 * job.model.vocab * job.model.d_model * kF32 + kCodecSlackBytes;
   messages += 1;
@@ -193,6 +199,17 @@ Result<std::unique_ptr<StageWorker>> StageWorker::build(const solvernet::v1::Set
     }
   }
   w->optimizer_ = std::make_unique<AdamW>(w->parameters_, w->job_.train);
+  if (w->job_.diloco.enabled) {
+    w->diloco_ = std::make_unique<DilocoOuter>(w->job_.diloco, w->parameters_);
+    if (!request.dataset_hash().empty()) {
+      SN_ASSIGN(auto dataset, open_dataset(data_dir, w->job_, request.dataset_hash()));
+      if (dataset.train_samples() != request.dataset_samples())
+        return make_error("dataset {} has {} training samples here, the client counts {}",
+                          to_hex(as_bytes(request.dataset_hash())).substr(0, 16), dataset.train_samples(),
+                          request.dataset_samples());
+      w->dataset_ = std::make_unique<model::Dataset>(std::move(dataset));
+    }
+  }
   w->buffer_dir_ = data_dir / "compress" / w->job_id_;
   if (restore_from) {
     // Read and check the whole checkpoint first: its AQ-SGD buffer files must
@@ -371,6 +388,8 @@ TrainingState StageWorker::training_state() const {
   state.optimizer = optimizer_->state();
   if (replica_compressor_) state.residuals.emplace_back("compress.replica_residual", replica_compressor_->residual());
   if (tied_compressor_) state.residuals.emplace_back("compress.tied_residual", tied_compressor_->residual());
+  if (diloco_)
+    for (auto& entry : diloco_->state()) state.residuals.push_back(entry);
   for (auto [name, codec] : {std::pair{"fwd-out", forward_out_.get()}, std::pair{"fwd-in", forward_in_.get()},
                              std::pair{"bwd-out", backward_out_.get()}, std::pair{"bwd-in", backward_in_.get()}})
     if (codec)
@@ -431,6 +450,8 @@ Status StageWorker::apply_checkpoint(LoadedCheckpoint loaded, const std::string&
     if (auto status = compressor->set_residual(it->second); !status.ok())
       return make_error("{}: {}", where, status.message());
   }
+  if (diloco_)
+    if (auto status = diloco_->load_state(by_name); !status.ok()) return make_error("{}: {}", where, status.message());
   if (optimizer_->steps_taken() != step)
     return make_error("{}: holds step {}, asked to resume at {}", where, optimizer_->steps_taken(), step);
   steps_done_ = step;
@@ -618,7 +639,9 @@ Status StageWorker::forward_micro(StepState& state, int micro) {
 // then send the input's gradient back (except at the first stage).
 Status StageWorker::backward_micro(StepState& state, int micro) {
   const bool first = stage_ == 0, last = stage_ == stages_ - 1;
-  const double scale = 1.0 / static_cast<double>(job_.parallel.micro_batches * replicas_);
+  // The loss is a mean over what the gradient is summed over: every replica's
+  // micro-batches, or (DiLoCo, no all-reduce) this replica's own.
+  const double scale = 1.0 / static_cast<double>(job_.parallel.micro_batches * (diloco_ ? 1 : replicas_));
   const auto m = static_cast<size_t>(micro);
   std::vector<int64_t> ids;
   if (last) {
@@ -719,6 +742,10 @@ Status StageWorker::report(StepState& state, solvernet::v1::RunStepReply& reply)
 }
 
 Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::RunStepRequest& request) {
+  if (request.outer_sync()) return run_outer_sync(request);
+  // A DiLoCo node reads its own shard: the client sent the step number only.
+  if (dataset_ && !request.forward_only() && request.micro_batches_size() == 0)
+    return run_step(with_own_micro_batches(request, job_, *dataset_, stage_, replica_));
   SN_TRY(check_step(request));
   StepState state{request};
   state.step = request.step();
@@ -763,6 +790,45 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
   }
   SN_TRY(report(state, reply));
   if (!state.forward_only) SN_TRY(commit_step(request, reply));
+  return reply;
+}
+
+Result<solvernet::v1::RunStepReply> StageWorker::run_outer_sync(const solvernet::v1::RunStepRequest& request) {
+  if (!diloco_) return input_error("an outer step was asked of a job without [diloco]");
+  if (request.step() != steps_done_)
+    return make_error("asked for the outer step after {} steps but this stage has done {}", request.step(), steps_done_);
+  std::vector<int> ring;
+  bool self_in = false;
+  int previous = -1;
+  for (int r : request.outer_replicas()) {
+    if (r <= previous || r >= replicas_)
+      return input_error("outer step: replica groups must be ascending and below {}, got {}", replicas_, r);
+    previous = r;
+    self_in = self_in || r == replica_;
+    ring.push_back(member(stage_, r));
+  }
+  if (!self_in) return input_error("outer step: replica {} is not among the live groups", replica_);
+  const auto started = Clock::now();
+  transport_->begin_step(false);
+  // Tagged with the next step's number: the last inner step is already
+  // closed in the inbox, the next one is not.
+  SN_TRY(diloco_->step(*transport_, ring, steps_done_, peer_timeout_, parameters_));
+  SN_TRY(transport_->flush(peer_timeout_));
+  (void)transport_->take_step();
+  solvernet::v1::RunStepReply reply;
+  reply.set_step(request.step());
+  for (const auto& counter : live_ ? live_->take_counters() : std::vector<net::LinkCounter>{}) {
+    auto* sent = reply.add_sent();
+    sent->set_to_node_id(member_node_ids_[static_cast<size_t>(counter.to)]);
+    sent->set_link_class(counter.link_class);
+    sent->set_traffic(net::traffic_name(counter.traffic));
+    sent->set_bytes(counter.bytes);
+  }
+  const StateDigest digest = training_state_digest(training_state());
+  const Hash256 replica = diloco_->replica_hash(parameters_);
+  reply.set_state_hash(digest.root.data(), digest.root.size());
+  reply.set_replica_hash(replica.data(), replica.size());
+  reply.set_wait_seconds(std::chrono::duration<double>(Clock::now() - started).count());
   return reply;
 }
 

@@ -18,6 +18,7 @@
 #include "core/keys.h"
 #include "core/result.h"
 #include "compress/compress.h"
+#include "model/data.h"
 #include "model/gpt.h"
 #include "net/delivery.h"
 #include "net/transport.h"
@@ -30,7 +31,8 @@
 
 namespace sn::train {
 
-class StepTracer;  // train/trace.h
+class StepTracer;   // train/trace.h
+class DilocoOuter;  // train/diloco.h
 
 // One entry of a stage's schedule: forward or backward of micro-batch `micro`.
 struct ScheduleOp {
@@ -141,6 +143,10 @@ class StageWorker {
   Status reduce_replica_gradients(int64_t step);
   Status sync_tied_embedding(int64_t step);
   Status update_weights(int64_t step, solvernet::v1::RunStepReply& reply);
+  // [diloco]: the outer step among the request's live replica groups
+  // (train/diloco.h); steps_done_ is unchanged. The reply's replica_hash is
+  // the outer state every live replica must share (weights and momentum).
+  Result<solvernet::v1::RunStepReply> run_outer_sync(const solvernet::v1::RunStepRequest& request);
   Status report(StepState& state, solvernet::v1::RunStepReply& reply);
   // Everything the next step depends on, as a view (docs/commitments.md).
   TrainingState training_state() const;
@@ -188,6 +194,10 @@ class StageWorker {
   int64_t dataset_samples_ = 0;
   std::unique_ptr<CheckpointStore> checkpoints_;
   StepTracer* tracer_ = nullptr;  // trace hooks: null except when verifying
+  // [diloco] jobs: the outer state, and the dataset this node reads its own
+  // micro-batches from (null when the client sends tokens).
+  std::unique_ptr<DilocoOuter> diloco_;
+  std::unique_ptr<model::Dataset> dataset_;
 };
 
 }  // namespace sn::train

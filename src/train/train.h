@@ -151,6 +151,24 @@ struct TrainResult {
   int64_t resumed_from = 0;
   double mirror_seconds = 0;           // spent fetching checkpoints into the job dir, wall
   int64_t mirror_bytes = 0;
+  // The step deadline the client used last (ms), and what it came from: the
+  // 95th percentile of recent step times (s) and the slowest measured round
+  // trip between the members, or from the client to them (ms; 0: none).
+  double step_deadline_ms = 0;
+  double step_p95_seconds = 0;
+  double rtt_ms = 0;
+  // [diloco] jobs (docs/diloco.md).
+  struct Diloco {
+    int64_t outer_steps = 0;
+    std::vector<int> dropped_groups;          // replica groups dropped, in the order they failed
+    std::vector<int64_t> dropped_at_step;     // 1-based step each was dropped in
+    // Per outer step, per stage: the hex replica hash every live replica of
+    // the stage reported (the client checked they were equal).
+    std::vector<std::vector<std::string>> outer_hashes;
+    int64_t bytes_outer = 0;                  // pseudo-gradient traffic between replicas
+    int64_t data_bytes_not_sent = 0;          // tokens and targets the client did not send (nodes read them)
+    std::string dataset_hash;                 // hex
+  } diloco;
 };
 
 // How a distributed job survives its members (docs/resilience.md).
@@ -206,6 +224,9 @@ struct DistributedOptions {
   // leaves there itself (docs/verification.md).
   uint64_t chain_job_id = 0;
   RecoveryOptions recovery;
+  // The slowest round trip the members announce between one another (ms,
+  // net::slowest_rtt_ms; 0: none measured): step deadlines derive from it.
+  double peer_rtt_ms = 0;
 };
 
 // Runs JOB on MEMBERS (one per stage × replica; member.stage/.replica say the role).

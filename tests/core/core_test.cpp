@@ -303,3 +303,43 @@ TEST(Process, ListenerOfALocalPortIsFound) {
   ::close(fd);
   EXPECT_FALSE(tcp_port_listening(port));
 }
+
+TEST(Job, DilocoTableParsesRoundTripsAndNamesItsLimits) {
+  auto job = parse_job_string("[diloco]\ninner_steps = 10\nouter_lr = 0.5\nouter_momentum = 0.8\npseudo_grad = \"fp32\"\n",
+                              "j.toml");
+  ASSERT_TRUE(job.ok()) << job.message();
+  EXPECT_TRUE(job->diloco.enabled);
+  EXPECT_EQ(job->diloco.inner_steps, 10);
+  EXPECT_DOUBLE_EQ(job->diloco.outer_lr, 0.5);
+  EXPECT_DOUBLE_EQ(job->diloco.outer_momentum, 0.8);
+  EXPECT_EQ(job->diloco.pseudo_grad, "fp32");
+  auto again = parse_job_string(job_to_toml(*job), "again.toml");
+  ASSERT_TRUE(again.ok()) << again.message();
+  EXPECT_EQ(job_to_toml(*again), job_to_toml(*job));
+  // Defaults: the paper's outer Nesterov (0.7, 0.9) with int8 pseudo-gradients.
+  auto plain = parse_job_string("[diloco]\n", "j.toml");
+  ASSERT_TRUE(plain.ok()) << plain.message();
+  EXPECT_EQ(plain->diloco.pseudo_grad, "int8");
+  EXPECT_DOUBLE_EQ(plain->diloco.outer_lr, 0.7);
+  EXPECT_DOUBLE_EQ(plain->diloco.outer_momentum, 0.9);
+  EXPECT_FALSE(parse_job_string("[train]\nsteps = 3\n", "j.toml")->diloco.enabled);
+
+  auto zero = parse_job_string("[diloco]\ninner_steps = 0\n", "j.toml");
+  ASSERT_FALSE(zero.ok());
+  EXPECT_EQ(zero.error().exit_code, kExitBadInput);
+  EXPECT_NE(zero.message().find("diloco.inner_steps must be in [1, "), std::string::npos) << zero.message();
+  auto codec = parse_job_string("[diloco]\npseudo_grad = \"int4\"\n", "j.toml");
+  ASSERT_FALSE(codec.ok());
+  EXPECT_NE(codec.message().find("j.toml:2: diloco.pseudo_grad"), std::string::npos) << codec.message();
+  auto momentum = parse_job_string("[diloco]\nouter_momentum = 1.5\n", "j.toml");
+  ASSERT_FALSE(momentum.ok());
+  EXPECT_NE(momentum.message().find("diloco.outer_momentum must be in"), std::string::npos) << momentum.message();
+  auto verify = parse_job_string("[verify]\n[diloco]\n", "j.toml");
+  ASSERT_FALSE(verify.ok());
+  EXPECT_NE(verify.message().find("cannot be combined with [verify]"), std::string::npos) << verify.message();
+  auto compressed = parse_job_string("[compression]\ngradients = \"fp16\"\n[diloco]\n", "j.toml");
+  ASSERT_FALSE(compressed.ok());
+  EXPECT_NE(compressed.message().find("compression.gradients = \"none\""), std::string::npos) << compressed.message();
+  auto typo = parse_job_string("[diloco]\ninner_step = 3\n", "j.toml");
+  ASSERT_FALSE(typo.ok());
+}
