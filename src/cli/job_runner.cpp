@@ -96,7 +96,7 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
                    {"outer_momentum", spec.job.diloco.outer_momentum}, {"pseudo_grad", spec.job.diloco.pseudo_grad},
                    {"outer_steps", d.outer_steps}, {"dropped_groups", d.dropped_groups},
                    {"dropped_at_step", d.dropped_at_step}, {"outer_hashes", d.outer_hashes},
-                   {"bytes_outer", d.bytes_outer}, {"data_bytes_not_sent", d.data_bytes_not_sent},
+                   {"bytes_outer", d.bytes_outer}, {"diverged_before_outer", d.diverged_before_outer}, {"data_bytes_not_sent", d.data_bytes_not_sent},
                    {"dataset_hash", d.dataset_hash}};
   }
   const auto& c = spec.job.compression;

@@ -738,7 +738,14 @@ Status JobSession::train_diloco() {
     }
     result_.diloco.data_bytes_not_sent += data_bytes_per_step;
     if (loss_count == 0) return make_error("no loss came back from the last stage at step {}", step + 1);
-    if ((step + 1) % inner == 0 || step + 1 == steps) SN_TRY(diloco_outer_step(step + 1));
+    if ((step + 1) % inner == 0 || step + 1 == steps) {
+      // Before the outer step the groups should differ (each trained on its own shard).
+      std::map<int64_t, std::set<std::string>> states;
+      for (size_t i : live_members()) states[members_[i].stage].insert(replies[i].replica_hash());
+      if (std::any_of(states.begin(), states.end(), [](const auto& s) { return s.second.size() > 1; }))
+        ++result_.diloco.diverged_before_outer;
+      SN_TRY(diloco_outer_step(step + 1));
+    }
     const double loss = loss_sum / static_cast<double>(loss_count);
     result_.losses.push_back(loss);
     if (step >= result_.first_steady_step) ++result_.steady_steps;

@@ -781,7 +781,8 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_step(const solvernet::v1::R
   solvernet::v1::RunStepReply reply;
   if (!state.forward_only) {
     auto t0 = Clock::now();
-    SN_TRY(reduce_replica_gradients(state.step));
+    // DiLoCo: no all-reduce between replica groups; they meet at outer steps.
+    if (!diloco_) SN_TRY(reduce_replica_gradients(state.step));
     if (tracer_) tracer_->on_reduced();
     SN_TRY(sync_tied_embedding(state.step));
     if (tracer_) tracer_->on_tied();

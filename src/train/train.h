@@ -165,6 +165,9 @@ struct TrainResult {
     // Per outer step, per stage: the hex replica hash every live replica of
     // the stage reported (the client checked they were equal).
     std::vector<std::vector<std::string>> outer_hashes;
+    // Outer steps before which the live replicas of some stage held different
+    // states (the groups trained apart, as they should: no all-reduce).
+    int64_t diverged_before_outer = 0;
     int64_t bytes_outer = 0;                  // pseudo-gradient traffic between replicas
     int64_t data_bytes_not_sent = 0;          // tokens and targets the client did not send (nodes read them)
     std::string dataset_hash;                 // hex

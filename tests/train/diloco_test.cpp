@@ -124,6 +124,8 @@ TEST(Diloco, ReplicasStayEqualAndInt8AndFp32BothConverge) {
     }
     EXPECT_EQ(distinct.size(), 12u) << "every outer step moves every stage";
     EXPECT_TRUE(d["dropped_groups"].empty());
+    // The groups trained apart between outer steps (no every-step all-reduce).
+    EXPECT_EQ(d["diverged_before_outer"], 6);
     EXPECT_GT(d["bytes_outer"].get<int64_t>(), 0);
     EXPECT_EQ(d["data_bytes_not_sent"].get<int64_t>(), 24 * 2 * 8 * 32 * 8);
     EXPECT_EQ(d["dataset_hash"].get<std::string>().size(), 64u);
