@@ -8,6 +8,7 @@
 
 #include "cli/command.h"
 #include "privacy/accountant.h"
+#include "privacy/privacy.h"
 
 namespace sn::cli {
 namespace {
@@ -76,5 +77,16 @@ CommandRegistration privacy_command(
       return [args, eps] { return eps->parsed() ? run_epsilon(*args) : run_noise(*args); };
     });
 
+}  // namespace
+}  // namespace sn::cli
+
+namespace sn::cli {
+namespace {
+// Every [privacy] job this process runs (node, devnet, replay) uses the
+// privacy module: train calls it through its hooks (train/aggregation.h).
+const bool privacy_installed = [] {
+  privacy::install();
+  return true;
+}();
 }  // namespace
 }  // namespace sn::cli

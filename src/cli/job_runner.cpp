@@ -23,6 +23,7 @@
 #include "net/rpc.h"
 #include "net/local_mesh.h"
 #include "net/probe.h"
+#include "privacy/privacy.h"
 #include "sched/placement.h"
 #include "train/train.h"
 
@@ -33,11 +34,17 @@ std::string megabytes(int64_t bytes) { return fmt::format("{:.2f} MB", static_ca
 
 class ProgressLine {
  public:
-  explicit ProgressLine(bool quiet) : quiet_(quiet), tty_(::isatty(2)) {}
+  ProgressLine(bool quiet, const JobConfig& job) : quiet_(quiet), tty_(::isatty(2)), job_(job) {}
   void operator()(const train::StepReport& r) {
     if (quiet_) return;
     std::string line = fmt::format("step {}/{}  loss {:.4f}  {:.0f} tok/s  {:.2f} s/step", r.step, r.steps,
                                    r.loss, r.tokens_per_s, r.step_seconds);
+    // DP: ε spent so far, at the job's δ.
+    if (job_.privacy.dp && r.train_sequences > 0)
+      if (auto plan = privacy::plan_dp(job_, r.train_sequences); plan.ok())
+        if (auto spent = privacy::epsilon_spent(plan->noise_multiplier, plan->sample_rate, r.step, plan->delta);
+            spent.ok())
+          line += fmt::format("  ε {:.3f}", spent->epsilon);
     for (const auto& [cls, bytes] : r.bytes_by_class) line += fmt::format("  {} {}", cls, megabytes(bytes));
     if (tty_) {
       std::cerr << "\r\033[K" << line << std::flush;
@@ -49,6 +56,7 @@ class ProgressLine {
 
  private:
   bool quiet_, tty_;
+  const JobConfig& job_;
 };
 
 // NODES: the nodes the job ran on (not those merely discovered).
@@ -104,6 +112,24 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
                       {"backward_bits", c.backward_bits}, {"gradients", c.gradients},
                       {"gradient_bits", c.gradient_bits}, {"random_fraction", c.random_fraction},
                       {"topk_fraction", c.topk_fraction}};
+  const auto& p = spec.job.privacy;
+  if (p.enabled) {
+    nlohmann::json privacy{{"secure_aggregation", p.secure_aggregation}, {"dp", p.dp}};
+    if (p.secure_aggregation)
+      privacy["threshold"] = p.threshold > 0 ? p.threshold : privacy::default_threshold(static_cast<int>(spec.job.parallel.replicas));
+    if (p.dp && result.train_sequences > 0) {
+      if (auto plan = privacy::plan_dp(spec.job, result.train_sequences); plan.ok()) {
+        auto spent = privacy::epsilon_spent(plan->noise_multiplier, plan->sample_rate,
+                                            std::max<int64_t>(1, static_cast<int64_t>(result.losses.size())), plan->delta);
+        privacy["epsilon"] = spent.ok() ? spent->epsilon : plan->epsilon;
+        privacy["delta"] = plan->delta;
+        privacy["noise_multiplier"] = plan->noise_multiplier;
+        privacy["sample_rate"] = plan->sample_rate;
+        privacy["clip_norm"] = p.clip_norm;
+      }
+    }
+    s["privacy"] = privacy;
+  }
   return s;
 }
 
@@ -125,6 +151,15 @@ Status check_run_inputs(const RunSpec& spec, bool local) {
                                         spec.job.model.parameter_count())));
   }
   SN_TRY(model::check_corpus(spec.job.data, static_cast<int>(spec.job.model.vocab)));
+  if (local && spec.job.privacy.enabled)
+    return input_error("{}: a [privacy] job runs on nodes (devnet, or train --bootstrap), not with --local",
+                       spec.job.source.string());
+  // An ε no noise reaches is refused now (the floor does not depend on q).
+  if (spec.job.privacy.dp && spec.job.privacy.target_epsilon > 0)
+    if (auto sigma = privacy::noise_for_epsilon(spec.job.privacy.target_epsilon, 1.0, spec.job.train.steps,
+                                                spec.job.privacy.delta);
+        !sigma.ok())
+      return input_error("{}: privacy.target_epsilon: {}", spec.job.source.string(), sigma.message());
   if (!spec.initial_weights.empty()) SN_TRY(train::load_initial_weights(spec.job, spec.initial_weights));
   if (spec.time_dilation != 0 &&
       !(std::isfinite(spec.time_dilation) && spec.time_dilation >= kMinTimeDilation &&
@@ -363,7 +398,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
         return find_idle_nodes(bootstrap, {}, std::chrono::milliseconds(2000));
       };
   }
-  ProgressLine progress(spec.quiet);
+  ProgressLine progress(spec.quiet, spec.job);
   options.progress = [&](const train::StepReport& r) {
     progress(r);
     if (spec.on_step) spec.on_step(r);
@@ -412,7 +447,7 @@ Result<nlohmann::json> run_job_locally(const RunSpec& spec) {
   options.model_out = spec.model_out;
   options.initial_weights = spec.initial_weights;
   options.cancel = &install_stop_handlers();
-  ProgressLine progress(spec.quiet);
+  ProgressLine progress(spec.quiet, spec.job);
   options.progress = [&](const train::StepReport& r) { progress(r); };
   SN_ASSIGN(auto result, train::run_local(spec.job, options));
   nlohmann::json summary = summary_of(spec, result, 1);
@@ -475,6 +510,17 @@ void print_summary_table(const nlohmann::json& s) {
                                   rec["aqsgd_buffers"].get<std::string>()));
     if (r.value("resumed_from", int64_t{0}) > 0) row("resumed from", fmt::format("step {}", r["resumed_from"].get<int64_t>()));
     row("job dir", r.value("job_dir", ""));
+  }
+  if (s.contains("privacy")) {
+    const auto& p = s["privacy"];
+    std::string text;
+    if (p.value("secure_aggregation", false))
+      text += fmt::format("secure aggregation (t = {})", p.value("threshold", 0));
+    if (p.contains("epsilon"))
+      text += fmt::format("{}DP-SGD ε = {:.3f} at δ = {:g} (σ = {:.4g}, C = {:g}, q = {:.4g})", text.empty() ? "" : ", ",
+                          p["epsilon"].get<double>(), p.value("delta", 0.0), p.value("noise_multiplier", 0.0),
+                          p.value("clip_norm", 0.0), p.value("sample_rate", 0.0));
+    row("privacy", text);
   }
   if (!s.value("model_path", std::string()).empty()) row("model", s["model_path"].get<std::string>());
   std::cout << std::flush;

@@ -152,6 +152,47 @@ static JobConfig read_job(TomlFile& file) {
     diloco.reject_unknown_keys();
   }
 
+  if (root.has("privacy")) {
+    TomlTable priv = root.table("privacy");
+    auto& v = job.privacy;
+    v.enabled = true;
+    v.secure_aggregation = priv.boolean("secure_aggregation", v.secure_aggregation);
+    v.threshold = priv.integer("threshold", v.threshold, 0, kMaxReplicas);
+    v.fixed_point_range = priv.number("fixed_point_range", v.fixed_point_range, 1e-6, 1e6);
+    v.dp = priv.boolean("dp", v.dp);
+    v.clip_norm = priv.number("clip_norm", v.clip_norm, 1e-9, 1e9);
+    v.noise_multiplier = priv.number("noise_multiplier", v.noise_multiplier, 0.0, 1e6);
+    v.target_epsilon = priv.number("target_epsilon", v.target_epsilon, 0.0, 1e6);
+    v.delta = priv.number("delta", v.delta, 1e-300, 0.999999);
+    if (!priv.failed() && v.secure_aggregation) {
+      if (p.replicas < 2)
+        priv.fail("secure_aggregation", "privacy.secure_aggregation needs parallel.replicas ≥ 2 (it hides each "
+                                        "replica's gradient inside their sum)");
+      else if (v.threshold != 0 && !(2 * v.threshold > p.replicas && v.threshold <= p.replicas))
+        priv.fail("threshold", fmt::format("privacy.threshold must be in ({}, {}] (more than half the replicas), got {}",
+                                           p.replicas / 2.0, p.replicas, v.threshold));
+      else if (c.gradients == "cocktail")
+        priv.fail("secure_aggregation",
+                  "privacy.secure_aggregation does not combine with compression.gradients = \"cocktail\": its "
+                  "top-k sparsification tells every replica which coordinates were large; use gradients = \"none\" "
+                  "(secure aggregation sends 32-bit fixed point)");
+      else if (c.gradients == "fp16")
+        priv.fail("secure_aggregation",
+                  "privacy.secure_aggregation does not combine with compression.gradients = \"fp16\": masked values "
+                  "must be fixed point in Z_2^32 (that is its quantization); use gradients = \"none\"");
+    }
+    if (!priv.failed() && v.dp) {
+      if ((v.noise_multiplier > 0) == (v.target_epsilon > 0))
+        priv.fail("dp", "privacy.dp needs exactly one of noise_multiplier > 0 or target_epsilon > 0");
+    }
+    if (!priv.failed() && job.diloco.enabled)
+      priv.fail_here("[privacy] does not combine with [diloco] yet: DiLoCo groups exchange pseudo-gradients, not "
+                     "the every-step gradients that secure aggregation and DP-SGD protect");
+    if (!priv.failed() && !v.dp && !v.secure_aggregation)
+      priv.fail_here("[privacy] turns on nothing: set secure_aggregation = true and/or dp = true");
+    priv.reject_unknown_keys();
+  }
+
   root.reject_unknown_keys();
   return job;
 }
@@ -246,6 +287,11 @@ std::string job_to_toml(const JobConfig& j) {
   if (j.diloco.enabled)
     out += fmt::format("\n[diloco]\ninner_steps = {}\nouter_lr = {:.17g}\nouter_momentum = {:.17g}\npseudo_grad = {}\n",
                        j.diloco.inner_steps, j.diloco.outer_lr, j.diloco.outer_momentum, q(j.diloco.pseudo_grad));
+  if (j.privacy.enabled)
+    out += fmt::format("\n[privacy]\nsecure_aggregation = {}\nthreshold = {}\nfixed_point_range = {:.17g}\ndp = {}\n"
+                       "clip_norm = {:.17g}\nnoise_multiplier = {:.17g}\ntarget_epsilon = {:.17g}\ndelta = {:.17g}\n",
+                       j.privacy.secure_aggregation, j.privacy.threshold, j.privacy.fixed_point_range, j.privacy.dp,
+                       j.privacy.clip_norm, j.privacy.noise_multiplier, j.privacy.target_epsilon, j.privacy.delta);
   return out;
 }
 

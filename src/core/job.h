@@ -92,6 +92,21 @@ struct DilocoConfig {
   std::string pseudo_grad = "int8";         // int8 | fp32: what the groups exchange
 };
 
+// [privacy]: secure aggregation of a stage's replica gradients and DP-SGD
+// (docs/privacy.md). With the table present every member runs the privacy
+// hooks (train/aggregation.h) that the node's privacy module provides.
+struct PrivacyConfig {
+  bool enabled = false;                     // the table is present
+  bool secure_aggregation = false;          // replicas learn only the sum of their gradients
+  int64_t threshold = 0;                    // t of D survivors needed; 0: ceil(2D/3)
+  double fixed_point_range = 4.0;           // gradient values clamped to ±range before fixed point
+  bool dp = false;                          // DP-SGD: per-sequence clipping and Gaussian noise
+  double clip_norm = 1.0;                   // C: one sequence's whole-model gradient norm bound
+  double noise_multiplier = 0;              // sigma (noise std = sigma · C); 0: from target_epsilon
+  double target_epsilon = 0;                // 0: noise_multiplier is given
+  double delta = 1e-5;
+};
+
 struct JobConfig {
   std::string name = "job";
   ModelConfig model;
@@ -101,6 +116,7 @@ struct JobConfig {
   CompressionConfig compression;
   VerifyConfig verify;
   DilocoConfig diloco;
+  PrivacyConfig privacy;
   std::filesystem::path source;             // the file it was read from, for messages
 
   int64_t sequences_per_micro_batch() const {

@@ -551,6 +551,7 @@ Status JobSession::train() {
       report.bytes_by_class = result_.bytes_by_class;
       report.bytes_pipeline = result_.bytes_pipeline;
       report.bytes_data_parallel = result_.bytes_data_parallel;
+      report.train_sequences = dataset_->train_samples();
       options_.progress(report);
     }
     ++step;
@@ -558,6 +559,7 @@ Status JobSession::train() {
   result_.wall_seconds = std::chrono::duration<double>(Clock::now() - run_started).count();
   result_.tokens_per_s =
       static_cast<double>(tokens_per_step(job_) * (job_.train.steps - start_step_)) / result_.wall_seconds;
+  result_.train_sequences = dataset_->train_samples();
   for (const auto& leaves : step_leaves_) result_.member_commitments.push_back(to_hex(leaves_root(leaves)));
   result_.step_deadline_ms = static_cast<double>(step_deadline_->deadline().count());
   result_.step_p95_seconds = step_deadline_->p95_seconds();

@@ -115,6 +115,9 @@ net::InboxLimits job_inbox_limits(const JobConfig& job, int64_t stage_parameters
     bytes += (replicas - 1) * (gradient_bytes + kCodecSlackBytes);
     messages += replicas;
   }
+  // Secure aggregation: keys, shares and a reveal per sender beside its
+  // masked vector (no larger than the ring's share).
+  if (job.privacy.secure_aggregation) messages += 3 + ring_messages;
   // The tied embedding's swap between the first and the last stage.
   bytes += 2 * job.model.vocab * job.model.d_model * kF32 + kCodecSlackBytes;
   messages += 1;
@@ -329,6 +332,7 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
                                                 job_inbox_limits(w->job_, w->parameter_count(),
                                                                  w->job_.compression.gradients != "none")));
   SN_TRY(w->attach(w->live_, key.node_id()));
+  SN_TRY(w->attach_privacy(w->transport_.get(), &key, request));
   if (restored) {
     SN_TRY(w->apply_checkpoint(std::move(*restored), store->manifest_path(request.start_step()).string()));
     w->live_->finish_step(request.start_step() - 1);
@@ -352,6 +356,7 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create_offline(const solvernet
   w->cheat_first_ = cheat.first_step(w->job_.train.steps);
   const int self = w->member(w->stage_, w->replica_);
   SN_TRY(w->attach(std::move(link), w->member_node_ids_[static_cast<size_t>(self)]));
+  SN_TRY(w->attach_privacy(nullptr, nullptr, request));
   SN_TRY(w->apply_checkpoint(std::move(*restored), store.manifest_path(checkpoint_step).string()));
   const Hash256 state = w->state_hash();
   w->start_leaf_ = step_leaf(checkpoint_step, state, Hash256{}, Hash256{});
@@ -644,7 +649,9 @@ Status StageWorker::backward_micro(StepState& state, int micro) {
   const double scale = 1.0 / static_cast<double>(job_.parallel.micro_batches * (diloco_ ? 1 : replicas_));
   const auto m = static_cast<size_t>(micro);
   std::vector<int64_t> ids;
-  if (last) {
+  if (privacy_ && privacy_->sequence_clip_norm() > 0) {
+    SN_TRY(backward_clipped(state, micro));
+  } else if (last) {
     (state.losses[m] * scale).backward();
   } else {
     SN_ASSIGN(auto grad, pipeline_->receive(Flow::kGradient, state.step, micro, state.codec_ids(micro, ids)));
@@ -666,9 +673,73 @@ Status StageWorker::backward_micro(StepState& state, int micro) {
   return ok_status();
 }
 
-// Sum this stage's gradients across its replicas (dense ring, or compressed).
+Status StageWorker::backward_clipped(StepState& state, int micro) {
+  const bool last = stage_ == stages_ - 1;
+  const double scale = 1.0 / static_cast<double>(job_.parallel.micro_batches * replicas_);
+  const auto m = static_cast<size_t>(micro);
+  const int64_t batch = state.outputs[m].size(0);
+  torch::Tensor output_grad, targets;
+  std::vector<int64_t> ids;
+  if (last) {
+    const auto& batch_data = state.request.micro_batches(micro);
+    SN_ASSIGN(targets, model::tensor_from_proto(batch_data.targets(), torch::kInt64,
+                                                std::vector<int64_t>{batch, job_.model.seq_len}));
+  } else {
+    SN_ASSIGN(output_grad, pipeline_->receive(Flow::kGradient, state.step, micro, state.codec_ids(micro, ids)));
+    if (tracer_) tracer_->on_output_gradient(micro, output_grad);
+  }
+  // One sequence's share of the step's mean loss is scale / batch of its own
+  // mean token loss: clip that gradient at the same fraction of the bound.
+  const double bound = privacy_->sequence_clip_norm() * scale / static_cast<double>(batch);
+  torch::Tensor sum = sum_clipped_sequence_gradients(parameters_, batch, bound, [&](int64_t b, bool keep_graph) {
+    if (last) {
+      auto loss = model::lm_loss(state.outputs[m].slice(0, b, b + 1), targets.slice(0, b, b + 1)) *
+                  (scale / static_cast<double>(batch));
+      loss.backward({}, keep_graph);
+    } else {
+      torch::autograd::backward({state.outputs[m].slice(0, b, b + 1)}, {output_grad.slice(0, b, b + 1)},
+                                keep_graph);
+    }
+  });
+  dp_sum_ = dp_sum_.defined() ? dp_sum_.add_(sum) : sum;
+  return ok_status();
+}
+
+Status StageWorker::attach_privacy(net::Transport* link, const NodeKey* key,
+                                   const solvernet::v1::SetupJobRequest& request) {
+  if (!job_.privacy.enabled) return ok_status();
+  PrivacyContext context;
+  context.job = &job_;
+  context.job_id = job_id_;
+  context.stage = stage_;
+  context.stages = stages_;
+  context.replica = replica_;
+  context.replicas = replicas_;
+  for (int r = 0; r < replicas_; ++r) {
+    context.ring.push_back(member(stage_, r));
+    PublicKey pk{};
+    std::memcpy(pk.data(), request.members(member(stage_, r)).public_key().data(), 32);
+    context.ring_keys.push_back(pk);
+  }
+  context.transport = link;
+  context.key = key;
+  context.timeout = peer_timeout_;
+  context.train_sequences = dataset_samples_;
+  for (const auto& [name, p] : parameters_) context.layout.emplace_back(name, p.numel());
+  SN_ASSIGN(privacy_, make_privacy_hooks(context));
+  return ok_status();
+}
+
+// Sum this stage's gradients across its replicas (dense ring, compressed, or
+// through the privacy hooks: noise first, then secure aggregation).
 Status StageWorker::reduce_replica_gradients(int64_t step) {
-  torch::Tensor flat = flatten_gradients(parameters_);
+  torch::Tensor flat = dp_sum_.defined() ? std::exchange(dp_sum_, torch::Tensor()) : flatten_gradients(parameters_);
+  if (privacy_) privacy_->add_noise(flat, step, shared_seed(step, "dp-noise", stage_, replica_));
+  if (privacy_ && privacy_->aggregates()) {
+    SN_TRY(privacy_->reduce(flat, step));
+    unflatten_gradients(flat, parameters_);
+    return ok_status();
+  }
   std::vector<int> ring;
   for (int r = 0; r < replicas_; ++r) ring.push_back(member(stage_, r));
   RingOptions ring_options;

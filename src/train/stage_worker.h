@@ -24,6 +24,7 @@
 #include "net/transport.h"
 #include "proto/solvernet.pb.h"
 #include "train/adamw.h"
+#include "train/aggregation.h"
 #include "train/pipeline_channel.h"
 #include "train/evidence.h"
 #include "train/state.h"
@@ -140,6 +141,11 @@ class StageWorker {
   Status check_step(const solvernet::v1::RunStepRequest& request) const;
   Status forward_micro(StepState& state, int micro);
   Status backward_micro(StepState& state, int micro);
+  // DP-SGD: backward of one micro-batch one sequence at a time, each
+  // sequence's parameter gradient clipped (train/aggregation.h), into dp_sum_.
+  Status backward_clipped(StepState& state, int micro);
+  // A [privacy] job's hooks from the installed privacy module (LINK: null offline).
+  Status attach_privacy(net::Transport* link, const NodeKey* key, const solvernet::v1::SetupJobRequest& request);
   Status reduce_replica_gradients(int64_t step);
   Status sync_tied_embedding(int64_t step);
   Status update_weights(int64_t step, solvernet::v1::RunStepReply& reply);
@@ -198,6 +204,10 @@ class StageWorker {
   // micro-batches from (null when the client sends tokens).
   std::unique_ptr<DilocoOuter> diloco_;
   std::unique_ptr<model::Dataset> dataset_;
+  // [privacy] jobs only: clipping bound, noise and secure aggregation, and
+  // the step's sum of clipped per-sequence gradients (flat, as flatten_gradients).
+  std::unique_ptr<PrivacyHooks> privacy_;
+  torch::Tensor dp_sum_;
 };
 
 }  // namespace sn::train

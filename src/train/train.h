@@ -95,6 +95,7 @@ struct StepReport {
   std::map<std::string, int64_t> bytes_by_class;  // "intra"/"inter" → bytes, cumulative
   int64_t bytes_pipeline = 0;                     // cumulative
   int64_t bytes_data_parallel = 0;
+  int64_t train_sequences = 0;                    // training-set size (DP's sample rate)
 };
 
 // One recovery from a member's failure (docs/resilience.md).
@@ -113,6 +114,7 @@ struct RecoveryReport {
 
 struct TrainResult {
   std::vector<double> losses;          // per step
+  int64_t train_sequences = 0;         // training-set size (DP's sample rate)
   double holdout_loss = 0;
   double tokens_per_s = 0;
   double wall_seconds = 0;             // the training steps alone
