@@ -185,6 +185,13 @@ static JobConfig read_job(TomlFile& file) {
       if ((v.noise_multiplier > 0) == (v.target_epsilon > 0))
         priv.fail("dp", "privacy.dp needs exactly one of noise_multiplier > 0 or target_epsilon > 0");
     }
+    // A replay of a masked sum would need the replica's own pairwise secrets,
+    // and with them the verifier could unmask that replica's gradient.
+    if (!priv.failed() && v.secure_aggregation && job.verify.enabled)
+      priv.fail("secure_aggregation",
+                "privacy.secure_aggregation cannot be combined with [verify]: replaying a masked sum needs the "
+                "replica's pairwise secrets, which would let the verifier unmask its gradient (dp alone is "
+                "verifiable)");
     if (!priv.failed() && job.diloco.enabled)
       priv.fail_here("[privacy] does not combine with [diloco] yet: DiLoCo groups exchange pseudo-gradients, not "
                      "the every-step gradients that secure aggregation and DP-SGD protect");

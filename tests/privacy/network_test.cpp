@@ -65,6 +65,34 @@ TEST(PrivacyCli, EpsilonAndNoiseMatchOpacus) {
   fs::remove_all(dir);
 }
 
+// A replay needs a replica's pairwise secrets, which would unmask its gradient:
+// a verifiable job cannot use secure aggregation (DP alone is verifiable).
+TEST(PrivacyCli, SecureAggregationWithVerifyIsRefused) {
+  auto dir = test::scratch("privacy", "secagg-verify");
+  std::ifstream in(data("secagg.toml"));
+  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  job.replace(job.find("[privacy]"), 9, "[verify]\nsegment_steps = 2\n\n[privacy]");
+  std::ofstream(dir / "verify.toml") << job;
+  CommandRun r = devnet(dir / "verify.toml", dir, "m.safetensors");
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("cannot be combined with [verify]"), std::string::npos) << r.err;
+  fs::remove_all(dir);
+}
+
+// DiLoCo groups exchange pseudo-gradients, which neither method protects yet.
+TEST(PrivacyCli, PrivacyWithDilocoIsRefused) {
+  auto dir = test::scratch("privacy", "diloco");
+  std::ifstream in(data("secagg.toml"));
+  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  job.replace(job.find("[privacy]"), 9, "[diloco]\ninner_steps = 2\n\n[privacy]");
+  std::ofstream(dir / "diloco.toml") << job;
+  CommandRun r = devnet(dir / "diloco.toml", dir, "m.safetensors");
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("does not combine with [diloco]"), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  fs::remove_all(dir);
+}
+
 // Top-k sparsification would tell every replica which coordinates were large:
 // refused before any process starts.
 TEST(PrivacyCli, SecureAggregationWithTopKIsRefused) {
@@ -116,5 +144,31 @@ TEST(PrivacyNetwork, DpRunIsBitwiseReproducibleAndReportsEpsilon) {
   EXPECT_GT(p["epsilon"].get<double>(), 0);
   EXPECT_TRUE(std::isfinite(p["epsilon"].get<double>()));
   for (double l : runs[0]["losses"].get<std::vector<double>>()) EXPECT_TRUE(std::isfinite(l));
+  fs::remove_all(dir);
+}
+
+// DP-SGD's clipping and seeded noise are part of the step a verifier replays:
+// a staked verifier replays every segment of every member of a DP job on
+// anvil and finds each one honest (nobody is challenged or slashed).
+TEST(PrivacyNetwork, DpJobIsReplayedHonestByAVerifier) {
+  auto dir = test::scratch("privacy", "dp-verify");
+  std::ifstream in(test::source_path("tests/verify/data/job-replicas.toml"));
+  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  job += "\n[privacy]\ndp = true\nclip_norm = 1.0\nnoise_multiplier = 1.0\n";
+  std::ofstream(dir / "dp-verify.toml") << job;
+  CommandRun r = run({bin(), "devnet", "--job", (dir / "dp-verify.toml").string(), "--topology",
+                      test::source_path("tests/verify/data/lan.toml").string(), "--nodes", "5", "--verifiers", "1",
+                      "--algo", "naive", "--json", "--peer-timeout-s", "20", "--out",
+                      (dir / "m.safetensors").string()},
+                     dir);
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto s = parse(r);
+  ASSERT_TRUE(s.contains("verification")) << r.out;
+  const auto& v = s["verification"];
+  EXPECT_EQ(v["members_checked"], 4) << v.dump();
+  EXPECT_EQ(v["members_not_checked"], 0) << v.dump();
+  EXPECT_EQ(v["verdicts"]["honest"], 4) << v.dump();
+  EXPECT_EQ(v["verdicts"]["slashed"], 0) << v.dump();
+  EXPECT_GT(s["privacy"]["epsilon"].get<double>(), 0);
   fs::remove_all(dir);
 }
