@@ -413,7 +413,10 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   summary["nodes_seen"] = nodes.size();
   summary["placement"] = placement.to_json();
   // After a recovery the roles are held by the final members (settlement pays them).
-  if (!result.recoveries.empty() && summary["placement"].contains("stages"))
+  // (Not after a re-plan: the roles were renumbered; member_node_ids lists the final members.)
+  const bool replanned = std::any_of(result.recoveries.begin(), result.recoveries.end(),
+                                     [](const auto& r) { return r.replicas_after != r.replicas_before; });
+  if (!result.recoveries.empty() && !replanned && summary["placement"].contains("stages"))
     for (size_t i = 0; i < placement.members.size() && i < result.member_node_ids.size(); ++i) {
       auto& stages = summary["placement"]["stages"];
       const auto s = static_cast<size_t>(placement.members[i].stage), r = static_cast<size_t>(placement.members[i].replica);
@@ -429,12 +432,19 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     for (const auto& r : result.recoveries)
       recoveries.push_back({{"failed_step", r.failed_step}, {"restored_step", r.restored_step}, {"dead", r.dead},
                             {"replacements", r.replacements}, {"seconds", r.seconds},
-                            {"redone_steps", r.redone_steps}, {"aqsgd_buffers", r.aqsgd}});
+                            {"redone_steps", r.redone_steps}, {"aqsgd_buffers", r.aqsgd},
+                            {"replicas_before", r.replicas_before}, {"replicas_after", r.replicas_after},
+                            {"replanned", r.replicas_after == r.replicas_before
+                                              ? ""
+                                              : fmt::format("re-planned from {} to {} replicas", r.replicas_before,
+                                                            r.replicas_after)}});
     summary["recovery"] = {{"job_dir", std::filesystem::absolute(result.job_dir).string()},
                            {"spares_asked", spec.spares},
                            {"spares_at_start", options.recovery.spares.size()},
                            {"idle_spares", result.idle_spares},
                            {"recoveries", recoveries},
+                           {"replicas_at_end", result.recoveries.empty() ? spec.job.parallel.replicas
+                                                                         : result.recoveries.back().replicas_after},
                            {"resumed_from", result.resumed_from},
                            {"mirror_s", result.mirror_seconds},
                            {"mirror_bytes", result.mirror_bytes}};
@@ -503,11 +513,13 @@ void print_summary_table(const nlohmann::json& s) {
     const auto& r = s["recovery"];
     row("spares", fmt::format("{} at start, {} idle at the end", r.value("spares_at_start", 0),
                               r["idle_spares"].size()));
-    for (const auto& rec : r["recoveries"])
-      row("recovery", fmt::format("step {}: {} replaced, restarted from step {} in {:.1f} s (AQ-SGD buffers: {})",
-                                  rec["failed_step"].get<int64_t>(), rec["dead"].size(),
-                                  rec["restored_step"].get<int64_t>(), rec["seconds"].get<double>(),
-                                  rec["aqsgd_buffers"].get<std::string>()));
+    for (const auto& rec : r["recoveries"]) {
+      const std::string replanned = rec.value("replanned", "");
+      row("recovery", fmt::format("step {}: {} dead, {} replaced{}, restarted from step {} in {:.1f} s (AQ-SGD buffers: {})",
+                                  rec["failed_step"].get<int64_t>(), rec["dead"].size(), rec["replacements"].size(),
+                                  replanned.empty() ? "" : ", " + replanned, rec["restored_step"].get<int64_t>(),
+                                  rec["seconds"].get<double>(), rec["aqsgd_buffers"].get<std::string>()));
+    }
     if (r.value("resumed_from", int64_t{0}) > 0) row("resumed from", fmt::format("step {}", r["resumed_from"].get<int64_t>()));
     row("job dir", r.value("job_dir", ""));
   }

@@ -22,8 +22,12 @@ static std::vector<std::vector<MicroBatchData>> split(const JobConfig& job, cons
 
 std::vector<std::vector<MicroBatchData>> step_batches(const JobConfig& job, const model::Dataset& data,
                                                       int64_t step) {
-  return split(job, data, data.samples_for_step(step, job.train.global_batch, job.train.seed, job.parallel.replicas),
-               false);
+  return step_batches(job, data, step, job.parallel.replicas);
+}
+
+std::vector<std::vector<MicroBatchData>> step_batches(const JobConfig& job, const model::Dataset& data,
+                                                      int64_t step, int64_t sample_shards) {
+  return split(job, data, data.samples_for_step(step, job.train.global_batch, job.train.seed, sample_shards), false);
 }
 
 int64_t holdout_batch_count(const JobConfig& job, const model::Dataset& data, int64_t wanted) {

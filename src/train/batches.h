@@ -20,6 +20,11 @@ struct MicroBatchData {
 // [replica][micro] for optimizer step STEP (training split).
 std::vector<std::vector<MicroBatchData>> step_batches(const JobConfig& job, const model::Dataset& data,
                                                       int64_t step);
+// The same samples as a job of SAMPLE_SHARDS replicas draws at STEP, split
+// over JOB's replicas instead: a job re-planned on fewer replicas trains on
+// the global batches it was planned with (docs/resilience.md).
+std::vector<std::vector<MicroBatchData>> step_batches(const JobConfig& job, const model::Dataset& data,
+                                                      int64_t step, int64_t sample_shards);
 // [replica][micro] for held-out batch INDEX; empty if the held-out split is too small.
 std::vector<std::vector<MicroBatchData>> holdout_batches(const JobConfig& job, const model::Dataset& data,
                                                          int64_t index);

@@ -76,7 +76,7 @@ class JobSession {
  public:
   JobSession(const JobConfig& job, const std::vector<net::MemberInfo>& members, const DistributedOptions& options)
       : job_(job), members_(members), options_(options), stages_(job.parallel.stages),
-        replicas_(job.parallel.replicas) {}
+        planned_replicas_(job.parallel.replicas), replicas_(job.parallel.replicas) {}
   // No path out of a session leaves a node holding the job.
   ~JobSession() {
     if (fleet_ && !fleet_->ended()) fleet_->end_all(true, "the client gave up on the job");
@@ -115,11 +115,18 @@ class JobSession {
   Status mirror_checkpoints(int64_t step);
   // After FAILURE during 0-based step FAILED_STEP: replaces the members that
   // stopped answering by spares, restarts every member from the newest
-  // mirrored checkpoint, and returns its step (where training goes on). An
-  // error (no spare, too many recoveries, a failure that is not a node
-  // gone) stops the job; its message says where the checkpoint is and how to
+  // mirrored checkpoint, and returns its step (where training goes on). With
+  // no spare it re-plans on fewer replicas (replan). An error (no spare and
+  // no whole group, too many recoveries, a failure that is not a node gone)
+  // stops the job; its message says where the checkpoint is and how to
   // resume.
   Result<int64_t> recover(int64_t failed_step, Error failure);
+  // No spare for the members in UNREPLACED (indices): drops every replica
+  // group holding one, if at least one group stays whole and the global
+  // batch divides over the rest, and renumbers the groups kept. The live
+  // members of dropped groups become spares. False: not possible (WHY says
+  // so); nothing changed.
+  bool replan(const std::vector<size_t>& unreplaced, std::string& why);
   // An idle node that answers, not one of the LIVE members (a dead member
   // restarted with its data dir has its old node id and is welcome back).
   std::optional<net::MemberInfo> take_spare(const std::set<std::string>& live);
@@ -130,10 +137,15 @@ class JobSession {
   std::vector<size_t> live_members() const;
   int first_live_group() const;
 
-  const JobConfig& job_;
+  // The job as the members run it: a re-plan lowers parallel.replicas.
+  JobConfig job_;
   std::vector<net::MemberInfo> members_;  // a recovery puts spares in dead members' places
   const DistributedOptions& options_;
-  const int64_t stages_, replicas_;
+  const int64_t stages_, planned_replicas_;
+  int64_t replicas_;  // planned_replicas_ until a re-plan
+  // The checkpoint step a re-plan restarted from: members set up from that
+  // checkpoint are told it is of the job before the re-plan (-1: none).
+  int64_t replanned_at_ = -1;
   std::optional<NodeKey> own_key_;
   std::optional<model::Dataset> dataset_;
   std::string tokenizer_vocab_;  // saved inside the final model file
@@ -269,6 +281,7 @@ Status JobSession::set_up_members(int64_t start_step) {
     request.set_initial_weights(stage_weights_[static_cast<size_t>(self.stage)]);
     request.set_start_step(start_step);
     request.set_dataset_hash(dataset_hash_);
+    request.set_replanned(start_step > 0 && start_step == replanned_at_);
     sign_request(fleet_->signer(), "SetupJob", request);
     solvernet::v1::SetupJobReply reply;
     grpc::Status status = fleet_->stub(i).SetupJob(&context, request, &reply);
@@ -303,7 +316,10 @@ Status JobSession::set_up_members(int64_t start_step) {
     std::memcpy(leaf.data(), start_leaves[i].data(), 32);
     // A member restarted from a checkpoint commits to the restored state in
     // its start leaf: it must be the mirrored one, bitwise.
-    if (start_step > 0 && leaf != step_leaf(start_step, expected_state[i], Hash256{}, Hash256{})) {
+    // After a re-plan the node checks the parts that must still hold (weights,
+    // optimizer, buffers); the root differs by design (new cursor and seeds).
+    if (start_step > 0 && start_step != replanned_at_ &&
+        leaf != step_leaf(start_step, expected_state[i], Hash256{}, Hash256{})) {
       auto error = kind_error(ErrorKind::bad_peer,
                               "{} restored a state at step {} that differs from its checkpoint's state hash",
                               member_name(members_[i]), start_step);
@@ -325,7 +341,7 @@ Status JobSession::set_up_members(int64_t start_step) {
   std::vector<bool> seen(static_cast<size_t>(dataset_->train_samples()), false);
   int64_t unseen = dataset_->train_samples(), step = 0;
   for (; unseen > 0 && step < job_.train.steps; ++step)
-    for (int64_t id : dataset_->samples_for_step(step, job_.train.global_batch, job_.train.seed, replicas_))
+    for (int64_t id : dataset_->samples_for_step(step, job_.train.global_batch, job_.train.seed, planned_replicas_))
       if (!seen[static_cast<size_t>(id)]) {
         seen[static_cast<size_t>(id)] = true;
         --unseen;
@@ -402,6 +418,7 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
     return Error{fmt::format("{}; {}", why, resume_advice(options_.recovery.job_dir, restore)), 1, failure.kind};
   };
   RecoveryReport report;
+  report.replicas_before = report.replicas_after = replicas_;
   report.failed_step = failed_step + 1;
   report.restored_step = restore;
   report.aqsgd = job_.compression.activations == "aqsgd" ? "restored from the checkpoint" : "none";
@@ -416,18 +433,35 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
     std::set<std::string> live;
     for (size_t i = 0; i < members_.size(); ++i)
       if (std::find(dead.begin(), dead.end(), i) == dead.end()) live.insert(members_[i].node_id);
+    std::vector<size_t> unreplaced;
     for (size_t i : dead) {
-      auto spare = take_spare(live);
-      if (!spare)
-        return stop(fmt::format("{}; {} is gone and no spare node is available to take its place", failure.message,
-                                member_name(members_[i])));
+      // Once one member finds no spare, the others are not replaced either:
+      // the job re-plans around them all.
+      auto spare = unreplaced.empty() ? take_spare(live) : std::nullopt;
       report.dead.push_back(member_name(members_[i]));
+      if (!spare) {
+        unreplaced.push_back(i);
+        continue;
+      }
       spare->stage = members_[i].stage;
       spare->replica = members_[i].replica;
       members_[i] = *spare;
       live.insert(spare->node_id);
       report.replacements.push_back(member_name(members_[i]));
       spdlog::warn("recovery: {} takes the place of {}", report.replacements.back(), report.dead.back());
+    }
+    if (!unreplaced.empty()) {
+      const int64_t before = replicas_;
+      std::string why;
+      if (!replan(unreplaced, why))
+        return stop(fmt::format("{}; {} is gone and no spare node is available to take its place ({})",
+                                failure.message, member_name(members_[unreplaced.front()]), why));
+      report.replicas_before = before;
+      report.replicas_after = replicas_;
+      if (job_.compression.activations == "aqsgd")
+        report.aqsgd = "restored from the checkpoint; samples new to a pair are sent in full once";
+      replanned_at_ = restore;
+      spdlog::warn("recovery: no spare; re-planned from {} to {} replicas", before, replicas_);
     }
     // No member gone (a link or a peer wait failed): the same members restart.
     auto set_up = set_up_members(restore);
@@ -440,6 +474,64 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
   report.seconds = std::chrono::duration<double>(Clock::now() - started).count();
   result_.recoveries.push_back(report);
   return restore;
+}
+
+bool JobSession::replan(const std::vector<size_t>& unreplaced, std::string& why) {
+  std::set<int64_t> dropped;
+  for (size_t i : unreplaced) dropped.insert(members_[i].replica);
+  std::vector<int64_t> kept;
+  for (int64_t r = 0; r < replicas_; ++r)
+    if (!dropped.count(r)) kept.push_back(r);
+  const auto replicas = static_cast<int64_t>(kept.size());
+  if (replicas == 0) {
+    why = "no replica group is left whole to re-plan on";
+    return false;
+  }
+  // The global batch stays: fewer replicas each take more of it. It must
+  // still split evenly into their micro-batches.
+  if (job_.train.global_batch % (replicas * job_.parallel.micro_batches) != 0) {
+    why = fmt::format("train.global_batch = {} does not split over {} replicas × {} micro-batches", job_.train.global_batch,
+                      replicas, job_.parallel.micro_batches);
+    return false;
+  }
+  // A verifiable job's evidence and commitments are per planned role.
+  if (job_.verify.enabled) {
+    why = "a [verify] job is not re-planned";
+    return false;
+  }
+  if (mirror_) {
+    if (auto renumbered = mirror_->renumber_replicas(kept); !renumbered.ok()) {
+      why = renumbered.message();
+      return false;
+    }
+  }
+  std::vector<net::MemberInfo> members;
+  std::vector<std::vector<Hash256>> leaves;
+  const std::set<size_t> gone(unreplaced.begin(), unreplaced.end());
+  for (int64_t s = 0; s < stages_; ++s)
+    for (int64_t r = 0; r < replicas_; ++r) {
+      const auto i = static_cast<size_t>(s * replicas_ + r);
+      const auto to = std::find(kept.begin(), kept.end(), r);
+      if (to == kept.end()) {
+        // Alive but in a dropped group: its job was ended with the failed
+        // step's; it is idle, a spare for a later recovery.
+        if (!gone.count(i)) spares_.insert(spares_.begin(), members_[i]);
+        continue;
+      }
+      members.push_back(members_[i]);
+      members.back().replica = static_cast<int>(to - kept.begin());
+      if (i < step_leaves_.size()) leaves.push_back(std::move(step_leaves_[i]));
+    }
+  members_ = std::move(members);
+  step_leaves_ = std::move(leaves);
+  replicas_ = replicas;
+  job_.parallel.replicas = replicas;
+  live_groups_.assign(static_cast<size_t>(replicas_), true);
+  // The job dir holds the job as its members now run it (for --resume).
+  if (recovery_enabled())
+    if (auto written = write_job_file(options_.recovery.job_dir, job_); !written.ok())
+      spdlog::warn("job dir: {}", written.message());
+  return true;
 }
 
 // One step (or one forward-only evaluation batch) on every member; the mean loss.
@@ -524,7 +616,8 @@ Status JobSession::train() {
     }
     const auto step_started = Clock::now();
     deadlines_.step = step_deadline_->deadline();
-    auto loss = run_step(step, step_batches(job_, *dataset_, step), false, fmt::format("step {}", step + 1));
+    auto loss = run_step(step, step_batches(job_, *dataset_, step, planned_replicas_), false,
+                         fmt::format("step {}", step + 1));
     if (loss.ok()) {
       result_.losses.push_back(*loss);
       step_deadline_->record(std::chrono::duration<double>(Clock::now() - step_started).count());

@@ -115,6 +115,29 @@ void CheckpointMirror::prune_before(int64_t step) const {
     }
 }
 
+Status CheckpointMirror::renumber_replicas(const std::vector<int64_t>& kept) {
+  for (int64_t s = 0; s < stages_; ++s) {
+    for (int64_t r = 0; r < replicas_; ++r) {
+      if (std::find(kept.begin(), kept.end(), r) != kept.end()) continue;
+      std::error_code ec;
+      fs::remove_all(role_dir(s, r), ec);
+      if (ec) return make_error("cannot delete {}: {}", role_dir(s, r).string(), ec.message());
+    }
+    // Ascending, so each target is free: it was deleted above or already moved down.
+    for (size_t to = 0; to < kept.size(); ++to) {
+      const auto from = kept[to];
+      if (from == static_cast<int64_t>(to) || !fs::exists(role_dir(s, from))) continue;
+      std::error_code ec;
+      fs::rename(role_dir(s, from), role_dir(s, static_cast<int64_t>(to)), ec);
+      if (ec)
+        return make_error("cannot move {} to {}: {}", role_dir(s, from).string(),
+                          role_dir(s, static_cast<int64_t>(to)).string(), ec.message());
+    }
+  }
+  replicas_ = static_cast<int64_t>(kept.size());
+  return ok_status();
+}
+
 Status write_job_file(const fs::path& job_dir, const JobConfig& job) {
   SN_TRY(ensure_directory(job_dir));
   return write_file_atomic(job_dir / "job.toml", job_to_toml(job));

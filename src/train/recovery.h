@@ -37,6 +37,9 @@ class CheckpointMirror {
   Result<CheckpointManifest> manifest(int64_t stage, int64_t replica, int64_t step) const;
   // Deletes every role's checkpoints older than STEP (best effort).
   void prune_before(int64_t step) const;
+  // A re-plan on fewer replicas: the roles of replicas KEPT (ascending) become
+  // replicas 0, 1, … in that order, and the others' checkpoints are deleted.
+  Status renumber_replicas(const std::vector<int64_t>& kept);
 
  private:
   std::filesystem::path dir_;

@@ -334,7 +334,8 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
   SN_TRY(w->attach(w->live_, key.node_id()));
   SN_TRY(w->attach_privacy(w->transport_.get(), &key, request));
   if (restored) {
-    SN_TRY(w->apply_checkpoint(std::move(*restored), store->manifest_path(request.start_step()).string()));
+    SN_TRY(w->apply_checkpoint(std::move(*restored), store->manifest_path(request.start_step()).string(),
+                               request.replanned()));
     w->live_->finish_step(request.start_step() - 1);
   }
   if (cheat.strategy == Cheat::Strategy::random_weights) w->apply_weight_cheat(-1);
@@ -357,7 +358,7 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create_offline(const solvernet
   const int self = w->member(w->stage_, w->replica_);
   SN_TRY(w->attach(std::move(link), w->member_node_ids_[static_cast<size_t>(self)]));
   SN_TRY(w->attach_privacy(nullptr, nullptr, request));
-  SN_TRY(w->apply_checkpoint(std::move(*restored), store.manifest_path(checkpoint_step).string()));
+  SN_TRY(w->apply_checkpoint(std::move(*restored), store.manifest_path(checkpoint_step).string(), false));
   const Hash256 state = w->state_hash();
   w->start_leaf_ = step_leaf(checkpoint_step, state, Hash256{}, Hash256{});
   return w;
@@ -435,7 +436,7 @@ Status StageWorker::save_checkpoint(const StateDigest& digest) {
                             digest, extra);
 }
 
-Status StageWorker::apply_checkpoint(LoadedCheckpoint loaded, const std::string& where) {
+Status StageWorker::apply_checkpoint(LoadedCheckpoint loaded, const std::string& where, bool replanned) {
   const int64_t step = loaded.manifest.step;
   std::map<std::string, torch::Tensor> by_name(loaded.tensors.begin(), loaded.tensors.end());
   torch::NoGradGuard no_grad;
@@ -451,6 +452,9 @@ Status StageWorker::apply_checkpoint(LoadedCheckpoint loaded, const std::string&
                                   std::pair{"compress.tied_residual", tied_compressor_.get()}}) {
     if (!compressor) continue;
     auto it = by_name.find(name);
+    // A re-planned job may compress where the old one did not (a role that
+    // had no replicas): the residual starts empty then.
+    if (it == by_name.end() && replanned) continue;
     if (it == by_name.end()) return make_error("{}: lacks the gradient compressor's residual {}", where, name);
     if (auto status = compressor->set_residual(it->second); !status.ok())
       return make_error("{}: {}", where, status.message());
@@ -472,6 +476,10 @@ Status StageWorker::apply_checkpoint(LoadedCheckpoint loaded, const std::string&
   for (size_t p = 0; p < kStateParts; ++p) {
     const auto part = static_cast<StatePart>(p);
     if (now.parts[p] == loaded.manifest.state.parts[p]) continue;
+    // Re-planned on fewer replicas: the cursor counts the new replicas, the
+    // seeds are the new role's, and the residual of a compressor the new job
+    // no longer has went with it (docs/resilience.md, "No spare: re-plan").
+    if (replanned && (part == StatePart::cursor || part == StatePart::rng || part == StatePart::residuals)) continue;
     if (part == StatePart::activation_buffers && !buffers_copied && !offline_) {
       spdlog::warn("job {}: the AQ-SGD buffers have moved on since the checkpoint of step {}", job_id_, step);
       continue;

@@ -161,7 +161,9 @@ class StageWorker {
   // STEP's checkpoint and fails (naming the file) unless the restored state
   // reproduces the manifest's digest. On failure the worker is unusable.
   Status save_checkpoint(const StateDigest& digest);
-  Status apply_checkpoint(LoadedCheckpoint loaded, const std::string& where);
+  // REPLANNED (SetupJobRequest.replanned): only the weights, optimizer state
+  // and AQ-SGD buffers must reproduce the manifest; the rest is this role's.
+  Status apply_checkpoint(LoadedCheckpoint loaded, const std::string& where, bool replanned);
   // The AQ-SGD buffer file paths by boundary name ("fwd-out", …): where the
   // codecs keep them if they have one (only AQ-SGD's forward codecs do).
   std::vector<std::pair<std::string, std::filesystem::path>> buffer_files() const;

@@ -103,7 +103,12 @@ struct RecoveryReport {
   int64_t failed_step = 0;              // 1-based: the step that was running
   int64_t restored_step = 0;            // the checkpoint every member restarted from (steps done)
   std::vector<std::string> dead;        // member_name() of each member that stopped answering
-  std::vector<std::string> replacements;  // the spare that took each dead member's role, same order
+  // The spare that took each dead member's role, same order; shorter than
+  // dead when no spare was left and the job re-planned on fewer replicas.
+  std::vector<std::string> replacements;
+  // Replica groups before and after this recovery: equal unless it re-planned
+  // (dropped the groups of the dead members it found no spare for).
+  int64_t replicas_before = 0, replicas_after = 0;
   double seconds = 0;                   // detection to the first step after it, wall
   double redone_steps = 0;              // steps run again: failed_step - 1 - restored_step
   // AQ-SGD buffers of the pairs a replacement belongs to: "restored from the
@@ -181,7 +186,10 @@ struct TrainResult {
 // time the members write one (train.checkpoint_every), and a member that
 // stops answering is replaced by a spare that loads its mirrored checkpoint;
 // every member restarts from that checkpoint and the steps since are run
-// again (bitwise as before). Without a job dir a failure ends the job.
+// again (bitwise as before). With no spare, the replica groups of the dead
+// members are dropped if one group stays whole (fewer replicas, the same
+// global batch, no longer bitwise); else the job stops with --resume advice.
+// Without a job dir a failure ends the job.
 struct RecoveryOptions {
   std::filesystem::path job_dir;        // empty: no recovery
   std::vector<net::MemberInfo> spares;  // idle nodes kept for replacements (their stage/replica are ignored)
