@@ -494,9 +494,11 @@ bool JobSession::replan(const std::vector<size_t>& unreplaced, std::string& why)
                       replicas, job_.parallel.micro_batches);
     return false;
   }
-  // A verifiable job's evidence and commitments are per planned role.
-  if (job_.verify.enabled) {
-    why = "a [verify] job is not re-planned";
+  // A verifiable job's evidence and commitments are per planned role; a
+  // [privacy] job's pair keys, threshold and noise split are per planned
+  // replica (docs/privacy.md).
+  if (job_.verify.enabled || job_.privacy.enabled) {
+    why = fmt::format("a [{}] job is not re-planned", job_.verify.enabled ? "verify" : "privacy");
     return false;
   }
   if (mirror_) {
