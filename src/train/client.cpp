@@ -127,6 +127,11 @@ class JobSession {
   // members of dropped groups become spares. False: not possible (WHY says
   // so); nothing changed.
   bool replan(const std::vector<size_t>& unreplaced, std::string& why);
+  // At the mirrored checkpoint of STEP of a re-planned job: if idle nodes
+  // answer (no waiting) for whole groups, adds groups back towards the
+  // planned replicas and sets every member up from that checkpoint (the new
+  // groups from replica 0's). Nothing to do or no spares: OK, unchanged.
+  Status grow_back(int64_t step);
   // An idle node that answers, not one of the LIVE members (a dead member
   // restarted with its data dir has its old node id and is welcome back).
   std::optional<net::MemberInfo> take_spare(const std::set<std::string>& live);
@@ -536,6 +541,73 @@ bool JobSession::replan(const std::vector<size_t>& unreplaced, std::string& why)
   return true;
 }
 
+Status JobSession::grow_back(int64_t step) {
+  if (replicas_ >= planned_replicas_ || !mirror_) return ok_status();
+  const auto started = Clock::now();
+  std::set<std::string> in_job, known;
+  for (const auto& m : members_) in_job.insert(m.node_id);
+  known = in_job;
+  for (const auto& m : spares_) known.insert(m.node_id);
+  if (options_.recovery.find_spares)
+    for (auto& found : options_.recovery.find_spares())
+      if (known.insert(found.node_id).second) spares_.push_back(std::move(found));
+  // Spares are idle, not leased: only those that answer now count.
+  std::vector<net::MemberInfo> ready;
+  for (const auto& spare : spares_)
+    if (!in_job.count(spare.node_id) && answers_ping(spare, deadlines_.fleet.ping)) ready.push_back(spare);
+  spares_.clear();
+  // The most replicas the idle nodes fill whole and the global batch divides over.
+  int64_t grown = replicas_;
+  for (int64_t d = planned_replicas_; d > replicas_; --d)
+    if ((d - replicas_) * stages_ <= static_cast<int64_t>(ready.size()) &&
+        job_.train.global_batch % (d * job_.parallel.micro_batches) == 0) {
+      grown = d;
+      break;
+    }
+  if (grown == replicas_) {
+    spares_.insert(spares_.end(), ready.begin(), ready.end());
+    return ok_status();
+  }
+  SN_TRY(mirror_->add_replicas(grown));
+  RecoveryReport report;
+  report.failed_step = step;
+  report.restored_step = step;
+  report.replicas_before = replicas_;
+  report.replicas_after = grown;
+  report.aqsgd = job_.compression.activations == "aqsgd" ? "new groups copy replica 0's from the checkpoint" : "none";
+  std::vector<net::MemberInfo> members;
+  std::vector<std::vector<Hash256>> leaves;
+  size_t next = 0;
+  for (int64_t s = 0; s < stages_; ++s)
+    for (int64_t r = 0; r < grown; ++r) {
+      if (r < replicas_) {
+        const auto i = static_cast<size_t>(s * replicas_ + r);
+        members.push_back(members_[i]);
+        leaves.push_back(std::move(step_leaves_[i]));
+        continue;
+      }
+      members.push_back(ready[next++]);
+      members.back().stage = static_cast<int>(s);
+      members.back().replica = static_cast<int>(r);
+      leaves.emplace_back();
+      report.replacements.push_back(member_name(members.back()));
+    }
+  spares_.insert(spares_.end(), ready.begin() + static_cast<std::ptrdiff_t>(next), ready.end());
+  members_ = std::move(members);
+  step_leaves_ = std::move(leaves);
+  replicas_ = grown;
+  job_.parallel.replicas = grown;
+  live_groups_.assign(static_cast<size_t>(replicas_), true);
+  if (auto written = write_job_file(options_.recovery.job_dir, job_); !written.ok())
+    spdlog::warn("job dir: {}", written.message());
+  replanned_at_ = step;
+  spdlog::warn("re-planned from {} to {} replicas at step {}: idle nodes joined", report.replicas_before, grown, step);
+  SN_TRY(set_up_members(step));
+  report.seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  result_.recoveries.push_back(report);
+  return ok_status();
+}
+
 // One step (or one forward-only evaluation batch) on every member; the mean loss.
 Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches,
                                     bool forward_only, const std::string& what) {
@@ -626,8 +698,10 @@ Status JobSession::train() {
     }
     Status advanced = loss.ok() ? ok_status() : Status(loss.error());
     // The members wrote a checkpoint in this step: mirror it before going on.
-    if (advanced.ok() && mirror_ && every > 0 && (step + 1) % every == 0 && step + 1 < job_.train.steps)
+    if (advanced.ok() && mirror_ && every > 0 && (step + 1) % every == 0 && step + 1 < job_.train.steps) {
       advanced = mirror_checkpoints(step + 1);
+      if (advanced.ok()) advanced = grow_back(step + 1);
+    }
     if (!advanced.ok()) {
       if (!mirror_) return advanced.error();
       SN_ASSIGN(step, recover(step, advanced.error()));

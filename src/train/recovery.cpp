@@ -138,6 +138,18 @@ Status CheckpointMirror::renumber_replicas(const std::vector<int64_t>& kept) {
   return ok_status();
 }
 
+Status CheckpointMirror::add_replicas(int64_t replicas) {
+  for (int64_t s = 0; s < stages_; ++s)
+    for (int64_t r = replicas_; r < replicas; ++r) {
+      std::error_code ec;
+      fs::remove_all(role_dir(s, r), ec);
+      fs::copy(role_dir(s, 0), role_dir(s, r), fs::copy_options::recursive, ec);
+      if (ec) return make_error("cannot copy {} to {}: {}", role_dir(s, 0).string(), role_dir(s, r).string(), ec.message());
+    }
+  replicas_ = replicas;
+  return ok_status();
+}
+
 Status write_job_file(const fs::path& job_dir, const JobConfig& job) {
   SN_TRY(ensure_directory(job_dir));
   return write_file_atomic(job_dir / "job.toml", job_to_toml(job));

@@ -40,6 +40,9 @@ class CheckpointMirror {
   // A re-plan on fewer replicas: the roles of replicas KEPT (ascending) become
   // replicas 0, 1, … in that order, and the others' checkpoints are deleted.
   Status renumber_replicas(const std::vector<int64_t>& kept);
+  // Growing back to REPLICAS: each new role starts as a copy of replica 0's
+  // checkpoints (its new members restore from them).
+  Status add_replicas(int64_t replicas);
 
  private:
   std::filesystem::path dir_;

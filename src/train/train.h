@@ -107,7 +107,9 @@ struct RecoveryReport {
   // dead when no spare was left and the job re-planned on fewer replicas.
   std::vector<std::string> replacements;
   // Replica groups before and after this recovery: equal unless it re-planned
-  // (dropped the groups of the dead members it found no spare for).
+  // (dropped the groups of the dead members it found no spare for). An entry
+  // with no dead member grew a re-planned job back at the checkpoint of
+  // failed_step = restored_step; replacements are the new groups' members.
   int64_t replicas_before = 0, replicas_after = 0;
   double seconds = 0;                   // detection to the first step after it, wall
   double redone_steps = 0;              // steps run again: failed_step - 1 - restored_step
@@ -188,7 +190,8 @@ struct TrainResult {
 // every member restarts from that checkpoint and the steps since are run
 // again (bitwise as before). With no spare, the replica groups of the dead
 // members are dropped if one group stays whole (fewer replicas, the same
-// global batch, no longer bitwise); else the job stops with --resume advice.
+// global batch, no longer bitwise; it grows back at a later checkpoint once
+// idle nodes fill whole groups); else the job stops with --resume advice.
 // Without a job dir a failure ends the job.
 struct RecoveryOptions {
   std::filesystem::path job_dir;        // empty: no recovery

@@ -197,6 +197,31 @@ TEST(Churn, NoSpareReplansOnFewerReplicas) {
   fs::remove_all(run.devnet_dir);
 }
 
+// Re-planned on one replica, then a node joins: with it and the dropped
+// group's live member idle, a later mirrored checkpoint brings the job back
+// to its two planned replicas (the new group starts from replica 0's
+// checkpoint), and the job finishes on them.
+TEST(Churn, ReplannedJobGrowsBackWhenANodeJoins) {
+  auto run = devnet("grow", "churn.toml",
+                    {"--nodes", "4", "--spares", "0", "--spare-wait-s", "0", "--steps", "30", "--kill-at", "4:1.1",
+                     "--kill-delay-ms", "30", "--join-at-step", "7"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  ASSERT_TRUE(run.summary.contains("recovery")) << run.summary.dump(2) << run.err;
+  const auto& recoveries = run.summary["recovery"]["recoveries"];
+  ASSERT_EQ(recoveries.size(), 2u) << recoveries.dump(2);
+  EXPECT_EQ(recoveries[0]["replanned"], "re-planned from 2 to 1 replicas");
+  EXPECT_EQ(recoveries[1]["replanned"], "re-planned from 1 to 2 replicas");
+  EXPECT_TRUE(recoveries[1]["dead"].empty());
+  EXPECT_EQ(recoveries[1]["replacements"].size(), 2u);  // one per stage: a whole group
+  EXPECT_EQ(run.summary["recovery"]["replicas_at_end"], 2);
+  EXPECT_TRUE(run.summary["recovery"]["idle_spares"].empty());
+  const auto losses = run.summary["losses"].get<std::vector<double>>();
+  ASSERT_EQ(losses.size(), 30u);
+  for (double loss : losses) ASSERT_TRUE(std::isfinite(loss));
+  EXPECT_LT(losses.back(), losses.front());
+  fs::remove_all(run.devnet_dir);
+}
+
 // No spare: the job stops cleanly with its checkpoint and the --resume advice;
 // `train --resume JOB_DIR` on other nodes continues it from that checkpoint
 // to the model the undisturbed run makes.
