@@ -168,7 +168,8 @@ void JobTransport::sender_loop(int to) {
     if (!status.ok() && !link.failure) {
       link.failure = kind_error(error_kind_of(status.error_code()), "{} did not accept a {} message: {}",
                                 describe(to), next.message.kind(), status.error_message());
-      spdlog::warn("{}", link.failure->message);
+      // A Send we cancelled ourselves (the job aborted, the transport going) is no peer's fault.
+      if (!stopping_ && !aborted_) spdlog::warn("{}", link.failure->message);
       link.queue.clear();
     }
     changed_.notify_all();

@@ -21,6 +21,7 @@
 #include "core/fs.h"
 #include "core/keys.h"
 #include "core/process.h"
+#include "../common/process_tree.h"
 #include "../common/test_support.h"
 
 namespace fs = std::filesystem;
@@ -53,48 +54,12 @@ CommandRun run(const std::vector<std::string>& argv, const fs::path& dir, std::c
                                        << " s: " << read_file(file).value_or("");
 }
 
-// Field 4 of /proc/PID/stat (the parent pid), or -1.
-pid_t parent_of(pid_t pid) {
-  auto stat = read_file("/proc/" + std::to_string(pid) + "/stat");
-  if (!stat.ok()) return -1;
-  auto close = stat->rfind(')');
-  if (close == std::string::npos) return -1;
-  char state = 0;
-  int ppid = -1;
-  if (std::sscanf(stat->c_str() + close + 1, " %c %d", &state, &ppid) != 2) return -1;
-  return state == 'Z' ? -1 : ppid;  // a zombie runs nothing
-}
+using test::alive;
+using test::cmdline_of;
+using test::comm_of;
+using test::descendants;
+using test::wait_until_gone;
 
-std::string comm_of(pid_t pid) {
-  auto comm = read_file("/proc/" + std::to_string(pid) + "/comm");
-  std::string name = comm.value_or("");
-  while (!name.empty() && name.back() == '\n') name.pop_back();
-  return name;
-}
-
-std::vector<pid_t> all_pids() {
-  std::vector<pid_t> pids;
-  for (const auto& entry : fs::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename().string();
-    if (!name.empty() && name.find_first_not_of("0123456789") == std::string::npos) pids.push_back(std::stoi(name));
-  }
-  return pids;
-}
-
-// Every live process below ROOT.
-std::set<pid_t> descendants(pid_t root) {
-  std::set<pid_t> found{root};
-  bool grew = true;
-  while (grew) {
-    grew = false;
-    for (pid_t pid : all_pids())
-      if (!found.count(pid) && found.count(parent_of(pid))) grew = found.insert(pid).second || grew;
-  }
-  found.erase(root);
-  return found;
-}
-
-bool alive(pid_t pid) { return parent_of(pid) >= 0; }
 
 std::string node_id_in(const fs::path& data_dir) {
   auto key = NodeKey::load_or_create(data_dir);
@@ -141,13 +106,6 @@ struct RunningDevnet {
   std::vector<pid_t> nodes;  // the `solvernet node` processes
 };
 
-// argv of PID as one string, arguments joined by spaces.
-std::string cmdline_of(pid_t pid) {
-  std::string line = read_file("/proc/" + std::to_string(pid) + "/cmdline").value_or("");
-  std::replace(line.begin(), line.end(), '\0', ' ');
-  return line;
-}
-
 void start_training_devnet(const fs::path& dir, RunningDevnet& out) {
   SpawnOptions options;
   options.stdout_path = dir / "out.txt";
@@ -169,16 +127,6 @@ void start_training_devnet(const fs::path& dir, RunningDevnet& out) {
   for (pid_t pid : out.tree)
     if (cmdline_of(pid).find(" node ") != std::string::npos) out.nodes.push_back(pid);
   ASSERT_EQ(out.nodes.size(), 4u);
-}
-
-// Waits up to LIMIT until none of PIDS is alive and (if given) DIR is gone; returns those still alive.
-std::set<pid_t> wait_until_gone(std::set<pid_t> pids, const std::string& dir, std::chrono::seconds limit) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while ((!pids.empty() || (!dir.empty() && fs::exists(dir))) && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(200ms);
-    for (auto it = pids.begin(); it != pids.end();) it = alive(*it) ? std::next(it) : pids.erase(it);
-  }
-  return pids;
 }
 
 TEST_F(Life, SigkillOfTheDevnetLeavesNoProcessAndNoTempDir) {
