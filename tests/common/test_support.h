@@ -3,6 +3,7 @@
 // scratch dirs, running a command to completion, and waiting for a log line.
 #pragma once
 
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -68,6 +69,35 @@ inline bool wait_for_text(const fs::path& file, const std::string& text, std::ch
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   return false;
+}
+
+// A `solvernet dht` bootstrap listening on a free UDP port of 127.0.0.1
+// (ADDRESS is "127.0.0.1:PORT"). Waits for its "listening" line, so nodes and
+// clients started next find it; a port another process took between the pick
+// and the bind is retried with another.
+struct Bootstrap {
+  ChildProcess process;
+  std::string address;
+};
+inline Result<Bootstrap> start_dht(const fs::path& log) {
+  std::string why;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto port = free_loopback_port(SOCK_DGRAM);
+    if (!port.ok()) return port.error();
+    SpawnOptions options;
+    options.stdout_path = options.stderr_path = log;
+    auto dht = ChildProcess::spawn({solvernet_bin(), "dht", "--port", std::to_string(*port)}, options);
+    if (!dht.ok()) return dht.error();
+    const std::string address = "127.0.0.1:" + std::to_string(*port);
+    for (auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+         std::chrono::steady_clock::now() < until && dht->running();) {
+      if (read_file(log).value_or("").find("dht bootstrap listening on " + address) != std::string::npos)
+        return Bootstrap{std::move(dht).value(), address};
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    why = read_file(log).value_or("");
+  }
+  return make_error("no DHT bootstrap started on 127.0.0.1: {}", why);
 }
 
 }  // namespace sn::test

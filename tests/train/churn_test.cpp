@@ -231,10 +231,9 @@ TEST(Churn, StoppedJobResumesFromItsJobDir) {
   auto dir = test::scratch("churn", "resume");
   SpawnOptions quiet;
   quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
-  const int dht_port = 20000 + ((::getpid() + 7919) % 20000);
-  auto dht = ChildProcess::spawn({test::solvernet_bin(), "dht", "--port", std::to_string(dht_port)}, quiet);
-  ASSERT_TRUE(dht.ok());
-  const std::string bootstrap = "127.0.0.1:" + std::to_string(dht_port);
+  auto dht = test::start_dht(dir / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  const std::string bootstrap = dht->address;
   auto node = [&](int i, const char* region) {
     return ChildProcess::spawn({test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
                                 "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region",
@@ -288,6 +287,6 @@ TEST(Churn, StoppedJobResumesFromItsJobDir) {
   EXPECT_EQ(again.status, 2) << again.err;
   fresh->terminate();
   nodes[0].terminate();
-  dht->terminate();
+  dht->process.terminate();
   fs::remove_all(dir);
 }

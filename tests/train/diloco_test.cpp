@@ -144,12 +144,9 @@ TEST(Diloco, ReplicasStayEqualAndInt8AndFp32BothConverge) {
 // group goes on alone and the job completes.
 TEST(Diloco, AGroupKilledMidJobDoesNotStopTheJob) {
   auto dir = test::scratch("diloco", "kill");
-  int dht_port = 20000 + ((::getpid() + 7919) % 20000);
-  SpawnOptions quiet;
-  quiet.stdout_path = quiet.stderr_path = dir / "dht.log";
-  auto dht = ChildProcess::spawn({bin(), "dht", "--port", std::to_string(dht_port)}, quiet);
-  ASSERT_TRUE(dht.ok());
-  const std::string bootstrap = "127.0.0.1:" + std::to_string(dht_port);
+  auto dht = test::start_dht(dir / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  const std::string bootstrap = dht->address;
   std::vector<ChildProcess> nodes;
   const char* regions[] = {"a", "a", "b", "b"};
   for (int i = 0; i < 4; ++i) {
@@ -203,7 +200,7 @@ TEST(Diloco, AGroupKilledMidJobDoesNotStopTheJob) {
   EXPECT_NE(err.find("dropped"), std::string::npos) << err.substr(0, 4000);
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(nodes[static_cast<size_t>(i)].running()) << "a surviving node crashed";
   for (auto& n : nodes) n.terminate();
-  dht->terminate();
+  dht->process.terminate();
   fs::remove_all(dir);
 }
 

@@ -68,13 +68,12 @@ std::vector<std::pair<fs::path, fs::path>> member_dirs(const Cluster& cluster, c
 TEST(HonestReplay, EveryLeafOfTwentyHonestJobsReplaysBitwise) {
   Cluster cluster;
   cluster.dir = test::scratch("honest", "replay");
-  const int dht_port = 20000 + (::getpid() % 20000);
   SpawnOptions quiet;
   quiet.stdout_path = quiet.stderr_path = cluster.dir / "procs.log";
-  auto dht = ChildProcess::spawn({test::solvernet_bin(), "dht", "--port", std::to_string(dht_port)}, quiet);
+  auto dht = test::start_dht(cluster.dir / "dht.log");
   ASSERT_TRUE(dht.ok()) << dht.message();
-  cluster.dht = std::move(dht).value();
-  cluster.bootstrap = "127.0.0.1:" + std::to_string(dht_port);
+  cluster.dht = std::move(dht->process);
+  cluster.bootstrap = dht->address;
   const char* coretypes[] = {"Sandybridge", "SkylakeX", "Sandybridge", "SkylakeX"};
   for (int i = 0; i < 4; ++i) {
     SpawnOptions options = quiet;

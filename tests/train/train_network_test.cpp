@@ -87,10 +87,9 @@ TEST(Training, KilledNodeIsReportedAndTheClientExits) {
   auto dir = scratch("kill");
   SpawnOptions quiet;
   quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
-  int dht_port = 20000 + (::getpid() % 20000);
-  auto dht = ChildProcess::spawn({bin(), "dht", "--port", std::to_string(dht_port)}, quiet);
-  ASSERT_TRUE(dht.ok());
-  std::string bootstrap = "127.0.0.1:" + std::to_string(dht_port);
+  auto dht = test::start_dht(dir / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  std::string bootstrap = dht->address;
   std::vector<ChildProcess> nodes;
   const char* regions[] = {"a", "a", "b", "b"};
   for (int i = 0; i < 4; ++i) {
@@ -124,7 +123,7 @@ TEST(Training, KilledNodeIsReportedAndTheClientExits) {
   EXPECT_NE(err.find("failed"), std::string::npos) << err;
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(nodes[static_cast<size_t>(i)].running()) << "a surviving node crashed";
   for (auto& n : nodes) n.terminate();
-  dht->terminate();
+  dht->process.terminate();
   fs::remove_all(dir);
 }
 
