@@ -154,7 +154,13 @@ Status check_run_inputs(const RunSpec& spec, bool local) {
   if (local && spec.job.privacy.enabled)
     return input_error("{}: a [privacy] job runs on nodes (devnet, or train --bootstrap), not with --local",
                        spec.job.source.string());
-  // An ε no noise reaches is refused now (the floor does not depend on q).
+  // Without TLS the Shamir shares travel in cleartext: an eavesdropper holding
+  // enough of them rebuilds the seeds and unmasks every replica's gradient.
+  if (spec.job.privacy.secure_aggregation && net::insecure())
+    return input_error("{}: privacy.secure_aggregation needs TLS between the nodes (drop --insecure): its secret "
+                       "shares would travel in cleartext",
+                       spec.job.source.string());
+  // An ε no noise reaches is refused now (checked at q = 1, the worst case).
   if (spec.job.privacy.dp && spec.job.privacy.target_epsilon > 0)
     if (auto sigma = privacy::noise_for_epsilon(spec.job.privacy.target_epsilon, 1.0, spec.job.train.steps,
                                                 spec.job.privacy.delta);

@@ -181,6 +181,21 @@ static JobConfig read_job(TomlFile& file) {
                   "privacy.secure_aggregation does not combine with compression.gradients = \"fp16\": masked values "
                   "must be fixed point in Z_2^32 (that is its quantization); use gradients = \"none\"");
     }
+    // A setting whose switch is off would be ignored in silence.
+    if (!priv.failed() && !v.dp)
+      for (const char* key : {"clip_norm", "noise_multiplier", "target_epsilon", "delta"})
+        if (priv.has(key)) {
+          priv.fail(key, fmt::format("privacy.{} is set but privacy.dp is not true (it would be ignored)", key));
+          break;
+        }
+    if (!priv.failed() && !v.secure_aggregation)
+      for (const char* key : {"threshold", "fixed_point_range"})
+        if (priv.has(key)) {
+          priv.fail(key, fmt::format("privacy.{} is set but privacy.secure_aggregation is not true (it would be "
+                                     "ignored)",
+                                     key));
+          break;
+        }
     if (!priv.failed() && v.dp) {
       if ((v.noise_multiplier > 0) == (v.target_epsilon > 0))
         priv.fail("dp", "privacy.dp needs exactly one of noise_multiplier > 0 or target_epsilon > 0");
@@ -294,11 +309,16 @@ std::string job_to_toml(const JobConfig& j) {
   if (j.diloco.enabled)
     out += fmt::format("\n[diloco]\ninner_steps = {}\nouter_lr = {:.17g}\nouter_momentum = {:.17g}\npseudo_grad = {}\n",
                        j.diloco.inner_steps, j.diloco.outer_lr, j.diloco.outer_momentum, q(j.diloco.pseudo_grad));
-  if (j.privacy.enabled)
-    out += fmt::format("\n[privacy]\nsecure_aggregation = {}\nthreshold = {}\nfixed_point_range = {:.17g}\ndp = {}\n"
-                       "clip_norm = {:.17g}\nnoise_multiplier = {:.17g}\ntarget_epsilon = {:.17g}\ndelta = {:.17g}\n",
-                       j.privacy.secure_aggregation, j.privacy.threshold, j.privacy.fixed_point_range, j.privacy.dp,
-                       j.privacy.clip_norm, j.privacy.noise_multiplier, j.privacy.target_epsilon, j.privacy.delta);
+  if (j.privacy.enabled) {
+    // Only the keys whose switch is on: the reader refuses the others.
+    const auto& v = j.privacy;
+    out += fmt::format("\n[privacy]\nsecure_aggregation = {}\ndp = {}\n", v.secure_aggregation, v.dp);
+    if (v.secure_aggregation)
+      out += fmt::format("threshold = {}\nfixed_point_range = {:.17g}\n", v.threshold, v.fixed_point_range);
+    if (v.dp)
+      out += fmt::format("clip_norm = {:.17g}\nnoise_multiplier = {:.17g}\ntarget_epsilon = {:.17g}\ndelta = {:.17g}\n",
+                         v.clip_norm, v.noise_multiplier, v.target_epsilon, v.delta);
+  }
   return out;
 }
 

@@ -148,12 +148,14 @@ Result<double> noise_for_epsilon(double target_epsilon, double q, int64_t steps,
     return input_error("target epsilon must be > 0, got {}", target_epsilon);
   if (auto checked = check_parameters(1.0, q, steps, delta); !checked.ok()) return checked.error();
   auto eps_at = [&](double sigma) { return epsilon_spent(sigma, q, steps, delta, orders)->epsilon; };
-  // ε falls with σ towards the grid's floor; beyond σ = 1e4 nothing changes.
-  constexpr double kMaxSigma = 1e4;
+  // ε falls with σ towards the order grid's floor; the search goes as far as
+  // a job accepts (privacy.noise_multiplier ≤ 1e6).
+  constexpr double kMaxSigma = 1e6;
   const double floor = eps_at(kMaxSigma);
   if (floor > target_epsilon)
-    return input_error("target epsilon {} is unreachable: at delta {} no noise multiplier gets below epsilon {:.4f}",
-                       target_epsilon, delta, floor);
+    return input_error("target epsilon {} is unreachable: at delta {} no noise multiplier up to {:g} gets below "
+                       "epsilon {:.4f}",
+                       target_epsilon, delta, kMaxSigma, floor);
   double lo = 1e-3, hi = 1.0;
   while (eps_at(hi) > target_epsilon) {
     lo = hi;

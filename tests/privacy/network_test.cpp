@@ -93,6 +93,27 @@ TEST(PrivacyCli, PrivacyWithDilocoIsRefused) {
   fs::remove_all(dir);
 }
 
+// Without TLS the secret shares would travel in cleartext; a setting whose
+// switch is off would be ignored in silence: both refused before any process starts.
+TEST(PrivacyCli, InsecureLinksAndSwitchedOffSettingsAreRefused) {
+  auto dir = test::scratch("privacy", "insecure");
+  CommandRun insecure = run({bin(), "devnet", "--insecure", "--job", data("secagg.toml").string(), "--topology",
+                             lan().string(), "--no-chain", "--json", "--out", (dir / "m.safetensors").string()},
+                            dir);
+  EXPECT_EQ(insecure.status, 2) << insecure.err;
+  EXPECT_NE(insecure.err.find("needs TLS"), std::string::npos) << insecure.err;
+  std::ifstream in(data("secagg.toml"));
+  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  job.replace(job.find("[privacy]"), 9, "[privacy]\nnoise_multiplier = 1.0");
+  std::ofstream(dir / "ignored.toml") << job;
+  CommandRun ignored = devnet(dir / "ignored.toml", dir, "m.safetensors");
+  EXPECT_EQ(ignored.status, 2) << ignored.err;
+  EXPECT_NE(ignored.err.find("privacy.noise_multiplier is set but privacy.dp is not true"), std::string::npos)
+      << ignored.err;
+  EXPECT_FALSE(fs::exists(dir / "m.safetensors"));
+  fs::remove_all(dir);
+}
+
 // Top-k sparsification would tell every replica which coordinates were large:
 // refused before any process starts.
 TEST(PrivacyCli, SecureAggregationWithTopKIsRefused) {

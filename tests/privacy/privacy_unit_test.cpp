@@ -54,6 +54,11 @@ TEST(Accountant, NoiseForTargetReachesTarget) {
   ASSERT_TRUE(one.ok());
   EXPECT_LE(epsilon_spent(*one, 0.01, 1000, 1e-5)->epsilon, 1.0);
   EXPECT_GT(epsilon_spent(*one * 0.99, 0.01, 1000, 1e-5)->epsilon, 1.0);
+  // Many full-batch steps need σ far above 1e4: still found (the search goes to the job's limit, 1e6).
+  auto large = noise_for_epsilon(0.5, 1.0, 10000000, 1e-5);
+  ASSERT_TRUE(large.ok()) << large.message();
+  EXPECT_GT(*large, 1e4);
+  EXPECT_LE(epsilon_spent(*large, 1.0, 10000000, 1e-5)->epsilon, 0.5);
 }
 
 TEST(Accountant, BadParametersAreInputErrors) {
