@@ -37,6 +37,14 @@ CommandRun devnet(const fs::path& job, const fs::path& dir, const std::string& o
              dir);
 }
 
+// secagg.toml with its "[privacy]" header replaced by REPLACEMENT, written to PATH.
+void secagg_variant(const fs::path& path, const std::string& replacement) {
+  std::ifstream in(data("secagg.toml"));
+  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  job.replace(job.find("[privacy]"), 9, replacement);
+  std::ofstream(path) << job;
+}
+
 }  // namespace
 
 TEST(PrivacyCli, EpsilonAndNoiseMatchOpacus) {
@@ -69,10 +77,7 @@ TEST(PrivacyCli, EpsilonAndNoiseMatchOpacus) {
 // a verifiable job cannot use secure aggregation (DP alone is verifiable).
 TEST(PrivacyCli, SecureAggregationWithVerifyIsRefused) {
   auto dir = test::scratch("privacy", "secagg-verify");
-  std::ifstream in(data("secagg.toml"));
-  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  job.replace(job.find("[privacy]"), 9, "[verify]\nsegment_steps = 2\n\n[privacy]");
-  std::ofstream(dir / "verify.toml") << job;
+  secagg_variant(dir / "verify.toml", "[verify]\nsegment_steps = 2\n\n[privacy]");
   CommandRun r = devnet(dir / "verify.toml", dir, "m.safetensors");
   EXPECT_EQ(r.status, 2) << r.err;
   EXPECT_NE(r.err.find("cannot be combined with [verify]"), std::string::npos) << r.err;
@@ -82,10 +87,7 @@ TEST(PrivacyCli, SecureAggregationWithVerifyIsRefused) {
 // DiLoCo groups exchange pseudo-gradients, which neither method protects yet.
 TEST(PrivacyCli, PrivacyWithDilocoIsRefused) {
   auto dir = test::scratch("privacy", "diloco");
-  std::ifstream in(data("secagg.toml"));
-  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  job.replace(job.find("[privacy]"), 9, "[diloco]\ninner_steps = 2\n\n[privacy]");
-  std::ofstream(dir / "diloco.toml") << job;
+  secagg_variant(dir / "diloco.toml", "[diloco]\ninner_steps = 2\n\n[privacy]");
   CommandRun r = devnet(dir / "diloco.toml", dir, "m.safetensors");
   EXPECT_EQ(r.status, 2) << r.err;
   EXPECT_NE(r.err.find("does not combine with [diloco]"), std::string::npos) << r.err;
@@ -102,10 +104,7 @@ TEST(PrivacyCli, InsecureLinksAndSwitchedOffSettingsAreRefused) {
                             dir);
   EXPECT_EQ(insecure.status, 2) << insecure.err;
   EXPECT_NE(insecure.err.find("needs TLS"), std::string::npos) << insecure.err;
-  std::ifstream in(data("secagg.toml"));
-  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  job.replace(job.find("[privacy]"), 9, "[privacy]\nnoise_multiplier = 1.0");
-  std::ofstream(dir / "ignored.toml") << job;
+  secagg_variant(dir / "ignored.toml", "[privacy]\nnoise_multiplier = 1.0");
   CommandRun ignored = devnet(dir / "ignored.toml", dir, "m.safetensors");
   EXPECT_EQ(ignored.status, 2) << ignored.err;
   EXPECT_NE(ignored.err.find("privacy.noise_multiplier is set but privacy.dp is not true"), std::string::npos)
@@ -118,10 +117,7 @@ TEST(PrivacyCli, InsecureLinksAndSwitchedOffSettingsAreRefused) {
 // refused before any process starts.
 TEST(PrivacyCli, SecureAggregationWithTopKIsRefused) {
   auto dir = test::scratch("privacy", "topk");
-  std::ifstream in(data("secagg.toml"));
-  std::string job((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  job.replace(job.find("[privacy]"), 9, "[compression]\ngradients = \"cocktail\"\n\n[privacy]");
-  std::ofstream(dir / "topk.toml") << job;
+  secagg_variant(dir / "topk.toml", "[compression]\ngradients = \"cocktail\"\n\n[privacy]");
   CommandRun r = devnet(dir / "topk.toml", dir, "m.safetensors");
   EXPECT_EQ(r.status, 2) << r.err;
   EXPECT_NE(r.err.find("top-k"), std::string::npos) << r.err;
