@@ -106,6 +106,13 @@ class JobSession {
   TrainResult& result() { return result_; }
 
  private:
+  // Member I's share of BATCHES: its replica's micro-batches, with tokens
+  // for the first stage and targets for the last.
+  void add_micro_batches(size_t i, const std::vector<std::vector<MicroBatchData>>& batches,
+                         solvernet::v1::RunStepRequest& request) const;
+  // Stamps REQUEST with this job, signs it and sends it to member I.
+  grpc::Status send_run_step(size_t i, grpc::ClientContext& context, solvernet::v1::RunStepRequest& request,
+                             solvernet::v1::RunStepReply* reply);
   Result<double> run_step(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches, bool forward_only,
                           const std::string& what);
   void account_traffic(const solvernet::v1::RunStepReply& reply, int64_t step, bool forward_only);
@@ -608,20 +615,30 @@ Status JobSession::grow_back(int64_t step) {
   return ok_status();
 }
 
+void JobSession::add_micro_batches(size_t i, const std::vector<std::vector<MicroBatchData>>& batches,
+                                   solvernet::v1::RunStepRequest& request) const {
+  const auto& self = members_[i];
+  for (const auto& mb : batches[static_cast<size_t>(self.replica)])
+    fill_micro_batch(mb, self.stage == 0, self.stage == stages_ - 1, request.add_micro_batches());
+}
+
+grpc::Status JobSession::send_run_step(size_t i, grpc::ClientContext& context, solvernet::v1::RunStepRequest& request,
+                                       solvernet::v1::RunStepReply* reply) {
+  request.set_job_id(job_id_);
+  sign_request(fleet_->signer(), "RunStep", request);
+  return fleet_->stub(i).RunStep(&context, request, reply);
+}
+
 // One step (or one forward-only evaluation batch) on every member; the mean loss.
 Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches,
                                     bool forward_only, const std::string& what) {
   std::vector<solvernet::v1::RunStepReply> replies(members_.size());
   SN_TRY(fleet_->run_all(what, deadlines_.step, [&](size_t i, grpc::ClientContext& context) {
-    const auto& self = members_[i];
     solvernet::v1::RunStepRequest request;
-    request.set_job_id(job_id_);
     request.set_step(step);
     request.set_forward_only(forward_only);
-    for (const auto& mb : batches[static_cast<size_t>(self.replica)])
-      fill_micro_batch(mb, self.stage == 0, self.stage == stages_ - 1, request.add_micro_batches());
-    sign_request(fleet_->signer(), "RunStep", request);
-    return fleet_->stub(i).RunStep(&context, request, &replies[i]);
+    add_micro_batches(i, batches, request);
+    return send_run_step(i, context, request, &replies[i]);
   }));
   double loss_sum = 0;
   int64_t loss_count = 0;
@@ -772,13 +789,11 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
   std::vector<solvernet::v1::RunStepReply> replies(members_.size());
   const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
     solvernet::v1::RunStepRequest request;
-    request.set_job_id(job_id_);
     request.set_step(steps_done);
     request.set_outer_sync(true);
     for (int r = 0; r < static_cast<int>(replicas_); ++r)
       if (live_groups_[static_cast<size_t>(r)]) request.add_outer_replicas(r);
-    sign_request(fleet_->signer(), "RunStep", request);
-    return fleet_->stub(i).RunStep(&context, request, &replies[i]);
+    return send_run_step(i, context, request, &replies[i]);
   });
   // A group lost in the outer step itself takes the step with it: the
   // survivors' all-gather cannot complete without it.
@@ -824,15 +839,11 @@ Result<double> JobSession::diloco_evaluate(int64_t step, const std::vector<std::
   for (size_t i : members) groups.push_back(members_[i].replica);
   std::vector<solvernet::v1::RunStepReply> replies(members_.size());
   const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
-    const auto& self = members_[i];
     solvernet::v1::RunStepRequest request;
-    request.set_job_id(job_id_);
     request.set_step(step);
     request.set_forward_only(true);
-    for (const auto& mb : batches[static_cast<size_t>(self.replica)])
-      fill_micro_batch(mb, self.stage == 0, self.stage == stages_ - 1, request.add_micro_batches());
-    sign_request(fleet_->signer(), "RunStep", request);
-    return fleet_->stub(i).RunStep(&context, request, &replies[i]);
+    add_micro_batches(i, batches, request);
+    return send_run_step(i, context, request, &replies[i]);
   });
   double loss_sum = 0;
   int64_t loss_count = 0;
@@ -868,10 +879,8 @@ Status JobSession::train_diloco() {
     std::vector<solvernet::v1::RunStepReply> replies(members_.size());
     const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
       solvernet::v1::RunStepRequest request;
-      request.set_job_id(job_id_);
       request.set_step(step);
-      sign_request(fleet_->signer(), "RunStep", request);
-      return fleet_->stub(i).RunStep(&context, request, &replies[i]);
+      return send_run_step(i, context, request, &replies[i]);
     });
     std::set<int> failed;
     std::string why;
