@@ -297,6 +297,21 @@ net::MemberInfo member_of_node(const solvernet::v1::NodeInfo& node) {
   m.region = node.region();
   return m;
 }
+
+// The node holding each role when the job ended, stages[s][r] = node id: the
+// placement after every recovery, re-plan and grow-back (members are in
+// stage-major order; the last recovery says how many replicas remained).
+nlohmann::json placement_at_end(const train::TrainResult& result, int64_t stages) {
+  nlohmann::json out = nlohmann::json::array();
+  if (stages <= 0 || result.member_node_ids.size() % static_cast<size_t>(stages) != 0) return out;
+  const size_t replicas = result.member_node_ids.size() / static_cast<size_t>(stages);
+  for (size_t s = 0; s < static_cast<size_t>(stages); ++s) {
+    nlohmann::json row = nlohmann::json::array();
+    for (size_t r = 0; r < replicas; ++r) row.push_back(result.member_node_ids[s * replicas + r]);
+    out.push_back(std::move(row));
+  }
+  return out;
+}
 }  // namespace
 
 std::vector<net::MemberInfo> find_idle_nodes(const std::vector<std::string>& bootstrap,
@@ -436,7 +451,10 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   if (!options.recovery.job_dir.empty()) {
     nlohmann::json recoveries = nlohmann::json::array();
     for (const auto& r : result.recoveries)
-      recoveries.push_back({{"failed_step", r.failed_step}, {"restored_step", r.restored_step}, {"dead", r.dead},
+      recoveries.push_back({{"kind", r.replicas_after > r.replicas_before   ? "grow-back"
+                                     : r.replicas_after < r.replicas_before ? "re-plan"
+                                                                            : "replacement"},
+                            {"failed_step", r.failed_step}, {"restored_step", r.restored_step}, {"dead", r.dead},
                             {"replacements", r.replacements}, {"seconds", r.seconds},
                             {"redone_steps", r.redone_steps}, {"aqsgd_buffers", r.aqsgd},
                             {"replicas_before", r.replicas_before}, {"replicas_after", r.replicas_after},
@@ -451,6 +469,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
                            {"recoveries", recoveries},
                            {"replicas_at_end", result.recoveries.empty() ? spec.job.parallel.replicas
                                                                          : result.recoveries.back().replicas_after},
+                           {"placement_at_end", placement_at_end(result, spec.job.parallel.stages)},
                            {"resumed_from", result.resumed_from},
                            {"mirror_s", result.mirror_seconds},
                            {"mirror_bytes", result.mirror_bytes}};
@@ -521,8 +540,8 @@ void print_summary_table(const nlohmann::json& s) {
                               r["idle_spares"].size()));
     for (const auto& rec : r["recoveries"]) {
       const std::string replanned = rec.value("replanned", "");
-      row("recovery", fmt::format("step {}: {} dead, {} replaced{}, restarted from step {} in {:.1f} s (AQ-SGD buffers: {})",
-                                  rec["failed_step"].get<int64_t>(), rec["dead"].size(), rec["replacements"].size(),
+      row("recovery", fmt::format("{} at step {}: {} dead, {} replaced{}, restarted from step {} in {:.1f} s (AQ-SGD buffers: {})",
+                                  rec.value("kind", "recovery"), rec["failed_step"].get<int64_t>(), rec["dead"].size(), rec["replacements"].size(),
                                   replanned.empty() ? "" : ", " + replanned, rec["restored_step"].get<int64_t>(),
                                   rec["seconds"].get<double>(), rec["aqsgd_buffers"].get<std::string>()));
     }

@@ -176,7 +176,15 @@ TEST(Churn, NoSpareReplansOnFewerReplicas) {
   EXPECT_EQ(recovery["dead"].size(), 1u);
   EXPECT_TRUE(recovery["replacements"].empty());
   EXPECT_EQ(recovery["replanned"], "re-planned from 2 to 1 replicas");
+  EXPECT_EQ(recovery["kind"], "re-plan");
   EXPECT_EQ(run.summary["recovery"]["replicas_at_end"], 1);
+  // The roles at the end: one node per stage, neither of them the dead one.
+  const auto& at_end = run.summary["recovery"]["placement_at_end"];
+  ASSERT_EQ(at_end.size(), 2u) << at_end.dump();
+  for (const auto& stage : at_end) {
+    ASSERT_EQ(stage.size(), 1u) << at_end.dump();
+    EXPECT_NE(stage[0], run.summary["placement"]["stages"][1][1]["node_id"]);
+  }
   const auto restored = recovery["restored_step"].get<int64_t>();
   EXPECT_EQ(restored, 3);  // checkpoint_every = 3
   // The live member of the dropped group (stage 0, replica 1) is idle again.
@@ -213,7 +221,13 @@ TEST(Churn, ReplannedJobGrowsBackWhenANodeJoins) {
   EXPECT_EQ(recoveries[1]["replanned"], "re-planned from 1 to 2 replicas");
   EXPECT_TRUE(recoveries[1]["dead"].empty());
   EXPECT_EQ(recoveries[1]["replacements"].size(), 2u);  // one per stage: a whole group
+  EXPECT_EQ(recoveries[0]["kind"], "re-plan");
+  EXPECT_EQ(recoveries[1]["kind"], "grow-back");
   EXPECT_EQ(run.summary["recovery"]["replicas_at_end"], 2);
+  const auto& at_end = run.summary["recovery"]["placement_at_end"];
+  ASSERT_EQ(at_end.size(), 2u) << at_end.dump();
+  EXPECT_EQ(at_end[0].size(), 2u);
+  EXPECT_EQ(at_end[1].size(), 2u);
   EXPECT_TRUE(run.summary["recovery"]["idle_spares"].empty());
   const auto losses = run.summary["losses"].get<std::vector<double>>();
   ASSERT_EQ(losses.size(), 30u);
