@@ -4,10 +4,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <atomic>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -68,11 +70,12 @@ struct DevnetArgs {
   // when the topology has room), how long a recovery waits for one.
   std::optional<int> spares;
   int spare_wait_s = 10;
-  // Hidden, for tests and the demo: kill -9 the node in role STAGE.REPLICA
-  // during step S+1 (S:STAGE.REPLICA, after step S's report, plus
-  // kill_delay_ms); restart it with its data dir after restart_after_s (<0:
+  // Hidden, for tests, the demo and bench_churn: each kill_at entry
+  // S:STAGE.REPLICA kills -9 the node holding role STAGE.REPLICA at step S
+  // (after step S's first report, plus kill_delay_ms: so during step S+1);
+  // restart each killed node with its data dir after restart_after_s (<0:
   // never); start one more node after step join_at_step (0: never).
-  std::string kill_at;
+  std::vector<std::string> kill_at;
   int kill_delay_ms = 0;
   double restart_after_s = -1;
   int64_t join_at_step = 0;
@@ -574,6 +577,133 @@ void print_verification(const nlohmann::json& summary, const nlohmann::json& v, 
   }
 }
 
+// A --kill-at entry: kill -9 whichever node holds role STAGE.REPLICA when
+// step STEP is first reported (after a recovery that is the replacement).
+struct KillPlan {
+  std::string text;
+  int64_t step = 0;
+  int stage = 0, replica = 0;
+};
+
+Result<KillPlan> parse_kill_plan(const std::string& text, int64_t stages, int64_t replicas) {
+  KillPlan plan;
+  plan.text = text;
+  char extra = 0;
+  if (std::sscanf(text.c_str(), "%ld:%d.%d%c", &plan.step, &plan.stage, &plan.replica, &extra) != 3 || plan.step < 0 ||
+      plan.stage < 0 || plan.stage >= stages || plan.replica < 0 || plan.replica >= replicas)
+    return input_error("--kill-at must be STEP:STAGE.REPLICA within the job's {} × {}, got \"{}\"", stages, replicas,
+                       text);
+  return plan;
+}
+
+// What the devnet saw of a kill, on the job's clock (seconds since the job was handed to the client).
+struct KillRecord {
+  bool fired = false;          // its step was reported
+  std::optional<size_t> node;  // the devnet node killed (none: no devnet node held the role)
+  std::string node_id;
+  double at_s = -1;            // just before SIGKILL was sent (<0: never sent)
+};
+// A step's report, on the same clock: the step started at end_s − seconds.
+struct StepMark {
+  int64_t step = 0;
+  double end_s = 0, seconds = 0;
+};
+
+// Splits each recovery that followed a kill into detection (the kill to the
+// client noticing the failure), replacement (the client's recovery itself:
+// finding who is dead, taking spares, setting every member up from the
+// checkpoint; RecoveryReport::seconds) and catch-up (running again the steps
+// done since the checkpoint), as detection_s, replacement_s, catch_up_s and
+// their sum recover_s on the summary's recovery entries, and lists the kills as
+// summary["kills"]. The first step after a recovery starts the moment the
+// recovery ends, so its report dates the recovery. A kill belongs to the first
+// recovery detected after it; two kills found by one recovery both belong to it.
+void split_recoveries(nlohmann::json& summary, const std::vector<KillPlan>& plans,
+                      const std::vector<KillRecord>& kills, const std::vector<StepMark>& marks) {
+  constexpr double kNever = std::numeric_limits<double>::infinity();
+  std::vector<int> recovery_of(kills.size(), -1);
+  if (summary.contains("recovery")) {
+    auto& recoveries = summary["recovery"]["recoveries"];
+    size_t cursor = 0;
+    for (size_t r = 0; r < recoveries.size(); ++r) {
+      auto& rec = recoveries[r];
+      if (rec["dead"].empty()) continue;  // a grow-back: nobody died
+      const int64_t restored = rec["restored_step"].get<int64_t>();
+      const auto redone = static_cast<int64_t>(std::llround(rec["redone_steps"].get<double>()));
+      const double replacement = rec["seconds"].get<double>();
+      double first_kill = kNever;
+      for (size_t k = 0; k < kills.size(); ++k)
+        if (recovery_of[k] < 0 && kills[k].at_s >= 0) first_kill = std::min(first_kill, kills[k].at_s);
+      size_t a = cursor;
+      while (a < marks.size() && !(marks[a].step == restored + 1 && marks[a].end_s - marks[a].seconds >= first_kill)) ++a;
+      if (a == marks.size()) continue;
+      const double resumed = marks[a].end_s - marks[a].seconds, detected = resumed - replacement;
+      double earliest = kNever;
+      for (size_t k = 0; k < kills.size(); ++k)
+        if (recovery_of[k] < 0 && kills[k].at_s >= 0 && kills[k].at_s <= detected) {
+          recovery_of[k] = static_cast<int>(r);
+          earliest = std::min(earliest, kills[k].at_s);
+        }
+      if (earliest == kNever) continue;  // not a kill's (a link or a peer wait failed)
+      size_t c = a;
+      while (redone > 0 && c < marks.size() && marks[c].step != restored + redone) ++c;
+      rec["detection_s"] = detected - earliest;
+      rec["replacement_s"] = replacement;
+      if (c < marks.size()) {
+        const double catch_up = redone > 0 ? marks[c].end_s - resumed : 0.0;
+        rec["catch_up_s"] = catch_up;
+        rec["recover_s"] = detected - earliest + replacement + catch_up;
+      }
+      cursor = std::min(c, marks.size() - 1) + 1;
+    }
+  }
+  nlohmann::json out = nlohmann::json::array();
+  for (size_t k = 0; k < kills.size(); ++k)
+    out.push_back({{"kill", plans[k].text},
+                   {"after_step", plans[k].step},
+                   {"stage", plans[k].stage},
+                   {"replica", plans[k].replica},
+                   {"node", kills[k].node ? nlohmann::json(*kills[k].node) : nlohmann::json()},
+                   {"node_id", kills[k].node_id},
+                   {"at_s", kills[k].at_s >= 0 ? nlohmann::json(kills[k].at_s) : nlohmann::json()},
+                   {"recovery", recovery_of[k] >= 0 ? nlohmann::json(recovery_of[k]) : nlohmann::json()}});
+  summary["kills"] = out;
+}
+
+// A failed run's resume advice names its job dir inside the devnet's temp dir
+// (JOBS/<job id>), which is removed on exit: moves the job dir to DEST_PARENT
+// and returns MESSAGE naming it there, or, if it cannot, MESSAGE saying that
+// --keep is needed.
+std::string keep_job_dir(const fs::path& jobs, const fs::path& dest_parent, std::string message) {
+  std::error_code ec;
+  fs::path job_dir;
+  for (const auto& entry : fs::directory_iterator(jobs, ec))
+    if (entry.is_directory()) job_dir = entry.path();
+  const fs::path dest = dest_parent / job_dir.filename();
+  const Status moved = [&]() -> Status {
+    if (job_dir.empty()) return make_error("no job dir in {}", jobs.string());
+    if (fs::exists(dest, ec)) return make_error("{} exists already", dest.string());
+    fs::rename(job_dir, dest, ec);
+    if (!ec) return ok_status();
+    // Another file system: copy (the temp dir, original included, goes on exit).
+    ec.clear();
+    fs::copy(job_dir, dest, fs::copy_options::recursive, ec);
+    if (!ec) return ok_status();
+    std::error_code ignored;
+    fs::remove_all(dest, ignored);
+    return make_error("cannot copy it to {}: {}", dest.string(), ec.message());
+  }();
+  if (!moved.ok())
+    return message + fmt::format("\n  the job dir is in the devnet's temp dir, which is removed on exit ({}): run "
+                                 "the devnet with --keep to keep it",
+                                 moved.message());
+  for (size_t at = 0; (at = message.find(job_dir.string(), at)) != std::string::npos; at += dest.string().size())
+    message.replace(at, job_dir.string().size(), dest.string());
+  return message + fmt::format("\n  the job dir was moved out of the devnet's temp dir (removed on exit) to {}; the "
+                               "devnet's nodes are gone with it, so resume on nodes of your own",
+                               dest.string());
+}
+
 int run_devnet(const DevnetArgs& args) {
   init_logging("devnet", "warn");
   install_stop_handlers();
@@ -646,20 +776,15 @@ int run_devnet(const DevnetArgs& args) {
   // Spares: asked for, or one when the devnet has a node beyond the plan.
   spec.spares = args.spares.value_or(std::min(1, nodes - needed));
   spec.spare_wait_s = args.spare_wait_s;
-  struct KillPlan {
-    int64_t step = 0;
-    int stage = 0, replica = 0;
-  };
-  std::optional<KillPlan> kill_plan;
-  if (!args.kill_at.empty()) {
-    KillPlan plan;
-    char extra = 0;
-    if (std::sscanf(args.kill_at.c_str(), "%ld:%d.%d%c", &plan.step, &plan.stage, &plan.replica, &extra) != 3 ||
-        plan.step < 0 || plan.stage < 0 || plan.stage >= spec.job.parallel.stages || plan.replica < 0 ||
-        plan.replica >= spec.job.parallel.replicas)
-      return fail("devnet", fmt::format("--kill-at must be STEP:STAGE.REPLICA within the job's {} × {}, got \"{}\"",
-                                        spec.job.parallel.stages, spec.job.parallel.replicas, args.kill_at), 2);
-    kill_plan = plan;
+  std::vector<KillPlan> kill_plans;
+  for (const auto& text : args.kill_at) {
+    auto plan = parse_kill_plan(text, spec.job.parallel.stages, spec.job.parallel.replicas);
+    if (!plan.ok()) return fail("devnet", plan.message(), 2);
+    // One node holds a role at a step: a second kill of it there would kill nothing.
+    for (const auto& earlier : kill_plans)
+      if (earlier.step == plan->step && earlier.stage == plan->stage && earlier.replica == plan->replica)
+        return fail("devnet", fmt::format("--kill-at {} is given twice (one node holds a role at a step)", text), 2);
+    kill_plans.push_back(*plan);
   }
   fs::path model_out = args.out;
   if (model_out.empty())
@@ -745,11 +870,22 @@ int run_devnet(const DevnetArgs& args) {
   if (cheater && !args.json)
     std::cerr << fmt::format("devnet: node {} cheats: {}\n", cheater->first, cheater->second);
   // The bootstrap is our own child, still starting: give it the whole minute.
+  // The job's members (and verifiers) are required; spares are not: a node
+  // that froze or died at start-up gets 10 s more, then the job starts with
+  // fewer spares.
+  const int required = verifying ? nodes : needed;
   auto found = discover_nodes({devnet.bootstrap()}, static_cast<size_t>(nodes), std::chrono::seconds(60),
-                              std::chrono::seconds(60));
+                              std::chrono::seconds(60), static_cast<size_t>(required), std::chrono::seconds(10));
   if (stop_requested()) return fail("devnet", "interrupted", stop_exit_code());
   if (!found.ok()) return fail("devnet", found.message() + "\n" + devnet.dead_processes_report());
-  if (!args.json) std::cerr << fmt::format("devnet: all {} nodes discovered\n", found->size());
+  if (static_cast<int>(found->size()) < nodes) {
+    const int spares_left = std::min(spec.spares, static_cast<int>(found->size()) - needed);
+    std::cerr << fmt::format("devnet: warning: only {} of {} nodes answered; the job starts with {} spare(s) instead "
+                             "of {}\n{}",
+                             found->size(), nodes, spares_left, spec.spares, devnet.dead_processes_report());
+  } else if (!args.json) {
+    std::cerr << fmt::format("devnet: all {} nodes discovered\n", found->size());
+  }
   if (args.plan_from == "probes") {
     // Plan from what the nodes measured: wait (bounded) until each announces every peer.
     found = wait_for_link_estimates({devnet.bootstrap()}, std::move(found).value(), std::chrono::seconds(60));
@@ -778,28 +914,46 @@ int run_devnet(const DevnetArgs& args) {
   spec.job_dir = devnet.dir() / "jobs";
   // Spares found mid-job through the DHT, unless idle nodes are there to verify.
   if (!verifying) spec.bootstrap = {devnet.bootstrap()};
-  // Churn for tests and the demo (hidden flags): the devnet's node index of each node id.
+  // Churn for tests, the demo and bench_churn (hidden flags): the devnet's node index of each node id.
   std::map<std::string, size_t> index_of;
   for (size_t i = 0; i < static_cast<size_t>(nodes); ++i)
     if (auto key = NodeKey::load_or_create(devnet.node_dir(i)); key.ok()) index_of[key->node_id()] = i;
   std::vector<std::thread> churn;
-  bool killed = false, joined = false;
-  std::mutex churn_mutex;  // the devnet's process list changes under the churn threads
+  bool joined = false;
+  std::mutex churn_mutex;  // the devnet's process list and the kill records change under the churn threads
+  std::vector<KillRecord> kills(kill_plans.size());
+  std::vector<StepMark> marks;
   const auto regions = topology->device_regions();
+  const auto job_started = std::chrono::steady_clock::now();
+  auto now_s = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - job_started).count(); };
   spec.on_step = [&](const train::StepReport& report) {
-    // Once: the steps after a recovery's checkpoint are reported again.
-    if (kill_plan && !killed && report.step == kill_plan->step && report.members) {
-      killed = true;
+    marks.push_back({report.step, now_s(), report.step_seconds});
+    for (size_t k = 0; k < kill_plans.size(); ++k) {
+      const KillPlan& plan = kill_plans[k];
+      // Once: the steps after a recovery's checkpoint are reported again.
+      if (kills[k].fired || report.step != plan.step || !report.members) continue;
+      kills[k].fired = true;
       for (const auto& m : *report.members) {
-        if (m.stage != kill_plan->stage || m.replica != kill_plan->replica || !index_of.count(m.node_id)) continue;
+        if (m.stage != plan.stage || m.replica != plan.replica) continue;
+        // A node that joined mid-job has its key only once it runs: look it up now.
+        if (!index_of.count(m.node_id)) {
+          std::lock_guard<std::mutex> lock(churn_mutex);
+          for (size_t i = 0; i < devnet.node_count(); ++i)
+            if (fs::exists(devnet.node_dir(i)))
+              if (auto key = NodeKey::load_or_create(devnet.node_dir(i)); key.ok()) index_of[key->node_id()] = i;
+        }
+        if (!index_of.count(m.node_id)) continue;
         const size_t i = index_of[m.node_id];
-        churn.emplace_back([&, i, delay = args.kill_delay_ms, step = report.step] {
+        kills[k].node = i;
+        kills[k].node_id = m.node_id;
+        churn.emplace_back([&, i, k, plan, delay = args.kill_delay_ms, step = report.step] {
           std::this_thread::sleep_for(std::chrono::milliseconds(delay));
           {
             std::lock_guard<std::mutex> lock(churn_mutex);
+            kills[k].at_s = now_s();  // before: the client may notice the death before kill_node returns
             const pid_t pid = devnet.kill_node(i);
             std::cerr << fmt::format("devnet: killed node {} (pid {}, stage {} replica {}) after step {}\n", i, pid,
-                                     kill_plan->stage, kill_plan->replica, step);
+                                     plan.stage, plan.replica, step);
           }
           if (args.restart_after_s < 0) return;
           std::this_thread::sleep_for(std::chrono::duration<double>(args.restart_after_s));
@@ -810,6 +964,9 @@ int run_devnet(const DevnetArgs& args) {
             std::cerr << "devnet: restarting node " << i << ": " << restarted.message() << "\n";
         });
       }
+      if (!kills[k].node)
+        std::cerr << fmt::format("devnet: --kill-at {}: no devnet node holds stage {} replica {} at step {}\n",
+                                 plan.text, plan.stage, plan.replica, plan.step);
     }
     if (args.join_at_step > 0 && !joined && report.step == args.join_at_step) {
       joined = true;
@@ -826,9 +983,14 @@ int run_devnet(const DevnetArgs& args) {
   for (auto& t : churn) t.join();
   if (!summary.ok()) {
     std::string report = devnet.dead_processes_report();
-    return fail("devnet", summary.message() + (report.empty() ? "" : "\n" + report),
+    std::string message = summary.message();
+    // The resume advice names the job dir; the devnet's temp dir goes on exit, so the job dir is moved out.
+    if (!args.keep && message.find("--resume ") != std::string::npos)
+      message = keep_job_dir(devnet.dir() / "jobs", fs::absolute(model_out).parent_path(), message);
+    return fail("devnet", message + (report.empty() ? "" : "\n" + report),
                 stop_requested() ? stop_exit_code() : summary.error().exit_code);
   }
+  if (!kill_plans.empty()) split_recoveries(*summary, kill_plans, kills, marks);
   if (settlement) {
     std::vector<std::string> node_ids;
     for (int i = 0; i < nodes; ++i)
@@ -908,7 +1070,9 @@ CommandRegistration devnet_command(
                      "Idle nodes kept to replace a member that dies (default: 1 when the devnet has a node to spare)");
       app.add_option("--spare-wait-s", args->spare_wait_s, "How long a recovery waits for a spare")
           ->capture_default_str();
-      app.add_option("--kill-at", args->kill_at, "Test: kill -9 a member, STEP:STAGE.REPLICA")->group("");
+      app.add_option("--kill-at", args->kill_at,
+                     "Test: kill -9 the member holding a role at a step, STEP:STAGE.REPLICA (repeatable)")
+          ->group("");
       app.add_option("--kill-delay-ms", args->kill_delay_ms, "Test: delay of --kill-at after the step")->group("");
       app.add_option("--restart-after-s", args->restart_after_s, "Test: restart the killed node after this")->group("");
       app.add_option("--join-at-step", args->join_at_step, "Test: start one more node after this step")->group("");

@@ -229,12 +229,15 @@ std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1:
 
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,
                                                             size_t want, std::chrono::milliseconds timeout,
-                                                            std::chrono::milliseconds bootstrap_timeout) {
+                                                            std::chrono::milliseconds bootstrap_timeout, size_t enough,
+                                                            std::chrono::milliseconds grace) {
   install_stop_handlers();
   SN_ASSIGN(auto discovery, net::Discovery::start(0, bootstrap));
   // An unreachable bootstrap is not an empty network: say so.
   SN_TRY(discovery->wait_for_bootstrap(std::min(timeout, bootstrap_timeout)));
   auto deadline = std::chrono::steady_clock::now() + timeout;
+  const size_t floor = enough > 0 && enough < want ? enough : want;
+  std::optional<std::chrono::steady_clock::time_point> enough_since;
   std::vector<solvernet::v1::NodeInfo> idle, live;
   while (true) {
     auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
@@ -245,8 +248,14 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
       if (n.busy_job_id().empty()) idle.push_back(n);
     // A node killed a moment ago stays listed until its announcement goes
     // stale: only nodes that answer now are placed.
-    if (idle.size() >= want) live = live_nodes(idle, std::chrono::milliseconds(1500));
+    if (idle.size() >= floor) live = live_nodes(idle, std::chrono::milliseconds(1500));
     if (live.size() >= want) break;
+    // Enough to go on with: the rest get GRACE (a node that froze or died at start-up never comes).
+    if (live.size() >= floor) {
+      if (!enough_since) enough_since = std::chrono::steady_clock::now();
+      if (std::chrono::steady_clock::now() - *enough_since >= grace || std::chrono::steady_clock::now() >= deadline)
+        break;
+    }
     if (std::chrono::steady_clock::now() >= deadline || stop_requested()) {
       if (idle.size() >= want)
         return kind_error(ErrorKind::unavailable, "found {} idle node(s) via {} but only {} answered a ping; the job needs {}",
@@ -255,7 +264,7 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
       return kind_error(ErrorKind::unavailable, "found {} idle node(s) via {}, the job needs {}", idle.size(),
                         bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), want);
     }
-    if (idle.size() >= want) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    if (idle.size() >= floor) std::this_thread::sleep_for(std::chrono::milliseconds(300));
   }
   discovery->stop();
   return live;

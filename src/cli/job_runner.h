@@ -68,13 +68,15 @@ Status check_run_inputs(const RunSpec& spec, bool local);
 std::filesystem::path default_client_key_path();
 
 // Waits until at least WANT idle nodes are visible via BOOTSTRAP and answer a
-// ping (or TIMEOUT): listed nodes that do not answer are left out. Errors:
-// unavailable if no bootstrap answered within BOOTSTRAP_TIMEOUT (capped by
-// TIMEOUT) or too few nodes are live, invalid_input if the bootstrap host does
-// not resolve.
+// ping (or TIMEOUT): listed nodes that do not answer are left out. With ENOUGH
+// (0 < ENOUGH < WANT), once ENOUGH live nodes are found it waits at most GRACE
+// more for the rest, then returns those (ENOUGH or more). Errors: unavailable if
+// no bootstrap answered within BOOTSTRAP_TIMEOUT (capped by TIMEOUT) or too few
+// nodes are live, invalid_input if the bootstrap host does not resolve.
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(
     const std::vector<std::string>& bootstrap, size_t want, std::chrono::milliseconds timeout,
-    std::chrono::milliseconds bootstrap_timeout = std::chrono::milliseconds(5000));
+    std::chrono::milliseconds bootstrap_timeout = std::chrono::milliseconds(5000), size_t enough = 0,
+    std::chrono::milliseconds grace = std::chrono::milliseconds(0));
 
 // Waits until each of NODES announces a measured link (NodeInfo.links) to
 // every other one, or TIMEOUT passes, and returns their newest announcements

@@ -304,3 +304,57 @@ TEST(Churn, StoppedJobResumesFromItsJobDir) {
   dht->process.terminate();
   fs::remove_all(dir);
 }
+
+// Two kills with two spares (--kill-at given twice): the member in stage 1
+// replica 1 after step 4, then whoever holds that role after step 7, which
+// is the spare that replaced it. Both are replaced, the final model is the
+// undisturbed run's bitwise, and the devnet times each recovery.
+TEST(Churn, TwoKillsOfOneRoleKillTheSpareHoldingItAndFinishBitwise) {
+  const auto& ref = reference("churn.toml", 5);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto run = devnet("two-kills", "churn.toml",
+                    {"--nodes", "6", "--spares", "2", "--kill-at", "4:1.1", "--kill-at", "7:1.1", "--kill-delay-ms", "30"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  ASSERT_TRUE(run.summary.contains("kills")) << run.summary.dump(2);
+  const auto& kills = run.summary["kills"];
+  ASSERT_EQ(kills.size(), 2u);
+  ASSERT_FALSE(kills[0]["node"].is_null()) << kills.dump(2);
+  ASSERT_FALSE(kills[1]["node"].is_null()) << kills.dump(2);
+  EXPECT_NE(kills[0]["node"], kills[1]["node"]) << "the second kill must hit the spare now holding the role";
+  const auto& recoveries = run.summary["recovery"]["recoveries"];
+  ASSERT_EQ(recoveries.size(), 2u) << recoveries.dump(2) << run.err;
+  for (const auto& r : recoveries) {
+    EXPECT_EQ(r["replacements"].size(), 1u);
+    ASSERT_TRUE(r.contains("recover_s")) << r.dump(2);
+    EXPECT_GE(r["detection_s"].get<double>(), 0.0);
+    EXPECT_GE(r["catch_up_s"].get<double>(), 0.0);
+    EXPECT_GE(r["recover_s"].get<double>(), r["replacement_s"].get<double>());
+  }
+  EXPECT_EQ(kills[0]["recovery"], 0);
+  EXPECT_EQ(kills[1]["recovery"], 1);
+  EXPECT_EQ(run.summary["model_hash"], ref.summary["model_hash"]);
+  EXPECT_EQ(run.summary["losses"], ref.summary["losses"]);
+  fs::remove_all(run.devnet_dir);
+}
+
+// A devnet whose job stops with --resume advice (the only holder of a stage
+// killed, no spare) moves the job dir the advice names out of its temp dir,
+// which is removed on exit, to beside --out; the advice names it there.
+TEST(Churn, DevnetKeepsTheJobDirItsResumeAdviceNames) {
+  auto dir = test::scratch("churn", "advice");
+  auto run = test::run_command({test::solvernet_bin(), "devnet", "--job", data("churn-pipeline.toml").string(),
+                                "--topology", data("churn-net.toml").string(), "--no-chain", "--json", "--nodes", "2",
+                                "--spares", "0", "--spare-wait-s", "0", "--peer-timeout-s", "4", "--kill-at", "4:1.0",
+                                "--out", (dir / "model.safetensors").string()},
+                               dir, 120s);
+  ASSERT_EQ(run.status, 1) << run.err;
+  const auto at = run.err.find("solvernet train --resume ");
+  ASSERT_NE(at, std::string::npos) << run.err;
+  const auto start = at + std::string("solvernet train --resume ").size();
+  const fs::path job_dir = run.err.substr(start, run.err.find(' ', start) - start);
+  EXPECT_EQ(job_dir.parent_path(), dir) << run.err;
+  EXPECT_TRUE(fs::exists(job_dir / "state.json")) << run.err;
+  EXPECT_TRUE(fs::exists(job_dir / "job.toml")) << run.err;
+  EXPECT_NE(run.err.find("moved out of the devnet's temp dir"), std::string::npos) << run.err;
+  fs::remove_all(dir);
+}
