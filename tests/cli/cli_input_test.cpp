@@ -290,4 +290,14 @@ TEST_F(CliInput, SummaryCountsTheNodesUsed) {
   EXPECT_TRUE(fs::exists(path("devnet-model.safetensors")));
 }
 
+// The devnet's hidden --kill-at (repeatable): each entry is checked against
+// the job's roles, and one role killed twice at one step is refused.
+TEST_F(CliInput, DevnetKillPlansAreChecked) {
+  const std::string devnet = "devnet --no-chain --topology topo.toml --job J.toml";
+  expect_refused(devnet + " --kill-at 3:1.0", {"--kill-at must be STEP:STAGE.REPLICA within the job's 1 × 1", "3:1.0"});
+  expect_refused(devnet + " --kill-at 3:0.0 --kill-at 2:0.1", {"--kill-at must be", "2:0.1"});
+  expect_refused(devnet + " --kill-at 3:0.0x", {"--kill-at must be", "3:0.0x"});
+  expect_refused(devnet + " --kill-at 3:0.0 --kill-at 3:0.0", {"--kill-at 3:0.0 is given twice"});
+}
+
 }  // namespace
