@@ -257,12 +257,13 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
         break;
     }
     if (std::chrono::steady_clock::now() >= deadline || stop_requested()) {
-      if (idle.size() >= want)
+      // The count named is the one required (the rest were wanted, not needed).
+      if (idle.size() >= floor)
         return kind_error(ErrorKind::unavailable, "found {} idle node(s) via {} but only {} answered a ping; the job needs {}",
                           idle.size(), bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), live.size(),
-                          want);
+                          floor);
       return kind_error(ErrorKind::unavailable, "found {} idle node(s) via {}, the job needs {}", idle.size(),
-                        bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), want);
+                        bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), floor);
     }
     if (idle.size() >= floor) std::this_thread::sleep_for(std::chrono::milliseconds(300));
   }
