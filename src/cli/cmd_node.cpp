@@ -50,6 +50,7 @@ struct NodeArgs {
   double session_idle_s = 60;
   int max_batch = 32;
   std::string cheat;
+  int kill_self_at_outer = 0;     // tests: SIGKILL itself on its n-th DiLoCo outer-step request
   std::string chain_rpc;          // settlement: the node commits its step leaves and answers disputes
   std::string deployment;         // the market's deployment JSON (default: the dev market at --chain-rpc)
   double probe_every_s = 30;      // 0: no probes
@@ -320,6 +321,7 @@ int run_node(const NodeArgs& args) {
   train_options.data_dir = args.data_dir;
   train_options.peer_timeout = std::chrono::seconds(args.peer_timeout_s);
   train_options.cheat = cheat;
+  train_options.kill_self_at_outer = args.kill_self_at_outer;
   if (cheat.active()) spdlog::warn("CHEAT --cheat {}: this node trains dishonestly", args.cheat);
   train_service = train::make_train_service(train_options);
   runtime.add_service(train_service.get());
@@ -470,6 +472,8 @@ CommandRegistration node_command(
       app.add_option("--cheat", args->cheat, "Misbehave on purpose, for tests: garbage-states (noise instead of outputs) or "
                      "malformed-states (outputs one column short) when serving; withhold (refuse to serve evidence) "
                      "when training");
+      app.add_option("--kill-self-at-outer", args->kill_self_at_outer,
+                     "Test: kill -9 this node on its n-th DiLoCo outer-step request")->group("");
       app.add_option("--probe-every-s", args->probe_every_s,
                      "Measure RTT and throughput to peers this often, ±20% (0: never)")->capture_default_str();
       app.add_option("--probe-peers", args->probe_peers, "Peers probed: the most recently announced")->capture_default_str();

@@ -57,6 +57,10 @@ int run_train(const TrainArgs& args) {
     spec.job_dir = args.job_dir;
   }
   if (!args.resume.empty()) {
+    // Its nodes keep checkpoints at outer boundaries, but the job dir does
+    // not mirror them nor a dropped group's end (docs/diloco.md).
+    if (spec.job.diloco.enabled)
+      return fail("train", fmt::format("{}: resuming a [diloco] job is not supported yet; start it again", args.resume), 2);
     auto state = train::read_job_dir(args.resume, spec.job);
     if (!state.ok()) return fail("train", state.message(), 2);
     if (state->finished == "completed")

@@ -103,7 +103,9 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
     s["diloco"] = {{"inner_steps", spec.job.diloco.inner_steps}, {"outer_lr", spec.job.diloco.outer_lr},
                    {"outer_momentum", spec.job.diloco.outer_momentum}, {"pseudo_grad", spec.job.diloco.pseudo_grad},
                    {"outer_steps", d.outer_steps}, {"dropped_groups", d.dropped_groups},
-                   {"dropped_at_step", d.dropped_at_step}, {"outer_hashes", d.outer_hashes},
+                   {"dropped_at_step", d.dropped_at_step}, {"outer_retries", d.outer_retries},
+                   {"rejoined_groups", d.rejoined_groups}, {"rejoined_at_step", d.rejoined_at_step},
+                   {"outer_hashes", d.outer_hashes}, {"outer_groups", d.outer_groups},
                    {"bytes_outer", d.bytes_outer}, {"diverged_before_outer", d.diverged_before_outer}, {"data_bytes_not_sent", d.data_bytes_not_sent},
                    {"dataset_hash", d.dataset_hash}};
   }

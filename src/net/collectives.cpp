@@ -8,9 +8,9 @@ namespace {
 
 // Runs BODY; on error aborts TRANSPORT with it (the header's failure contract).
 template <typename T, typename Body>
-Result<T> aborting_on_error(Transport& transport, Body body) {
+Result<T> aborting_on_error(Transport& transport, const CollectiveOptions& options, Body body) {
   Result<T> result = body();
-  if (!result.ok()) transport.abort(result.message());
+  if (!result.ok() && options.abort_on_error) transport.abort(result.message());
   return result;
 }
 
@@ -55,7 +55,7 @@ int64_t RingAllreduce::messages_per_member(int64_t values, int ring_size, int64_
 Status RingAllreduce::run(std::span<float> buffer, int64_t step) {
   const int n_ring = static_cast<int>(ring_.size());
   if (n_ring <= 1) return ok_status();
-  return aborting_on_error<void>(transport_, [&]() -> Status {
+  return aborting_on_error<void>(transport_, options_, [&]() -> Status {
     SN_ASSIGN(const int pos, ring_position(transport_, ring_));
     const int next = ring_[static_cast<size_t>((pos + 1) % n_ring)];
     const int prev = ring_[static_cast<size_t>((pos + n_ring - 1) % n_ring)];
@@ -106,7 +106,7 @@ RingAllgather::RingAllgather(Transport& transport, std::vector<int> ring, Collec
 
 Result<std::vector<solvernet::v1::TensorMessage>> RingAllgather::run(solvernet::v1::TensorMessage own, int64_t step) {
   using Messages = std::vector<solvernet::v1::TensorMessage>;
-  return aborting_on_error<Messages>(transport_, [&]() -> Result<Messages> {
+  return aborting_on_error<Messages>(transport_, options_, [&]() -> Result<Messages> {
     const int n_ring = static_cast<int>(ring_.size());
     SN_ASSIGN(const int pos, ring_position(transport_, ring_));
     const int next = ring_[static_cast<size_t>((pos + 1) % n_ring)];
@@ -136,7 +136,7 @@ PairExchange::PairExchange(Transport& transport, int peer, CollectiveOptions opt
     : transport_(transport), peer_(peer), options_(std::move(options)) {}
 
 Result<solvernet::v1::TensorMessage> PairExchange::run(solvernet::v1::TensorMessage own, int64_t step) {
-  return aborting_on_error<solvernet::v1::TensorMessage>(transport_, [&]() -> Result<solvernet::v1::TensorMessage> {
+  return aborting_on_error<solvernet::v1::TensorMessage>(transport_, options_, [&]() -> Result<solvernet::v1::TensorMessage> {
     own.set_kind(options_.kind);
     own.set_step(step);
     own.set_micro(0);

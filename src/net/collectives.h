@@ -23,6 +23,10 @@ struct CollectiveOptions {
   int64_t chunk_bytes = 1 << 20;            // largest message payload of a ring all-reduce
   std::chrono::milliseconds timeout{60000}; // per receive
   std::string kind = "allreduce";           // message kind, to keep separate collectives apart
+  // On a failure (a peer's timeout, a failed send) abort the transport, so
+  // every other wait of the job fails at once. False: leave it usable, for a
+  // caller that retries among fewer members (the DiLoCo outer step).
+  bool abort_on_error = true;
 };
 
 // Ring all-reduce (reduce-scatter, then all-gather) of one flat f32 buffer, in

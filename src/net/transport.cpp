@@ -128,6 +128,7 @@ Status JobTransport::send(int to, solvernet::v1::TensorMessage message, Traffic 
   std::lock_guard<std::mutex> lock(mutex_);
   if (aborted_) return kind_error(ErrorKind::aborted, "{}", *aborted_);
   PeerLink& link = *links_[static_cast<size_t>(to)];
+  if (link.excluded) return kind_error(ErrorKind::unavailable, "{} has left the job", describe(to));
   if (link.failure) return *link.failure;
   auto& counter = link.counters[traffic];
   counter.first += static_cast<int64_t>(bytes);
@@ -180,14 +181,14 @@ Status JobTransport::flush(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mutex_);
   auto idle = [&] {
     for (auto& link : links_)
-      if (!link->queue.empty() || link->busy) return false;
+      if (!link->excluded && (!link->queue.empty() || link->busy)) return false;
     return true;
   };
   if (!changed_.wait_for(lock, timeout, [&] { return idle() || aborted_.has_value(); }))
     return kind_error(ErrorKind::timeout, "timed out after {} s sending to peers", timeout.count() / 1000);
   if (aborted_) return kind_error(ErrorKind::aborted, "{}", *aborted_);
   for (auto& link : links_)
-    if (link->failure) return *link->failure;
+    if (link->failure && !link->excluded) return *link->failure;
   return ok_status();
 }
 
@@ -299,6 +300,16 @@ void JobTransport::abort(const std::string& reason) {
   if (!aborted_) aborted_ = reason;
   for (auto& link : links_) link->queue.clear();
   cancel_in_flight_locked();
+  changed_.notify_all();
+}
+
+void JobTransport::exclude(int member) {
+  if (member < 0 || member >= static_cast<int>(links_.size()) || member == self_) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  PeerLink& link = *links_[static_cast<size_t>(member)];
+  link.excluded = true;
+  link.queue.clear();
+  if (link.in_flight) link.in_flight->TryCancel();
   changed_.notify_all();
 }
 

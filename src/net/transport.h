@@ -123,6 +123,11 @@ class JobTransport final : public Transport {
   Result<solvernet::v1::TensorMessage> receive(const Tag& tag, std::chrono::milliseconds timeout) override;
   void abort(const std::string& reason) override;
   std::string describe(int member) const override;
+  // MEMBER has left the job (a DiLoCo replica group dropped): what is queued
+  // for it goes, a Send under way is cancelled, flush() no longer waits for
+  // it nor reports its link's failure, and a later send() to it fails
+  // (unavailable). Idempotent; there is no way back for this transport.
+  void exclude(int member);
 
   // An incoming message (the Transport service calls this). Accepted only if
   // it is for this job (else not_found), from a member with a valid signature
@@ -158,6 +163,7 @@ class JobTransport final : public Transport {
     std::unique_ptr<solvernet::v1::Transport::Stub> stub;
     std::deque<Outgoing> queue;
     std::optional<Error> failure;
+    bool excluded = false;  // exclude(): the member has left the job
     bool busy = false;
     grpc::ClientContext* in_flight = nullptr;  // the Send under way (cancelled by abort and destruction)
     std::thread sender;

@@ -139,6 +139,18 @@ class JobSession {
   // planned replicas and sets every member up from that checkpoint (the new
   // groups from replica 0's). Nothing to do or no spares: OK, unchanged.
   Status grow_back(int64_t step);
+  // The idle nodes that answer now (no waiting): known spares and those
+  // find_spares discovers, none in IN_JOB (node ids). Empties spares_; the
+  // caller puts back the ones it does not use.
+  std::vector<net::MemberInfo> ready_idle_nodes(const std::set<std::string>& in_job);
+  // [diloco], at the outer boundary after STEPS_DONE steps (every live
+  // replica of a stage bitwise equal): if idle nodes fill every dropped
+  // group's slot whole (one per stage), they take those slots; every member
+  // restarts from this boundary's checkpoint, the newcomers from the first
+  // live group's (weights, outer state and that group's AdamW moments), and
+  // the slots are live again. Needs a job dir: the checkpoints pass through
+  // its mirror. Nothing to do or too few idle nodes: OK, unchanged.
+  Status diloco_rejoin(int64_t steps_done);
   // An idle node that answers, not one of the LIVE members (a dead member
   // restarted with its data dir has its old node id and is welcome back).
   std::optional<net::MemberInfo> take_spare(const std::set<std::string>& live);
@@ -375,17 +387,30 @@ void JobSession::account_traffic(const solvernet::v1::RunStepReply& reply, int64
 Status JobSession::mirror_checkpoints(int64_t step) {
   const auto started = Clock::now();
   std::vector<solvernet::v1::FetchCheckpointReply> replies(members_.size());
-  SN_TRY(fleet_->run_all("mirroring checkpoints", deadlines_.fetch + deadlines_.setup,
-                         [&](size_t i, grpc::ClientContext& context) {
-                           solvernet::v1::FetchCheckpointRequest request;
-                           request.set_job_id(job_id_);
-                           request.set_stage(members_[i].stage);
-                           request.set_replica(members_[i].replica);
-                           request.set_step(step);
-                           sign_request(fleet_->signer(), "FetchCheckpoint", request);
-                           return fleet_->stub(i).FetchCheckpoint(&context, request, &replies[i]);
-                         }));
-  for (size_t i = 0; i < members_.size(); ++i) {
+  const auto fetch = [&](size_t i, grpc::ClientContext& context) {
+    solvernet::v1::FetchCheckpointRequest request;
+    request.set_job_id(job_id_);
+    request.set_stage(members_[i].stage);
+    request.set_replica(members_[i].replica);
+    request.set_step(step);
+    sign_request(fleet_->signer(), "FetchCheckpoint", request);
+    return fleet_->stub(i).FetchCheckpoint(&context, request, &replies[i]);
+  };
+  // A [diloco] job's dropped groups have no checkpoint to give.
+  const auto live = live_members();
+  if (live.size() == members_.size()) {
+    SN_TRY(fleet_->run_all("mirroring checkpoints", deadlines_.fetch + deadlines_.setup, fetch));
+  } else {
+    const auto statuses = run_members(live, std::vector<int>(live.size(), 0), deadlines_.fetch + deadlines_.setup, fetch);
+    for (size_t k = 0; k < live.size(); ++k)
+      if (!statuses[k].ok()) {
+        auto error = kind_error(net::error_kind_of(statuses[k].error_code()), "mirroring checkpoints: {}: {}",
+                                member_name(members_[live[k]]), statuses[k].error_message());
+        fleet_->end_all(true, error.message);
+        return error;
+      }
+  }
+  for (size_t i : live) {
     std::vector<solvernet::v1::CheckpointBlob> files(replies[i].files().begin(), replies[i].files().end());
     for (const auto& f : files) result_.mirror_bytes += static_cast<int64_t>(f.data().size());
     if (auto stored = mirror_->store(members_[i].stage, members_[i].replica, step, files); !stored.ok()) {
@@ -548,12 +573,8 @@ bool JobSession::replan(const std::vector<size_t>& unreplaced, std::string& why)
   return true;
 }
 
-Status JobSession::grow_back(int64_t step) {
-  if (replicas_ >= planned_replicas_ || !mirror_) return ok_status();
-  const auto started = Clock::now();
-  std::set<std::string> in_job, known;
-  for (const auto& m : members_) in_job.insert(m.node_id);
-  known = in_job;
+std::vector<net::MemberInfo> JobSession::ready_idle_nodes(const std::set<std::string>& in_job) {
+  std::set<std::string> known = in_job;
   for (const auto& m : spares_) known.insert(m.node_id);
   if (options_.recovery.find_spares)
     for (auto& found : options_.recovery.find_spares())
@@ -563,6 +584,15 @@ Status JobSession::grow_back(int64_t step) {
   for (const auto& spare : spares_)
     if (!in_job.count(spare.node_id) && answers_ping(spare, deadlines_.fleet.ping)) ready.push_back(spare);
   spares_.clear();
+  return ready;
+}
+
+Status JobSession::grow_back(int64_t step) {
+  if (replicas_ >= planned_replicas_ || !mirror_) return ok_status();
+  const auto started = Clock::now();
+  std::set<std::string> in_job;
+  for (const auto& m : members_) in_job.insert(m.node_id);
+  const auto ready = ready_idle_nodes(in_job);
   // The most replicas the idle nodes fill whole and the global batch divides over.
   int64_t grown = replicas_;
   for (int64_t d = planned_replicas_; d > replicas_; --d)
@@ -780,31 +810,110 @@ void JobSession::drop_groups(const std::set<int>& failed, int64_t step, const st
   end_members(*fleet_, ending, "replica group dropped: " + why, deadlines_.fleet.end);
 }
 
+Status JobSession::diloco_rejoin(int64_t steps_done) {
+  if (!mirror_ || steps_done >= job_.train.steps) return ok_status();
+  std::vector<int> dropped;
+  for (int r = 0; r < static_cast<int>(replicas_); ++r)
+    if (!live_groups_[static_cast<size_t>(r)]) dropped.push_back(r);
+  if (dropped.empty()) return ok_status();
+  // A dropped group's members that are still alive are idle again: welcome.
+  std::set<std::string> in_job;
+  for (size_t i : live_members()) in_job.insert(members_[i].node_id);
+  const auto ready = ready_idle_nodes(in_job);
+  const size_t needed = dropped.size() * static_cast<size_t>(stages_);
+  if (ready.size() < needed) {
+    spares_ = ready;
+    return ok_status();
+  }
+  const auto started = Clock::now();
+  SN_TRY(mirror_checkpoints(steps_done));
+  const int source = first_live_group();
+  for (int r : dropped)
+    for (int64_t s = 0; s < stages_; ++s) {
+      SN_ASSIGN(auto files, mirror_->files(s, source, steps_done));
+      SN_TRY(mirror_->store(s, r, steps_done, files));
+    }
+  size_t next = 0;
+  for (int r : dropped) {
+    for (int64_t s = 0; s < stages_; ++s) {
+      const auto i = static_cast<size_t>(s * replicas_ + r);
+      members_[i] = ready[next++];
+      members_[i].stage = static_cast<int>(s);
+      members_[i].replica = r;
+      step_leaves_[i].clear();
+    }
+    live_groups_[static_cast<size_t>(r)] = true;
+    result_.diloco.rejoined_groups.push_back(r);
+    result_.diloco.rejoined_at_step.push_back(steps_done);
+    spdlog::warn("replica group {} rejoined after step {}: idle nodes copy group {}'s state", r, steps_done, source);
+  }
+  spares_.insert(spares_.end(), ready.begin() + static_cast<std::ptrdiff_t>(next), ready.end());
+  // The newcomers' state roots are group SOURCE's, not their own role's.
+  replanned_at_ = steps_done;
+  SN_TRY(set_up_members(steps_done));
+  spdlog::warn("rejoin after step {}: {:.1f} s", steps_done, std::chrono::duration<double>(Clock::now() - started).count());
+  return ok_status();
+}
+
 // The outer step on every live member; the replicas of each stage must then
-// report the same replica hash (weights and outer momentum, bitwise).
+// report the same replica hash (weights and outer momentum, bitwise). A group
+// lost during it fails the survivors' all-gather: the groups whose members no
+// longer answer are dropped and the step runs again among the others, each
+// node first restoring its state from before the step. Every retry drops at
+// least one group, so there are fewer retries than groups.
 Status JobSession::diloco_outer_step(int64_t steps_done) {
-  const auto members = live_members();
-  std::vector<int> groups;
-  for (size_t i : members) groups.push_back(members_[i].replica);
-  std::vector<solvernet::v1::RunStepReply> replies(members_.size());
-  const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
-    solvernet::v1::RunStepRequest request;
-    request.set_step(steps_done);
-    request.set_outer_sync(true);
-    for (int r = 0; r < static_cast<int>(replicas_); ++r)
-      if (live_groups_[static_cast<size_t>(r)]) request.add_outer_replicas(r);
-    return send_run_step(i, context, request, &replies[i]);
-  });
-  // A group lost in the outer step itself takes the step with it: the
-  // survivors' all-gather cannot complete without it.
-  for (size_t k = 0; k < members.size(); ++k)
-    if (!statuses[k].ok()) {
-      auto error = kind_error(net::error_kind_of(statuses[k].error_code()),
-                              "{} failed during the outer step after step {}: {}", member_name(members_[members[k]]),
-                              steps_done, statuses[k].error_message());
+  std::vector<solvernet::v1::RunStepReply> replies;
+  for (int attempt = 0;; ++attempt) {
+    replies.assign(members_.size(), {});
+    const auto members = live_members();
+    std::vector<int> groups;
+    for (size_t i : members) groups.push_back(members_[i].replica);
+    // A retry may wait for the failed attempt's calls still running on the
+    // nodes (each gives up within a peer timeout) before its own begins.
+    const auto deadline = step_deadline_->deadline() * (attempt == 0 ? 1 : 2);
+    const auto statuses = run_members(members, groups, deadline, [&](size_t i, grpc::ClientContext& context) {
+      solvernet::v1::RunStepRequest request;
+      request.set_step(steps_done);
+      request.set_outer_sync(true);
+      request.set_outer_attempt(attempt);
+      for (int r = 0; r < static_cast<int>(replicas_); ++r)
+        if (live_groups_[static_cast<size_t>(r)]) request.add_outer_replicas(r);
+      return send_run_step(i, context, request, &replies[i]);
+    });
+    // The first failure that is not a call cancelled because a group mate failed.
+    std::optional<Error> failure;
+    bool failure_cancelled = false;
+    for (size_t k = 0; k < members.size(); ++k) {
+      if (statuses[k].ok()) continue;
+      const bool cancelled = statuses[k].error_code() == grpc::StatusCode::CANCELLED;
+      if (failure && (cancelled || !failure_cancelled)) continue;
+      failure = kind_error(net::error_kind_of(statuses[k].error_code()), "{} failed during the outer step after step {}: {}",
+                           member_name(members_[members[k]]), steps_done, statuses[k].error_message());
+      failure_cancelled = cancelled;
+    }
+    if (!failure) break;
+    std::set<int> lost;
+    if (!(options_.cancel && options_.cancel->load()))
+      for (size_t i : fleet_->unresponsive(deadlines_.fleet.ping))
+        if (live_groups_[static_cast<size_t>(members_[i].replica)]) lost.insert(members_[i].replica);
+    // Every member still answers: not a group gone (a bad message, a link
+    // down); retrying among the same groups would fail alike.
+    if (lost.empty()) {
+      fleet_->end_all(true, failure->message);
+      return *failure;
+    }
+    drop_groups(lost, steps_done - 1, failure->message);
+    if (first_live_group() < 0) {
+      auto error = kind_error(ErrorKind::unavailable, "every replica group failed by the outer step after step {} "
+                              "(last: {})", steps_done, failure->message);
       fleet_->end_all(true, error.message);
       return error;
     }
+    ++result_.diloco.outer_retries;
+    spdlog::warn("outer step after step {}: running it again among {} group(s)", steps_done, live_members().size() /
+                 static_cast<size_t>(stages_));
+  }
+  const auto members = live_members();
   std::vector<std::string> hashes(static_cast<size_t>(stages_));
   for (size_t i : members) {
     const auto& reply = replies[i];
@@ -829,6 +938,7 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
   }
   for (auto& h : hashes) h = to_hex(as_bytes(h));
   result_.diloco.outer_hashes.push_back(std::move(hashes));
+  result_.diloco.outer_groups.push_back(static_cast<int64_t>(members.size()) / stages_);
   ++result_.diloco.outer_steps;
   return ok_status();
 }
@@ -928,12 +1038,14 @@ Status JobSession::train_diloco() {
     }
     const double loss = loss_sum / static_cast<double>(loss_count);
     result_.losses.push_back(loss);
+    if ((step + 1) % inner == 0) SN_TRY(diloco_rejoin(step + 1));
     if (step >= result_.first_steady_step) ++result_.steady_steps;
     const double seconds = std::chrono::duration<double>(Clock::now() - step_started).count();
     step_deadline_->record(seconds);
     result_.step_seconds_total += seconds;
     if (options_.progress) {
       StepReport report;
+      report.members = &members_;
       report.step = step + 1;
       report.steps = steps;
       report.loss = loss;

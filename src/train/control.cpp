@@ -34,6 +34,12 @@ net::ControlBody control_body(const solvernet::v1::RunStepRequest& r) {
     for (int64_t id : mb.sample_ids()) body.add(id);
     body.add(digest_of(mb.tokens().data())).add(digest_of(mb.targets().data()));
   }
+  // A [diloco] outer step: which groups meet, and which attempt this is.
+  if (r.outer_sync()) {
+    body.add_bool(true).add(int64_t{r.outer_replicas_size()});
+    for (int32_t g : r.outer_replicas()) body.add(int64_t{g});
+    body.add(int64_t{r.outer_attempt()});
+  }
   return body;
 }
 

@@ -100,7 +100,7 @@ DilocoOuter::DilocoOuter(DilocoConfig config, const NamedTensors& parameters) : 
   momentum_ = torch::zeros_like(theta_start_);
 }
 
-Status DilocoOuter::step(net::Transport& transport, const std::vector<int>& ring, int64_t step,
+Status DilocoOuter::step(net::Transport& transport, const std::vector<int>& ring, int64_t step, int attempt,
                          std::chrono::milliseconds timeout, const NamedTensors& parameters) {
   const torch::Tensor theta = flatten_parameters(parameters);
   const torch::Tensor delta = (theta_start_ - theta).contiguous();
@@ -116,7 +116,10 @@ Status DilocoOuter::step(net::Transport& transport, const std::vector<int>& ring
   }
   net::CollectiveOptions options;
   options.timeout = timeout;
-  options.kind = "outer";
+  // A retry's tags must differ from the failed attempt's: those were accepted
+  // (replay protection) or may still sit in an inbox.
+  options.kind = attempt == 0 ? std::string("outer") : fmt::format("outer-retry-{}", attempt);
+  options.abort_on_error = false;
   // An all-gather, not a ring all-reduce: every replica then adds the same
   // decoded terms in the same order, whatever offset a tensor has in its
   // stage's buffer (a ring's summation order depends on the chunk).

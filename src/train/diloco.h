@@ -67,12 +67,14 @@ class DilocoOuter {
   //   θ  ← θ_start − lr·(Δ̄ + μ·v)   (= θ_start − lr·(Δ̄ + μ·(μ·v_old + Δ̄)), Nesterov)
   //   θ_start ← θ
   // Every replica decodes every message, its own included, and sums in the
-  // same order, so all end bitwise equal. On error (a peer's timeout, a bad
-  // message) the transport is aborted, PARAMETERS and the outer state are
-  // unchanged... unless the error came after the update, which it cannot:
-  // the update runs only once every message is in.
-  Status step(net::Transport& transport, const std::vector<int>& ring, int64_t step, std::chrono::milliseconds timeout,
-              const NamedTensors& parameters);
+  // same order, so all end bitwise equal. ATTEMPT (0, 1, …) keeps a retry's
+  // messages apart from the failed attempt's (kind "outer", then
+  // "outer-retry-N"). On error PARAMETERS and the outer state are unchanged
+  // (the update runs only once every message is in); a bad message aborts
+  // the transport, a lost peer (timeout, failed send) leaves it usable for a
+  // retry among fewer replicas.
+  Status step(net::Transport& transport, const std::vector<int>& ring, int64_t step, int attempt,
+              std::chrono::milliseconds timeout, const NamedTensors& parameters);
   // What every replica of the stage must hold alike after an outer step:
   // BLAKE2b-256 over the parameters (as parameters_hash) and v.
   Hash256 replica_hash(const NamedTensors& parameters) const;

@@ -4,6 +4,8 @@
 // runtime's too, so this file only maps jobs to workers.
 #include <spdlog/spdlog.h>
 
+#include <atomic>
+#include <csignal>
 #include <map>
 #include <mutex>
 
@@ -76,12 +78,20 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     auto slot = current(request->job_id());
     if (!slot) return no_job(request->job_id());
+    if (request->outer_sync() && options_.kill_self_at_outer > 0 && ++outer_requests_ == options_.kill_self_at_outer) {
+      spdlog::warn("--kill-self-at-outer {}: killing this node during the outer step", options_.kill_self_at_outer);
+      std::raise(SIGKILL);
+    }
     std::lock_guard<std::mutex> step_lock(slot->step_mutex);
     auto result = slot->worker->run_step(*request);
     if (!result.ok()) {
       // Steps a user reads are numbered from 1, as the client's progress line numbers them.
       spdlog::warn("job {} step {}: {}", request->job_id(), request->step() + 1, result.message());
-      slot->worker->abort(result.message());
+      // An outer step that lost a peer is retried among the groups left
+      // (docs/diloco.md): the worker's state is as before it and stays usable.
+      const ErrorKind kind = result.error().kind;
+      const bool retryable = request->outer_sync() && (kind == ErrorKind::timeout || kind == ErrorKind::unavailable);
+      if (!retryable) slot->worker->abort(result.message());
       return result.error().kind == ErrorKind::internal ? grpc::Status(grpc::StatusCode::ABORTED, result.message())
                                                         : net::to_grpc(result.error());
     }
@@ -234,6 +244,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
 
   NodeServiceOptions options_;
   std::mutex mutex_;
+  std::atomic<int> outer_requests_{0};  // outer-step requests received (for kill_self_at_outer)
   std::map<std::string, std::shared_ptr<Slot>> jobs_;
 };
 

@@ -888,11 +888,34 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_outer_sync(const solvernet:
     ring.push_back(member(stage_, r));
   }
   if (!self_in) return input_error("outer step: replica {} is not among the live groups", replica_);
+  const int attempt = request.outer_attempt();
+  if (attempt < 0 || attempt >= replicas_)
+    return input_error("outer step: attempt {} out of range 0..{}", attempt, replicas_ - 1);
+  torch::NoGradGuard no_grad;
+  if (attempt == 0) {
+    outer_undo_step_ = steps_done_;
+    outer_undo_parameters_.clear();
+    for (const auto& [name, p] : parameters_) outer_undo_parameters_.push_back(p.detach().clone());
+    outer_undo_state_.clear();
+    for (const auto& [name, t] : diloco_->state()) outer_undo_state_[name] = t.clone();
+  } else {
+    if (outer_undo_step_ != steps_done_)
+      return input_error("outer step: retry {} after {} steps, but no first attempt of that outer step ran here",
+                         attempt, steps_done_);
+    for (size_t k = 0; k < parameters_.size(); ++k) parameters_[k].second.copy_(outer_undo_parameters_[k]);
+    SN_TRY(diloco_->load_state(outer_undo_state_));
+  }
+  // The groups not listed have left the job: nothing more goes to them.
+  if (live_)
+    for (int r = 0; r < replicas_; ++r)
+      if (std::find(request.outer_replicas().begin(), request.outer_replicas().end(), r) ==
+          request.outer_replicas().end())
+        for (int s = 0; s < stages_; ++s) live_->exclude(member(s, r));
   const auto started = Clock::now();
   transport_->begin_step(false);
   // Tagged with the next step's number: the last inner step is already
   // closed in the inbox, the next one is not.
-  SN_TRY(diloco_->step(*transport_, ring, steps_done_, peer_timeout_, parameters_));
+  SN_TRY(diloco_->step(*transport_, ring, steps_done_, attempt, peer_timeout_, parameters_));
   SN_TRY(transport_->flush(peer_timeout_));
   (void)transport_->take_step();
   solvernet::v1::RunStepReply reply;
@@ -905,6 +928,10 @@ Result<solvernet::v1::RunStepReply> StageWorker::run_outer_sync(const solvernet:
     sent->set_bytes(counter.bytes);
   }
   const StateDigest digest = training_state_digest(training_state());
+  // The outer boundary's state, kept: a node joining the job copies it from
+  // here (docs/diloco.md, "Groups that join"). It replaces the checkpoint the
+  // last inner step may have written for the same step count.
+  SN_TRY(save_checkpoint(digest));
   const Hash256 replica = diloco_->replica_hash(parameters_);
   reply.set_state_hash(digest.root.data(), digest.root.size());
   reply.set_replica_hash(replica.data(), replica.size());

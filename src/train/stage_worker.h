@@ -152,6 +152,10 @@ class StageWorker {
   // [diloco]: the outer step among the request's live replica groups
   // (train/diloco.h); steps_done_ is unchanged. The reply's replica_hash is
   // the outer state every live replica must share (weights and momentum).
+  // Retryable: attempt 0 keeps the state it starts from; a later attempt of
+  // the same step (a group was lost during it) restores that state first,
+  // whether or not an earlier attempt completed here, and leaves the
+  // transport links to the groups no longer listed.
   Result<solvernet::v1::RunStepReply> run_outer_sync(const solvernet::v1::RunStepRequest& request);
   Status report(StepState& state, solvernet::v1::RunStepReply& reply);
   // Everything the next step depends on, as a view (docs/commitments.md).
@@ -206,6 +210,11 @@ class StageWorker {
   // micro-batches from (null when the client sends tokens).
   std::unique_ptr<DilocoOuter> diloco_;
   std::unique_ptr<model::Dataset> dataset_;
+  // The parameters and outer state before the first attempt of the outer
+  // step after OUTER_UNDO_STEP steps (-1: none yet), for its retries.
+  int64_t outer_undo_step_ = -1;
+  std::vector<torch::Tensor> outer_undo_parameters_;
+  std::map<std::string, torch::Tensor> outer_undo_state_;
   // [privacy] jobs only: clipping bound, noise and secure aggregation, and
   // the step's sum of clipped per-sequence gradients (flat, as flatten_gradients).
   std::unique_ptr<PrivacyHooks> privacy_;

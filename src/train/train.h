@@ -64,6 +64,10 @@ struct NodeServiceOptions {
   std::chrono::milliseconds peer_timeout{60000};   // waiting for a peer's tensor, unless the job says
   net::DeliveryService* delivery = nullptr;        // routes the jobs' messages; must outlive the service
   Cheat cheat;                                     // none: an honest node
+  // Tests only (node --kill-self-at-outer): > 0, the node kills itself
+  // (SIGKILL) on receiving its n-th DiLoCo outer-step request, so a member
+  // dies exactly during an outer step.
+  int kill_self_at_outer = 0;
 };
 
 // The Train gRPC service: SetupJob, RunStep, FetchWeights, EndJob, RenewLease,
@@ -171,9 +175,16 @@ struct TrainResult {
     int64_t outer_steps = 0;
     std::vector<int> dropped_groups;          // replica groups dropped, in the order they failed
     std::vector<int64_t> dropped_at_step;     // 1-based step each was dropped in
+    // Outer steps run again among fewer groups after a group was lost during one.
+    int64_t outer_retries = 0;
+    // Dropped group slots that idle nodes filled again at an outer boundary,
+    // and the steps done when each came back (it trains from the next one).
+    std::vector<int> rejoined_groups;
+    std::vector<int64_t> rejoined_at_step;
     // Per outer step, per stage: the hex replica hash every live replica of
     // the stage reported (the client checked they were equal).
     std::vector<std::vector<std::string>> outer_hashes;
+    std::vector<int64_t> outer_groups;        // per outer step: the replica groups that took part
     // Outer steps before which the live replicas of some stage held different
     // states (the groups trained apart, as they should: no all-reduce).
     int64_t diverged_before_outer = 0;

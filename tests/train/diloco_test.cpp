@@ -4,6 +4,8 @@
 #include <signal.h>
 
 #include <filesystem>
+#include <functional>
+#include <memory>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -12,6 +14,7 @@
 #include "core/fs.h"
 #include "core/process.h"
 #include "train/diloco.h"
+#include "train/recovery.h"
 #include "../common/test_support.h"
 
 namespace fs = std::filesystem;
@@ -47,6 +50,56 @@ fs::path job_variant(const fs::path& dir, const std::string& name, const std::st
   auto path = dir / (name + ".toml");
   std::ofstream(path) << text;
   return path;
+}
+
+// A DHT bootstrap and N nodes on 127.0.0.1, half in region "a", half in
+// "b", each logging to DIR/n<i>.log; EXTRA(i): more arguments for node i.
+struct LocalNet {
+  test::Bootstrap dht;
+  std::vector<ChildProcess> nodes;
+  ChildProcess start_node(const fs::path& dir, int i, const std::string& region,
+                          const std::vector<std::string>& extra = {}) {
+    SpawnOptions logs;
+    logs.stdout_path = logs.stderr_path = dir / ("n" + std::to_string(i) + ".log");
+    std::vector<std::string> args{bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(), "--listen",
+                                  "127.0.0.1:0", "--dht-port", "0", "--bootstrap", dht.address, "--region", region};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto node = ChildProcess::spawn(args, logs);
+    EXPECT_TRUE(node.ok()) << node.message();
+    return std::move(node).value();
+  }
+  ~LocalNet() {
+    for (auto& n : nodes) n.terminate();
+    dht.process.terminate();
+  }
+};
+std::unique_ptr<LocalNet> start_net(const fs::path& dir, int n,
+                                    const std::function<std::vector<std::string>(int)>& extra = {}) {
+  auto dht = test::start_dht(dir / "dht.log");
+  EXPECT_TRUE(dht.ok()) << dht.message();
+  if (!dht.ok()) return nullptr;
+  std::unique_ptr<LocalNet> net(new LocalNet{std::move(dht).value(), {}});
+  for (int i = 0; i < n; ++i)
+    net->nodes.push_back(net->start_node(dir, i, i < n / 2 ? "a" : "b", extra ? extra(i) : std::vector<std::string>{}));
+  return net;
+}
+
+// TEXT with the first "KEY = …" line replaced by "KEY = VALUE".
+std::string with_key(std::string text, const std::string& key, const std::string& value) {
+  const auto at = text.find(key + " = ");
+  if (at == std::string::npos) return text + key + " = " + value + "\n";
+  return text.replace(at, text.find('\n', at) - at, key + " = " + value);
+}
+
+// The summary the client printed to DIR/client.out, or a failure.
+nlohmann::json client_summary(const fs::path& dir) {
+  const std::string out = read_file(dir / "client.out").value_or("");
+  try {
+    return nlohmann::json::parse(out);
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not JSON: " << out << "\n" << read_file(dir / "client.err").value_or("").substr(0, 4000);
+    return {};
+  }
 }
 
 double mean(const std::vector<double>& v, size_t from, size_t to) {
@@ -144,31 +197,17 @@ TEST(Diloco, ReplicasStayEqualAndInt8AndFp32BothConverge) {
 // group goes on alone and the job completes.
 TEST(Diloco, AGroupKilledMidJobDoesNotStopTheJob) {
   auto dir = test::scratch("diloco", "kill");
-  auto dht = test::start_dht(dir / "dht.log");
-  ASSERT_TRUE(dht.ok()) << dht.message();
-  const std::string bootstrap = dht->address;
-  std::vector<ChildProcess> nodes;
-  const char* regions[] = {"a", "a", "b", "b"};
-  for (int i = 0; i < 4; ++i) {
-    SpawnOptions logs;
-    logs.stdout_path = logs.stderr_path = dir / ("n" + std::to_string(i) + ".log");
-    auto node = ChildProcess::spawn({bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(), "--listen",
-                                     "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region", regions[i]},
-                                    logs);
-    ASSERT_TRUE(node.ok());
-    nodes.push_back(std::move(node).value());
-  }
+  auto net = start_net(dir, 4);
+  ASSERT_TRUE(net);
+  auto& nodes = net->nodes;
   auto job = job_variant(dir, "long", "inner_steps = 250\n");
-  {
-    std::string text = read_file(job).value();
-    text.replace(text.find("steps = 24"), 10, "steps = 500");
-    std::ofstream(job) << text;
-  }
+  const std::string text = with_key(read_file(job).value(), "steps", "500");
+  std::ofstream(job) << text;
   SpawnOptions client_out;
   client_out.stdout_path = dir / "client.out";
   client_out.stderr_path = dir / "client.err";
-  auto client = ChildProcess::spawn({bin(), "train", "--job", job.string(), "--bootstrap", bootstrap, "--topology",
-                                     data("lan.toml").string(), "--peer-timeout-s", "3", "--json"},
+  auto client = ChildProcess::spawn({bin(), "train", "--job", job.string(), "--bootstrap", net->dht.address,
+                                     "--topology", data("lan.toml").string(), "--peer-timeout-s", "3", "--json"},
                                     client_out);
   ASSERT_TRUE(client.ok());
   // Node 3 has its role once it logs the job's setup; a moment later it trains.
@@ -177,21 +216,18 @@ TEST(Diloco, AGroupKilledMidJobDoesNotStopTheJob) {
   ::kill(nodes[3].pid(), SIGKILL);
   auto status = client->wait_for(90s);
   ASSERT_TRUE(status.has_value()) << "client still running 90 s after a node died";
-  const std::string out = read_file(dir / "client.out").value_or(""), err = read_file(dir / "client.err").value_or("");
+  const std::string err = read_file(dir / "client.err").value_or("");
   EXPECT_EQ(*status, 0) << err.substr(0, 4000);
-  nlohmann::json s;
-  try {
-    s = nlohmann::json::parse(out);
-  } catch (const std::exception& e) {
-    FAIL() << "not JSON: " << out << "\n" << err.substr(0, 4000);
-  }
+  const auto s = client_summary(dir);
   const auto& d = s["diloco"];
   ASSERT_EQ(d["dropped_groups"].size(), 1u) << s.dump();
   const int64_t dropped_at = d["dropped_at_step"][0].get<int64_t>();
   EXPECT_GE(dropped_at, 1);
-  // The kill lands in the first round's inner steps (a group lost inside an
-  // outer step ends the job: docs/diloco.md), and the job outer-steps twice.
+  // The kill lands in the first round's inner steps (not in an outer step:
+  // AGroupLostDuringTheOuterStepIsDroppedAndTheStepRetried), and the job
+  // outer-steps twice.
   EXPECT_LT(dropped_at, 250) << "the kill came after the first outer step";
+  EXPECT_EQ(d["outer_retries"], 0);
   EXPECT_EQ(s["losses"].size(), 500u);
   EXPECT_EQ(d["outer_steps"], 2);
   // After the drop each outer step has one replica per stage, still hashed.
@@ -199,8 +235,100 @@ TEST(Diloco, AGroupKilledMidJobDoesNotStopTheJob) {
   EXPECT_TRUE(s["holdout_loss"].is_number());
   EXPECT_NE(err.find("dropped"), std::string::npos) << err.substr(0, 4000);
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(nodes[static_cast<size_t>(i)].running()) << "a surviving node crashed";
-  for (auto& n : nodes) n.terminate();
-  dht->process.terminate();
+  net.reset();
+  fs::remove_all(dir);
+}
+
+// Three replica groups; a member kills itself (kill -9) on receiving the
+// first outer step. The survivors' all-gather fails; the client drops the
+// dead member's group and runs the outer step again between the two groups
+// left, each node first restoring its state from before the step (the
+// client checks their replica hashes agree, at that step and every later
+// one). The job completes.
+TEST(Diloco, AGroupLostDuringTheOuterStepIsDroppedAndTheStepRetried) {
+  auto dir = test::scratch("diloco", "outer-kill");
+  // 2 stages × 3 groups; the last node dies at the first outer step.
+  auto net = start_net(dir, 6, [](int i) {
+    return i == 5 ? std::vector<std::string>{"--kill-self-at-outer", "1"} : std::vector<std::string>{};
+  });
+  ASSERT_TRUE(net);
+  std::string text = read_file(job_variant(dir, "three", "")).value();
+  for (auto [key, value] : {std::pair{"replicas", "3"}, {"global_batch", "12"}, {"steps", "12"}})
+    text = with_key(text, key, value);
+  const fs::path job = dir / "three.toml";
+  std::ofstream(job) << text;
+  const std::string lan = read_file(data("lan.toml")).value();
+  std::ofstream(dir / "lan3.toml") << with_key(with_key(lan, "nodes", "3"), "nodes", "3");
+  SpawnOptions client_out;
+  client_out.stdout_path = dir / "client.out";
+  client_out.stderr_path = dir / "client.err";
+  auto client = ChildProcess::spawn({bin(), "train", "--job", job.string(), "--bootstrap", net->dht.address,
+                                     "--topology", (dir / "lan3.toml").string(), "--peer-timeout-s", "3", "--json"},
+                                    client_out);
+  ASSERT_TRUE(client.ok());
+  auto status = client->wait_for(90s);
+  ASSERT_TRUE(status.has_value()) << "client still running after 90 s";
+  const std::string err = read_file(dir / "client.err").value_or("");
+  ASSERT_EQ(*status, 0) << err.substr(0, 4000);
+  EXPECT_FALSE(net->nodes[5].running()) << "the hook did not fire";
+  const auto s = client_summary(dir);
+  const auto& d = s["diloco"];
+  ASSERT_EQ(d["dropped_groups"].size(), 1u) << s.dump();
+  EXPECT_EQ(d["dropped_at_step"][0], 4) << "dropped in the outer step after step 4";
+  EXPECT_EQ(d["outer_retries"], 1);
+  EXPECT_EQ(d["outer_steps"], 3);
+  EXPECT_EQ(s["losses"].size(), 12u);
+  // Every outer step, the retried one included, has a hash per stage that
+  // both surviving replicas reported.
+  ASSERT_EQ(d["outer_hashes"].size(), 3u);
+  for (const auto& per_stage : d["outer_hashes"]) EXPECT_EQ(per_stage.size(), 2u);
+  EXPECT_NE(err.find("running it again"), std::string::npos) << err.substr(0, 4000);
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(net->nodes[static_cast<size_t>(i)].running()) << "a surviving node crashed";
+  net.reset();
+  fs::remove_all(dir);
+}
+
+// A group killed in the first round is dropped; a node started mid-job
+// (with the dropped group's live member, idle again) fills the slot at a
+// later outer boundary, copying group 0's state, and trains its own shard
+// from the next step: every outer step after that has both groups, whose
+// replica hashes the client checked equal, the last one included.
+TEST(Diloco, NodesJoiningFillADroppedGroupAtAnOuterBoundary) {
+  auto dir = test::scratch("diloco", "rejoin");
+  auto job = job_variant(dir, "rejoin", "");  // 24 steps, an outer step every 4
+  auto r = test::run_command({bin(), "devnet", "--no-chain", "--job", job.string(), "--topology",
+                              data("lan.toml").string(), "--peer-timeout-s", "3", "--nodes", "4", "--spares", "0",
+                              "--spare-wait-s", "0", "--kill-at", "1:1.1", "--join-at-step", "2", "--json"},
+                             dir, 120s);
+  ASSERT_EQ(r.status, 0) << r.err.substr(0, 4000);
+  auto s = parse(r);
+  const auto& d = s["diloco"];
+  ASSERT_EQ(d["dropped_groups"], nlohmann::json::array({1})) << d.dump();
+  EXPECT_LE(d["dropped_at_step"][0].get<int64_t>(), 4);
+  ASSERT_EQ(d["rejoined_groups"], nlohmann::json::array({1})) << d.dump() << r.err.substr(0, 4000);
+  const int64_t back = d["rejoined_at_step"][0].get<int64_t>();
+  EXPECT_EQ(back % 4, 0);
+  EXPECT_LT(back, 24);
+  const auto groups = d["outer_groups"].get<std::vector<int64_t>>();
+  ASSERT_EQ(groups.size(), 6u);
+  for (size_t k = 0; k < groups.size(); ++k)
+    EXPECT_EQ(groups[k], static_cast<int64_t>(4 * (k + 1)) <= back ? 1 : 2) << "outer step " << k + 1;
+  EXPECT_EQ(s["losses"].size(), 24u);
+  EXPECT_TRUE(s["holdout_loss"].is_number());
+  fs::remove_all(dir);
+}
+
+// `train --resume` of a [diloco] job is refused with one line, before any
+// node is looked for.
+TEST(Diloco, ResumeIsRefusedWithOneLine) {
+  auto dir = test::scratch("diloco", "resume");
+  auto job = parse_job_file(data("diloco.toml"));
+  ASSERT_TRUE(job.ok()) << job.message();
+  ASSERT_TRUE(train::write_job_file(dir, *job).ok());
+  ASSERT_TRUE(train::write_job_state(dir, train::JobDirState{"diloco-1", 4, {5, 5, 5, 5}, ""}).ok());
+  auto r = test::run_command({bin(), "train", "--resume", dir.string(), "--bootstrap", "127.0.0.1:1"}, dir, 30s);
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("resuming a [diloco] job is not supported yet"), std::string::npos) << r.err;
   fs::remove_all(dir);
 }
 
