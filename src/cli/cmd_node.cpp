@@ -203,6 +203,8 @@ int run_node(const NodeArgs& args) {
     return fail("node", fmt::format("--probe-peers must be in 1..256, got {}", args.probe_peers), 2);
   if (args.probe_limit < 1 || args.probe_limit > 100000)
     return fail("node", fmt::format("--probe-limit must be in 1..100000, got {}", args.probe_limit), 2);
+  if (args.kill_self_at_outer < 0)
+    return fail("node", fmt::format("--kill-self-at-outer must be >= 0 (0: never), got {}", args.kill_self_at_outer), 2);
 
   if (args.memory_limit_mb < 0 || args.memory_limit_mb > (int64_t{1} << 30))
     return fail("node", "--memory-limit-mb must be in 0..1073741824 (0: what the machine has available)", 2);
