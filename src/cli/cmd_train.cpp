@@ -76,6 +76,9 @@ int run_train(const TrainArgs& args) {
     if (!overridden.ok()) return fail("train", overridden.message(), 2);
     spec.job = *overridden;
   }
+  if (spec.resume && spec.job.train.steps < spec.resume_step)
+    return fail("train", fmt::format("{}: the job has {} steps but its checkpoint is of step {}; give --steps {} or more",
+                                     args.resume, spec.job.train.steps, spec.resume_step, spec.resume_step), 2);
   if (args.wait_s < 1 || args.wait_s > 86400)
     return fail("train", fmt::format("--wait-s must be in [1, 86400], got {}", args.wait_s), 2);
   spec.model_out = args.out;

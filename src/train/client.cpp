@@ -4,8 +4,10 @@
 // send and what to make of the replies.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <optional>
 #include <set>
 #include <thread>
@@ -32,6 +34,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
+
 
 void fill_micro_batch(const MicroBatchData& data, bool with_tokens, bool with_targets,
                       solvernet::v1::MicroBatch* out) {
@@ -183,6 +186,7 @@ class JobSession {
   std::optional<CheckpointMirror> mirror_;
   std::vector<net::MemberInfo> spares_;
   int recoveries_ = 0;
+  std::set<int64_t> diverged_stages_;  // [verify] on chain: stages whose replicas' divergence is recorded
   int64_t start_step_ = 0;
   std::optional<StepDeadline> step_deadline_;
   std::string dataset_hash_;            // [diloco]: binary, 32 bytes
@@ -699,23 +703,27 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
   // state after every step (their residuals, buffers and seeds differ, so
   // the state hashes do); anything else (a compressor or all-reduce that is
   // not order-exact) is a bug.
-  for (size_t i = 0; i < members_.size() && !forward_only; ++i)
-    if (replies[i].replica_hash() != replies[static_cast<size_t>(members_[i].stage * replicas_)].replica_hash()) {
-      auto error = kind_error(ErrorKind::bad_peer, "{} diverged from replica 0 of its stage after step {}",
-                              member_name(members_[i]), step + 1);
-      // A verifiable job on chain goes on: every replica committed to its own
-      // leaves, and the verifiers' replays (not the client) decide who lied
-      // (docs/verification.md, "Replicas that diverge").
-      if (job_.verify.enabled && options_.chain_job_id != 0) {
-        const std::string who = member_name(members_[i]);
-        bool known = false;
-        for (const auto& seen : result_.replica_divergences) known |= seen.starts_with(who + " ");
-        if (!known) result_.replica_divergences.push_back(error.message);
-        continue;
-      }
-      fleet_->end_all(true, error.message);
-      return error;
+  for (int64_t stage = 0; stage < stages_ && !forward_only; ++stage) {
+    std::vector<std::string> names, hashes;
+    for (int64_t r = 0; r < replicas_; ++r) {
+      const auto i = static_cast<size_t>(stage * replicas_ + r);
+      names.push_back(member_name(members_[i]));
+      hashes.push_back(replies[i].replica_hash());
     }
+    auto disagreement = replica_disagreement(names, hashes, stage, fmt::format("after step {}", step + 1));
+    if (!disagreement) continue;
+    auto error = kind_error(disagreement->blamed.empty() ? ErrorKind::aborted : ErrorKind::bad_peer, "{}",
+                            disagreement->message);
+    // A verifiable job on chain goes on: every replica committed to its own
+    // leaves, and the verifiers' replays (not the client) decide who lied
+    // (docs/verification.md, "Replicas that diverge").
+    if (job_.verify.enabled && options_.chain_job_id != 0) {
+      if (diverged_stages_.insert(stage).second) result_.replica_divergences.push_back(error.message);
+      continue;
+    }
+    fleet_->end_all(true, error.message);
+    return error;
+  }
   if (!forward_only && step >= result_.first_steady_step) ++result_.steady_steps;
   if (!forward_only)
     for (const auto& reply : replies) {
@@ -915,22 +923,31 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
   }
   const auto members = live_members();
   std::vector<std::string> hashes(static_cast<size_t>(stages_));
+  for (size_t i : members)
+    if (replies[i].replica_hash().size() != 32 || replies[i].state_hash().size() != 32) {
+      auto error = kind_error(ErrorKind::bad_peer, "{} sent outer-step hashes of {} and {} bytes, not 32",
+                              member_name(members_[i]), replies[i].replica_hash().size(), replies[i].state_hash().size());
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+  for (int64_t stage = 0; stage < stages_; ++stage) {
+    std::vector<std::string> names, stage_hashes;
+    for (size_t i : members)
+      if (members_[i].stage == stage) {
+        names.push_back(member_name(members_[i]));
+        stage_hashes.push_back(replies[i].replica_hash());
+      }
+    if (auto disagreement = replica_disagreement(names, stage_hashes, stage,
+                                                 fmt::format("at the outer step after step {}", steps_done))) {
+      auto error = kind_error(disagreement->blamed.empty() ? ErrorKind::aborted : ErrorKind::bad_peer, "{}",
+                              disagreement->message);
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+    if (!stage_hashes.empty()) hashes[static_cast<size_t>(stage)] = stage_hashes.front();
+  }
   for (size_t i : members) {
     const auto& reply = replies[i];
-    if (reply.replica_hash().size() != 32 || reply.state_hash().size() != 32) {
-      auto error = kind_error(ErrorKind::bad_peer, "{} sent outer-step hashes of {} and {} bytes, not 32",
-                              member_name(members_[i]), reply.replica_hash().size(), reply.state_hash().size());
-      fleet_->end_all(true, error.message);
-      return error;
-    }
-    auto& expected = hashes[static_cast<size_t>(members_[i].stage)];
-    if (expected.empty()) expected = reply.replica_hash();
-    if (reply.replica_hash() != expected) {
-      auto error = kind_error(ErrorKind::bad_peer, "{} diverged from the other replicas of its stage at the outer step "
-                              "after step {}", member_name(members_[i]), steps_done);
-      fleet_->end_all(true, error.message);
-      return error;
-    }
     for (const auto& sent : reply.sent()) result_.diloco.bytes_outer += sent.bytes();
     account_traffic(reply, steps_done, false);
     if (members_[i].replica == first_live_group())

@@ -1,10 +1,12 @@
 #include "train/recovery.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <iterator>
+#include <map>
 #include <optional>
 #include <set>
 
@@ -199,6 +201,32 @@ std::string resume_advice(const fs::path& job_dir, int64_t step) {
   return fmt::format("the job stopped at its checkpoint of step {} in {}; continue it with: solvernet train --resume {} "
                      "--bootstrap HOST:PORT",
                      step, (job_dir / "checkpoints").string(), job_dir.string());
+}
+
+std::optional<ReplicaDisagreement> replica_disagreement(const std::vector<std::string>& names,
+                                                        const std::vector<std::string>& hashes, int64_t stage,
+                                                        const std::string& when) {
+  std::map<std::string, std::vector<size_t>> by_hash;
+  for (size_t k = 0; k < hashes.size(); ++k) by_hash[hashes[k]].push_back(k);
+  if (by_hash.size() <= 1) return std::nullopt;
+  const auto largest = std::max_element(by_hash.begin(), by_hash.end(), [](const auto& a, const auto& b) {
+    return a.second.size() < b.second.size();
+  });
+  ReplicaDisagreement out;
+  if (2 * largest->second.size() > hashes.size()) {
+    std::vector<std::string> who;
+    for (size_t k = 0; k < hashes.size(); ++k)
+      if (hashes[k] != largest->first) {
+        out.blamed.push_back(k);
+        who.push_back(names[k]);
+      }
+    out.message = fmt::format("{} diverged from the other replicas of stage {} ({} of {} agree) {}",
+                              fmt::join(who, " and "), stage, largest->second.size(), hashes.size(), when);
+  } else {
+    out.message = fmt::format("the replicas of stage {} disagree {}: {} (no majority, so none of them can be "
+                              "blamed)", stage, when, fmt::join(names, ", "));
+  }
+  return out;
 }
 
 }  // namespace sn::train

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,5 +56,19 @@ Status write_job_state(const std::filesystem::path& job_dir, const JobDirState& 
 
 // The advice printed when a job stops with a checkpoint it can resume from.
 std::string resume_advice(const std::filesystem::path& job_dir, int64_t step);
+
+// Replicas of one stage that should hold bitwise equal state but report
+// different HASHES (one per replica, NAMES alike). Who lied cannot be told
+// from hashes alone unless most replicas agree: then the others are blamed;
+// with no strict majority (two replicas, or a split) every replica is named
+// and none is blamed. WHEN ends the message ("after step 30"). nullopt when
+// all agree.
+struct ReplicaDisagreement {
+  std::string message;
+  std::vector<size_t> blamed;  // indices into NAMES / HASHES
+};
+std::optional<ReplicaDisagreement> replica_disagreement(const std::vector<std::string>& names,
+                                                        const std::vector<std::string>& hashes, int64_t stage,
+                                                        const std::string& when);
 
 }  // namespace sn::train

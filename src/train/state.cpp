@@ -208,14 +208,18 @@ Status CheckpointStore::save(int64_t step, const NamedTensors& tensors,
   // Prune: the oldest complete checkpoints beyond KEEP (manifest first, so a
   // crash mid-prune leaves orphan data, never a manifest without its data),
   // data files without a manifest older than the newest kept one, and temp
-  // files a killed writer left behind.
+  // files a killed writer left behind. Checkpoints of steps after STEP go
+  // too: this role's state is now at STEP, so they belong to a run that was
+  // rolled back (a recovery or a resume redoes those steps); kept, they would
+  // outrank the new ones and push them out.
   std::vector<int64_t> complete = steps();
+  std::erase_if(complete, [&](int64_t s) { return s > step; });
   std::set<int64_t> kept;
   for (size_t i = complete.size() > static_cast<size_t>(keep_) ? complete.size() - static_cast<size_t>(keep_) : 0;
        i < complete.size(); ++i)
     kept.insert(complete[i]);
   std::error_code ec;
-  for (int64_t old : complete)
+  for (int64_t old : steps())
     if (!kept.count(old)) std::filesystem::remove(manifest_path(old), ec);
   for (const auto& entry : std::filesystem::directory_iterator(dir_, ec)) {
     const std::string name = entry.path().filename().string();

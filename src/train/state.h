@@ -117,8 +117,9 @@ class CheckpointStore {
   // Writes TENSORS as the checkpoint of STEP: the data file, copies of
   // EXTRA_FILES (name → source; stored as step-<step>.<name>, listed in the
   // manifest with their BLAKE2b: AQ-SGD buffers), then its manifest, each through a temp file, fsync, rename and fsync of the
-  // directory; then deletes all but the KEEP newest complete checkpoints and
-  // any temp file a killed writer left. On failure the checkpoints already on
+  // directory; then deletes all but the KEEP newest complete checkpoints up
+  // to STEP, every checkpoint of a later step (a rolled-back run's), and any
+  // temp file a killed writer left. On failure the checkpoints already on
   // disk are untouched (a stray temp file may remain until the next save).
   Status save(int64_t step, const NamedTensors& tensors, const std::map<std::string, std::string>& labels,
               const StateDigest& state,

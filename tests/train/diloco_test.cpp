@@ -349,3 +349,22 @@ TEST(Diloco, StepDeadlineFollowsASlowLink) {
   EXPECT_GT(deadline_ms, 1000.0) << "the deadline stayed at the floor";
   fs::remove_all(dir);
 }
+
+// Who the client blames when replicas of a stage disagree (train/recovery.h):
+// the replicas outside a strict majority, and nobody when there is none.
+TEST(ReplicaDisagreement, BlamesOnlyAMinorityAndNamesEveryoneWithoutOne) {
+  using train::replica_disagreement;
+  EXPECT_FALSE(replica_disagreement({"a", "b", "c"}, {"h", "h", "h"}, 1, "after step 3").has_value());
+  auto two = replica_disagreement({"a", "b"}, {"h", "x"}, 1, "after step 30");
+  ASSERT_TRUE(two.has_value());
+  EXPECT_TRUE(two->blamed.empty());
+  EXPECT_EQ(two->message, "the replicas of stage 1 disagree after step 30: a, b (no majority, so none of them can be "
+                          "blamed)");
+  auto three = replica_disagreement({"a", "b", "c"}, {"x", "h", "h"}, 0, "after step 7");
+  ASSERT_TRUE(three.has_value());
+  EXPECT_EQ(three->blamed, (std::vector<size_t>{0}));
+  EXPECT_EQ(three->message, "a diverged from the other replicas of stage 0 (2 of 3 agree) after step 7");
+  auto split = replica_disagreement({"a", "b", "c", "d"}, {"x", "x", "h", "h"}, 0, "after step 7");
+  ASSERT_TRUE(split.has_value());
+  EXPECT_TRUE(split->blamed.empty());
+}

@@ -221,6 +221,32 @@ TEST(Checkpoints, SaveLoadKeepsTheLastNAndCleansUp) {
   fs::remove_all(dir);
 }
 
+// A role restored to an earlier step (a recovery, or `train --resume` on
+// nodes that ran the job further): the checkpoints it saves from there on
+// replace the rolled-back run's later ones instead of being pruned by them.
+TEST(Checkpoints, ASaveBeforeNewerOnesDropsTheRolledBackRunsCheckpoints) {
+  auto dir = scratch("rollback");
+  CheckpointStore store(dir, 2);
+  TrainingState state = sample_state();
+  auto save = [&](int64_t step) {
+    state.cursor.next_step = step;
+    return store.save(step, state.weights, {{"job_id", "j"}}, training_state_digest(state));
+  };
+  for (int64_t step : {36, 39}) ASSERT_TRUE(save(step).ok());
+  ASSERT_TRUE(save(3).ok());
+  EXPECT_EQ(store.steps(), (std::vector<int64_t>{3}));
+  ASSERT_TRUE(save(6).ok());
+  EXPECT_EQ(store.steps(), (std::vector<int64_t>{3, 6}));
+  ASSERT_TRUE(store.load(6).ok());
+  size_t files = 0;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    ++files;
+    EXPECT_EQ(entry.path().filename().string().find("step-000000000036"), std::string::npos) << entry.path();
+  }
+  EXPECT_EQ(files, 4u);  // 3 and 6: a data file and a manifest each
+  fs::remove_all(dir);
+}
+
 TEST(Checkpoints, AWriterKilledMidwayLeavesThePreviousOneLoadable) {
   auto dir = scratch("killed");
   CheckpointStore store(dir, 3);
