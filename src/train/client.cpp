@@ -186,7 +186,10 @@ class JobSession {
   std::optional<CheckpointMirror> mirror_;
   std::vector<net::MemberInfo> spares_;
   int recoveries_ = 0;
-  std::set<int64_t> diverged_stages_;  // [verify] on chain: stages whose replicas' divergence is recorded
+  std::set<int64_t> diverged_stages_;
+  // Per member: the state hash it reported after its newest step (steps done,
+  // hash); a checkpoint it hands over for that step must hold that state.
+  std::map<size_t, std::pair<int64_t, std::string>> reported_state_;  // [verify] on chain: stages whose replicas' divergence is recorded
   int64_t start_step_ = 0;
   std::optional<StepDeadline> step_deadline_;
   std::string dataset_hash_;            // [diloco]: binary, 32 bytes
@@ -422,6 +425,21 @@ Status JobSession::mirror_checkpoints(int64_t step) {
       error.message = member_name(members_[i]) + ": " + error.message;
       fleet_->end_all(true, error.message);
       return error;
+    }
+    // The manifest is checked against its files by store(); here against what
+    // the member reported after that step, so a forged checkpoint is not
+    // what a later recovery or resume restores everyone from.
+    const auto reported = reported_state_.find(i);
+    if (reported != reported_state_.end() && reported->second.first == step) {
+      SN_ASSIGN(auto manifest, mirror_->manifest(members_[i].stage, members_[i].replica, step));
+      if (reported->second.second.size() != manifest.state.root.size() ||
+          std::memcmp(reported->second.second.data(), manifest.state.root.data(), manifest.state.root.size()) != 0) {
+        auto error = kind_error(ErrorKind::bad_peer,
+                                "{} handed over a checkpoint of step {} whose state is not the one it reported after "
+                                "that step", member_name(members_[i]), step);
+        fleet_->end_all(true, error.message);
+        return error;
+      }
     }
   }
   // The previous checkpoint goes only now that this one is whole for every member.
@@ -697,6 +715,7 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
     loss_count += replies[i].loss_count();
     if (members_[i].replica == 0 && !forward_only)
       result_.stage_state_hashes[static_cast<size_t>(members_[i].stage)] = to_hex(as_bytes(replies[i].state_hash()));
+    if (!forward_only) reported_state_[i] = {step + 1, replies[i].state_hash()};
     account_traffic(replies[i], step, forward_only);
   }
   // Replicas of a stage must hold bitwise the same weights and optimizer
@@ -952,6 +971,7 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
     account_traffic(reply, steps_done, false);
     if (members_[i].replica == first_live_group())
       result_.stage_state_hashes[static_cast<size_t>(members_[i].stage)] = to_hex(as_bytes(reply.state_hash()));
+    reported_state_[i] = {steps_done, reply.state_hash()};
   }
   for (auto& h : hashes) h = to_hex(as_bytes(h));
   result_.diloco.outer_hashes.push_back(std::move(hashes));
