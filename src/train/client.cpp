@@ -96,6 +96,8 @@ class JobSession {
   // inner_steps-th step and the last; a group that fails is dropped.
   Status train_diloco();
   Status fetch_model();
+  Status finish();  // evaluate and fetch, recovering from a member lost meanwhile
+  Status train_from(int64_t first_step);
   void end() {
     fleet_->end_all(false, "");
     if (mirror_) {
@@ -753,11 +755,29 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
   return loss_sum / static_cast<double>(loss_count);
 }
 
-Status JobSession::train() {
+// A member lost after the last step (the held-out evaluation, the final
+// fetch) is recovered from as one lost during the steps: from the newest
+// mirrored checkpoint, with the steps since run again, then the evaluation
+// and the fetch once more. Without a job dir (or for [diloco]) it ends the
+// job as before; recover() itself stops with the --resume advice when it
+// cannot go on.
+Status JobSession::finish() {
+  while (true) {
+    Status done = evaluate();
+    if (done.ok()) done = fetch_model();
+    if (done.ok() || !mirror_ || job_.diloco.enabled || (options_.cancel && options_.cancel->load())) return done;
+    SN_ASSIGN(int64_t restart, recover(job_.train.steps - 1, done.error()));
+    SN_TRY(train_from(restart));
+  }
+}
+
+Status JobSession::train() { return train_from(start_step_); }
+
+Status JobSession::train_from(int64_t first_step) {
   if (job_.diloco.enabled) return train_diloco();
   const auto run_started = Clock::now();
   const int64_t every = job_.train.checkpoint_every;
-  for (int64_t step = start_step_; step < job_.train.steps;) {
+  for (int64_t step = first_step; step < job_.train.steps;) {
     if (options_.cancel && options_.cancel->load()) {
       fleet_->end_all(true, "interrupted by the user");
       return kind_error(ErrorKind::aborted, "interrupted at step {} of {}", step, job_.train.steps);
@@ -1175,8 +1195,7 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   SN_TRY(session.prepare_data());
   SN_TRY(session.set_up_members(options.recovery.resume_step));
   SN_TRY(session.train());
-  SN_TRY(session.evaluate());
-  SN_TRY(session.fetch_model());
+  SN_TRY(session.finish());
   session.end();
   return std::move(session.result());
 }

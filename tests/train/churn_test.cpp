@@ -358,3 +358,23 @@ TEST(Churn, DevnetKeepsTheJobDirItsResumeAdviceNames) {
   EXPECT_NE(run.err.find("moved out of the devnet's temp dir"), std::string::npos) << run.err;
   fs::remove_all(dir);
 }
+
+// A member killed right after the last step, while the client evaluates on
+// the held-out set and fetches the model: recovered as during the steps (a
+// spare from the newest mirrored checkpoint, the steps since run again, then
+// the evaluation and the fetch once more), to the undisturbed run's model.
+TEST(Churn, MemberKilledAfterTheLastStepIsRecoveredToTheUndisturbedModel) {
+  const auto& ref = reference("churn.toml", 5);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto run = devnet("after-last", "churn.toml", {"--nodes", "5", "--spares", "1", "--kill-at", "9:1.0", "--kill-delay-ms", "0"});
+  ASSERT_EQ(run.status, 0) << run.err;
+  const auto& recovery = one_recovery(run);
+  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
+  EXPECT_EQ(recovery["failed_step"], 9);
+  EXPECT_EQ(recovery["dead"].size(), 1u);
+  EXPECT_EQ(recovery["replacements"].size(), 1u);
+  EXPECT_EQ(run.summary["model_hash"], ref.summary["model_hash"]);
+  EXPECT_EQ(run.summary["losses"], ref.summary["losses"]);
+  EXPECT_EQ(run.summary["holdout_loss"], ref.summary["holdout_loss"]);
+  fs::remove_all(run.devnet_dir);
+}
