@@ -439,6 +439,12 @@ Status JobSession::mirror_checkpoints(int64_t step) {
         auto error = kind_error(ErrorKind::bad_peer,
                                 "{} handed over a checkpoint of step {} whose state is not the one it reported after "
                                 "that step", member_name(members_[i]), step);
+        // A verifiable job on chain goes on, as with replicas that diverge:
+        // the verifiers' replays decide who lied and the stakes pay for it.
+        if (job_.verify.enabled && options_.chain_job_id != 0) {
+          spdlog::warn("{} (left to verification)", error.message);
+          continue;
+        }
         fleet_->end_all(true, error.message);
         return error;
       }
