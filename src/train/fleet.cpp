@@ -232,7 +232,13 @@ void Fleet::start_lease_renewal(std::chrono::milliseconds lease) {
 
 void Fleet::renew_loop(std::chrono::milliseconds period) {
   std::unique_lock<std::mutex> lock(renew_mutex_);
-  while (!renew_wake_.wait_for(lock, period, [&] { return renew_stop_; })) {
+  // Rounds start every PERIOD from the previous round's start, not PERIOD
+  // after it ended: a frozen member holds its renewal for a whole period, and
+  // waiting a period more after it would stretch every other member's
+  // renewals to 2 × lease / 3, close enough to the lease to lose it under load.
+  auto next_round = std::chrono::steady_clock::now() + period;
+  while (!renew_wake_.wait_until(lock, next_round, [&] { return renew_stop_; })) {
+    next_round = std::chrono::steady_clock::now() + period;
     lock.unlock();
     std::vector<std::thread> threads;
     for (size_t i = 0; i < members_.size(); ++i)
