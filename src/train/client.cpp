@@ -35,7 +35,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-
 void fill_micro_batch(const MicroBatchData& data, bool with_tokens, bool with_targets,
                       solvernet::v1::MicroBatch* out) {
   for (int64_t id : data.sample_ids) out->add_sample_ids(id);
@@ -111,6 +110,10 @@ class JobSession {
   TrainResult& result() { return result_; }
 
  private:
+  // A verifiable job on chain: a member caught lying (diverging replicas, a
+  // checkpoint that is not its reported state) is left to the verifiers'
+  // replays and the stakes, and the job goes on (docs/verification.md).
+  bool left_to_verification() const { return job_.verify.enabled && options_.chain_job_id != 0; }
   // Member I's share of BATCHES: its replica's micro-batches, with tokens
   // for the first stage and targets for the last.
   void add_micro_batches(size_t i, const std::vector<std::vector<MicroBatchData>>& batches,
@@ -188,10 +191,10 @@ class JobSession {
   std::optional<CheckpointMirror> mirror_;
   std::vector<net::MemberInfo> spares_;
   int recoveries_ = 0;
-  std::set<int64_t> diverged_stages_;
+  std::set<int64_t> diverged_stages_;  // [verify] on chain: stages whose replicas' divergence is recorded
   // Per member: the state hash it reported after its newest step (steps done,
   // hash); a checkpoint it hands over for that step must hold that state.
-  std::map<size_t, std::pair<int64_t, std::string>> reported_state_;  // [verify] on chain: stages whose replicas' divergence is recorded
+  std::map<size_t, std::pair<int64_t, std::string>> reported_state_;
   int64_t start_step_ = 0;
   std::optional<StepDeadline> step_deadline_;
   std::string dataset_hash_;            // [diloco]: binary, 32 bytes
@@ -439,9 +442,7 @@ Status JobSession::mirror_checkpoints(int64_t step) {
         auto error = kind_error(ErrorKind::bad_peer,
                                 "{} handed over a checkpoint of step {} whose state is not the one it reported after "
                                 "that step", member_name(members_[i]), step);
-        // A verifiable job on chain goes on, as with replicas that diverge:
-        // the verifiers' replays decide who lied and the stakes pay for it.
-        if (job_.verify.enabled && options_.chain_job_id != 0) {
+        if (left_to_verification()) {
           spdlog::warn("{} (left to verification)", error.message);
           continue;
         }
@@ -741,10 +742,9 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
     if (!disagreement) continue;
     auto error = kind_error(disagreement->blamed.empty() ? ErrorKind::aborted : ErrorKind::bad_peer, "{}",
                             disagreement->message);
-    // A verifiable job on chain goes on: every replica committed to its own
-    // leaves, and the verifiers' replays (not the client) decide who lied
+    // Every replica committed to its own leaves; the replays decide who lied
     // (docs/verification.md, "Replicas that diverge").
-    if (job_.verify.enabled && options_.chain_job_id != 0) {
+    if (left_to_verification()) {
       if (diverged_stages_.insert(stage).second) result_.replica_divergences.push_back(error.message);
       continue;
     }
