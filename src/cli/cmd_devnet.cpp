@@ -4,8 +4,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <cmath>
-#include <cstdio>
 #include <filesystem>
 #include <atomic>
 #include <iostream>
@@ -73,12 +73,12 @@ struct DevnetArgs {
   // Hidden, for tests, the demo and bench_churn: each kill_at entry
   // S:STAGE.REPLICA kills -9 the node holding role STAGE.REPLICA at step S
   // (after step S's first report, plus kill_delay_ms: so during step S+1);
-  // restart each killed node with its data dir after restart_after_s (<0:
-  // never); start one more node after step join_at_step (0: never).
+  // restart each killed node with its data dir after restart_after_s (none:
+  // never); start one more node after step join_at_step (none: never).
   std::vector<std::string> kill_at;
   int kill_delay_ms = 0;
-  double restart_after_s = -1;
-  int64_t join_at_step = 0;
+  std::optional<double> restart_after_s;
+  std::optional<int64_t> join_at_step;
 };
 
 std::string tail_of(const fs::path& log, size_t lines) {
@@ -585,15 +585,33 @@ struct KillPlan {
   int stage = 0, replica = 0;
 };
 
-Result<KillPlan> parse_kill_plan(const std::string& text, int64_t stages, int64_t replicas) {
-  KillPlan plan;
-  plan.text = text;
-  char extra = 0;
-  if (std::sscanf(text.c_str(), "%ld:%d.%d%c", &plan.step, &plan.stage, &plan.replica, &extra) != 3 || plan.step < 0 ||
-      plan.stage < 0 || plan.stage >= stages || plan.replica < 0 || plan.replica >= replicas)
-    return input_error("--kill-at must be STEP:STAGE.REPLICA within the job's {} × {}, got \"{}\"", stages, replicas,
-                       text);
-  return plan;
+// A whole decimal number in MIN..MAX: no sign, space or trailing text, and
+// an overflow is refused like any other value out of range.
+template <typename Int>
+std::optional<Int> parse_decimal(std::string_view text, Int min, Int max) {
+  Int value{};
+  if (text.empty() || text.front() < '0' || text.front() > '9') return std::nullopt;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size() || value < min || value > max) return std::nullopt;
+  return value;
+}
+
+// STEPS: the job's; a step beyond them is never reported, so its kill would never fire.
+Result<KillPlan> parse_kill_plan(const std::string& text, int64_t steps, int64_t stages, int64_t replicas) {
+  const auto colon = text.find(':');
+  const auto dot = colon == std::string::npos ? std::string::npos : text.find('.', colon);
+  const std::string_view all(text);
+  std::optional<int64_t> step;
+  std::optional<int> stage, replica;
+  if (dot != std::string::npos) {
+    step = parse_decimal<int64_t>(all.substr(0, colon), 1, steps);
+    stage = parse_decimal<int>(all.substr(colon + 1, dot - colon - 1), 0, static_cast<int>(stages) - 1);
+    replica = parse_decimal<int>(all.substr(dot + 1), 0, static_cast<int>(replicas) - 1);
+  }
+  if (!step || !stage || !replica)
+    return input_error("--kill-at must be STEP:STAGE.REPLICA with STEP in 1..{} and a role within the job's {} × {}, "
+                       "got \"{}\"", steps, stages, replicas, text);
+  return KillPlan{text, *step, *stage, *replica};
 }
 
 // What the devnet saw of a kill, on the job's clock (seconds since the job was handed to the client).
@@ -778,7 +796,7 @@ int run_devnet(const DevnetArgs& args) {
   spec.spare_wait_s = args.spare_wait_s;
   std::vector<KillPlan> kill_plans;
   for (const auto& text : args.kill_at) {
-    auto plan = parse_kill_plan(text, spec.job.parallel.stages, spec.job.parallel.replicas);
+    auto plan = parse_kill_plan(text, spec.job.train.steps, spec.job.parallel.stages, spec.job.parallel.replicas);
     if (!plan.ok()) return fail("devnet", plan.message(), 2);
     // One node holds a role at a step: a second kill of it there would kill nothing.
     for (const auto& earlier : kill_plans)
@@ -786,6 +804,13 @@ int run_devnet(const DevnetArgs& args) {
         return fail("devnet", fmt::format("--kill-at {} is given twice (one node holds a role at a step)", text), 2);
     kill_plans.push_back(*plan);
   }
+  if (args.kill_delay_ms < 0 || args.kill_delay_ms > 600000)
+    return fail("devnet", fmt::format("--kill-delay-ms must be in 0..600000, got {}", args.kill_delay_ms), 2);
+  if (args.restart_after_s && !(*args.restart_after_s >= 0 && *args.restart_after_s <= 86400))
+    return fail("devnet", fmt::format("--restart-after-s must be in 0..86400, got {:g}", *args.restart_after_s), 2);
+  if (args.join_at_step && (*args.join_at_step < 1 || *args.join_at_step > spec.job.train.steps))
+    return fail("devnet", fmt::format("--join-at-step must be in 1..{} (the job's steps), got {}", spec.job.train.steps,
+                                      *args.join_at_step), 2);
   fs::path model_out = args.out;
   if (model_out.empty())
     model_out = args.summary_json.empty() ? fs::path("devnet-model.safetensors")
@@ -955,8 +980,8 @@ int run_devnet(const DevnetArgs& args) {
             std::cerr << fmt::format("devnet: killed node {} (pid {}, stage {} replica {}) after step {}\n", i, pid,
                                      plan.stage, plan.replica, step);
           }
-          if (args.restart_after_s < 0) return;
-          std::this_thread::sleep_for(std::chrono::duration<double>(args.restart_after_s));
+          if (!args.restart_after_s) return;
+          std::this_thread::sleep_for(std::chrono::duration<double>(*args.restart_after_s));
           std::lock_guard<std::mutex> lock(churn_mutex);
           if (auto restarted = devnet.restart_node(i); restarted.ok())
             std::cerr << fmt::format("devnet: restarted node {} with its data dir\n", i);
@@ -968,7 +993,7 @@ int run_devnet(const DevnetArgs& args) {
         std::cerr << fmt::format("devnet: --kill-at {}: no devnet node holds stage {} replica {} at step {}\n",
                                  plan.text, plan.stage, plan.replica, plan.step);
     }
-    if (args.join_at_step > 0 && !joined && report.step == args.join_at_step) {
+    if (args.join_at_step && !joined && report.step == *args.join_at_step) {
       joined = true;
       std::lock_guard<std::mutex> lock(churn_mutex);
       const size_t place = std::min(devnet.node_count(), regions.size() - 1);

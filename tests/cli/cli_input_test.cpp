@@ -294,10 +294,22 @@ TEST_F(CliInput, SummaryCountsTheNodesUsed) {
 // the job's roles, and one role killed twice at one step is refused.
 TEST_F(CliInput, DevnetKillPlansAreChecked) {
   const std::string devnet = "devnet --no-chain --topology topo.toml --job J.toml";
-  expect_refused(devnet + " --kill-at 3:1.0", {"--kill-at must be STEP:STAGE.REPLICA within the job's 1 × 1", "3:1.0"});
-  expect_refused(devnet + " --kill-at 3:0.0 --kill-at 2:0.1", {"--kill-at must be", "2:0.1"});
-  expect_refused(devnet + " --kill-at 3:0.0x", {"--kill-at must be", "3:0.0x"});
+  const std::string must = "--kill-at must be STEP:STAGE.REPLICA with STEP in 1..5 and a role within the job's 1 × 1";
+  expect_refused(devnet + " --kill-at 3:1.0", {must, "3:1.0"});
+  expect_refused(devnet + " --kill-at 3:0.0 --kill-at 2:0.1", {must, "2:0.1"});
+  expect_refused(devnet + " --kill-at 3:0.0x", {must, "3:0.0x"});
   expect_refused(devnet + " --kill-at 3:0.0 --kill-at 3:0.0", {"--kill-at 3:0.0 is given twice"});
+  // Overflow, a sign or a space, and a step the 5-step job never reports.
+  expect_refused(devnet + " --kill-at 99999999999999999999999:0.0", {must, "99999999999999999999999:0.0"});
+  expect_refused(devnet + " --kill-at +4:+0.+0", {must, "+4:+0.+0"});
+  expect_refused(devnet + " --kill-at ' 4:0.0'", {must, " 4:0.0"});
+  expect_refused(devnet + " --kill-at -1:0.0", {must});
+  expect_refused(devnet + " --kill-at 6:0.0", {must, "6:0.0"});
+  expect_refused(devnet + " --kill-at 0:0.0", {must, "0:0.0"});
+  expect_refused(devnet + " --kill-at 4:0.0 --kill-delay-ms -5", {"--kill-delay-ms must be in 0..600000, got -5"});
+  expect_refused(devnet + " --kill-at 4:0.0 --restart-after-s -1", {"--restart-after-s must be in 0..86400, got -1"});
+  expect_refused(devnet + " --join-at-step -3", {"--join-at-step must be in 1..5 (the job's steps), got -3"});
+  expect_refused(devnet + " --join-at-step 6", {"--join-at-step must be in 1..5"});
 }
 
 }  // namespace
