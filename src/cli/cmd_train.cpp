@@ -7,6 +7,7 @@
 #include "cli/job_runner.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/process.h"
 
 namespace sn::cli {
 namespace {
@@ -47,6 +48,15 @@ int run_train(const TrainArgs& args) {
   if (!job.ok())
     return fail("train", args.resume.empty() ? job.message() : args.resume + " is not a job dir: " + job.message(),
                 job.error().exit_code);
+  // One client per job dir, for the client's whole life (the kernel drops the
+  // lock if it is killed): two clients would drive the same job on the same
+  // nodes, and the nodes' replay protection would fail one of them late.
+  std::optional<DirLock> job_dir_lock;
+  if (!args.resume.empty()) {
+    auto locked = DirLock::acquire(args.resume, "job dir");
+    if (!locked.ok()) return fail("train", locked.message(), locked.error().exit_code);
+    job_dir_lock = std::move(*locked);
+  }
   RunSpec spec;
   spec.job = *job;
   spec.spares = args.spares;

@@ -17,6 +17,7 @@
 #include "cli/signals.h"
 #include "core/fs.h"
 #include "core/memory.h"
+#include "core/process.h"
 #include "model/data.h"
 #include "net/discovery.h"
 #include "train/inputs.h"
@@ -414,9 +415,14 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
                                                             std::chrono::system_clock::now().time_since_epoch()).count());
   std::set<std::string> placed;
   for (const auto& member : placement.members) placed.insert(member.node_id);
+  DirLock job_dir_lock;  // held until the job ends (a --resume's is held by the train command)
   if (!spec.job_dir.empty()) {
     options.recovery.job_dir = spec.job_dir / options.job_id;
-    if (spec.resume) options.recovery.job_dir = spec.job_dir;  // --resume names the job's own dir
+    if (spec.resume) {
+      options.recovery.job_dir = spec.job_dir;  // --resume names the job's own dir
+    } else {
+      SN_ASSIGN(job_dir_lock, DirLock::acquire(options.recovery.job_dir, "job dir"));
+    }
     for (const auto& node : nodes)
       if (!placed.count(node.node_id()) && options.recovery.spares.size() < static_cast<size_t>(spec.spares))
         options.recovery.spares.push_back(member_of_node(node));

@@ -108,6 +108,11 @@ class JobSession {
     for (const auto& member : members_) result_.member_node_ids.push_back(member.node_id);
   }
   TrainResult& result() { return result_; }
+  // The step `train --resume` of the job dir would start from (0: none, or a
+  // [diloco] job, whose job dir cannot be resumed).
+  int64_t resumable_step() const {
+    return mirror_ && !job_.diloco.enabled ? mirror_->newest_common_step() : 0;
+  }
 
  private:
   // A verifiable job on chain: a member caught lying (diverging replicas, a
@@ -1199,9 +1204,17 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   JobSession session(job, members, options);
   SN_TRY(session.check_members());
   SN_TRY(session.prepare_data());
-  SN_TRY(session.set_up_members(options.recovery.resume_step));
-  SN_TRY(session.train());
-  SN_TRY(session.finish());
+  // Stopped by the user (Ctrl-C): say how to go on, as a stop for want of a spare does.
+  const auto stopped = [&](Error error) {
+    if (error.kind == ErrorKind::aborted && options.cancel && options.cancel->load())
+      if (const int64_t step = session.resumable_step(); step > 0)
+        error.message += "; " + resume_advice(options.recovery.job_dir, step);
+    return error;
+  };
+  Status done = session.set_up_members(options.recovery.resume_step);
+  if (done.ok()) done = session.train();
+  if (done.ok()) done = session.finish();
+  if (!done.ok()) return stopped(done.error());
   session.end();
   return std::move(session.result());
 }

@@ -5,12 +5,15 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <charconv>
+#include <climits>
 #include <iterator>
 #include <map>
 #include <optional>
 #include <set>
 
 #include "core/fs.h"
+#include "model/gpt.h"
 
 namespace sn::train {
 namespace fs = std::filesystem;
@@ -26,6 +29,72 @@ std::optional<int64_t> checkpoint_file_step(const fs::path& path) {
   } catch (...) {
     return std::nullopt;
   }
+}
+
+// A decimal number, the whole of TEXT (nullopt: anything else, or above 2^31).
+std::optional<int64_t> whole_number(std::string_view text) {
+  int64_t value = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (text.empty() || ec != std::errc() || end != text.data() + text.size() || value < 0 || value > INT32_MAX)
+    return std::nullopt;
+  return value;
+}
+
+// The roles with a complete checkpoint of STEP in MIRROR's directory, as the
+// grid they span: (stages, replicas), from the highest of each present.
+std::pair<int64_t, int64_t> checkpointed_roles(const CheckpointMirror& mirror, int64_t step) {
+  int64_t stages = 0, replicas = 0;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(mirror.role_dir(0, 0).parent_path(), ec)) {
+    // stage<s>-replica<r>, exactly as role_dir names it.
+    const std::string name = entry.path().filename().string();
+    const auto dash = name.find("-replica");
+    if (!name.starts_with("stage") || dash == std::string::npos) continue;
+    const auto s = whole_number(std::string_view(name).substr(5, dash - 5));
+    const auto r = whole_number(std::string_view(name).substr(dash + 8));
+    if (!s || !r || name != mirror.role_dir(*s, *r).filename()) continue;
+    if (!fs::exists(CheckpointStore(entry.path(), 1).manifest_path(step))) continue;
+    stages = std::max(stages, *s + 1);
+    replicas = std::max(replicas, *r + 1);
+  }
+  return {stages, replicas};
+}
+
+// How LOADED (a checkpoint of stage S) is not of JOB, or nullopt. The labels
+// name the role that saved it: after a re-plan the files of a renumbered
+// replica keep their old label and seeds.
+std::optional<std::string> differs_from_job(const LoadedCheckpoint& loaded, const model::StageModel& stage,
+                                            const JobConfig& job, int64_t s, const std::string& job_id) {
+  std::map<std::string, const torch::Tensor*> held;
+  for (const auto& [name, tensor] : loaded.tensors) held[name] = &tensor;
+  std::set<std::string> parameters;
+  for (const auto& [name, expected] : stage.named_parameters()) {
+    parameters.insert(name);
+    const auto it = held.find(name);
+    if (it == held.end())
+      return fmt::format("lacks tensor {} (shape [{}]) of job.toml's model", name, fmt::join(expected.sizes(), ", "));
+    if (!it->second->sizes().equals(expected.sizes()))
+      return fmt::format("holds tensor {} of shape [{}], job.toml's model needs [{}]", name,
+                         fmt::join(it->second->sizes(), ", "), fmt::join(expected.sizes(), ", "));
+  }
+  // A parameter of a layer the job no longer has (fewer layers, another split).
+  for (const auto& [name, tensor] : loaded.tensors)
+    if (name.starts_with("adam.m.") && !parameters.count(name.substr(7)))
+      return fmt::format("holds parameter {}, which job.toml's model for stage {} lacks", name.substr(7), s);
+  const auto label = [&](const std::string& key) {
+    const auto it = loaded.manifest.labels.find(key);
+    return it == loaded.manifest.labels.end() ? std::string() : it->second;
+  };
+  if (!label("job_id").empty() && label("job_id") != job_id)
+    return fmt::format("is of job {}, not {}", label("job_id"), job_id);
+  if (const auto saved_replica = whole_number(label("replica"))) {
+    TrainingState seeds;
+    seeds.rng = RngState{job.train.seed, s, *saved_replica};
+    const auto rng = static_cast<size_t>(StatePart::rng);
+    if (training_state_digest(seeds).parts[rng] != loaded.manifest.state.parts[rng])
+      return fmt::format("was not trained with job.toml's train.seed = {}", job.train.seed);
+  }
+  return std::nullopt;
 }
 
 }  // namespace
@@ -184,13 +253,33 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
     return input_error("{}: checkpoint_step {} with {} losses", (job_dir / "state.json").string(),
                        state.checkpoint_step, state.losses.size());
   state.losses.resize(static_cast<size_t>(state.checkpoint_step));
+  if (state.checkpoint_step == 0) return state;
   CheckpointMirror mirror(job_dir, job.parallel.stages, job.parallel.replicas);
-  if (state.checkpoint_step > 0)
-    for (int64_t s = 0; s < job.parallel.stages; ++s)
-      for (int64_t r = 0; r < job.parallel.replicas; ++r)
-        if (auto loaded = CheckpointStore(mirror.role_dir(s, r), 1).load(state.checkpoint_step); !loaded.ok())
-          return input_error("{}: the checkpoint of stage {} replica {} at step {} is not usable: {}",
-                             job_dir.string(), s, r, state.checkpoint_step, loaded.message());
+  // The nodes would refuse a job that is not the one checkpointed only after
+  // discovery and setup, and name a healthy node: compare here, before any
+  // node is contacted. What is checked: the roles (stages × replicas), each
+  // stage's tensor names and shapes (layers, d_model, …), the seeds and the
+  // job id; a hyper-parameter outside the state (lr) may change.
+  const int64_t step = state.checkpoint_step;
+  const auto [stages, replicas] = checkpointed_roles(mirror, step);
+  if (stages != job.parallel.stages || replicas != job.parallel.replicas)
+    return input_error("{}: its checkpoints of step {} are of {} stages × {} replicas, job.toml asks for {} × {}; "
+                       "the job must stay the one checkpointed",
+                       job_dir.string(), step, stages, replicas, job.parallel.stages, job.parallel.replicas);
+  const auto ranges = stage_layer_ranges(job.model.layers, job.parallel.stages);
+  for (int64_t s = 0; s < job.parallel.stages; ++s) {
+    const auto& [first, count] = ranges[static_cast<size_t>(s)];
+    const model::StageModel shape_only(job.model, first, count, job.train.seed);
+    for (int64_t r = 0; r < job.parallel.replicas; ++r) {
+      auto loaded = CheckpointStore(mirror.role_dir(s, r), 1).load(step);
+      if (!loaded.ok())
+        return input_error("{}: the checkpoint of stage {} replica {} at step {} is not usable: {}", job_dir.string(),
+                           s, r, step, loaded.message());
+      const std::string role = fmt::format("{}: the checkpoint of stage {} replica {} at step {}", job_dir.string(), s, r, step);
+      if (auto differs = differs_from_job(*loaded, shape_only, job, s, state.job_id))
+        return input_error("{} {}; the job must stay the one checkpointed", role, *differs);
+    }
+  }
   return state;
 }
 

@@ -228,8 +228,11 @@ struct JobDirState {
   std::string finished;                 // "" while running or stopped, else "completed"
 };
 // Reads JOB_DIR/state.json and checks that the mirror holds checkpoint_step
-// for every member of the job in JOB_DIR/job.toml. Error: invalid_input naming
-// what is missing.
+// for every member of JOB (the job in JOB_DIR/job.toml), and that those
+// checkpoints are of JOB: its stages × replicas, each stage's parameter names
+// and shapes, the seeds of train.seed, the job id. Reads every checkpoint
+// whole. Error: invalid_input, one line naming the job dir and what is
+// missing or differs.
 Result<JobDirState> read_job_dir(const std::filesystem::path& job_dir, const JobConfig& job);
 
 struct DistributedOptions {

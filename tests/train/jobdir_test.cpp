@@ -1,0 +1,181 @@
+// `train --resume JOB_DIR` refuses, with one line and exit 2 before any node
+// is looked for, a job dir that another client holds and a job file edited so
+// that it no longer matches its mirrored checkpoints (docs/resilience.md,
+// "Resume"). The job dir is written here as the client writes one: job.toml,
+// state.json and each role's checkpoint of step 3 (fresh weights, zero moments).
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <functional>
+#include <thread>
+#include <string>
+
+#include "core/process.h"
+#include "model/gpt.h"
+#include "train/recovery.h"
+#include "train/state.h"
+#include "../common/test_support.h"
+
+namespace sn {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+constexpr int64_t kStep = 3;
+
+JobConfig churn_job() {
+  auto job = parse_job_file(test::source_path("tests/train/data/churn.toml"));
+  if (!job.ok()) throw std::runtime_error(job.message());
+  return *job;
+}
+
+// JOB's job dir stopped at its checkpoint of step 3, as the client leaves it.
+void write_stopped_job(const fs::path& dir, const JobConfig& job) {
+  ASSERT_TRUE(train::write_job_file(dir, job).ok());
+  ASSERT_TRUE(train::write_job_state(dir, train::JobDirState{"churn-1", kStep, {5, 5, 5}, ""}).ok());
+  const auto ranges = train::stage_layer_ranges(job.model.layers, job.parallel.stages);
+  train::CheckpointMirror mirror(dir, job.parallel.stages, job.parallel.replicas);
+  for (int64_t s = 0; s < job.parallel.stages; ++s) {
+    const auto& [first, count] = ranges[static_cast<size_t>(s)];
+    const model::StageModel stage(job.model, first, count, job.train.seed);
+    for (int64_t r = 0; r < job.parallel.replicas; ++r) {
+      train::TrainingState state;
+      state.weights = stage.named_parameters();
+      for (const auto& [name, p] : state.weights) {
+        state.optimizer.emplace_back("adam.m." + name, torch::zeros_like(p));
+        state.optimizer.emplace_back("adam.v." + name, torch::zeros_like(p));
+      }
+      state.optimizer.emplace_back("adam.step", torch::tensor({kStep}, torch::kInt64));
+      state.cursor = {kStep, 100, job.train.global_batch, job.parallel.replicas};
+      state.rng = {job.train.seed, s, r};
+      train::NamedTensors all = state.weights;
+      all.insert(all.end(), state.optimizer.begin(), state.optimizer.end());
+      train::CheckpointStore store(mirror.role_dir(s, r), 1);
+      ASSERT_TRUE(store
+                      .save(kStep, all,
+                            {{"job_id", "churn-1"}, {"stage", std::to_string(s)}, {"replica", std::to_string(r)}},
+                            train::training_state_digest(state))
+                      .ok());
+    }
+  }
+}
+
+class JobDir : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = test::scratch("jobdir", ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    job_dir_ = dir_ / "churn-1";
+    write_stopped_job(job_dir_, churn_job());
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // `train --resume` of the job dir (nothing answers at the bootstrap).
+  test::CommandRun resume() const {
+    return test::run_command({test::solvernet_bin(), "train", "--resume", job_dir_.string(), "--bootstrap",
+                              "127.0.0.1:1", "--wait-s", "1"},
+                             dir_, 60s);
+  }
+  // The job file edited: EDIT applied to the job the checkpoints are of.
+  void edit_job(const std::function<void(JobConfig&)>& edit) const {
+    JobConfig job = churn_job();
+    edit(job);
+    ASSERT_TRUE(train::write_job_file(job_dir_, job).ok());
+  }
+  void expect_refused(const test::CommandRun& r, const std::string& needle) const {
+    EXPECT_EQ(r.status, 2) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "not one line:\n" << r.err;
+    EXPECT_NE(r.err.find(job_dir_.string()), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << r.err;
+  }
+
+  fs::path dir_, job_dir_;
+};
+
+// The unedited job dir gets past the check (to the unreachable bootstrap), and
+// so does one whose lr changed: lr is not part of the state.
+TEST_F(JobDir, AnUneditedJobOrANewLrPassesTheCheck) {
+  auto r = resume();
+  EXPECT_NE(r.status, 0);
+  EXPECT_EQ(r.err.find("the job must stay the one checkpointed"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("127.0.0.1:1"), std::string::npos) << r.err;
+  edit_job([](JobConfig& job) { job.train.lr = 0.5; });
+  r = resume();
+  EXPECT_EQ(r.err.find("the job must stay the one checkpointed"), std::string::npos) << r.err;
+}
+
+TEST_F(JobDir, AJobFileThatNoLongerMatchesItsCheckpointsIsRefusedByTheClient) {
+  edit_job([](JobConfig& job) { job.parallel.replicas = 1; });
+  expect_refused(resume(), "its checkpoints of step 3 are of 2 stages × 2 replicas, job.toml asks for 2 × 1");
+  edit_job([](JobConfig& job) { job.parallel.stages = 1; });
+  expect_refused(resume(), "are of 2 stages × 2 replicas, job.toml asks for 1 × 2");
+  edit_job([](JobConfig& job) { job.train.seed = 8; });
+  expect_refused(resume(), "stage 0 replica 0 at step 3 was not trained with job.toml's train.seed = 8");
+  edit_job([](JobConfig& job) { job.model.layers = 4; });
+  expect_refused(resume(), "stage 0 replica 0 at step 3 lacks tensor blocks.1.");
+  edit_job([](JobConfig& job) {
+    job.model.d_model = 64;
+    job.model.d_ff = 128;
+  });
+  expect_refused(resume(), "holds tensor wte.weight of shape [256, 32], job.toml's model needs [256, 64]");
+}
+
+// Two clients of one job dir: the first holds it while it waits for nodes
+// (none come), the second is refused before it looks for any, naming the
+// first's pid. The lock goes with its holder.
+TEST_F(JobDir, ASecondResumeOfAJobDirInUseIsRefusedNamingTheFirst) {
+  auto dht = test::start_dht(dir_ / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  SpawnOptions options;
+  options.stdout_path = options.stderr_path = dir_ / "first.log";
+  auto first = ChildProcess::spawn({test::solvernet_bin(), "train", "--resume", job_dir_.string(), "--bootstrap",
+                                    dht->address, "--wait-s", "60"},
+                                   options);
+  ASSERT_TRUE(first.ok()) << first.message();
+  const std::string holder = std::to_string(first->pid()) + "\n";
+  for (auto until = std::chrono::steady_clock::now() + 30s;
+       read_file(job_dir_ / "lock").value_or("") != holder && std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(50ms);
+  ASSERT_EQ(read_file(job_dir_ / "lock").value_or(""), holder) << read_file(dir_ / "first.log").value_or("");
+  expect_refused(resume(), fmt::format("job dir {} is in use by another process (pid {})", job_dir_.string(),
+                                       first->pid()));
+  first->kill_now();
+  ASSERT_TRUE(first->wait_for(10s).has_value());
+  auto r = resume();
+  EXPECT_EQ(r.err.find("in use"), std::string::npos) << r.err;
+}
+
+// A job stopped by Ctrl-C after a checkpoint was mirrored (step 30's
+// progress line comes after its checkpoint is) says how to resume it, as a
+// stop for want of a spare does; the devnet keeps the job dir the advice names.
+TEST(Interrupt, CtrlCWithACheckpointGivesResumeAdvice) {
+  const auto dir = test::scratch("jobdir", "interrupt");
+  SpawnOptions options;
+  options.stdout_path = dir / "out.txt";
+  options.stderr_path = dir / "err.txt";
+  auto devnet = ChildProcess::spawn(
+      {test::solvernet_bin(), "devnet", "--job", test::source_path("tests/train/data/churn-pipeline.toml").string(),
+       "--topology", test::source_path("tests/train/data/churn-net.toml").string(), "--no-chain", "--nodes", "2",
+       "--spares", "0", "--steps", "300", "--peer-timeout-s", "4", "--out", (dir / "model.safetensors").string()},
+      options);
+  ASSERT_TRUE(devnet.ok()) << devnet.message();
+  ASSERT_TRUE(test::wait_for_text(dir / "err.txt", "step 30/300", 90s)) << read_file(dir / "err.txt").value_or("");
+  ::kill(devnet->pid(), SIGINT);
+  const auto status = devnet->wait_for(60s);
+  const std::string err = read_file(dir / "err.txt").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 130) << err;
+  EXPECT_NE(err.find("interrupted"), std::string::npos) << err;
+  const auto at = err.find("solvernet train --resume ");
+  ASSERT_NE(at, std::string::npos) << err;
+  const auto start = at + std::string("solvernet train --resume ").size();
+  const fs::path job_dir = err.substr(start, err.find(' ', start) - start);
+  EXPECT_TRUE(fs::exists(job_dir / "state.json")) << err;
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace sn
