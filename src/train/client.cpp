@@ -745,8 +745,7 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
     }
     auto disagreement = replica_disagreement(names, hashes, stage, fmt::format("after step {}", step + 1));
     if (!disagreement) continue;
-    auto error = kind_error(disagreement->blamed.empty() ? ErrorKind::aborted : ErrorKind::bad_peer, "{}",
-                            disagreement->message);
+    auto error = disagreement->error();
     // Every replica committed to its own leaves; the replays decide who lied
     // (docs/verification.md, "Replicas that diverge").
     if (left_to_verification()) {
@@ -989,8 +988,7 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
       }
     if (auto disagreement = replica_disagreement(names, stage_hashes, stage,
                                                  fmt::format("at the outer step after step {}", steps_done))) {
-      auto error = kind_error(disagreement->blamed.empty() ? ErrorKind::aborted : ErrorKind::bad_peer, "{}",
-                              disagreement->message);
+      auto error = disagreement->error();
       fleet_->end_all(true, error.message);
       return error;
     }

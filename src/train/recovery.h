@@ -66,6 +66,9 @@ std::string resume_advice(const std::filesystem::path& job_dir, int64_t step);
 struct ReplicaDisagreement {
   std::string message;
   std::vector<size_t> blamed;  // indices into NAMES / HASHES
+  // What ends the job: bad_peer when someone is blamed, else aborted (no
+  // node can be shown at fault, so none is reported as one).
+  Error error() const { return kind_error(blamed.empty() ? ErrorKind::aborted : ErrorKind::bad_peer, "{}", message); }
 };
 std::optional<ReplicaDisagreement> replica_disagreement(const std::vector<std::string>& names,
                                                         const std::vector<std::string>& hashes, int64_t stage,
