@@ -1,5 +1,7 @@
 // solvernet train: run a training job on the network (or, with --local, in
 // this process as the reference).
+#include <fmt/ranges.h>
+
 #include <iostream>
 #include <optional>
 
@@ -75,6 +77,10 @@ int run_train(const TrainArgs& args) {
     if (!state.ok()) return fail("train", state.message(), 2);
     if (state->finished == "completed")
       return fail("train", fmt::format("{}: the job {} has completed; nothing to resume", args.resume, state->job_id), 2);
+    // Hyper-parameters outside the state may change; say so, the run differs from the one stopped.
+    if (!state->changed.empty())
+      std::cerr << fmt::format("train: {}/job.toml differs from the job that stopped: {}; going on with it\n",
+                               args.resume, fmt::join(state->changed, ", "));
     spec.job_dir = args.resume;
     spec.resume = true;
     spec.job_id = state->job_id;

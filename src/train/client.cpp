@@ -100,7 +100,7 @@ class JobSession {
   void end() {
     fleet_->end_all(false, "");
     if (mirror_) {
-      JobDirState state{job_id_, mirror_->newest_common_step(), result_.losses, "completed"};
+      JobDirState state{job_id_, mirror_->newest_common_step(), result_.losses, "completed", job_to_toml(job_), {}};
       if (auto written = write_job_state(options_.recovery.job_dir, state); !written.ok())
         spdlog::warn("job dir: {}", written.message());
     }
@@ -253,7 +253,7 @@ Status JobSession::prepare_data() {
     result_.job_dir = recovery.job_dir;
     mirror_.emplace(recovery.job_dir, stages_, replicas_);
     SN_TRY(write_job_file(recovery.job_dir, job_));
-    if (start_step_ == 0) SN_TRY(write_job_state(recovery.job_dir, JobDirState{job_id_, 0, {}, ""}));
+    if (start_step_ == 0) SN_TRY(write_job_state(recovery.job_dir, JobDirState{job_id_, 0, {}, "", job_to_toml(job_), {}}));
   }
   step_deadline_.emplace(deadlines_.step, deadlines_.step_floor);
   return ok_status();
@@ -458,7 +458,7 @@ Status JobSession::mirror_checkpoints(int64_t step) {
   }
   // The previous checkpoint goes only now that this one is whole for every member.
   mirror_->prune_before(step);
-  JobDirState state{job_id_, step, result_.losses, ""};
+  JobDirState state{job_id_, step, result_.losses, "", job_to_toml(job_), {}};
   SN_TRY(write_job_state(options_.recovery.job_dir, state));
   result_.mirror_seconds += std::chrono::duration<double>(Clock::now() - started).count();
   return ok_status();

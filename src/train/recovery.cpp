@@ -11,6 +11,7 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <sstream>
 
 #include "core/fs.h"
 #include "model/gpt.h"
@@ -95,6 +96,39 @@ std::optional<std::string> differs_from_job(const LoadedCheckpoint& loaded, cons
       return fmt::format("was not trained with job.toml's train.seed = {}", job.train.seed);
   }
   return std::nullopt;
+}
+
+// "section.key" → value of each "key = value" line of a job_to_toml text.
+std::map<std::string, std::string> toml_fields(const std::string& toml) {
+  std::map<std::string, std::string> out;
+  std::string section, line;
+  std::istringstream lines(toml);
+  while (std::getline(lines, line)) {
+    if (line.starts_with("[") && line.ends_with("]")) {
+      section = line.substr(1, line.size() - 2) + ".";
+    } else if (const auto eq = line.find(" = "); eq != std::string::npos) {
+      std::string value = line.substr(eq + 3);
+      // Reals are written with 17 digits: show the shortest that reads back the same (0.003).
+      double real = 0;
+      if (auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), real);
+          ec == std::errc() && end == value.data() + value.size())
+        value = fmt::format("{}", real);
+      out[section + line.substr(0, eq)] = value;
+    }
+  }
+  return out;
+}
+
+// The fields of job_to_toml text NOW that differ from WAS: "train.lr = 0.5 (was 0.003)".
+std::vector<std::string> changed_fields(const std::string& was, const std::string& now) {
+  const auto before = toml_fields(was);
+  std::vector<std::string> out;
+  for (const auto& [key, value] : toml_fields(now)) {
+    const auto it = before.find(key);
+    if (it == before.end() || it->second != value)
+      out.push_back(fmt::format("{} = {} (was {})", key, value, it == before.end() ? "unset" : it->second));
+  }
+  return out;
 }
 
 }  // namespace
@@ -232,6 +266,7 @@ Status write_job_state(const fs::path& job_dir, const JobDirState& state) {
   j["checkpoint_step"] = state.checkpoint_step;
   j["losses"] = state.losses;
   j["finished"] = state.finished;
+  if (!state.job_toml.empty()) j["job_toml"] = state.job_toml;
   SN_TRY(ensure_directory(job_dir));
   return write_file_atomic(job_dir / "state.json", j.dump(2) + "\n");
 }
@@ -246,6 +281,7 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
     state.checkpoint_step = j.at("checkpoint_step").get<int64_t>();
     state.losses = j.at("losses").get<std::vector<double>>();
     state.finished = j.value("finished", "");
+    state.job_toml = j.value("job_toml", "");
   } catch (const std::exception& e) {
     return input_error("{}: unreadable ({})", (job_dir / "state.json").string(), e.what());
   }
@@ -280,6 +316,7 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
         return input_error("{} {}; the job must stay the one checkpointed", role, *differs);
     }
   }
+  if (!state.job_toml.empty()) state.changed = changed_fields(state.job_toml, job_to_toml(job));
   return state;
 }
 

@@ -226,13 +226,20 @@ struct JobDirState {
   int64_t checkpoint_step = 0;          // the newest step mirrored for every member (0: none)
   std::vector<double> losses;           // per step up to checkpoint_step
   std::string finished;                 // "" while running or stopped, else "completed"
+  // The job (job_to_toml) as it ran when state.json was written; "" in a job
+  // dir written before it was recorded.
+  std::string job_toml;
+  // Filled by read_job_dir: the fields of the job it was given that differ
+  // from job_toml, as "train.lr = 0.5 (was 0.003)".
+  std::vector<std::string> changed;
 };
 // Reads JOB_DIR/state.json and checks that the mirror holds checkpoint_step
 // for every member of JOB (the job in JOB_DIR/job.toml), and that those
 // checkpoints are of JOB: its stages × replicas, each stage's parameter names
 // and shapes, the seeds of train.seed, the job id. Reads every checkpoint
 // whole. Error: invalid_input, one line naming the job dir and what is
-// missing or differs.
+// missing or differs. Fields outside the state (lr, …) may differ: they are
+// listed in `changed`.
 Result<JobDirState> read_job_dir(const std::filesystem::path& job_dir, const JobConfig& job);
 
 struct DistributedOptions {

@@ -36,7 +36,7 @@ JobConfig churn_job() {
 // JOB's job dir stopped at its checkpoint of step 3, as the client leaves it.
 void write_stopped_job(const fs::path& dir, const JobConfig& job) {
   ASSERT_TRUE(train::write_job_file(dir, job).ok());
-  ASSERT_TRUE(train::write_job_state(dir, train::JobDirState{"churn-1", kStep, {5, 5, 5}, ""}).ok());
+  ASSERT_TRUE(train::write_job_state(dir, train::JobDirState{"churn-1", kStep, {5, 5, 5}, "", job_to_toml(job), {}}).ok());
   const auto ranges = train::stage_layer_ranges(job.model.layers, job.parallel.stages);
   train::CheckpointMirror mirror(dir, job.parallel.stages, job.parallel.replicas);
   for (int64_t s = 0; s < job.parallel.stages; ++s) {
@@ -96,15 +96,20 @@ class JobDir : public ::testing::Test {
 };
 
 // The unedited job dir gets past the check (to the unreachable bootstrap), and
-// so does one whose lr changed: lr is not part of the state.
+// so does one whose lr changed (lr is not part of the state), with a line that
+// says the job differs from the one stopped.
 TEST_F(JobDir, AnUneditedJobOrANewLrPassesTheCheck) {
   auto r = resume();
   EXPECT_NE(r.status, 0);
   EXPECT_EQ(r.err.find("the job must stay the one checkpointed"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("127.0.0.1:1"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("differs from the job that stopped"), std::string::npos) << r.err;
   edit_job([](JobConfig& job) { job.train.lr = 0.5; });
   r = resume();
   EXPECT_EQ(r.err.find("the job must stay the one checkpointed"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("/job.toml differs from the job that stopped: train.lr = 0.5 (was 0.003); going on with it"),
+            std::string::npos)
+      << r.err;
 }
 
 TEST_F(JobDir, AJobFileThatNoLongerMatchesItsCheckpointsIsRefusedByTheClient) {
