@@ -125,6 +125,11 @@ Result<Placement> place_job(const PlacementRequest& spec, const std::vector<solv
     request.message_fixed_s = message_cost.fixed_s;
     request.message_per_byte_s = message_cost.per_byte_s;
     PlanRequest dedicated = request;
+    // Nodes on one host also take CPU from one another while they wait (the
+    // other end of each message, gRPC's threads): with more nodes than cores
+    // the step is at least the CPU all of them spend, over the cores.
+    const double cpu_s = iteration_cpu_seconds(request, update, message_cost.cpu_fixed_s, message_cost.cpu_per_byte_s);
+    if (one_host(nodes)) request.host_cpu_floor_s = cpu_s / cores;
     request.compute_seconds_per_microbatch_stage *= host_share;
     request.step_overhead_s *= host_share;
     request.message_fixed_s *= host_share;
@@ -141,6 +146,10 @@ Result<Placement> place_job(const PlacementRequest& spec, const std::vector<solv
                             {"step_update_s", update},
                             {"message_fixed_s", message_cost.fixed_s},
                             {"message_per_byte_s", message_cost.per_byte_s},
+                            {"message_cpu_fixed_s", message_cost.cpu_fixed_s},
+                            {"message_cpu_per_byte_s", message_cost.cpu_per_byte_s},
+                            {"iteration_cpu_s", cpu_s},
+                            {"host_cpu_floor_s", request.host_cpu_floor_s},
                             {"host_cpu_share", host_share},
                             {"compute_s", plan.compute_s},
                             {"pipeline_s", plan.pipeline_s},

@@ -27,6 +27,8 @@ struct PlanRequest {
   double message_fixed_s = 0;                      // simulator: the hosts' own cost of each message beyond
   double message_per_byte_s = 0;                   //   its link (serialize, sign, verify): fixed + bytes·per_byte
   double max_message_bytes = 0;                    // simulator: all-reduce messages are cut to this size (0: whole)
+  double host_cpu_floor_s = 0;                     // simulator: the least an iteration takes when every device
+                                                   //   shares one host's cores (its CPU work / cores; 0: none)
   int micro_batches = 1;                           // per replica per iteration
   std::string schedule = "gpipe";                  // simulator order: "gpipe" or "1f1b"
   int search_trials = 4900;                        // dtfm: GA trials; random: placements tried
@@ -65,6 +67,15 @@ Plan evaluate_groups(const LinkMatrix& links, const PlanRequest& request, const 
 // Plays one iteration event by event on the placement in PLAN.stage_devices and
 // fills predicted_iteration_s, compute_s, pipeline_s, data_parallel_s, slowest_link.
 void simulate(const LinkMatrix& links, const PlanRequest& request, Plan& plan);
+
+// The CPU one iteration takes from every device together, in seconds, as if
+// each had its own core: every device's micro-batches (forward and backward)
+// and its UPDATE_S, and every message's cost to both its ends, CPU_FIXED_S +
+// bytes · CPU_PER_BYTE_S: the pipeline hops, the ring all-reduce's chunks, the
+// tied swap and the client's RunStep request and reply to each device. When
+// all devices share one host, an iteration takes at least this / its cores
+// (PlanRequest::host_cpu_floor_s), however the pipeline overlaps.
+double iteration_cpu_seconds(const PlanRequest& request, double update_s, double cpu_fixed_s, double cpu_per_byte_s);
 
 // Input limits beyond the job's (core/job.h) and the topology's (net/topology.h).
 inline constexpr int kMaxMicroBatches = 1 << 20;

@@ -112,6 +112,20 @@ double PlanRequest::host_seconds(double bytes) const {
   return messages * message_fixed_s + bytes * message_per_byte_s;
 }
 
+double iteration_cpu_seconds(const PlanRequest& r, double update_s, double cpu_fixed_s, double cpu_per_byte_s) {
+  const double p = r.stages, d = r.replicas, mb = r.micro_batches;
+  auto messages = [&](double count, double bytes) {
+    const double pieces = r.max_message_bytes > 0 ? std::max(1.0, std::ceil(bytes / r.max_message_bytes)) : 1.0;
+    return count * (pieces * cpu_fixed_s + bytes * cpu_per_byte_s);
+  };
+  double cpu = p * d * (mb * r.compute_seconds_per_microbatch_stage + update_s);
+  cpu += messages(d * (p - 1) * mb, r.activation_bytes) + messages(d * (p - 1) * mb, r.backward_bytes());
+  if (d > 1) cpu += messages(p * d * 2 * (d - 1), r.gradient_bytes / d);
+  if (p > 1 && r.tied_bytes > 0) cpu += messages(2 * d, r.tied_bytes);
+  cpu += messages(2 * p * d, 0);
+  return cpu;
+}
+
 void simulate(const LinkMatrix& m, const PlanRequest& r, Plan& plan) {
   const int p = r.stages, d = r.replicas, mb = r.micro_batches;
   const double fwd = r.compute_seconds_per_microbatch_stage / 3, bwd = 2 * fwd;
@@ -149,7 +163,7 @@ void simulate(const LinkMatrix& m, const PlanRequest& r, Plan& plan) {
   plan.pipeline_s = std::max(0.0, pipeline_end - plan.compute_s);
   plan.data_parallel_s = iteration - pipeline_end;
   plan.overhead_s = r.step_overhead_s;
-  plan.predicted_iteration_s = iteration + r.step_overhead_s;
+  plan.predicted_iteration_s = std::max(iteration + r.step_overhead_s, r.host_cpu_floor_s);
 }
 
 }  // namespace sn::sched

@@ -4,12 +4,14 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdlib>
+#include <ctime>
 #include <limits>
 
 #include "core/fs.h"
 #include "core/hash.h"
 #include "model/gpt.h"
 #include "model/safetensors.h"
+#include "model/tensor_wire.h"
 #include "train/adamw.h"
 #include "train/batches.h"
 #include "train/inputs.h"
@@ -120,32 +122,55 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
 namespace sn::train {
 namespace {
 
-// The fastest of RUNS timed calls after two untimed warm-ups: the least
-// disturbed by whatever else shares the cores.
+// The mean CPU time of RUNS calls after two warm-ups, on this thread: what
+// the work costs whoever runs it, as the machine is now (its caches shared
+// with whatever else runs), without the time it waits for a core.
 template <typename Work>
-double fastest_seconds(int runs, Work&& work) {
+double mean_cpu_seconds(int runs, Work&& work) {
+  auto thread_cpu_seconds = [] {
+    timespec t{};
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
+  };
   for (int i = 0; i < 2; ++i) work();
-  double best = std::numeric_limits<double>::infinity();
-  for (int i = 0; i < runs; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    work();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
+  const double start = thread_cpu_seconds();
+  for (int i = 0; i < runs; ++i) work();
+  return (thread_cpu_seconds() - start) / runs;
 }
 
 }  // namespace
 
 double measure_microbatch_seconds(const JobConfig& job) {
   init_single_threaded();
-  // The whole model on one micro-batch (embedding, blocks, head and loss), as
-  // training runs it, divided by the number of stages.
-  model::StageModel gpt(job.model, 0, static_cast<int>(job.model.layers), job.train.seed);
-  const int64_t b = job.sequences_per_micro_batch();
-  torch::Tensor tokens = torch::randint(0, job.model.vocab, {b, job.model.seq_len}, torch::kInt64);
-  torch::Tensor targets = torch::randint(0, job.model.vocab, {b, job.model.seq_len}, torch::kInt64);
-  return fastest_seconds(10, [&] { model::lm_loss(gpt.forward(tokens), targets).backward(); }) /
-         static_cast<double>(job.parallel.stages);
+  // Each stage as its node runs a micro-batch: its own blocks (the first with
+  // the embeddings, the last with the head and the loss), an input taken from
+  // the wire and an output put on it at each boundary, forward then backward.
+  // Per-call costs matter at these sizes, so the stages are timed apart rather
+  // than the whole model divided by the stage count. The mean over stages.
+  const int64_t b = job.sequences_per_micro_batch(), t = job.model.seq_len, d = job.model.d_model;
+  const auto ranges = stage_layer_ranges(job.model.layers, job.parallel.stages);
+  torch::Tensor tokens = torch::randint(0, job.model.vocab, {b, t}, torch::kInt64);
+  torch::Tensor targets = torch::randint(0, job.model.vocab, {b, t}, torch::kInt64);
+  solvernet::v1::Tensor wire;
+  model::tensor_to_proto(torch::randn({b, t, d}), &wire);
+  double total = 0;
+  for (size_t s = 0; s < ranges.size(); ++s) {
+    const bool first = s == 0, last = s + 1 == ranges.size();
+    model::StageModel stage(job.model, ranges[s].first, ranges[s].second, job.train.seed);
+    total += mean_cpu_seconds(10, [&] {
+      torch::Tensor input = first ? tokens : model::tensor_from_proto(wire).value().requires_grad_(true);
+      torch::Tensor output = stage.forward(input);
+      solvernet::v1::Tensor sent;
+      if (last) {
+        model::lm_loss(output, targets).backward();
+      } else {
+        model::tensor_to_proto(output, &sent);
+        output.backward(model::tensor_from_proto(wire).value());
+      }
+      if (!first) model::tensor_to_proto(input.grad(), &sent);
+    });
+  }
+  return total / static_cast<double>(ranges.size());
 }
 
 double measure_step_update_seconds(const JobConfig& job) {
@@ -159,7 +184,7 @@ double measure_step_update_seconds(const JobConfig& job) {
   int64_t step = 0;
   // As a stage worker ends every step: gradients flattened for the all-reduce
   // and back, the optimizer's update, the state hash sent to the client.
-  return fastest_seconds(6, [&] {
+  return mean_cpu_seconds(6, [&] {
     unflatten_gradients(flatten_gradients(parameters), parameters);
     optimizer.step(step++);
     TrainingState state;

@@ -356,6 +356,37 @@ TEST(Simulator, HostMessageCostAddsToEveryHopAndAllReduceChunk) {
   EXPECT_NEAR(plan.data_parallel_s, 2 * ring_step, 1e-9);
 }
 
+TEST(Simulator, OneHostIterationTakesAtLeastItsCpuOverTheFreeCores) {
+  // P = 2, D = 2, 3 micro-batches of 0.1 s per stage, an update of 0.05 s:
+  // 4 × (3 × 0.1 + 0.05) = 1.4 s of compute. Messages (1 ms + 1e-9 s/B, both
+  // ends): 2 × 1 × 3 hops each way of 1e6 B, 2 × 2 × 2 ring pieces of 2e6 B
+  // cut into 1e6-byte messages, 2 × 2 tied swaps of 5e5 B and 2 × 4 RunStep
+  // requests and replies.
+  PlanRequest r = request(2, 2, 1e6);
+  r.micro_batches = 3;
+  r.compute_seconds_per_microbatch_stage = 0.1;
+  r.gradient_bytes = 4e6;
+  r.tied_bytes = 5e5;
+  r.max_message_bytes = 1e6;
+  const double fixed = 1e-3, per_byte = 1e-9;
+  const double messages = 12 * (fixed + 1e6 * per_byte) + 8 * (2 * fixed + 2e6 * per_byte) +
+                          4 * (fixed + 5e5 * per_byte) + 8 * fixed;
+  const double cpu = iteration_cpu_seconds(r, 0.05, fixed, per_byte);
+  EXPECT_NEAR(cpu, 1.4 + messages, 1e-12);
+  EXPECT_NEAR(iteration_cpu_seconds(r, 0.05, 0, 0), 1.4, 1e-12);
+
+  // On fast links the pipeline alone is far shorter than the CPU over one
+  // free core: the floor decides; with no floor the simulated time stands.
+  const LinkMatrix m = uniform_matrix(4, 0.01, 1e5);
+  Plan alone = make_plan(m, r, "naive", 1).value();
+  ASSERT_LT(alone.predicted_iteration_s, cpu);
+  r.host_cpu_floor_s = cpu / 1.0;
+  Plan shared = make_plan(m, r, "naive", 1).value();
+  EXPECT_DOUBLE_EQ(shared.predicted_iteration_s, cpu);
+  r.host_cpu_floor_s = alone.predicted_iteration_s / 2;
+  EXPECT_DOUBLE_EQ(make_plan(m, r, "naive", 1).value().predicted_iteration_s, alone.predicted_iteration_s);
+}
+
 JobConfig tiny_job(const std::string& compression) {
   const std::string text = R"([model]
 layers = 4
