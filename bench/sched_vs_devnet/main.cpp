@@ -7,7 +7,9 @@
 // progress lines report, and the steady step: the summary's unrounded mean step
 // over every step but the first (which also opens connections).
 // JSON on stdout, progress on stderr.
-// Usage: bench_sched_vs_devnet [--steps N] [--job FILE] [TOPOLOGY.toml ...]
+// Usage: bench_sched_vs_devnet [--steps N] [--repeat K] [--job FILE] [TOPOLOGY.toml ...]
+// --repeat K runs the topologies K times over, in turn (the machine's noise
+// shows as the spread between rounds).
 // It runs the whole network on this machine: it takes every core for minutes.
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -42,14 +44,15 @@ std::string run(const std::string& command, int* status) {
 int main(int argc, char** argv) {
   const std::string source = SOLVERNET_SOURCE_DIR;
   std::string job = source + "/examples/jobs/tiny.toml";
-  int steps = 20;
+  int steps = 20, repeat = 1;
   std::vector<std::string> topologies;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--steps" && i + 1 < argc) steps = std::stoi(argv[++i]);
+    else if (arg == "--repeat" && i + 1 < argc) repeat = std::max(1, std::stoi(argv[++i]));
     else if (arg == "--job" && i + 1 < argc) job = argv[++i];
     else if (!arg.empty() && arg[0] == '-') {
-      std::cerr << "usage: bench_sched_vs_devnet [--steps N] [--job FILE] [TOPOLOGY.toml ...]\n";
+      std::cerr << "usage: bench_sched_vs_devnet [--steps N] [--repeat K] [--job FILE] [TOPOLOGY.toml ...]\n";
       return 2;
     } else topologies.push_back(arg);
   }
@@ -59,7 +62,9 @@ int main(int argc, char** argv) {
 
   nlohmann::json out = {{"job", job}, {"steps", steps}, {"runs", nlohmann::json::array()}};
   double worst = 0, worst_calibrated = 0;
-  for (const auto& topology : topologies) {
+  std::vector<std::string> rounds;
+  for (int k = 0; k < repeat; ++k) rounds.insert(rounds.end(), topologies.begin(), topologies.end());
+  for (const auto& topology : rounds) {
     std::cerr << "devnet on " << topology << " ..." << std::flush;
     const std::string summary_path = fmt::format("/tmp/sn-sched-vs-devnet-{}.json", ::getpid());
     const std::string command =
