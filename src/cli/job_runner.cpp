@@ -327,16 +327,11 @@ nlohmann::json placement_at_end(const train::TrainResult& result, int64_t stages
 }
 }  // namespace
 
-std::vector<net::MemberInfo> find_idle_nodes(const std::vector<std::string>& bootstrap,
-                                             const std::vector<std::string>& exclude,
+std::vector<net::MemberInfo> find_idle_nodes(net::Discovery& discovery, const std::vector<std::string>& exclude,
                                              std::chrono::milliseconds timeout) {
   std::vector<net::MemberInfo> out;
-  if (bootstrap.empty()) return out;
-  auto discovery = net::Discovery::start(0, bootstrap);
-  if (!discovery.ok()) return out;
-  if (!(*discovery)->wait_for_bootstrap(timeout).ok()) return out;
-  auto nodes = (*discovery)->list_nodes(timeout);
-  (*discovery)->stop();
+  if (!discovery.wait_for_bootstrap(timeout).ok()) return out;
+  auto nodes = discovery.list_nodes(timeout);
   if (!nodes.ok()) return out;
   std::vector<solvernet::v1::NodeInfo> idle;
   for (auto& n : *nodes)
@@ -432,9 +427,14 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     // Nodes that joined (or came back) since the job began are found through the DHT.
     // (A member that died and came back with its data dir is one of them; the
     // client leaves out its current members itself.)
+    // One DHT node for the whole job: joining anew at every look cost one to
+    // two seconds of each poll while a recovery waited for a spare.
     if (!spec.bootstrap.empty())
-      options.recovery.find_spares = [bootstrap = spec.bootstrap] {
-        return find_idle_nodes(bootstrap, {}, std::chrono::milliseconds(2000));
+      options.recovery.find_spares = [bootstrap = spec.bootstrap,
+                                      dht = std::make_shared<std::unique_ptr<net::Discovery>>()] {
+        if (!*dht)
+          if (auto started = net::Discovery::start(0, bootstrap); started.ok()) *dht = std::move(started).value();
+        return *dht ? find_idle_nodes(**dht, {}, std::chrono::milliseconds(2000)) : std::vector<net::MemberInfo>{};
       };
   }
   ProgressLine progress(spec.quiet, spec.job);

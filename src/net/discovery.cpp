@@ -96,11 +96,22 @@ Result<std::unique_ptr<Discovery>> Discovery::start(uint16_t dht_port, const std
   d->republisher_ = std::thread([raw = d.get()] {
     std::unique_lock<std::mutex> lock(raw->mutex_);
     while (!raw->stopping_) {
-      // Wake at least every second: to retry a failed put and watch the bootstrap.
-      raw->wake_.wait_for(lock, std::min(raw->options_.republish_every, std::chrono::milliseconds(1000)));
+      // Wake at least every second to retry a failed put and watch the
+      // bootstrap; five times a second until joined, so a node (re)started
+      // mid-job is announced, and found as a spare, soon after it joins.
+      const bool joined = raw->connected();
+      raw->wake_.wait_for(lock, std::min(raw->options_.republish_every,
+                                         std::chrono::milliseconds(joined ? 1000 : 200)));
       if (raw->stopping_) break;
+      if (!raw->connected()) {
+        lock.unlock();  // resolving a host name may take a while
+        raw->ping_bootstrap();
+        lock.lock();
+        if (raw->stopping_) break;
+      }
       raw->watch_bootstrap_locked();
-      const bool due = !raw->last_publish_ ||
+      // Just joined: publish now; a put made before had no node to store it.
+      const bool due = !raw->last_publish_ || (!joined && raw->connected()) ||
                        std::chrono::steady_clock::now() - *raw->last_publish_ >= raw->options_.republish_every;
       if (due || raw->put_failed_.load()) raw->publish_locked();
     }
@@ -149,6 +160,21 @@ void Discovery::stop() {
 
 uint16_t Discovery::port() const { return runner_->getBoundPort(); }
 
+void Discovery::ping_bootstrap() {
+  // OpenDHT pings a bootstrap once and then only every 10 s while
+  // disconnected: one lost first ping (seen on a busy devnet) kept a
+  // restarted node out of the DHT, and so out of a recovery, for 10 s.
+  for (const auto& [host, port] : bootstrap_) {
+    std::vector<dht::SockAddr> addresses;
+    try {
+      addresses = dht::SockAddr::resolve(host, port);
+    } catch (const std::exception&) {
+      continue;  // the warnings of watch_bootstrap_locked say it does not resolve
+    }
+    if (!addresses.empty()) runner_->bootstrap(std::move(addresses));
+  }
+}
+
 bool Discovery::connected() const {
   return runner_->getNodesStats(AF_INET).good_nodes + runner_->getNodesStats(AF_INET6).good_nodes > 0;
 }
@@ -162,6 +188,7 @@ Status Discovery::wait_for_bootstrap(std::chrono::milliseconds timeout) {
   if (unresolved.size() == bootstrap_.size())
     return input_error("the bootstrap host {} does not resolve", unresolved.front());
   const auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto next_ping = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
   while (!connected()) {
     if (std::chrono::steady_clock::now() >= deadline) {
       std::string names;
@@ -170,6 +197,10 @@ Status Discovery::wait_for_bootstrap(std::chrono::milliseconds timeout) {
                         names, timeout.count());
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    if (std::chrono::steady_clock::now() >= next_ping) {
+      ping_bootstrap();
+      next_ping = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+    }
   }
   return ok_status();
 }

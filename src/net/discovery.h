@@ -78,6 +78,7 @@ class Discovery {
   Discovery() = default;
   void publish_locked();
   void watch_bootstrap_locked();
+  void ping_bootstrap();  // each bootstrap address, now (not under mutex_)
 
   DiscoveryOptions options_;
   std::unique_ptr<dht::DhtRunner> runner_;
