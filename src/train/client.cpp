@@ -68,9 +68,6 @@ JobDeadlines deadlines_for(const JobConfig& job, milliseconds peer_timeout, size
   // then and says which peer, an error worth more than the client's timeout.
   d.step_floor = peer_timeout;
   d.fetch = peer_timeout + transfer(4.0 * params / stages);
-  // A member silent for half the peer timeout (3..15 s) has stopped, well
-  // before its peers give up waiting for it.
-  d.fleet.liveness = std::clamp<milliseconds>(peer_timeout / 2, std::chrono::seconds(3), std::chrono::seconds(15));
   return d;
 }
 
@@ -242,6 +239,7 @@ Status JobSession::prepare_data() {
     for (const auto& w : stage_weights_) weights_bytes += w.size();
   }
   deadlines_ = deadlines_for(job_, options_.peer_timeout, weights_bytes);
+  deadlines_.fleet = fleet_timeouts(options_.peer_timeout, options_.peer_rtt_ms);
   const auto& recovery = options_.recovery;
   spares_ = recovery.spares;
   start_step_ = recovery.resume_step;

@@ -2,6 +2,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "net/rpc.h"
 #include "train/control.h"
 
@@ -31,7 +34,35 @@ int rank_of(grpc::StatusCode code) {
   }
 }
 
+// Whether a client that did not run for a while explains every failure of a
+// call: deadlines that ran out and calls cancelled while it was stopped, and
+// jobs its nodes dropped when their leases ran out meanwhile. A refused or
+// unreachable member, or one silent for a whole window after the client woke,
+// is still to blame.
+bool suspension_explains(const std::vector<grpc::Status>& statuses, const std::vector<bool>& silent) {
+  if (std::find(silent.begin(), silent.end(), true) != silent.end()) return false;
+  for (size_t i = 0; i < statuses.size(); ++i) {
+    switch (statuses[i].error_code()) {
+      case grpc::StatusCode::OK:
+      case grpc::StatusCode::DEADLINE_EXCEEDED:
+      case grpc::StatusCode::CANCELLED:
+      case grpc::StatusCode::ABORTED:
+      case grpc::StatusCode::NOT_FOUND: break;
+      default: return false;
+    }
+  }
+  return true;
+}
+
 }  // namespace
+
+FleetTimeouts fleet_timeouts(std::chrono::milliseconds peer_timeout, double rtt_ms) {
+  FleetTimeouts t;
+  const auto rtt = std::chrono::milliseconds(static_cast<int64_t>(std::ceil(std::max(0.0, rtt_ms))));
+  t.liveness = std::max<std::chrono::milliseconds>(
+      std::clamp<std::chrono::milliseconds>(peer_timeout / 2, std::chrono::seconds(2), std::chrono::seconds(15)), 8 * rtt);
+  return t;
+}
 
 std::string member_name(const net::MemberInfo& m) {
   return fmt::format("node {} (stage {}, replica {}) at {}", m.node_id.substr(0, 8), m.stage, m.replica, m.address);
@@ -67,11 +98,17 @@ Fleet::~Fleet() {
 
 Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadline, const Call& call) {
   const size_t n = members_.size();
+  const auto liveness = timeouts_.liveness;
+  const auto ping_every = std::max<std::chrono::milliseconds>(liveness / 4, std::chrono::milliseconds(100));
+  // A look at the members is due every 0.2 s; one this much later means the
+  // client itself did not run (suspended), not that the members fell silent.
+  const auto client_stalled = std::max<Steady::duration>(liveness / 2, std::chrono::seconds(1));
   std::mutex mutex;
   std::condition_variable changed;
   std::vector<grpc::Status> statuses(n);
   std::vector<bool> done(n, false);
   std::vector<Steady::time_point> last_answer(n, Steady::now());
+  std::vector<grpc::ClientContext*> pinging(n, nullptr);  // each member's ping in flight, cancelled at the end
   bool finished = false;
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
   for (size_t i = 0; i < n; ++i) {
@@ -87,34 +124,47 @@ Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadlin
       done[i] = true;
       changed.notify_all();
     });
-  // Liveness: ping each member whose call is still running, once a second.
+  // Liveness: ping each member whose call is still running, every ping_every.
+  // A ping may take the whole liveness window: a slow answer still counts.
   std::vector<std::thread> pingers;
   for (size_t i = 0; i < n; ++i)
     pingers.emplace_back([&, i] {
       std::unique_lock<std::mutex> lock(mutex);
       while (!finished && !done[i]) {
-        lock.unlock();
         grpc::ClientContext context;
-        context.set_deadline(std::chrono::system_clock::now() + timeouts_.ping);
+        context.set_deadline(std::chrono::system_clock::now() + liveness);
+        pinging[i] = &context;
+        lock.unlock();
         solvernet::v1::PingRequest request;
         solvernet::v1::PingReply reply;
         grpc::Status status = node_stubs_[i]->Ping(&context, request, &reply);
         lock.lock();
+        pinging[i] = nullptr;
         if (status.ok()) last_answer[i] = Steady::now();
-        changed.wait_for(lock, std::chrono::seconds(1), [&] { return finished || done[i]; });
+        changed.wait_for(lock, ping_every, [&] { return finished || done[i]; });
       }
     });
 
   std::vector<bool> silent(n, false);
   std::string abort_reason;
+  Steady::duration client_gap{0};
   {
     std::unique_lock<std::mutex> lock(mutex);
+    auto last_look = Steady::now();
     while (true) {
+      const auto now = Steady::now();
+      if (now - last_look > client_stalled) {
+        client_gap = std::max(client_gap, now - last_look);
+        spdlog::warn("the client did not run for {:.1f} s during {}; every member gets {:.0f} s to answer a ping again",
+                     seconds_of(now - last_look), what, seconds_of(liveness));
+        std::fill(last_answer.begin(), last_answer.end(), now);
+      }
+      last_look = now;
       bool all_done = true, any_failed = false;
       for (size_t i = 0; i < n; ++i) {
         all_done = all_done && done[i];
         any_failed = any_failed || (done[i] && !statuses[i].ok());
-        if (!done[i] && Steady::now() - last_answer[i] > timeouts_.liveness) silent[i] = true;
+        if (!done[i] && now - last_answer[i] > liveness) silent[i] = true;
       }
       if (all_done) break;
       bool any_silent = std::find(silent.begin(), silent.end(), true) != silent.end();
@@ -131,24 +181,31 @@ Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadlin
       changed.wait_for(lock, std::chrono::milliseconds(200));
     }
     finished = true;
+    // A frozen member's ping would hold its pinger (and the error) until its deadline.
+    for (auto* context : pinging)
+      if (context) context->TryCancel();
     // Every call may have ended (some failing) between two looks.
     if (abort_reason.empty() && std::any_of(statuses.begin(), statuses.end(), [](const grpc::Status& s) { return !s.ok(); }))
       abort_reason = "a member failed during " + what;
-    // A member whose own call was cancelled while it had not answered pings for
-    // a while is the one that froze, even if the liveness limit was not reached.
+    // A member whose own call was cancelled while it had not answered pings
+    // for half the liveness window (two pings missed) is the one that froze,
+    // even if the window had not run out.
     for (size_t i = 0; i < n; ++i)
-      if (statuses[i].error_code() == grpc::StatusCode::CANCELLED &&
-          Steady::now() - last_answer[i] > timeouts_.ping + std::chrono::seconds(1))
+      if (statuses[i].error_code() == grpc::StatusCode::CANCELLED && Steady::now() - last_answer[i] > liveness / 2)
         silent[i] = true;
   }
   changed.notify_all();
   for (auto& t : threads) t.join();
   for (auto& t : pingers) t.join();
   if (abort_reason.empty()) return ok_status();
-  Error error = abort_reason == "interrupted by the user"
-                    ? kind_error(ErrorKind::aborted, "interrupted during {}", what)
+  Error error = abort_reason == "interrupted by the user" ? kind_error(ErrorKind::aborted, "interrupted during {}", what)
+                : client_gap.count() > 0 && suspension_explains(statuses, silent)
+                    ? kind_error(ErrorKind::timeout,
+                                 "the client itself did not run for {:.1f} s during {} (suspended?); no member is "
+                                 "blamed, every member is checked again",
+                                 seconds_of(client_gap), what)
                     : blame(what, statuses, silent);
-  end_all(true, error.message);
+  end_all(true, error.message, silent);
   return error;
 }
 
@@ -258,7 +315,7 @@ void Fleet::renew_loop(std::chrono::milliseconds period) {
   }
 }
 
-void Fleet::end_all(bool abort, const std::string& reason) {
+void Fleet::end_all(bool abort, const std::string& reason, const std::vector<bool>& silent) {
   if (ended_.exchange(true)) return;
   {
     std::lock_guard<std::mutex> lock(renew_mutex_);
@@ -272,9 +329,11 @@ void Fleet::end_all(bool abort, const std::string& reason) {
       request.set_job_id(job_id_);
       request.set_abort(abort);
       request.set_reason(reason);
-      for (int attempt = 0; attempt < 2; ++attempt) {
+      const bool frozen = i < silent.size() && silent[i];
+      for (int attempt = 0; attempt < (frozen ? 1 : 2); ++attempt) {
         grpc::ClientContext context;
-        context.set_deadline(std::chrono::system_clock::now() + timeouts_.end);
+        context.set_deadline(std::chrono::system_clock::now() +
+                             (frozen ? std::chrono::milliseconds(200) : timeouts_.end));
         sign_request(signer_, "EndJob", request);
         solvernet::v1::Empty reply;
         grpc::Status status = train_stubs_[i]->EndJob(&context, request, &reply);

@@ -28,10 +28,16 @@
 namespace sn::train {
 
 struct FleetTimeouts {
-  std::chrono::milliseconds ping{2000};       // one liveness ping
-  std::chrono::milliseconds liveness{5000};   // no answer to pings for this long: the member stopped responding
+  std::chrono::milliseconds ping{2000};       // one ping outside a call (recovery, spares)
+  std::chrono::milliseconds liveness{5000};   // no answer to pings for this long during a call: the member stopped responding
   std::chrono::milliseconds end{3000};        // EndJob and RenewLease
 };
+
+// The timeouts of a job whose nodes wait PEER_TIMEOUT for a peer, over links
+// whose slowest measured RTT is RTT_MS: liveness is half the peer timeout (a
+// frozen member is named before its peers give up waiting for it), within
+// 2..15 s, and never under 8 RTTs.
+FleetTimeouts fleet_timeouts(std::chrono::milliseconds peer_timeout, double rtt_ms);
 
 // "node 3fa2c1d0 (stage 1, replica 0) at 127.0.0.1:7001"
 std::string member_name(const net::MemberInfo& member);
@@ -53,13 +59,21 @@ class Fleet {
   net::ControlSigner& signer() { return signer_; }
 
   // Runs CALL on every member in parallel, each with DEADLINE from now. While
-  // the calls run, every member is pinged; a member silent for
-  // timeouts.liveness ends the call at once. On the first failure (or a
-  // user interrupt) the other calls are cancelled and the job is aborted on
-  // every member, so no node waits for a peer that will never answer. The
-  // error names the member at fault and what the client makes of it; its kind
-  // says whether retrying elsewhere may help (unavailable, timeout,
-  // resource_exhausted), the node misbehaved (bad_peer) or the input is wrong.
+  // the calls run, every member is pinged every liveness / 4 (each ping may
+  // take the whole liveness to answer); a member with no answer for
+  // timeouts.liveness since its last one (or since the call began) ends the
+  // call, named as having stopped responding, within liveness + 0.25 s of
+  // that answer. On the first failure (or a user interrupt) the other calls
+  // are cancelled and the job is aborted on every member, so no node waits
+  // for a peer that will never answer. The error names the member at fault
+  // and what the client makes of it; its kind says whether retrying
+  // elsewhere may help (unavailable, timeout, resource_exhausted), the node
+  // misbehaved (bad_peer) or the input is wrong.
+  // A client that did not run itself for a while (SIGSTOP, a suspended
+  // machine) blames nobody for the silence: every member's window starts
+  // again when it wakes, and a call that then fails by a deadline, a
+  // cancellation or a job its node dropped names no member (kind timeout, so
+  // a recovery pings every member before replacing any).
   Status run_all(const std::string& what, std::chrono::milliseconds deadline, const Call& call);
   // Runs CALL on one member, retrying once if it was unavailable or timed out.
   Status run_one(size_t member, const std::string& what, std::chrono::milliseconds deadline, const Call& call);
@@ -71,8 +85,9 @@ class Fleet {
   // Starts renewing every member's lease every LEASE / 3 until the fleet ends.
   void start_lease_renewal(std::chrono::milliseconds lease);
   // EndJob on every member (abort with REASON, or a normal end); best effort,
-  // each call bounded by timeouts.end. Idempotent once it has run.
-  void end_all(bool abort, const std::string& reason);
+  // each call bounded by timeouts.end, or 0.2 s for a member SILENT[i] (it
+  // stopped answering: its lease runs out instead). Idempotent once it has run.
+  void end_all(bool abort, const std::string& reason, const std::vector<bool>& silent = {});
   bool ended() const { return ended_; }
 
  private:

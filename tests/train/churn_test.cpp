@@ -77,6 +77,19 @@ const nlohmann::json& one_recovery(const DevnetRun& run) {
   return run.summary["recovery"]["recoveries"][0];
 }
 
+// The one recovery of RUN, which must have completed by replacing its one
+// dead member with one spare; null (the failure reported) otherwise.
+const nlohmann::json* one_replacement(const DevnetRun& run) {
+  EXPECT_EQ(run.status, 0) << run.err;
+  const auto& recovery = one_recovery(run);
+  EXPECT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
+  if (run.status != 0 || recovery.empty()) return nullptr;
+  EXPECT_EQ(recovery["dead"].size(), 1u) << recovery.dump();
+  EXPECT_EQ(recovery["replacements"].size(), 1u) << recovery.dump();
+  if (recovery["dead"].size() != 1 || recovery["replacements"].size() != 1) return nullptr;
+  return &recovery;
+}
+
 }  // namespace
 
 // A replica killed mid-step while its stage has another: a spare takes its
@@ -86,11 +99,9 @@ TEST(Churn, ReplicaKilledMidStepFinishesWithTheUndisturbedWeights) {
   const auto& ref = reference("churn.toml", 5);
   ASSERT_EQ(ref.status, 0) << ref.err;
   auto run = devnet("replica", "churn.toml", {"--nodes", "5", "--spares", "1", "--kill-at", "4:1.1", "--kill-delay-ms", "30"});
-  ASSERT_EQ(run.status, 0) << run.err;
-  const auto& recovery = one_recovery(run);
-  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
-  EXPECT_EQ(recovery["dead"].size(), 1u);
-  EXPECT_EQ(recovery["replacements"].size(), 1u);
+  const auto* replaced = one_replacement(run);
+  ASSERT_NE(replaced, nullptr);
+  const auto& recovery = *replaced;
   EXPECT_LE(recovery["restored_step"].get<int64_t>(), 4);
   EXPECT_EQ(recovery["aqsgd_buffers"], "restored from the checkpoint");
   EXPECT_EQ(run.summary["steps"], ref.summary["steps"]);
@@ -108,9 +119,9 @@ TEST(Churn, OnlyHolderOfAStageKilledFinishesFromTheCheckpoint) {
   const auto& ref = reference("churn-pipeline.toml", 3);
   ASSERT_EQ(ref.status, 0) << ref.err;
   auto run = devnet("holder", "churn-pipeline.toml", {"--nodes", "3", "--spares", "1", "--kill-at", "5:1.0"});
-  ASSERT_EQ(run.status, 0) << run.err;
-  const auto& recovery = one_recovery(run);
-  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
+  const auto* replaced = one_replacement(run);
+  ASSERT_NE(replaced, nullptr);
+  const auto& recovery = *replaced;
   EXPECT_EQ(recovery["restored_step"].get<int64_t>(), 3);  // checkpoint_every = 3
   EXPECT_GE(recovery["redone_steps"].get<double>(), 2.0);
   const double loss = run.summary["loss_last"].get<double>(), want = ref.summary["loss_last"].get<double>();
@@ -126,10 +137,9 @@ TEST(Churn, NodeJoiningMidJobIsUsedAsASpare) {
   ASSERT_EQ(ref.status, 0) << ref.err;
   auto run = devnet("join", "churn-pipeline.toml",
                     {"--nodes", "2", "--spares", "0", "--join-at-step", "1", "--kill-at", "5:0.0", "--spare-wait-s", "30"});
-  ASSERT_EQ(run.status, 0) << run.err;
-  const auto& recovery = one_recovery(run);
-  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
-  ASSERT_EQ(recovery["replacements"].size(), 1u);
+  const auto* replaced = one_replacement(run);
+  ASSERT_NE(replaced, nullptr);
+  const auto& recovery = *replaced;
   const std::string joined = node_id_of(run.devnet_dir, 2);  // the devnet's third node: the one that joined
   ASSERT_FALSE(joined.empty());
   EXPECT_NE(recovery["replacements"][0].get<std::string>().find("node " + joined.substr(0, 8)), std::string::npos)
@@ -146,11 +156,9 @@ TEST(Churn, NodeRestartedWithItsDataDirRejoins) {
   auto run = devnet("restart", "churn-pipeline.toml",
                     {"--nodes", "2", "--spares", "0", "--kill-at", "4:1.0", "--restart-after-s", "1",
                      "--spare-wait-s", "30"});
-  ASSERT_EQ(run.status, 0) << run.err;
-  const auto& recovery = one_recovery(run);
-  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
-  ASSERT_EQ(recovery["dead"].size(), 1u);
-  ASSERT_EQ(recovery["replacements"].size(), 1u);
+  const auto* replaced = one_replacement(run);
+  ASSERT_NE(replaced, nullptr);
+  const auto& recovery = *replaced;
   // "node 3fa2c1d0 (stage 1, replica 0) at …": the same node id, at its new address.
   const std::string dead = recovery["dead"][0], back = recovery["replacements"][0];
   EXPECT_EQ(dead.substr(0, 14), back.substr(0, 14)) << dead << " / " << back;
@@ -367,12 +375,10 @@ TEST(Churn, MemberKilledAfterTheLastStepIsRecoveredToTheUndisturbedModel) {
   const auto& ref = reference("churn.toml", 5);
   ASSERT_EQ(ref.status, 0) << ref.err;
   auto run = devnet("after-last", "churn.toml", {"--nodes", "5", "--spares", "1", "--kill-at", "9:1.0", "--kill-delay-ms", "0"});
-  ASSERT_EQ(run.status, 0) << run.err;
-  const auto& recovery = one_recovery(run);
-  ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
+  const auto* replaced = one_replacement(run);
+  ASSERT_NE(replaced, nullptr);
+  const auto& recovery = *replaced;
   EXPECT_EQ(recovery["failed_step"], 9);
-  EXPECT_EQ(recovery["dead"].size(), 1u);
-  EXPECT_EQ(recovery["replacements"].size(), 1u);
   EXPECT_EQ(run.summary["model_hash"], ref.summary["model_hash"]);
   EXPECT_EQ(run.summary["losses"], ref.summary["losses"]);
   EXPECT_EQ(run.summary["holdout_loss"], ref.summary["holdout_loss"]);

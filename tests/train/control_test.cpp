@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -312,6 +313,8 @@ TEST(Leases, AClientKilledMidJobLeavesEveryNodeIdleWithinTheLease) {
 
 // Issue 15, kind 3: a node frozen with SIGSTOP mid-training is named, and the
 // client exits about the peer timeout later instead of waiting ten minutes.
+// Issue 13 (F8): it is named by the liveness pings, after half the peer
+// timeout (2 s of 4), not by a step deadline (at least the peer timeout).
 TEST(Liveness, AFrozenNodeIsNamedAsStoppedResponding) {
   auto dir = scratch("stop");
   Network net(dir, 4, {"--lease-s", "5"});
@@ -320,19 +323,59 @@ TEST(Liveness, AFrozenNodeIsNamedAsStoppedResponding) {
   options.stdout_path = dir / "train.out";
   options.stderr_path = dir / "train.err";
   auto client = ChildProcess::spawn({bin(), "train", "--job", data("slow.toml").string(), "--bootstrap", net.bootstrap,
-                                     "--key", (dir / "client.key").string(), "--peer-timeout-s", "8"},
+                                     "--key", (dir / "client.key").string(), "--peer-timeout-s", "4"},
                                     options);
   ASSERT_TRUE(client.ok());
-  ASSERT_TRUE(wait_for_text(*client, dir / "train.err", "step ", 60s)) << read_file(dir / "train.err").value_or("");
+  // "step 1/": the first step's report (placement lines say "step" too): the
+  // freeze lands during the steps.
+  ASSERT_TRUE(wait_for_text(*client, dir / "train.err", "step 1/", 60s)) << read_file(dir / "train.err").value_or("");
+  const auto frozen_at = std::chrono::steady_clock::now();
   ::kill(net.nodes[2].pid(), SIGSTOP);
-  auto status = client->wait_for(90s);
-  ASSERT_TRUE(status.has_value()) << "client still running 90 s after a node froze";
+  ASSERT_TRUE(wait_for_text(*client, dir / "train.err", "stopped responding", 90s))
+      << "no member named 90 s after a node froze: " << read_file(dir / "train.err").value_or("");
+  std::cout << "named " << std::chrono::duration<double>(std::chrono::steady_clock::now() - frozen_at).count()
+            << " s after the freeze\n";
+  auto status = client->wait_for(30s);
+  ASSERT_TRUE(status.has_value()) << "client still running 30 s after naming the frozen node";
   EXPECT_NE(*status, 0);
   std::string err = read_file(dir / "train.err").value_or("");
   auto frozen = NodeKey::load_or_create(net.node_dir(2));
   ASSERT_TRUE(frozen.ok());
   EXPECT_NE(err.find("node " + frozen->node_id().substr(0, 8) + " (stage "), std::string::npos) << err;
   EXPECT_NE(err.find("stopped responding"), std::string::npos) << err;
+  EXPECT_NE(err.find("no answer to pings for 2 s"), std::string::npos) << err;
   for (int i : {0, 1, 3}) EXPECT_TRUE(net.nodes[static_cast<size_t>(i)].running());
+  fs::remove_all(dir);
+}
+
+// Issue 13 (F11): a client stopped (SIGSTOP) longer than its liveness window
+// (4 s, half the peer timeout of 8) but shorter than a step's deadline and the
+// nodes' leases, then continued: the members' silence was its own, so it
+// names no member and the job completes.
+TEST(Liveness, AClientStoppedPastItsLivenessWindowBlamesNoNodeAndCompletes) {
+  auto dir = scratch("client-stop");
+  Network net(dir, 4, {});
+  for (int i = 0; i < 4; ++i) ASSERT_FALSE(wait_for_address(net.log(i)).empty());
+  SpawnOptions options;
+  options.stdout_path = dir / "train.out";
+  options.stderr_path = dir / "train.err";
+  auto client = ChildProcess::spawn({bin(), "train", "--job", data("slow.toml").string(), "--steps", "300",
+                                     "--bootstrap", net.bootstrap, "--key", (dir / "client.key").string(),
+                                     "--peer-timeout-s", "8"},
+                                    options);
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(wait_for_text(*client, dir / "train.err", "step 1/", 60s)) << read_file(dir / "train.err").value_or("");
+  // Mid-job, most likely while a step call waits.
+  std::this_thread::sleep_for(500ms);
+  ::kill(client->pid(), SIGSTOP);
+  std::this_thread::sleep_for(6s);
+  ::kill(client->pid(), SIGCONT);
+  auto status = client->wait_for(120s);
+  ASSERT_TRUE(status.has_value()) << "client still running 120 s after it continued";
+  std::string err = read_file(dir / "train.err").value_or("");
+  EXPECT_EQ(*status, 0) << err;
+  EXPECT_NE(err.find("step 300/300"), std::string::npos) << err;
+  EXPECT_EQ(err.find("stopped responding"), std::string::npos) << err;
+  EXPECT_EQ(err.find("failed during"), std::string::npos) << err;
   fs::remove_all(dir);
 }
