@@ -66,7 +66,6 @@ Result<MessageCost> measure_message_cost(size_t small_bytes, size_t large_bytes)
   auto time_messages = [&](size_t bytes) -> Result<Timing> {
     Timing timing;
     constexpr int kWarmUp = 2, kTimed = 8;
-    double cpu_start = 0;
     auto message_of = [&](int64_t step) {
       solvernet::v1::TensorMessage message;
       message.set_kind("probe");
@@ -78,7 +77,6 @@ Result<MessageCost> measure_message_cost(size_t small_bytes, size_t large_bytes)
       return message;
     };
     for (int i = 0; i < kWarmUp + kTimed; ++i) {
-      if (i == kWarmUp) cpu_start = process_cpu_seconds();
       auto t0 = std::chrono::steady_clock::now();
       SN_TRY(mesh->member(0).send(1, message_of(++sequence), Traffic::kPipeline));
       SN_TRY(mesh->member(1).receive({"probe", sequence, 0, 0, 0, 0}, std::chrono::seconds(10)));
@@ -87,7 +85,7 @@ Result<MessageCost> measure_message_cost(size_t small_bytes, size_t large_bytes)
             std::min(timing.fastest_wall_s, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     // CPU as a step spends it: a burst both ways at once.
-    cpu_start = process_cpu_seconds();
+    const double cpu_start = process_cpu_seconds();
     const int64_t first = sequence + 1;
     for (int i = 0; i < kTimed; ++i) {
       SN_TRY(mesh->member(0).send(1, message_of(++sequence), Traffic::kPipeline));

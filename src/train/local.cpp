@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <ctime>
-#include <limits>
 
 #include "core/fs.h"
 #include "core/hash.h"
