@@ -68,6 +68,7 @@ int run_train(const TrainArgs& args) {
     if (auto made = ensure_directory(args.job_dir); !made.ok()) return fail("train", "--job-dir: " + made.message(), 2);
     spec.job_dir = args.job_dir;
   }
+  std::vector<std::string> changed;  // --resume: fields of job.toml edited since the job stopped
   if (!args.resume.empty()) {
     // Its nodes keep checkpoints at outer boundaries, but the job dir does
     // not mirror them nor a dropped group's end (docs/diloco.md).
@@ -77,15 +78,14 @@ int run_train(const TrainArgs& args) {
     if (!state.ok()) return fail("train", state.message(), 2);
     if (state->finished == "completed")
       return fail("train", fmt::format("{}: the job {} has completed; nothing to resume", args.resume, state->job_id), 2);
-    // Hyper-parameters outside the state may change; say so, the run differs from the one stopped.
-    if (!state->changed.empty())
-      std::cerr << fmt::format("train: {}/job.toml differs from the job that stopped: {}; going on with it\n",
-                               args.resume, fmt::join(state->changed, ", "));
     spec.job_dir = args.resume;
     spec.resume = true;
     spec.job_id = state->job_id;
     spec.resume_step = state->checkpoint_step;
     spec.resumed_losses = state->losses;
+    spec.resume_replanned = state->replanned;
+    spec.planned_replicas = state->planned_replicas;
+    changed = state->changed;
   }
   if (args.steps) {
     auto overridden = override_job_integer(spec.job, "train.steps", *args.steps, "--steps");
@@ -123,6 +123,11 @@ int run_train(const TrainArgs& args) {
     size_t want = static_cast<size_t>(spec.job.parallel.stages * spec.job.parallel.replicas);
     if (spec.spares > 0 && spec.job_dir.empty())
       return fail("train", "--spares needs --job-dir (where the checkpoints a spare restarts from are mirrored)", 2);
+    // Hyper-parameters outside the state may change (said once every refusal is
+    // past): the run differs from the one stopped.
+    if (!changed.empty())
+      std::cerr << fmt::format("train: {}/job.toml differs from the job that stopped: {}; going on with it\n",
+                               args.resume, fmt::join(changed, ", "));
     // Spares are asked for, not required: with too few nodes the job runs without them.
     auto nodes = discover_nodes(args.bootstrap, want + static_cast<size_t>(spec.spares),
                                 std::chrono::seconds(spec.spares > 0 ? std::max(1, args.wait_s / 2) : args.wait_s));

@@ -424,6 +424,8 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     options.recovery.spare_wait = std::chrono::seconds(spec.spare_wait_s);
     options.recovery.resume_step = spec.resume_step;
     options.recovery.resumed_losses = spec.resumed_losses;
+    options.recovery.resume_replanned = spec.resume_replanned;
+    options.recovery.planned_replicas = spec.planned_replicas;
     // Nodes that joined (or came back) since the job began are found through the DHT.
     // (A member that died and came back with its data dir is one of them; the
     // client leaves out its current members itself.)

@@ -52,6 +52,8 @@ struct RunSpec {
   bool resume = false;                 // job_dir is a stopped job's own dir (--resume), not a parent
   int64_t resume_step = 0;             // --resume: the job dir's checkpoint step
   std::vector<double> resumed_losses;
+  bool resume_replanned = false;       // --resume: the checkpoint predates a re-plan (state.json)
+  int64_t planned_replicas = 0;        // --resume: the replicas the job was planned with (0: the job's)
   // Called after every step with the job's current members (the devnet's hidden kill switch).
   std::function<void(const train::StepReport&)> on_step;
 };

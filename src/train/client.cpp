@@ -75,7 +75,9 @@ class JobSession {
  public:
   JobSession(const JobConfig& job, const std::vector<net::MemberInfo>& members, const DistributedOptions& options)
       : job_(job), members_(members), options_(options), stages_(job.parallel.stages),
-        planned_replicas_(job.parallel.replicas), replicas_(job.parallel.replicas) {}
+        planned_replicas_(options.recovery.planned_replicas > 0 ? options.recovery.planned_replicas
+                                                                : job.parallel.replicas),
+        replicas_(job.parallel.replicas) {}
   // No path out of a session leaves a node holding the job.
   ~JobSession() {
     if (fleet_ && !fleet_->ended()) fleet_->end_all(true, "the client gave up on the job");
@@ -96,11 +98,9 @@ class JobSession {
   Status train_from(int64_t first_step);
   void end() {
     fleet_->end_all(false, "");
-    if (mirror_) {
-      JobDirState state{job_id_, mirror_->newest_common_step(), result_.losses, "completed", job_to_toml(job_), {}};
-      if (auto written = write_job_state(options_.recovery.job_dir, state); !written.ok())
+    if (mirror_)
+      if (auto written = write_state(mirror_->newest_common_step(), "completed"); !written.ok())
         spdlog::warn("job dir: {}", written.message());
-    }
     for (const auto& spare : spares_) result_.idle_spares.push_back(spare.node_id);
     for (const auto& member : members_) result_.member_node_ids.push_back(member.node_id);
   }
@@ -130,6 +130,9 @@ class JobSession {
   bool recovery_enabled() const { return !options_.recovery.job_dir.empty(); }
   // Every member's checkpoint of STEP (steps done) into the job dir's mirror.
   Status mirror_checkpoints(int64_t step);
+  // JOB_DIR/state.json for the newest mirrored checkpoint STEP, with the job
+  // as it runs now; FINISHED: "" or "completed".
+  Status write_state(int64_t step, const std::string& finished);
   // After FAILURE during 0-based step FAILED_STEP: replaces the members that
   // stopped answering by spares, restarts every member from the newest
   // mirrored checkpoint, and returns its step (where training goes on). With
@@ -143,7 +146,9 @@ class JobSession {
   // batch divides over the rest, and renumbers the groups kept. The live
   // members of dropped groups become spares. False: not possible (WHY says
   // so); nothing changed.
-  bool replan(const std::vector<size_t>& unreplaced, std::string& why);
+  // RESTORE: the checkpoint the members restart from, recorded in state.json
+  // as one that predates the re-plan.
+  bool replan(const std::vector<size_t>& unreplaced, int64_t restore, std::string& why);
   // At the mirrored checkpoint of STEP of a re-planned job: if idle nodes
   // answer (no waiting) for whole groups, adds groups back towards the
   // planned replicas and sets every member up from that checkpoint (the new
@@ -251,7 +256,9 @@ Status JobSession::prepare_data() {
     result_.job_dir = recovery.job_dir;
     mirror_.emplace(recovery.job_dir, stages_, replicas_);
     SN_TRY(write_job_file(recovery.job_dir, job_));
-    if (start_step_ == 0) SN_TRY(write_job_state(recovery.job_dir, JobDirState{job_id_, 0, {}, "", job_to_toml(job_), {}}));
+    if (start_step_ == 0) SN_TRY(write_state(0, ""));
+    // The checkpoint resumed from is one a re-plan restarted from: restored the same way.
+    if (recovery.resume_replanned && start_step_ > 0) replanned_at_ = start_step_;
   }
   step_deadline_.emplace(deadlines_.step, deadlines_.step_floor);
   return ok_status();
@@ -456,10 +463,19 @@ Status JobSession::mirror_checkpoints(int64_t step) {
   }
   // The previous checkpoint goes only now that this one is whole for every member.
   mirror_->prune_before(step);
-  JobDirState state{job_id_, step, result_.losses, "", job_to_toml(job_), {}};
-  SN_TRY(write_job_state(options_.recovery.job_dir, state));
+  SN_TRY(write_state(step, ""));
   result_.mirror_seconds += std::chrono::duration<double>(Clock::now() - started).count();
   return ok_status();
+}
+
+Status JobSession::write_state(int64_t step, const std::string& finished) {
+  JobDirState state{job_id_, step, result_.losses, finished, job_to_toml(job_), {}};
+  // A re-plan (or a grow-back) restarted from this very checkpoint: its
+  // cursor and seeds are of the roles before it, so --resume must restore it
+  // as the re-plan did, and go on drawing samples as planned.
+  state.replanned = step > 0 && step == replanned_at_;
+  state.planned_replicas = planned_replicas_;
+  return write_job_state(options_.recovery.job_dir, state);
 }
 
 std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string>& members) {
@@ -521,17 +537,20 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
       report.replacements.push_back(member_name(members_[i]));
       spdlog::warn("recovery: {} takes the place of {}", report.replacements.back(), report.dead.back());
     }
+    // Ctrl-C while waiting for a spare stops the job as it is: the user's
+    // stop is no reason to re-plan it on fewer replicas.
+    if (!unreplaced.empty() && options_.cancel && options_.cancel->load())
+      return kind_error(ErrorKind::aborted, "{}; interrupted while the recovery waited for a spare", failure.message);
     if (!unreplaced.empty()) {
       const int64_t before = replicas_;
       std::string why;
-      if (!replan(unreplaced, why))
+      if (!replan(unreplaced, restore, why))
         return stop(fmt::format("{}; {} is gone and no spare node is available to take its place ({})",
                                 failure.message, member_name(members_[unreplaced.front()]), why));
       report.replicas_before = before;
       report.replicas_after = replicas_;
       if (job_.compression.activations == "aqsgd")
         report.aqsgd = "restored from the checkpoint; samples new to a pair are sent in full once";
-      replanned_at_ = restore;
       spdlog::warn("recovery: no spare; re-planned from {} to {} replicas", before, replicas_);
     }
     // No member gone (a link or a peer wait failed): the same members restart.
@@ -547,7 +566,7 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
   return restore;
 }
 
-bool JobSession::replan(const std::vector<size_t>& unreplaced, std::string& why) {
+bool JobSession::replan(const std::vector<size_t>& unreplaced, int64_t restore, std::string& why) {
   std::set<int64_t> dropped;
   for (size_t i : unreplaced) dropped.insert(members_[i].replica);
   std::vector<int64_t> kept;
@@ -600,10 +619,14 @@ bool JobSession::replan(const std::vector<size_t>& unreplaced, std::string& why)
   replicas_ = replicas;
   job_.parallel.replicas = replicas;
   live_groups_.assign(static_cast<size_t>(replicas_), true);
-  // The job dir holds the job as its members now run it (for --resume).
-  if (recovery_enabled())
+  replanned_at_ = restore;
+  // The job dir holds the job as its members now run it (for --resume), and
+  // says its checkpoint predates the re-plan.
+  if (recovery_enabled()) {
+    if (auto written = write_state(restore, ""); !written.ok()) spdlog::warn("job dir: {}", written.message());
     if (auto written = write_job_file(options_.recovery.job_dir, job_); !written.ok())
       spdlog::warn("job dir: {}", written.message());
+  }
   return true;
 }
 
@@ -669,9 +692,11 @@ Status JobSession::grow_back(int64_t step) {
   replicas_ = grown;
   job_.parallel.replicas = grown;
   live_groups_.assign(static_cast<size_t>(replicas_), true);
+  replanned_at_ = step;
+  // The new roles' checkpoints of STEP are replica 0's: --resume restores them as the grow-back does.
+  if (auto written = write_state(step, ""); !written.ok()) spdlog::warn("job dir: {}", written.message());
   if (auto written = write_job_file(options_.recovery.job_dir, job_); !written.ok())
     spdlog::warn("job dir: {}", written.message());
-  replanned_at_ = step;
   spdlog::warn("re-planned from {} to {} replicas at step {}: idle nodes joined", report.replicas_before, grown, step);
   SN_TRY(set_up_members(step));
   report.seconds = std::chrono::duration<double>(Clock::now() - started).count();
@@ -751,6 +776,10 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
       continue;
     }
     fleet_->end_all(true, error.message);
+    // The checkpoints mirrored so far were taken when the replicas still
+    // agreed: the job can go on from the newest (on other nodes).
+    if (const int64_t resumable = resumable_step(); resumable > 0)
+      error.message += "; " + resume_advice(options_.recovery.job_dir, resumable, "before the divergence");
     return error;
   }
   if (!forward_only && step >= result_.first_steady_step) ++result_.steady_steps;

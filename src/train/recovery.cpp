@@ -119,14 +119,14 @@ std::map<std::string, std::string> toml_fields(const std::string& toml) {
   return out;
 }
 
-// The fields of job_to_toml text NOW that differ from WAS: "train.lr = 0.5 (was 0.003)".
-std::vector<std::string> changed_fields(const std::string& was, const std::string& now) {
+// The fields of job_to_toml text NOW that differ from WAS, as (key, "train.lr = 0.5 (was 0.003)").
+std::vector<std::pair<std::string, std::string>> changed_fields(const std::string& was, const std::string& now) {
   const auto before = toml_fields(was);
-  std::vector<std::string> out;
+  std::vector<std::pair<std::string, std::string>> out;
   for (const auto& [key, value] : toml_fields(now)) {
     const auto it = before.find(key);
     if (it == before.end() || it->second != value)
-      out.push_back(fmt::format("{} = {} (was {})", key, value, it == before.end() ? "unset" : it->second));
+      out.emplace_back(key, fmt::format("{} = {} (was {})", key, value, it == before.end() ? "unset" : it->second));
   }
   return out;
 }
@@ -267,6 +267,8 @@ Status write_job_state(const fs::path& job_dir, const JobDirState& state) {
   j["losses"] = state.losses;
   j["finished"] = state.finished;
   if (!state.job_toml.empty()) j["job_toml"] = state.job_toml;
+  if (state.replanned) j["replanned"] = true;
+  if (state.planned_replicas > 0) j["planned_replicas"] = state.planned_replicas;
   SN_TRY(ensure_directory(job_dir));
   return write_file_atomic(job_dir / "state.json", j.dump(2) + "\n");
 }
@@ -282,6 +284,8 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
     state.losses = j.at("losses").get<std::vector<double>>();
     state.finished = j.value("finished", "");
     state.job_toml = j.value("job_toml", "");
+    state.replanned = j.value("replanned", false);
+    state.planned_replicas = j.value("planned_replicas", int64_t{0});
   } catch (const std::exception& e) {
     return input_error("{}: unreadable ({})", (job_dir / "state.json").string(), e.what());
   }
@@ -316,17 +320,33 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
         return input_error("{} {}; the job must stay the one checkpointed", role, *differs);
     }
   }
-  if (!state.job_toml.empty()) state.changed = changed_fields(state.job_toml, job_to_toml(job));
+  if (!state.job_toml.empty()) {
+    // What feeds the data cursor (the samples each step draws) is in the
+    // state the nodes check: refuse it here, not after setup naming a node.
+    static const std::set<std::string> cursor_fields = {"train.global_batch", "data.corpus", "data.tokenizer_corpus",
+                                                        "data.holdout_fraction", "model.seq_len"};
+    for (const auto& [key, change] : changed_fields(state.job_toml, job_to_toml(job))) {
+      if (cursor_fields.count(key))
+        return input_error("{}: job.toml's {} changes the data cursor its checkpoint of step {} holds; the job must "
+                           "stay the one checkpointed", job_dir.string(), change, step);
+      state.changed.push_back(change);
+    }
+  }
+  if (state.planned_replicas < 0 || (state.planned_replicas > 0 && (state.planned_replicas < job.parallel.replicas ||
+                                                                    job.train.global_batch % state.planned_replicas)))
+    return input_error("{}: planned_replicas {} does not fit job.toml's {} replicas and global batch of {}",
+                       (job_dir / "state.json").string(), state.planned_replicas, job.parallel.replicas,
+                       job.train.global_batch);
   return state;
 }
 
-std::string resume_advice(const fs::path& job_dir, int64_t step) {
+std::string resume_advice(const fs::path& job_dir, int64_t step, const std::string& note) {
   if (step <= 0)
     return fmt::format("no checkpoint was mirrored yet (set train.checkpoint_every); the job dir is {}",
                        job_dir.string());
-  return fmt::format("the job stopped at its checkpoint of step {} in {}; continue it with: solvernet train --resume {} "
-                     "--bootstrap HOST:PORT",
-                     step, (job_dir / "checkpoints").string(), job_dir.string());
+  return fmt::format("the job stopped at its checkpoint of step {}{} in {}; continue it with: solvernet train --resume "
+                     "{} --bootstrap HOST:PORT",
+                     step, note.empty() ? "" : " (" + note + ")", (job_dir / "checkpoints").string(), job_dir.string());
 }
 
 std::optional<ReplicaDisagreement> replica_disagreement(const std::vector<std::string>& names,

@@ -484,8 +484,8 @@ Status StageWorker::apply_checkpoint(LoadedCheckpoint loaded, const std::string&
       spdlog::warn("job {}: the AQ-SGD buffers have moved on since the checkpoint of step {}", job_id_, step);
       continue;
     }
-    return make_error("{}: the restored {} do not reproduce the manifest's state hash (job, role or files differ)",
-                      where, state_part_name(part));
+    return make_error("{}: the restored {} part of the state does not reproduce the manifest's state hash (job, "
+                      "role or files differ)", where, state_part_name(part));
   }
   return ok_status();
 }

@@ -218,6 +218,13 @@ struct RecoveryOptions {
   // this step (0: a fresh start).
   int64_t resume_step = 0;
   std::vector<double> resumed_losses;   // the losses of the steps before resume_step (for the summary)
+  // --resume of a checkpoint a re-plan restarted from (JobDirState::replanned):
+  // its members restore it as the re-plan did (SetupJobRequest.replanned).
+  bool resume_replanned = false;
+  // The replicas the job was planned with (JobDirState::planned_replicas;
+  // 0: the job's own): each step's samples are drawn over that many shards,
+  // and a job re-planned on fewer grows back towards it.
+  int64_t planned_replicas = 0;
 };
 
 // What a job dir holds besides the checkpoints (JOB_DIR/state.json).
@@ -229,6 +236,13 @@ struct JobDirState {
   // The job (job_to_toml) as it ran when state.json was written; "" in a job
   // dir written before it was recorded.
   std::string job_toml;
+  // The checkpoint of checkpoint_step was saved before a re-plan changed the
+  // replica count (job.toml has the new one): its cursor and seeds are of
+  // the old roles, so it is restored as the re-plan restores it.
+  bool replanned = false;
+  // The replicas the job was planned with (0: job.toml's): after a re-plan
+  // each step's samples are still drawn over that many shards.
+  int64_t planned_replicas = 0;
   // Filled by read_job_dir: the fields of the job it was given that differ
   // from job_toml, as "train.lr = 0.5 (was 0.003)".
   std::vector<std::string> changed;

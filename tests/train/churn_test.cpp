@@ -90,6 +90,36 @@ const nlohmann::json* one_replacement(const DevnetRun& run) {
   return &recovery;
 }
 
+// The job dir named by the --resume advice in ERR (empty: no advice).
+fs::path advised_job_dir(const std::string& err) {
+  const std::string advice = "solvernet train --resume ";
+  const auto at = err.find(advice);
+  if (at == std::string::npos) return {};
+  const auto start = at + advice.size();
+  return err.substr(start, err.find(' ', start) - start);
+}
+
+// A node of one's own (not a devnet's) in REGION of the churn topology, its data dir DIR/n<I>.
+Result<ChildProcess> own_node(const fs::path& dir, int i, const std::string& region, const std::string& bootstrap,
+                              const SpawnOptions& quiet) {
+  return ChildProcess::spawn({test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
+                              "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region", region},
+                             quiet);
+}
+
+// No spare in the 2 × 2 job: the kill of stage 1 replica 1 re-plans it on 1
+// replica from the checkpoint of step 3 (once per test binary).
+const DevnetRun& replanned_run() {
+  static const DevnetRun run = [] {
+    auto r = devnet("replan", "churn.toml",
+                    {"--nodes", "4", "--spares", "0", "--spare-wait-s", "0", "--kill-at", "4:1.1", "--kill-delay-ms",
+                     "30"});
+    if (!r.devnet_dir.empty()) fs::remove_all(r.devnet_dir);
+    return r;
+  }();
+  return run;
+}
+
 }  // namespace
 
 // A replica killed mid-step while its stage has another: a spare takes its
@@ -176,8 +206,7 @@ TEST(Churn, NodeRestartedWithItsDataDirRejoins) {
 TEST(Churn, NoSpareReplansOnFewerReplicas) {
   const auto& ref = reference("churn.toml", 5);  // the first test's (the fifth node idles)
   ASSERT_EQ(ref.status, 0) << ref.err;
-  auto run = devnet("replan", "churn.toml",
-                    {"--nodes", "4", "--spares", "0", "--spare-wait-s", "0", "--kill-at", "4:1.1", "--kill-delay-ms", "30"});
+  const auto& run = replanned_run();
   ASSERT_EQ(run.status, 0) << run.err;
   const auto& recovery = one_recovery(run);
   ASSERT_FALSE(recovery.empty()) << run.summary.dump(2) << run.err;
@@ -210,7 +239,6 @@ TEST(Churn, NoSpareReplansOnFewerReplicas) {
                                                                           << " vs " << want[i];
     }
   }
-  fs::remove_all(run.devnet_dir);
 }
 
 // Re-planned on one replica, then a node joins: with it and the dropped
@@ -256,12 +284,7 @@ TEST(Churn, StoppedJobResumesFromItsJobDir) {
   auto dht = test::start_dht(dir / "dht.log");
   ASSERT_TRUE(dht.ok()) << dht.message();
   const std::string bootstrap = dht->address;
-  auto node = [&](int i, const char* region) {
-    return ChildProcess::spawn({test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
-                                "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region",
-                                region},
-                               quiet);
-  };
+  auto node = [&](int i, const char* region) { return own_node(dir, i, region, bootstrap, quiet); };
   std::vector<ChildProcess> nodes;
   for (int i = 0; i < 2; ++i) {
     auto n = node(i, i == 0 ? "a" : "b");
@@ -356,10 +379,8 @@ TEST(Churn, DevnetKeepsTheJobDirItsResumeAdviceNames) {
                                 "--out", (dir / "model.safetensors").string()},
                                dir, 120s);
   ASSERT_EQ(run.status, 1) << run.err;
-  const auto at = run.err.find("solvernet train --resume ");
-  ASSERT_NE(at, std::string::npos) << run.err;
-  const auto start = at + std::string("solvernet train --resume ").size();
-  const fs::path job_dir = run.err.substr(start, run.err.find(' ', start) - start);
+  const fs::path job_dir = advised_job_dir(run.err);
+  ASSERT_FALSE(job_dir.empty()) << run.err;
   EXPECT_EQ(job_dir.parent_path(), dir) << run.err;
   EXPECT_TRUE(fs::exists(job_dir / "state.json")) << run.err;
   EXPECT_TRUE(fs::exists(job_dir / "job.toml")) << run.err;
@@ -384,3 +405,91 @@ TEST(Churn, MemberKilledAfterTheLastStepIsRecoveredToTheUndisturbedModel) {
   EXPECT_EQ(run.summary["holdout_loss"], ref.summary["holdout_loss"]);
   fs::remove_all(run.devnet_dir);
 }
+
+namespace {
+// The newest checkpoint of a job that stopped right after a re-plan (before
+// it mirrored another) predates the re-plan: its cursor and seeds are of the
+// roles before it. state.json says so, and `train --resume` restores it as
+// the re-plan did, and draws each step's samples over the planned replicas.
+TEST(Churn, JobStoppedRightAfterAReplanResumesAsTheReplanWouldHaveGoneOn) {
+  const auto& replanned = replanned_run();
+  ASSERT_EQ(replanned.status, 0) << replanned.err;
+  auto dir = test::scratch("churn", "replan-resume");
+  // Replica group 1 dies whole after step 4 (re-planned on group 0 from the
+  // checkpoint of step 3, no spare left), then stage 1 of group 0 after step
+  // 5: nothing is left to re-plan on, and the job stops at step 3's checkpoint.
+  auto stopped = test::run_command({test::solvernet_bin(), "devnet", "--job", data("churn.toml").string(), "--topology",
+                                    data("churn-net.toml").string(), "--no-chain", "--nodes", "4", "--spares", "0",
+                                    "--spare-wait-s", "0", "--peer-timeout-s", "4", "--kill-at", "4:1.1", "--kill-at",
+                                    "4:0.1", "--kill-at", "5:1.0", "--kill-delay-ms", "0", "--out",
+                                    (dir / "model.safetensors").string()},
+                                   dir, 120s);
+  ASSERT_EQ(stopped.status, 1) << stopped.err;
+  EXPECT_NE(stopped.err.find("re-planned from 2 to 1 replicas"), std::string::npos) << stopped.err;
+  const fs::path job_dir = advised_job_dir(stopped.err);
+  ASSERT_FALSE(job_dir.empty()) << stopped.err;
+  const auto state = nlohmann::json::parse(read_file(job_dir / "state.json").value_or("{}"));
+  EXPECT_EQ(state.value("checkpoint_step", 0), 3) << state.dump(2);
+  EXPECT_TRUE(state.value("replanned", false)) << state.dump(2);
+  EXPECT_EQ(state.value("planned_replicas", 0), 2) << state.dump(2);
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
+  auto dht = test::start_dht(dir / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  std::vector<ChildProcess> nodes;
+  for (int i = 0; i < 2; ++i) {
+    auto n = own_node(dir, i, i == 0 ? "a" : "b", dht->address, quiet);
+    ASSERT_TRUE(n.ok()) << n.message();
+    nodes.push_back(std::move(n).value());
+  }
+  auto resumed = test::run_command({test::solvernet_bin(), "train", "--resume", job_dir.string(), "--bootstrap",
+                                    dht->address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                    "4", "--key", (dir / "client.key").string(), "--json", "--wait-s", "30", "--out",
+                                    (dir / "resumed.safetensors").string()},
+                                   dir, 120s);
+  for (auto& n : nodes) n.terminate();
+  dht->process.terminate();
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  auto summary = nlohmann::json::parse(resumed.out);
+  EXPECT_EQ(summary["recovery"]["resumed_from"], 3);
+  EXPECT_EQ(summary["replicas"], 1);
+  // Bitwise the run whose re-plan went on uninterrupted.
+  EXPECT_EQ(summary["losses"], replanned.summary["losses"]);
+  EXPECT_EQ(summary["model_hash"], replanned.summary["model_hash"]);
+  fs::remove_all(dir);
+}
+}  // namespace
+
+namespace {
+// Ctrl-C while a recovery waits for a spare (--spare-wait-s) stops the job as
+// it is: it is not re-planned on fewer replicas first, so the job dir keeps
+// the planned job and the advice's resume is an ordinary one.
+TEST(Churn, CtrlCWhileWaitingForASpareStopsWithoutReplanning) {
+  auto dir = test::scratch("churn", "wait-int");
+  SpawnOptions options;
+  options.stdout_path = dir / "out.txt";
+  options.stderr_path = dir / "err.txt";
+  auto devnet = ChildProcess::spawn({test::solvernet_bin(), "devnet", "--job", data("churn.toml").string(),
+                                     "--topology", data("churn-net.toml").string(), "--no-chain", "--nodes", "4",
+                                     "--spares", "0", "--spare-wait-s", "60", "--peer-timeout-s", "4", "--kill-at",
+                                     "4:1.1", "--out", (dir / "model.safetensors").string()},
+                                    options);
+  ASSERT_TRUE(devnet.ok()) << devnet.message();
+  ASSERT_TRUE(test::wait_for_text(dir / "err.txt", "failed during step", 90s))
+      << read_file(dir / "err.txt").value_or("");
+  ::kill(devnet->pid(), SIGINT);
+  const auto status = devnet->wait_for(60s);
+  const std::string err = read_file(dir / "err.txt").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 130) << err;
+  EXPECT_NE(err.find("interrupted while the recovery waited for a spare"), std::string::npos) << err;
+  EXPECT_EQ(err.find("re-planned"), std::string::npos) << err;
+  const fs::path job_dir = advised_job_dir(err);
+  ASSERT_FALSE(job_dir.empty()) << err;
+  EXPECT_NE(read_file(job_dir / "job.toml").value_or("").find("replicas = 2"), std::string::npos);
+  const auto state = nlohmann::json::parse(read_file(job_dir / "state.json").value_or("{}"));
+  EXPECT_EQ(state.value("checkpoint_step", 0), 3) << state.dump(2);
+  EXPECT_FALSE(state.value("replanned", false)) << state.dump(2);
+  fs::remove_all(dir);
+}
+}  // namespace
