@@ -99,12 +99,35 @@ fs::path advised_job_dir(const std::string& err) {
   return err.substr(start, err.find(' ', start) - start);
 }
 
-// A node of one's own (not a devnet's) in REGION of the churn topology, its data dir DIR/n<I>.
+// A node of one's own (not a devnet's) in REGION of the churn topology, its
+// data dir DIR/n<I>; EXTRA adds flags.
 Result<ChildProcess> own_node(const fs::path& dir, int i, const std::string& region, const std::string& bootstrap,
-                              const SpawnOptions& quiet) {
-  return ChildProcess::spawn({test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
-                              "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region", region},
-                             quiet);
+                              const SpawnOptions& quiet, const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv = {test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
+                                   "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region",
+                                   region};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return ChildProcess::spawn(argv, quiet);
+}
+
+// A DHT bootstrap and COUNT nodes of one's own (own_node: the first half in
+// region a, the rest in b), their output in DIR/procs.log; LAST_FLAGS are added
+// to the last node's. The processes stop when it goes.
+struct OwnNetwork {
+  test::Bootstrap dht;
+  std::vector<ChildProcess> nodes;
+};
+Result<OwnNetwork> own_network(const fs::path& dir, int count, const std::vector<std::string>& last_flags = {}) {
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
+  SN_ASSIGN(auto dht, test::start_dht(dir / "dht.log"));
+  OwnNetwork net{std::move(dht), {}};
+  for (int i = 0; i < count; ++i) {
+    SN_ASSIGN(auto node, own_node(dir, i, i < count / 2 ? "a" : "b", net.dht.address, quiet,
+                                  i == count - 1 ? last_flags : std::vector<std::string>{}));
+    net.nodes.push_back(std::move(node));
+  }
+  return net;
 }
 
 // No spare in the 2 × 2 job: the kill of stage 1 replica 1 re-plans it on 1
@@ -406,7 +429,6 @@ TEST(Churn, MemberKilledAfterTheLastStepIsRecoveredToTheUndisturbedModel) {
   fs::remove_all(run.devnet_dir);
 }
 
-namespace {
 // The newest checkpoint of a job that stopped right after a re-plan (before
 // it mirrored another) predates the re-plan: its cursor and seeds are of the
 // roles before it. state.json says so, and `train --resume` restores it as
@@ -432,23 +454,14 @@ TEST(Churn, JobStoppedRightAfterAReplanResumesAsTheReplanWouldHaveGoneOn) {
   EXPECT_EQ(state.value("checkpoint_step", 0), 3) << state.dump(2);
   EXPECT_TRUE(state.value("replanned", false)) << state.dump(2);
   EXPECT_EQ(state.value("planned_replicas", 0), 2) << state.dump(2);
-  SpawnOptions quiet;
-  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
-  auto dht = test::start_dht(dir / "dht.log");
-  ASSERT_TRUE(dht.ok()) << dht.message();
-  std::vector<ChildProcess> nodes;
-  for (int i = 0; i < 2; ++i) {
-    auto n = own_node(dir, i, i == 0 ? "a" : "b", dht->address, quiet);
-    ASSERT_TRUE(n.ok()) << n.message();
-    nodes.push_back(std::move(n).value());
-  }
+  auto net = own_network(dir, 2);
+  ASSERT_TRUE(net.ok()) << net.message();
   auto resumed = test::run_command({test::solvernet_bin(), "train", "--resume", job_dir.string(), "--bootstrap",
-                                    dht->address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                    net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
                                     "4", "--key", (dir / "client.key").string(), "--json", "--wait-s", "30", "--out",
                                     (dir / "resumed.safetensors").string()},
                                    dir, 120s);
-  for (auto& n : nodes) n.terminate();
-  dht->process.terminate();
+  net = Error{};  // the nodes stop
   ASSERT_EQ(resumed.status, 0) << resumed.err;
   auto summary = nlohmann::json::parse(resumed.out);
   EXPECT_EQ(summary["recovery"]["resumed_from"], 3);
@@ -458,9 +471,7 @@ TEST(Churn, JobStoppedRightAfterAReplanResumesAsTheReplanWouldHaveGoneOn) {
   EXPECT_EQ(summary["model_hash"], replanned.summary["model_hash"]);
   fs::remove_all(dir);
 }
-}  // namespace
 
-namespace {
 // Ctrl-C while a recovery waits for a spare (--spare-wait-s) stops the job as
 // it is: it is not re-planned on fewer replicas first, so the job dir keeps
 // the planned job and the advice's resume is an ordinary one.
@@ -492,4 +503,35 @@ TEST(Churn, CtrlCWhileWaitingForASpareStopsWithoutReplanning) {
   EXPECT_FALSE(state.value("replanned", false)) << state.dump(2);
   fs::remove_all(dir);
 }
-}  // namespace
+
+// Replicas that disagree end the job (two replicas: no majority, nobody
+// blamed), but the checkpoints mirrored before were taken while they agreed:
+// the error ends with the --resume advice naming that checkpoint.
+TEST(Churn, ReplicaDisagreementEndsWithResumeAdviceFromBeforeIt) {
+  auto dir = test::scratch("churn", "diverge");
+  // One node perturbs its weights from step 6 on (3/4 of the 9 steps).
+  auto net = own_network(dir, 4, {"--cheat", "perturb"});
+  ASSERT_TRUE(net.ok()) << net.message();
+  auto run = test::run_command({test::solvernet_bin(), "train", "--job", data("churn.toml").string(), "--bootstrap",
+                                net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s", "4",
+                                "--key", (dir / "client.key").string(), "--job-dir", (dir / "jobs").string(),
+                                "--json", "--wait-s", "30"},
+                               dir, 120s);
+  net = Error{};  // the nodes stop
+  EXPECT_NE(run.status, 0) << run.err;
+  const auto disagree = run.err.find("disagree after step ");
+  ASSERT_NE(disagree, std::string::npos) << run.err;
+  const auto advice = run.err.find("(before the divergence)");
+  ASSERT_NE(advice, std::string::npos) << run.err;
+  const int64_t diverged = std::stoll(run.err.substr(disagree + std::string("disagree after step ").size()));
+  const auto of_step = run.err.rfind("checkpoint of step ", advice);
+  ASSERT_NE(of_step, std::string::npos) << run.err;
+  const int64_t checkpoint = std::stoll(run.err.substr(of_step + std::string("checkpoint of step ").size()));
+  EXPECT_GT(checkpoint, 0);
+  EXPECT_LT(checkpoint, diverged);
+  const fs::path job_dir = advised_job_dir(run.err);
+  ASSERT_FALSE(job_dir.empty()) << run.err;
+  const auto state = nlohmann::json::parse(read_file(job_dir / "state.json").value_or("{}"));
+  EXPECT_EQ(state.value("checkpoint_step", 0), checkpoint) << state.dump(2);
+  fs::remove_all(dir);
+}

@@ -128,6 +128,23 @@ TEST_F(JobDir, AJobFileThatNoLongerMatchesItsCheckpointsIsRefusedByTheClient) {
   expect_refused(resume(), "holds tensor wte.weight of shape [256, 32], job.toml's model needs [256, 64]");
 }
 
+// What feeds the data cursor (the samples each step draws) is in the state
+// the nodes check: the client, which sees the edit against state.json's
+// job_toml, refuses it in one line rather than say "going on with it" and
+// have the nodes blame one of them. So is a --steps below the checkpoint,
+// with no "going on with it" before the refusal.
+TEST_F(JobDir, AnEditOfWhatFeedsTheDataCursorIsRefusedByTheClient) {
+  edit_job([](JobConfig& job) { job.train.global_batch = 16; });
+  expect_refused(resume(), "job.toml's train.global_batch = 16 (was 8) changes the data cursor its checkpoint of step 3");
+  edit_job([](JobConfig& job) { job.data.holdout_fraction = 0.1; });
+  expect_refused(resume(), "job.toml's data.holdout_fraction = 0.1 (was 0.05) changes the data cursor");
+  edit_job([](JobConfig& job) {
+    job.train.lr = 0.5;
+    job.train.steps = 2;
+  });
+  expect_refused(resume(), "the job has 2 steps but its checkpoint is of step 3");
+}
+
 // Two clients of one job dir: the first holds it while it waits for nodes
 // (none come), the second is refused before it looks for any, naming the
 // first's pid. The lock goes with its holder.
