@@ -7,6 +7,7 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -14,6 +15,7 @@
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
+#include "cli/host_corunners.h"
 #include "cli/signals.h"
 #include "core/fs.h"
 #include "core/memory.h"
@@ -341,6 +343,15 @@ std::vector<net::MemberInfo> find_idle_nodes(net::Discovery& discovery, const st
   return out;
 }
 
+// Whether every node listens on this machine's loopback (the devnet, tests).
+static bool all_on_this_host(const std::vector<solvernet::v1::NodeInfo>& nodes) {
+  for (const auto& n : nodes) {
+    const std::string host = n.address().substr(0, n.address().rfind(':'));
+    if (host != "127.0.0.1" && host != "localhost" && host != "[::1]") return false;
+  }
+  return !nodes.empty();
+}
+
 std::filesystem::path default_client_key_path() {
   const char* home = std::getenv("HOME");
   return std::filesystem::path(home && *home ? home : ".") / ".solvernet" / "client.key";
@@ -371,13 +382,26 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   if (spec.plan_from_probes && !net::any_link_estimates(nodes))
     spdlog::warn("no node announces measured links yet: every pair is planned as {:g} ms / {:g} Mbps",
                  net::kUnmeasuredLink.latency_ms, net::kUnmeasuredLink.bandwidth_mbps);
+  // Nodes that all run on this host share its cores: compute is measured with
+  // as many processes competing as will compete in the job (host_corunners.h),
+  // started at the first measurement and stopped once the placement is made.
+  std::optional<HostCoRunners> corunners;
+  const int workers = static_cast<int>(job.parallel.stages * job.parallel.replicas);
+  auto share_the_host = [&] {
+    if (corunners || !all_on_this_host(nodes)) return;
+    auto started = HostCoRunners::start(corunners_for(workers, std::thread::hardware_concurrency()),
+                                        job_to_toml(job), 60);
+    if (!started.ok()) spdlog::warn("measuring compute without co-runners: {}", started.message());
+    else corunners = std::move(started).value();
+  };
   sched::Measurements measure;
-  measure.microbatch_seconds = train::measure_microbatch_seconds;
-  measure.step_update_seconds = train::measure_step_update_seconds;
-  measure.message_cost = net::measure_message_cost;
+  measure.microbatch_seconds = [&](const JobConfig& j) { share_the_host(); return train::measure_microbatch_seconds(j); };
+  measure.step_update_seconds = [&](const JobConfig& j) { share_the_host(); return train::measure_step_update_seconds(j); };
+  measure.message_cost = [&](size_t small, size_t large) { share_the_host(); return net::measure_message_cost(small, large); };
   // Spares: the placement chooses the nodes it needs; the others found are
   // kept idle for replacements (pinged when taken, not leased).
   SN_ASSIGN(sched::Placement placement, sched::place_job(request, nodes, measure));
+  corunners.reset();
   if (!spec.quiet) sched::print_placement(placement, std::cerr);
   if (!placement.unmeasured.empty())
     spdlog::warn("{} node pair(s) announce no measured link and were planned as {:g} ms / {:g} Mbps: {}",
