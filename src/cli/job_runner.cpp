@@ -386,9 +386,10 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   // as many processes competing as will compete in the job (host_corunners.h),
   // started at the first measurement and stopped once the placement is made.
   std::optional<HostCoRunners> corunners;
+  bool placing = true;
   const int workers = static_cast<int>(job.parallel.stages * job.parallel.replicas);
   auto share_the_host = [&] {
-    if (corunners || !all_on_this_host(nodes)) return;
+    if (corunners || !placing || !all_on_this_host(nodes)) return;
     auto started = HostCoRunners::start(corunners_for(workers, std::thread::hardware_concurrency()),
                                         job_to_toml(job), 60);
     if (!started.ok()) spdlog::warn("measuring compute without co-runners: {}", started.message());
@@ -401,6 +402,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
   // Spares: the placement chooses the nodes it needs; the others found are
   // kept idle for replacements (pinged when taken, not leased).
   SN_ASSIGN(sched::Placement placement, sched::place_job(request, nodes, measure));
+  placing = false;
   corunners.reset();
   if (!spec.quiet) sched::print_placement(placement, std::cerr);
   if (!placement.unmeasured.empty())
