@@ -880,8 +880,11 @@ int JobSession::first_live_group() const {
 }
 
 // The groups in FAILED leave the job: their members are told to abort (a
-// member still alive stops waiting for its dead peer), and from now on no
-// call goes to them. Their samples of this round are simply not trained on.
+// member still alive stops waiting for its dead peer; a frozen one is told
+// again until it answers, and its lease is no longer renewed), and from now
+// on no call goes to them. Their samples of this round are simply not
+// trained on. Their live nodes, idle again, may refill the group later
+// (diloco_rejoin).
 void JobSession::drop_groups(const std::set<int>& failed, int64_t step, const std::string& why) {
   std::vector<size_t> ending;
   for (int r : failed) {
@@ -891,7 +894,7 @@ void JobSession::drop_groups(const std::set<int>& failed, int64_t step, const st
     for (int64_t s = 0; s < stages_; ++s) ending.push_back(static_cast<size_t>(s * replicas_ + r));
     spdlog::warn("replica group {} dropped at step {}: {}", r, step + 1, why);
   }
-  end_members(*fleet_, ending, "replica group dropped: " + why, deadlines_.fleet.end);
+  fleet_->release(ending, "replica group dropped: " + why);
 }
 
 Status JobSession::diloco_rejoin(int64_t steps_done) {
@@ -903,6 +906,9 @@ Status JobSession::diloco_rejoin(int64_t steps_done) {
   // A dropped group's members that are still alive are idle again: welcome.
   std::set<std::string> in_job;
   for (size_t i : live_members()) in_job.insert(members_[i].node_id);
+  // A dropped member that has not answered its EndJob yet may still act on
+  // it: set up again now, it could drop the job right after.
+  for (const auto& node_id : fleet_->still_ending()) in_job.insert(node_id);
   const auto ready = ready_idle_nodes(in_job);
   const size_t needed = dropped.size() * static_cast<size_t>(stages_);
   if (ready.size() < needed) {

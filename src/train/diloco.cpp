@@ -16,8 +16,6 @@
 #include "net/rpc.h"
 #include "proto/solvernet.grpc.pb.h"
 #include "train/batches.h"
-#include "train/control.h"
-#include "train/fleet.h"
 #include "train/stage_worker.h"
 
 namespace sn::train {
@@ -268,24 +266,6 @@ std::vector<grpc::Status> run_members(const std::vector<size_t>& members, const 
     });
   for (auto& t : threads) t.join();
   return statuses;
-}
-
-void end_members(Fleet& fleet, const std::vector<size_t>& members, const std::string& reason,
-                 std::chrono::milliseconds deadline) {
-  std::vector<std::thread> threads;
-  for (size_t i : members)
-    threads.emplace_back([&, i] {
-      solvernet::v1::EndJobRequest request;
-      request.set_job_id(fleet.job_id());
-      request.set_abort(true);
-      request.set_reason(reason);
-      grpc::ClientContext context;
-      context.set_deadline(std::chrono::system_clock::now() + deadline);
-      sign_request(fleet.signer(), "EndJob", request);
-      solvernet::v1::Empty reply;
-      (void)fleet.stub(i).EndJob(&context, request, &reply);
-    });
-  for (auto& t : threads) t.join();
 }
 
 void StepDeadline::record(double step_seconds) {

@@ -28,8 +28,6 @@
 
 namespace sn::train {
 
-class Fleet;
-
 // ---- the pseudo-gradient on the wire ---------------------------------------
 
 // Values per int8 chunk; chunks restart at every tensor, so a tensor's
@@ -119,9 +117,6 @@ solvernet::v1::RunStepRequest with_own_micro_batches(const solvernet::v1::RunSte
 std::vector<grpc::Status> run_members(const std::vector<size_t>& members, const std::vector<int>& group,
                                       std::chrono::milliseconds deadline,
                                       const std::function<grpc::Status(size_t, grpc::ClientContext&)>& call);
-// EndJob (abort, REASON) on MEMBERS, best effort, each bounded by DEADLINE.
-void end_members(Fleet& fleet, const std::vector<size_t>& members, const std::string& reason,
-                 std::chrono::milliseconds deadline);
 
 // A step's deadline from measurements, not a constant (docs/diloco.md,
 // "Deadlines"): before any step, INITIAL; after, net::adaptive_timeout(FLOOR,

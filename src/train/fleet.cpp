@@ -85,15 +85,28 @@ Fleet::Fleet(const std::vector<net::MemberInfo>& members, std::string job_id, co
     train_stubs_.push_back(solvernet::v1::Train::NewStub(channel));
     node_stubs_.push_back(solvernet::v1::Node::NewStub(channel));
   }
+  released_.assign(members_.size(), 0);
 }
 
 Fleet::~Fleet() {
+  stop_background();
+  join_background();
+}
+
+void Fleet::stop_background() {
   {
     std::lock_guard<std::mutex> lock(renew_mutex_);
     renew_stop_ = true;
+    // A frozen member's EndJob would hold its thread until its deadline.
+    for (auto& [member, context] : ending_call_) context->TryCancel();
   }
   renew_wake_.notify_all();
+}
+
+void Fleet::join_background() {
   if (renewer_.joinable()) renewer_.join();
+  for (auto& t : enders_) t.join();
+  enders_.clear();
 }
 
 Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadline, const Call& call) {
@@ -283,6 +296,10 @@ std::vector<size_t> Fleet::unresponsive(std::chrono::milliseconds timeout) {
 
 void Fleet::start_lease_renewal(std::chrono::milliseconds lease) {
   if (renewer_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(renew_mutex_);
+    lease_ = lease;
+  }
   const auto period = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(200), lease / 3);
   renewer_ = std::thread([this, period] { renew_loop(period); });
 }
@@ -296,9 +313,14 @@ void Fleet::renew_loop(std::chrono::milliseconds period) {
   auto next_round = std::chrono::steady_clock::now() + period;
   while (!renew_wake_.wait_until(lock, next_round, [&] { return renew_stop_; })) {
     next_round = std::chrono::steady_clock::now() + period;
+    // A released member's lease is left to run out: renewing it would keep
+    // the node holding a job that no longer calls on it (never idle again).
+    std::vector<size_t> renewed;
+    for (size_t i = 0; i < members_.size(); ++i)
+      if (!released_[i]) renewed.push_back(i);
     lock.unlock();
     std::vector<std::thread> threads;
-    for (size_t i = 0; i < members_.size(); ++i)
+    for (size_t i : renewed)
       threads.emplace_back([&, i] {
         grpc::ClientContext context;
         context.set_deadline(std::chrono::system_clock::now() + std::min(period, timeouts_.end));
@@ -315,21 +337,82 @@ void Fleet::renew_loop(std::chrono::milliseconds period) {
   }
 }
 
+void Fleet::release(const std::vector<size_t>& members, const std::string& reason) {
+  std::lock_guard<std::mutex> lock(renew_mutex_);
+  if (renew_stop_) return;
+  for (size_t i : members) {
+    if (i >= members_.size() || released_[i]) continue;
+    released_[i] = 1;
+    ending_[i] = members_[i].node_id;
+    // A copy: the caller may put another node in slot I while this runs.
+    enders_.emplace_back([this, i, who = members_[i], reason] { end_in_background(i, who, reason); });
+  }
+}
+
+void Fleet::end_in_background(size_t member, net::MemberInfo who, std::string reason) {
+  using namespace std::chrono_literals;
+  std::unique_lock<std::mutex> lock(renew_mutex_);
+  // After one lease with no renewal the node has dropped the job by itself.
+  const auto give_up = Steady::now() + lease_;
+  solvernet::v1::EndJobRequest request;
+  request.set_job_id(job_id_);
+  request.set_abort(true);
+  request.set_reason(reason);
+  for (int attempt = 1; !renew_stop_; ++attempt) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + timeouts_.end);
+    ending_call_[member] = &context;
+    sign_request(signer_, "EndJob", request);  // each attempt afresh: a new sequence number and time
+    lock.unlock();
+    solvernet::v1::Empty reply;
+    const grpc::Status status = train_stubs_[member]->EndJob(&context, request, &reply);
+    lock.lock();
+    ending_call_.erase(member);
+    const auto code = status.error_code();
+    // Any answer (even "refused") means the node runs and heard us; only
+    // silence is worth another try.
+    if (code != grpc::StatusCode::UNAVAILABLE && code != grpc::StatusCode::DEADLINE_EXCEEDED &&
+        code != grpc::StatusCode::CANCELLED) {
+      if (attempt > 1) spdlog::info("{} answered its EndJob at attempt {}: it is free of the job", member_name(who), attempt);
+      ending_.erase(member);
+      return;
+    }
+    if (Steady::now() >= give_up) {
+      spdlog::info("{}: no answer to EndJob for a lease; its lease has run out", member_name(who));
+      ending_.erase(member);
+      return;
+    }
+    renew_wake_.wait_for(lock, 500ms, [&] { return renew_stop_; });
+  }
+}
+
+std::set<std::string> Fleet::still_ending() const {
+  std::lock_guard<std::mutex> lock(renew_mutex_);
+  std::set<std::string> out;
+  for (const auto& [member, node_id] : ending_) out.insert(node_id);
+  return out;
+}
+
 void Fleet::end_all(bool abort, const std::string& reason, const std::vector<bool>& silent) {
   if (ended_.exchange(true)) return;
+  std::vector<char> released;
+  std::map<size_t, std::string> unanswered;
   {
     std::lock_guard<std::mutex> lock(renew_mutex_);
-    renew_stop_ = true;
+    released = released_;
+    unanswered = ending_;
   }
-  renew_wake_.notify_all();
+  stop_background();
   std::vector<std::thread> threads;
   for (size_t i = 0; i < members_.size(); ++i)
     threads.emplace_back([&, i] {
+      // A released member that answered has left already.
+      if (released[i] && !unanswered.count(i)) return;
       solvernet::v1::EndJobRequest request;
       request.set_job_id(job_id_);
-      request.set_abort(abort);
-      request.set_reason(reason);
-      const bool frozen = i < silent.size() && silent[i];
+      request.set_abort(abort || released[i]);
+      request.set_reason(released[i] ? "replica group dropped" : reason);
+      const bool frozen = (i < silent.size() && silent[i]) || unanswered.count(i);
       for (int attempt = 0; attempt < (frozen ? 1 : 2); ++attempt) {
         grpc::ClientContext context;
         context.set_deadline(std::chrono::system_clock::now() +
@@ -341,7 +424,7 @@ void Fleet::end_all(bool abort, const std::string& reason, const std::vector<boo
       }
     });
   for (auto& t : threads) t.join();
-  if (renewer_.joinable()) renewer_.join();
+  join_background();
 }
 
 }  // namespace sn::train

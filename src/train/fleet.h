@@ -12,6 +12,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -84,15 +85,34 @@ class Fleet {
 
   // Starts renewing every member's lease every LEASE / 3 until the fleet ends.
   void start_lease_renewal(std::chrono::milliseconds lease);
+  // MEMBERS (indices) leave the job while the others go on (a dropped DiLoCo
+  // group): their leases are no longer renewed, so each node drops the job
+  // within one lease of its last renewal even if it hears nothing more, and
+  // EndJob (abort, REASON) is sent to each in the background, again every
+  // 0.5 s after a call that found no answer (unreachable, deadline of
+  // timeouts.end), until the node answers, a lease has passed since this
+  // call, or the fleet ends. Returns at once. A member frozen when its group
+  // was dropped thus becomes idle as soon as it runs again.
+  void release(const std::vector<size_t>& members, const std::string& reason);
+  // The node ids of released members whose EndJob has not been answered yet
+  // (still retried): not to be taken back into the job until they answer.
+  std::set<std::string> still_ending() const;
   // EndJob on every member (abort with REASON, or a normal end); best effort,
   // each call bounded by timeouts.end, or 0.2 s for a member SILENT[i] (it
-  // stopped answering: its lease runs out instead). Idempotent once it has run.
+  // stopped answering: its lease runs out instead). A released member that
+  // answered its own EndJob is skipped; one that has not yet gets 0.2 s, as a
+  // silent one. Idempotent once it has run.
   void end_all(bool abort, const std::string& reason, const std::vector<bool>& silent = {});
   bool ended() const { return ended_; }
 
  private:
   Error blame(const std::string& what, const std::vector<grpc::Status>& statuses, const std::vector<bool>& silent);
   void renew_loop(std::chrono::milliseconds period);
+  void end_in_background(size_t member, net::MemberInfo who, std::string reason);
+  // Tells lease renewal and the background EndJobs to stop, cancelling the
+  // EndJobs in flight; join_background waits for them.
+  void stop_background();
+  void join_background();
 
   const std::vector<net::MemberInfo>& members_;
   std::string job_id_;
@@ -103,10 +123,16 @@ class Fleet {
   std::vector<std::unique_ptr<solvernet::v1::Node::Stub>> node_stubs_;
   std::atomic<bool> ended_{false};
 
-  std::mutex renew_mutex_;
+  // Guards the lease renewal and the background EndJobs below.
+  mutable std::mutex renew_mutex_;
   std::condition_variable renew_wake_;
   bool renew_stop_ = false;
   std::thread renewer_;
+  std::chrono::milliseconds lease_{30000};
+  std::vector<char> released_;                          // per member: left the job (release)
+  std::map<size_t, std::string> ending_;                // released, EndJob not answered yet: node id
+  std::map<size_t, grpc::ClientContext*> ending_call_;  // the background EndJob in flight, per member
+  std::vector<std::thread> enders_;
 };
 
 }  // namespace sn::train
