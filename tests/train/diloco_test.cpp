@@ -318,6 +318,78 @@ TEST(Diloco, NodesJoiningFillADroppedGroupAtAnOuterBoundary) {
   fs::remove_all(dir);
 }
 
+// A member of group 1 frozen (SIGSTOP) past the step deadline: its group is
+// dropped. Thawed, it answers the EndJob the client kept sending (its lease
+// no longer renewed), is idle again, and with its group mate refills group 1
+// at a later outer boundary; the job completes with both groups, whose
+// replica hashes the client checked equal at the last outer step.
+TEST(Diloco, AMemberFrozenAndThawedGetsItsGroupBack) {
+  auto dir = test::scratch("diloco", "thaw");
+  auto net = start_net(dir, 4);
+  ASSERT_TRUE(net);
+  // Long enough to outlast the freeze and the drop with outer boundaries to spare.
+  const fs::path job = dir / "thaw.toml";
+  std::ofstream(job) << with_key(read_file(job_variant(dir, "base", "")).value(), "steps", "600");
+  SpawnOptions client_out;
+  client_out.stdout_path = dir / "client.out";
+  client_out.stderr_path = dir / "client.err";
+  auto client = ChildProcess::spawn({bin(), "train", "--job", job.string(), "--bootstrap", net->dht.address,
+                                     "--topology", data("lan.toml").string(), "--peer-timeout-s", "3", "--job-dir",
+                                     (dir / "jobs").string(), "--json"},
+                                    client_out);
+  ASSERT_TRUE(client.ok());
+  // The frozen member: a node of group 1 once it has checkpointed the first
+  // outer step (so it trains, past setup).
+  int frozen = -1;
+  for (auto until = std::chrono::steady_clock::now() + 60s; frozen < 0 && std::chrono::steady_clock::now() < until;) {
+    for (int i = 0; i < 4 && frozen < 0; ++i) {
+      std::error_code ec;
+      for (fs::recursive_directory_iterator it(dir / ("n" + std::to_string(i)), ec), end; !ec && it != end; it.increment(ec))
+        if (it->path().filename() == "step-000000000004.manifest.json" &&
+            it->path().parent_path().filename().string().ends_with("-replica1"))
+          frozen = i;
+    }
+    std::this_thread::sleep_for(50ms);
+  }
+  ASSERT_GE(frozen, 0) << "no member of group 1 checkpointed step 4\n" << read_file(dir / "client.err").value_or("");
+  auto& node = net->nodes[static_cast<size_t>(frozen)];
+  ::kill(node.pid(), SIGSTOP);
+  struct Thaw {  // on every path out, so the node can be stopped
+    pid_t pid;
+    ~Thaw() { ::kill(pid, SIGCONT); }
+  } thaw{node.pid()};
+  const bool dropped = test::wait_for_text(dir / "client.err", "replica group 1 dropped", 60s);
+  ::kill(node.pid(), SIGCONT);
+  ASSERT_TRUE(dropped) << read_file(dir / "client.err").value_or("").substr(0, 4000);
+  auto status = client->wait_for(90s);
+  ASSERT_TRUE(status.has_value()) << "client still running 90 s after the thaw";
+  const std::string err = read_file(dir / "client.err").value_or("");
+  ASSERT_EQ(*status, 0) << err.substr(0, 4000);
+  const auto s = client_summary(dir);
+  const auto& d = s["diloco"];
+  ASSERT_EQ(d["dropped_groups"], nlohmann::json::array({1})) << d.dump();
+  ASSERT_EQ(d["rejoined_groups"], nlohmann::json::array({1})) << d.dump() << err.substr(0, 4000);
+  const int64_t back = d["rejoined_at_step"][0].get<int64_t>();
+  EXPECT_GT(back, d["dropped_at_step"][0].get<int64_t>());
+  // Every outer step from the rejoin on has both groups, the last included:
+  // their replica hashes were checked equal there.
+  const auto groups = d["outer_groups"].get<std::vector<int64_t>>();
+  ASSERT_EQ(groups.size(), 150u);
+  for (size_t k = static_cast<size_t>(back / 4); k < groups.size(); ++k) EXPECT_EQ(groups[k], 2) << "outer step " << k + 1;
+  for (const auto& per_stage : d["outer_hashes"]) EXPECT_EQ(per_stage.size(), 2u);
+  EXPECT_EQ(s["losses"].size(), 600u);
+  // The thawed node heard the drop (not only its lease running out), then
+  // took a role again; its step cut short by the abort left no temp files.
+  const std::string log = read_file(dir / ("n" + std::to_string(frozen) + ".log")).value_or("");
+  EXPECT_NE(log.find("aborted: replica group dropped"), std::string::npos) << log.substr(0, 4000);
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(dir / ("n" + std::to_string(frozen)), ec), end; !ec && it != end; it.increment(ec))
+    EXPECT_EQ(it->path().string().find(".tmp"), std::string::npos) << it->path();
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(net->nodes[static_cast<size_t>(i)].running()) << "node " << i << " crashed";
+  net.reset();
+  fs::remove_all(dir);
+}
+
 // `train --resume` of a [diloco] job is refused with one line, before any
 // node is looked for.
 TEST(Diloco, ResumeIsRefusedWithOneLine) {
