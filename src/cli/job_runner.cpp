@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <future>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -456,14 +457,30 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     // (A member that died and came back with its data dir is one of them; the
     // client leaves out its current members itself.)
     // One DHT node for the whole job: joining anew at every look cost one to
-    // two seconds of each poll while a recovery waited for a spare.
-    if (!spec.bootstrap.empty())
-      options.recovery.find_spares = [bootstrap = spec.bootstrap,
-                                      dht = std::make_shared<std::unique_ptr<net::Discovery>>()] {
-        if (!*dht)
-          if (auto started = net::Discovery::start(0, bootstrap); started.ok()) *dht = std::move(started).value();
-        return *dht ? find_idle_nodes(**dht, {}, std::chrono::milliseconds(2000)) : std::vector<net::MemberInfo>{};
+    // two seconds of each poll while a recovery waited for a spare. It starts
+    // with the job, and takes its first look in the background then: a fresh
+    // DHT node's first listing takes ~1.1 s (its search), which the first
+    // recovery that looked used to pay, and that listing still missed nodes.
+    if (!spec.bootstrap.empty()) {
+      struct JobDht {
+        std::unique_ptr<net::Discovery> dht;
+        std::future<void> warming;  // declared last: waited for before dht goes
       };
+      auto job_dht = std::make_shared<JobDht>();
+      if (auto started = net::Discovery::start(0, spec.bootstrap); started.ok()) {
+        job_dht->dht = std::move(started).value();
+        job_dht->warming = std::async(std::launch::async, [d = job_dht->dht.get()] {
+          find_idle_nodes(*d, {}, std::chrono::milliseconds(2000));
+        });
+      }
+      options.recovery.find_spares = [bootstrap = spec.bootstrap, job_dht] {
+        if (job_dht->warming.valid()) job_dht->warming.get();
+        auto& dht = job_dht->dht;
+        if (!dht)
+          if (auto started = net::Discovery::start(0, bootstrap); started.ok()) dht = std::move(started).value();
+        return dht ? find_idle_nodes(*dht, {}, std::chrono::milliseconds(2000)) : std::vector<net::MemberInfo>{};
+      };
+    }
   }
   ProgressLine progress(spec.quiet, spec.job);
   options.progress = [&](const train::StepReport& r) {

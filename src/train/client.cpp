@@ -481,6 +481,10 @@ Status JobSession::write_state(int64_t step, const std::string& finished) {
 std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string>& members) {
   const auto& recovery = options_.recovery;
   const auto deadline = Clock::now() + recovery.spare_wait;
+  // Between looks: 0.1 s, doubling up to 0.5 s. The first listing after a
+  // failure may be the client's DHT node's cached one (its search refreshes
+  // as it answers), so the next look comes soon.
+  auto pause = milliseconds(100);
   while (true) {
     while (!spares_.empty()) {
       net::MemberInfo spare = spares_.front();
@@ -494,7 +498,8 @@ std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string
         if (!members.count(found.node_id)) spares_.push_back(std::move(found));
     if (!spares_.empty()) continue;
     if (Clock::now() >= deadline || (options_.cancel && options_.cancel->load())) return std::nullopt;
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    std::this_thread::sleep_for(pause);
+    pause = std::min(2 * pause, milliseconds(500));
   }
 }
 
