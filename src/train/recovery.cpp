@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "core/fs.h"
+#include "model/data.h"
 #include "model/gpt.h"
 
 namespace sn::train {
@@ -307,6 +308,7 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
                        "the job must stay the one checkpointed",
                        job_dir.string(), step, stages, replicas, job.parallel.stages, job.parallel.replicas);
   const auto ranges = stage_layer_ranges(job.model.layers, job.parallel.stages);
+  Hash256 saved_cursor{};  // every role's is the same: stage 0 replica 0's
   for (int64_t s = 0; s < job.parallel.stages; ++s) {
     const auto& [first, count] = ranges[static_cast<size_t>(s)];
     const model::StageModel shape_only(job.model, first, count, job.train.seed);
@@ -318,6 +320,7 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
       const std::string role = fmt::format("{}: the checkpoint of stage {} replica {} at step {}", job_dir.string(), s, r, step);
       if (auto differs = differs_from_job(*loaded, shape_only, job, s, state.job_id))
         return input_error("{} {}; the job must stay the one checkpointed", role, *differs);
+      if (s == 0 && r == 0) saved_cursor = loaded->manifest.state.part(StatePart::cursor);
     }
   }
   if (!state.job_toml.empty()) {
@@ -331,6 +334,21 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
                            "stay the one checkpointed", job_dir.string(), change, step);
       state.changed.push_back(change);
     }
+  }
+  // The cursor itself, against the corpus as it is now (a corpus edited in
+  // place, or a job dir with no job_toml). A checkpoint that predates a
+  // re-plan counts the old replicas: the nodes take the new cursor then.
+  if (!state.replanned) {
+    auto corpus = model::prepare_corpus(job.data, static_cast<int>(job.model.vocab));
+    if (!corpus.ok()) return input_error("{}: {}", job_dir.string(), corpus.message());
+    const model::Dataset data(std::move(corpus->tokens), job.model.seq_len, job.data.holdout_fraction);
+    TrainingState cursor_only;
+    cursor_only.cursor = {step, data.train_samples(), job.train.global_batch, job.parallel.replicas};
+    if (training_state_digest(cursor_only).part(StatePart::cursor) != saved_cursor)
+      return input_error("{}: its checkpoint of step {} does not hold the data cursor job.toml gives ({} training "
+                         "samples, global batch {}, {} replicas): the corpus or the batch differ; the job must stay "
+                         "the one checkpointed", job_dir.string(), step, data.train_samples(), job.train.global_batch,
+                         job.parallel.replicas);
   }
   if (state.planned_replicas < 0 || (state.planned_replicas > 0 && (state.planned_replicas < job.parallel.replicas ||
                                                                     job.train.global_batch % state.planned_replicas)))

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "core/process.h"
+#include "model/data.h"
 #include "model/gpt.h"
 #include "train/recovery.h"
 #include "train/state.h"
@@ -37,6 +38,9 @@ JobConfig churn_job() {
 void write_stopped_job(const fs::path& dir, const JobConfig& job) {
   ASSERT_TRUE(train::write_job_file(dir, job).ok());
   ASSERT_TRUE(train::write_job_state(dir, train::JobDirState{"churn-1", kStep, {5, 5, 5}, "", job_to_toml(job), {}}).ok());
+  auto corpus = model::prepare_corpus(job.data, static_cast<int>(job.model.vocab));
+  ASSERT_TRUE(corpus.ok()) << corpus.message();
+  const int64_t samples = model::Dataset(corpus->tokens, job.model.seq_len, job.data.holdout_fraction).train_samples();
   const auto ranges = train::stage_layer_ranges(job.model.layers, job.parallel.stages);
   train::CheckpointMirror mirror(dir, job.parallel.stages, job.parallel.replicas);
   for (int64_t s = 0; s < job.parallel.stages; ++s) {
@@ -50,7 +54,7 @@ void write_stopped_job(const fs::path& dir, const JobConfig& job) {
         state.optimizer.emplace_back("adam.v." + name, torch::zeros_like(p));
       }
       state.optimizer.emplace_back("adam.step", torch::tensor({kStep}, torch::kInt64));
-      state.cursor = {kStep, 100, job.train.global_batch, job.parallel.replicas};
+      state.cursor = {kStep, samples, job.train.global_batch, job.parallel.replicas};
       state.rng = {job.train.seed, s, r};
       train::NamedTensors all = state.weights;
       all.insert(all.end(), state.optimizer.begin(), state.optimizer.end());
@@ -143,6 +147,10 @@ TEST_F(JobDir, AnEditOfWhatFeedsTheDataCursorIsRefusedByTheClient) {
     job.train.steps = 2;
   });
   expect_refused(resume(), "the job has 2 steps but its checkpoint is of step 3");
+  // A job dir written before state.json recorded the job: the cursor itself is checked.
+  edit_job([](JobConfig& job) { job.train.global_batch = 16; });
+  ASSERT_TRUE(train::write_job_state(job_dir_, train::JobDirState{"churn-1", kStep, {5, 5, 5}, "", "", {}}).ok());
+  expect_refused(resume(), "its checkpoint of step 3 does not hold the data cursor job.toml gives");
 }
 
 // Two clients of one job dir: the first holds it while it waits for nodes
