@@ -2,6 +2,7 @@
 // prepare the data, set up the members, run the steps, evaluate, fetch the
 // model, end. The Fleet (fleet.h) does the calls; this file decides what to
 // send and what to make of the replies.
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -173,6 +174,13 @@ class JobSession {
   // A held-out batch on the live groups only (each its own share of it).
   Result<double> diloco_evaluate(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches);
   void drop_groups(const std::set<int>& failed, int64_t step, const std::string& why);
+  // The live members of GROUPS that do not answer one ping within the fleet's
+  // ping timeout (pinged in parallel): frozen or gone. Costs that timeout
+  // only when one of them is frozen.
+  std::vector<size_t> silent_in(const std::set<int>& groups) const;
+  // WHY, led by the members in SILENT (indices) if any: the member that
+  // stalled a group is its cause, not the peer that timed out waiting for it.
+  std::string blame_silent(const std::vector<size_t>& silent, const std::string& why) const;
   std::vector<size_t> live_members() const;
   int first_live_group() const;
 
@@ -902,6 +910,28 @@ void JobSession::drop_groups(const std::set<int>& failed, int64_t step, const st
   fleet_->release(ending, "replica group dropped: " + why);
 }
 
+std::vector<size_t> JobSession::silent_in(const std::set<int>& groups) const {
+  std::vector<size_t> members;
+  for (size_t i : live_members())
+    if (groups.count(members_[i].replica)) members.push_back(i);
+  std::vector<char> answered(members.size(), 0);
+  std::vector<std::thread> threads;
+  for (size_t k = 0; k < members.size(); ++k)
+    threads.emplace_back([&, k] { answered[k] = answers_ping(members_[members[k]], deadlines_.fleet.ping); });
+  for (auto& t : threads) t.join();
+  std::vector<size_t> out;
+  for (size_t k = 0; k < members.size(); ++k)
+    if (!answered[k]) out.push_back(members[k]);
+  return out;
+}
+
+std::string JobSession::blame_silent(const std::vector<size_t>& silent, const std::string& why) const {
+  if (silent.empty()) return why;
+  std::vector<std::string> names;
+  for (size_t i : silent) names.push_back(member_name(members_[i]));
+  return fmt::format("{} stopped answering pings (first failure: {})", fmt::join(names, ", "), why);
+}
+
 Status JobSession::diloco_rejoin(int64_t steps_done) {
   if (!mirror_ || steps_done >= job_.train.steps) return ok_status();
   std::vector<int> dropped;
@@ -988,16 +1018,20 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
     }
     if (!failure) break;
     std::set<int> lost;
+    std::vector<size_t> silent;
     if (!(options_.cancel && options_.cancel->load()))
       for (size_t i : fleet_->unresponsive(deadlines_.fleet.ping))
-        if (live_groups_[static_cast<size_t>(members_[i].replica)]) lost.insert(members_[i].replica);
+        if (live_groups_[static_cast<size_t>(members_[i].replica)]) {
+          lost.insert(members_[i].replica);
+          silent.push_back(i);
+        }
     // Every member still answers: not a group gone (a bad message, a link
     // down); retrying among the same groups would fail alike.
     if (lost.empty()) {
       fleet_->end_all(true, failure->message);
       return *failure;
     }
-    drop_groups(lost, steps_done - 1, failure->message);
+    drop_groups(lost, steps_done - 1, blame_silent(silent, failure->message));
     if (first_live_group() < 0) {
       auto error = kind_error(ErrorKind::unavailable, "every replica group failed by the outer step after step {} "
                               "(last: {})", steps_done, failure->message);
@@ -1109,7 +1143,12 @@ Status JobSession::train_diloco() {
       fleet_->end_all(true, "interrupted by the user");
       return kind_error(ErrorKind::aborted, "interrupted at step {} of {}", step + 1, steps);
     }
-    if (!failed.empty()) drop_groups(failed, step, why);
+    if (!failed.empty()) {
+      // Every call of a group that stalls fails; the first may be a member
+      // that only waited for the stalled one.
+      why = blame_silent(silent_in(failed), why);
+      drop_groups(failed, step, why);
+    }
     if (first_live_group() < 0) {
       auto error = kind_error(ErrorKind::unavailable, "every replica group failed by step {} (last: {})", step + 1, why);
       fleet_->end_all(true, error.message);
