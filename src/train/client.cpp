@@ -929,7 +929,9 @@ std::string JobSession::blame_silent(const std::vector<size_t>& silent, const st
   if (silent.empty()) return why;
   std::vector<std::string> names;
   for (size_t i : silent) names.push_back(member_name(members_[i]));
-  return fmt::format("{} stopped answering pings (first failure: {})", fmt::join(names, ", "), why);
+  // "node A …: Deadline Exceeded" about the one silent node A need not name it twice.
+  const std::string own = names.size() == 1 && why.starts_with(names[0] + ": ") ? why.substr(names[0].size() + 2) : why;
+  return fmt::format("{} stopped answering pings ({})", fmt::join(names, ", "), own);
 }
 
 Status JobSession::diloco_rejoin(int64_t steps_done) {
