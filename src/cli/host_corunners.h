@@ -26,16 +26,14 @@ class HostCoRunners {
   // after 20 s: a co-runner that has not started yet only makes the
   // measurement lower, as before). Errors: the binary cannot be started.
   static Result<HostCoRunners> start(int count, const std::string& job_toml, int max_seconds);
-  size_t size() const { return children_.size(); }
-
- private:
-  std::vector<ChildProcess> children_;  // terminated by their destructors
-  std::vector<std::string> ready_files_;
- public:
   HostCoRunners() = default;
   HostCoRunners(HostCoRunners&&) = default;
   HostCoRunners& operator=(HostCoRunners&&) = default;
-  ~HostCoRunners();
+  ~HostCoRunners();  // kills them and removes their ready files
+
+ private:
+  std::vector<ChildProcess> children_;
+  std::vector<std::string> ready_files_;
 };
 
 // How many co-runners a measurement on this host takes for a job of WORKERS

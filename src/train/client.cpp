@@ -914,15 +914,8 @@ std::vector<size_t> JobSession::silent_in(const std::set<int>& groups) const {
   std::vector<size_t> members;
   for (size_t i : live_members())
     if (groups.count(members_[i].replica)) members.push_back(i);
-  std::vector<char> answered(members.size(), 0);
-  std::vector<std::thread> threads;
-  for (size_t k = 0; k < members.size(); ++k)
-    threads.emplace_back([&, k] { answered[k] = answers_ping(members_[members[k]], deadlines_.fleet.ping); });
-  for (auto& t : threads) t.join();
-  std::vector<size_t> out;
-  for (size_t k = 0; k < members.size(); ++k)
-    if (!answered[k]) out.push_back(members[k]);
-  return out;
+  if (members.empty()) return {};
+  return fleet_->unresponsive(deadlines_.fleet.ping, members, 1);
 }
 
 std::string JobSession::blame_silent(const std::vector<size_t>& silent, const std::string& why) const {

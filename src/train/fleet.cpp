@@ -272,11 +272,15 @@ Status Fleet::run_one(size_t member, const std::string& what, std::chrono::milli
   return blame(what, statuses, std::vector<bool>(members_.size(), false));
 }
 
-std::vector<size_t> Fleet::unresponsive(std::chrono::milliseconds timeout) {
+std::vector<size_t> Fleet::unresponsive(std::chrono::milliseconds timeout, const std::vector<size_t>& among,
+                                        int attempts) {
+  std::vector<size_t> pinged = among;
+  if (among.empty())
+    for (size_t i = 0; i < members_.size(); ++i) pinged.push_back(i);
   std::vector<char> alive(members_.size(), 0);
-  for (int attempt = 0; attempt < 2; ++attempt) {
+  for (int attempt = 0; attempt < attempts; ++attempt) {
     std::vector<std::thread> threads;
-    for (size_t i = 0; i < members_.size(); ++i)
+    for (size_t i : pinged)
       if (!alive[i])
         threads.emplace_back([&, i] {
           grpc::ClientContext context;
@@ -289,7 +293,7 @@ std::vector<size_t> Fleet::unresponsive(std::chrono::milliseconds timeout) {
     for (auto& t : threads) t.join();
   }
   std::vector<size_t> out;
-  for (size_t i = 0; i < members_.size(); ++i)
+  for (size_t i : pinged)
     if (!alive[i]) out.push_back(i);
   return out;
 }

@@ -79,9 +79,11 @@ class Fleet {
   // Runs CALL on one member, retrying once if it was unavailable or timed out.
   Status run_one(size_t member, const std::string& what, std::chrono::milliseconds deadline, const Call& call);
 
-  // Recovery: the members that answer no Ping within TIMEOUT, twice, with
-  // their own node id (dead, frozen, or another process on their port).
-  std::vector<size_t> unresponsive(std::chrono::milliseconds timeout);
+  // Recovery: the members that answer no Ping within TIMEOUT, ATTEMPTS times,
+  // with their own node id (dead, frozen, or another process on their port).
+  // AMONG: the members pinged (indices; empty: every member), in parallel.
+  std::vector<size_t> unresponsive(std::chrono::milliseconds timeout, const std::vector<size_t>& among = {},
+                                   int attempts = 2);
 
   // Starts renewing every member's lease every LEASE / 3 until the fleet ends.
   void start_lease_renewal(std::chrono::milliseconds lease);
