@@ -141,6 +141,14 @@ Result<Placement> place_job(const PlacementRequest& spec, const std::vector<solv
     placement.dtfm_cost_s = plan.dtfm_cost_s;
     Plan alone = plan;
     simulate(links, dedicated, alone);
+    // The search above compares placements as if all nodes computed at once at
+    // cores/workers of their speed; the step it will take is reported from the
+    // time-sharing bounds instead, which the devnet's steps follow.
+    std::optional<TimeSharedIteration> time_shared;
+    if (host_share > 1) {
+      time_shared = time_shared_iteration(alone, request.host_cpu_floor_s, update, cores);
+      placement.predicted_iteration_s = time_shared->expected_s();
+    }
     placement.prediction = {{"schedule", request.schedule},
                             {"compute_per_microbatch_stage_s", compute},
                             {"step_update_s", update},
@@ -160,6 +168,10 @@ Result<Placement> place_job(const PlacementRequest& spec, const std::vector<solv
                             {"gradient_bytes", request.gradient_bytes},
                             {"tied_bytes", request.tied_bytes},
                             {"predicted_dedicated_cores_s", alone.predicted_iteration_s}};
+    if (time_shared) {
+      placement.prediction["time_shared_lower_s"] = time_shared->lower_s;
+      placement.prediction["time_shared_upper_s"] = time_shared->upper_s;
+    }
   } else {
     placement.algo = "naive";
     for (int64_t s = 0; s < job.parallel.stages; ++s) {

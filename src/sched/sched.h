@@ -77,6 +77,24 @@ void simulate(const LinkMatrix& links, const PlanRequest& request, Plan& plan);
 // (PlanRequest::host_cpu_floor_s), however the pipeline overlaps.
 double iteration_cpu_seconds(const PlanRequest& request, double update_s, double cpu_fixed_s, double cpu_per_byte_s);
 
+// An iteration of devices time-sharing one host's CORES (more devices than
+// cores), in seconds. DEDICATED is the plan simulated as if each device had
+// its own core, CPU_FLOOR_S the host's floor (iteration_cpu_seconds / cores),
+// UPDATE_S each device's end-of-step update. With work W = floor · C, the
+// dedicated critical path D and its CPU part D_cpu (the pipeline's compute
+// plus the update; links need no core), any schedule takes at least
+// max(W/C, D), and the OS scheduler, which keeps every core busy while a
+// process can run, at most W/C + D − D_cpu/C (Graham's bound for greedy list
+// scheduling, 1969). Where in between depends on how often a process woken by
+// a message waits for a core; the expected figure is the midpoint, which kept
+// 18 devnet runs within 21% while the bounds held 15 of them
+// (docs/scheduler.md).
+struct TimeSharedIteration {
+  double lower_s = 0, upper_s = 0;
+  double expected_s() const { return (lower_s + upper_s) / 2; }
+};
+TimeSharedIteration time_shared_iteration(const Plan& dedicated, double cpu_floor_s, double update_s, double cores);
+
 // Input limits beyond the job's (core/job.h) and the topology's (net/topology.h).
 inline constexpr int kMaxMicroBatches = 1 << 20;
 

@@ -126,6 +126,12 @@ double iteration_cpu_seconds(const PlanRequest& r, double update_s, double cpu_f
   return cpu;
 }
 
+TimeSharedIteration time_shared_iteration(const Plan& dedicated, double cpu_floor_s, double update_s, double cores) {
+  const double path_s = dedicated.predicted_iteration_s;
+  const double path_cpu_s = std::min(path_s, dedicated.compute_s + update_s);
+  return {std::max(cpu_floor_s, path_s), cpu_floor_s + path_s - path_cpu_s / std::max(1.0, cores)};
+}
+
 void simulate(const LinkMatrix& m, const PlanRequest& r, Plan& plan) {
   const int p = r.stages, d = r.replicas, mb = r.micro_batches;
   const double fwd = r.compute_seconds_per_microbatch_stage / 3, bwd = 2 * fwd;

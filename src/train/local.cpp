@@ -152,11 +152,13 @@ double measure_microbatch_seconds(const JobConfig& job) {
   torch::Tensor targets = torch::randint(0, job.model.vocab, {b, t}, torch::kInt64);
   solvernet::v1::Tensor wire;
   model::tensor_to_proto(torch::randn({b, t, d}), &wire);
+  // 30 runs: with co-runners sharing the cores (host_corunners.h), 10 runs
+  // (~40 ms, a few time slices) gave figures ±15% apart from one start to the next.
   double total = 0;
   for (size_t s = 0; s < ranges.size(); ++s) {
     const bool first = s == 0, last = s + 1 == ranges.size();
     model::StageModel stage(job.model, ranges[s].first, ranges[s].second, job.train.seed);
-    total += mean_cpu_seconds(10, [&] {
+    total += mean_cpu_seconds(30, [&] {
       torch::Tensor input = first ? tokens : model::tensor_from_proto(wire).value().requires_grad_(true);
       torch::Tensor output = stage.forward(input);
       solvernet::v1::Tensor sent;
@@ -183,7 +185,7 @@ double measure_step_update_seconds(const JobConfig& job) {
   int64_t step = 0;
   // As a stage worker ends every step: gradients flattened for the all-reduce
   // and back, the optimizer's update, the state hash sent to the client.
-  return mean_cpu_seconds(6, [&] {
+  return mean_cpu_seconds(12, [&] {
     unflatten_gradients(flatten_gradients(parameters), parameters);
     optimizer.step(step++);
     TrainingState state;

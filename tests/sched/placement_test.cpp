@@ -98,6 +98,9 @@ TEST(Placement, NodesOnOneHostShareItsCores) {
   ASSERT_TRUE(placed.ok()) << placed.message();
   EXPECT_DOUBLE_EQ(placed->prediction["host_cpu_share"].get<double>(), 2.0);  // 4 workers on 2 cores
   EXPECT_GT(placed->predicted_iteration_s, placed->prediction["predicted_dedicated_cores_s"].get<double>());
+  // The step reported lies between the time-sharing bounds.
+  EXPECT_GE(placed->predicted_iteration_s, placed->prediction["time_shared_lower_s"].get<double>());
+  EXPECT_LE(placed->predicted_iteration_s, placed->prediction["time_shared_upper_s"].get<double>());
 }
 
 TEST(Placement, WithoutATopologyNodesAreTakenInIdOrderAndNothingIsMeasured) {

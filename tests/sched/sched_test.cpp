@@ -387,6 +387,27 @@ TEST(Simulator, OneHostIterationTakesAtLeastItsCpuOverTheFreeCores) {
   EXPECT_DOUBLE_EQ(make_plan(m, r, "naive", 1).value().predicted_iteration_s, alone.predicted_iteration_s);
 }
 
+TEST(Simulator, TimeSharingBoundsBracketTheStepAndMeetWhenOneSideDominates) {
+  // Dedicated cores: a 0.04 s iteration whose path computes 0.02 s, plus a
+  // 0.005 s update; 0.12 s of CPU over 2 cores is a 0.06 s floor.
+  Plan dedicated;
+  dedicated.predicted_iteration_s = 0.04;
+  dedicated.compute_s = 0.02;
+  const auto cpu_bound = time_shared_iteration(dedicated, 0.06, 0.005, 2);
+  EXPECT_DOUBLE_EQ(cpu_bound.lower_s, 0.06);                   // the floor
+  EXPECT_NEAR(cpu_bound.upper_s, 0.06 + 0.04 - 0.025 / 2, 1e-12);  // the path's waits for a core on top
+  EXPECT_GT(cpu_bound.expected_s(), cpu_bound.lower_s);
+  EXPECT_LT(cpu_bound.expected_s(), cpu_bound.upper_s);
+
+  // A path held up by slow links (0.8 s) barely shares a core: the bounds
+  // differ by at most the floor.
+  dedicated.predicted_iteration_s = 0.8;
+  const auto link_bound = time_shared_iteration(dedicated, 0.06, 0.005, 2);
+  EXPECT_DOUBLE_EQ(link_bound.lower_s, 0.8);
+  EXPECT_LE(link_bound.upper_s - link_bound.lower_s, 0.06);
+  EXPECT_GE(link_bound.upper_s, link_bound.lower_s);
+}
+
 JobConfig tiny_job(const std::string& compression) {
   const std::string text = R"([model]
 layers = 4
