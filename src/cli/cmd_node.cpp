@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <mutex>
 #include <optional>
+#include <set>
 
 #include "cli/command.h"
 #include "cli/signals.h"
@@ -50,7 +51,7 @@ struct NodeArgs {
   double session_idle_s = 60;
   int max_batch = 32;
   std::string cheat;
-  int kill_self_at_outer = 0;     // tests: SIGKILL itself on its n-th DiLoCo outer-step request
+  std::string kill_self_at;       // tests: CALL:N, SIGKILL itself on its N-th request of kind CALL
   std::string chain_rpc;          // settlement: the node commits its step leaves and answers disputes
   std::string deployment;         // the market's deployment JSON (default: the dev market at --chain-rpc)
   double probe_every_s = 30;      // 0: no probes
@@ -203,8 +204,23 @@ int run_node(const NodeArgs& args) {
     return fail("node", fmt::format("--probe-peers must be in 1..256, got {}", args.probe_peers), 2);
   if (args.probe_limit < 1 || args.probe_limit > 100000)
     return fail("node", fmt::format("--probe-limit must be in 1..100000, got {}", args.probe_limit), 2);
-  if (args.kill_self_at_outer < 0)
-    return fail("node", fmt::format("--kill-self-at-outer must be >= 0 (0: never), got {}", args.kill_self_at_outer), 2);
+  std::string kill_self_call;
+  int kill_self_count = 0;
+  if (!args.kill_self_at.empty()) {
+    const auto colon = args.kill_self_at.find(':');
+    kill_self_call = args.kill_self_at.substr(0, colon);
+    const std::set<std::string> calls{"outer", "eval", "setup", "put-checkpoint", "fetch-checkpoint"};
+    try {
+      size_t used = 0;
+      if (colon != std::string::npos) kill_self_count = std::stoi(args.kill_self_at.substr(colon + 1), &used);
+      if (colon == std::string::npos || used != args.kill_self_at.size() - colon - 1) kill_self_count = 0;
+    } catch (const std::exception&) {
+      kill_self_count = 0;
+    }
+    if (!calls.count(kill_self_call) || kill_self_count < 1)
+      return fail("node", fmt::format("--kill-self-at must be CALL:N with CALL one of {} and N >= 1, got \"{}\"",
+                                      fmt::join(calls, ", "), args.kill_self_at), 2);
+  }
 
   if (args.memory_limit_mb < 0 || args.memory_limit_mb > (int64_t{1} << 30))
     return fail("node", "--memory-limit-mb must be in 0..1073741824 (0: what the machine has available)", 2);
@@ -323,7 +339,8 @@ int run_node(const NodeArgs& args) {
   train_options.data_dir = args.data_dir;
   train_options.peer_timeout = std::chrono::seconds(args.peer_timeout_s);
   train_options.cheat = cheat;
-  train_options.kill_self_at_outer = args.kill_self_at_outer;
+  train_options.kill_self_at_call = kill_self_call;
+  train_options.kill_self_at_count = kill_self_count;
   if (cheat.active()) spdlog::warn("CHEAT --cheat {}: this node trains dishonestly", args.cheat);
   train_service = train::make_train_service(train_options);
   runtime.add_service(train_service.get());
@@ -474,8 +491,9 @@ CommandRegistration node_command(
       app.add_option("--cheat", args->cheat, "Misbehave on purpose, for tests: garbage-states (noise instead of outputs) or "
                      "malformed-states (outputs one column short) when serving; withhold (refuse to serve evidence) "
                      "when training");
-      app.add_option("--kill-self-at-outer", args->kill_self_at_outer,
-                     "Test: kill -9 this node on its n-th DiLoCo outer-step request")->group("");
+      app.add_option("--kill-self-at", args->kill_self_at,
+                     "Test: CALL:N, kill -9 this node on its N-th request of kind CALL (outer, eval, setup, "
+                     "put-checkpoint, fetch-checkpoint)")->group("");
       app.add_option("--probe-every-s", args->probe_every_s,
                      "Measure RTT and throughput to peers this often, ±20% (0: never)")->capture_default_str();
       app.add_option("--probe-peers", args->probe_peers, "Peers probed: the most recently announced")->capture_default_str();

@@ -39,6 +39,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     auto job = parse_job_string(request->job_toml(), "job from client");
     if (!job.ok()) return net::to_grpc(job.error());
+    kill_self_at("setup");
     // Set up again (the client retries or resumes): the old worker goes first.
     drop(job_id, "job set up again");
     const StageMemory memory = estimate_stage_memory(*job, request->stage(), request->first_layer(),
@@ -78,10 +79,8 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     auto slot = current(request->job_id());
     if (!slot) return no_job(request->job_id());
-    if (request->outer_sync() && options_.kill_self_at_outer > 0 && ++outer_requests_ == options_.kill_self_at_outer) {
-      spdlog::warn("--kill-self-at-outer {}: killing this node during the outer step", options_.kill_self_at_outer);
-      std::raise(SIGKILL);
-    }
+    if (request->outer_sync()) kill_self_at("outer");
+    if (request->forward_only()) kill_self_at("eval");
     std::lock_guard<std::mutex> step_lock(slot->step_mutex);
     auto result = slot->worker->run_step(*request);
     if (!result.ok()) {
@@ -146,6 +145,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     if (!valid_job_id(request->job_id()))
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed job id");
+    kill_self_at("fetch-checkpoint");
     CheckpointStore store(checkpoint_dir(options_.data_dir, request->job_id(), request->stage(), request->replica()), 1);
     auto loaded = store.load(request->step());
     if (!loaded.ok())
@@ -179,6 +179,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     if (!valid_job_id(request->job_id()) || request->stage() < 0 || request->replica() < 0 || request->step() < 0)
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed job id, role or step");
+    kill_self_at("put-checkpoint");
     CheckpointStore store(checkpoint_dir(options_.data_dir, request->job_id(), request->stage(), request->replica()), 1);
     const std::string prefix = store.data_path(request->step()).filename().string();
     const std::string stem = prefix.substr(0, prefix.find('.') + 1);  // "step-000000000012."
@@ -207,6 +208,12 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
   }
 
  private:
+  // Tests (node --kill-self-at CALL:N): dies on the N-th request of kind CALL.
+  void kill_self_at(const std::string& call) {
+    if (call != options_.kill_self_at_call || ++kill_self_requests_ != options_.kill_self_at_count) return;
+    spdlog::warn("--kill-self-at {}:{}: killing this node", call, options_.kill_self_at_count);
+    std::raise(SIGKILL);
+  }
   static bool valid_job_id(const std::string& id) {
     if (id.empty() || id.size() > 128) return false;
     for (char c : id)
@@ -244,7 +251,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
 
   NodeServiceOptions options_;
   std::mutex mutex_;
-  std::atomic<int> outer_requests_{0};  // outer-step requests received (for kill_self_at_outer)
+  std::atomic<int> kill_self_requests_{0};  // requests of kind kill_self_at_call received
   std::map<std::string, std::shared_ptr<Slot>> jobs_;
 };
 

@@ -64,10 +64,12 @@ struct NodeServiceOptions {
   std::chrono::milliseconds peer_timeout{60000};   // waiting for a peer's tensor, unless the job says
   net::DeliveryService* delivery = nullptr;        // routes the jobs' messages; must outlive the service
   Cheat cheat;                                     // none: an honest node
-  // Tests only (node --kill-self-at-outer): > 0, the node kills itself
-  // (SIGKILL) on receiving its n-th DiLoCo outer-step request, so a member
-  // dies exactly during an outer step.
-  int kill_self_at_outer = 0;
+  // Tests only (node --kill-self-at CALL:N): N > 0, the node kills itself
+  // (SIGKILL) on receiving its N-th request of kind CALL, so a member dies
+  // exactly there. CALL: outer (a DiLoCo outer step), eval (a forward-only
+  // step), setup, put-checkpoint, fetch-checkpoint.
+  std::string kill_self_at_call;
+  int kill_self_at_count = 0;
 };
 
 // The Train gRPC service: SetupJob, RunStep, FetchWeights, EndJob, RenewLease,

@@ -249,7 +249,7 @@ TEST(Diloco, AGroupLostDuringTheOuterStepIsDroppedAndTheStepRetried) {
   auto dir = test::scratch("diloco", "outer-kill");
   // 2 stages × 3 groups; the last node dies at the first outer step.
   auto net = start_net(dir, 6, [](int i) {
-    return i == 5 ? std::vector<std::string>{"--kill-self-at-outer", "1"} : std::vector<std::string>{};
+    return i == 5 ? std::vector<std::string>{"--kill-self-at", "outer:1"} : std::vector<std::string>{};
   });
   ASSERT_TRUE(net);
   std::string text = read_file(job_variant(dir, "three", "")).value();
