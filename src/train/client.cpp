@@ -117,10 +117,10 @@ class JobSession {
   // checkpoint that is not its reported state) is left to the verifiers'
   // replays and the stakes, and the job goes on (docs/verification.md).
   bool left_to_verification() const { return job_.verify.enabled && options_.chain_job_id != 0; }
-  // Member I's share of BATCHES: its replica's micro-batches, with tokens
-  // for the first stage and targets for the last.
+  // Member I's share of BATCHES: its replica's micro-batches (or replica
+  // SHARE's, if >= 0), with tokens for the first stage and targets for the last.
   void add_micro_batches(size_t i, const std::vector<std::vector<MicroBatchData>>& batches,
-                         solvernet::v1::RunStepRequest& request) const;
+                         solvernet::v1::RunStepRequest& request, int share = -1) const;
   // Stamps REQUEST with this job, signs it and sends it to member I.
   grpc::Status send_run_step(size_t i, grpc::ClientContext& context, solvernet::v1::RunStepRequest& request,
                              solvernet::v1::RunStepReply* reply);
@@ -130,6 +130,9 @@ class JobSession {
   // Recovery (docs/resilience.md; train/recovery.h).
   bool recovery_enabled() const { return !options_.recovery.job_dir.empty(); }
   // Every member's checkpoint of STEP (steps done) into the job dir's mirror.
+  // [diloco]: the live groups' only; a member that fails to hand its over
+  // costs its group (lose_groups), and the error says the mirror is not whole
+  // (the job ended only if fleet_->ended()).
   Status mirror_checkpoints(int64_t step);
   // JOB_DIR/state.json for the newest mirrored checkpoint STEP, with the job
   // as it runs now; FINISHED: "" or "completed".
@@ -171,9 +174,22 @@ class JobSession {
   // restarted with its data dir has its old node id and is welcome back).
   std::optional<net::MemberInfo> take_spare(const std::set<std::string>& live);
   Status diloco_outer_step(int64_t steps_done);
-  // A held-out batch on the live groups only (each its own share of it).
-  Result<double> diloco_evaluate(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches);
+  // The held-out batch BATCHES, every group's share of it (a dropped
+  // group's too) on a live group: after the last outer step every live
+  // replica holds the same weights, so any live group gives the share's loss.
+  // A group that fails is dropped and its share goes to another; an error
+  // only when no group is left.
+  Result<double> diloco_evaluate(const std::vector<std::vector<MicroBatchData>>& batches);
   void drop_groups(const std::set<int>& failed, int64_t step, const std::string& why);
+  // The groups of MEMBERS whose call failed (STATUSES indexed like MEMBERS),
+  // and in WHY the first failure, named, that is not a call cancelled only
+  // because a group mate failed.
+  std::set<int> failed_groups(const std::vector<size_t>& members, const std::vector<grpc::Status>& statuses,
+                              std::string& why) const;
+  // [diloco] A member loss after STEPS_DONE steps, during WHAT: drops the
+  // groups in FAILED (WHY led by their members that answer no ping) and goes
+  // on. Ends the job with an error when no group is left.
+  Status lose_groups(const std::set<int>& failed, int64_t steps_done, const std::string& why, const std::string& what);
   // The live members of GROUPS that do not answer one ping within the fleet's
   // ping timeout (pinged in parallel): frozen or gone. Costs that timeout
   // only when one of them is frozen.
@@ -214,6 +230,10 @@ class JobSession {
   std::optional<StepDeadline> step_deadline_;
   std::string dataset_hash_;            // [diloco]: binary, 32 bytes
   std::vector<bool> live_groups_;       // per replica group; all live unless [diloco] dropped some
+  // [diloco]: members of dropped groups (the dead too): idle again once they
+  // answered their EndJob, candidates for a rejoin without the DHT.
+  std::vector<net::MemberInfo> dropped_members_;
+  int64_t eval_requests_ = 0;           // [diloco]: held-out requests so far (each its own step number)
 };
 
 Status JobSession::check_members() {
@@ -285,6 +305,19 @@ Status JobSession::set_up_members(int64_t start_step) {
   // The state each member must restart from, bitwise: the mirrored
   // manifest's state hash, which its start leaf commits to.
   std::vector<Hash256> expected_state(members_.size());
+  // At a [diloco] rejoin a member that fails costs its group, not the job:
+  // the groups that set up go on from the boundary, where they already are.
+  const bool rejoin = job_.diloco.enabled && start_step > 0;
+  const std::string rejoin_what = fmt::format("the rejoin after step {}", start_step);
+  const auto run = [&](const std::string& what, const Fleet::Call& call) -> Status {
+    if (!rejoin) return fleet_->run_all(what, deadlines_.setup, call);
+    const auto members = live_members();
+    std::vector<int> groups;
+    for (size_t i : members) groups.push_back(members_[i].replica);
+    std::string why;
+    const auto failed = failed_groups(members, run_members(members, groups, deadlines_.setup, call), why);
+    return failed.empty() ? ok_status() : lose_groups(failed, start_step, why, rejoin_what);
+  };
   if (start_step > 0) {
     if (!mirror_) return make_error("resuming at step {} needs a job dir", start_step);
     std::vector<std::vector<solvernet::v1::CheckpointBlob>> files(members_.size());
@@ -295,7 +328,7 @@ Status JobSession::set_up_members(int64_t start_step) {
     }
     // Every member gets its role's files, not only a replacement: a member
     // that kept only newer checkpoints (checkpoint_keep) rolls back as well.
-    SN_TRY(fleet_->run_all("restoring checkpoints", deadlines_.setup, [&](size_t i, grpc::ClientContext& context) {
+    SN_TRY(run("restoring checkpoints", [&](size_t i, grpc::ClientContext& context) {
       solvernet::v1::PutCheckpointRequest request;
       request.set_job_id(job_id_);
       request.set_stage(members_[i].stage);
@@ -307,7 +340,7 @@ Status JobSession::set_up_members(int64_t start_step) {
       return fleet_->stub(i).PutCheckpoint(&context, request, &reply);
     }));
   }
-  SN_TRY(fleet_->run_all("job setup", deadlines_.setup, [&](size_t i, grpc::ClientContext& context) {
+  SN_TRY(run("job setup", [&](size_t i, grpc::ClientContext& context) {
     const auto& self = members_[i];
     solvernet::v1::SetupJobRequest request;
     request.set_job_id(job_id_);
@@ -347,11 +380,13 @@ Status JobSession::set_up_members(int64_t start_step) {
   // here: part of every step deadline from now on.
   {
     std::vector<std::pair<std::string, std::string>> addresses;
-    for (const auto& m : members_) addresses.emplace_back(m.address, m.node_id);
+    for (size_t i : live_members()) addresses.emplace_back(members_[i].address, members_[i].node_id);
     result_.rtt_ms = std::max(options_.peer_rtt_ms, measure_client_rtt_ms(addresses));
     step_deadline_->set_rtt_ms(result_.rtt_ms);
   }
-  int64_t lease = *std::min_element(leases.begin(), leases.end());
+  int64_t lease = 0;  // the shortest a member granted (a dropped group's granted none)
+  for (size_t i : live_members())
+    if (leases[i] > 0) lease = lease > 0 ? std::min(lease, leases[i]) : leases[i];
   fleet_->start_lease_renewal(milliseconds(lease > 0 ? lease : 30000));
   const bool first_setup = step_leaves_.empty();
   if (first_setup) {
@@ -359,10 +394,16 @@ Status JobSession::set_up_members(int64_t start_step) {
     result_.stage_state_hashes.assign(static_cast<size_t>(stages_), "");
     step_leaves_.assign(members_.size(), {});
   }
-  for (size_t i = 0; i < members_.size(); ++i) {
+  std::set<int> bad_groups;
+  std::string bad_leaf;
+  for (size_t i : live_members()) {
     if (start_leaves[i].size() != 32) {
       auto error = kind_error(ErrorKind::bad_peer, "{} sent a start leaf of {} bytes, not 32", member_name(members_[i]),
                               start_leaves[i].size());
+      if (rejoin) {
+        if (bad_groups.insert(members_[i].replica).second && bad_leaf.empty()) bad_leaf = error.message;
+        continue;
+      }
       fleet_->end_all(true, error.message);
       return error;
     }
@@ -389,6 +430,7 @@ Status JobSession::set_up_members(int64_t start_step) {
     else
       leaves.assign(1, leaf);
   }
+  if (!bad_groups.empty()) SN_TRY(lose_groups(bad_groups, start_step, bad_leaf, rejoin_what));
   if (!first_setup) return ok_status();
   // Steady state begins once every training sample has passed once (an epoch
   // leaves a few out, so that can be later than the second epoch).
@@ -426,28 +468,35 @@ Status JobSession::mirror_checkpoints(int64_t step) {
     sign_request(fleet_->signer(), "FetchCheckpoint", request);
     return fleet_->stub(i).FetchCheckpoint(&context, request, &replies[i]);
   };
-  // A [diloco] job's dropped groups have no checkpoint to give.
+  // A [diloco] job's dropped groups have no checkpoint to give, and a live
+  // member that fails to give its own costs its group, not the job.
   const auto live = live_members();
-  if (live.size() == members_.size()) {
+  std::set<int> failed;
+  std::string why;
+  const auto lost = [&](size_t i, const Error& error) -> Status {
+    if (!job_.diloco.enabled) {
+      fleet_->end_all(true, error.message);
+      return error;
+    }
+    if (failed.insert(members_[i].replica).second && why.empty()) why = error.message;
+    return ok_status();
+  };
+  if (!job_.diloco.enabled) {
     SN_TRY(fleet_->run_all("mirroring checkpoints", deadlines_.fetch + deadlines_.setup, fetch));
   } else {
-    const auto statuses = run_members(live, std::vector<int>(live.size(), 0), deadlines_.fetch + deadlines_.setup, fetch);
-    for (size_t k = 0; k < live.size(); ++k)
-      if (!statuses[k].ok()) {
-        auto error = kind_error(net::error_kind_of(statuses[k].error_code()), "mirroring checkpoints: {}: {}",
-                                member_name(members_[live[k]]), statuses[k].error_message());
-        fleet_->end_all(true, error.message);
-        return error;
-      }
+    std::vector<int> groups;
+    for (size_t i : live) groups.push_back(members_[i].replica);
+    failed = failed_groups(live, run_members(live, groups, deadlines_.fetch + deadlines_.setup, fetch), why);
   }
   for (size_t i : live) {
+    if (failed.count(members_[i].replica)) continue;
     std::vector<solvernet::v1::CheckpointBlob> files(replies[i].files().begin(), replies[i].files().end());
     for (const auto& f : files) result_.mirror_bytes += static_cast<int64_t>(f.data().size());
     if (auto stored = mirror_->store(members_[i].stage, members_[i].replica, step, files); !stored.ok()) {
       Error error = stored.error();
       error.message = member_name(members_[i]) + ": " + error.message;
-      fleet_->end_all(true, error.message);
-      return error;
+      SN_TRY(lost(i, error));
+      continue;
     }
     // The manifest is checked against its files by store(); here against what
     // the member reported after that step, so a forged checkpoint is not
@@ -464,10 +513,14 @@ Status JobSession::mirror_checkpoints(int64_t step) {
           spdlog::warn("{} (left to verification)", error.message);
           continue;
         }
-        fleet_->end_all(true, error.message);
-        return error;
+        SN_TRY(lost(i, error));
       }
     }
+  }
+  if (!failed.empty()) {
+    const std::string what = fmt::format("mirroring the checkpoints of step {}", step);
+    SN_TRY(lose_groups(failed, step, why, what));
+    return kind_error(ErrorKind::unavailable, "{}: {}", what, why);
   }
   // The previous checkpoint goes only now that this one is whole for every member.
   mirror_->prune_before(step);
@@ -646,6 +699,10 @@ bool JobSession::replan(const std::vector<size_t>& unreplaced, int64_t restore, 
 std::vector<net::MemberInfo> JobSession::ready_idle_nodes(const std::set<std::string>& in_job) {
   std::set<std::string> known = in_job;
   for (const auto& m : spares_) known.insert(m.node_id);
+  // A dropped group's own members: the client knows their addresses, so they
+  // count even when the DHT cannot be reached.
+  for (const auto& m : dropped_members_)
+    if (known.insert(m.node_id).second) spares_.push_back(m);
   if (options_.recovery.find_spares)
     for (auto& found : options_.recovery.find_spares())
       if (known.insert(found.node_id).second) spares_.push_back(std::move(found));
@@ -718,9 +775,9 @@ Status JobSession::grow_back(int64_t step) {
 }
 
 void JobSession::add_micro_batches(size_t i, const std::vector<std::vector<MicroBatchData>>& batches,
-                                   solvernet::v1::RunStepRequest& request) const {
+                                   solvernet::v1::RunStepRequest& request, int share) const {
   const auto& self = members_[i];
-  for (const auto& mb : batches[static_cast<size_t>(self.replica)])
+  for (const auto& mb : batches[static_cast<size_t>(share >= 0 ? share : self.replica)])
     fill_micro_batch(mb, self.stage == 0, self.stage == stages_ - 1, request.add_micro_batches());
 }
 
@@ -907,6 +964,10 @@ void JobSession::drop_groups(const std::set<int>& failed, int64_t step, const st
     for (int64_t s = 0; s < stages_; ++s) ending.push_back(static_cast<size_t>(s * replicas_ + r));
     spdlog::warn("replica group {} dropped at step {}: {}", r, step + 1, why);
   }
+  for (size_t i : ending)
+    if (std::none_of(dropped_members_.begin(), dropped_members_.end(),
+                     [&](const net::MemberInfo& m) { return m.node_id == members_[i].node_id; }))
+      dropped_members_.push_back(members_[i]);
   fleet_->release(ending, "replica group dropped: " + why);
 }
 
@@ -925,6 +986,29 @@ std::string JobSession::blame_silent(const std::vector<size_t>& silent, const st
   // "node A …: Deadline Exceeded" about the one silent node A need not name it twice.
   const std::string own = names.size() == 1 && why.starts_with(names[0] + ": ") ? why.substr(names[0].size() + 2) : why;
   return fmt::format("{} stopped answering pings ({})", fmt::join(names, ", "), own);
+}
+
+std::set<int> JobSession::failed_groups(const std::vector<size_t>& members, const std::vector<grpc::Status>& statuses,
+                                        std::string& why) const {
+  std::set<int> failed;
+  std::string cancelled;
+  for (size_t k = 0; k < members.size(); ++k) {
+    if (statuses[k].ok()) continue;
+    failed.insert(members_[members[k]].replica);
+    std::string& first = statuses[k].error_code() == grpc::StatusCode::CANCELLED ? cancelled : why;
+    if (first.empty()) first = fmt::format("{}: {}", member_name(members_[members[k]]), statuses[k].error_message());
+  }
+  if (why.empty()) why = cancelled;
+  return failed;
+}
+
+Status JobSession::lose_groups(const std::set<int>& failed, int64_t steps_done, const std::string& why,
+                               const std::string& what) {
+  drop_groups(failed, steps_done - 1, blame_silent(silent_in(failed), why));
+  if (first_live_group() >= 0) return ok_status();
+  auto error = kind_error(ErrorKind::unavailable, "every replica group failed, the last during {}: {}", what, why);
+  fleet_->end_all(true, error.message);
+  return error;
 }
 
 Status JobSession::diloco_rejoin(int64_t steps_done) {
@@ -946,13 +1030,23 @@ Status JobSession::diloco_rejoin(int64_t steps_done) {
     return ok_status();
   }
   const auto started = Clock::now();
-  SN_TRY(mirror_checkpoints(steps_done));
+  // No node has changed yet: a live member that fails to hand over its
+  // checkpoint costs its group, and a copy that fails here (the job dir) puts
+  // the rejoin off to a later boundary; the job goes on either way.
+  Status copied = mirror_checkpoints(steps_done);
   const int source = first_live_group();
-  for (int r : dropped)
-    for (int64_t s = 0; s < stages_; ++s) {
-      SN_ASSIGN(auto files, mirror_->files(s, source, steps_done));
-      SN_TRY(mirror_->store(s, r, steps_done, files));
-    }
+  for (size_t k = 0; copied.ok() && k < dropped.size() * static_cast<size_t>(stages_); ++k) {
+    const int r = dropped[k / static_cast<size_t>(stages_)];
+    const auto s = static_cast<int64_t>(k % static_cast<size_t>(stages_));
+    auto files = mirror_->files(s, source, steps_done);
+    copied = files.ok() ? mirror_->store(s, r, steps_done, *files) : Status(files.error());
+  }
+  if (!copied.ok()) {
+    spares_ = ready;
+    if (fleet_->ended()) return copied;
+    spdlog::warn("rejoin after step {} put off: {}", steps_done, copied.message());
+    return ok_status();
+  }
   size_t next = 0;
   for (int r : dropped) {
     for (int64_t s = 0; s < stages_; ++s) {
@@ -963,14 +1057,21 @@ Status JobSession::diloco_rejoin(int64_t steps_done) {
       step_leaves_[i].clear();
     }
     live_groups_[static_cast<size_t>(r)] = true;
-    result_.diloco.rejoined_groups.push_back(r);
-    result_.diloco.rejoined_at_step.push_back(steps_done);
-    spdlog::warn("replica group {} rejoined after step {}: idle nodes copy group {}'s state", r, steps_done, source);
   }
   spares_.insert(spares_.end(), ready.begin() + static_cast<std::ptrdiff_t>(next), ready.end());
   // The newcomers' state roots are group SOURCE's, not their own role's.
   replanned_at_ = steps_done;
+  // A member that fails from here on costs its group (set_up_members).
   SN_TRY(set_up_members(steps_done));
+  for (int r : dropped) {
+    if (!live_groups_[static_cast<size_t>(r)]) {
+      spdlog::warn("replica group {} did not rejoin after step {}: a member failed during the set-up", r, steps_done);
+      continue;
+    }
+    result_.diloco.rejoined_groups.push_back(r);
+    result_.diloco.rejoined_at_step.push_back(steps_done);
+    spdlog::warn("replica group {} rejoined after step {}: idle nodes copy group {}'s state", r, steps_done, source);
+  }
   spdlog::warn("rejoin after step {}: {:.1f} s", steps_done, std::chrono::duration<double>(Clock::now() - started).count());
   return ok_status();
 }
@@ -1076,29 +1177,57 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
   return ok_status();
 }
 
-Result<double> JobSession::diloco_evaluate(int64_t step, const std::vector<std::vector<MicroBatchData>>& batches) {
-  const auto members = live_members();
-  std::vector<int> groups;
-  for (size_t i : members) groups.push_back(members_[i].replica);
-  std::vector<solvernet::v1::RunStepReply> replies(members_.size());
-  const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
-    solvernet::v1::RunStepRequest request;
-    request.set_step(step);
-    request.set_forward_only(true);
-    add_micro_batches(i, batches, request);
-    return send_run_step(i, context, request, &replies[i]);
-  });
+Result<double> JobSession::diloco_evaluate(const std::vector<std::vector<MicroBatchData>>& batches) {
+  std::set<int> pending;  // the shares (by replica) not evaluated yet
+  for (int r = 0; r < static_cast<int>(replicas_); ++r) pending.insert(r);
   double loss_sum = 0;
   int64_t loss_count = 0;
-  for (size_t k = 0; k < members.size(); ++k) {
-    if (!statuses[k].ok()) {
-      auto error = kind_error(net::error_kind_of(statuses[k].error_code()), "{} failed during held-out evaluation: {}",
-                              member_name(members_[members[k]]), statuses[k].error_message());
-      fleet_->end_all(true, error.message);
-      return error;
+  while (!pending.empty()) {
+    // One share per live group per round, its own first.
+    std::map<int, int> share_of;  // group → share
+    std::vector<int> left;
+    for (int r : pending)
+      if (live_groups_[static_cast<size_t>(r)])
+        share_of[r] = r;
+      else
+        left.push_back(r);
+    for (int r = 0; r < static_cast<int>(replicas_) && !left.empty(); ++r)
+      if (live_groups_[static_cast<size_t>(r)] && !share_of.count(r)) {
+        share_of[r] = left.front();
+        left.erase(left.begin());
+      }
+    std::vector<size_t> members;
+    std::vector<int> groups;
+    for (size_t i : live_members())
+      if (share_of.count(members_[i].replica)) {
+        members.push_back(i);
+        groups.push_back(members_[i].replica);
+      }
+    // A group taking a second share must not reuse a step number: its
+    // stages' messages are tagged with it.
+    const int64_t step = -1 - eval_requests_++;
+    std::vector<solvernet::v1::RunStepReply> replies(members_.size());
+    const auto statuses = run_members(members, groups, step_deadline_->deadline(), [&](size_t i, grpc::ClientContext& context) {
+      solvernet::v1::RunStepRequest request;
+      request.set_step(step);
+      request.set_forward_only(true);
+      add_micro_batches(i, batches, request, share_of.at(members_[i].replica));
+      return send_run_step(i, context, request, &replies[i]);
+    });
+    std::string why;
+    const auto failed = failed_groups(members, statuses, why);
+    for (size_t i : members)
+      if (!failed.count(members_[i].replica)) {
+        loss_sum += replies[i].loss_sum();
+        loss_count += replies[i].loss_count();
+      }
+    for (const auto& [group, share] : share_of)
+      if (!failed.count(group)) pending.erase(share);
+    if (options_.cancel && options_.cancel->load()) {
+      fleet_->end_all(true, "interrupted by the user");
+      return kind_error(ErrorKind::aborted, "interrupted during held-out evaluation");
     }
-    loss_sum += replies[members[k]].loss_sum();
-    loss_count += replies[members[k]].loss_count();
+    if (!failed.empty()) SN_TRY(lose_groups(failed, job_.train.steps, why, "held-out evaluation"));
   }
   if (loss_count == 0) return make_error("no loss came back from the last stage");
   return loss_sum / static_cast<double>(loss_count);
@@ -1125,30 +1254,15 @@ Status JobSession::train_diloco() {
       request.set_step(step);
       return send_run_step(i, context, request, &replies[i]);
     });
-    std::set<int> failed;
     std::string why;
-    for (size_t k = 0; k < members.size(); ++k)
-      if (!statuses[k].ok() && statuses[k].error_code() != grpc::StatusCode::CANCELLED) {
-        if (failed.insert(members_[members[k]].replica).second && why.empty())
-          why = fmt::format("{}: {}", member_name(members_[members[k]]), statuses[k].error_message());
-      }
-    for (size_t k = 0; k < members.size(); ++k)  // cancelled only because a group mate failed
-      if (!statuses[k].ok()) failed.insert(members_[members[k]].replica);
+    const auto failed = failed_groups(members, statuses, why);
     if (options_.cancel && options_.cancel->load()) {
       fleet_->end_all(true, "interrupted by the user");
       return kind_error(ErrorKind::aborted, "interrupted at step {} of {}", step + 1, steps);
     }
-    if (!failed.empty()) {
-      // Every call of a group that stalls fails; the first may be a member
-      // that only waited for the stalled one.
-      why = blame_silent(silent_in(failed), why);
-      drop_groups(failed, step, why);
-    }
-    if (first_live_group() < 0) {
-      auto error = kind_error(ErrorKind::unavailable, "every replica group failed by step {} (last: {})", step + 1, why);
-      fleet_->end_all(true, error.message);
-      return error;
-    }
+    // Every call of a group that stalls fails; the first may be a member
+    // that only waited for the stalled one (lose_groups names the silent).
+    if (!failed.empty()) SN_TRY(lose_groups(failed, step + 1, why, fmt::format("step {}", step + 1)));
     double loss_sum = 0;
     int64_t loss_count = 0;
     for (size_t i : live_members()) {
@@ -1209,7 +1323,7 @@ Status JobSession::evaluate() {
   double sum = 0;
   for (int64_t i = 0; i < batches; ++i) {
     if (job_.diloco.enabled) {
-      SN_ASSIGN(double loss, diloco_evaluate(-1 - i, holdout_batches(job_, *dataset_, i)));
+      SN_ASSIGN(double loss, diloco_evaluate(holdout_batches(job_, *dataset_, i)));
       sum += loss;
       continue;
     }
@@ -1226,18 +1340,25 @@ Status JobSession::fetch_model() {
   NamedTensors whole;
   std::set<std::string> seen;
   for (int64_t s = 0; s < stages_; ++s) {
-    // Every live replica holds the same weights after the last step (or outer step).
-    const size_t i = static_cast<size_t>(s * replicas_ + first_live_group());
+    // Every live replica holds the same weights after the last step (or
+    // outer step): a [diloco] group that fails to hand them over is dropped
+    // and the next live group asked.
     solvernet::v1::FetchWeightsReply reply;
-    auto fetched = fleet_->run_one(i, "fetching weights", deadlines_.fetch, [&](size_t m, grpc::ClientContext& context) {
-      solvernet::v1::FetchWeightsRequest request;
-      request.set_job_id(job_id_);
-      sign_request(fleet_->signer(), "FetchWeights", request);
-      return fleet_->stub(m).FetchWeights(&context, request, &reply);
-    });
-    if (!fetched.ok()) {
-      fleet_->end_all(true, "could not fetch weights");
-      return fetched.error();
+    while (true) {
+      const int group = first_live_group();
+      const size_t i = static_cast<size_t>(s * replicas_ + group);
+      auto fetched = fleet_->run_one(i, "fetching weights", deadlines_.fetch, [&](size_t m, grpc::ClientContext& context) {
+        solvernet::v1::FetchWeightsRequest request;
+        request.set_job_id(job_id_);
+        sign_request(fleet_->signer(), "FetchWeights", request);
+        return fleet_->stub(m).FetchWeights(&context, request, &reply);
+      });
+      if (fetched.ok()) break;
+      if (!job_.diloco.enabled) {
+        fleet_->end_all(true, "could not fetch weights");
+        return fetched.error();
+      }
+      SN_TRY(lose_groups({group}, job_.train.steps, fetched.message(), "fetching the weights"));
     }
     SN_ASSIGN(auto tensors, model::load_safetensors_bytes(reply.safetensors()));
     for (auto& [name, tensor] : tensors)

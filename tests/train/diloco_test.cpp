@@ -8,6 +8,7 @@
 #include <memory>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -100,6 +101,34 @@ nlohmann::json client_summary(const fs::path& dir) {
     ADD_FAILURE() << "not JSON: " << out << "\n" << read_file(dir / "client.err").value_or("").substr(0, 4000);
     return {};
   }
+}
+
+// `solvernet train` of JOB on NET's nodes, in the background, printing to
+// DIR/client.out (client_summary) and DIR/client.err; EXTRA: more arguments.
+std::optional<ChildProcess> start_client(const fs::path& dir, const LocalNet& net, const fs::path& job,
+                                         const std::vector<std::string>& extra = {}) {
+  SpawnOptions client_out;
+  client_out.stdout_path = dir / "client.out";
+  client_out.stderr_path = dir / "client.err";
+  std::vector<std::string> args{bin(), "train", "--job", job.string(), "--bootstrap", net.dht.address,
+                                "--topology", data("lan.toml").string(), "--peer-timeout-s", "3", "--json"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  auto client = ChildProcess::spawn(args, client_out);
+  EXPECT_TRUE(client.ok()) << client.message();
+  if (!client.ok()) return std::nullopt;
+  return std::move(client).value();
+}
+
+// The node (of N, logging to DIR/n<i>.log) set up as a member of replica
+// group REPLICA within LIMIT, or -1.
+int node_of_group(const fs::path& dir, int n, int replica, std::chrono::seconds limit) {
+  const std::string role = " replica " + std::to_string(replica) + ", layers";
+  for (auto until = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < until;) {
+    for (int i = 0; i < n; ++i)
+      if (read_file(dir / ("n" + std::to_string(i) + ".log")).value_or("").find(role) != std::string::npos) return i;
+    std::this_thread::sleep_for(100ms);
+  }
+  return -1;
 }
 
 double mean(const std::vector<double>& v, size_t from, size_t to) {
@@ -324,7 +353,9 @@ TEST(Diloco, NodesJoiningFillADroppedGroupAtAnOuterBoundary) {
 // dropped. Thawed, it answers the EndJob the client kept sending (its lease
 // no longer renewed), is idle again, and with its group mate refills group 1
 // at a later outer boundary; the job completes with both groups, whose
-// replica hashes the client checked equal at the last outer step.
+// replica hashes the client checked equal at the last outer step. The DHT
+// bootstrap is gone before the thaw: the client knows the dropped group's
+// members itself.
 TEST(Diloco, AMemberFrozenAndThawedGetsItsGroupBack) {
   auto dir = test::scratch("diloco", "thaw");
   auto net = start_net(dir, 4);
@@ -361,6 +392,7 @@ TEST(Diloco, AMemberFrozenAndThawedGetsItsGroupBack) {
     ~Thaw() { ::kill(pid, SIGCONT); }
   } thaw{node.pid()};
   const bool dropped = test::wait_for_text(dir / "client.err", "replica group 1 dropped", 60s);
+  net->dht.process.kill_now();
   ::kill(node.pid(), SIGCONT);
   ASSERT_TRUE(dropped) << read_file(dir / "client.err").value_or("").substr(0, 4000);
   // The drop names the frozen node (it answers no ping), not a peer that
@@ -397,6 +429,71 @@ TEST(Diloco, AMemberFrozenAndThawedGetsItsGroupBack) {
   for (fs::recursive_directory_iterator it(dir / ("n" + std::to_string(frozen)), ec), end; !ec && it != end; it.increment(ec))
     EXPECT_EQ(it->path().string().find(".tmp"), std::string::npos) << it->path();
   for (int i = 0; i < 4; ++i) EXPECT_TRUE(net->nodes[static_cast<size_t>(i)].running()) << "node " << i << " crashed";
+  net.reset();
+  fs::remove_all(dir);
+}
+
+// A member of group 1 is killed and its group dropped; a node started then
+// dies as the rejoin hands it its checkpoint (node --kill-self-at
+// put-checkpoint:1). That costs group 1 again, not the job: group 0 trains
+// on alone to the last step, and the job completes.
+TEST(Diloco, AMemberLostDuringARejoinCostsOnlyItsGroup) {
+  auto dir = test::scratch("diloco", "rejoin-loss");
+  auto net = start_net(dir, 4);
+  ASSERT_TRUE(net);
+  const fs::path job = dir / "long.toml";
+  std::ofstream(job) << with_key(read_file(job_variant(dir, "base", "")).value(), "steps", "400");
+  auto client = start_client(dir, *net, job, {"--job-dir", (dir / "jobs").string()});
+  ASSERT_TRUE(client);
+  const int victim = node_of_group(dir, 4, 1, 60s);
+  ASSERT_GE(victim, 0) << read_file(dir / "client.err").value_or("");
+  std::this_thread::sleep_for(1500ms);
+  ::kill(net->nodes[static_cast<size_t>(victim)].pid(), SIGKILL);
+  net->nodes.push_back(net->start_node(dir, 4, "b", {"--kill-self-at", "put-checkpoint:1"}));
+  auto status = client->wait_for(120s);
+  ASSERT_TRUE(status.has_value()) << "client still running after 120 s";
+  const std::string err = read_file(dir / "client.err").value_or("");
+  ASSERT_EQ(*status, 0) << err.substr(0, 4000);
+  EXPECT_FALSE(net->nodes[4].running()) << "the joining node was never handed a checkpoint\n" << err.substr(0, 4000);
+  const auto s = client_summary(dir);
+  const auto& d = s["diloco"];
+  EXPECT_EQ(d["dropped_groups"], nlohmann::json::array({1, 1})) << d.dump();
+  EXPECT_TRUE(d["rejoined_groups"].empty()) << d.dump();
+  EXPECT_NE(err.find("replica group 1 did not rejoin"), std::string::npos) << err.substr(0, 4000);
+  EXPECT_EQ(s["losses"].size(), 400u);
+  for (const auto& per_stage : d["outer_hashes"]) EXPECT_EQ(per_stage.size(), 2u);
+  for (int i = 0; i < 4; ++i)
+    if (i != victim) EXPECT_TRUE(net->nodes[static_cast<size_t>(i)].running()) << "node " << i << " crashed";
+  net.reset();
+  fs::remove_all(dir);
+}
+
+// A member killed as the held-out evaluation reaches it (node
+// --kill-self-at eval:1): its group is dropped, the other group evaluates
+// the dropped group's share too, and the job completes with a held-out loss
+// and the model.
+TEST(Diloco, AMemberKilledDuringTheHeldOutEvaluationCostsOnlyItsGroup) {
+  auto dir = test::scratch("diloco", "eval-kill");
+  auto net = start_net(dir, 4, [](int i) {
+    return i == 3 ? std::vector<std::string>{"--kill-self-at", "eval:1"} : std::vector<std::string>{};
+  });
+  ASSERT_TRUE(net);
+  const fs::path model = dir / "model.safetensors";
+  auto client = start_client(dir, *net, job_variant(dir, "base", ""), {"--out", model.string()});
+  ASSERT_TRUE(client);
+  auto status = client->wait_for(90s);
+  ASSERT_TRUE(status.has_value()) << "client still running after 90 s";
+  const std::string err = read_file(dir / "client.err").value_or("");
+  ASSERT_EQ(*status, 0) << err.substr(0, 4000);
+  EXPECT_FALSE(net->nodes[3].running()) << "the hook did not fire";
+  const auto s = client_summary(dir);
+  const auto& d = s["diloco"];
+  ASSERT_EQ(d["dropped_groups"].size(), 1u) << d.dump();
+  EXPECT_EQ(d["dropped_at_step"][0], 24) << "dropped after the last step";
+  EXPECT_EQ(s["losses"].size(), 24u);
+  ASSERT_TRUE(s["holdout_loss"].is_number()) << s.dump();
+  EXPECT_LT(s["holdout_loss"].get<double>(), s["losses"][0].get<double>());
+  EXPECT_TRUE(fs::exists(model));
   net.reset();
   fs::remove_all(dir);
 }
