@@ -111,6 +111,9 @@ class JobSession {
   int64_t resumable_step() const {
     return mirror_ && !job_.diloco.enabled ? mirror_->newest_common_step() : 0;
   }
+  // Whether the client itself did not run for longer than the nodes' lease
+  // (Fleet::pause_explains): they dropped the job.
+  bool client_paused() const { return fleet_ && fleet_->pause_explains("").has_value(); }
 
  private:
   // A verifiable job on chain: a member caught lying (diverging replicas, a
@@ -188,7 +191,8 @@ class JobSession {
                               std::string& why) const;
   // [diloco] A member loss after STEPS_DONE steps, during WHAT: drops the
   // groups in FAILED (WHY led by their members that answer no ping) and goes
-  // on. Ends the job with an error when no group is left.
+  // on. Ends the job with an error when no group is left, or when the client
+  // itself did not run for longer than the lease (no node is to blame).
   Status lose_groups(const std::set<int>& failed, int64_t steps_done, const std::string& why, const std::string& what);
   // The live members of GROUPS that do not answer one ping within the fleet's
   // ping timeout (pinged in parallel): frozen or gone. Costs that timeout
@@ -1004,6 +1008,10 @@ std::set<int> JobSession::failed_groups(const std::vector<size_t>& members, cons
 
 Status JobSession::lose_groups(const std::set<int>& failed, int64_t steps_done, const std::string& why,
                                const std::string& what) {
+  if (auto paused = fleet_->pause_explains(what)) {
+    fleet_->end_all(true, paused->message);
+    return *paused;
+  }
   drop_groups(failed, steps_done - 1, blame_silent(silent_in(failed), why));
   if (first_live_group() >= 0) return ok_status();
   auto error = kind_error(ErrorKind::unavailable, "every replica group failed, the last during {}: {}", what, why);
@@ -1113,6 +1121,10 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
       failure_cancelled = cancelled;
     }
     if (!failure) break;
+    if (auto paused = fleet_->pause_explains(fmt::format("the outer step after step {}", steps_done))) {
+      fleet_->end_all(true, paused->message);
+      return *paused;
+    }
     std::set<int> lost;
     std::vector<size_t> silent;
     if (!(options_.cancel && options_.cancel->load()))
@@ -1395,9 +1407,10 @@ Result<TrainResult> run_distributed(const JobConfig& job, const std::vector<net:
   JobSession session(job, members, options);
   SN_TRY(session.check_members());
   SN_TRY(session.prepare_data());
-  // Stopped by the user (Ctrl-C): say how to go on, as a stop for want of a spare does.
+  // Stopped by the user (Ctrl-C), or the client itself stopped past the
+  // nodes' lease: say how to go on, as a stop for want of a spare does.
   const auto stopped = [&](Error error) {
-    if (error.kind == ErrorKind::aborted && options.cancel && options.cancel->load())
+    if (error.kind == ErrorKind::aborted && ((options.cancel && options.cancel->load()) || session.client_paused()))
       if (const int64_t step = session.resumable_step(); step > 0)
         error.message += "; " + resume_advice(options.recovery.job_dir, step);
     return error;

@@ -96,6 +96,8 @@ Fleet::~Fleet() {
 void Fleet::stop_background() {
   {
     std::lock_guard<std::mutex> lock(renew_mutex_);
+    // The gap still open counts once renewal stops (pause_explains).
+    if (renewing_ && !renew_stop_) longest_round_gap_ = std::max(longest_round_gap_, round_gap());
     renew_stop_ = true;
     // A frozen member's EndJob would hold its thread until its deadline.
     for (auto& [member, context] : ending_call_) context->TryCancel();
@@ -211,7 +213,9 @@ Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadlin
   for (auto& t : threads) t.join();
   for (auto& t : pingers) t.join();
   if (abort_reason.empty()) return ok_status();
+  const auto paused = pause_explains(what);
   Error error = abort_reason == "interrupted by the user" ? kind_error(ErrorKind::aborted, "interrupted during {}", what)
+                : paused                                 ? *paused
                 : client_gap.count() > 0 && suspension_explains(statuses, silent)
                     ? kind_error(ErrorKind::timeout,
                                  "the client itself did not run for {:.1f} s during {} (suspended?); no member is "
@@ -303,6 +307,9 @@ void Fleet::start_lease_renewal(std::chrono::milliseconds lease) {
   {
     std::lock_guard<std::mutex> lock(renew_mutex_);
     lease_ = lease;
+    renewing_ = true;
+    round_steady_ = Steady::now();
+    round_system_ = std::chrono::system_clock::now();
   }
   const auto period = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(200), lease / 3);
   renewer_ = std::thread([this, period] { renew_loop(period); });
@@ -317,6 +324,9 @@ void Fleet::renew_loop(std::chrono::milliseconds period) {
   auto next_round = std::chrono::steady_clock::now() + period;
   while (!renew_wake_.wait_until(lock, next_round, [&] { return renew_stop_; })) {
     next_round = std::chrono::steady_clock::now() + period;
+    longest_round_gap_ = std::max(longest_round_gap_, round_gap());
+    round_steady_ = Steady::now();
+    round_system_ = std::chrono::system_clock::now();
     // A released member's lease is left to run out: renewing it would keep
     // the node holding a job that no longer calls on it (never idle again).
     std::vector<size_t> renewed;
@@ -339,6 +349,27 @@ void Fleet::renew_loop(std::chrono::milliseconds period) {
     for (auto& t : threads) t.join();
     lock.lock();
   }
+}
+
+std::chrono::milliseconds Fleet::round_gap() const {
+  using std::chrono::duration_cast;
+  using std::chrono::milliseconds;
+  // A suspended machine stops the steady clock but not the nodes' clocks: the
+  // wall clock sees that gap; a SIGSTOP shows on both.
+  return std::max(duration_cast<milliseconds>(Steady::now() - round_steady_),
+                  duration_cast<milliseconds>(std::chrono::system_clock::now() - round_system_));
+}
+
+std::optional<Error> Fleet::pause_explains(const std::string& what) const {
+  std::lock_guard<std::mutex> lock(renew_mutex_);
+  if (!renewing_) return std::nullopt;
+  // The renewer may not have run yet since the client woke: the gap still open counts.
+  const auto gap = renew_stop_ ? longest_round_gap_ : std::max(longest_round_gap_, round_gap());
+  if (gap <= lease_) return std::nullopt;
+  return kind_error(ErrorKind::aborted,
+                    "the client itself did not run for {:.1f} s (stopped or suspended?), longer than the nodes' lease "
+                    "of {:.1f} s, so they dropped the job; {} failed through no node's fault",
+                    seconds_of(gap), seconds_of(lease_), what);
 }
 
 void Fleet::release(const std::vector<size_t>& members, const std::string& reason) {

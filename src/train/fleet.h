@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -74,7 +75,8 @@ class Fleet {
   // machine) blames nobody for the silence: every member's window starts
   // again when it wakes, and a call that then fails by a deadline, a
   // cancellation or a job its node dropped names no member (kind timeout, so
-  // a recovery pings every member before replacing any).
+  // a recovery pings every member before replacing any); one that did not run
+  // for longer than the lease ends the job (pause_explains: kind aborted).
   Status run_all(const std::string& what, std::chrono::milliseconds deadline, const Call& call);
   // Runs CALL on one member, retrying once if it was unavailable or timed out.
   Status run_one(size_t member, const std::string& what, std::chrono::milliseconds deadline, const Call& call);
@@ -87,6 +89,13 @@ class Fleet {
 
   // Starts renewing every member's lease every LEASE / 3 until the fleet ends.
   void start_lease_renewal(std::chrono::milliseconds lease);
+  // Whether the client itself did not run (SIGSTOP, a suspended machine) for
+  // longer than the members' lease since renewal began: no renewal went out
+  // for a lease (measured on the steady and the wall clock, the larger), so
+  // every member has dropped the job and a failure is no member's fault. The
+  // error to end with then (kind aborted, naming that gap and the lease,
+  // during WHAT), or none.
+  std::optional<Error> pause_explains(const std::string& what) const;
   // MEMBERS (indices) leave the job while the others go on (a dropped DiLoCo
   // group): their leases are no longer renewed, so each node drops the job
   // within one lease of its last renewal even if it hears nothing more, and
@@ -110,6 +119,8 @@ class Fleet {
  private:
   Error blame(const std::string& what, const std::vector<grpc::Status>& statuses, const std::vector<bool>& silent);
   void renew_loop(std::chrono::milliseconds period);
+  // Since the last renewal round began (renew_mutex_ held).
+  std::chrono::milliseconds round_gap() const;
   void end_in_background(size_t member, net::MemberInfo who, std::string reason);
   // Tells lease renewal and the background EndJobs to stop, cancelling the
   // EndJobs in flight; join_background waits for them.
@@ -131,6 +142,12 @@ class Fleet {
   bool renew_stop_ = false;
   std::thread renewer_;
   std::chrono::milliseconds lease_{30000};
+  bool renewing_ = false;
+  // The last renewal round's start, and the longest gap between two round
+  // starts so far (a round is due every lease / 3).
+  std::chrono::steady_clock::time_point round_steady_;
+  std::chrono::system_clock::time_point round_system_;
+  std::chrono::milliseconds longest_round_gap_{0};
   std::vector<char> released_;                          // per member: left the job (release)
   std::map<size_t, std::string> ending_;                // released, EndJob not answered yet: node id
   std::map<size_t, grpc::ClientContext*> ending_call_;  // the background EndJob in flight, per member

@@ -498,6 +498,42 @@ TEST(Diloco, AMemberKilledDuringTheHeldOutEvaluationCostsOnlyItsGroup) {
   fs::remove_all(dir);
 }
 
+// The client stopped (SIGSTOP) for longer than the nodes' 2 s lease: they
+// drop the job, rightly. Thawed, the client says that it was itself stopped
+// past the lease and blames no node, for a [diloco] job as for an every-step
+// one, which also says how to resume from its job dir.
+TEST(Diloco, AClientStoppedPastTheLeaseBlamesNoNode) {
+  for (const bool diloco : {true, false}) {
+    SCOPED_TRACE(diloco ? "[diloco]" : "every step");
+    auto dir = test::scratch("diloco", diloco ? "pause" : "pause-everystep");
+    auto net = start_net(dir, 4, [](int) { return std::vector<std::string>{"--lease-s", "2"}; });
+    ASSERT_TRUE(net);
+    std::string text = with_key(read_file(job_variant(dir, "base", "", !diloco)).value(), "steps", "5000");
+    if (!diloco) text = with_key(text, "checkpoint_every", "10");
+    const fs::path job = dir / "long.toml";
+    std::ofstream(job) << text;
+    auto client = start_client(dir, *net, job, {"--job-dir", (dir / "jobs").string()});
+    ASSERT_TRUE(client);
+    ASSERT_TRUE(test::wait_for_text(dir / "n3.log", " replica ", 60s)) << read_file(dir / "client.err").value_or("");
+    std::this_thread::sleep_for(2s);
+    ::kill(client->pid(), SIGSTOP);
+    std::this_thread::sleep_for(5s);
+    ::kill(client->pid(), SIGCONT);
+    auto status = client->wait_for(60s);
+    ASSERT_TRUE(status.has_value()) << "client still running 60 s after the thaw";
+    const std::string err = read_file(dir / "client.err").value_or("");
+    EXPECT_NE(*status, 0) << err.substr(0, 4000);
+    EXPECT_NE(err.find("the client itself did not run for"), std::string::npos) << err.substr(0, 4000);
+    EXPECT_NE(err.find("no node's fault"), std::string::npos) << err.substr(0, 4000);
+    EXPECT_EQ(err.find("dropped at step"), std::string::npos) << "a group was blamed\n" << err.substr(0, 4000);
+    EXPECT_EQ(err.find("takes the place of"), std::string::npos) << "a node was replaced\n" << err.substr(0, 4000);
+    if (!diloco) EXPECT_NE(err.find("solvernet train --resume"), std::string::npos) << err.substr(0, 4000);
+    for (int i = 0; i < 4; ++i) EXPECT_TRUE(net->nodes[static_cast<size_t>(i)].running()) << "node " << i << " crashed";
+    net.reset();
+    fs::remove_all(dir);
+  }
+}
+
 // `train --resume` of a [diloco] job is refused with one line, before any
 // node is looked for.
 TEST(Diloco, ResumeIsRefusedWithOneLine) {
