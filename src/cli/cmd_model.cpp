@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "cli/command.h"
+#include "core/backoff.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "infer/model_store.h"
@@ -90,6 +91,7 @@ int run_fetch(const ModelArgs& args) {
   // A fresh DHT client needs a moment to see everyone: ask until some node announces the model.
   std::vector<infer::Provider> providers;
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(args.wait_ms);
+  Backoff pause(std::chrono::milliseconds(200), std::chrono::milliseconds(1000));
   do {
     auto nodes = (*discovery)->list_nodes(std::chrono::milliseconds(1000));
     if (nodes.ok()) {
@@ -97,7 +99,7 @@ int run_fetch(const ModelArgs& args) {
       spdlog::debug("{} node(s) listed, {} announce the model", nodes->size(), providers.size());
     }
     if (!providers.empty()) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    std::this_thread::sleep_for(pause.next());
   } while (std::chrono::steady_clock::now() < give_up);
   (*discovery)->stop();
   if (providers.empty() && !(*store)->manifest(args.id).ok())

@@ -18,6 +18,7 @@
 
 #include "cli/host_corunners.h"
 #include "cli/signals.h"
+#include "core/backoff.h"
 #include "core/fs.h"
 #include "core/memory.h"
 #include "core/process.h"
@@ -245,6 +246,9 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
   const size_t floor = enough > 0 && enough < want ? enough : want;
   std::optional<std::chrono::steady_clock::time_point> enough_since;
   std::vector<solvernet::v1::NodeInfo> idle, live;
+  // Between looks: 0.2 s, doubling up to 1 s (a listing that answers at once
+  // must not become a loop of DHT gets).
+  Backoff pause(std::chrono::milliseconds(200), std::chrono::milliseconds(1000));
   while (true) {
     auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     SN_ASSIGN(auto nodes, discovery->list_nodes(std::max(std::chrono::milliseconds(500), std::min(remaining, std::chrono::milliseconds(2000)))));
@@ -271,7 +275,7 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
       return kind_error(ErrorKind::unavailable, "found {} idle node(s) via {}, the job needs {}", idle.size(),
                         bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), floor);
     }
-    if (idle.size() >= floor) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    std::this_thread::sleep_for(pause.next());
   }
   discovery->stop();
   return live;
@@ -293,11 +297,12 @@ Result<std::vector<solvernet::v1::NodeInfo>> wait_for_link_estimates(const std::
     return true;
   };
   const auto deadline = std::chrono::steady_clock::now() + timeout;
+  Backoff pause(std::chrono::milliseconds(500), std::chrono::milliseconds(2000));
   while (!complete() && std::chrono::steady_clock::now() < deadline && !stop_requested()) {
     if (auto listed = discovery->list_nodes(std::chrono::milliseconds(2000)); listed.ok())
       for (auto& n : *listed)
         if (auto it = index.find(n.node_id()); it != index.end()) nodes[it->second] = std::move(n);
-    if (!complete()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    if (!complete()) std::this_thread::sleep_for(pause.next());
   }
   discovery->stop();
   return nodes;

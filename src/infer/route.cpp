@@ -12,6 +12,7 @@
 #include <random>
 #include <set>
 
+#include "core/backoff.h"
 #include "core/hash.h"
 #include "infer/generation.h"
 #include "infer/model_store.h"
@@ -544,6 +545,7 @@ Result<std::unique_ptr<RemoteEngine>> open_remote_engine(const RemoteEngineOptio
   const auto deadline = Clock::now() + options.discovery_timeout;
   std::string model_id = options.model;
   std::vector<v1::NodeInfo> holders;
+  Backoff pause(std::chrono::milliseconds(500), std::chrono::milliseconds(2000));
   while (true) {
     SN_ASSIGN(auto nodes, discovery->list_nodes(std::chrono::milliseconds(2000)));
     std::set<std::string> served;
@@ -561,7 +563,7 @@ Result<std::unique_ptr<RemoteEngine>> open_remote_engine(const RemoteEngineOptio
       return kind_error(ErrorKind::not_found, "no server of {} found within {} ms",
                         model_id.empty() ? std::string("any model") : "model " + model_id,
                         options.discovery_timeout.count());
-    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    std::this_thread::sleep_for(pause.next());
   }
   // The manifest (config, tokenizer) from a server of the model, every byte checked against the id.
   std::optional<Manifest> manifest;

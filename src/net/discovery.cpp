@@ -11,6 +11,7 @@
 #include <map>
 #include <thread>
 
+#include "core/backoff.h"
 #include "net/announce.h"
 #include "net/rpc.h"
 
@@ -92,30 +93,7 @@ Result<std::unique_ptr<Discovery>> Discovery::start(uint16_t dht_port, const std
     d->runner_->bootstrap(hp.first, std::to_string(hp.second));
   }
   d->started_ = std::chrono::steady_clock::now();
-  d->next_bootstrap_warning_ = d->started_ + std::chrono::seconds(3);
-  d->republisher_ = std::thread([raw = d.get()] {
-    std::unique_lock<std::mutex> lock(raw->mutex_);
-    while (!raw->stopping_) {
-      // Wake at least every second to retry a failed put and watch the
-      // bootstrap; five times a second until joined, so a node (re)started
-      // mid-job is announced, and found as a spare, soon after it joins.
-      const bool joined = raw->connected();
-      raw->wake_.wait_for(lock, std::min(raw->options_.republish_every,
-                                         std::chrono::milliseconds(joined ? 1000 : 200)));
-      if (raw->stopping_) break;
-      if (!raw->connected()) {
-        lock.unlock();  // resolving a host name may take a while
-        raw->ping_bootstrap();
-        lock.lock();
-        if (raw->stopping_) break;
-      }
-      raw->watch_bootstrap_locked();
-      // Just joined: publish now; a put made before had no node to store it.
-      const bool due = !raw->last_publish_ || (!joined && raw->connected()) ||
-                       std::chrono::steady_clock::now() - *raw->last_publish_ >= raw->options_.republish_every;
-      if (due || raw->put_failed_.load()) raw->publish_locked();
-    }
-  });
+  d->republisher_ = std::thread([raw = d.get()] { raw->republish_loop(); });
   return d;
 }
 
@@ -169,7 +147,7 @@ void Discovery::ping_bootstrap() {
     try {
       addresses = dht::SockAddr::resolve(host, port);
     } catch (const std::exception&) {
-      continue;  // the warnings of watch_bootstrap_locked say it does not resolve
+      continue;  // report_reachability_locked says it does not resolve
     }
     if (!addresses.empty()) runner_->bootstrap(std::move(addresses));
   }
@@ -188,7 +166,8 @@ Status Discovery::wait_for_bootstrap(std::chrono::milliseconds timeout) {
   if (unresolved.size() == bootstrap_.size())
     return input_error("the bootstrap host {} does not resolve", unresolved.front());
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  auto next_ping = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  Backoff ping_again(std::chrono::milliseconds(500), std::chrono::milliseconds(2000));
+  auto next_ping = std::chrono::steady_clock::now() + ping_again.next();
   while (!connected()) {
     if (std::chrono::steady_clock::now() >= deadline) {
       std::string names;
@@ -199,32 +178,85 @@ Status Discovery::wait_for_bootstrap(std::chrono::milliseconds timeout) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     if (std::chrono::steady_clock::now() >= next_ping) {
       ping_bootstrap();
-      next_ping = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+      next_ping = std::chrono::steady_clock::now() + ping_again.next();
     }
   }
   return ok_status();
 }
 
-void Discovery::watch_bootstrap_locked() {
+void Discovery::republish_loop() {
+  using Clock = std::chrono::steady_clock;
+  // While no DHT node answers, the bootstrap is asked again after 0.2 s,
+  // then at doubling pauses up to 5 s: OpenDHT itself retries only every
+  // 10 s, and one lost first ping kept a restarted node out of the DHT (and
+  // out of the recovery waiting for it) for 10 s. A put no DHT node stored
+  // is retried after 1 s, doubling up to 30 s: retried at once, a dead
+  // bootstrap made it 993 puts in 2.2 s.
+  Backoff rejoin(std::chrono::milliseconds(200), std::chrono::milliseconds(5000));
+  Backoff put_retry(std::chrono::milliseconds(1000), std::chrono::milliseconds(30000));
+  std::unique_lock<std::mutex> lock(mutex_);
+  bool joined = connected();
+  auto next_ping = Clock::now() + rejoin.next();
+  while (!stopping_) {
+    auto wake = Clock::now() + std::chrono::milliseconds(1000);
+    if (!joined) wake = std::min(wake, next_ping);
+    if (info_ && put_retry_at_) wake = std::min(wake, *put_retry_at_);
+    if (info_ && !put_retry_at_ && last_publish_) wake = std::min(wake, *last_publish_ + options_.republish_every);
+    wake_.wait_until(lock, wake);
+    if (stopping_) break;
+    const bool was_joined = joined;
+    joined = connected();
+    if (joined) {
+      rejoin.reset();
+    } else if (was_joined) {
+      next_ping = Clock::now() + rejoin.next();
+    } else if (Clock::now() >= next_ping) {
+      lock.unlock();  // resolving a host name may take a while
+      ping_bootstrap();
+      lock.lock();
+      if (stopping_) break;
+      next_ping = Clock::now() + rejoin.next();
+    }
+    report_reachability_locked(joined, was_joined);
+    // One stored put is enough: a failure of another put in flight with it is moot.
+    if (put_stored_.exchange(false)) {
+      put_failed_.store(false);
+      put_retry.reset();
+      put_retry_at_.reset();
+    } else if (put_failed_.exchange(false)) {
+      put_retry_at_ = Clock::now() + put_retry.next();
+    }
+    if (!info_) continue;
+    const auto now = Clock::now();
+    // Just joined: publish now, since a put made before had no node to store
+    // it (but at most every 0.2 s, however often the join flaps).
+    if (joined && !was_joined)
+      put_retry_at_ = last_publish_ ? std::max(now, *last_publish_ + std::chrono::milliseconds(200)) : now;
+    const bool due = !last_publish_ ||
+                     (put_retry_at_ ? now >= *put_retry_at_ : now - *last_publish_ >= options_.republish_every);
+    if (due) publish_locked();
+  }
+}
+
+void Discovery::report_reachability_locked(bool joined, bool was_joined) {
   if (bootstrap_.empty() || caller_watches_bootstrap_.load()) return;
-  const auto now = std::chrono::steady_clock::now();
-  if (connected()) {
-    if (bootstrap_warned_) spdlog::info("joined the DHT: a bootstrap answered");
-    bootstrap_warned_ = false;
+  if (joined) {
+    if (unreachable_reported_) spdlog::info("the DHT answers again");
+    unreachable_reported_ = false;
+    ever_joined_ = true;
     return;
   }
-  if (now < next_bootstrap_warning_) return;
+  // A bootstrap gets 3 s to answer at the start; a DHT lost later is reported at once.
+  if (unreachable_reported_ || (!ever_joined_ && std::chrono::steady_clock::now() < started_ + std::chrono::seconds(3)))
+    return;
   std::string names;
-  for (const auto& [host, port] : bootstrap_) {
-    names += (names.empty() ? "" : ", ") + host + ":" + port;
-    runner_->bootstrap(host, port);  // ask again (a host may resolve or start later)
-  }
-  spdlog::warn("no DHT node has answered yet (bootstrap {}{}); still trying", names,
-               std::all_of(bootstrap_.begin(), bootstrap_.end(), [](const auto& b) { return !resolves(b.first); })
-                   ? ", which does not resolve"
-                   : "");
-  bootstrap_warned_ = true;
-  next_bootstrap_warning_ = now + std::chrono::seconds(30);
+  for (const auto& [host, port] : bootstrap_) names += (names.empty() ? "" : ", ") + host + ":" + port;
+  const bool none_resolves =
+      std::all_of(bootstrap_.begin(), bootstrap_.end(), [](const auto& b) { return !resolves(b.first); });
+  spdlog::warn("{} (bootstrap {}{}); asking again, at most 5 s apart, until one answers",
+               ever_joined_ || was_joined ? "lost the DHT: no DHT node answers any more" : "no DHT node has answered yet",
+               names, none_resolves ? ", which does not resolve" : "");
+  unreachable_reported_ = true;
 }
 
 void Discovery::publish_locked() {
@@ -233,22 +265,30 @@ void Discovery::publish_locked() {
   last_timestamp_ms_ = std::max(unix_millis(), last_timestamp_ms_ + 1);
   info_->set_timestamp_ms(last_timestamp_ms_);
   last_publish_ = std::chrono::steady_clock::now();
-  put_failed_.store(false);
+  put_retry_at_.reset();
+  spdlog::debug("DHT put of this node's announcement, stamped {}", last_timestamp_ms_);
   std::string bytes;
   sign_node_info(*info_, *key_).SerializeToString(&bytes);
   auto value = std::make_shared<dht::Value>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
   value->id = announcement_value_id(info_->node_id());
   value->type = kNodeValueType;
-  // Runs on the DHT's thread; the runner is joined in stop() before we go away.
-  runner_->put(network_key(options_.network), value, [this](bool ok) {
+  // Runs on the DHT's thread (or at once, under mutex_, if the runner has
+  // stopped), so it takes no lock; the runner is joined in stop() before we go.
+  // A put that a newer one replaced before it was stored reports a failure
+  // that is none: only the newest put's failure counts.
+  const uint64_t sequence = ++put_sequence_;
+  runner_->put(network_key(options_.network), value, [this, sequence](bool ok) {
+    if (!ok && sequence != put_sequence_.load()) return;
     if (ok) {
       if (int failed = failed_puts_.exchange(0); failed > 0)
         spdlog::info("announcement stored after {} failed attempt(s)", failed);
-      return;
+      put_stored_.store(true);
+    } else {
+      if (failed_puts_.fetch_add(1) == 0)
+        spdlog::warn("publishing this node's announcement failed (no DHT node stored it); retrying after 1 s, "
+                     "doubling up to 30 s");
+      put_failed_.store(true);
     }
-    if (failed_puts_.fetch_add(1) == 0)
-      spdlog::warn("publishing this node's announcement failed (no DHT node stored it); retrying every second");
-    put_failed_.store(true);
     wake_.notify_all();
   });
 }
@@ -257,13 +297,15 @@ void Discovery::announce(const solvernet::v1::NodeInfo& info, const NodeKey& key
   std::lock_guard<std::mutex> lock(mutex_);
   info_ = info;
   key_ = &key;
-  publish_locked();
+  if (!put_retry_at_) publish_locked();
 }
 
 void Discovery::update_announcement(const solvernet::v1::NodeInfo& info) {
   std::lock_guard<std::mutex> lock(mutex_);
   info_ = info;
-  publish_locked();
+  // After a failed put the change waits for the retry (which carries it):
+  // updates (probe rounds, jobs) must not undo the backoff.
+  if (!put_retry_at_) publish_locked();
 }
 
 void Discovery::put_raw(const std::string& bytes, uint64_t value_id) {
@@ -316,6 +358,7 @@ Result<std::vector<solvernet::v1::NodeInfo>> Discovery::list_nodes(std::chrono::
 Result<std::vector<solvernet::v1::NodeInfo>> Discovery::wait_for_nodes(size_t n, std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   std::vector<solvernet::v1::NodeInfo> best;
+  Backoff pause(std::chrono::milliseconds(200), std::chrono::milliseconds(1000));
   while (true) {
     auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     if (remaining.count() <= 0) break;
@@ -323,7 +366,7 @@ Result<std::vector<solvernet::v1::NodeInfo>> Discovery::wait_for_nodes(size_t n,
     if (nodes.size() >= best.size()) best = std::move(nodes);
     if (best.size() >= n) break;
     // A fresh node is still filling its routing table: give it a moment.
-    std::this_thread::sleep_for(std::min(std::chrono::milliseconds(200), remaining));
+    std::this_thread::sleep_for(std::min(pause.next(), remaining));
   }
   return best;
 }

@@ -53,9 +53,14 @@ class Discovery {
   bool connected() const;
 
   // Publishes INFO now and again every republish_every, freshly stamped and
-  // signed, until stop(). A put that no DHT node acknowledged is logged
-  // (warning) and retried after one second, until one succeeds. While no
-  // bootstrap has answered, a warning is logged and the bootstrap retried.
+  // signed, until stop(). A put that no DHT node acknowledged is retried
+  // after 1 s, doubling up to 30 s (± 20 %), until one succeeds; meanwhile
+  // update_announcement only swaps the content, which the retry carries. A
+  // run of failed puts logs one warning, and one line when a put succeeds
+  // again. While no DHT node answers, the bootstrap is asked again at
+  // doubling pauses up to 5 s, and the node logs one warning when the DHT
+  // becomes unreachable (after 3 s at the start) and one line when it
+  // answers again, not one per attempt.
   void announce(const solvernet::v1::NodeInfo& info, const NodeKey& key);
   void update_announcement(const solvernet::v1::NodeInfo& info);
   // Verified live nodes, one per id (newest wins), waiting up to TIMEOUT for the DHT.
@@ -76,8 +81,10 @@ class Discovery {
 
  private:
   Discovery() = default;
+  void republish_loop();  // the republisher thread
   void publish_locked();
-  void watch_bootstrap_locked();
+  // Logs a change between reaching the DHT (JOINED) and not, once per change.
+  void report_reachability_locked(bool joined, bool was_joined);
   void ping_bootstrap();  // each bootstrap address, now (not under mutex_)
 
   DiscoveryOptions options_;
@@ -88,13 +95,15 @@ class Discovery {
   std::optional<solvernet::v1::NodeInfo> info_;
   const NodeKey* key_ = nullptr;
   int64_t last_timestamp_ms_ = 0;
-  std::optional<std::chrono::steady_clock::time_point> last_publish_;          // announcements are stamped strictly increasing
+  std::optional<std::chrono::steady_clock::time_point> last_publish_;
+  std::optional<std::chrono::steady_clock::time_point> put_retry_at_;  // set while puts fail
   std::vector<std::pair<std::string, std::string>> bootstrap_;  // host, port
-  std::chrono::steady_clock::time_point started_, next_bootstrap_warning_;
-  bool bootstrap_warned_ = false;
+  std::chrono::steady_clock::time_point started_;
+  bool unreachable_reported_ = false, ever_joined_ = false;
   std::atomic<bool> caller_watches_bootstrap_{false};
-  std::atomic<bool> put_failed_{false};
+  std::atomic<bool> put_failed_{false}, put_stored_{false};  // set by put callbacks, read by the republisher
   std::atomic<int> failed_puts_{0};
+  std::atomic<uint64_t> put_sequence_{0};  // puts made; a callback knows whether a newer one followed
   std::thread republisher_;
 };
 

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -364,6 +365,60 @@ TEST(DiscoveryCommands, PeersListsAnnouncersThroughARealBootstrapProcess) {
   std::filesystem::remove_all(dir);
 }
 
+// Occurrences of TEXT in HAYSTACK.
+size_t count_of(const std::string& haystack, const std::string& text) {
+  size_t count = 0;
+  for (auto at = haystack.find(text); at != std::string::npos; at = haystack.find(text, at + text.size())) ++count;
+  return count;
+}
+
+// A node whose bootstrap (its only DHT peer) dies: its announcement's puts
+// fail, and are retried after 1 s, doubling up to 30 s, not at once (993
+// puts in 2.2 s); the loss of the DHT and the failing puts are logged once
+// each, not per attempt. 12 s after the kill the node keeps running.
+TEST(DiscoveryCommands, NodeBacksOffWhenItsBootstrapDies) {
+  const std::string bin = solvernet_bin();
+  if (bin.empty()) GTEST_SKIP() << "SOLVERNET_BIN is not set (ctest sets it)";
+  const auto dir = std::filesystem::temp_directory_path() / ("sn-dead-bootstrap-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const uint16_t port = free_udp_port();
+  SpawnOptions spawn;
+  spawn.stdout_path = spawn.stderr_path = dir / "dht.log";
+  auto dht = ChildProcess::spawn({bin, "dht", "--port", std::to_string(port)}, spawn);
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  const std::string listening = "dht bootstrap listening on 127.0.0.1:" + std::to_string(port);
+  for (auto until = std::chrono::steady_clock::now() + 15s;
+       read_file(dir / "dht.log").find(listening) == std::string::npos && std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(50ms);
+  spawn.stdout_path = spawn.stderr_path = dir / "node.log";
+  auto node = ChildProcess::spawn({bin, "node", "--data", (dir / "node").string(), "--listen", "127.0.0.1:0",
+                                   "--dht-port", "0", "--bootstrap", "127.0.0.1:" + std::to_string(port), "--log-level",
+                                   "debug"},
+                                  spawn);
+  ASSERT_TRUE(node.ok()) << node.message();
+  // Joined and announced: a reader sees the node through the bootstrap.
+  auto reader = Discovery::start(0, {"127.0.0.1:" + std::to_string(port)});
+  ASSERT_TRUE(reader.ok()) << reader.message();
+  auto seen = (*reader)->wait_for_nodes(1, 30000ms);
+  ASSERT_TRUE(seen.ok() && !seen->empty()) << read_file(dir / "node.log");
+  (*reader)->stop();
+
+  const size_t before = read_file(dir / "node.log").size();
+  ::kill(dht->pid(), SIGKILL);
+  std::this_thread::sleep_for(12s);
+  ASSERT_TRUE(node->running()) << read_file(dir / "node.log");
+  const std::string log = read_file(dir / "node.log").substr(before);
+  const size_t puts = count_of(log, "DHT put of this node's announcement");
+  // Due every 5 s, or retried after 1, 2, 4 and 8 s of failures: a handful in 12 s.
+  EXPECT_LE(puts, 8u) << log;
+  EXPECT_LE(count_of(log, "publishing this node's announcement failed"), 1u) << log;
+  EXPECT_LE(count_of(log, "lost the DHT"), 1u) << log;
+  std::printf("%zu puts in the 12 s after the bootstrap died\n", puts);
+  ::kill(node->pid(), SIGTERM);
+  EXPECT_EQ(node->wait_for(20s), std::optional<int>(143));
+  std::filesystem::remove_all(dir);
+}
 
 // A real node process announces itself through a real bootstrap process; this
 // test process plays the attacker (its own DHT node and key) and the reader.
