@@ -442,6 +442,9 @@ int run_node(const NodeArgs& args) {
         spdlog::debug("announcing {} of {} link estimates (the DHT's 4 KiB value limit)", announced, estimates.size());
       discovery->update_announcement(info);
     };
+    // A node holding a job (training, or an inference session) sends no probes: they would
+    // take its link and CPU from the job, and measure the job's own traffic.
+    probe_options.paused = [&runtime] { return !runtime.held().job_ids.empty(); };
     prober = std::make_unique<net::Prober>(probe_options);
     prober->start();
   }

@@ -19,6 +19,7 @@ constexpr auto kRateWindow = std::chrono::seconds(60);
 // (their sequence floor goes with them, but the control window still bounds replays).
 constexpr size_t kMaxProbers = 4096;
 constexpr auto kNewPeerCheck = std::chrono::seconds(5);
+constexpr auto kPauseCheck = std::chrono::seconds(1);
 
 std::string probe_job_id(const std::string& target_node_id) { return "probe:" + target_node_id; }
 
@@ -51,6 +52,7 @@ class ProbeService::Impl final : public solvernet::v1::Probe::Service {
       spdlog::debug("refused a probe: {}", paced.message());
       return to_grpc(paced.error());
     }
+    answered_.fetch_add(1);
     // The answer travels the emulated link back to the prober.
     std::this_thread::sleep_until((*paced)->schedule(64));
     reply->set_node_id(options_.key->node_id());
@@ -58,7 +60,7 @@ class ProbeService::Impl final : public solvernet::v1::Probe::Service {
     return grpc::Status::OK;
   }
 
-  std::atomic<int64_t> refused_{0};
+  std::atomic<int64_t> answered_{0}, refused_{0};
 
  private:
   struct Prober {
@@ -131,6 +133,7 @@ class ProbeService::Impl final : public solvernet::v1::Probe::Service {
 ProbeService::ProbeService(ProbeServiceOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
 ProbeService::~ProbeService() = default;
 grpc::Service* ProbeService::service() { return impl_.get(); }
+int64_t ProbeService::answered() const { return impl_->answered_.load(); }
 int64_t ProbeService::refused() const { return impl_->refused_.load(); }
 
 namespace {
@@ -233,28 +236,36 @@ void Prober::loop() {
     return SteadyClock::now() + std::chrono::duration_cast<SteadyClock::duration>(
                                     std::chrono::duration<double, std::milli>(static_cast<double>(options_.every.count()) * spread(random)));
   };
-  round(false);
-  auto next_full = next_round();
+  auto next_full = SteadyClock::now();
+  auto next_new = next_full + kNewPeerCheck;
+  bool was_paused = false;
   while (true) {
-    {
+    const bool pause = paused();
+    if (pause != was_paused) spdlog::info(pause ? "probes paused" : "probes resumed");
+    was_paused = pause;
+    if (!pause) {
       // Between full rounds, a look every kNewPeerCheck for peers never probed
       // (a node that just joined is measured within seconds, not a whole interval).
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait_until(lock, std::min(next_full, SteadyClock::now() + kNewPeerCheck), [&] { return stopping_; });
-      if (stopping_) return;
+      if (SteadyClock::now() >= next_full) {
+        round(false);
+        next_full = next_round();
+        next_new = SteadyClock::now() + kNewPeerCheck;
+      } else if (SteadyClock::now() >= next_new) {
+        round(true);
+        next_new = SteadyClock::now() + kNewPeerCheck;
+      }
     }
-    if (SteadyClock::now() >= next_full) {
-      round(false);
-      next_full = next_round();
-    } else {
-      round(true);
-    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    const auto until = std::min({next_full, next_new, SteadyClock::now() + kPauseCheck});
+    wake_.wait_until(lock, until, [&] { return stopping_; });
+    if (stopping_) return;
   }
 }
 
 void Prober::round() { round(false); }
 
 void Prober::round(bool only_new) {
+  if (paused()) return;
   std::vector<solvernet::v1::NodeInfo> listed = options_.peers ? options_.peers() : std::vector<solvernet::v1::NodeInfo>{};
   std::erase_if(listed, [&](const solvernet::v1::NodeInfo& n) {
     return n.node_id() == options_.key->node_id() || n.withdrawn() || n.address().empty();
@@ -289,6 +300,7 @@ void Prober::round(bool only_new) {
       if (stopping_) return;
       PeerRecord& record = peers_[peer.node_id()];
       if (only_new && record.attempted) continue;
+      if (paused()) break;
       record.attempted = true;
       pacer = record.pacer.get();
       if (!record.samples.empty()) previous = record.samples.back().mbps;

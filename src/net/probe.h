@@ -60,6 +60,7 @@ class ProbeService {
   explicit ProbeService(ProbeServiceOptions options);
   ~ProbeService();
   grpc::Service* service();
+  int64_t answered() const;  // requests answered since the start
   int64_t refused() const;
 
  private:
@@ -95,6 +96,11 @@ struct ProberOptions {
   std::function<std::vector<solvernet::v1::NodeInfo>()> peers;
   // Called after each round with every current estimate (newest peers first).
   std::function<void(const std::vector<solvernet::v1::LinkEstimate>&)> on_update;
+  // While this returns true no probe is sent and no peer listed (a node
+  // holding a job: probes would spend its link and CPU, and measure its own
+  // job's traffic). Asked about every second and between the peers of a
+  // round; the probe in flight finishes. Empty: never paused.
+  std::function<bool()> paused;
 };
 
 // Probes PEER once. PREVIOUS_MBPS (0: unknown) sizes the payload. PACER (may
@@ -106,8 +112,10 @@ Result<ProbeSample> probe_peer(const solvernet::v1::NodeInfo& peer, const Prober
 // Runs rounds in a background thread until stop() or destruction: a full
 // round at start and every `every` ± jitter, and between them, every 5 s, a
 // probe of peers never tried (so a node that just joined is measured within
-// seconds). A failed probe is logged (debug) and the peer's older estimate
-// kept; an estimate of a peer no longer listed is dropped.
+// seconds). While options.paused() holds it sends nothing; a full round that
+// fell due meanwhile runs once it no longer holds. A failed probe is logged
+// (debug) and the peer's older estimate kept; an estimate of a peer no longer
+// listed is dropped.
 class Prober {
  public:
   explicit Prober(ProberOptions options);
@@ -117,7 +125,7 @@ class Prober {
   void stop();
 
   // Runs one round now, in the caller's thread (tests; the background thread
-  // is not started by this).
+  // is not started by this). Nothing while paused.
   void round();
   void start();
   std::vector<solvernet::v1::LinkEstimate> estimates() const;
@@ -131,6 +139,7 @@ class Prober {
     bool attempted = false;  // probed (or tried) at least once
   };
   void loop();
+  bool paused() const { return options_.paused && options_.paused(); }
   // ONLY_NEW: probe only peers never tried (the checks between full rounds).
   void round(bool only_new);
 

@@ -6,6 +6,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -14,6 +15,7 @@
 #include <map>
 #include <thread>
 
+#include "core/fs.h"
 #include "core/process.h"
 #include "net/discovery.h"
 #include "net/probe.h"
@@ -177,6 +179,59 @@ TEST(Probe, EstimateIsBestRttAndBestThroughput) {
   EXPECT_EQ(e.measured_at_ms(), 123);
 }
 
+// A node holding a job pauses its prober (ProberOptions.paused): while the
+// predicate holds, no probe reaches the peer and no peer is even listed;
+// once it no longer holds, rounds resume.
+TEST(Probe, PausedProberSendsNothingUntilResumed) {
+  ProbeServiceOptions server_options;
+  server_options.per_minute = 100000;
+  Server server(server_options);
+  NodeKey key = NodeKey::generate();
+  std::atomic<bool> paused{true};
+  std::atomic<int> listings{0}, rounds{0};
+  ProberOptions options;
+  options.key = &key;
+  options.every = 300ms;
+  options.rtt_probes = 1;
+  options.peers = [&] {
+    listings.fetch_add(1);
+    return std::vector<solvernet::v1::NodeInfo>{server.info};
+  };
+  options.paused = [&] { return paused.load(); };
+  // Pausing at the end of a round, in the prober's thread, leaves no probe in flight.
+  std::atomic<bool> pause_after_round{false};
+  options.on_update = [&](const std::vector<solvernet::v1::LinkEstimate>&) {
+    rounds.fetch_add(1);
+    if (pause_after_round.exchange(false)) paused = true;
+  };
+  Prober prober(options);
+  prober.start();
+  std::this_thread::sleep_for(2500ms);  // the first round would have run at once, and again every 0.3 s
+  EXPECT_EQ(server.service->answered(), 0);
+  EXPECT_EQ(listings.load(), 0);
+
+  auto wait_for = [](auto done) {
+    for (auto until = std::chrono::steady_clock::now() + 20s; !done() && std::chrono::steady_clock::now() < until;)
+      std::this_thread::sleep_for(20ms);
+    return done();
+  };
+  paused = false;
+  ASSERT_TRUE(wait_for([&] { return rounds.load() >= 2; })) << "no probe round within 20 s of resuming";
+  EXPECT_GT(server.service->answered(), 0);
+
+  pause_after_round = true;
+  ASSERT_TRUE(wait_for([&] { return paused.load(); }));
+  const int64_t answered = server.service->answered();
+  const int listed = listings.load();
+  std::this_thread::sleep_for(2500ms);
+  EXPECT_EQ(server.service->answered(), answered);
+  EXPECT_EQ(listings.load(), listed);
+
+  paused = false;
+  EXPECT_TRUE(wait_for([&] { return server.service->answered() > answered; })) << "probes did not resume";
+  prober.stop();
+}
+
 TEST(Probe, LinkMatrixFromEstimatesAveragesBothEndsAndFillsGaps) {
   std::vector<solvernet::v1::NodeInfo> nodes(3);
   for (int i = 0; i < 3; ++i) {
@@ -327,6 +382,63 @@ TEST(ProbeDevnet, EstimatesAreWithinFifteenPercentOfTheTopology) {
                   link.bandwidth_mbps, e.samples());
     }
   (*discovery)->stop();
+  for (auto& node : nodes) node.terminate();
+  dht->terminate();
+  std::filesystem::remove_all(dir);
+}
+
+// The node command pauses its prober while its runtime holds a job (what
+// the prober does then is PausedProberSendsNothingUntilResumed's): two node
+// processes probing every 0.5 s take a training job, and each logs "probes
+// paused" as it holds the job and "probes resumed" once the job is over.
+TEST(ProbeDevnet, NodeHoldingAJobPausesItsProbes) {
+  const char* bin_env = std::getenv("SOLVERNET_BIN");
+  const char* source_env = std::getenv("SOLVERNET_SOURCE_DIR");
+  if (!bin_env || !source_env) GTEST_SKIP() << "SOLVERNET_BIN or SOLVERNET_SOURCE_DIR is not set (ctest sets them)";
+  const std::string bin = bin_env;
+  const std::filesystem::path data = std::filesystem::path(source_env) / "tests/train/data";
+  const auto dir = std::filesystem::temp_directory_path() / ("probe-pause-" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  auto port = free_loopback_port(SOCK_DGRAM);
+  ASSERT_TRUE(port.ok());
+  SpawnOptions spawn;
+  spawn.stdout_path = spawn.stderr_path = dir / "dht.log";
+  auto dht = ChildProcess::spawn({bin, "dht", "--port", std::to_string(*port)}, spawn);
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  const std::string bootstrap = "127.0.0.1:" + std::to_string(*port);
+  std::vector<ChildProcess> nodes;
+  for (int i = 0; i < 2; ++i) {
+    SpawnOptions options;
+    options.stdout_path = options.stderr_path = dir / ("node" + std::to_string(i) + ".log");
+    auto node = ChildProcess::spawn({bin, "node", "--data", (dir / ("n" + std::to_string(i))).string(), "--listen",
+                                     "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region",
+                                     i == 0 ? "a" : "b", "--probe-every-s", "0.5", "--probe-limit", "100000"},
+                                    options);
+    ASSERT_TRUE(node.ok()) << node.message();
+    nodes.push_back(std::move(node).value());
+  }
+  SpawnOptions client;
+  client.stdout_path = dir / "train.out";
+  client.stderr_path = dir / "train.err";
+  auto train = ChildProcess::spawn({bin, "train", "--job", (data / "churn-pipeline.toml").string(), "--bootstrap",
+                                    bootstrap, "--topology", (data / "churn-net.toml").string(), "--key",
+                                    (dir / "client.key").string(), "--wait-s", "30", "--json"},
+                                   client);
+  ASSERT_TRUE(train.ok()) << train.message();
+  ASSERT_EQ(train->wait_for(120s), std::optional<int>(0)) << read_file(dir / "train.err").value_or("");
+  auto log_of = [&](int i) { return read_file(dir / ("node" + std::to_string(i) + ".log")).value_or(""); };
+  for (int i = 0; i < 2; ++i) {
+    // The lease ends with the job; the prober looks about every second.
+    for (auto until = std::chrono::steady_clock::now() + 20s;
+         log_of(i).find("probes resumed") == std::string::npos && std::chrono::steady_clock::now() < until;)
+      std::this_thread::sleep_for(100ms);
+    const std::string log = log_of(i);
+    const auto paused = log.find("probes paused"), resumed = log.find("probes resumed");
+    ASSERT_NE(paused, std::string::npos) << "node " << i << ":\n" << log;
+    ASSERT_NE(resumed, std::string::npos) << "node " << i << ":\n" << log;
+    EXPECT_LT(paused, resumed) << log;
+  }
   for (auto& node : nodes) node.terminate();
   dht->terminate();
   std::filesystem::remove_all(dir);
