@@ -4,10 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
-#include <future>
 #include <iostream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <thread>
@@ -188,9 +189,10 @@ Status check_run_inputs(const RunSpec& spec, bool local) {
   return ok_status();
 }
 
-std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1::NodeInfo>& candidates,
-                                                std::chrono::milliseconds timeout) {
-  // All pings at once: the wait is one timeout, not one per dead node.
+namespace {
+// Whether each of CANDIDATES answers a Ping within TIMEOUT with its own node
+// id. All pings at once: the wait is one timeout, not one per dead node.
+std::vector<bool> answering(const std::vector<solvernet::v1::NodeInfo>& candidates, std::chrono::milliseconds timeout) {
   struct Call {
     solvernet::v1::PingReply reply;
     grpc::ClientContext context;
@@ -223,6 +225,13 @@ std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1:
   bool ok = false;
   while (queue.Next(&tag, &ok)) {
   }
+  return live;
+}
+}  // namespace
+
+std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1::NodeInfo>& candidates,
+                                                std::chrono::milliseconds timeout) {
+  const std::vector<bool> live = answering(candidates, timeout);
   std::vector<solvernet::v1::NodeInfo> out;
   for (size_t i = 0; i < candidates.size(); ++i) {
     if (live[i])
@@ -333,21 +342,128 @@ nlohmann::json placement_at_end(const train::TrainResult& result, int64_t stages
   }
   return out;
 }
-}  // namespace
 
-std::vector<net::MemberInfo> find_idle_nodes(net::Discovery& discovery, const std::vector<std::string>& exclude,
-                                             std::chrono::milliseconds timeout) {
-  std::vector<net::MemberInfo> out;
-  if (!discovery.wait_for_bootstrap(timeout).ok()) return out;
-  auto nodes = discovery.list_nodes(timeout);
-  if (!nodes.ok()) return out;
-  std::vector<solvernet::v1::NodeInfo> idle;
-  for (auto& n : *nodes)
-    if (n.busy_job_id().empty() && std::find(exclude.begin(), exclude.end(), n.node_id()) == exclude.end())
-      idle.push_back(n);
-  for (const auto& n : live_nodes(idle, std::chrono::milliseconds(1500))) out.push_back(member_of_node(n));
-  return out;
-}
+// The idle nodes the DHT lists that answer a ping, kept fresh by a thread of
+// its own: the training loop asks at every mirrored checkpoint of a
+// re-planned job and at every DiLoCo boundary while a group is dropped, and
+// must not wait for the DHT there (with the bootstrap dead, one look took
+// ~2 s: an every-step job ran ~5x slower after a re-plan, DiLoCo ~30x after
+// a drop). A look lists the DHT (at most kListWait) and pings the idle nodes
+// listed (at most kPingWait, all at once); looks come kEvery apart, or
+// kSoonest after the last once latest() asks (a recovery waiting for a
+// spare polls it). While the DHT does not answer (not joined, or an empty
+// listing: a job's own members are always listed), the last list's nodes
+// are pinged again instead, and the DHT is asked again at doubling pauses.
+class IdleNodeWatch {
+ public:
+  static constexpr auto kEvery = std::chrono::milliseconds(2000);
+  static constexpr auto kSoonest = std::chrono::milliseconds(200);
+  static constexpr auto kListWait = std::chrono::milliseconds(1500);
+  static constexpr auto kPingWait = std::chrono::milliseconds(1000);
+
+  // Starts the first look at once, in the background.
+  explicit IdleNodeWatch(std::vector<std::string> bootstrap) : bootstrap_(std::move(bootstrap)) {
+    thread_ = std::thread([this] { run(); });
+  }
+  ~IdleNodeWatch() { stop(); }
+  IdleNodeWatch(const IdleNodeWatch&) = delete;
+  IdleNodeWatch& operator=(const IdleNodeWatch&) = delete;
+
+  // The idle nodes that answered at the newest look (none before the first
+  // ends), at once, each once per look: the client keeps those it is given,
+  // and one that has died since would only be pinged again and again until
+  // the next look. Asks for a fresh look (unless the DHT does not answer).
+  std::vector<net::MemberInfo> latest() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    fresh_wanted_ = true;
+    wake_.notify_all();
+    std::vector<net::MemberInfo> out;
+    for (const auto& node : idle_)
+      if (handed_out_.insert(node.node_id).second) out.push_back(node);
+    return out;
+  }
+
+  // Waits for a look in flight (at most kListWait + kPingWait) and stops the
+  // thread and the DHT node. Idempotent.
+  void stop() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void run() {
+    Backoff dht_silent(std::chrono::milliseconds(1000), std::chrono::milliseconds(15000));
+    std::unique_ptr<net::Discovery> dht;
+    std::vector<solvernet::v1::NodeInfo> known;  // the newest look's idle nodes that answered
+    std::set<std::string> reported_silent;
+    bool dht_answered = true;
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (stopping_) break;
+        fresh_wanted_ = false;
+      }
+      if (!dht)
+        if (auto started = net::Discovery::start(0, bootstrap_); started.ok()) dht = std::move(started).value();
+      std::optional<std::vector<solvernet::v1::NodeInfo>> listed;
+      if (dht && dht->wait_for_bootstrap(kListWait).ok())
+        if (auto got = dht->list_nodes(kListWait); got.ok() && !got->empty()) listed = std::move(got).value();
+      std::vector<solvernet::v1::NodeInfo> candidates;
+      if (listed) {
+        for (auto& n : *listed)
+          if (n.busy_job_id().empty()) candidates.push_back(std::move(n));
+      } else {
+        candidates = known;
+      }
+      const std::vector<bool> answers = answering(candidates, kPingWait);
+      known.clear();
+      std::vector<net::MemberInfo> idle;
+      for (size_t i = 0; i < candidates.size(); ++i) {
+        const auto& n = candidates[i];
+        if (answers[i]) {
+          reported_silent.erase(n.node_id());
+          known.push_back(n);
+          idle.push_back(member_of_node(n));
+        } else if (reported_silent.insert(n.node_id()).second) {
+          spdlog::info("node {} at {} is listed idle but did not answer a ping; not a spare while it does not",
+                       n.node_id().substr(0, 8), n.address());
+        }
+      }
+      if (listed.has_value() != dht_answered) {
+        dht_answered = listed.has_value();
+        if (dht_answered)
+          spdlog::info("looking for spares: the DHT answers again");
+        else
+          spdlog::warn("looking for spares: the DHT does not answer (bootstrap {}); the spares are the {} idle node(s) "
+                       "of its last list that still answer a ping; asking it again, at most 15 s apart",
+                       fmt::join(bootstrap_, ", "), idle.size());
+      }
+      if (listed) dht_silent.reset();
+      const auto pause = listed ? std::chrono::milliseconds(kEvery) : dht_silent.next();
+      const auto looked = std::chrono::steady_clock::now();
+      std::unique_lock<std::mutex> lock(mutex_);
+      idle_ = std::move(idle);
+      handed_out_.clear();
+      if (wake_.wait_until(lock, looked + kSoonest, [&] { return stopping_; })) break;
+      // Asked for a fresh look: only while the DHT answers (else it waits out its pause).
+      wake_.wait_until(lock, looked + pause, [&] { return stopping_ || (fresh_wanted_ && dht_answered); });
+    }
+    if (dht) dht->stop();
+  }
+
+  const std::vector<std::string> bootstrap_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  bool stopping_ = false, fresh_wanted_ = false;
+  std::vector<net::MemberInfo> idle_;
+  std::set<std::string> handed_out_;  // node ids latest() returned since the newest look
+  std::thread thread_;
+};
+}  // namespace
 
 // Whether every node listens on this machine's loopback (the devnet, tests).
 static bool all_on_this_host(const std::vector<solvernet::v1::NodeInfo>& nodes) {
@@ -442,6 +558,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
                                                             std::chrono::system_clock::now().time_since_epoch()).count());
   std::set<std::string> placed;
   for (const auto& member : placement.members) placed.insert(member.node_id);
+  std::shared_ptr<IdleNodeWatch> idle_watch;  // stopped as the job ends
   DirLock job_dir_lock;  // held until the job ends (a --resume's is held by the train command)
   if (!spec.job_dir.empty()) {
     options.recovery.job_dir = spec.job_dir / options.job_id;
@@ -461,44 +578,33 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     // Nodes that joined (or came back) since the job began are found through the DHT.
     // (A member that died and came back with its data dir is one of them; the
     // client leaves out its current members itself.)
-    // One DHT node for the whole job: joining anew at every look cost one to
-    // two seconds of each poll while a recovery waited for a spare. It starts
-    // with the job, and takes its first look in the background then: a fresh
-    // DHT node's first listing takes ~1.1 s (its search), which the first
-    // recovery that looked used to pay, and that listing still missed nodes.
+    // One DHT node for the whole job (joining anew at every look cost 1–2 s
+    // of each poll), looked through by a thread of its own from the job's
+    // start: the training loop takes its newest list at once.
     if (!spec.bootstrap.empty()) {
-      struct JobDht {
-        std::unique_ptr<net::Discovery> dht;
-        std::future<void> warming;  // declared last: waited for before dht goes
-      };
-      auto job_dht = std::make_shared<JobDht>();
-      if (auto started = net::Discovery::start(0, spec.bootstrap); started.ok()) {
-        job_dht->dht = std::move(started).value();
-        job_dht->warming = std::async(std::launch::async, [d = job_dht->dht.get()] {
-          find_idle_nodes(*d, {}, std::chrono::milliseconds(2000));
-        });
-      }
-      options.recovery.find_spares = [bootstrap = spec.bootstrap, job_dht] {
-        if (job_dht->warming.valid()) job_dht->warming.get();
-        auto& dht = job_dht->dht;
-        if (!dht)
-          if (auto started = net::Discovery::start(0, bootstrap); started.ok()) dht = std::move(started).value();
-        return dht ? find_idle_nodes(*dht, {}, std::chrono::milliseconds(2000)) : std::vector<net::MemberInfo>{};
-      };
+      idle_watch = std::make_shared<IdleNodeWatch>(spec.bootstrap);
+      options.recovery.find_spares = [idle_watch] { return idle_watch->latest(); };
     }
   }
   ProgressLine progress(spec.quiet, spec.job);
+  // A step run again after a recovery keeps its last run's time.
+  std::vector<double> step_seconds(static_cast<size_t>(std::max<int64_t>(0, job.train.steps)), std::nan(""));
   options.progress = [&](const train::StepReport& r) {
     progress(r);
+    if (r.step >= 1 && r.step <= static_cast<int64_t>(step_seconds.size()))
+      step_seconds[static_cast<size_t>(r.step - 1)] = r.step_seconds;
     if (spec.on_step) spec.on_step(r);
   };
-  SN_ASSIGN(auto result, train::run_distributed(job, placement.members, options));
+  auto ran = train::run_distributed(job, placement.members, options);
+  if (idle_watch) idle_watch->stop();
+  SN_ASSIGN(auto result, std::move(ran));
   // "nodes" counts the nodes the job ran on; the others seen (perhaps dead) are "nodes_seen".
   std::set<std::string> used;
   for (const auto& member : placement.members) used.insert(member.node_id);
   for (const auto& id : result.member_node_ids) used.insert(id);
   nlohmann::json summary = summary_of(spec, result, static_cast<int>(used.size()));
   summary["job_id"] = options.job_id;
+  summary["step_seconds"] = step_seconds;
   summary["nodes_seen"] = nodes.size();
   summary["placement"] = placement.to_json();
   // After a recovery the roles are held by the final members (settlement pays them).

@@ -17,10 +17,6 @@
 #include "proto/solvernet.pb.h"
 #include "train/train.h"
 
-namespace sn::net {
-class Discovery;
-}
-
 namespace sn::cli {
 
 struct RunSpec {
@@ -96,11 +92,6 @@ Result<std::vector<solvernet::v1::NodeInfo>> wait_for_link_estimates(const std::
 // The CANDIDATES that answer a Ping within TIMEOUT with their own node id.
 std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1::NodeInfo>& candidates,
                                                 std::chrono::milliseconds timeout);
-
-// Idle nodes listed by DISCOVERY (joined within TIMEOUT) that answer a ping
-// within TIMEOUT and are not in EXCLUDE, as spares.
-std::vector<net::MemberInfo> find_idle_nodes(net::Discovery& discovery, const std::vector<std::string>& exclude,
-                                             std::chrono::milliseconds timeout);
 
 // Places the job on NODES and runs it; returns the summary JSON (docs/cli.md).
 // Nodes beyond the plan, up to SPEC.spares, are the job's spares.

@@ -209,9 +209,9 @@ struct TrainResult {
 struct RecoveryOptions {
   std::filesystem::path job_dir;        // empty: no recovery
   std::vector<net::MemberInfo> spares;  // idle nodes kept for replacements (their stage/replica are ignored)
-  // Asked for more idle nodes (e.g. through the DHT: nodes that joined
-  // mid-job, or came back) when the pool is empty; returns nodes that answer
-  // a ping and are not members. May be empty.
+  // More idle nodes (e.g. the DHT's: nodes that joined mid-job or came back), asked when the pool is empty: nodes
+  // that answer a ping and are not members (may be none). Called on the training path (re-planned jobs' checkpoints,
+  // DiLoCo boundaries after a drop, spare waits), so it returns at once: a list kept fresh elsewhere, no DHT wait.
   std::function<std::vector<net::MemberInfo>()> find_spares;
   // How long to keep asking find_spares before stopping the job cleanly.
   std::chrono::milliseconds spare_wait{0};
