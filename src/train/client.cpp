@@ -6,11 +6,15 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <set>
+#include <stop_token>
 #include <thread>
 
 #include "core/fs.h"
@@ -545,7 +549,27 @@ Status JobSession::write_state(int64_t step, const std::string& finished) {
 
 std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string>& members) {
   const auto& recovery = options_.recovery;
-  const auto deadline = Clock::now() + recovery.spare_wait;
+  auto deadline = Clock::now() + recovery.spare_wait;
+  // A client that did not run for a while (SIGSTOP, a suspended machine) may
+  // pass the deadline in the middle of a look, whose listing and pings then
+  // time out: its own pause, not the spares' silence. A ticker sees the pause
+  // as a gap between its ticks; the wait does not count it, and looks again.
+  std::atomic<int64_t> paused_ms{0}, pauses{0};
+  std::jthread ticker([&paused_ms, &pauses](std::stop_token stop) {
+    std::mutex mutex;
+    std::condition_variable_any tick;
+    auto last = Clock::now();
+    std::unique_lock<std::mutex> lock(mutex);
+    while (!stop.stop_requested()) {
+      tick.wait_for(lock, stop, milliseconds(100), [] { return false; });
+      const auto now = Clock::now();
+      if (now - last > milliseconds(1000)) {
+        paused_ms += std::chrono::duration_cast<milliseconds>(now - last).count();
+        ++pauses;
+      }
+      last = now;
+    }
+  });
   // Between looks: 0.1 s, doubling up to 0.5 s. The first listing after a
   // failure may be the client's DHT node's cached one (its search refreshes
   // as it answers), so the next look comes soon.
@@ -554,15 +578,27 @@ std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string
     while (!spares_.empty()) {
       net::MemberInfo spare = spares_.front();
       spares_.erase(spares_.begin());
-      // Spares are idle, not leased: the one taken must still answer.
-      if (!members.count(spare.node_id) && answers_ping(spare, deadlines_.fleet.ping)) return spare;
+      // Spares are idle, not leased: the one taken must still answer (a
+      // ping that timed out across the client's own pause is asked again).
+      if (members.count(spare.node_id)) continue;
+      const int64_t pauses_before = pauses.load();
+      if (answers_ping(spare, deadlines_.fleet.ping) ||
+          (pauses.load() != pauses_before && answers_ping(spare, deadlines_.fleet.ping)))
+        return spare;
       spdlog::warn("spare node {} at {} does not answer; not using it", spare.node_id.substr(0, 8), spare.address);
     }
     if (recovery.find_spares)
       for (auto& found : recovery.find_spares())
         if (!members.count(found.node_id)) spares_.push_back(std::move(found));
     if (!spares_.empty()) continue;
-    if (Clock::now() >= deadline || (options_.cancel && options_.cancel->load())) return std::nullopt;
+    if (options_.cancel && options_.cancel->load()) return std::nullopt;
+    if (const int64_t paused = paused_ms.exchange(0); paused > 0) {
+      deadline += milliseconds(paused);
+      spdlog::warn("the client did not run for {:.1f} s while it waited for a spare; the wait goes on that much longer",
+                   static_cast<double>(paused) / 1000.0);
+      continue;
+    }
+    if (Clock::now() >= deadline) return std::nullopt;
     std::this_thread::sleep_for(pause);
     pause = std::min(2 * pause, milliseconds(500));
   }

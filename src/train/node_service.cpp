@@ -135,9 +135,12 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
   }
 
   // Recovery (docs/resilience.md): the files of one kept
-  // checkpoint of a role this node held, checked against their manifest
-  // before they leave. Works whether or not the job is still held (a node
-  // restarted with its data dir still has them).
+  // checkpoint of a role this node held, checked against their manifest, its
+  // labels (the role's) and, while this node holds the role, the state hash
+  // it saved, before they leave. Works whether or not the job is still held
+  // (a node restarted with its data dir still has them). A copy that fails a
+  // check is this node's disk at fault, not a lie: UNAVAILABLE, so the client
+  // restores the role from another copy (its mirror) rather than blame it.
   grpc::Status FetchCheckpoint(grpc::ServerContext*, const solvernet::v1::FetchCheckpointRequest* request,
                                solvernet::v1::FetchCheckpointReply* reply) override {
     auto owner = options_.runtime->authorize(request->job_id(), "FetchCheckpoint", request->auth(),
@@ -148,9 +151,19 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     kill_self_at("fetch-checkpoint");
     CheckpointStore store(checkpoint_dir(options_.data_dir, request->job_id(), request->stage(), request->replica()), 1);
     auto loaded = store.load(request->step());
-    if (!loaded.ok())
-      return grpc::Status(grpc::StatusCode::NOT_FOUND,
-                          fmt::format("no usable checkpoint of step {} here: {}", request->step(), loaded.message()));
+    if (!loaded.ok()) return local_data(request->step(), loaded.message());
+    if (auto other = checkpoint_role_mismatch(loaded->manifest, request->job_id(), request->stage(), request->replica()))
+      return local_data(request->step(), fmt::format("{}: {}", store.manifest_path(request->step()).string(), *other));
+    if (auto slot = current(request->job_id())) {
+      std::lock_guard<std::mutex> step_lock(slot->step_mutex);
+      const auto& worker = *slot->worker;
+      const auto saved = worker.stage() == request->stage() && worker.replica() == request->replica()
+                             ? worker.saved_state(request->step())
+                             : std::nullopt;
+      if (saved && *saved != loaded->manifest.state.root)
+        return local_data(request->step(), fmt::format("{}: its state hash is not the one this node saved at that step",
+                                                       store.manifest_path(request->step()).string()));
+    }
     for (const auto& file : loaded->manifest.files) {
       auto bytes = read_file(store.dir() / file.name);
       if (!bytes.ok()) return net::to_grpc(bytes.error());
@@ -244,6 +257,12 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     }
     if (slot) slot->worker->abort(reason);
     options_.runtime->release(job_id);
+  }
+  static grpc::Status local_data(int64_t step, const std::string& why) {
+    spdlog::warn("this node's checkpoint of step {} is not usable: {}", step, why);
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        fmt::format("no usable checkpoint of step {} here (local data: restore the role from another "
+                                    "copy): {}", step, why));
   }
   static grpc::Status no_job(const std::string& job_id) {
     return grpc::Status(grpc::StatusCode::NOT_FOUND, "this node holds no job " + job_id);

@@ -12,10 +12,16 @@
 #include <optional>
 #include <set>
 #include <sstream>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
 
 #include "core/fs.h"
+#include "core/hash.h"
 #include "model/data.h"
 #include "model/gpt.h"
+#include "net/rpc.h"
+#include "train/control.h"
 
 namespace sn::train {
 namespace fs = std::filesystem;
@@ -261,6 +267,35 @@ Status write_job_file(const fs::path& job_dir, const JobConfig& job) {
   return write_file_atomic(job_dir / "job.toml", job_to_toml(job));
 }
 
+namespace {
+
+// Per field of state.json: BLAKE2b-256 of its name and its JSON text, so that
+// a field edited, added or removed by hand is named when --resume refuses it.
+nlohmann::json field_digests(const nlohmann::json& fields) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [name, value] : fields.items())
+    out[name] = to_hex(hash_string(fmt::format("solvernet/job-state/v1/{}={}", name, value.dump())));
+  return out;
+}
+
+constexpr const char* kDigestsField = "digests";
+
+// The first field of J (a parsed state.json) whose digest is not the one
+// recorded beside it in J["digests"] ("digests" itself if absent), or nullopt.
+std::optional<std::string> edited_field(nlohmann::json j) {
+  if (!j.contains(kDigestsField) || !j[kDigestsField].is_object()) return std::string(kDigestsField);
+  const nlohmann::json recorded = j[kDigestsField];
+  j.erase(kDigestsField);
+  const nlohmann::json now = field_digests(j);
+  for (const auto& [name, digest] : now.items())
+    if (!recorded.contains(name) || recorded[name] != digest) return name;
+  for (const auto& [name, digest] : recorded.items())
+    if (!now.contains(name)) return name;
+  return std::nullopt;
+}
+
+}  // namespace
+
 Status write_job_state(const fs::path& job_dir, const JobDirState& state) {
   nlohmann::json j;
   j["job_id"] = state.job_id;
@@ -270,6 +305,7 @@ Status write_job_state(const fs::path& job_dir, const JobDirState& state) {
   if (!state.job_toml.empty()) j["job_toml"] = state.job_toml;
   if (state.replanned) j["replanned"] = true;
   if (state.planned_replicas > 0) j["planned_replicas"] = state.planned_replicas;
+  j[kDigestsField] = field_digests(j);
   SN_TRY(ensure_directory(job_dir));
   return write_file_atomic(job_dir / "state.json", j.dump(2) + "\n");
 }
@@ -280,6 +316,16 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
   JobDirState state;
   try {
     auto j = nlohmann::json::parse(*text);
+    // What --resume trusts from here (the job id, the step, the losses, the
+    // re-plan and the planned replicas) is checked against the checkpoints
+    // below where it can be; the digests catch an edit of the rest.
+    if (auto field = edited_field(j)) {
+      if (*field == kDigestsField)
+        return input_error("{}: no \"{}\" of its fields (not written by the client, or by an older one); the job "
+                           "dir must stay as the job left it", (job_dir / "state.json").string(), kDigestsField);
+      return input_error("{}: {} was edited after the client wrote it (its digest in \"{}\" does not match); the job "
+                         "dir must stay as the job left it", (job_dir / "state.json").string(), *field, kDigestsField);
+    }
     state.job_id = j.at("job_id").get<std::string>();
     state.checkpoint_step = j.at("checkpoint_step").get<int64_t>();
     state.losses = j.at("losses").get<std::vector<double>>();
@@ -356,6 +402,31 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
                        (job_dir / "state.json").string(), state.planned_replicas, job.parallel.replicas,
                        job.train.global_batch);
   return state;
+}
+
+std::vector<std::string> end_stopped_run(const std::vector<net::MemberInfo>& nodes, const std::string& job_id,
+                                         const NodeKey& client_key, std::chrono::milliseconds timeout) {
+  net::ControlSigner signer(client_key);
+  std::vector<char> ended(nodes.size(), 0);
+  std::vector<std::thread> calls;
+  for (size_t i = 0; i < nodes.size(); ++i)
+    calls.emplace_back([&, i] {
+      auto stub = solvernet::v1::Train::NewStub(net::make_channel(nodes[i].address, nodes[i].node_id));
+      solvernet::v1::EndJobRequest request;
+      request.set_job_id(job_id);
+      request.set_abort(true);
+      request.set_reason("its client stopped and resumed it");
+      sign_request(signer, "EndJob", request);
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + timeout);
+      solvernet::v1::Empty reply;
+      ended[i] = stub->EndJob(&context, request, &reply).ok();
+    });
+  for (auto& call : calls) call.join();
+  std::vector<std::string> out;
+  for (size_t i = 0; i < nodes.size(); ++i)
+    if (ended[i]) out.push_back(nodes[i].node_id);
+  return out;
 }
 
 std::string resume_advice(const fs::path& job_dir, int64_t step, const std::string& note) {

@@ -145,8 +145,9 @@ Result<std::unique_ptr<StageWorker>> StageWorker::build(const solvernet::v1::Set
                                                         const std::filesystem::path& data_dir,
                                                         std::chrono::milliseconds peer_timeout,
                                                         const CheckpointStore* restore_from, int64_t restore_step,
-                                                        std::optional<LoadedCheckpoint>& restored) {
+                                                        std::optional<LoadedCheckpoint>& restored, bool offline) {
   std::unique_ptr<StageWorker> w(new StageWorker());
+  w->offline_ = offline;
   w->job_id_ = request.job_id();
   if (w->job_id_.empty() || w->job_id_.size() > 128) return make_error("job id must be 1..128 characters");
   for (char c : w->job_id_)
@@ -217,7 +218,19 @@ Result<std::unique_ptr<StageWorker>> StageWorker::build(const solvernet::v1::Set
   if (restore_from) {
     // Read and check the whole checkpoint first: its AQ-SGD buffer files must
     // be in place before the codecs open (and lock) theirs.
-    SN_ASSIGN(restored, restore_from->load(restore_step));
+    // This node's own copy (put there by the client, or kept): one that does
+    // not load, or is another role's (a file copied over it, a mix-up of
+    // dirs), is a fault of this node's disk, not a lie. Said as unavailable,
+    // so the client sets the role up again from another copy (its mirror).
+    // (A replay's checkpoint is the verifier's download: its errors stay its own.)
+    auto loaded = restore_from->load(restore_step);
+    if (!loaded.ok() && !offline)
+      return kind_error(ErrorKind::unavailable, "{} (local data: restore this role from another copy)", loaded.message());
+    SN_ASSIGN(restored, std::move(loaded));
+    if (auto other = checkpoint_role_mismatch(restored->manifest, w->job_id_, w->stage_, w->replica_, request.replanned());
+        other && !offline)
+      return kind_error(ErrorKind::unavailable, "{}: {} (local data: restore this role from another copy)",
+                        restore_from->manifest_path(restore_step).string(), *other);
     if (w->job_.compression.activations != "none") SN_TRY(ensure_directory(w->buffer_dir_));
     for (const auto& [name, path] : w->buffer_files()) {
       const std::string file = fmt::format("step-{:012d}.{}.buf", restore_step, name);
@@ -312,7 +325,8 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create(const solvernet::v1::Se
   std::optional<CheckpointStore> store;
   if (request.start_step() > 0)
     store.emplace(checkpoint_dir(data_dir, request.job_id(), request.stage(), request.replica()), 1);
-  SN_ASSIGN(auto w, build(request, data_dir, peer_timeout, store ? &*store : nullptr, request.start_step(), restored));
+  SN_ASSIGN(auto w, build(request, data_dir, peer_timeout, store ? &*store : nullptr, request.start_step(), restored,
+                          false));
   w->cheat_ = cheat;
   w->cheat_first_ = cheat.first_step(w->job_.train.steps);
   const int self = w->member(w->stage_, w->replica_);
@@ -351,8 +365,7 @@ Result<std::unique_ptr<StageWorker>> StageWorker::create_offline(const solvernet
                                                                  const std::filesystem::path& scratch_dir, Cheat cheat) {
   std::optional<LoadedCheckpoint> restored;
   CheckpointStore store(checkpoint_dir, 1);
-  SN_ASSIGN(auto w, build(request, scratch_dir, std::chrono::milliseconds(1), &store, checkpoint_step, restored));
-  w->offline_ = true;
+  SN_ASSIGN(auto w, build(request, scratch_dir, std::chrono::milliseconds(1), &store, checkpoint_step, restored, true));
   w->cheat_ = cheat;
   w->cheat_first_ = cheat.first_step(w->job_.train.steps);
   const int self = w->member(w->stage_, w->replica_);
@@ -431,9 +444,17 @@ Status StageWorker::save_checkpoint(const StateDigest& digest) {
     for (const auto& [name, path] : buffer_files())
       if (auto* codec = codecs.at(name); codec && codec->buffer_digest()) extra.emplace_back(name + ".buf", path);
   }
-  return checkpoints_->save(steps_done_, all,
+  SN_TRY(checkpoints_->save(steps_done_, all,
                             {{"job_id", job_id_}, {"stage", std::to_string(stage_)}, {"replica", std::to_string(replica_)}},
-                            digest, extra);
+                            digest, extra));
+  saved_states_[steps_done_] = digest.root;
+  while (saved_states_.size() > 16) saved_states_.erase(saved_states_.begin());
+  return ok_status();
+}
+
+std::optional<Hash256> StageWorker::saved_state(int64_t step) const {
+  const auto it = saved_states_.find(step);
+  return it == saved_states_.end() ? std::nullopt : std::optional<Hash256>(it->second);
 }
 
 Status StageWorker::apply_checkpoint(LoadedCheckpoint loaded, const std::string& where, bool replanned) {

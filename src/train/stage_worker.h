@@ -112,6 +112,9 @@ class StageWorker {
   // This stage's weights as safetensors (whole-model names).
   std::string weights_safetensors() const;
   int64_t steps_done() const { return steps_done_; }
+  // The state hash of the checkpoint this worker saved after STEP steps
+  // (nullopt: it saved none then, or too long ago).
+  std::optional<Hash256> saved_state(int64_t step) const;
   void abort(const std::string& reason);
   ~StageWorker();
   // Verification (train/trace.h): TRACER (not owned; null to detach) sees
@@ -122,12 +125,12 @@ class StageWorker {
   StageWorker() = default;
   // Everything but the transport: role, model, optimizer, codecs. RESTORE
   // (if set) is the checkpoint to start from; its buffer files are put in
-  // place before the codecs open them.
+  // place before the codecs open them. OFFLINE: a replay's worker.
   static Result<std::unique_ptr<StageWorker>> build(const solvernet::v1::SetupJobRequest& request,
                                                     const std::filesystem::path& data_dir,
                                                     std::chrono::milliseconds peer_timeout,
                                                     const CheckpointStore* restore_from, int64_t restore_step,
-                                                    std::optional<LoadedCheckpoint>& restored);
+                                                    std::optional<LoadedCheckpoint>& restored, bool offline);
   std::vector<net::MemberInfo> members_of(const solvernet::v1::SetupJobRequest& request) const;
   Status attach(std::shared_ptr<net::Transport> link, const std::string& self_node_id);
   // Records a training step: digests, leaf (with the cheat), evidence files.
@@ -205,6 +208,7 @@ class StageWorker {
   int64_t steps_done_ = 0;
   int64_t dataset_samples_ = 0;
   std::unique_ptr<CheckpointStore> checkpoints_;
+  std::map<int64_t, Hash256> saved_states_;  // the newest checkpoints saved: step → state hash
   StepTracer* tracer_ = nullptr;  // trace hooks: null except when verifying
   // [diloco] jobs: the outer state, and the dataset this node reads its own
   // micro-batches from (null when the client sends tokens).

@@ -176,6 +176,19 @@ StateDigest training_state_digest(const TrainingState& state) {
   return out;
 }
 
+std::optional<std::string> checkpoint_role_mismatch(const CheckpointManifest& manifest, const std::string& job_id,
+                                                    int64_t stage, int64_t replica, bool any_replica) {
+  const auto label = [&](const char* key) {
+    const auto it = manifest.labels.find(key);
+    return it == manifest.labels.end() ? std::string("(none)") : it->second;
+  };
+  if (label("job_id") == job_id && label("stage") == std::to_string(stage) &&
+      (any_replica || label("replica") == std::to_string(replica)))
+    return std::nullopt;
+  return fmt::format("it is labelled job {} stage {} replica {}, not job {} stage {} replica {}", label("job_id"),
+                     label("stage"), label("replica"), job_id, stage, replica);
+}
+
 CheckpointStore::CheckpointStore(std::filesystem::path dir, int64_t keep)
     : dir_(std::move(dir)), keep_(std::max<int64_t>(1, keep)) {}
 

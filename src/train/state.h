@@ -95,10 +95,17 @@ struct CheckpointFile {
 
 struct CheckpointManifest {
   int64_t step = 0;
-  std::map<std::string, std::string> labels;  // job_id, stage, replica: informational
+  std::map<std::string, std::string> labels;  // job_id, stage, replica: the role that wrote it
   StateDigest state;
   std::vector<CheckpointFile> files;
 };
+
+// How MANIFEST is not the checkpoint of job JOB_ID's stage STAGE replica
+// REPLICA by its labels ("it is labelled job j stage 1 replica 0, not …"), or
+// nullopt. ANY_REPLICA: a checkpoint that a re-plan, grow-back or rejoin
+// copied from another replica of the stage (it keeps that replica's labels).
+std::optional<std::string> checkpoint_role_mismatch(const CheckpointManifest& manifest, const std::string& job_id,
+                                                    int64_t stage, int64_t replica, bool any_replica = false);
 
 struct LoadedCheckpoint {
   CheckpointManifest manifest;

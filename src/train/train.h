@@ -258,6 +258,15 @@ struct JobDirState {
 // listed in `changed`.
 Result<JobDirState> read_job_dir(const std::filesystem::path& job_dir, const JobConfig& job);
 
+// --resume after the stopped run's client was killed: its nodes still hold
+// job JOB_ID under leases nobody renews. Sends each of NODES (in parallel)
+// EndJob for JOB_ID, abort, signed with CLIENT_KEY (the job's owner), each
+// call within TIMEOUT. Returns the node ids that ended it (idle now); a node
+// that refuses (the job is another key's) or does not answer keeps it until
+// its lease runs out.
+std::vector<std::string> end_stopped_run(const std::vector<net::MemberInfo>& nodes, const std::string& job_id,
+                                         const NodeKey& client_key, std::chrono::milliseconds timeout);
+
 struct DistributedOptions {
   std::string job_id;                  // empty: derived from job name + time
   std::string topology_toml;           // empty: links are not emulated

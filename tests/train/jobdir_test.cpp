@@ -1,7 +1,8 @@
 // `train --resume JOB_DIR` refuses, with one line and exit 2 before any node
-// is looked for, a job dir that another client holds and a job file edited so
-// that it no longer matches its mirrored checkpoints (docs/resilience.md,
-// "Resume"). The job dir is written here as the client writes one: job.toml,
+// is looked for, a job dir that another client holds, a job file edited so
+// that it no longer matches its mirrored checkpoints and a state.json edited
+// by hand (docs/resilience.md, "Resume"); a node tells a checkpoint on its disk
+// that is not its role's as its own local data fault. The job dir is written here as the client writes one: job.toml,
 // state.json and each role's checkpoint of step 3 (fresh weights, zero moments).
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -13,9 +14,18 @@
 #include <thread>
 #include <string>
 
+#include <grpcpp/grpcpp.h>
+#include <nlohmann/json.hpp>
+
+#include "core/fs.h"
+#include "core/keys.h"
 #include "core/process.h"
 #include "model/data.h"
 #include "model/gpt.h"
+#include "net/control.h"
+#include "net/rpc.h"
+#include "train/control.h"
+#include "train/evidence.h"
 #include "train/recovery.h"
 #include "train/state.h"
 #include "../common/test_support.h"
@@ -151,6 +161,92 @@ TEST_F(JobDir, AnEditOfWhatFeedsTheDataCursorIsRefusedByTheClient) {
   edit_job([](JobConfig& job) { job.train.global_batch = 16; });
   ASSERT_TRUE(train::write_job_state(job_dir_, train::JobDirState{"churn-1", kStep, {5, 5, 5}, "", "", {}}).ok());
   expect_refused(resume(), "its checkpoint of step 3 does not hold the data cursor job.toml gives");
+}
+
+// Every field of state.json that --resume trusts is covered by the digests
+// the client keeps beside them: a re-plan or a planned replica count edited
+// (or added, or removed) by hand is refused in one line naming the field,
+// before any node is looked for, as is a state.json without its digests.
+TEST_F(JobDir, AnEditOfStateJsonIsRefusedNamingTheField) {
+  const auto path = job_dir_ / "state.json";
+  const std::string written = read_file(path).value_or("");
+  const auto edit = [&](const std::function<void(nlohmann::json&)>& change) {
+    auto j = nlohmann::json::parse(written);
+    change(j);
+    ASSERT_TRUE(write_file_atomic(path, j.dump(2)).ok());
+  };
+  // planned_replicas = 4 fits the 2 replicas and the global batch of 8: only the digest tells.
+  edit([](nlohmann::json& j) { j["planned_replicas"] = 4; });
+  expect_refused(resume(), "state.json: planned_replicas was edited after the client wrote it");
+  edit([](nlohmann::json& j) { j["replanned"] = true; });
+  expect_refused(resume(), "state.json: replanned was edited after the client wrote it");
+  ASSERT_TRUE(train::write_job_state(job_dir_, train::JobDirState{"churn-1", kStep, {5, 5, 5}, "", job_to_toml(churn_job()),
+                                                                 true, 2}).ok());
+  const std::string replanned = read_file(path).value_or("");
+  auto j = nlohmann::json::parse(replanned);
+  j.erase("replanned");
+  ASSERT_TRUE(write_file_atomic(path, j.dump(2)).ok());
+  expect_refused(resume(), "state.json: replanned was edited after the client wrote it");
+  edit([](nlohmann::json& j) { j["losses"][1] = 4.5; });
+  expect_refused(resume(), "state.json: losses was edited");
+  edit([](nlohmann::json& j) { j.erase("digests"); });
+  expect_refused(resume(), "state.json: no \"digests\" of its fields");
+  // Rewritten as it was, it passes again.
+  ASSERT_TRUE(write_file_atomic(path, written).ok());
+  EXPECT_EQ(resume().err.find("state.json"), std::string::npos);
+}
+
+// A node asked for its own kept checkpoint of a role whose dir holds another
+// role's (copied over it) says its local data is at fault (UNAVAILABLE: the
+// client restores the role from its mirror), rather than hand it over for the
+// client to find that it is not the state the node reported, and blame the
+// node for lying. The copy that is its role's own is handed over as before.
+TEST_F(JobDir, ANodeRefusesItsCopyOfAnotherRolesCheckpointAsItsOwnLocalData) {
+  const fs::path data = dir_ / "node";
+  const train::CheckpointMirror mirror(job_dir_, 2, 2);
+  for (int to : {0, 1}) {  // replica 1's checkpoint in the dirs of replicas 0 and 1 of stage 0
+    const auto role_dir = train::checkpoint_dir(data, "churn-1", 0, to);
+    fs::create_directories(role_dir);
+    for (const auto& entry : fs::directory_iterator(mirror.role_dir(0, 1)))
+      fs::copy_file(entry.path(), role_dir / entry.path().filename(), fs::copy_options::overwrite_existing);
+  }
+  auto dht = test::start_dht(dir_ / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  SpawnOptions options;
+  options.stdout_path = options.stderr_path = dir_ / "node.log";
+  auto node = ChildProcess::spawn({test::solvernet_bin(), "node", "--data", data.string(), "--listen", "127.0.0.1:0",
+                                   "--dht-port", "0", "--bootstrap", dht->address},
+                                  options);
+  ASSERT_TRUE(node.ok()) << node.message();
+  ASSERT_TRUE(test::wait_for_text(dir_ / "node.log", " listening on ", 30s)) << read_file(dir_ / "node.log").value_or("");
+  const std::string log = read_file(dir_ / "node.log").value_or("");
+  const auto at = log.find(" listening on ") + std::string(" listening on ").size();
+  const std::string address = log.substr(at, log.find(' ', at) - at);
+  auto node_key = NodeKey::load_or_create(data);
+  ASSERT_TRUE(node_key.ok()) << node_key.message();
+  auto stub = solvernet::v1::Train::NewStub(net::make_channel(address, node_key->node_id()));
+  const NodeKey client = NodeKey::generate();
+  net::ControlSigner signer(client);
+  const auto fetch = [&](int replica) {
+    solvernet::v1::FetchCheckpointRequest request;
+    request.set_job_id("churn-1");
+    request.set_stage(0);
+    request.set_replica(replica);
+    request.set_step(kStep);
+    train::sign_request(signer, "FetchCheckpoint", request);
+    solvernet::v1::FetchCheckpointReply reply;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 30s);
+    return stub->FetchCheckpoint(&context, request, &reply);
+  };
+  const auto own = fetch(1);
+  EXPECT_TRUE(own.ok()) << own.error_message();
+  const auto other = fetch(0);
+  EXPECT_EQ(other.error_code(), grpc::StatusCode::UNAVAILABLE) << other.error_message();
+  EXPECT_NE(other.error_message().find("local data"), std::string::npos) << other.error_message();
+  EXPECT_NE(other.error_message().find("labelled job churn-1 stage 0 replica 1, not job churn-1 stage 0 replica 0"),
+            std::string::npos)
+      << other.error_message();
 }
 
 // Two clients of one job dir: the first holds it while it waits for nodes
