@@ -96,13 +96,28 @@ std::string tail_of(const fs::path& log, size_t lines) {
   return out;
 }
 
+// Stops CHILDREN together: SIGTERM to each, up to GRACE for all of them at
+// once, then SIGKILL for any still running; every one is reaped before this
+// returns. (Stopped one after another, a devnet's Ctrl-C waited for each
+// node's shutdown in turn: ~7 s.)
+void terminate_together(const std::vector<ChildProcess*>& children, std::chrono::milliseconds grace) {
+  for (auto* child : children)
+    if (child->pid() > 0 && child->running()) ::kill(child->pid(), SIGTERM);
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  for (auto* child : children)
+    child->wait_for(std::max(std::chrono::milliseconds(0), std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                               deadline - std::chrono::steady_clock::now())));
+  for (auto* child : children) child->terminate(std::chrono::milliseconds(0));
+}
+
 // Owns the devnet's processes and temp dir; the destructor stops and removes them.
 class Devnet {
  public:
   ~Devnet() {
-    stop_serving();
-    for (auto& child : nodes_) child.terminate(std::chrono::milliseconds(3000));
-    dht_.terminate(std::chrono::milliseconds(2000));
+    std::vector<ChildProcess*> all = {&gateway_, &dht_};
+    for (auto& server : servers_) all.push_back(&server);
+    for (auto& node : nodes_) all.push_back(&node);
+    terminate_together(all, std::chrono::milliseconds(3000));
     if (!dir_.empty() && !keep_) {
       std::error_code ec;
       fs::remove_all(dir_, ec);
@@ -252,8 +267,9 @@ class Devnet {
   }
   bool gateway_running() { return gateway_.running(); }
   void stop_serving() {
-    gateway_.terminate(std::chrono::milliseconds(5000));
-    for (auto& server : servers_) server.terminate(std::chrono::milliseconds(3000));
+    std::vector<ChildProcess*> serving = {&gateway_};
+    for (auto& server : servers_) serving.push_back(&server);
+    terminate_together(serving, std::chrono::milliseconds(5000));
   }
   fs::path node_dir(size_t i) const { return dir_ / fmt::format("node{}", i); }
   fs::path node_log(size_t i) const { return dir_ / fmt::format("node{}.log", i); }

@@ -128,12 +128,24 @@ int run_train(const TrainArgs& args) {
     if (!changed.empty())
       std::cerr << fmt::format("train: {}/job.toml differs from the job that stopped: {}; going on with it\n",
                                args.resume, fmt::join(changed, ", "));
+    // A stopped run whose client was killed left its nodes holding the job
+    // until their leases run out; its owner (this key) ends it at once.
+    if (spec.resume) {
+      auto ended = end_stopped_run(args.bootstrap, spec.job_id, spec.client_key, std::chrono::seconds(args.wait_s));
+      if (!ended.ok()) return fail("train", ended.message(), ended.error().exit_code);
+      if (*ended > 0 && !args.json)
+        std::cerr << fmt::format("train: {} node(s) still held job {} for its stopped client; ended it there\n",
+                                 *ended, spec.job_id);
+    }
     // Spares are asked for, not required: with too few nodes the job runs without them.
+    const bool show_wait = !args.json;
     auto nodes = discover_nodes(args.bootstrap, want + static_cast<size_t>(spec.spares),
-                                std::chrono::seconds(spec.spares > 0 ? std::max(1, args.wait_s / 2) : args.wait_s));
+                                std::chrono::seconds(spec.spares > 0 ? std::max(1, args.wait_s / 2) : args.wait_s),
+                                std::chrono::milliseconds(5000), 0, std::chrono::milliseconds(0), show_wait);
     if (!nodes.ok() && spec.spares > 0) {
       std::cerr << "train: " << nodes.message() << "; running without all the spares\n";
-      nodes = discover_nodes(args.bootstrap, want, std::chrono::seconds(std::max(1, args.wait_s / 2)));
+      nodes = discover_nodes(args.bootstrap, want, std::chrono::seconds(std::max(1, args.wait_s / 2)),
+                             std::chrono::milliseconds(5000), 0, std::chrono::milliseconds(0), show_wait);
     }
     if (!nodes.ok()) return fail("train", nodes.message(), nodes.error().exit_code);
     summary = run_job_on_nodes(spec, *nodes);

@@ -1,25 +1,52 @@
 #include "cli/host_corunners.h"
 
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
 #include <fmt/format.h>
 
 namespace sn::cli {
+namespace {
+
+constexpr std::string_view kReadyPrefix = "solvernet-corun-";
+
+// Ready files that a client killed by an older solvernet (which kept their
+// names while the co-runners ran) left: solvernet-corun-<pid>-<i> whose pid is gone.
+void remove_orphaned_ready_files() {
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(std::filesystem::temp_directory_path(), ec)) {
+    const std::string name = entry.path().filename().string();
+    if (!name.starts_with(kReadyPrefix)) continue;
+    pid_t pid = 0;
+    const char* first = name.data() + kReadyPrefix.size();
+    auto [end, parsed] = std::from_chars(first, name.data() + name.size(), pid);
+    if (parsed != std::errc() || end == first || *end != '-' || pid <= 0) continue;
+    if (::kill(pid, 0) != 0 && errno == ESRCH) std::filesystem::remove(entry.path(), ec);
+  }
+}
+
+}  // namespace
 
 int corunners_for(int workers, unsigned cores) {
   return std::max(0, std::min(workers, 4 * static_cast<int>(std::max(1u, cores))) - 1);
 }
 
 Result<HostCoRunners> HostCoRunners::start(int count, const std::string& job_toml, int max_seconds) {
+  remove_orphaned_ready_files();
   HostCoRunners runners;
   const std::string self = self_executable().string();
   for (int i = 0; i < count; ++i) {
-    const auto ready = std::filesystem::temp_directory_path() / fmt::format("solvernet-corun-{}-{}", ::getpid(), i);
+    const auto ready = std::filesystem::temp_directory_path() / fmt::format("{}{}-{}", kReadyPrefix, ::getpid(), i);
     std::filesystem::remove(ready);
     SpawnOptions options;
     options.extra_env["OPENBLAS_NUM_THREADS"] = "1";
@@ -29,14 +56,26 @@ Result<HostCoRunners> HostCoRunners::start(int count, const std::string& job_tom
                                                std::to_string(max_seconds)},
                                               options));
     runners.children_.push_back(std::move(child));
-    runners.ready_files_.push_back(ready.string());
+    // The co-runner has the file open as its stdout (spawn opened it before
+    // the child started): the name can go at once, and this end watches it
+    // through its own descriptor. A client killed with SIGKILL then leaves
+    // nothing in /tmp; the file itself goes with the last descriptor.
+    const int fd = ::open(ready.c_str(), O_RDONLY | O_CLOEXEC);
+    const int open_errno = errno;
+    std::error_code ec;
+    std::filesystem::remove(ready, ec);
+    if (fd < 0) return make_error("cannot read co-runner output {}: {}", ready.string(), std::strerror(open_errno));
+    runners.ready_fds_.push_back(fd);
   }
   // Measure only once all of them compute: starting (loading LibTorch) is not the load to measure under.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  const auto ready = [](int fd) {
+    struct stat st {};
+    return ::fstat(fd, &st) == 0 && st.st_size > 0;
+  };
   for (size_t i = 0; i < runners.children_.size(); ++i) {
-    std::error_code ec;
-    while (std::filesystem::file_size(runners.ready_files_[i], ec) == 0 && runners.children_[i].running() &&
-           !stop_requested() && std::chrono::steady_clock::now() < deadline)
+    while (!ready(runners.ready_fds_[i]) && runners.children_[i].running() && !stop_requested() &&
+           std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   return runners;
@@ -45,8 +84,8 @@ Result<HostCoRunners> HostCoRunners::start(int count, const std::string& job_tom
 HostCoRunners::~HostCoRunners() {
   for (auto& child : children_) child.kill_now();
   children_.clear();
-  std::error_code ec;
-  for (const auto& file : ready_files_) std::filesystem::remove(file, ec);
+  for (int fd : ready_fds_) ::close(fd);
+  ready_fds_.clear();
 }
 
 }  // namespace sn::cli

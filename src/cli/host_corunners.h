@@ -8,7 +8,8 @@
 // in this process; with the co-runners started first, it measures it as the
 // nodes will spend it. A co-runner is `solvernet corun` (a hidden command)
 // doing the same micro-batch work in a loop; it dies with this thread (SIGTERM
-// on parent death) or after a time bound, whichever comes first.
+// on parent death) or after a time bound, whichever comes first, and leaves no
+// file behind.
 #pragma once
 
 #include <string>
@@ -29,11 +30,13 @@ class HostCoRunners {
   HostCoRunners() = default;
   HostCoRunners(HostCoRunners&&) = default;
   HostCoRunners& operator=(HostCoRunners&&) = default;
-  ~HostCoRunners();  // kills them and removes their ready files
+  ~HostCoRunners();  // kills them
 
  private:
   std::vector<ChildProcess> children_;
-  std::vector<std::string> ready_files_;
+  // Per co-runner: its stdout, read through this descriptor (the file has no
+  // name once it started: nothing is left in /tmp if this process is killed).
+  std::vector<int> ready_fds_;
 };
 
 // How many co-runners a measurement on this host takes for a job of WORKERS

@@ -65,6 +65,37 @@ class ProgressLine {
   const JobConfig& job_;
 };
 
+// One status line that stays live while a wait lasts, from its second
+// second on (a wait that ends sooner says nothing): redrawn in place on a
+// terminal (at most every 0.5 s), printed when it changes otherwise (at most
+// every 5 s), ended by done().
+class WaitLine {
+ public:
+  explicit WaitLine(bool show)
+      : show_(show), tty_(::isatty(2)), next_(std::chrono::steady_clock::now() + std::chrono::seconds(1)) {}
+  void operator()(const std::string& text) {
+    if (!show_) return;
+    const auto now = std::chrono::steady_clock::now();
+    // The seconds left change every look: only a change of the rest is news off a terminal.
+    const std::string gist = text.substr(0, text.rfind(';'));
+    if (now < next_ || (!tty_ && gist == last_gist_)) return;
+    next_ = now + std::chrono::milliseconds(tty_ ? 500 : 5000);
+    last_gist_ = gist;
+    shown_ = true;
+    std::cerr << (tty_ ? "\r\033[K" : "") << "train: " << text << (tty_ ? "" : "\n") << std::flush;
+  }
+  void done() {
+    if (shown_ && tty_) std::cerr << "\n";
+    shown_ = false;
+  }
+  ~WaitLine() { done(); }
+
+ private:
+  bool show_, tty_, shown_ = false;
+  std::chrono::steady_clock::time_point next_;
+  std::string last_gist_;
+};
+
 // NODES: the nodes the job ran on (not those merely discovered).
 nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result, int nodes) {
   nlohmann::json s;
@@ -246,7 +277,7 @@ std::vector<solvernet::v1::NodeInfo> live_nodes(const std::vector<solvernet::v1:
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<std::string>& bootstrap,
                                                             size_t want, std::chrono::milliseconds timeout,
                                                             std::chrono::milliseconds bootstrap_timeout, size_t enough,
-                                                            std::chrono::milliseconds grace) {
+                                                            std::chrono::milliseconds grace, bool show_wait) {
   install_stop_handlers();
   SN_ASSIGN(auto discovery, net::Discovery::start(0, bootstrap));
   // An unreachable bootstrap is not an empty network: say so.
@@ -258,6 +289,7 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
   // Between looks: 0.2 s, doubling up to 1 s (a listing that answers at once
   // must not become a loop of DHT gets).
   Backoff pause(std::chrono::milliseconds(200), std::chrono::milliseconds(1000));
+  WaitLine wait_line(show_wait);
   while (true) {
     auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
     SN_ASSIGN(auto nodes, discovery->list_nodes(std::max(std::chrono::milliseconds(500), std::min(remaining, std::chrono::milliseconds(2000)))));
@@ -275,6 +307,17 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
       if (std::chrono::steady_clock::now() - *enough_since >= grace || std::chrono::steady_clock::now() >= deadline)
         break;
     }
+    {
+      std::set<std::string> holders;
+      for (const auto& n : nodes)
+        if (!n.busy_job_id().empty()) holders.insert(n.busy_job_id());
+      const auto left = std::chrono::duration_cast<std::chrono::seconds>(deadline - std::chrono::steady_clock::now());
+      wait_line(fmt::format("waiting for nodes via {}: {} of {} idle and answering{}; at most {} s more",
+                            bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), live.size(), floor,
+                            holders.empty() ? "" : fmt::format(", {} busy with job {} until it ends or its lease runs out",
+                                                               nodes.size() - idle.size(), fmt::join(holders, ", ")),
+                            std::max<int64_t>(0, left.count())));
+    }
     if (std::chrono::steady_clock::now() >= deadline || stop_requested()) {
       // The count named is the one required (the rest were wanted, not needed).
       if (idle.size() >= floor)
@@ -286,6 +329,7 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
     }
     std::this_thread::sleep_for(pause.next());
   }
+  wait_line.done();
   discovery->stop();
   return live;
 }
@@ -464,6 +508,28 @@ class IdleNodeWatch {
   std::thread thread_;
 };
 }  // namespace
+
+Result<size_t> end_stopped_run(const std::vector<std::string>& bootstrap, const std::string& job_id,
+                               const std::filesystem::path& client_key, std::chrono::milliseconds timeout) {
+  auto key = NodeKey::load_or_create_file(client_key.empty() ? default_client_key_path() : client_key);
+  if (!key.ok()) return input_error("client key: {}", key.message());
+  SN_ASSIGN(auto discovery, net::Discovery::start(0, bootstrap));
+  SN_TRY(discovery->wait_for_bootstrap(std::min(timeout, std::chrono::milliseconds(5000))));
+  // A fresh DHT node's first listing may miss nodes: look again until a look
+  // finds no holder not yet ended (at most ~3 s).
+  std::set<std::string> ended;
+  const auto until = std::chrono::steady_clock::now() + std::min(timeout, std::chrono::milliseconds(3000));
+  for (int look = 0; look == 0 || std::chrono::steady_clock::now() < until; ++look) {
+    SN_ASSIGN(auto nodes, discovery->list_nodes(std::chrono::milliseconds(1000)));
+    std::vector<net::MemberInfo> holders;
+    for (const auto& n : nodes)
+      if (n.busy_job_id() == job_id && !ended.count(n.node_id())) holders.push_back(member_of_node(n));
+    if (holders.empty() && look > 0) break;
+    for (auto& id : train::end_stopped_run(holders, job_id, *key, std::chrono::milliseconds(5000))) ended.insert(id);
+  }
+  discovery->stop();
+  return ended.size();
+}
 
 // Whether every node listens on this machine's loopback (the devnet, tests).
 static bool all_on_this_host(const std::vector<solvernet::v1::NodeInfo>& nodes) {

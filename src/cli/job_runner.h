@@ -72,13 +72,23 @@ std::filesystem::path default_client_key_path();
 // Waits until at least WANT idle nodes are visible via BOOTSTRAP and answer a
 // ping (or TIMEOUT): listed nodes that do not answer are left out. With ENOUGH
 // (0 < ENOUGH < WANT), once ENOUGH live nodes are found it waits at most GRACE
-// more for the rest, then returns those (ENOUGH or more). Errors: unavailable if
-// no bootstrap answered within BOOTSTRAP_TIMEOUT (capped by TIMEOUT) or too few
+// more for the rest, then returns those (ENOUGH or more). SHOW_WAIT: while too
+// few are idle, a live line on stderr says how many are, which jobs hold the
+// busy ones, and how long the wait lasts at most. Errors: unavailable if no
+// bootstrap answered within BOOTSTRAP_TIMEOUT (capped by TIMEOUT) or too few
 // nodes are live, invalid_input if the bootstrap host does not resolve.
 Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(
     const std::vector<std::string>& bootstrap, size_t want, std::chrono::milliseconds timeout,
     std::chrono::milliseconds bootstrap_timeout = std::chrono::milliseconds(5000), size_t enough = 0,
-    std::chrono::milliseconds grace = std::chrono::milliseconds(0));
+    std::chrono::milliseconds grace = std::chrono::milliseconds(0), bool show_wait = false);
+
+// --resume (docs/resilience.md): the nodes listed via BOOTSTRAP that still
+// hold JOB_ID (the leases of a client that was killed) are sent EndJob,
+// signed with the key in CLIENT_KEY (the job's owner), so that discovery need
+// not wait for those leases to run out. Returns how many ended it. Errors: the
+// key cannot be read, no bootstrap answered within TIMEOUT (as discover_nodes).
+Result<size_t> end_stopped_run(const std::vector<std::string>& bootstrap, const std::string& job_id,
+                               const std::filesystem::path& client_key, std::chrono::milliseconds timeout);
 
 // Waits until each of NODES announces a measured link (NodeInfo.links) to
 // every other one, or TIMEOUT passes, and returns their newest announcements

@@ -6,10 +6,14 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "core/fs.h"
 #include "core/keys.h"
@@ -142,6 +146,51 @@ const DevnetRun& replanned_run() {
   }();
   return run;
 }
+
+// `solvernet train ARGS`, its stdout and stderr in DIR/client.out and DIR/client.err.
+Result<ChildProcess> train_client(const fs::path& dir, const std::vector<std::string>& args) {
+  SpawnOptions out;
+  out.stdout_path = dir / "client.out";
+  out.stderr_path = dir / "client.err";
+  std::vector<std::string> argv = {test::solvernet_bin(), "train"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return ChildProcess::spawn(argv, out);
+}
+
+// A devnet of JOB on the churn topology, no chain, started in the background
+// with ARGS; its stdout and stderr in DIR/out.txt and DIR/err.txt.
+Result<ChildProcess> background_devnet(const fs::path& dir, const std::string& job, const std::vector<std::string>& args) {
+  SpawnOptions options;
+  options.stdout_path = dir / "out.txt";
+  options.stderr_path = dir / "err.txt";
+  std::vector<std::string> argv = {test::solvernet_bin(), "devnet", "--job", data(job).string(), "--topology",
+                                   data("churn-net.toml").string(), "--no-chain", "--peer-timeout-s", "4", "--out",
+                                   (dir / "model.safetensors").string()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return ChildProcess::spawn(argv, options);
+}
+
+// The live children of PARENT whose command line holds WORD (read from /proc).
+std::vector<pid_t> children_of(pid_t parent, const std::string& word) {
+  std::vector<pid_t> out;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator("/proc", ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string stat = read_file(entry.path() / "stat").value_or("");
+    const auto close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    char state = 0;
+    int ppid = 0;
+    if (std::sscanf(stat.c_str() + close + 1, " %c %d", &state, &ppid) != 2 || ppid != parent || state == 'Z') continue;
+    std::string cmdline = read_file(entry.path() / "cmdline").value_or("");
+    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+    if (cmdline.find(word) != std::string::npos) out.push_back(static_cast<pid_t>(std::stoi(name)));
+  }
+  return out;
+}
+
+bool gone(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
 
 }  // namespace
 
@@ -315,14 +364,9 @@ TEST(Churn, StoppedJobResumesFromItsJobDir) {
     nodes.push_back(std::move(n).value());
   }
   const std::string key = (dir / "client.key").string();
-  SpawnOptions client_out;
-  client_out.stdout_path = dir / "client.out";
-  client_out.stderr_path = dir / "client.err";
-  auto client = ChildProcess::spawn({test::solvernet_bin(), "train", "--job", data("churn-pipeline.toml").string(),
-                                     "--steps", "60", "--bootstrap", bootstrap, "--topology",
-                                     data("churn-net.toml").string(), "--peer-timeout-s", "4", "--key", key,
-                                     "--job-dir", (dir / "jobs").string()},
-                                    client_out);
+  auto client = train_client(dir, {"--job", data("churn-pipeline.toml").string(), "--steps", "60", "--bootstrap",
+                                   bootstrap, "--topology", data("churn-net.toml").string(), "--peer-timeout-s", "4",
+                                   "--key", key, "--job-dir", (dir / "jobs").string()});
   ASSERT_TRUE(client.ok());
   ASSERT_TRUE(test::wait_for_text(dir / "client.err", "step 6/60", 60s)) << read_file(dir / "client.err").value_or("");
   ::kill(nodes[1].pid(), SIGKILL);
@@ -356,6 +400,145 @@ TEST(Churn, StoppedJobResumesFromItsJobDir) {
   fresh->terminate();
   nodes[0].terminate();
   dht->process.terminate();
+  fs::remove_all(dir);
+}
+
+// A client killed with SIGKILL leaves its nodes holding the job until their
+// leases (30 s) run out. `train --resume` with the same key ends the stopped
+// run on them itself (EndJob) and says so, rather than wait for the leases in
+// silence: given --wait-s 15, less than a lease, it finds them idle and
+// finishes the job.
+TEST(Churn, ResumeAfterTheClientWasKilledEndsTheStoppedRunOnItsNodes) {
+  auto dir = test::scratch("churn", "client-killed");
+  auto net = own_network(dir, 2);
+  ASSERT_TRUE(net.ok()) << net.message();
+  const std::string key = (dir / "client.key").string();
+  auto client = train_client(dir, {"--job", data("churn-pipeline.toml").string(), "--steps", "60", "--bootstrap",
+                                   net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   "4", "--key", key, "--job-dir", (dir / "jobs").string()});
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(test::wait_for_text(dir / "client.err", "step 6/60", 60s)) << read_file(dir / "client.err").value_or("");
+  client->kill_now();
+  fs::path job_dir;
+  for (const auto& entry : fs::directory_iterator(dir / "jobs")) job_dir = entry.path();
+  ASSERT_FALSE(job_dir.empty());
+  auto resumed = test::run_command({test::solvernet_bin(), "train", "--resume", job_dir.string(), "--bootstrap",
+                                    net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                    "4", "--key", key, "--wait-s", "15"},
+                                   dir, 120s);
+  net = Error{};  // the nodes stop
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  EXPECT_NE(resumed.err.find("train: 2 node(s) still held job " + job_dir.filename().string() +
+                             " for its stopped client; ended it there"),
+            std::string::npos)
+      << resumed.err;
+  fs::remove_all(dir);
+}
+
+// A client paused (SIGSTOP) while its recovery waits for a spare, for longer
+// than --spare-wait-s, does not count the pause as waiting: when it runs again
+// it looks on, finds the node that started meanwhile, and that node takes the
+// dead member's place; the job is not re-planned on fewer replicas.
+TEST(Churn, ClientPausedThroughTheSpareWaitStillTakesTheSpareThatCame) {
+  auto dir = test::scratch("churn", "paused-wait");
+  auto net = own_network(dir, 4);
+  ASSERT_TRUE(net.ok()) << net.message();
+  auto client = train_client(dir, {"--job", data("churn.toml").string(), "--steps", "60", "--bootstrap",
+                                   net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   "4", "--key", (dir / "client.key").string(), "--job-dir", (dir / "jobs").string(),
+                                   "--spare-wait-s", "6"});
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(test::wait_for_text(dir / "client.err", "step 6/60", 60s)) << read_file(dir / "client.err").value_or("");
+  ::kill(net->nodes[3].pid(), SIGKILL);
+  ASSERT_TRUE(test::wait_for_text(dir / "client.err", "failed during step", 30s))
+      << read_file(dir / "client.err").value_or("");
+  std::this_thread::sleep_for(1500ms);  // into the spare wait
+  ::kill(client->pid(), SIGSTOP);
+  const auto paused = std::chrono::steady_clock::now();
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "spare.log";
+  auto spare = own_node(dir, 4, "b", net->dht.address, quiet);
+  ASSERT_TRUE(spare.ok());
+  ASSERT_TRUE(test::wait_for_text(dir / "spare.log", " listening on ", 30s));
+  std::this_thread::sleep_for(std::max<std::chrono::steady_clock::duration>(
+      3s, paused + 10s - std::chrono::steady_clock::now()));  // announced, and past the 6 s wait
+  ::kill(client->pid(), SIGCONT);
+  const auto status = client->wait_for(120s);
+  const std::string out = read_file(dir / "client.out").value_or(""), err = read_file(dir / "client.err").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 0) << err;
+  EXPECT_NE(err.find("while it waited for a spare"), std::string::npos) << err;
+  EXPECT_NE(out.find("replacement at step"), std::string::npos) << out << err;
+  EXPECT_EQ(out.find("re-plan"), std::string::npos) << out << err;
+  spare->terminate();
+  net = Error{};
+  fs::remove_all(dir);
+}
+
+// Ctrl-C stops the devnet's processes together: with three idle nodes frozen
+// (SIGSTOP: each uses the whole 3 s grace, then gets SIGKILL), the devnet is
+// gone within one grace and a margin, where one node after another took
+// three, and none of its nodes is left.
+TEST(Churn, DevnetCtrlCStopsItsNodesTogether) {
+  auto dir = test::scratch("churn", "ctrl-c");
+  auto devnet = background_devnet(dir, "churn-pipeline.toml", {"--nodes", "5", "--spares", "0", "--steps", "300"});
+  ASSERT_TRUE(devnet.ok()) << devnet.message();
+  ASSERT_TRUE(test::wait_for_text(dir / "err.txt", "step 30/300", 90s)) << read_file(dir / "err.txt").value_or("");
+  const auto nodes = children_of(devnet->pid(), " node ");
+  ASSERT_EQ(nodes.size(), 5u);
+  int frozen = 0;
+  for (pid_t pid : nodes) {
+    // An idle node's log has no "stage" line (a member's says which stage it holds).
+    std::string cmdline = read_file(fmt::format("/proc/{}/cmdline", pid)).value_or("");
+    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+    const auto at = cmdline.find("--data ") + 7;
+    const fs::path log = cmdline.substr(at, cmdline.find(' ', at) - at) + ".log";
+    if (read_file(log).value_or("stage").find("stage") == std::string::npos && frozen < 3) {
+      ::kill(pid, SIGSTOP);
+      ++frozen;
+    }
+  }
+  ASSERT_EQ(frozen, 3);
+  const auto interrupted = std::chrono::steady_clock::now();
+  ::kill(devnet->pid(), SIGINT);
+  const auto status = devnet->wait_for(60s);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - interrupted).count();
+  ASSERT_TRUE(status.has_value()) << read_file(dir / "err.txt").value_or("");
+  EXPECT_EQ(*status, 130);
+  EXPECT_LT(seconds, 8.0) << "three frozen nodes stopped one after another take 3 × 3 s";
+  for (pid_t pid : nodes) EXPECT_TRUE(gone(pid)) << "node pid " << pid << " outlived the devnet";
+  fs::remove_all(dir);
+}
+
+// The co-runners that a placement on one host starts (cli/host_corunners.h)
+// die with a client killed by SIGKILL, and leave nothing in /tmp.
+TEST(Churn, AClientKilledWhileItMeasuresLeavesNothingInTmp) {
+  auto dir = test::scratch("churn", "corun");
+  auto net = own_network(dir, 2);
+  ASSERT_TRUE(net.ok()) << net.message();
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "client.log";
+  auto client = ChildProcess::spawn({test::solvernet_bin(), "train", "--job", data("churn-pipeline.toml").string(),
+                                     "--bootstrap", net->dht.address, "--topology", data("churn-net.toml").string(),
+                                     "--key", (dir / "client.key").string()},
+                                    quiet);
+  ASSERT_TRUE(client.ok());
+  std::vector<pid_t> corunners;
+  for (auto until = std::chrono::steady_clock::now() + 60s;
+       corunners.empty() && client->running() && std::chrono::steady_clock::now() < until;)
+    corunners = children_of(client->pid(), " corun ");
+  ASSERT_FALSE(corunners.empty()) << read_file(dir / "client.log").value_or("");
+  const pid_t pid = client->pid();
+  client->kill_now();
+  for (auto until = std::chrono::steady_clock::now() + 20s; std::chrono::steady_clock::now() < until;) {
+    if (std::all_of(corunners.begin(), corunners.end(), gone)) break;
+    std::this_thread::sleep_for(50ms);
+  }
+  for (pid_t corun : corunners) EXPECT_TRUE(gone(corun)) << "co-runner " << corun << " outlived its client";
+  const std::string prefix = fmt::format("solvernet-corun-{}-", pid);
+  for (const auto& entry : fs::directory_iterator(fs::temp_directory_path()))
+    EXPECT_FALSE(entry.path().filename().string().starts_with(prefix)) << entry.path();
+  net = Error{};
   fs::remove_all(dir);
 }
 
@@ -531,14 +714,8 @@ TEST(Churn, DeadBootstrapDoesNotSlowTheStepsOfAReplannedJob) {
 // the planned job and the advice's resume is an ordinary one.
 TEST(Churn, CtrlCWhileWaitingForASpareStopsWithoutReplanning) {
   auto dir = test::scratch("churn", "wait-int");
-  SpawnOptions options;
-  options.stdout_path = dir / "out.txt";
-  options.stderr_path = dir / "err.txt";
-  auto devnet = ChildProcess::spawn({test::solvernet_bin(), "devnet", "--job", data("churn.toml").string(),
-                                     "--topology", data("churn-net.toml").string(), "--no-chain", "--nodes", "4",
-                                     "--spares", "0", "--spare-wait-s", "60", "--peer-timeout-s", "4", "--kill-at",
-                                     "4:1.1", "--out", (dir / "model.safetensors").string()},
-                                    options);
+  auto devnet = background_devnet(dir, "churn.toml",
+                                  {"--nodes", "4", "--spares", "0", "--spare-wait-s", "60", "--kill-at", "4:1.1"});
   ASSERT_TRUE(devnet.ok()) << devnet.message();
   ASSERT_TRUE(test::wait_for_text(dir / "err.txt", "failed during step", 90s))
       << read_file(dir / "err.txt").value_or("");
