@@ -46,26 +46,22 @@ Result<HostCoRunners> HostCoRunners::start(int count, const std::string& job_tom
   HostCoRunners runners;
   const std::string self = self_executable().string();
   for (int i = 0; i < count; ++i) {
-    const auto ready = std::filesystem::temp_directory_path() / fmt::format("{}{}-{}", kReadyPrefix, ::getpid(), i);
-    std::filesystem::remove(ready);
+    // The co-runner's stdout is a file with no name (O_TMPFILE), which the
+    // child opens through this process's descriptor: a client killed with
+    // SIGKILL at any moment leaves nothing in /tmp, and the file goes with
+    // the last descriptor.
+    const auto tmp = std::filesystem::temp_directory_path();
+    const int fd = ::open(tmp.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) return make_error("cannot create a co-runner output file in {}: {}", tmp.string(), std::strerror(errno));
+    runners.ready_fds_.push_back(fd);
     SpawnOptions options;
     options.extra_env["OPENBLAS_NUM_THREADS"] = "1";
-    options.stdout_path = ready;
+    options.stdout_path = fmt::format("/proc/self/fd/{}", fd);
     options.stderr_path = "/dev/null";
     SN_ASSIGN(auto child, ChildProcess::spawn({self, "corun", "--job-toml", job_toml, "--seconds",
                                                std::to_string(max_seconds)},
                                               options));
     runners.children_.push_back(std::move(child));
-    // The co-runner has the file open as its stdout (spawn opened it before
-    // the child started): the name can go at once, and this end watches it
-    // through its own descriptor. A client killed with SIGKILL then leaves
-    // nothing in /tmp; the file itself goes with the last descriptor.
-    const int fd = ::open(ready.c_str(), O_RDONLY | O_CLOEXEC);
-    const int open_errno = errno;
-    std::error_code ec;
-    std::filesystem::remove(ready, ec);
-    if (fd < 0) return make_error("cannot read co-runner output {}: {}", ready.string(), std::strerror(open_errno));
-    runners.ready_fds_.push_back(fd);
   }
   // Measure only once all of them compute: starting (loading LibTorch) is not the load to measure under.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);

@@ -34,8 +34,8 @@ class HostCoRunners {
 
  private:
   std::vector<ChildProcess> children_;
-  // Per co-runner: its stdout, read through this descriptor (the file has no
-  // name once it started: nothing is left in /tmp if this process is killed).
+  // Per co-runner: its stdout, a file with no name read through this
+  // descriptor (nothing is left in /tmp if this process is killed).
   std::vector<int> ready_fds_;
 };
 
