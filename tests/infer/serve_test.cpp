@@ -109,7 +109,14 @@ struct Client {
 
 torch::Tensor tokens(std::vector<int64_t> ids) { return torch::tensor(ids, torch::kInt64); }
 int64_t top_token(const torch::Tensor& logits) { return logits.reshape({-1}).argmax().item<int64_t>(); }
-bool same(const torch::Tensor& a, const torch::Tensor& b) { return a.sizes() == b.sizes() && torch::equal(a, b); }
+// Equal up to float32 rounding: the node processes and this one run the same
+// kernels on most machines (bitwise equal), but on an AMD EPYC host they
+// differed in the last bits (1.7e-7 on logits of 0.8), as LibTorch's and
+// OpenBLAS's kernel choice may differ between processes. A wrong span, cache
+// or position is off by far more.
+bool same(const torch::Tensor& a, const torch::Tensor& b) {
+  return a.sizes() == b.sizes() && torch::allclose(a, b, /*rtol=*/1e-5, /*atol=*/1e-6);
+}
 
 }  // namespace
 
@@ -232,7 +239,7 @@ TEST(BlockServers, SessionsAcrossTwoServersBatchingAdmissionAndExpiry) {
     EXPECT_GT(info.serving(0).throughput(), 0);
   }
 
-  // One session through [0, 2) then [2, 4) is the in-process arithmetic, bit for bit.
+  // One session through [0, 2) then [2, 4) is the in-process arithmetic, to float32 rounding (see same).
   const std::string s = "5e55101100000000000000000000000a";
   ASSERT_TRUE(server_a.open(s, 0, 2).ok());
   ASSERT_TRUE(server_b.open(s, 2, 4).ok());
