@@ -20,6 +20,7 @@
 #include "net/discovery.h"
 #include "net/probe.h"
 #include "net/rpc.h"
+#include "../common/test_support.h"
 
 namespace sn::net {
 namespace {
@@ -400,13 +401,9 @@ TEST(ProbeDevnet, NodeHoldingAJobPausesItsProbes) {
   const auto dir = std::filesystem::temp_directory_path() / ("probe-pause-" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
-  auto port = free_loopback_port(SOCK_DGRAM);
-  ASSERT_TRUE(port.ok());
-  SpawnOptions spawn;
-  spawn.stdout_path = spawn.stderr_path = dir / "dht.log";
-  auto dht = ChildProcess::spawn({bin, "dht", "--port", std::to_string(*port)}, spawn);
+  auto dht = test::start_dht(dir / "dht.log");
   ASSERT_TRUE(dht.ok()) << dht.message();
-  const std::string bootstrap = "127.0.0.1:" + std::to_string(*port);
+  const std::string bootstrap = dht->address;
   std::vector<ChildProcess> nodes;
   for (int i = 0; i < 2; ++i) {
     SpawnOptions options;
@@ -427,20 +424,18 @@ TEST(ProbeDevnet, NodeHoldingAJobPausesItsProbes) {
                                    client);
   ASSERT_TRUE(train.ok()) << train.message();
   ASSERT_EQ(train->wait_for(120s), std::optional<int>(0)) << read_file(dir / "train.err").value_or("");
-  auto log_of = [&](int i) { return read_file(dir / ("node" + std::to_string(i) + ".log")).value_or(""); };
   for (int i = 0; i < 2; ++i) {
+    const auto node_log = dir / ("node" + std::to_string(i) + ".log");
     // The lease ends with the job; the prober looks about every second.
-    for (auto until = std::chrono::steady_clock::now() + 20s;
-         log_of(i).find("probes resumed") == std::string::npos && std::chrono::steady_clock::now() < until;)
-      std::this_thread::sleep_for(100ms);
-    const std::string log = log_of(i);
+    test::wait_for_text(node_log, "probes resumed", 20s);
+    const std::string log = read_file(node_log).value_or("");
     const auto paused = log.find("probes paused"), resumed = log.find("probes resumed");
     ASSERT_NE(paused, std::string::npos) << "node " << i << ":\n" << log;
     ASSERT_NE(resumed, std::string::npos) << "node " << i << ":\n" << log;
     EXPECT_LT(paused, resumed) << log;
   }
   for (auto& node : nodes) node.terminate();
-  dht->terminate();
+  dht->process.terminate();
   std::filesystem::remove_all(dir);
 }
 
