@@ -391,7 +391,9 @@ TEST(ProbeDevnet, EstimatesAreWithinFifteenPercentOfTheTopology) {
 // The node command pauses its prober while its runtime holds a job (what
 // the prober does then is PausedProberSendsNothingUntilResumed's): two node
 // processes probing every 0.5 s take a training job, and each logs "probes
-// paused" as it holds the job and "probes resumed" once the job is over.
+// paused" as it holds the job and "probes resumed" once the job is over. The
+// job runs 80 steps (seconds): the file's few steps took 0.3 s, less than the
+// prober's one-second look, and a node could finish without seeing it.
 TEST(ProbeDevnet, NodeHoldingAJobPausesItsProbes) {
   const char* bin_env = std::getenv("SOLVERNET_BIN");
   const char* source_env = std::getenv("SOLVERNET_SOURCE_DIR");
@@ -418,7 +420,7 @@ TEST(ProbeDevnet, NodeHoldingAJobPausesItsProbes) {
   SpawnOptions client;
   client.stdout_path = dir / "train.out";
   client.stderr_path = dir / "train.err";
-  auto train = ChildProcess::spawn({bin, "train", "--job", (data / "churn-pipeline.toml").string(), "--bootstrap",
+  auto train = ChildProcess::spawn({bin, "train", "--job", (data / "churn-pipeline.toml").string(), "--steps", "80", "--bootstrap",
                                     bootstrap, "--topology", (data / "churn-net.toml").string(), "--key",
                                     (dir / "client.key").string(), "--wait-s", "30", "--json"},
                                    client);
