@@ -32,7 +32,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     for (auto& [id, slot] : jobs) slot->worker->abort("the node is stopping");
   }
 
-  grpc::Status SetupJob(grpc::ServerContext*, const solvernet::v1::SetupJobRequest* request,
+  grpc::Status SetupJob(grpc::ServerContext* context, const solvernet::v1::SetupJobRequest* request,
                         solvernet::v1::SetupJobReply* reply) override {
     const std::string& job_id = request->job_id();
     auto owner = options_.runtime->authorize(job_id, "SetupJob", request->auth(), request_digest("SetupJob", *request));
@@ -61,15 +61,30 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     reply->set_lease_ms(options_.runtime->lease().count());
     reply->set_memory_bytes(memory.total);
     reply->set_leaf((*worker)->start_leaf().data(), (*worker)->start_leaf().size());
-    spdlog::info("job {}: stage {} replica {}, layers [{}, {}), {} parameters, ~{} admitted", job_id,
-                 request->stage(), request->replica(), request->first_layer(),
-                 request->first_layer() + request->layer_count(), (*worker)->parameter_count(),
-                 net::format_bytes(memory.total));
     auto slot = std::make_shared<Slot>();
     slot->worker = std::shared_ptr<StageWorker>(std::move(worker).value());
-    std::lock_guard<std::mutex> lock(mutex_);
-    jobs_[job_id] = std::move(slot);
-    return grpc::Status::OK;
+    bool kept = false;
+    {
+      // A set-up the client gave up on (cancelled because a group mate
+      // failed, or past its deadline) is not kept: the EndJob that follows
+      // may have come while it ran and found nothing to drop, and the worker
+      // would stay with no admission and no lease to run out. The cancel
+      // reaches the node before that EndJob, on the same connection.
+      std::lock_guard<std::mutex> lock(mutex_);
+      kept = !context->IsCancelled();
+      if (kept) jobs_[job_id] = slot;
+    }
+    if (kept) {
+      spdlog::info("job {}: stage {} replica {}, layers [{}, {}), {} parameters, ~{} admitted", job_id,
+                   request->stage(), request->replica(), request->first_layer(),
+                   request->first_layer() + request->layer_count(), slot->worker->parameter_count(),
+                   net::format_bytes(memory.total));
+      return grpc::Status::OK;
+    }
+    slot->worker->abort("the client cancelled the set-up");
+    options_.runtime->release(job_id);
+    spdlog::info("job {}: set-up cancelled by the client; not kept", job_id);
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the set-up was cancelled");
   }
 
   grpc::Status RunStep(grpc::ServerContext*, const solvernet::v1::RunStepRequest* request,
