@@ -76,6 +76,9 @@ JobDeadlines deadlines_for(const JobConfig& job, milliseconds peer_timeout, size
   return d;
 }
 
+// [diloco] Replica groups that failed, each with what failed it.
+using GroupFailures = std::map<int, std::string>;
+
 class JobSession {
  public:
   JobSession(const JobConfig& job, const std::vector<net::MemberInfo>& members, const DistributedOptions& options)
@@ -187,17 +190,18 @@ class JobSession {
   // A group that fails is dropped and its share goes to another; an error
   // only when no group is left.
   Result<double> diloco_evaluate(const std::vector<std::vector<MicroBatchData>>& batches);
-  void drop_groups(const std::set<int>& failed, int64_t step, const std::string& why);
+  // FAILED: each group dropped and why (its own cause, never another group's).
+  void drop_groups(const GroupFailures& failed, int64_t step);
   // The groups of MEMBERS whose call failed (STATUSES indexed like MEMBERS),
-  // and in WHY the first failure, named, that is not a call cancelled only
+  // each with its first failure, named, that is not a call cancelled only
   // because a group mate failed.
-  std::set<int> failed_groups(const std::vector<size_t>& members, const std::vector<grpc::Status>& statuses,
-                              std::string& why) const;
+  GroupFailures failed_groups(const std::vector<size_t>& members, const std::vector<grpc::Status>& statuses) const;
   // [diloco] A member loss after STEPS_DONE steps, during WHAT: drops the
-  // groups in FAILED (WHY led by their members that answer no ping) and goes
-  // on. Ends the job with an error when no group is left, or when the client
-  // itself did not run for longer than the lease (no node is to blame).
-  Status lose_groups(const std::set<int>& failed, int64_t steps_done, const std::string& why, const std::string& what);
+  // groups in FAILED (each one's cause led by its members that answer no
+  // ping) and goes on. Ends the job with an error when no group is left, or
+  // when the client itself did not run for longer than the lease (no node is
+  // to blame).
+  Status lose_groups(const GroupFailures& failed, int64_t steps_done, const std::string& what);
   // The live members of GROUPS that do not answer one ping within the fleet's
   // ping timeout (pinged in parallel): frozen or gone. Costs that timeout
   // only when one of them is frozen.
@@ -205,6 +209,8 @@ class JobSession {
   // WHY, led by the members in SILENT (indices) if any: the member that
   // stalled a group is its cause, not the peer that timed out waiting for it.
   std::string blame_silent(const std::vector<size_t>& silent, const std::string& why) const;
+  // The members in SILENT (indices) of replica group GROUP.
+  std::vector<size_t> silent_of(int group, const std::vector<size_t>& silent) const;
   std::vector<size_t> live_members() const;
   int first_live_group() const;
 
@@ -313,18 +319,20 @@ Status JobSession::set_up_members(int64_t start_step) {
   // The state each member must restart from, bitwise: the mirrored
   // manifest's state hash, which its start leaf commits to.
   std::vector<Hash256> expected_state(members_.size());
-  // At a [diloco] rejoin a member that fails costs its group, not the job:
-  // the groups that set up go on from the boundary, where they already are.
-  const bool rejoin = job_.diloco.enabled && start_step > 0;
-  const std::string rejoin_what = fmt::format("the rejoin after step {}", start_step);
+  // In a [diloco] job a member that fails here costs its group, not the
+  // job, at the job's first set-up as at a rejoin: the groups that set up go
+  // on (at a rejoin from the boundary, where they already are), and a group
+  // dropped now may rejoin at an outer boundary like any other.
+  const bool per_group = job_.diloco.enabled;
+  const std::string group_what =
+      start_step > 0 ? fmt::format("the rejoin after step {}", start_step) : std::string("job setup");
   const auto run = [&](const std::string& what, const Fleet::Call& call) -> Status {
-    if (!rejoin) return fleet_->run_all(what, deadlines_.setup, call);
+    if (!per_group) return fleet_->run_all(what, deadlines_.setup, call);
     const auto members = live_members();
     std::vector<int> groups;
     for (size_t i : members) groups.push_back(members_[i].replica);
-    std::string why;
-    const auto failed = failed_groups(members, run_members(members, groups, deadlines_.setup, call), why);
-    return failed.empty() ? ok_status() : lose_groups(failed, start_step, why, rejoin_what);
+    const auto failed = failed_groups(members, run_members(members, groups, deadlines_.setup, call));
+    return failed.empty() ? ok_status() : lose_groups(failed, start_step, group_what);
   };
   if (start_step > 0) {
     if (!mirror_) return make_error("resuming at step {} needs a job dir", start_step);
@@ -402,14 +410,13 @@ Status JobSession::set_up_members(int64_t start_step) {
     result_.stage_state_hashes.assign(static_cast<size_t>(stages_), "");
     step_leaves_.assign(members_.size(), {});
   }
-  std::set<int> bad_groups;
-  std::string bad_leaf;
+  GroupFailures bad_groups;
   for (size_t i : live_members()) {
     if (start_leaves[i].size() != 32) {
       auto error = kind_error(ErrorKind::bad_peer, "{} sent a start leaf of {} bytes, not 32", member_name(members_[i]),
                               start_leaves[i].size());
-      if (rejoin) {
-        if (bad_groups.insert(members_[i].replica).second && bad_leaf.empty()) bad_leaf = error.message;
+      if (per_group) {
+        bad_groups.emplace(members_[i].replica, error.message);
         continue;
       }
       fleet_->end_all(true, error.message);
@@ -438,7 +445,7 @@ Status JobSession::set_up_members(int64_t start_step) {
     else
       leaves.assign(1, leaf);
   }
-  if (!bad_groups.empty()) SN_TRY(lose_groups(bad_groups, start_step, bad_leaf, rejoin_what));
+  if (!bad_groups.empty()) SN_TRY(lose_groups(bad_groups, start_step, group_what));
   if (!first_setup) return ok_status();
   // Steady state begins once every training sample has passed once (an epoch
   // leaves a few out, so that can be later than the second epoch).
@@ -479,14 +486,13 @@ Status JobSession::mirror_checkpoints(int64_t step) {
   // A [diloco] job's dropped groups have no checkpoint to give, and a live
   // member that fails to give its own costs its group, not the job.
   const auto live = live_members();
-  std::set<int> failed;
-  std::string why;
+  GroupFailures failed;
   const auto lost = [&](size_t i, const Error& error) -> Status {
     if (!job_.diloco.enabled) {
       fleet_->end_all(true, error.message);
       return error;
     }
-    if (failed.insert(members_[i].replica).second && why.empty()) why = error.message;
+    failed.emplace(members_[i].replica, error.message);
     return ok_status();
   };
   if (!job_.diloco.enabled) {
@@ -494,7 +500,7 @@ Status JobSession::mirror_checkpoints(int64_t step) {
   } else {
     std::vector<int> groups;
     for (size_t i : live) groups.push_back(members_[i].replica);
-    failed = failed_groups(live, run_members(live, groups, deadlines_.fetch + deadlines_.setup, fetch), why);
+    failed = failed_groups(live, run_members(live, groups, deadlines_.fetch + deadlines_.setup, fetch));
   }
   for (size_t i : live) {
     if (failed.count(members_[i].replica)) continue;
@@ -527,8 +533,8 @@ Status JobSession::mirror_checkpoints(int64_t step) {
   }
   if (!failed.empty()) {
     const std::string what = fmt::format("mirroring the checkpoints of step {}", step);
-    SN_TRY(lose_groups(failed, step, why, what));
-    return kind_error(ErrorKind::unavailable, "{}: {}", what, why);
+    SN_TRY(lose_groups(failed, step, what));
+    return kind_error(ErrorKind::unavailable, "{}: {}", what, failed.begin()->second);
   }
   // The previous checkpoint goes only now that this one is whole for every member.
   mirror_->prune_before(step);
@@ -905,14 +911,27 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
 // A member lost after the last step (the held-out evaluation, the final
 // fetch) is recovered from as one lost during the steps: from the newest
 // mirrored checkpoint, with the steps since run again, then the evaluation
-// and the fetch once more. Without a job dir (or for [diloco]) it ends the
-// job as before; recover() itself stops with the --resume advice when it
-// cannot go on.
+// and the fetch once more. Without a job dir it ends the job as before;
+// recover() itself stops with the --resume advice when it cannot go on.
+// [diloco] (no recovery: a lost member costs its group): the model is fetched and written first, then evaluated, so a
+// training that finished is not lost with every group during the held-out
+// evaluation: the run then ends with the model and no held-out loss (NaN,
+// null in the summary), and says why.
 Status JobSession::finish() {
+  if (job_.diloco.enabled) {
+    SN_TRY(fetch_model());
+    Status evaluated = evaluate();
+    if (evaluated.ok() || first_live_group() >= 0) return evaluated;
+    result_.holdout_loss = std::nan("");
+    spdlog::warn("held-out loss could not be measured: {}; training completed{}", evaluated.message(),
+                 options_.model_out.empty() ? ""
+                                            : fmt::format(" and the model was written to {}", options_.model_out.string()));
+    return ok_status();
+  }
   while (true) {
     Status done = evaluate();
     if (done.ok()) done = fetch_model();
-    if (done.ok() || !mirror_ || job_.diloco.enabled || (options_.cancel && options_.cancel->load())) return done;
+    if (done.ok() || !mirror_ || (options_.cancel && options_.cancel->load())) return done;
     SN_ASSIGN(int64_t restart, recover(job_.train.steps - 1, done.error()));
     SN_TRY(train_from(restart));
   }
@@ -995,20 +1014,20 @@ int JobSession::first_live_group() const {
 // on no call goes to them. Their samples of this round are simply not
 // trained on. Their live nodes, idle again, may refill the group later
 // (diloco_rejoin).
-void JobSession::drop_groups(const std::set<int>& failed, int64_t step, const std::string& why) {
-  std::vector<size_t> ending;
-  for (int r : failed) {
+void JobSession::drop_groups(const GroupFailures& failed, int64_t step) {
+  for (const auto& [r, why] : failed) {
     live_groups_[static_cast<size_t>(r)] = false;
     result_.diloco.dropped_groups.push_back(r);
     result_.diloco.dropped_at_step.push_back(step + 1);
-    for (int64_t s = 0; s < stages_; ++s) ending.push_back(static_cast<size_t>(s * replicas_ + r));
     spdlog::warn("replica group {} dropped at step {}: {}", r, step + 1, why);
+    std::vector<size_t> ending;
+    for (int64_t s = 0; s < stages_; ++s) ending.push_back(static_cast<size_t>(s * replicas_ + r));
+    for (size_t i : ending)
+      if (std::none_of(dropped_members_.begin(), dropped_members_.end(),
+                       [&](const net::MemberInfo& m) { return m.node_id == members_[i].node_id; }))
+        dropped_members_.push_back(members_[i]);
+    fleet_->release(ending, "replica group dropped: " + why);
   }
-  for (size_t i : ending)
-    if (std::none_of(dropped_members_.begin(), dropped_members_.end(),
-                     [&](const net::MemberInfo& m) { return m.node_id == members_[i].node_id; }))
-      dropped_members_.push_back(members_[i]);
-  fleet_->release(ending, "replica group dropped: " + why);
 }
 
 std::vector<size_t> JobSession::silent_in(const std::set<int>& groups) const {
@@ -1017,6 +1036,13 @@ std::vector<size_t> JobSession::silent_in(const std::set<int>& groups) const {
     if (groups.count(members_[i].replica)) members.push_back(i);
   if (members.empty()) return {};
   return fleet_->unresponsive(deadlines_.fleet.ping, members, 1);
+}
+
+std::vector<size_t> JobSession::silent_of(int group, const std::vector<size_t>& silent) const {
+  std::vector<size_t> out;
+  for (size_t i : silent)
+    if (members_[i].replica == group) out.push_back(i);
+  return out;
 }
 
 std::string JobSession::blame_silent(const std::vector<size_t>& silent, const std::string& why) const {
@@ -1028,29 +1054,38 @@ std::string JobSession::blame_silent(const std::vector<size_t>& silent, const st
   return fmt::format("{} stopped answering pings ({})", fmt::join(names, ", "), own);
 }
 
-std::set<int> JobSession::failed_groups(const std::vector<size_t>& members, const std::vector<grpc::Status>& statuses,
-                                        std::string& why) const {
-  std::set<int> failed;
-  std::string cancelled;
+GroupFailures JobSession::failed_groups(const std::vector<size_t>& members,
+                                        const std::vector<grpc::Status>& statuses) const {
+  GroupFailures failed, cancelled;
   for (size_t k = 0; k < members.size(); ++k) {
     if (statuses[k].ok()) continue;
-    failed.insert(members_[members[k]].replica);
-    std::string& first = statuses[k].error_code() == grpc::StatusCode::CANCELLED ? cancelled : why;
-    if (first.empty()) first = fmt::format("{}: {}", member_name(members_[members[k]]), statuses[k].error_message());
+    const auto& member = members_[members[k]];
+    auto& first = statuses[k].error_code() == grpc::StatusCode::CANCELLED ? cancelled : failed;
+    first.emplace(member.replica, fmt::format("{}: {}", member_name(member), statuses[k].error_message()));
   }
-  if (why.empty()) why = cancelled;
+  // A group none of whose calls failed but by a cancellation: its first one.
+  failed.merge(cancelled);
   return failed;
 }
 
-Status JobSession::lose_groups(const std::set<int>& failed, int64_t steps_done, const std::string& why,
-                               const std::string& what) {
+Status JobSession::lose_groups(const GroupFailures& failed, int64_t steps_done, const std::string& what) {
   if (auto paused = fleet_->pause_explains(what)) {
     fleet_->end_all(true, paused->message);
     return *paused;
   }
-  drop_groups(failed, steps_done - 1, blame_silent(silent_in(failed), why));
+  std::set<int> groups;
+  for (const auto& [r, why] : failed) groups.insert(r);
+  const auto silent = silent_in(groups);
+  GroupFailures blamed;
+  std::vector<std::string> causes;
+  for (const auto& [r, why] : failed) {
+    blamed[r] = blame_silent(silent_of(r, silent), why);
+    causes.push_back(failed.size() == 1 ? blamed[r] : fmt::format("group {}: {}", r, blamed[r]));
+  }
+  drop_groups(blamed, steps_done - 1);
   if (first_live_group() >= 0) return ok_status();
-  auto error = kind_error(ErrorKind::unavailable, "every replica group failed, the last during {}: {}", what, why);
+  auto error = kind_error(ErrorKind::unavailable, "every replica group failed, the last during {}: {}", what,
+                          fmt::join(causes, "; "));
   fleet_->end_all(true, error.message);
   return error;
 }
@@ -1175,7 +1210,13 @@ Status JobSession::diloco_outer_step(int64_t steps_done) {
       fleet_->end_all(true, failure->message);
       return *failure;
     }
-    drop_groups(lost, steps_done - 1, blame_silent(silent, failure->message));
+    // Each group dropped for its own members: its silent ones, led by the
+    // group's own failure when one of its calls failed.
+    const auto own = failed_groups(members, statuses);
+    GroupFailures blamed;
+    for (int r : lost)
+      blamed[r] = blame_silent(silent_of(r, silent), own.count(r) ? own.at(r) : failure->message);
+    drop_groups(blamed, steps_done - 1);
     if (first_live_group() < 0) {
       auto error = kind_error(ErrorKind::unavailable, "every replica group failed by the outer step after step {} "
                               "(last: {})", steps_done, failure->message);
@@ -1262,8 +1303,7 @@ Result<double> JobSession::diloco_evaluate(const std::vector<std::vector<MicroBa
       add_micro_batches(i, batches, request, share_of.at(members_[i].replica));
       return send_run_step(i, context, request, &replies[i]);
     });
-    std::string why;
-    const auto failed = failed_groups(members, statuses, why);
+    const auto failed = failed_groups(members, statuses);
     for (size_t i : members)
       if (!failed.count(members_[i].replica)) {
         loss_sum += replies[i].loss_sum();
@@ -1275,7 +1315,7 @@ Result<double> JobSession::diloco_evaluate(const std::vector<std::vector<MicroBa
       fleet_->end_all(true, "interrupted by the user");
       return kind_error(ErrorKind::aborted, "interrupted during held-out evaluation");
     }
-    if (!failed.empty()) SN_TRY(lose_groups(failed, job_.train.steps, why, "held-out evaluation"));
+    if (!failed.empty()) SN_TRY(lose_groups(failed, job_.train.steps, "held-out evaluation"));
   }
   if (loss_count == 0) return make_error("no loss came back from the last stage");
   return loss_sum / static_cast<double>(loss_count);
@@ -1302,15 +1342,14 @@ Status JobSession::train_diloco() {
       request.set_step(step);
       return send_run_step(i, context, request, &replies[i]);
     });
-    std::string why;
-    const auto failed = failed_groups(members, statuses, why);
+    const auto failed = failed_groups(members, statuses);
     if (options_.cancel && options_.cancel->load()) {
       fleet_->end_all(true, "interrupted by the user");
       return kind_error(ErrorKind::aborted, "interrupted at step {} of {}", step + 1, steps);
     }
     // Every call of a group that stalls fails; the first may be a member
     // that only waited for the stalled one (lose_groups names the silent).
-    if (!failed.empty()) SN_TRY(lose_groups(failed, step + 1, why, fmt::format("step {}", step + 1)));
+    if (!failed.empty()) SN_TRY(lose_groups(failed, step + 1, fmt::format("step {}", step + 1)));
     double loss_sum = 0;
     int64_t loss_count = 0;
     for (size_t i : live_members()) {
@@ -1406,7 +1445,7 @@ Status JobSession::fetch_model() {
         fleet_->end_all(true, "could not fetch weights");
         return fetched.error();
       }
-      SN_TRY(lose_groups({group}, job_.train.steps, fetched.message(), "fetching the weights"));
+      SN_TRY(lose_groups({{group, fetched.message()}}, job_.train.steps, "fetching the weights"));
     }
     SN_ASSIGN(auto tensors, model::load_safetensors_bytes(reply.safetensors()));
     for (auto& [name, tensor] : tensors)

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "core/hash.h"
 #include "core/process.h"
 #include "train/diloco.h"
 #include "train/recovery.h"
@@ -85,6 +86,14 @@ std::unique_ptr<LocalNet> start_net(const fs::path& dir, int n,
   return net;
 }
 
+// start_net's EXTRA: `node --kill-self-at SPEC` for node NODE alone, or
+// for every node if NODE < 0.
+std::function<std::vector<std::string>(int)> kill_self_at(int node, const std::string& spec) {
+  return [node, spec](int i) {
+    return node < 0 || i == node ? std::vector<std::string>{"--kill-self-at", spec} : std::vector<std::string>{};
+  };
+}
+
 // TEXT with the first "KEY = …" line replaced by "KEY = VALUE".
 std::string with_key(std::string text, const std::string& key, const std::string& value) {
   const auto at = text.find(key + " = ");
@@ -117,6 +126,18 @@ std::optional<ChildProcess> start_client(const fs::path& dir, const LocalNet& ne
   EXPECT_TRUE(client.ok()) << client.message();
   if (!client.ok()) return std::nullopt;
   return std::move(client).value();
+}
+
+// start_client run to its end within LIMIT: its exit status (none: still
+// running, a failure) and DIR/client.err.
+std::pair<std::optional<int>, std::string> run_client(const fs::path& dir, const LocalNet& net, const fs::path& job,
+                                                      const std::vector<std::string>& extra,
+                                                      std::chrono::seconds limit) {
+  auto client = start_client(dir, net, job, extra);
+  if (!client) return {std::nullopt, ""};
+  auto status = client->wait_for(limit);
+  EXPECT_TRUE(status.has_value()) << "client still running after " << limit.count() << " s";
+  return {status, read_file(dir / "client.err").value_or("")};
 }
 
 // The node (of N, logging to DIR/n<i>.log) set up as a member of replica
@@ -277,9 +298,7 @@ TEST(Diloco, AGroupKilledMidJobDoesNotStopTheJob) {
 TEST(Diloco, AGroupLostDuringTheOuterStepIsDroppedAndTheStepRetried) {
   auto dir = test::scratch("diloco", "outer-kill");
   // 2 stages × 3 groups; the last node dies at the first outer step.
-  auto net = start_net(dir, 6, [](int i) {
-    return i == 5 ? std::vector<std::string>{"--kill-self-at", "outer:1"} : std::vector<std::string>{};
-  });
+  auto net = start_net(dir, 6, kill_self_at(5, "outer:1"));
   ASSERT_TRUE(net);
   std::string text = read_file(job_variant(dir, "three", "")).value();
   for (auto [key, value] : {std::pair{"replicas", "3"}, {"global_batch", "12"}, {"steps", "12"}})
@@ -474,17 +493,11 @@ TEST(Diloco, AMemberLostDuringARejoinCostsOnlyItsGroup) {
 // and the model.
 TEST(Diloco, AMemberKilledDuringTheHeldOutEvaluationCostsOnlyItsGroup) {
   auto dir = test::scratch("diloco", "eval-kill");
-  auto net = start_net(dir, 4, [](int i) {
-    return i == 3 ? std::vector<std::string>{"--kill-self-at", "eval:1"} : std::vector<std::string>{};
-  });
+  auto net = start_net(dir, 4, kill_self_at(3, "eval:1"));
   ASSERT_TRUE(net);
   const fs::path model = dir / "model.safetensors";
-  auto client = start_client(dir, *net, job_variant(dir, "base", ""), {"--out", model.string()});
-  ASSERT_TRUE(client);
-  auto status = client->wait_for(90s);
-  ASSERT_TRUE(status.has_value()) << "client still running after 90 s";
-  const std::string err = read_file(dir / "client.err").value_or("");
-  ASSERT_EQ(*status, 0) << err.substr(0, 4000);
+  const auto [status, err] = run_client(dir, *net, job_variant(dir, "base", ""), {"--out", model.string()}, 90s);
+  ASSERT_EQ(status, 0) << err.substr(0, 4000);
   EXPECT_FALSE(net->nodes[3].running()) << "the hook did not fire";
   const auto s = client_summary(dir);
   const auto& d = s["diloco"];
@@ -494,6 +507,105 @@ TEST(Diloco, AMemberKilledDuringTheHeldOutEvaluationCostsOnlyItsGroup) {
   ASSERT_TRUE(s["holdout_loss"].is_number()) << s.dump();
   EXPECT_LT(s["holdout_loss"].get<double>(), s["losses"][0].get<double>());
   EXPECT_TRUE(fs::exists(model));
+  net.reset();
+  fs::remove_all(dir);
+}
+
+// Every member of both groups dies as the held-out evaluation reaches it
+// (node --kill-self-at eval:1). Training had finished: the model was fetched
+// and written before the evaluation, so the run still ends with it (exit 0),
+// its held-out loss null and a warning that it could not be measured. Each
+// group's drop names its own members only, not the other group's.
+TEST(Diloco, EveryGroupLostDuringTheHeldOutEvaluationStillWritesTheModel) {
+  auto dir = test::scratch("diloco", "eval-kill-all");
+  auto net = start_net(dir, 4, kill_self_at(-1, "eval:1"));
+  ASSERT_TRUE(net);
+  const fs::path model = dir / "model.safetensors";
+  const auto [status, err] = run_client(dir, *net, job_variant(dir, "base", ""), {"--out", model.string()}, 90s);
+  ASSERT_EQ(status, 0) << err.substr(0, 4000);
+  EXPECT_NE(err.find("held-out loss could not be measured"), std::string::npos) << err.substr(0, 4000);
+  const auto s = client_summary(dir);
+  const auto& d = s["diloco"];
+  EXPECT_EQ(d["dropped_groups"].size(), 2u) << d.dump();
+  EXPECT_EQ(d["dropped_at_step"], nlohmann::json::array({24, 24})) << d.dump();
+  EXPECT_EQ(s["losses"].size(), 24u);
+  EXPECT_TRUE(s["holdout_loss"].is_null()) << s.dump();
+  ASSERT_TRUE(fs::exists(model));
+  EXPECT_EQ(s["model_hash"].get<std::string>(), to_hex(hash_string(read_file(model).value())));
+  for (const int group : {0, 1}) {
+    const std::string head = "replica group " + std::to_string(group) + " dropped at step 24: ";
+    const auto at = err.find(head);
+    ASSERT_NE(at, std::string::npos) << err.substr(0, 4000);
+    const std::string line = err.substr(at, err.find('\n', at) - at);
+    EXPECT_NE(line.find("replica " + std::to_string(group) + ")"), std::string::npos) << line;
+    EXPECT_EQ(line.find("replica " + std::to_string(1 - group) + ")"), std::string::npos)
+        << "group " << group << "'s drop names a member of the other group: " << line;
+  }
+  net.reset();
+  fs::remove_all(dir);
+}
+
+// A member dies on its first SetupJob (node --kill-self-at setup:1): its
+// group is dropped at step 0, its group mate, set up or not, is released,
+// and the other group trains. A node started after the drop fills the
+// group's slot with that mate at an outer boundary (the rejoin), and the job
+// completes with both groups.
+TEST(Diloco, AMemberLostAtTheJobsSetupCostsOnlyItsGroup) {
+  auto dir = test::scratch("diloco", "setup-kill");
+  auto net = start_net(dir, 4, kill_self_at(3, "setup:1"));
+  ASSERT_TRUE(net);
+  const fs::path job = dir / "long.toml";
+  std::ofstream(job) << with_key(read_file(job_variant(dir, "base", "")).value(), "steps", "400");
+  auto client = start_client(dir, *net, job, {"--job-dir", (dir / "jobs").string()});
+  ASSERT_TRUE(client);
+  const auto until = std::chrono::steady_clock::now() + 60s;
+  std::string err;
+  for (; std::chrono::steady_clock::now() < until && client->running(); std::this_thread::sleep_for(100ms)) {
+    err = read_file(dir / "client.err").value_or("");
+    if (err.find(" dropped at step 0: ") != std::string::npos) break;
+  }
+  const auto at = err.find(" dropped at step 0: ");
+  ASSERT_NE(at, std::string::npos) << read_file(dir / "client.err").value_or("").substr(0, 4000);
+  const int group = err[err.rfind("replica group ", at) + 14] - '0';
+  // The drop names the node that died.
+  const std::string killed = read_file(dir / "n3.log").value_or("").substr(0, 13);  // "node " + 8 hex
+  ASSERT_EQ(killed.substr(0, 5), "node ");
+  EXPECT_NE(err.find(killed + " (", at), std::string::npos) << err.substr(at, 400);
+  net->nodes.push_back(net->start_node(dir, 4, "b"));
+  auto status = client->wait_for(120s);
+  ASSERT_TRUE(status.has_value()) << "client still running after 120 s";
+  err = read_file(dir / "client.err").value_or("");
+  ASSERT_EQ(*status, 0) << err.substr(0, 4000);
+  EXPECT_FALSE(net->nodes[3].running()) << "the hook did not fire";
+  const auto s = client_summary(dir);
+  const auto& d = s["diloco"];
+  EXPECT_EQ(d["dropped_groups"], nlohmann::json::array({group})) << d.dump();
+  EXPECT_EQ(d["dropped_at_step"], nlohmann::json::array({0})) << d.dump();
+  ASSERT_EQ(d["rejoined_groups"], nlohmann::json::array({group})) << d.dump() << err.substr(0, 4000);
+  const int64_t back = d["rejoined_at_step"][0].get<int64_t>();
+  EXPECT_EQ(back % 4, 0);
+  const auto groups = d["outer_groups"].get<std::vector<int64_t>>();
+  ASSERT_EQ(groups.size(), 100u);
+  for (size_t k = 0; k < groups.size(); ++k)
+    EXPECT_EQ(groups[k], static_cast<int64_t>(4 * (k + 1)) <= back ? 1 : 2) << "outer step " << k + 1;
+  for (const auto& per_stage : d["outer_hashes"]) EXPECT_EQ(per_stage.size(), 2u);
+  EXPECT_EQ(s["losses"].size(), 400u);
+  EXPECT_TRUE(s["holdout_loss"].is_number());
+  for (int i : {0, 1, 2, 4}) EXPECT_TRUE(net->nodes[static_cast<size_t>(i)].running()) << "node " << i << " crashed";
+  net.reset();
+  fs::remove_all(dir);
+}
+
+// Every member dies on its first SetupJob: no group is left, and the job
+// ends with one line saying so.
+TEST(Diloco, EveryGroupLostAtTheJobsSetupEndsTheJobWithOneLine) {
+  auto dir = test::scratch("diloco", "setup-kill-all");
+  auto net = start_net(dir, 4, kill_self_at(-1, "setup:1"));
+  ASSERT_TRUE(net);
+  const auto [status, err] = run_client(dir, *net, job_variant(dir, "base", ""), {}, 90s);
+  EXPECT_EQ(status, 1) << err.substr(0, 4000);
+  EXPECT_NE(err.find("every replica group failed, the last during job setup: "), std::string::npos)
+      << err.substr(0, 4000);
   net.reset();
   fs::remove_all(dir);
 }
