@@ -913,10 +913,11 @@ Result<double> JobSession::run_step(int64_t step, const std::vector<std::vector<
 // mirrored checkpoint, with the steps since run again, then the evaluation
 // and the fetch once more. Without a job dir it ends the job as before;
 // recover() itself stops with the --resume advice when it cannot go on.
-// [diloco] (no recovery: a lost member costs its group): the model is fetched and written first, then evaluated, so a
-// training that finished is not lost with every group during the held-out
-// evaluation: the run then ends with the model and no held-out loss (NaN,
-// null in the summary), and says why.
+// [diloco] (no recovery: a lost member costs its group): the model is
+// fetched and written first, then evaluated, so a training that finished is
+// not lost with every group during the held-out evaluation: the run then
+// ends with the model and no held-out loss (NaN, null in the summary), and
+// says why.
 Status JobSession::finish() {
   if (job_.diloco.enabled) {
     SN_TRY(fetch_model());
