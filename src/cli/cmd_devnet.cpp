@@ -139,9 +139,10 @@ class Devnet {
     dht_port_ = *dht_port;
     SpawnOptions dht_options;
     dht_options.stdout_path = dht_options.stderr_path = dir_ / "dht.log";
-    // Every child dies with us (parent_death_signal, --parent-pid). If we die
-    // without cleaning up (SIGKILL), the DHT bootstrap removes the temp dir,
-    // with its node and chain keys, once the nodes have let go of it.
+    // Every child dies with us (parent_death_signal, --parent-pid; a node or
+    // the DHT whose parent died exits at once). If we die without cleaning up
+    // (SIGKILL), the DHT bootstrap removes the temp dir, with its node and
+    // chain keys, once the nodes have let go of it (a few seconds at most).
     std::vector<std::string> dht_argv = {self, "dht", "--port", std::to_string(dht_port_), "--parent-pid",
                                          std::to_string(::getpid())};
     if (!keep_) {
@@ -225,6 +226,7 @@ class Devnet {
         report += fmt::format("  node {} exited; last lines of {}:\n{}", i, (dir_ / fmt::format("node{}.log", i)).string(),
                               tail_of(dir_ / fmt::format("node{}.log", i), 5));
     if (!dht_.running()) report += "  the DHT bootstrap exited:\n" + tail_of(dir_ / "dht.log", 5);
+    if (!report.empty() && !keep_) report += "  (the logs go with the devnet's temp dir on exit; --keep keeps them)\n";
     return report;
   }
 
@@ -1028,6 +1030,8 @@ int run_devnet(const DevnetArgs& args) {
     // The resume advice names the job dir; the devnet's temp dir goes on exit, so the job dir is moved out.
     if (!args.keep && message.find("--resume ") != std::string::npos)
       message = keep_job_dir(devnet.dir() / "jobs", fs::absolute(model_out).parent_path(), message);
+    else if (!args.keep && message.find(devnet.dir().string()) != std::string::npos)
+      message += fmt::format("\n  ({} is removed on exit; --keep keeps it)", devnet.dir().string());
     return fail("devnet", message + (report.empty() ? "" : "\n" + report),
                 stop_requested() ? stop_exit_code() : summary.error().exit_code);
   }
@@ -1046,6 +1050,8 @@ int run_devnet(const DevnetArgs& args) {
     if (!verified->is_null()) (*summary)["verification"] = *verified;
   }
   (*summary)["devnet_dir"] = args.keep ? devnet.dir().string() : "";
+  // The job dir is in the temp dir, which goes on exit: name no path that will not be there.
+  if (!args.keep && summary->contains("recovery")) (*summary)["recovery"]["job_dir"] = "";
   if (!args.summary_json.empty()) {
     auto written = write_file_atomic(args.summary_json, summary->dump(2) + "\n");
     if (!written.ok()) return fail("devnet", written.message());

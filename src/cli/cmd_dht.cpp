@@ -1,9 +1,9 @@
 // solvernet dht: a bare DHT node that others bootstrap from.
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <iostream>
 
 #include "cli/command.h"
@@ -23,28 +23,19 @@ struct DhtArgs {
 };
 
 // The devnet's temp dir (node keys, chain keys, logs) when the devnet died
-// without cleaning up (SIGKILL): wait for its nodes to release their data
-// dirs (they die with the parent too), then remove it.
+// without cleaning up (SIGKILL): wait (a few seconds at most) for its nodes to
+// release their data dirs (they exit at once when the devnet dies), then remove it.
 void remove_orphaned_dir(const std::filesystem::path& dir) {
   std::cerr << "dht: the devnet died; removing " << dir.string() << " once its nodes have stopped" << std::endl;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(dir, ec))
-    if (entry.is_directory()) wait_until_unlocked(entry.path(), std::chrono::seconds(10));
+    if (entry.is_directory())
+      wait_until_unlocked(entry.path(), std::max(std::chrono::milliseconds(0),
+                                                 std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                     deadline - std::chrono::steady_clock::now())));
   std::filesystem::remove_all(dir, ec);
   if (ec) std::cerr << "dht: cannot remove " << dir.string() << ": " << ec.message() << std::endl;
-}
-
-// Whether PARENT has died (or is dying). The parent-death signal comes when
-// the thread that started us exits, while the rest of a killed parent may still
-// be going down: we are then not yet reparented, but its main thread is a zombie.
-bool parent_died(pid_t parent) {
-  if (::getppid() != parent) return true;
-  std::ifstream in("/proc/" + std::to_string(parent) + "/stat");
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  auto close = stat.rfind(')');
-  if (close == std::string::npos || close + 2 >= stat.size()) return true;
-  const char state = stat[close + 2];
-  return state == 'Z' || state == 'X';
 }
 
 int run_dht(const DhtArgs& args) {
@@ -54,11 +45,15 @@ int run_dht(const DhtArgs& args) {
   auto discovery = net::Discovery::start(static_cast<uint16_t>(args.port), args.bootstrap);
   if (!discovery.ok()) return fail("dht", discovery.message(), 2);
   std::cout << "dht bootstrap listening on 127.0.0.1:" << (*discovery)->port() << std::endl;
-  wait_for_stop_signal();
+  const int signal_number = wait_for_stop_signal();
+  // A parent that stopped us itself is alive and cleans up; one that died
+  // does not, and nothing is left to say goodbye to: its nodes go with it.
+  if (args.parent_pid > 0 && parent_gone(args.parent_pid)) {
+    if (!args.orphan_cleanup_dir.empty()) remove_orphaned_dir(args.orphan_cleanup_dir);
+    std::cout << std::flush;
+    ::_exit(128 + signal_number);
+  }
   (*discovery)->stop();
-  // A parent that stopped us itself is alive and cleans up; one that died does not.
-  if (args.parent_pid > 0 && !args.orphan_cleanup_dir.empty() && parent_died(args.parent_pid))
-    remove_orphaned_dir(args.orphan_cleanup_dir);
   return 0;
 }
 

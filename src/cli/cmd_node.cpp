@@ -460,6 +460,17 @@ int run_node(const NodeArgs& args) {
   }
 
   int signal_number = wait_for_stop_signal();
+  // The devnet that started us was killed: its client, DHT and chain are gone
+  // with it, so a goodbye reaches no one, and gRPC's own shutdown can take
+  // seconds (measured: 9 s in its executor's poll). Exit as a node killed
+  // mid-job would (checkpoints are written atomically); the kernel releases
+  // the data-dir lock, which the devnet's DHT waits for to remove its temp dir.
+  if (args.parent_pid > 0 && parent_gone(args.parent_pid)) {
+    spdlog::info("stopping on signal {}: the devnet (pid {}) is gone; exiting at once", signal_number, args.parent_pid);
+    spdlog::default_logger()->flush();
+    std::cout << std::flush;
+    ::_exit(128 + signal_number);
+  }
   solver_agent.reset();
   spdlog::info("stopping on signal {}", signal_number);
   if (prober) prober->stop();

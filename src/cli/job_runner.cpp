@@ -786,7 +786,8 @@ void print_summary_table(const nlohmann::json& s) {
                                   rec["seconds"].get<double>(), rec["aqsgd_buffers"].get<std::string>()));
     }
     if (r.value("resumed_from", int64_t{0}) > 0) row("resumed from", fmt::format("step {}", r["resumed_from"].get<int64_t>()));
-    row("job dir", r.value("job_dir", ""));
+    const std::string job_dir = r.value("job_dir", "");
+    row("job dir", job_dir.empty() ? "not kept (it was in the devnet's temp dir; --keep keeps it)" : job_dir);
   }
   if (s.contains("privacy")) {
     const auto& p = s["privacy"];

@@ -98,6 +98,11 @@ std::filesystem::path self_executable();
 // Exits this process when PARENT dies (Linux PR_SET_PDEATHSIG, SIGTERM), so
 // children of a killed devnet never linger. Exits at once if PARENT is already gone.
 void die_with_parent(pid_t parent);
+// Whether PARENT has died or is dying: this process was handed to another, or
+// PARENT's main thread is a zombie (the parent-death signal comes when the
+// thread that started us exits, while the rest of a killed parent may still
+// be going down). Tells a SIGKILLed parent's death signal from a stop request.
+bool parent_gone(pid_t parent);
 
 // An exclusive lock on DIR (flock on DIR/lock, which holds the owner's pid),
 // held until the object is destroyed or the process dies. The directory is

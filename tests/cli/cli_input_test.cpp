@@ -288,6 +288,13 @@ TEST_F(CliInput, SummaryCountsTheNodesUsed) {
   EXPECT_NE(r.out.find("  nodes                  1 (1 stages × 1 replicas)\n"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("  links                  three raw (T = 1, R = 1)\n"), std::string::npos) << r.out;
   EXPECT_TRUE(fs::exists(path("devnet-model.safetensors")));
+  // The job dir was in the devnet's temp dir, removed on exit: neither the
+  // JSON nor the table names it (they did, a path that was gone).
+  ASSERT_TRUE(summary.contains("recovery")) << summary.dump(2);
+  const std::string job_dir = summary["recovery"]["job_dir"];
+  EXPECT_TRUE(job_dir.empty() || fs::exists(job_dir)) << job_dir;
+  EXPECT_EQ(r.out.find("/tmp/solvernet-devnet-"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("  job dir                not kept"), std::string::npos) << r.out;
 }
 
 // The devnet's hidden --kill-at (repeatable): each entry is checked against

@@ -142,19 +142,21 @@ TEST_F(Life, SigkillOfTheDevnetLeavesNoProcessAndNoTempDir) {
   ::kill(devnet.process->pid(), SIGKILL);
   devnet.process->wait();
   const auto killed_at = std::chrono::steady_clock::now();
-  // Below the nodes' stop grace (15 s): they stop by dropping their jobs, not by the backstop.
-  auto left = wait_until_gone(devnet.tree, devnet.temp_dir, 12s);
+  // An orphaned node or DHT exits at once (measured: about 0.5 s for the
+  // whole tree), not after its graceful shutdown (which took 2.5–14 s, gRPC's
+  // own shutdown waiting on a poll). 5 s is a generous floor on a loaded machine.
+  auto left = wait_until_gone(devnet.tree, devnet.temp_dir, 5s);
   std::printf("%zu processes of the devnet: %zu gone %.1f s after SIGKILL\n", devnet.tree.size(),
               devnet.tree.size() - left.size(),
               std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count());
-  for (pid_t pid : left) ADD_FAILURE() << "still running 12 s after the devnet was killed: " << pid << " " << comm_of(pid);
+  for (pid_t pid : left) ADD_FAILURE() << "still running 5 s after the devnet was killed: " << pid << " " << comm_of(pid);
   EXPECT_FALSE(fs::exists(devnet.temp_dir)) << "the devnet's temp dir (node and chain keys) is still there: " << devnet.temp_dir;
   for (pid_t pid : left) ::kill(pid, SIGKILL);
   fs::remove_all(dir);
 }
 
 // A node blocked mid-step on a peer that froze must not outlive the devnet by
-// its step timeout: the node's shutdown drops its jobs, which wakes the wait.
+// its step timeout: a node whose devnet died exits at once.
 TEST_F(Life, NodesWaitingOnAFrozenPeerStillDieWithTheDevnet) {
   auto dir = scratch("frozen-peer");
   RunningDevnet devnet;
@@ -167,12 +169,12 @@ TEST_F(Life, NodesWaitingOnAFrozenPeerStillDieWithTheDevnet) {
   std::set<pid_t> others;
   for (pid_t pid : devnet.nodes)
     if (pid != frozen) others.insert(pid);
-  auto left = wait_until_gone(others, "", 12s);
+  auto left = wait_until_gone(others, "", 5s);
   for (pid_t pid : left) {
     std::string data = cmdline_of(pid);
     data = data.substr(data.find("--data ") + 7);
     data = data.substr(0, data.find(' '));
-    ADD_FAILURE() << "node " << pid << " still running 12 s after the devnet was killed; its log ends:\n"
+    ADD_FAILURE() << "node " << pid << " still running 5 s after the devnet was killed; its log ends:\n"
                   << last_lines(data + ".log", 8);
     if (std::getenv("LIFE_DEBUG_STACKS"))
       std::system(("gdb -p " + std::to_string(pid) + " -batch -ex 'thread apply all bt' 2>/dev/null | grep -E '^#|^Thread' | grep -v '__' | head -150").c_str());
