@@ -137,7 +137,7 @@ class Fp16Codec final : public ActivationCodec {
     data.reserve(static_cast<size_t>(fp16_data_bytes(values.numel())));
     for (float v : float_span(values)) {
       if (!(std::fabs(v) <= kHalfMax))
-        return make_error("fp16: value {} is not finite in half precision", v);
+        return kind_error(ErrorKind::diverged, "fp16: activation {} is outside the fp16 range", v);
       append_le(data, float_to_half(v));
     }
     CompressedTensor message = new_message(name(), values);
@@ -235,7 +235,7 @@ class AqsgdCodec final : public ActivationCodec {
     const std::span<const float> all = float_span(values);
     for (size_t i = 0; i < all.size(); ++i)
       if (!(std::fabs(all[i]) <= kHalfMax))
-        return make_error("aqsgd: activation {} at element {} is outside the fp16 range", all[i], i);
+        return kind_error(ErrorKind::diverged, "aqsgd: activation {} at element {} is outside the fp16 range", all[i], i);
     for (int64_t id : sample_ids) SN_TRY(buffer_->verify(id));
 
     // Compute every new slot first and write them only when all succeeded, so

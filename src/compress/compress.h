@@ -59,7 +59,8 @@ int64_t quantized_size_bytes(int64_t numel, int64_t row_length, int bits);
 
 // Appends the block for VALUES to OUT; rows are ROW_LENGTH values each, the
 // last one possibly shorter (rows = ceil(numel / row_length)).
-// Rejects bits outside [1, 8] and non-finite values.
+// Rejects bits outside [1, 8], and non-finite values or rows beyond the
+// bfloat16 range (kind diverged: training blew up, docs/resilience.md).
 Status quantize_rows(std::span<const float> values, int64_t row_length, int bits, uint64_t seed,
                      std::string& out);
 // Reads one block from the front of IN into OUT (numel = out.size()); returns the
@@ -91,6 +92,8 @@ class ActivationCodec {
 
   // Sender side. X is [sample_ids.size(), sample_shape...]; RNG_SEED drives the
   // stochastic rounding (the receiver needs no seed). AQ-SGD updates its buffer.
+  // A value the codec cannot carry (not finite, beyond fp16 or bfloat16) is an
+  // error of kind diverged: the training blew up, not the link.
   virtual Result<CompressedTensor> encode(const torch::Tensor& x,
                                           const std::vector<int64_t>& sample_ids,
                                           uint64_t rng_seed) = 0;
@@ -160,7 +163,8 @@ class GradientCompressor {
 
   // FLAT_GRADIENT: numel() values (any float dtype). SHARED_SEED must be the same
   // on every replica for a step (it picks the random subset); the stochastic
-  // rounding uses it with this replica's salt.
+  // rounding uses it with this replica's salt. A value that is not finite (or
+  // beyond the codec's range) is an error of kind diverged.
   virtual Result<CompressedTensor> compress(const torch::Tensor& flat_gradient,
                                             uint64_t shared_seed) = 0;
   // Any replica's message → dense fp32 [numel()]. Does not touch the residual.

@@ -55,7 +55,7 @@ Result<std::vector<float>> corrected_gradient(std::string_view codec, const torc
   std::vector<float> corrected(residual.size());
   for (size_t i = 0; i < corrected.size(); ++i) {
     if (!std::isfinite(data[i]))
-      return make_error("{}: gradient value {} at index {} is not finite", codec, data[i], i);
+      return kind_error(ErrorKind::diverged, "{}: gradient value {} at index {} is not finite", codec, data[i], i);
     corrected[i] = data[i] + residual[i];
   }
   return corrected;
@@ -113,7 +113,7 @@ class Fp16Gradient final : public GradientCompressor {
     std::vector<float> new_residual(corrected.size());
     for (size_t i = 0; i < corrected.size(); ++i) {
       if (!(std::fabs(corrected[i]) <= kHalfMax))
-        return make_error("fp16: gradient value {} at index {} overflows half precision",
+        return kind_error(ErrorKind::diverged, "fp16: gradient value {} at index {} overflows half precision",
                           corrected[i], i);
       const uint16_t half = float_to_half(corrected[i]);
       append_le(data, half);

@@ -137,13 +137,13 @@ Status quantize_rows(std::span<const float> values, int64_t row_length, int bits
     float max_abs = 0.0f;
     for (int64_t i = 0; i < length; ++i) {
       if (!std::isfinite(row[i]))
-        return make_error("quantize: non-finite value {} at row {}, column {}", row[i], r, i);
+        return kind_error(ErrorKind::diverged, "quantize: non-finite value {} at row {}, column {}", row[i], r, i);
       max_abs = std::max(max_abs, std::fabs(row[i]));
     }
     const uint16_t scale_bits = bfloat16_round_up(max_abs);
     const float scale = bfloat16_to_float(scale_bits);
     if (!std::isfinite(scale))
-      return make_error("quantize: row {} has magnitude {} beyond the bfloat16 range", r, max_abs);
+      return kind_error(ErrorKind::diverged, "quantize: row {} has magnitude {} beyond the bfloat16 range", r, max_abs);
     append_le(out, scale_bits);
     uint8_t* row_codes = codes.data() + r * row_length;
     if (scale == 0.0f) continue;  // an all-zero row decodes to zeros whatever the codes

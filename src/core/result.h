@@ -18,7 +18,7 @@ inline constexpr int kExitBadInput = 2;
 // What kind of failure an error is: callers decide from it whether to retry
 // (unavailable, timeout, resource_exhausted), replace the peer (unavailable,
 // timeout), blame it (bad_peer) or report to the user (invalid_input,
-// permission_denied, not_found). Mapped to and from gRPC status codes in
+// permission_denied, not_found, diverged). Mapped to and from gRPC status codes in
 // net/rpc.h (docs/wire.md lists the mapping).
 enum class ErrorKind {
   internal = 0,        // a bug or an unexpected state of this process
@@ -30,6 +30,8 @@ enum class ErrorKind {
   permission_denied,   // not allowed: unsigned, foreign key, replayed or stale request
   resource_exhausted,  // memory, inbox or capacity limit reached
   aborted,             // the work was cancelled (job aborted, user interrupt)
+  diverged,            // training blew up (a loss, activation or gradient not finite or out of range): the
+                       // job's hyper-parameters, not a node, are at fault
 };
 
 const char* error_kind_name(ErrorKind kind);
@@ -116,6 +118,7 @@ inline const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::permission_denied: return "permission_denied";
     case ErrorKind::resource_exhausted: return "resource_exhausted";
     case ErrorKind::aborted: return "aborted";
+    case ErrorKind::diverged: return "diverged";
   }
   return "internal";
 }

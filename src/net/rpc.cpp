@@ -19,6 +19,7 @@ grpc::StatusCode grpc_code_of(ErrorKind kind) {
     case ErrorKind::permission_denied: return grpc::StatusCode::PERMISSION_DENIED;
     case ErrorKind::resource_exhausted: return grpc::StatusCode::RESOURCE_EXHAUSTED;
     case ErrorKind::aborted: return grpc::StatusCode::ABORTED;
+    case ErrorKind::diverged: return grpc::StatusCode::OUT_OF_RANGE;
   }
   return grpc::StatusCode::INTERNAL;
 }
@@ -26,8 +27,8 @@ grpc::StatusCode grpc_code_of(ErrorKind kind) {
 ErrorKind error_kind_of(grpc::StatusCode code) {
   switch (code) {
     case grpc::StatusCode::INVALID_ARGUMENT:
-    case grpc::StatusCode::OUT_OF_RANGE:
     case grpc::StatusCode::FAILED_PRECONDITION: return ErrorKind::invalid_input;
+    case grpc::StatusCode::OUT_OF_RANGE: return ErrorKind::diverged;
     case grpc::StatusCode::NOT_FOUND: return ErrorKind::not_found;
     case grpc::StatusCode::UNAVAILABLE: return ErrorKind::unavailable;
     case grpc::StatusCode::DEADLINE_EXCEEDED: return ErrorKind::timeout;

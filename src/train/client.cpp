@@ -953,6 +953,27 @@ Status JobSession::train_from(int64_t first_step) {
     deadlines_.step = step_deadline_->deadline();
     auto loss = run_step(step, step_batches(job_, *dataset_, step, planned_replicas_), false,
                          fmt::format("step {}", step + 1));
+    if (loss.ok() && !std::isfinite(*loss))
+      loss = kind_error(ErrorKind::diverged, "the job diverged during step {} (its loss is {})", step + 1, *loss);
+    if (!loss.ok() && loss.error().kind == ErrorKind::diverged) {
+      // The job's hyper-parameters, not a node: a recovery would replay the
+      // same steps into the same overflow. A checkpoint whose weights then
+      // ran a step without blowing up can go on with a lower lr (job.toml's
+      // lr may change); the one of the step just before holds the weights that
+      // blew up (what overflowed is computed from the weights, whatever the lr).
+      Error error = loss.error();
+      error.message += fmt::format("; no node is at fault: lower train.lr (now {:g}) or raise train.warmup_steps",
+                                   job_.train.lr);
+      if (const int64_t newest = resumable_step(); newest > 0 && newest < step)
+        error.message += fmt::format("; {} after lowering train.lr in {}",
+                                     resume_advice(options_.recovery.job_dir, newest),
+                                     (options_.recovery.job_dir / "job.toml").string());
+      else if (newest > 0)
+        error.message += fmt::format(" and start the job again (its checkpoint of step {} holds the weights that blew up)",
+                                     newest);
+      fleet_->end_all(true, error.message);
+      return error;
+    }
     if (loss.ok()) {
       result_.losses.push_back(*loss);
       step_deadline_->record(std::chrono::duration<double>(Clock::now() - step_started).count());

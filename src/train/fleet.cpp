@@ -228,6 +228,13 @@ Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadlin
 
 Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& statuses,
                    const std::vector<bool>& silent) {
+  // A member that found the training blown up (a loss, activation or gradient
+  // not finite or out of range) is not at fault, nor are the peers aborted
+  // after it: the job's hyper-parameters are.
+  for (size_t i = 0; i < members_.size(); ++i)
+    if (net::error_kind_of(statuses[i].error_code()) == ErrorKind::diverged)
+      return kind_error(ErrorKind::diverged, "the job diverged during {} (stage {}: {})", what, members_[i].stage,
+                        statuses[i].error_message());
   for (size_t i = 0; i < members_.size(); ++i)
     if (silent[i])
       return kind_error(ErrorKind::timeout,

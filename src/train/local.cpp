@@ -3,6 +3,7 @@
 // compared step by step.
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <ctime>
 
@@ -59,6 +60,11 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
       for (const auto& mb : replica) {
         torch::Tensor loss = model::lm_loss(gpt.forward(mb.tokens), mb.targets);
         loss_sum += loss.item<double>();
+        // As on nodes (the last stage's check): the job's hyper-parameters blew it up.
+        if (!std::isfinite(loss_sum))
+          return kind_error(ErrorKind::diverged,
+                            "the job diverged during step {} (its loss is {}): lower train.lr (now {:g}) or raise "
+                            "train.warmup_steps", step + 1, loss_sum, job.train.lr);
         ++count;
         (loss * scale).backward();
       }

@@ -4,6 +4,7 @@
 
 #include <sodium.h>
 
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -651,7 +652,11 @@ Status StageWorker::forward_micro(StepState& state, int micro) {
     } else {
       loss = model::lm_loss(output, targets);
     }
-    state.loss_sum += loss.item<double>();
+    const double loss_value = loss.item<double>();
+    // Backward from here would only spread it into every gradient and weight.
+    if (!std::isfinite(loss_value))
+      return kind_error(ErrorKind::diverged, "the loss of micro-batch {} is {}", micro, loss_value);
+    state.loss_sum += loss_value;
     state.losses[m] = loss;
     if (tracer_) tracer_->on_loss(micro, loss);
   } else {

@@ -303,5 +303,79 @@ TEST(Interrupt, CtrlCWithACheckpointGivesResumeAdvice) {
   fs::remove_all(dir);
 }
 
+// churn-pipeline.toml (AQ-SGD activations, 2 stages) with EDITS applied as
+// "key = value" lines replaced, in DIR/job.toml.
+fs::path pipeline_job(const fs::path& dir, const std::vector<std::pair<std::string, std::string>>& edits) {
+  std::string text = read_file(test::source_path("tests/train/data/churn-pipeline.toml")).value_or("");
+  for (const auto& [from, to] : edits) {
+    const auto at = text.find(from + "\n");
+    if (at == std::string::npos) throw std::runtime_error("no line " + from);
+    text.replace(at, from.size(), to);
+  }
+  if (!write_file_atomic(dir / "job.toml", text).ok()) throw std::runtime_error("cannot write job.toml");
+  return dir / "job.toml";
+}
+
+// A job whose lr blows it up ends with one error of kind diverged (its own
+// line, exit 1) that blames no node and says to lower the lr: AQ-SGD's fp16
+// activations overflow at step 2 with lr = 10 (it was "node de2cdf80 (stage
+// 0, replica 0) … failed during step 2: aqsgd: …"). The checkpoint of the
+// step before holds the weights that overflowed (a resume from it with a
+// lower lr overflows the same): no resume advice then. With lr = 1 the
+// overflow comes at step 10 and the checkpoint of step 8 is named for
+// --resume (the devnet moves the job dir out of its temp dir). Without
+// compression a blow-up reaches the loss, which the last stage finds not
+// finite; `train --local` says so too.
+TEST(Divergence, ABlownUpJobBlamesNoNodeAndSaysToLowerTheLr) {
+  const auto dir = test::scratch("jobdir", "diverged");
+  const auto devnet = [&](const fs::path& job) {
+    return test::run_command({test::solvernet_bin(), "devnet", "--job", job.string(), "--topology",
+                              test::source_path("tests/train/data/churn-net.toml").string(), "--no-chain", "--nodes",
+                              "2", "--spares", "0", "--out", (dir / "model.safetensors").string()},
+                             dir, 180s);
+  };
+  const auto expect_diverged = [](const test::CommandRun& r, const std::string& command, const std::string& cause,
+                                  const std::string& lr) {
+    EXPECT_EQ(r.status, 1) << r.err;
+    const auto at = r.err.find("solvernet " + command + ": the job diverged during step ");
+    ASSERT_NE(at, std::string::npos) << r.err;
+    const std::string line = r.err.substr(at, r.err.find('\n', at) - at);
+    EXPECT_NE(line.find(cause), std::string::npos) << line;
+    EXPECT_NE(line.find("lower train.lr (now " + lr + ")"), std::string::npos) << line;
+    if (command == "devnet") EXPECT_NE(line.find("no node is at fault"), std::string::npos) << line;
+    EXPECT_EQ(line.find(", replica "), std::string::npos) << line;  // no member named: "node … (stage 0, replica 0)"
+    EXPECT_EQ(r.err.find("failed during"), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("misbehaved"), std::string::npos) << r.err;
+  };
+  auto r = devnet(pipeline_job(dir, {{"lr = 3e-3", "lr = 10"}, {"checkpoint_every = 3", "checkpoint_every = 1"}}));
+  expect_diverged(r, "devnet", "during step 2 (stage 0: aqsgd: activation ", "10");
+  EXPECT_NE(r.err.find("and start the job again (its checkpoint of step 1 holds the weights that blew up)"),
+            std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("--resume"), std::string::npos) << r.err;
+
+  r = devnet(pipeline_job(dir, {{"lr = 3e-3", "lr = 1"}, {"checkpoint_every = 3", "checkpoint_every = 4"},
+                                {"steps = 9", "steps = 12"}}));
+  expect_diverged(r, "devnet", "during step 10 (stage 0: aqsgd: activation ", "1");
+  const auto advice = r.err.find("the job stopped at its checkpoint of step 8 in ");
+  ASSERT_NE(advice, std::string::npos) << r.err;
+  const auto at = r.err.find("solvernet train --resume ", advice);
+  ASSERT_NE(at, std::string::npos) << r.err;
+  const auto start = at + std::string("solvernet train --resume ").size();
+  const fs::path job_dir = r.err.substr(start, r.err.find(' ', start) - start);
+  EXPECT_EQ(job_dir.parent_path(), dir) << r.err;
+  EXPECT_TRUE(fs::exists(job_dir / "state.json")) << r.err;
+  EXPECT_NE(r.err.find("after lowering train.lr in " + (job_dir / "job.toml").string()), std::string::npos) << r.err;
+
+  // Decoupled weight decay of lr × 10 per step flips and grows the weights
+  // until the loss is NaN (step 6); lr = 10 alone stays finite without compression.
+  const auto plain = pipeline_job(dir, {{"lr = 3e-3", "lr = 10"}, {"seed = 7", "seed = 7\nweight_decay = 10"},
+                                        {"activations = \"aqsgd\"", "activations = \"none\""},
+                                        {"gradients = \"cocktail\"", "gradients = \"none\""}});
+  expect_diverged(devnet(plain), "devnet", "(stage 1: the loss of micro-batch ", "10");
+  expect_diverged(test::run_command({test::solvernet_bin(), "train", "--local", "--job", plain.string()}, dir, 120s),
+                  "train", "(its loss is ", "10");
+  fs::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace sn
