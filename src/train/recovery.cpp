@@ -22,6 +22,7 @@
 #include "model/gpt.h"
 #include "net/rpc.h"
 #include "train/control.h"
+#include "train/json_fields.h"
 
 namespace sn::train {
 namespace fs = std::filesystem;
@@ -66,6 +67,16 @@ std::pair<int64_t, int64_t> checkpointed_roles(const CheckpointMirror& mirror, i
     replicas = std::max(replicas, *r + 1);
   }
   return {stages, replicas};
+}
+
+// The steps of which some role in MIRROR's directory has a complete checkpoint, ascending.
+std::set<int64_t> checkpointed_steps(const CheckpointMirror& mirror) {
+  std::set<int64_t> steps;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(mirror.role_dir(0, 0).parent_path(), ec))
+    if (entry.is_directory(ec))
+      for (int64_t step : CheckpointStore(entry.path(), 1).steps()) steps.insert(step);
+  return steps;
 }
 
 // How LOADED (a checkpoint of stage S) is not of JOB, or nullopt. The labels
@@ -311,31 +322,37 @@ Status write_job_state(const fs::path& job_dir, const JobDirState& state) {
 }
 
 Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) {
-  auto text = read_file(job_dir / "state.json");
+  const fs::path file = job_dir / "state.json";
+  auto text = read_file(file);
   if (!text.ok()) return input_error("{}: not a job dir (no state.json)", job_dir.string());
-  JobDirState state;
-  try {
-    auto j = nlohmann::json::parse(*text);
-    // What --resume trusts from here (the job id, the step, the losses, the
-    // re-plan and the planned replicas) is checked against the checkpoints
-    // below where it can be; the digests catch an edit of the rest.
-    if (auto field = edited_field(j)) {
-      if (*field == kDigestsField)
-        return input_error("{}: no \"{}\" of its fields (not written by the client, or by an older one); the job "
-                           "dir must stay as the job left it", (job_dir / "state.json").string(), kDigestsField);
-      return input_error("{}: {} was edited after the client wrote it (its digest in \"{}\" does not match); the job "
-                         "dir must stay as the job left it", (job_dir / "state.json").string(), *field, kDigestsField);
-    }
-    state.job_id = j.at("job_id").get<std::string>();
-    state.checkpoint_step = j.at("checkpoint_step").get<int64_t>();
-    state.losses = j.at("losses").get<std::vector<double>>();
-    state.finished = j.value("finished", "");
-    state.job_toml = j.value("job_toml", "");
-    state.replanned = j.value("replanned", false);
-    state.planned_replicas = j.value("planned_replicas", int64_t{0});
-  } catch (const std::exception& e) {
-    return input_error("{}: unreadable ({})", (job_dir / "state.json").string(), e.what());
+  const auto j = nlohmann::json::parse(*text, nullptr, false);
+  if (j.is_discarded()) return input_error("{}: not valid JSON (truncated?)", file.string());
+  if (!j.is_object()) return input_error("{}: not a JSON object", file.string());
+  // What --resume trusts from here (the job id, the step, the losses, the
+  // re-plan and the planned replicas) is checked against the checkpoints
+  // below where it can be; the digests catch an edit of the rest.
+  if (auto field = edited_field(j)) {
+    if (*field == kDigestsField)
+      return input_error("{}: no \"{}\" of its fields (not written by the client, or by an older one); the job "
+                         "dir must stay as the job left it", file.string(), kDigestsField);
+    return input_error("{}: {} was edited after the client wrote it (its digest in \"{}\" does not match); the job "
+                       "dir must stay as the job left it", file.string(), *field, kDigestsField);
   }
+  // Each field typed, or one line naming it (a loss that was NaN is written as null).
+  const auto read = [&]<class T>(T& out, const char* name, std::optional<T> fallback = std::nullopt) -> Status {
+    auto value = json_field<T>(j, name, file.string(), std::move(fallback));
+    if (!value.ok()) return input_error("{}", value.message());
+    out = std::move(value).value();
+    return ok_status();
+  };
+  JobDirState state;
+  SN_TRY(read(state.job_id, "job_id"));
+  SN_TRY(read(state.checkpoint_step, "checkpoint_step"));
+  SN_TRY(read(state.losses, "losses"));
+  SN_TRY(read(state.finished, "finished", std::optional<std::string>("")));
+  SN_TRY(read(state.job_toml, "job_toml", std::optional<std::string>("")));
+  SN_TRY(read(state.replanned, "replanned", std::optional<bool>(false)));
+  SN_TRY(read(state.planned_replicas, "planned_replicas", std::optional<int64_t>(0)));
   if (state.checkpoint_step < 0 || static_cast<int64_t>(state.losses.size()) < state.checkpoint_step)
     return input_error("{}: checkpoint_step {} with {} losses", (job_dir / "state.json").string(),
                        state.checkpoint_step, state.losses.size());
@@ -349,6 +366,13 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
   // job id; a hyper-parameter outside the state (lr) may change.
   const int64_t step = state.checkpoint_step;
   const auto [stages, replicas] = checkpointed_roles(mirror, step);
+  if (stages == 0) {
+    const auto held = checkpointed_steps(mirror);
+    return input_error("{}: there is no checkpoint of step {} (state.json's checkpoint_step) in {}; {}",
+                       job_dir.string(), step, (job_dir / "checkpoints").string(),
+                       held.empty() ? std::string("it holds none")
+                                    : fmt::format("it holds step{} {}", held.size() > 1 ? "s" : "", fmt::join(held, ", ")));
+  }
   if (stages != job.parallel.stages || replicas != job.parallel.replicas)
     return input_error("{}: its checkpoints of step {} are of {} stages × {} replicas, job.toml asks for {} × {}; "
                        "the job must stay the one checkpointed",

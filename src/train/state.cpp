@@ -10,6 +10,7 @@
 #include "core/fs.h"
 #include "model/safetensors.h"
 #include "train/hashing.h"
+#include "train/json_fields.h"
 
 namespace sn::train {
 namespace {
@@ -73,39 +74,44 @@ std::string manifest_json(int64_t step, const std::map<std::string, std::string>
 }
 
 Result<CheckpointManifest> parse_manifest(const std::string& text, const std::filesystem::path& path) {
-  const std::string where = path.string();
+  const std::string where = "checkpoint manifest " + path.string();
   nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
-  if (j.is_discarded() || !j.is_object())
-    return make_error("checkpoint manifest {} is not valid JSON (truncated?)", where);
-  try {
-    if (j.value("format", "") != kManifestFormat)
-      return make_error("checkpoint manifest {}: format is not {}", where, kManifestFormat);
-    if (j.at("state_layout").get<uint64_t>() != kStateLayoutVersion)
-      return make_error("checkpoint manifest {}: state layout {} is not the supported {}", where,
-                        j.at("state_layout").get<uint64_t>(), kStateLayoutVersion);
-    CheckpointManifest m;
-    m.step = j.at("step").get<int64_t>();
-    if (j.contains("labels")) m.labels = j.at("labels").get<std::map<std::string, std::string>>();
-    SN_ASSIGN(m.state.root, hash_from_hex(j.at("state_hash").get<std::string>(), where + ": state_hash"));
-    for (size_t p = 0; p < kStateParts; ++p) {
-      const char* name = state_part_name(static_cast<StatePart>(p));
-      SN_ASSIGN(m.state.parts[p], hash_from_hex(j.at("state_parts").at(name).get<std::string>(),
-                                                fmt::format("{}: state_parts.{}", where, name)));
-    }
-    for (const auto& f : j.at("files")) {
-      CheckpointFile file;
-      file.name = f.at("name").get<std::string>();
-      if (file.name.empty() || file.name.find('/') != std::string::npos || file.name[0] == '.')
-        return make_error("checkpoint manifest {}: file name \"{}\" is not a plain name in its directory", where, file.name);
-      file.bytes = f.at("bytes").get<uint64_t>();
-      SN_ASSIGN(file.blake2b, hash_from_hex(f.at("blake2b").get<std::string>(), where + ": " + file.name));
-      m.files.push_back(std::move(file));
-    }
-    if (m.files.empty()) return make_error("checkpoint manifest {} names no files", where);
-    return m;
-  } catch (const nlohmann::json::exception& e) {
-    return make_error("checkpoint manifest {} is malformed: {}", where, e.what());
+  if (j.is_discarded() || !j.is_object()) return make_error("{} is not valid JSON (truncated?)", where);
+  SN_ASSIGN(const std::string format, json_field<std::string>(j, "format", where, std::string()));
+  if (format != kManifestFormat) return make_error("{}: format is not {}", where, kManifestFormat);
+  SN_ASSIGN(const uint64_t layout, json_field<uint64_t>(j, "state_layout", where));
+  if (layout != kStateLayoutVersion)
+    return make_error("{}: state layout {} is not the supported {}", where, layout, kStateLayoutVersion);
+  CheckpointManifest m;
+  SN_ASSIGN(m.step, json_field<int64_t>(j, "step", where));
+  using Strings = std::map<std::string, std::string>;
+  SN_ASSIGN(m.labels, json_field<Strings>(j, "labels", where, Strings()));
+  SN_ASSIGN(const std::string root, json_field<std::string>(j, "state_hash", where));
+  SN_ASSIGN(m.state.root, hash_from_hex(root, where + ": state_hash"));
+  SN_ASSIGN(const Strings parts, json_field<Strings>(j, "state_parts", where));
+  for (size_t p = 0; p < kStateParts; ++p) {
+    const char* name = state_part_name(static_cast<StatePart>(p));
+    const auto it = parts.find(name);
+    if (it == parts.end()) return make_error("{}: no field \"state_parts.{}\"", where, name);
+    SN_ASSIGN(m.state.parts[p], hash_from_hex(it->second, fmt::format("{}: state_parts.{}", where, name)));
   }
+  const auto files = j.find("files");
+  if (files == j.end()) return make_error("{}: no field \"files\"", where);
+  if (!files->is_array()) return make_error("{}: files is {}, not an array", where, json_kind(*files));
+  for (size_t i = 0; i < files->size(); ++i) {
+    const auto& f = (*files)[i];
+    const std::string entry = fmt::format("{}: files[{}]", where, i);
+    CheckpointFile file;
+    SN_ASSIGN(file.name, json_field<std::string>(f, "name", entry));
+    if (file.name.empty() || file.name.find('/') != std::string::npos || file.name[0] == '.')
+      return make_error("{}: file name \"{}\" is not a plain name in its directory", where, file.name);
+    SN_ASSIGN(file.bytes, json_field<uint64_t>(f, "bytes", entry));
+    SN_ASSIGN(const std::string blake2b, json_field<std::string>(f, "blake2b", entry));
+    SN_ASSIGN(file.blake2b, hash_from_hex(blake2b, where + ": " + file.name));
+    m.files.push_back(std::move(file));
+  }
+  if (m.files.empty()) return make_error("{} names no files", where);
+  return m;
 }
 
 }  // namespace

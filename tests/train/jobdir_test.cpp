@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <thread>
@@ -18,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/fs.h"
+#include "core/hash.h"
 #include "core/keys.h"
 #include "core/process.h"
 #include "model/data.h"
@@ -194,6 +196,96 @@ TEST_F(JobDir, AnEditOfStateJsonIsRefusedNamingTheField) {
   // Rewritten as it was, it passes again.
   ASSERT_TRUE(write_file_atomic(path, written).ok());
   EXPECT_EQ(resume().err.find("state.json"), std::string::npos);
+}
+
+// state.json rewritten with CHANGE applied and its digests recomputed as the
+// client computes them (docs/resilience.md): an edit the digests let through,
+// as a client of another version could have written it.
+void rewrite_state(const fs::path& job_dir, const std::function<void(nlohmann::json&)>& change) {
+  auto j = nlohmann::json::parse(read_file(job_dir / "state.json").value_or("{}"));
+  change(j);
+  j.erase("digests");
+  nlohmann::json digests = nlohmann::json::object();
+  for (const auto& [name, value] : j.items())
+    digests[name] = to_hex(hash_string(fmt::format("solvernet/job-state/v1/{}={}", name, value.dump())));
+  j["digests"] = digests;
+  ASSERT_TRUE(write_file_atomic(job_dir / "state.json", j.dump(2)).ok());
+}
+
+// A checkpoint_step the mirror holds no checkpoint of is said as such, with
+// the steps it does hold (it was "its checkpoints of step 55 are of 0 stages
+// × 0 replicas").
+TEST_F(JobDir, ACheckpointStepWithNoCheckpointSaysWhichStepsThereAre) {
+  ASSERT_TRUE(train::write_job_state(job_dir_, train::JobDirState{"churn-1", 55, std::vector<double>(55, 5.0), "",
+                                                                 job_to_toml(churn_job()), {}}).ok());
+  expect_refused(resume(), "there is no checkpoint of step 55 (state.json's checkpoint_step) in " +
+                               (job_dir_ / "checkpoints").string() + "; it holds step 3");
+  fs::remove_all(job_dir_ / "checkpoints");
+  expect_refused(resume(), "there is no checkpoint of step 55 (state.json's checkpoint_step) in " +
+                               (job_dir_ / "checkpoints").string() + "; it holds none");
+}
+
+// Every field of state.json that --resume reads, of the wrong type (with
+// digests that match, so the type check is what answers), missing, or the
+// whole file not JSON: one line naming the field and the file, never
+// nlohmann's exception text. A NaN loss is what the client itself wrote as
+// null (it was "[json.exception.type_error.302] type must be number, but is null").
+TEST_F(JobDir, AFieldOfStateJsonOfTheWrongTypeIsNamed) {
+  const auto file = (job_dir_ / "state.json").string();
+  const auto refused = [&](const std::string& needle) {
+    const auto r = resume();
+    expect_refused(r, file + ": " + needle);
+    EXPECT_EQ(r.err.find("json.exception"), std::string::npos) << r.err;
+  };
+  ASSERT_TRUE(train::write_job_state(job_dir_, train::JobDirState{"churn-1", kStep, {5, std::nan(""), 5}, "",
+                                                                 job_to_toml(churn_job()), {}}).ok());
+  refused("losses[1] is null, not a number");
+  write_stopped_job(job_dir_, churn_job());
+  const std::string written = read_file(job_dir_ / "state.json").value_or("");
+  const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> cases = {
+      {[](nlohmann::json& j) { j["checkpoint_step"] = "3"; }, "checkpoint_step is a string, not an integer"},
+      {[](nlohmann::json& j) { j["checkpoint_step"] = 3.5; }, "checkpoint_step is a real number, not an integer"},
+      {[](nlohmann::json& j) { j["job_id"] = 5; }, "job_id is an integer, not a string"},
+      {[](nlohmann::json& j) { j.erase("job_id"); }, "no field \"job_id\""},
+      {[](nlohmann::json& j) { j["losses"] = "5 5 5"; }, "losses is a string, not an array"},
+      {[](nlohmann::json& j) { j["finished"] = 1; }, "finished is an integer, not a string"},
+      {[](nlohmann::json& j) { j["job_toml"] = nullptr; }, "job_toml is null, not a string"},
+      {[](nlohmann::json& j) { j["replanned"] = "yes"; }, "replanned is a string, not true or false"},
+      {[](nlohmann::json& j) { j["planned_replicas"] = 2.5; }, "planned_replicas is a real number, not an integer"},
+  };
+  for (const auto& [change, needle] : cases) {
+    ASSERT_TRUE(write_file_atomic(job_dir_ / "state.json", written).ok());
+    rewrite_state(job_dir_, change);
+    refused(needle);
+  }
+  ASSERT_TRUE(write_file_atomic(job_dir_ / "state.json", "[3]").ok());
+  refused("not a JSON object");
+  ASSERT_TRUE(write_file_atomic(job_dir_ / "state.json", written.substr(0, written.size() / 2)).ok());
+  refused("not valid JSON");
+}
+
+// A mirrored checkpoint's manifest with a field of the wrong type is named by
+// field and file too (the job dir's other JSON; it was "is malformed:
+// [json.exception.type_error.302] …").
+TEST_F(JobDir, AManifestFieldOfTheWrongTypeIsNamed) {
+  const train::CheckpointMirror mirror(job_dir_, 2, 2);
+  const fs::path manifest = train::CheckpointStore(mirror.role_dir(0, 0), 1).manifest_path(kStep);
+  const std::string written = read_file(manifest).value_or("");
+  const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> cases = {
+      {[](nlohmann::json& j) { j["step"] = nullptr; }, "step is null, not an integer"},
+      {[](nlohmann::json& j) { j["labels"]["replica"] = 0; }, "labels.replica is an integer, not a string"},
+      {[](nlohmann::json& j) { j["files"][0]["bytes"] = -1; }, "files[0]: bytes is a negative integer, not an integer ≥ 0"},
+      {[](nlohmann::json& j) { j["state_parts"].erase("rng"); }, "no field \"state_parts.rng\""},
+  };
+  for (const auto& [change, needle] : cases) {
+    auto j = nlohmann::json::parse(written);
+    change(j);
+    ASSERT_TRUE(write_file_atomic(manifest, j.dump(2)).ok());
+    const auto r = resume();
+    expect_refused(r, "the checkpoint of stage 0 replica 0 at step 3 is not usable: checkpoint manifest " +
+                          manifest.string() + ": " + needle);
+    EXPECT_EQ(r.err.find("json.exception"), std::string::npos) << r.err;
+  }
 }
 
 // A node asked for its own kept checkpoint of a role whose dir holds another
