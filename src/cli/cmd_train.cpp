@@ -85,6 +85,7 @@ int run_train(const TrainArgs& args) {
     spec.resumed_losses = state->losses;
     spec.resume_replanned = state->replanned;
     spec.planned_replicas = state->planned_replicas;
+    spec.resumed_corpus = state->corpus;
     changed = state->changed;
   }
   if (args.steps) {

@@ -640,6 +640,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     options.recovery.resume_step = spec.resume_step;
     options.recovery.resumed_losses = spec.resumed_losses;
     options.recovery.resume_replanned = spec.resume_replanned;
+    options.recovery.corpus = spec.resumed_corpus;
     options.recovery.planned_replicas = spec.planned_replicas;
     // Nodes that joined (or came back) since the job began are found through the DHT.
     // (A member that died and came back with its data dir is one of them; the

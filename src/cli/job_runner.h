@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -50,6 +51,7 @@ struct RunSpec {
   std::vector<double> resumed_losses;
   bool resume_replanned = false;       // --resume: the checkpoint predates a re-plan (state.json)
   int64_t planned_replicas = 0;        // --resume: the replicas the job was planned with (0: the job's)
+  std::shared_ptr<const model::TokenizedCorpus> resumed_corpus;  // --resume: as read_job_dir prepared it
   // Called after every step with the job's current members (the devnet's hidden kill switch).
   std::function<void(const train::StepReport&)> on_step;
 };

@@ -262,7 +262,13 @@ Status JobSession::check_members() {
 
 // The corpus and its samples, the job id, and each stage's starting weights.
 Status JobSession::prepare_data() {
-  SN_ASSIGN(auto corpus, model::prepare_corpus(job_.data, static_cast<int>(job_.model.vocab)));
+  // A --resume has it from checking the job dir's data cursor.
+  std::shared_ptr<const model::TokenizedCorpus> prepared = options_.recovery.corpus;
+  if (!prepared) {
+    SN_ASSIGN(auto tokenized, model::prepare_corpus(job_.data, static_cast<int>(job_.model.vocab)));
+    prepared = std::make_shared<const model::TokenizedCorpus>(std::move(tokenized));
+  }
+  const model::TokenizedCorpus& corpus = *prepared;
   SN_ASSIGN(tokenizer_vocab_, read_file(corpus.vocab_file));
   if (job_.diloco.enabled) {
     const Hash256 hash = dataset_hash(corpus.tokens);

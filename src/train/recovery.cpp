@@ -411,7 +411,8 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
   if (!state.replanned) {
     auto corpus = model::prepare_corpus(job.data, static_cast<int>(job.model.vocab));
     if (!corpus.ok()) return input_error("{}: {}", job_dir.string(), corpus.message());
-    const model::Dataset data(std::move(corpus->tokens), job.model.seq_len, job.data.holdout_fraction);
+    state.corpus = std::make_shared<const model::TokenizedCorpus>(std::move(corpus).value());
+    const model::Dataset data(state.corpus->tokens, job.model.seq_len, job.data.holdout_fraction);
     TrainingState cursor_only;
     cursor_only.cursor = {step, data.train_samples(), job.train.global_batch, job.parallel.replicas};
     if (training_state_digest(cursor_only).part(StatePart::cursor) != saved_cursor)

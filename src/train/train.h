@@ -22,6 +22,10 @@
 #include "net/topology.h"
 #include "net/delivery.h"
 
+namespace sn::model {
+struct TokenizedCorpus;
+}
+
 namespace sn::train {
 
 // Pins LibTorch and OpenBLAS to one thread (determinism; many nodes share a machine).
@@ -227,6 +231,9 @@ struct RecoveryOptions {
   // 0: the job's own): each step's samples are drawn over that many shards,
   // and a job re-planned on fewer grows back towards it.
   int64_t planned_replicas = 0;
+  // --resume: the corpus read_job_dir prepared to check the data cursor
+  // (null: none; the job prepares it itself).
+  std::shared_ptr<const model::TokenizedCorpus> corpus;
 };
 
 // What a job dir holds besides the checkpoints (JOB_DIR/state.json).
@@ -248,6 +255,10 @@ struct JobDirState {
   // Filled by read_job_dir: the fields of the job it was given that differ
   // from job_toml, as "train.lr = 0.5 (was 0.003)".
   std::vector<std::string> changed;
+  // The corpus prepared (tokenized) to check the checkpoint's data cursor,
+  // for the resumed run to use rather than prepare it again (null: the
+  // cursor was not checked, a re-planned checkpoint's).
+  std::shared_ptr<const model::TokenizedCorpus> corpus;
 };
 // Reads JOB_DIR/state.json and checks that the mirror holds checkpoint_step
 // for every member of JOB (the job in JOB_DIR/job.toml), and that those
