@@ -52,6 +52,7 @@ struct NodeArgs {
   int max_batch = 32;
   std::string cheat;
   std::string kill_self_at;       // tests: CALL:N, SIGKILL itself on its N-th request of kind CALL
+  std::string stall_at;           // tests: CALL:N:MS, sleep MS before handling its N-th request of kind CALL
   std::string chain_rpc;          // settlement: the node commits its step leaves and answers disputes
   std::string deployment;         // the market's deployment JSON (default: the dev market at --chain-rpc)
   double probe_every_s = 30;      // 0: no probes
@@ -204,23 +205,41 @@ int run_node(const NodeArgs& args) {
     return fail("node", fmt::format("--probe-peers must be in 1..256, got {}", args.probe_peers), 2);
   if (args.probe_limit < 1 || args.probe_limit > 100000)
     return fail("node", fmt::format("--probe-limit must be in 1..100000, got {}", args.probe_limit), 2);
-  std::string kill_self_call;
-  int kill_self_count = 0;
-  if (!args.kill_self_at.empty()) {
-    const auto colon = args.kill_self_at.find(':');
-    kill_self_call = args.kill_self_at.substr(0, colon);
-    const std::set<std::string> calls{"outer", "eval", "setup", "put-checkpoint", "fetch-checkpoint"};
-    try {
-      size_t used = 0;
-      if (colon != std::string::npos) kill_self_count = std::stoi(args.kill_self_at.substr(colon + 1), &used);
-      if (colon == std::string::npos || used != args.kill_self_at.size() - colon - 1) kill_self_count = 0;
-    } catch (const std::exception&) {
-      kill_self_count = 0;
+  // Test-only fault points: CALL:N (--kill-self-at) and CALL:N:MS (--stall-at).
+  const auto parse_fault_point = [](const std::string& flag, const std::string& text, int fields, std::string& call,
+                                    int& count, int64_t& ms) -> bool {
+    static const std::set<std::string> calls{"outer", "eval", "setup", "put-checkpoint", "fetch-checkpoint"};
+    std::vector<std::string> parts;
+    for (size_t start = 0;;) {
+      const auto colon = text.find(':', start);
+      parts.push_back(text.substr(start, colon == std::string::npos ? std::string::npos : colon - start));
+      if (colon == std::string::npos) break;
+      start = colon + 1;
     }
-    if (!calls.count(kill_self_call) || kill_self_count < 1)
-      return fail("node", fmt::format("--kill-self-at must be CALL:N with CALL one of {} and N >= 1, got \"{}\"",
-                                      fmt::join(calls, ", "), args.kill_self_at), 2);
-  }
+    const auto number = [](const std::string& digits, int64_t low, int64_t high) -> int64_t {
+      if (digits.empty() || digits.size() > 9 || digits.find_first_not_of("0123456789") != std::string::npos) return -1;
+      const int64_t value = std::stoll(digits);
+      return value >= low && value <= high ? value : -1;
+    };
+    if (static_cast<int>(parts.size()) == fields && calls.count(parts[0])) {
+      call = parts[0];
+      count = static_cast<int>(number(parts[1], 1, 1000000));
+      ms = fields == 3 ? number(parts[2], 0, 600000) : 0;
+      if (count > 0 && ms >= 0) return true;
+    }
+    fail("node", fmt::format("{} must be {} with CALL one of {}{}, got \"{}\"", flag, fields == 3 ? "CALL:N:MS" : "CALL:N",
+                             fmt::join(calls, ", "), fields == 3 ? ", N >= 1 and MS in 0..600000" : " and N >= 1", text),
+         2);
+    return false;
+  };
+  std::string kill_self_call, stall_call;
+  int kill_self_count = 0, stall_count = 0;
+  int64_t unused_ms = 0, stall_ms = 0;
+  if (!args.kill_self_at.empty() &&
+      !parse_fault_point("--kill-self-at", args.kill_self_at, 2, kill_self_call, kill_self_count, unused_ms))
+    return 2;
+  if (!args.stall_at.empty() && !parse_fault_point("--stall-at", args.stall_at, 3, stall_call, stall_count, stall_ms))
+    return 2;
 
   if (args.memory_limit_mb < 0 || args.memory_limit_mb > (int64_t{1} << 30))
     return fail("node", "--memory-limit-mb must be in 0..1073741824 (0: what the machine has available)", 2);
@@ -341,6 +360,9 @@ int run_node(const NodeArgs& args) {
   train_options.cheat = cheat;
   train_options.kill_self_at_call = kill_self_call;
   train_options.kill_self_at_count = kill_self_count;
+  train_options.stall_at_call = stall_call;
+  train_options.stall_at_count = stall_count;
+  train_options.stall_at_ms = stall_ms;
   if (cheat.active()) spdlog::warn("CHEAT --cheat {}: this node trains dishonestly", args.cheat);
   train_service = train::make_train_service(train_options);
   runtime.add_service(train_service.get());
@@ -508,6 +530,8 @@ CommandRegistration node_command(
       app.add_option("--kill-self-at", args->kill_self_at,
                      "Test: CALL:N, kill -9 this node on its N-th request of kind CALL (outer, eval, setup, "
                      "put-checkpoint, fetch-checkpoint)")->group("");
+      app.add_option("--stall-at", args->stall_at,
+                     "Test: CALL:N:MS, sleep MS milliseconds before handling the N-th request of kind CALL")->group("");
       app.add_option("--probe-every-s", args->probe_every_s,
                      "Measure RTT and throughput to peers this often, ±20% (0: never)")->capture_default_str();
       app.add_option("--probe-peers", args->probe_peers, "Peers probed: the most recently announced")->capture_default_str();

@@ -320,7 +320,6 @@ Status JobSession::set_up_members(int64_t start_step) {
   fleet_ = std::make_unique<Fleet>(members_, job_id_, *key, deadlines_.fleet, options_.cancel);
   const auto ranges = stage_layer_ranges(job_.model.layers, stages_);
   const std::string job_toml = job_to_toml(job_);
-  std::vector<int64_t> leases(members_.size(), 0);
   std::vector<std::string> start_leaves(members_.size());
   // The state each member must restart from, bitwise: the mirrored
   // manifest's state hash, which its start leaf commits to.
@@ -394,7 +393,10 @@ Status JobSession::set_up_members(int64_t start_step) {
     sign_request(fleet_->signer(), "SetupJob", request);
     solvernet::v1::SetupJobReply reply;
     grpc::Status status = fleet_->stub(i).SetupJob(&context, request, &reply);
-    leases[i] = reply.lease_ms();
+    // A member's lease runs from its set-up, not from the slowest member's:
+    // renewals start (or speed up) as each one grants its lease, else a spare
+    // with a short lease drops the job while a slower member still sets up.
+    if (status.ok() && reply.lease_ms() > 0) fleet_->start_lease_renewal(milliseconds(reply.lease_ms()));
     start_leaves[i] = reply.leaf();
     return status;
   }));
@@ -406,10 +408,7 @@ Status JobSession::set_up_members(int64_t start_step) {
     result_.rtt_ms = std::max(options_.peer_rtt_ms, measure_client_rtt_ms(addresses));
     step_deadline_->set_rtt_ms(result_.rtt_ms);
   }
-  int64_t lease = 0;  // the shortest a member granted (a dropped group's granted none)
-  for (size_t i : live_members())
-    if (leases[i] > 0) lease = lease > 0 ? std::min(lease, leases[i]) : leases[i];
-  fleet_->start_lease_renewal(milliseconds(lease > 0 ? lease : 30000));
+  fleet_->start_lease_renewal(milliseconds(30000));  // no member said its lease: the nodes' default
   const bool first_setup = step_leaves_.empty();
   if (first_setup) {
     result_.setup_seconds = std::chrono::duration<double>(Clock::now() - setup_started_).count();

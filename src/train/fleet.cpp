@@ -310,27 +310,42 @@ std::vector<size_t> Fleet::unresponsive(std::chrono::milliseconds timeout, const
 }
 
 void Fleet::start_lease_renewal(std::chrono::milliseconds lease) {
-  if (renewer_.joinable()) return;
-  {
-    std::lock_guard<std::mutex> lock(renew_mutex_);
-    lease_ = lease;
-    renewing_ = true;
-    round_steady_ = Steady::now();
-    round_system_ = std::chrono::system_clock::now();
+  std::lock_guard<std::mutex> lock(renew_mutex_);
+  if (renewer_.joinable()) {
+    // A member set up later (a spare, a rejoined group) may have granted a
+    // shorter lease than the first ones: from now on renew at the shortest.
+    if (lease < lease_) {
+      lease_ = lease;
+      lease_shortened_ = true;
+      renew_wake_.notify_all();
+    }
+    return;
   }
-  const auto period = std::max<std::chrono::milliseconds>(std::chrono::milliseconds(200), lease / 3);
-  renewer_ = std::thread([this, period] { renew_loop(period); });
+  lease_ = lease;
+  renewing_ = true;
+  round_steady_ = Steady::now();
+  round_system_ = std::chrono::system_clock::now();
+  renewer_ = std::thread([this] { renew_loop(); });
 }
 
-void Fleet::renew_loop(std::chrono::milliseconds period) {
+void Fleet::renew_loop() {
   std::unique_lock<std::mutex> lock(renew_mutex_);
-  // Rounds start every PERIOD from the previous round's start, not PERIOD
+  auto period = [&] { return std::max<std::chrono::milliseconds>(std::chrono::milliseconds(200), lease_ / 3); };
+  // Rounds start every period from the previous round's start, not a period
   // after it ended: a frozen member holds its renewal for a whole period, and
   // waiting a period more after it would stretch every other member's
   // renewals to 2 × lease / 3, close enough to the lease to lose it under load.
-  auto next_round = std::chrono::steady_clock::now() + period;
-  while (!renew_wake_.wait_until(lock, next_round, [&] { return renew_stop_; })) {
-    next_round = std::chrono::steady_clock::now() + period;
+  auto next_round = std::chrono::steady_clock::now() + period();
+  while (true) {
+    renew_wake_.wait_until(lock, next_round, [&] { return renew_stop_ || lease_shortened_; });
+    if (renew_stop_) break;
+    if (lease_shortened_) {
+      lease_shortened_ = false;
+      next_round = std::min(next_round, round_steady_ + period());
+      if (std::chrono::steady_clock::now() < next_round) continue;
+    }
+    const auto this_period = period();
+    next_round = std::chrono::steady_clock::now() + this_period;
     longest_round_gap_ = std::max(longest_round_gap_, round_gap());
     round_steady_ = Steady::now();
     round_system_ = std::chrono::system_clock::now();
@@ -344,7 +359,7 @@ void Fleet::renew_loop(std::chrono::milliseconds period) {
     for (size_t i : renewed)
       threads.emplace_back([&, i] {
         grpc::ClientContext context;
-        context.set_deadline(std::chrono::system_clock::now() + std::min(period, timeouts_.end));
+        context.set_deadline(std::chrono::system_clock::now() + std::min(this_period, timeouts_.end));
         solvernet::v1::RenewLeaseRequest request;
         request.set_job_id(job_id_);
         sign_request(signer_, "RenewLease", request);

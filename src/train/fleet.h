@@ -87,7 +87,9 @@ class Fleet {
   std::vector<size_t> unresponsive(std::chrono::milliseconds timeout, const std::vector<size_t>& among = {},
                                    int attempts = 2);
 
-  // Starts renewing every member's lease every LEASE / 3 until the fleet ends.
+  // Renews every member's lease every LEASE / 3 until the fleet ends. Called
+  // again (from any thread) with a shorter LEASE, renews at that from then
+  // on; a longer one changes nothing. Call it as each member grants its lease.
   void start_lease_renewal(std::chrono::milliseconds lease);
   // Whether the client itself did not run (SIGSTOP, a suspended machine) for
   // longer than the members' lease since renewal began: no renewal went out
@@ -118,7 +120,7 @@ class Fleet {
 
  private:
   Error blame(const std::string& what, const std::vector<grpc::Status>& statuses, const std::vector<bool>& silent);
-  void renew_loop(std::chrono::milliseconds period);
+  void renew_loop();
   // Since the last renewal round began (renew_mutex_ held).
   std::chrono::milliseconds round_gap() const;
   void end_in_background(size_t member, net::MemberInfo who, std::string reason);
@@ -143,6 +145,7 @@ class Fleet {
   std::thread renewer_;
   std::chrono::milliseconds lease_{30000};
   bool renewing_ = false;
+  bool lease_shortened_ = false;  // start_lease_renewal got a shorter lease: the renewer re-times its rounds
   // The last renewal round's start, and the longest gap between two round
   // starts so far (a round is due every lease / 3).
   std::chrono::steady_clock::time_point round_steady_;

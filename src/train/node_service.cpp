@@ -8,6 +8,7 @@
 #include <csignal>
 #include <map>
 #include <mutex>
+#include <thread>
 
 #include "core/fs.h"
 #include "net/rpc.h"
@@ -39,7 +40,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     auto job = parse_job_string(request->job_toml(), "job from client");
     if (!job.ok()) return net::to_grpc(job.error());
-    kill_self_at("setup");
+    test_fault_at("setup");
     // Set up again (the client retries or resumes): the old worker goes first.
     drop(job_id, "job set up again");
     const StageMemory memory = estimate_stage_memory(*job, request->stage(), request->first_layer(),
@@ -94,8 +95,8 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     auto slot = current(request->job_id());
     if (!slot) return no_job(request->job_id());
-    if (request->outer_sync()) kill_self_at("outer");
-    if (request->forward_only()) kill_self_at("eval");
+    if (request->outer_sync()) test_fault_at("outer");
+    if (request->forward_only()) test_fault_at("eval");
     std::lock_guard<std::mutex> step_lock(slot->step_mutex);
     auto result = slot->worker->run_step(*request);
     if (!result.ok()) {
@@ -163,7 +164,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     if (!valid_job_id(request->job_id()))
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed job id");
-    kill_self_at("fetch-checkpoint");
+    test_fault_at("fetch-checkpoint");
     CheckpointStore store(checkpoint_dir(options_.data_dir, request->job_id(), request->stage(), request->replica()), 1);
     auto loaded = store.load(request->step());
     if (!loaded.ok()) return local_data(request->step(), loaded.message());
@@ -207,7 +208,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     if (!valid_job_id(request->job_id()) || request->stage() < 0 || request->replica() < 0 || request->step() < 0)
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed job id, role or step");
-    kill_self_at("put-checkpoint");
+    test_fault_at("put-checkpoint");
     CheckpointStore store(checkpoint_dir(options_.data_dir, request->job_id(), request->stage(), request->replica()), 1);
     const std::string prefix = store.data_path(request->step()).filename().string();
     const std::string stem = prefix.substr(0, prefix.find('.') + 1);  // "step-000000000012."
@@ -236,8 +237,13 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
   }
 
  private:
-  // Tests (node --kill-self-at CALL:N): dies on the N-th request of kind CALL.
-  void kill_self_at(const std::string& call) {
+  // Tests (node --kill-self-at CALL:N, --stall-at CALL:N:MS): dies on, or
+  // sleeps before, the N-th request of kind CALL.
+  void test_fault_at(const std::string& call) {
+    if (call == options_.stall_at_call && ++stall_requests_ == options_.stall_at_count) {
+      spdlog::warn("--stall-at {}:{}:{}: stalling this request", call, options_.stall_at_count, options_.stall_at_ms);
+      std::this_thread::sleep_for(std::chrono::milliseconds(options_.stall_at_ms));
+    }
     if (call != options_.kill_self_at_call || ++kill_self_requests_ != options_.kill_self_at_count) return;
     spdlog::warn("--kill-self-at {}:{}: killing this node", call, options_.kill_self_at_count);
     std::raise(SIGKILL);
@@ -285,7 +291,8 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
 
   NodeServiceOptions options_;
   std::mutex mutex_;
-  std::atomic<int> kill_self_requests_{0};  // requests of kind kill_self_at_call received
+  std::atomic<int> kill_self_requests_{0};
+  std::atomic<int> stall_requests_{0};  // requests of kind kill_self_at_call received
   std::map<std::string, std::shared_ptr<Slot>> jobs_;
 };
 

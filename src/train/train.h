@@ -74,6 +74,12 @@ struct NodeServiceOptions {
   // step), setup, put-checkpoint, fetch-checkpoint.
   std::string kill_self_at_call;
   int kill_self_at_count = 0;
+  // Tests only (node --stall-at CALL:N:MS): the node sleeps MS before
+  // handling its N-th request of kind CALL (same kinds), as a slow or
+  // overloaded member would, so a test can hold one member's call exactly there.
+  std::string stall_at_call;
+  int stall_at_count = 0;
+  int64_t stall_at_ms = 0;
 };
 
 // The Train gRPC service: SetupJob, RunStep, FetchWeights, EndJob, RenewLease,

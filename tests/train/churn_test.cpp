@@ -170,6 +170,24 @@ Result<ChildProcess> background_devnet(const fs::path& dir, const std::string& j
   return ChildProcess::spawn(argv, options);
 }
 
+// Whether a job under JOBS_DIR mirrored its first checkpoint (step 3 of
+// churn.toml) within TIMEOUT: a --json client prints no progress to wait for.
+bool wait_for_first_checkpoint(const fs::path& jobs_dir, std::chrono::seconds timeout) {
+  const auto mirrored = [&] {
+    std::error_code error;
+    if (fs::is_directory(jobs_dir, error))
+      for (const auto& entry : fs::directory_iterator(jobs_dir, error))
+        if (read_file(entry.path() / "state.json").value_or("").find("\"checkpoint_step\": 3") != std::string::npos)
+          return true;
+    return false;
+  };
+  for (auto until = std::chrono::steady_clock::now() + timeout; std::chrono::steady_clock::now() < until;) {
+    if (mirrored()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return mirrored();
+}
+
 // The live children of PARENT whose command line holds WORD (read from /proc).
 std::vector<pid_t> children_of(pid_t parent, const std::string& word) {
   std::vector<pid_t> out;
@@ -474,6 +492,52 @@ TEST(Churn, ClientPausedThroughTheSpareWaitStillTakesTheSpareThatCame) {
   fs::remove_all(dir);
 }
 
+// A spare that grants a shorter lease (--lease-s 1) than the members' 30 s
+// takes a role while the other members are slow to set up again (each
+// stalls its second SetupJob 3 s, as a loaded machine would): its lease runs
+// from its own set-up, so the client renews it from then, not only once the
+// slowest member is done (it used to drop the job and be blamed for it).
+TEST(Churn, ASpareWithAShortLeaseKeepsTheJobWhileSlowerMembersSetUp) {
+  auto dir = test::scratch("churn", "short-lease");
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
+  auto dht = test::start_dht(dir / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  std::vector<ChildProcess> nodes;
+  for (int i = 0; i < 4; ++i) {
+    auto node = own_node(dir, i, i < 2 ? "a" : "b", dht->address, quiet, {"--stall-at", "setup:2:3000"});
+    ASSERT_TRUE(node.ok()) << node.message();
+    nodes.push_back(std::move(node).value());
+  }
+  auto client = train_client(dir, {"--job", data("churn.toml").string(), "--steps", "150", "--bootstrap",
+                                   dht->address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   "4", "--key", (dir / "client.key").string(), "--job-dir", (dir / "jobs").string(),
+                                   "--spare-wait-s", "30", "--json"});
+  ASSERT_TRUE(client.ok());
+  // --json prints no progress: the first mirrored checkpoint says the job runs.
+  ASSERT_TRUE(wait_for_first_checkpoint(dir / "jobs", 60s)) << read_file(dir / "client.err").value_or("");
+  SpawnOptions spare_out;
+  spare_out.stdout_path = spare_out.stderr_path = dir / "spare.log";
+  auto spare = own_node(dir, 4, "b", dht->address, spare_out, {"--lease-s", "1"});
+  ASSERT_TRUE(spare.ok());
+  ASSERT_TRUE(test::wait_for_text(dir / "spare.log", " listening on ", 30s));
+  std::this_thread::sleep_for(3s);  // announced and seen as idle
+  ::kill(nodes[3].pid(), SIGKILL);
+  const auto status = client->wait_for(300s);
+  const std::string err = read_file(dir / "client.err").value_or(""), log = read_file(dir / "spare.log").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 0) << err << log;
+  EXPECT_EQ(log.find("ran out"), std::string::npos) << log;
+  const auto summary = nlohmann::json::parse(read_file(dir / "client.out").value_or("{}"), nullptr, false);
+  ASSERT_FALSE(summary.is_discarded()) << err;
+  const auto& recoveries = summary["recovery"]["recoveries"];
+  ASSERT_EQ(recoveries.size(), 1u) << recoveries.dump(2) << err;
+  EXPECT_EQ(recoveries[0]["replacements"].size(), 1u) << recoveries.dump(2);
+  spare->terminate();
+  nodes.clear();
+  fs::remove_all(dir);
+}
+
 // Ctrl-C stops the devnet's processes together: with three idle nodes frozen
 // (SIGSTOP: each uses the whole 3 s grace, then gets SIGKILL), the devnet is
 // gone within one grace and a margin, where one node after another took
@@ -676,17 +740,7 @@ TEST(Churn, DeadBootstrapDoesNotSlowTheStepsOfAReplannedJob) {
                                     client_out);
   ASSERT_TRUE(client.ok()) << client.message();
   // The first mirrored checkpoint (step 3) is in the job dir: kill the bootstrap, then a member.
-  auto mirrored = [&] {
-    std::error_code error;
-    if (fs::is_directory(dir / "jobs", error))
-      for (const auto& entry : fs::directory_iterator(dir / "jobs", error))
-        if (read_file(entry.path() / "state.json").value_or("").find("\"checkpoint_step\": 3") != std::string::npos)
-          return true;
-    return false;
-  };
-  for (auto until = std::chrono::steady_clock::now() + 90s; !mirrored() && std::chrono::steady_clock::now() < until;)
-    std::this_thread::sleep_for(50ms);
-  ASSERT_TRUE(mirrored()) << read_file(dir / "client.err").value_or("");
+  ASSERT_TRUE(wait_for_first_checkpoint(dir / "jobs", 90s)) << read_file(dir / "client.err").value_or("");
   ::kill(net->dht.process.pid(), SIGKILL);
   ::kill(net->nodes[3].pid(), SIGKILL);
   const auto status = client->wait_for(120s);
