@@ -566,7 +566,8 @@ std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string
   // time out: its own pause, not the spares' silence. A ticker sees the pause
   // as a gap between its ticks; the wait does not count it, and looks again.
   std::atomic<int64_t> paused_ms{0}, pauses{0};
-  std::jthread ticker([&paused_ms, &pauses](std::stop_token stop) {
+  std::atomic<Clock::time_point> last_tick{Clock::now()};
+  std::jthread ticker([&paused_ms, &pauses, &last_tick](std::stop_token stop) {
     std::mutex mutex;
     std::condition_variable_any tick;
     auto last = Clock::now();
@@ -579,6 +580,7 @@ std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string
         ++pauses;
       }
       last = now;
+      last_tick = now;
     }
   });
   // Between looks: 0.1 s, doubling up to 0.5 s. The first listing after a
@@ -609,7 +611,14 @@ std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string
                    static_cast<double>(paused) / 1000.0);
       continue;
     }
-    if (Clock::now() >= deadline) return std::nullopt;
+    if (const auto now = Clock::now(); now >= deadline) {
+      // Woken from a pause, this thread may reach the deadline before the
+      // ticker has run and counted the pause: the wait ends only once the
+      // ticker has seen this moment and found no pause in it.
+      for (int i = 0; i < 100 && last_tick.load() < now; ++i) std::this_thread::sleep_for(milliseconds(10));
+      if (paused_ms.load() == 0) return std::nullopt;
+      continue;
+    }
     std::this_thread::sleep_for(pause);
     pause = std::min(2 * pause, milliseconds(500));
   }
