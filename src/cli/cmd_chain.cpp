@@ -68,7 +68,7 @@ CommandRegistration chain_command(
       auto args = std::make_shared<ChainArgs>();
       app.require_subcommand(1);
       auto* up = app.add_subcommand("up", "Start anvil on 127.0.0.1, deploy SolverMarket, run until Ctrl-C");
-      up->add_option("--port", args->port, "RPC port")->capture_default_str();
+      up->add_option("--port", args->port, "RPC port")->check(CLI::Range(1, 65535))->capture_default_str();
       up->add_option("--state", args->state_file, "Load the chain from FILE if it exists and save it there on exit");
       add_delay_options(up, *args);
       auto* deploy = app.add_subcommand("deploy", "Deploy SolverMarket to any EVM chain");

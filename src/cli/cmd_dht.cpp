@@ -60,7 +60,7 @@ int run_dht(const DhtArgs& args) {
 CommandRegistration dht_command("dht", "Run a DHT bootstrap node for others to join",
                                 [](CLI::App& app) -> std::function<int()> {
                                   auto args = std::make_shared<DhtArgs>();
-                                  app.add_option("--port", args->port, "UDP port")->capture_default_str();
+                                  app.add_option("--port", args->port, "UDP port")->check(CLI::Range(0, 65535))->capture_default_str();
                                   app.add_option("--bootstrap", args->bootstrap, "Another DHT node to join, HOST:PORT");
                                   app.add_option("--parent-pid", args->parent_pid, "Exit when this process dies (used by devnet)")
                                       ->group("");

@@ -508,11 +508,14 @@ CommandRegistration node_command(
       app.add_option("--data", args->data_dir, "Data dir: node key, checkpoints")->required();
       app.add_option("--listen", args->listen, "gRPC address HOST:PORT (port 0: any free)")->capture_default_str();
       app.add_option("--advertise", args->advertise, "Address peers should use, if not --listen");
-      app.add_option("--dht-port", args->dht_port, "UDP port of the DHT (0: any free)")->capture_default_str();
+      app.add_option("--dht-port", args->dht_port, "UDP port of the DHT (0: any free)")
+          ->check(CLI::Range(0, 65535))
+          ->capture_default_str();
       app.add_option("--bootstrap", args->bootstrap, "DHT node to join, HOST:PORT (repeatable)");
       app.add_option("--region", args->region, "Region name (as in the topology file)")->capture_default_str();
       app.add_option("--topology", args->topology, "Topology file: checks --region; probes are paced as its links to peers' regions");
-      app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long to wait for a peer's tensor (unless the job says)")->capture_default_str();
+      app.add_option("--peer-timeout-s", args->peer_timeout_s, "How long to wait for a peer's tensor (unless the job says)")
+          ->check(CLI::Range(1, 86400))->capture_default_str();
       app.add_option("--memory-limit-mb", args->memory_limit_mb,
                      "Memory budget for jobs, MiB (0: what the machine has available, less 512 MiB)")->capture_default_str();
       app.add_option("--lease-s", args->lease_s, "A job whose client stops renewing it is dropped after this")->capture_default_str();

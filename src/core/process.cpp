@@ -390,7 +390,9 @@ Result<DirLock> DirLock::acquire(const std::filesystem::path& dir, const std::st
   if (ec) return input_error("cannot create {} {}: {}", what, dir.string(), ec.message());
   const auto path = dir / "lock";
   // Close-on-exec: a child we start must not inherit (and so keep) the lock.
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  // O_NOFOLLOW: else a planted symlink would have the pid written over its target.
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+  if (fd < 0 && errno == ELOOP) return input_error("{} is a symbolic link; the lock file must be a plain file", path.string());
   if (fd < 0) return make_error("cannot open {}: {}", path.string(), std::strerror(errno));
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     int err = errno;

@@ -319,4 +319,21 @@ TEST_F(CliInput, DevnetKillPlansAreChecked) {
   expect_refused(devnet + " --join-at-step 6", {"--join-at-step must be in 1..5"});
 }
 
+// Ports out of 0..65535 used to wrap (dht --port 70000 listened on 4464), a
+// node's peer timeout of 0 s was taken, and a data dir's lock file that is a
+// symlink had its target overwritten with the pid.
+TEST_F(CliInput, PortsTimeoutsAndALinkedLockFileAreRefused) {
+  expect_refused("dht --port 70000", {"--port", "70000", "65535"});
+  expect_refused("node --data n --dht-port 65536", {"--dht-port", "65536"});
+  expect_refused("node --data n --peer-timeout-s 0", {"--peer-timeout-s", "0"});
+  expect_refused("node --data n --kill-self-at setup:0", {"--kill-self-at must be CALL:N", "setup:0"});
+  expect_refused("node --data n --stall-at setup:1", {"--stall-at must be CALL:N:MS", "setup:1"});
+  expect_refused("node --data n --stall-at setup:1:-5", {"--stall-at must be CALL:N:MS", "setup:1:-5"});
+  fs::create_directories(path("m"));
+  write("target", "keep me");
+  fs::create_symlink(path("target"), path("m") / "lock");
+  expect_refused("node --data m --listen 127.0.0.1:0 --dht-port 0", {"lock is a symbolic link"});
+  EXPECT_EQ(slurp(path("target")), "keep me");
+}
+
 }  // namespace
