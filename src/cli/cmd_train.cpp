@@ -42,6 +42,12 @@ int run_train(const TrainArgs& args) {
   if (args.job_file.empty() == args.resume.empty())
     return fail("train", "give --job FILE, or --resume JOB_DIR to continue a stopped job", 2);
   if (!args.resume.empty() && args.local) return fail("train", "--resume continues a job on nodes, not --local", 2);
+  // Taken silently, either would look obeyed: the resumed run starts from
+  // the job dir's checkpoint and mirrors into that same dir.
+  if (!args.resume.empty() && !args.init.empty())
+    return fail("train", "--init sets a new job's first weights; --resume continues from its job dir's checkpoint", 2);
+  if (!args.resume.empty() && !args.job_dir.empty())
+    return fail("train", "--resume JOB_DIR mirrors into that job dir; drop --job-dir", 2);
   if (args.spares < 0 || args.spares > 64) return fail("train", fmt::format("--spares must be in 0..64, got {}", args.spares), 2);
   if (args.spare_wait_s < 0 || args.spare_wait_s > 86400)
     return fail("train", fmt::format("--spare-wait-s must be in 0..86400, got {}", args.spare_wait_s), 2);

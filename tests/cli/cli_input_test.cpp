@@ -336,4 +336,11 @@ TEST_F(CliInput, PortsTimeoutsAndALinkedLockFileAreRefused) {
   EXPECT_EQ(slurp(path("target")), "keep me");
 }
 
+// --resume used to ignore --init and --job-dir silently (and create the latter).
+TEST_F(CliInput, ResumeRefusesFlagsItWouldIgnore) {
+  expect_refused("train --resume jd --init w.safetensors --bootstrap 127.0.0.1:1", {"--init", "--resume"});
+  expect_refused("train --resume jd --job-dir other --bootstrap 127.0.0.1:1", {"--job-dir", "--resume"});
+  EXPECT_FALSE(fs::exists(path("other")));
+}
+
 }  // namespace
