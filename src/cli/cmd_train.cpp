@@ -35,6 +35,7 @@ struct TrainArgs {
   std::string job_dir;
   std::string resume;
   int spare_wait_s = 0;
+  int kill_self_at_mirror = 0;  // test only
 };
 
 int run_train(const TrainArgs& args) {
@@ -65,8 +66,11 @@ int run_train(const TrainArgs& args) {
     if (!locked.ok()) return fail("train", locked.message(), locked.error().exit_code);
     job_dir_lock = std::move(*locked);
   }
+  if (args.kill_self_at_mirror < 0)
+    return fail("train", fmt::format("--kill-self-at-mirror must be >= 1 (0: never), got {}", args.kill_self_at_mirror), 2);
   RunSpec spec;
   spec.job = *job;
+  spec.kill_self_at_mirror = args.kill_self_at_mirror;
   spec.spares = args.spares;
   spec.spare_wait_s = args.spare_wait_s;
   spec.bootstrap = args.bootstrap;
@@ -200,6 +204,9 @@ CommandRegistration train_command(
       app.add_option("--peer-timeout-s", args->peer_timeout_s,
                      "How long a node waits for a peer; the client's deadlines follow")->capture_default_str();
       app.add_flag("--json", args->json, "Print the summary as JSON (no progress line)");
+      app.add_option("--kill-self-at-mirror", args->kill_self_at_mirror,
+                     "Test: N, kill -9 this client at its N-th mirrored checkpoint, between the job dir's state.json "
+                     "and the deletion of the older checkpoints")->group("");
       add_insecure_flag(app);
       return [args] { return run_train(*args); };
     });

@@ -52,6 +52,7 @@ struct RunSpec {
   bool resume_replanned = false;       // --resume: the checkpoint predates a re-plan (state.json)
   int64_t planned_replicas = 0;        // --resume: the replicas the job was planned with (0: the job's)
   std::shared_ptr<const model::TokenizedCorpus> resumed_corpus;  // --resume: as read_job_dir prepared it
+  int kill_self_at_mirror = 0;         // test: see RecoveryOptions::kill_self_at_mirror
   // Called after every step with the job's current members (the devnet's hidden kill switch).
   std::function<void(const train::StepReport&)> on_step;
 };

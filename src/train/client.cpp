@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <csignal>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -223,6 +224,7 @@ class JobSession {
   // The checkpoint step a re-plan restarted from: members set up from that
   // checkpoint are told it is of the job before the re-plan (-1: none).
   int64_t replanned_at_ = -1;
+  int mirrors_ = 0;  // checkpoints mirrored, for --kill-self-at-mirror
   std::optional<NodeKey> own_key_;
   std::optional<model::Dataset> dataset_;
   std::string tokenizer_vocab_;  // saved inside the final model file
@@ -305,6 +307,9 @@ Status JobSession::prepare_data() {
     mirror_.emplace(recovery.job_dir, stages_, replicas_);
     SN_TRY(write_job_file(recovery.job_dir, job_));
     if (start_step_ == 0) SN_TRY(write_state(0, ""));
+    // A client killed mid-mirror leaves checkpoints state.json does not name;
+    // kept, a recovery would restore the newest, a step this run has not done.
+    if (start_step_ > 0) mirror_->prune_all_but(start_step_);
     // The checkpoint resumed from is one a re-plan restarted from: restored the same way.
     if (recovery.resume_replanned && start_step_ > 0) replanned_at_ = start_step_;
   }
@@ -541,9 +546,17 @@ Status JobSession::mirror_checkpoints(int64_t step) {
     SN_TRY(lose_groups(failed, step, what));
     return kind_error(ErrorKind::unavailable, "{}: {}", what, failed.begin()->second);
   }
-  // The previous checkpoint goes only now that this one is whole for every member.
-  mirror_->prune_before(step);
+  // This checkpoint is whole for every member: state.json (written
+  // atomically) moves to it, and only then does the previous one go. A crash
+  // at any point leaves state.json naming a whole checkpoint; the one it no
+  // longer names is deleted by the next mirror or --resume. A failed write
+  // keeps the previous one, which state.json still names.
   SN_TRY(write_state(step, ""));
+  if (++mirrors_ == options_.recovery.kill_self_at_mirror) {
+    spdlog::warn("--kill-self-at-mirror {}: killing this client", mirrors_);
+    std::raise(SIGKILL);
+  }
+  mirror_->prune_before(step);
   result_.mirror_seconds += std::chrono::duration<double>(Clock::now() - started).count();
   return ok_status();
 }

@@ -221,21 +221,29 @@ Result<CheckpointManifest> CheckpointMirror::manifest(int64_t stage, int64_t rep
   return std::move(loaded.manifest);
 }
 
-void CheckpointMirror::prune_before(int64_t step) const {
+void CheckpointMirror::prune_if(const std::function<bool(int64_t)>& gone) const {
   for (int64_t s = 0; s < stages_; ++s)
     for (int64_t r = 0; r < replicas_; ++r) {
       std::error_code ec;
       for (const auto& entry : fs::directory_iterator(role_dir(s, r), ec)) {
-        // step-<12 digits>.…: older steps go, manifest first (so none is left half complete).
+        // step-<12 digits>.…: manifest first (so none is left half complete).
         const auto file_step = checkpoint_file_step(entry.path());
-        if (file_step && *file_step < step && entry.path().filename().string().ends_with(".manifest.json"))
+        if (file_step && gone(*file_step) && entry.path().filename().string().ends_with(".manifest.json"))
           fs::remove(entry.path(), ec);
       }
       for (const auto& entry : fs::directory_iterator(role_dir(s, r), ec)) {
         const auto file_step = checkpoint_file_step(entry.path());
-        if (file_step && *file_step < step) fs::remove(entry.path(), ec);
+        if (file_step && gone(*file_step)) fs::remove(entry.path(), ec);
       }
     }
+}
+
+void CheckpointMirror::prune_before(int64_t step) const {
+  prune_if([step](int64_t s) { return s < step; });
+}
+
+void CheckpointMirror::prune_all_but(int64_t step) const {
+  prune_if([step](int64_t s) { return s != step; });
 }
 
 Status CheckpointMirror::renumber_replicas(const std::vector<int64_t>& kept) {

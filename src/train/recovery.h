@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -38,6 +39,10 @@ class CheckpointMirror {
   Result<CheckpointManifest> manifest(int64_t stage, int64_t replica, int64_t step) const;
   // Deletes every role's checkpoints older than STEP (best effort).
   void prune_before(int64_t step) const;
+  // Deletes every role's checkpoints but STEP's: at --resume, those a killed
+  // client left that state.json does not name (older ones it had not pruned
+  // yet, newer ones it had not recorded yet).
+  void prune_all_but(int64_t step) const;
   // A re-plan on fewer replicas: the roles of replicas KEPT (ascending) become
   // replicas 0, 1, … in that order, and the others' checkpoints are deleted.
   Status renumber_replicas(const std::vector<int64_t>& kept);
@@ -46,6 +51,8 @@ class CheckpointMirror {
   Status add_replicas(int64_t replicas);
 
  private:
+  void prune_if(const std::function<bool(int64_t)>& gone) const;
+
   std::filesystem::path dir_;
   int64_t stages_, replicas_;
 };

@@ -240,6 +240,10 @@ struct RecoveryOptions {
   // --resume: the corpus read_job_dir prepared to check the data cursor
   // (null: none; the job prepares it itself).
   std::shared_ptr<const model::TokenizedCorpus> corpus;
+  // Test (train --kill-self-at-mirror): SIGKILL the client at its N-th
+  // mirrored checkpoint, between the job dir's state.json write and the prune
+  // of the older checkpoints (0: never).
+  int kill_self_at_mirror = 0;
 };
 
 // What a job dir holds besides the checkpoints (JOB_DIR/state.json).

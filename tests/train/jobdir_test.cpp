@@ -469,5 +469,57 @@ TEST(Divergence, ABlownUpJobBlamesNoNodeAndSaysToLowerTheLr) {
   fs::remove_all(dir);
 }
 
+// A client killed right between two steps of the job dir's update at a
+// mirrored checkpoint (--kill-self-at-mirror 2: the checkpoint of step 6 is
+// whole for every role; the state.json write and the deletion of the step 3
+// one are the two steps) leaves a job dir --resume takes, and the resumed job
+// ends bitwise as the undisturbed run does.
+TEST(KilledMidMirror, TheJobDirResumesToTheUndisturbedModel) {
+  auto dir = test::scratch("jobdir", "killed-mid-mirror");
+  const std::string job = test::source_path("tests/train/data/churn-pipeline.toml").string();
+  const std::string topology = test::source_path("tests/train/data/churn-net.toml").string();
+  const auto ref = test::run_command({test::solvernet_bin(), "devnet", "--job", job, "--topology", topology, "--no-chain",
+                                      "--json", "--peer-timeout-s", "4", "--nodes", "2", "--spares", "0", "--steps",
+                                      "30"},
+                                     dir, 120s);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  const auto want = nlohmann::json::parse(ref.out);
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
+  auto dht = test::start_dht(dir / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  std::vector<ChildProcess> nodes;
+  for (int i = 0; i < 2; ++i) {
+    auto node = ChildProcess::spawn({test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
+                                     "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", dht->address,
+                                     "--region", i == 0 ? "a" : "b"},
+                                    quiet);
+    ASSERT_TRUE(node.ok()) << node.message();
+    nodes.push_back(std::move(node).value());
+  }
+  const std::vector<std::string> common = {"--bootstrap", dht->address, "--topology", topology, "--peer-timeout-s", "4",
+                                           "--key", (dir / "client.key").string(), "--wait-s", "30"};
+  std::vector<std::string> first = {test::solvernet_bin(), "train", "--job", job, "--steps", "30", "--job-dir",
+                                    (dir / "jobs").string(), "--kill-self-at-mirror", "2"};
+  first.insert(first.end(), common.begin(), common.end());
+  const auto killed = test::run_command(first, dir, 120s);
+  ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.err;
+  fs::path job_dir;
+  for (const auto& entry : fs::directory_iterator(dir / "jobs")) job_dir = entry.path();
+  ASSERT_FALSE(job_dir.empty());
+  std::vector<std::string> resume = {test::solvernet_bin(), "train", "--resume", job_dir.string(), "--json", "--out",
+                                     (dir / "model.safetensors").string()};
+  resume.insert(resume.end(), common.begin(), common.end());
+  const auto resumed = test::run_command(resume, dir, 120s);
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  const auto summary = nlohmann::json::parse(resumed.out);
+  EXPECT_EQ(summary["recovery"]["resumed_from"], 6);
+  EXPECT_EQ(summary["losses"], want["losses"]);
+  EXPECT_EQ(summary["model_hash"], want["model_hash"]);
+  for (auto& node : nodes) node.terminate();
+  dht->process.terminate();
+  fs::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace sn
