@@ -238,6 +238,7 @@ class JobSession {
   std::optional<CheckpointMirror> mirror_;
   std::vector<net::MemberInfo> spares_;
   int recoveries_ = 0;
+  std::map<std::string, int> local_data_failures_;  // by node id: its own checkpoint copy was unusable
   std::set<int64_t> diverged_stages_;  // [verify] on chain: stages whose replicas' divergence is recorded
   // Per member: the state hash it reported after its newest step (steps done,
   // hash); a checkpoint it hands over for that step must hold that state.
@@ -655,10 +656,22 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
       return stop(fmt::format("{} (after {} recoveries, giving up)", failure.message, recoveries_));
     ++recoveries_;
     spdlog::warn("{}", failure.message);
-    const auto dead = fleet_->unresponsive(deadlines_.fleet.ping);
+    auto dead = fleet_->unresponsive(deadlines_.fleet.ping);
     std::set<std::string> live;
     for (size_t i = 0; i < members_.size(); ++i)
       if (std::find(dead.begin(), dead.end(), i) == dead.end()) live.insert(members_[i].node_id);
+    // A member that says its own checkpoint copy is unusable (node_service's
+    // "local data") is restored from the mirror once; said again, it is
+    // taken as gone, a bad disk or a node stalling the job with a claim no
+    // one can check (it stays out of the spares: it is in LIVE).
+    if (const std::string who = fleet_->last_culprit();
+        !who.empty() && failure.message.find("(local data:") != std::string::npos && ++local_data_failures_[who] >= 2)
+      for (size_t i = 0; i < members_.size(); ++i)
+        if (members_[i].node_id == who && std::find(dead.begin(), dead.end(), i) == dead.end()) {
+          spdlog::warn("{} said its own checkpoint was unusable {} times; it is replaced", member_name(members_[i]),
+                       local_data_failures_[who]);
+          dead.push_back(i);
+        }
     std::vector<size_t> unreplaced;
     for (size_t i : dead) {
       // Once one member finds no spare, the others are not replaced either:

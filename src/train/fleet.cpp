@@ -249,6 +249,7 @@ Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& sta
   if (culprit < 0) return make_error("{} failed with no member to blame", what);
   const auto& status = statuses[static_cast<size_t>(culprit)];
   const auto& member = members_[static_cast<size_t>(culprit)];
+  last_culprit_ = member.node_id;
   const ErrorKind kind = net::error_kind_of(status.error_code());
   switch (kind) {
     case ErrorKind::unavailable:

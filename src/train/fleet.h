@@ -98,6 +98,8 @@ class Fleet {
   // error to end with then (kind aborted, naming that gap and the lease,
   // during WHAT), or none.
   std::optional<Error> pause_explains(const std::string& what) const;
+  // The node id of the member the last failed call blamed (empty: none yet).
+  const std::string& last_culprit() const { return last_culprit_; }
   // MEMBERS (indices) leave the job while the others go on (a dropped DiLoCo
   // group): their leases are no longer renewed, so each node drops the job
   // within one lease of its last renewal even if it hears nothing more, and
@@ -120,6 +122,7 @@ class Fleet {
 
  private:
   Error blame(const std::string& what, const std::vector<grpc::Status>& statuses, const std::vector<bool>& silent);
+  std::string last_culprit_;  // node id blame() named last
   void renew_loop();
   // Since the last renewal round began (renew_mutex_ held).
   std::chrono::milliseconds round_gap() const;

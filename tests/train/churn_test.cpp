@@ -10,8 +10,12 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <atomic>
 #include <filesystem>
+#include <fstream>
 #include <map>
+#include <optional>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -535,6 +539,65 @@ TEST(Churn, ASpareWithAShortLeaseKeepsTheJobWhileSlowerMembersSetUp) {
   EXPECT_EQ(recoveries[0]["replacements"].size(), 1u) << recoveries.dump(2);
   spare->terminate();
   nodes.clear();
+  fs::remove_all(dir);
+}
+
+// A member whose own checkpoint copies keep failing their digests (a bad
+// disk, or a node that only says so: the client cannot tell) is restored
+// from the mirror once and replaced by the idle spare the second time; the
+// job completes. It used to be kept, and the job gave up after 3 recoveries.
+TEST(Churn, AMemberWhoseCheckpointsKeepFailingIsReplaced) {
+  auto dir = test::scratch("churn", "bad-disk");
+  auto net = own_network(dir, 5);
+  ASSERT_TRUE(net.ok()) << net.message();
+  auto client = train_client(dir, {"--job", data("churn.toml").string(), "--steps", "150", "--bootstrap",
+                                   net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   "4", "--key", (dir / "client.key").string(), "--job-dir", (dir / "jobs").string(),
+                                   "--spares", "1", "--spare-wait-s", "30", "--json"});
+  ASSERT_TRUE(client.ok());
+  // The first member found to hold checkpoints gets every later one
+  // corrupted (one byte flipped) as soon as its manifest is written.
+  std::atomic<bool> done{false};
+  std::thread corrupter([&] {
+    std::optional<fs::path> member;
+    std::set<fs::path> flipped;
+    while (!done) {
+      std::error_code error;
+      for (int i = 0; i < 5 && !member; ++i)
+        if (fs::is_directory(dir / ("n" + std::to_string(i)) / "checkpoints", error) &&
+            !fs::is_empty(dir / ("n" + std::to_string(i)) / "checkpoints", error))
+          member = dir / ("n" + std::to_string(i)) / "checkpoints";
+      if (member)
+        for (auto it = fs::recursive_directory_iterator(*member, error); !error && it != fs::recursive_directory_iterator();
+             it.increment(error)) {
+          const auto name = it->path().filename().string();
+          if (!name.ends_with(".manifest.json")) continue;
+          auto weights = it->path().parent_path() / (name.substr(0, name.size() - 14) + ".safetensors");
+          if (flipped.count(weights) || !fs::exists(weights, error)) continue;
+          flipped.insert(weights);
+          std::fstream file(weights, std::ios::in | std::ios::out | std::ios::binary);
+          file.seekg(-1, std::ios::end);
+          const char last = static_cast<char>(file.get());
+          file.seekp(-1, std::ios::end);
+          file.put(static_cast<char>(last ^ 0x5a));
+        }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  const auto status = client->wait_for(300s);
+  done = true;
+  corrupter.join();
+  const std::string err = read_file(dir / "client.err").value_or(""), log = read_file(dir / "procs.log").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 0) << err;
+  EXPECT_NE(log.find("is not usable"), std::string::npos) << "no checkpoint copy was found corrupted: " << err;
+  const auto summary = nlohmann::json::parse(read_file(dir / "client.out").value_or("{}"), nullptr, false);
+  ASSERT_FALSE(summary.is_discarded()) << err;
+  bool replaced = false;
+  for (const auto& recovery : summary["recovery"]["recoveries"])
+    replaced = replaced || recovery["replacements"].size() == 1;
+  EXPECT_TRUE(replaced) << summary["recovery"].dump(2) << err;
+  net = Error{};
   fs::remove_all(dir);
 }
 
