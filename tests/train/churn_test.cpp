@@ -120,19 +120,21 @@ Result<ChildProcess> own_node(const fs::path& dir, int i, const std::string& reg
 
 // A DHT bootstrap and COUNT nodes of one's own (own_node: the first half in
 // region a, the rest in b), their output in DIR/procs.log; LAST_FLAGS are added
-// to the last node's. The processes stop when it goes.
+// to the last node's, EVERY_FLAGS to each node's. The processes stop when it goes.
 struct OwnNetwork {
   test::Bootstrap dht;
   std::vector<ChildProcess> nodes;
 };
-Result<OwnNetwork> own_network(const fs::path& dir, int count, const std::vector<std::string>& last_flags = {}) {
+Result<OwnNetwork> own_network(const fs::path& dir, int count, const std::vector<std::string>& last_flags = {},
+                               const std::vector<std::string>& every_flags = {}) {
   SpawnOptions quiet;
   quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
   SN_ASSIGN(auto dht, test::start_dht(dir / "dht.log"));
   OwnNetwork net{std::move(dht), {}};
   for (int i = 0; i < count; ++i) {
-    SN_ASSIGN(auto node, own_node(dir, i, i < count / 2 ? "a" : "b", net.dht.address, quiet,
-                                  i == count - 1 ? last_flags : std::vector<std::string>{}));
+    std::vector<std::string> flags = every_flags;
+    if (i == count - 1) flags.insert(flags.end(), last_flags.begin(), last_flags.end());
+    SN_ASSIGN(auto node, own_node(dir, i, i < count / 2 ? "a" : "b", net.dht.address, quiet, flags));
     net.nodes.push_back(std::move(node));
   }
   return net;
@@ -503,18 +505,10 @@ TEST(Churn, ClientPausedThroughTheSpareWaitStillTakesTheSpareThatCame) {
 // slowest member is done (it used to drop the job and be blamed for it).
 TEST(Churn, ASpareWithAShortLeaseKeepsTheJobWhileSlowerMembersSetUp) {
   auto dir = test::scratch("churn", "short-lease");
-  SpawnOptions quiet;
-  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
-  auto dht = test::start_dht(dir / "dht.log");
-  ASSERT_TRUE(dht.ok()) << dht.message();
-  std::vector<ChildProcess> nodes;
-  for (int i = 0; i < 4; ++i) {
-    auto node = own_node(dir, i, i < 2 ? "a" : "b", dht->address, quiet, {"--stall-at", "setup:2:3000"});
-    ASSERT_TRUE(node.ok()) << node.message();
-    nodes.push_back(std::move(node).value());
-  }
+  auto net = own_network(dir, 4, {}, {"--stall-at", "setup:2:3000"});
+  ASSERT_TRUE(net.ok()) << net.message();
   auto client = train_client(dir, {"--job", data("churn.toml").string(), "--steps", "150", "--bootstrap",
-                                   dht->address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
                                    "4", "--key", (dir / "client.key").string(), "--job-dir", (dir / "jobs").string(),
                                    "--spare-wait-s", "30", "--json"});
   ASSERT_TRUE(client.ok());
@@ -522,11 +516,11 @@ TEST(Churn, ASpareWithAShortLeaseKeepsTheJobWhileSlowerMembersSetUp) {
   ASSERT_TRUE(wait_for_first_checkpoint(dir / "jobs", 60s)) << read_file(dir / "client.err").value_or("");
   SpawnOptions spare_out;
   spare_out.stdout_path = spare_out.stderr_path = dir / "spare.log";
-  auto spare = own_node(dir, 4, "b", dht->address, spare_out, {"--lease-s", "1"});
+  auto spare = own_node(dir, 4, "b", net->dht.address, spare_out, {"--lease-s", "1"});
   ASSERT_TRUE(spare.ok());
   ASSERT_TRUE(test::wait_for_text(dir / "spare.log", " listening on ", 30s));
   std::this_thread::sleep_for(3s);  // announced and seen as idle
-  ::kill(nodes[3].pid(), SIGKILL);
+  ::kill(net->nodes[3].pid(), SIGKILL);
   const auto status = client->wait_for(300s);
   const std::string err = read_file(dir / "client.err").value_or(""), log = read_file(dir / "spare.log").value_or("");
   ASSERT_TRUE(status.has_value()) << err;
@@ -538,7 +532,7 @@ TEST(Churn, ASpareWithAShortLeaseKeepsTheJobWhileSlowerMembersSetUp) {
   ASSERT_EQ(recoveries.size(), 1u) << recoveries.dump(2) << err;
   EXPECT_EQ(recoveries[0]["replacements"].size(), 1u) << recoveries.dump(2);
   spare->terminate();
-  nodes.clear();
+  net = Error{};
   fs::remove_all(dir);
 }
 
