@@ -36,6 +36,7 @@ struct TrainArgs {
   std::string resume;
   int spare_wait_s = 0;
   int kill_self_at_mirror = 0;  // test only
+  std::string kill_self_at_relayout;  // test only
 };
 
 int run_train(const TrainArgs& args) {
@@ -66,11 +67,16 @@ int run_train(const TrainArgs& args) {
     if (!locked.ok()) return fail("train", locked.message(), locked.error().exit_code);
     job_dir_lock = std::move(*locked);
   }
+  if (!args.kill_self_at_relayout.empty() && args.kill_self_at_relayout != "built" &&
+      args.kill_self_at_relayout != "switched")
+    return fail("train", fmt::format("--kill-self-at-relayout must be built or switched, got \"{}\"",
+                                     args.kill_self_at_relayout), 2);
   if (args.kill_self_at_mirror < 0)
     return fail("train", fmt::format("--kill-self-at-mirror must be >= 1 (0: never), got {}", args.kill_self_at_mirror), 2);
   RunSpec spec;
   spec.job = *job;
   spec.kill_self_at_mirror = args.kill_self_at_mirror;
+  spec.kill_self_at_relayout = args.kill_self_at_relayout;
   spec.spares = args.spares;
   spec.spare_wait_s = args.spare_wait_s;
   spec.bootstrap = args.bootstrap;
@@ -95,6 +101,8 @@ int run_train(const TrainArgs& args) {
     spec.resumed_losses = state->losses;
     spec.resume_replanned = state->replanned;
     spec.planned_replicas = state->planned_replicas;
+    spec.job.parallel.replicas = state->replicas;  // job.toml keeps the planned ones
+    spec.resume_layout = state->layout;
     spec.resumed_corpus = state->corpus;
     changed = state->changed;
   }
@@ -207,6 +215,9 @@ CommandRegistration train_command(
       app.add_option("--kill-self-at-mirror", args->kill_self_at_mirror,
                      "Test: N, kill -9 this client at its N-th mirrored checkpoint, between the job dir's state.json "
                      "and the deletion of the older checkpoints")->group("");
+      app.add_option("--kill-self-at-relayout", args->kill_self_at_relayout,
+                     "Test: built|switched, kill -9 this client at its first re-plan or grow-back once the new "
+                     "checkpoint layout is built, or once state.json names it")->group("");
       add_insecure_flag(app);
       return [args] { return run_train(*args); };
     });

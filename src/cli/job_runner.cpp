@@ -643,6 +643,8 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     options.recovery.corpus = spec.resumed_corpus;
     options.recovery.planned_replicas = spec.planned_replicas;
     options.recovery.kill_self_at_mirror = spec.kill_self_at_mirror;
+    options.recovery.kill_self_at_relayout = spec.kill_self_at_relayout;
+    options.recovery.layout = spec.resume_layout;
     // Nodes that joined (or came back) since the job began are found through the DHT.
     // (A member that died and came back with its data dir is one of them; the
     // client leaves out its current members itself.)

@@ -53,6 +53,8 @@ struct RunSpec {
   int64_t planned_replicas = 0;        // --resume: the replicas the job was planned with (0: the job's)
   std::shared_ptr<const model::TokenizedCorpus> resumed_corpus;  // --resume: as read_job_dir prepared it
   int kill_self_at_mirror = 0;         // test: see RecoveryOptions::kill_self_at_mirror
+  std::string kill_self_at_relayout;   // test: see RecoveryOptions::kill_self_at_relayout
+  std::string resume_layout = "checkpoints";  // --resume: the job dir's checkpoint layout
   // Called after every step with the job's current members (the devnet's hidden kill switch).
   std::function<void(const train::StepReport&)> on_step;
 };

@@ -36,14 +36,7 @@ Status write_all(int fd, std::string_view data, const std::filesystem::path& pat
 
 // A rename is durable only once its directory is synced.
 Status sync_parent_directory(const std::filesystem::path& path) {
-  auto dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return make_error("{}: cannot open directory to sync: {}", dir.string(), std::strerror(errno));
-  int rc = ::fsync(dir_fd);
-  int err = errno;
-  ::close(dir_fd);
-  if (rc != 0) return make_error("{}: directory fsync failed: {}", dir.string(), std::strerror(err));
-  return ok_status();
+  return sync_directory(path.has_parent_path() ? path.parent_path() : std::filesystem::path("."));
 }
 
 }  // namespace
@@ -88,6 +81,16 @@ Status rename_durable(const std::filesystem::path& from, const std::filesystem::
   if (::rename(from.c_str(), to.c_str()) != 0)
     return make_error("{}: rename failed: {}", to.string(), std::strerror(errno));
   return sync_parent_directory(to);
+}
+
+Status sync_directory(const std::filesystem::path& dir) {
+  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd < 0) return make_error("{}: cannot open directory to sync: {}", dir.string(), std::strerror(errno));
+  int rc = ::fsync(dir_fd);
+  int err = errno;
+  ::close(dir_fd);
+  if (rc != 0) return make_error("{}: directory fsync failed: {}", dir.string(), std::strerror(err));
+  return ok_status();
 }
 
 Status ensure_directory(const std::filesystem::path& dir) {

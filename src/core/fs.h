@@ -21,6 +21,8 @@ Status append_file(const std::filesystem::path& path, std::string_view data);
 // Fsyncs FROM, renames it over TO and fsyncs TO's directory: TO is either
 // absent or whole, even across a crash.
 Status rename_durable(const std::filesystem::path& from, const std::filesystem::path& to);
+// Fsyncs directory DIR: the entries made in it (renames, links) survive a crash.
+Status sync_directory(const std::filesystem::path& dir);
 // Creates DIR (and parents) and checks that it is writable.
 Status ensure_directory(const std::filesystem::path& dir);
 

@@ -148,6 +148,9 @@ class JobSession {
   // JOB_DIR/state.json for the newest mirrored checkpoint STEP, with the job
   // as it runs now; FINISHED: "" or "completed".
   Status write_state(int64_t step, const std::string& finished);
+  // After the mirror built a new layout (re-plan, grow-back): state.json
+  // names it, as of the checkpoint of STEP, then the old layout is deleted.
+  void switch_layout(int64_t step);
   // After FAILURE during 0-based step FAILED_STEP: replaces the members that
   // stopped answering by spares, restarts every member from the newest
   // mirrored checkpoint, and returns its step (where training goes on). With
@@ -305,8 +308,11 @@ Status JobSession::prepare_data() {
     return make_error("resuming at step {} with {} earlier losses", start_step_, result_.losses.size());
   if (recovery_enabled()) {
     result_.job_dir = recovery.job_dir;
-    mirror_.emplace(recovery.job_dir, stages_, replicas_);
-    SN_TRY(write_job_file(recovery.job_dir, job_));
+    mirror_.emplace(recovery.job_dir, stages_, replicas_, recovery.layout);
+    // job.toml keeps the job as planned (state.json has the replicas it runs on).
+    JobConfig planned = job_;
+    planned.parallel.replicas = planned_replicas_;
+    SN_TRY(write_job_file(recovery.job_dir, planned));
     if (start_step_ == 0) SN_TRY(write_state(0, ""));
     // A client killed mid-mirror leaves checkpoints state.json does not name;
     // kept, a recovery would restore the newest, a step this run has not done.
@@ -557,6 +563,7 @@ Status JobSession::mirror_checkpoints(int64_t step) {
     spdlog::warn("--kill-self-at-mirror {}: killing this client", mirrors_);
     std::raise(SIGKILL);
   }
+  mirror_->remove_retired_layout();  // state.json names the new one now, if a failed write had kept the old
   mirror_->prune_before(step);
   result_.mirror_seconds += std::chrono::duration<double>(Clock::now() - started).count();
   return ok_status();
@@ -569,7 +576,26 @@ Status JobSession::write_state(int64_t step, const std::string& finished) {
   // as the re-plan did, and go on drawing samples as planned.
   state.replanned = step > 0 && step == replanned_at_;
   state.planned_replicas = planned_replicas_;
+  state.replicas = replicas_;
+  state.layout = mirror_->layout();
   return write_job_state(options_.recovery.job_dir, state);
+}
+
+void JobSession::switch_layout(int64_t step) {
+  const auto kill_self_at = [this](const char* phase) {
+    if (options_.recovery.kill_self_at_relayout != phase) return;
+    spdlog::warn("--kill-self-at-relayout {}: killing this client", phase);
+    std::raise(SIGKILL);
+  };
+  kill_self_at("built");
+  // A failed write keeps the old layout, which state.json still names; the
+  // next mirrored checkpoint's write moves to the new one.
+  if (auto written = write_state(step, ""); !written.ok()) {
+    spdlog::warn("job dir: {}", written.message());
+    return;
+  }
+  kill_self_at("switched");
+  mirror_->remove_retired_layout();
 }
 
 std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string>& members) {
@@ -772,13 +798,8 @@ bool JobSession::replan(const std::vector<size_t>& unreplaced, int64_t restore, 
   job_.parallel.replicas = replicas;
   live_groups_.assign(static_cast<size_t>(replicas_), true);
   replanned_at_ = restore;
-  // The job dir holds the job as its members now run it (for --resume), and
-  // says its checkpoint predates the re-plan.
-  if (recovery_enabled()) {
-    if (auto written = write_state(restore, ""); !written.ok()) spdlog::warn("job dir: {}", written.message());
-    if (auto written = write_job_file(options_.recovery.job_dir, job_); !written.ok())
-      spdlog::warn("job dir: {}", written.message());
-  }
+  // state.json moves to the renumbered layout, and says its checkpoint predates the re-plan.
+  if (mirror_) switch_layout(restore);
   return true;
 }
 
@@ -850,9 +871,7 @@ Status JobSession::grow_back(int64_t step) {
   live_groups_.assign(static_cast<size_t>(replicas_), true);
   replanned_at_ = step;
   // The new roles' checkpoints of STEP are replica 0's: --resume restores them as the grow-back does.
-  if (auto written = write_state(step, ""); !written.ok()) spdlog::warn("job dir: {}", written.message());
-  if (auto written = write_job_file(options_.recovery.job_dir, job_); !written.ok())
-    spdlog::warn("job dir: {}", written.message());
+  switch_layout(step);
   spdlog::warn("re-planned from {} to {} replicas at step {}: idle nodes joined", report.replicas_before, grown, step);
   SN_TRY(set_up_members(step));
   report.seconds = std::chrono::duration<double>(Clock::now() - started).count();

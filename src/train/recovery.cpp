@@ -151,8 +151,19 @@ std::vector<std::pair<std::string, std::string>> changed_fields(const std::strin
 
 }  // namespace
 
-CheckpointMirror::CheckpointMirror(fs::path job_dir, int64_t stages, int64_t replicas)
-    : dir_(std::move(job_dir) / "checkpoints"), stages_(stages), replicas_(replicas) {}
+bool CheckpointMirror::is_layout_name(const std::string& name) {
+  if (name == kFirstLayout) return true;
+  const std::string prefix = std::string(kFirstLayout) + "-";
+  return name.starts_with(prefix) && name.size() > prefix.size() && name[prefix.size()] != '0' &&
+         whole_number(std::string_view(name).substr(prefix.size())).has_value();
+}
+
+CheckpointMirror::CheckpointMirror(fs::path job_dir, int64_t stages, int64_t replicas, std::string layout)
+    : job_dir_(std::move(job_dir)),
+      layout_(std::move(layout)),
+      dir_(job_dir_ / layout_),
+      stages_(stages),
+      replicas_(replicas) {}
 
 fs::path CheckpointMirror::role_dir(int64_t stage, int64_t replica) const {
   return dir_ / fmt::format("stage{}-replica{}", stage, replica);
@@ -244,41 +255,62 @@ void CheckpointMirror::prune_before(int64_t step) const {
 
 void CheckpointMirror::prune_all_but(int64_t step) const {
   prune_if([step](int64_t s) { return s != step; });
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(job_dir_, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name != layout_ && is_layout_name(name)) fs::remove_all(entry.path(), ec);
+  }
 }
 
-Status CheckpointMirror::renumber_replicas(const std::vector<int64_t>& kept) {
-  for (int64_t s = 0; s < stages_; ++s) {
-    for (int64_t r = 0; r < replicas_; ++r) {
-      if (std::find(kept.begin(), kept.end(), r) != kept.end()) continue;
-      std::error_code ec;
-      fs::remove_all(role_dir(s, r), ec);
-      if (ec) return make_error("cannot delete {}: {}", role_dir(s, r).string(), ec.message());
-    }
-    // Ascending, so each target is free: it was deleted above or already moved down.
-    for (size_t to = 0; to < kept.size(); ++to) {
-      const auto from = kept[to];
-      if (from == static_cast<int64_t>(to) || !fs::exists(role_dir(s, from))) continue;
-      std::error_code ec;
-      fs::rename(role_dir(s, from), role_dir(s, static_cast<int64_t>(to)), ec);
-      if (ec)
-        return make_error("cannot move {} to {}: {}", role_dir(s, from).string(),
-                          role_dir(s, static_cast<int64_t>(to)).string(), ec.message());
-    }
-  }
-  replicas_ = static_cast<int64_t>(kept.size());
-  return ok_status();
-}
+Status CheckpointMirror::renumber_replicas(const std::vector<int64_t>& kept) { return relayout(kept); }
 
 Status CheckpointMirror::add_replicas(int64_t replicas) {
+  std::vector<int64_t> source;
+  for (int64_t r = 0; r < replicas; ++r) source.push_back(r < replicas_ ? r : 0);
+  return relayout(source);
+}
+
+Status CheckpointMirror::relayout(const std::vector<int64_t>& source) {
+  const std::string prefix = std::string(kFirstLayout) + "-";
+  const int64_t generation = layout_ == kFirstLayout ? 1 : *whole_number(layout_.substr(prefix.size())) + 1;
+  const std::string next = prefix + std::to_string(generation);
+  const fs::path next_dir = job_dir_ / next;
+  std::error_code ec;
+  fs::remove_all(next_dir, ec);  // a layout a killed client was building: state.json never named it
+  if (ec) return make_error("cannot delete {}: {}", next_dir.string(), ec.message());
+  // Files are never written in place (write_file_atomic renames a new one
+  // over), so a hard link shares nothing that changes later; the new layout
+  // costs no copy of the checkpoints.
   for (int64_t s = 0; s < stages_; ++s)
-    for (int64_t r = replicas_; r < replicas; ++r) {
-      std::error_code ec;
-      fs::remove_all(role_dir(s, r), ec);
-      fs::copy(role_dir(s, 0), role_dir(s, r), fs::copy_options::recursive, ec);
-      if (ec) return make_error("cannot copy {} to {}: {}", role_dir(s, 0).string(), role_dir(s, r).string(), ec.message());
+    for (size_t r = 0; r < source.size(); ++r) {
+      const fs::path from = role_dir(s, source[r]);
+      const fs::path to = next_dir / fmt::format("stage{}-replica{}", s, r);
+      SN_TRY(ensure_directory(to));
+      if (!fs::exists(from, ec)) continue;  // nothing mirrored for the role yet
+      for (const auto& entry : fs::directory_iterator(from, ec)) {
+        if (!entry.is_regular_file(ec)) continue;
+        const fs::path target = to / entry.path().filename();
+        fs::create_hard_link(entry.path(), target, ec);
+        if (ec) fs::copy_file(entry.path(), target, fs::copy_options::overwrite_existing, ec);
+        if (ec) return make_error("cannot copy {} to {}: {}", entry.path().string(), target.string(), ec.message());
+      }
+      if (ec) return make_error("cannot read {}: {}", from.string(), ec.message());
+      SN_TRY(sync_directory(to));
     }
-  replicas_ = replicas;
+  SN_TRY(sync_directory(next_dir));
+  SN_TRY(sync_directory(job_dir_));
+  retired_ = dir_;
+  layout_ = next;
+  dir_ = next_dir;
+  replicas_ = static_cast<int64_t>(source.size());
   return ok_status();
+}
+
+void CheckpointMirror::remove_retired_layout() {
+  if (retired_.empty()) return;
+  std::error_code ec;
+  fs::remove_all(retired_, ec);
+  retired_.clear();
 }
 
 Status write_job_file(const fs::path& job_dir, const JobConfig& job) {
@@ -324,6 +356,8 @@ Status write_job_state(const fs::path& job_dir, const JobDirState& state) {
   if (!state.job_toml.empty()) j["job_toml"] = state.job_toml;
   if (state.replanned) j["replanned"] = true;
   if (state.planned_replicas > 0) j["planned_replicas"] = state.planned_replicas;
+  if (state.replicas > 0) j["replicas"] = state.replicas;
+  j["layout"] = state.layout;
   j[kDigestsField] = field_digests(j);
   SN_TRY(ensure_directory(job_dir));
   return write_file_atomic(job_dir / "state.json", j.dump(2) + "\n");
@@ -361,12 +395,26 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
   SN_TRY(read(state.job_toml, "job_toml", std::optional<std::string>("")));
   SN_TRY(read(state.replanned, "replanned", std::optional<bool>(false)));
   SN_TRY(read(state.planned_replicas, "planned_replicas", std::optional<int64_t>(0)));
+  SN_TRY(read(state.replicas, "replicas", std::optional<int64_t>(0)));
+  SN_TRY(read(state.layout, "layout", std::optional<std::string>(CheckpointMirror::kFirstLayout)));
+  if (!CheckpointMirror::is_layout_name(state.layout))
+    return input_error("{}: layout \"{}\" is not a checkpoint layout's name (checkpoints or checkpoints-<n>)",
+                       file.string(), state.layout);
+  // job.toml keeps the job as planned; the replicas it runs on now are
+  // state.json's (a job dir written before they were recorded: job.toml's).
+  const int64_t planned = state.planned_replicas > 0 ? state.planned_replicas : job.parallel.replicas;
+  if (state.replicas == 0) state.replicas = job.parallel.replicas;
+  if (state.replicas < 1 || state.replicas > planned)
+    return input_error("{}: replicas {} does not fit the {} planned", file.string(), state.replicas, planned);
+  JobConfig running = job;
+  if (job.parallel.replicas == planned) running.parallel.replicas = state.replicas;
+  state.replicas = running.parallel.replicas;
   if (state.checkpoint_step < 0 || static_cast<int64_t>(state.losses.size()) < state.checkpoint_step)
     return input_error("{}: checkpoint_step {} with {} losses", (job_dir / "state.json").string(),
                        state.checkpoint_step, state.losses.size());
   state.losses.resize(static_cast<size_t>(state.checkpoint_step));
   if (state.checkpoint_step == 0) return state;
-  CheckpointMirror mirror(job_dir, job.parallel.stages, job.parallel.replicas);
+  CheckpointMirror mirror(job_dir, job.parallel.stages, running.parallel.replicas, state.layout);
   // The nodes would refuse a job that is not the one checkpointed only after
   // discovery and setup, and name a healthy node: compare here, before any
   // node is contacted. What is checked: the roles (stages × replicas), each
@@ -377,11 +425,11 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
   if (stages == 0) {
     const auto held = checkpointed_steps(mirror);
     return input_error("{}: there is no checkpoint of step {} (state.json's checkpoint_step) in {}; {}",
-                       job_dir.string(), step, (job_dir / "checkpoints").string(),
+                       job_dir.string(), step, (job_dir / state.layout).string(),
                        held.empty() ? std::string("it holds none")
                                     : fmt::format("it holds step{} {}", held.size() > 1 ? "s" : "", fmt::join(held, ", ")));
   }
-  if (stages != job.parallel.stages || replicas != job.parallel.replicas)
+  if (stages != job.parallel.stages || replicas != running.parallel.replicas)
     return input_error("{}: its checkpoints of step {} are of {} stages × {} replicas, job.toml asks for {} × {}; "
                        "the job must stay the one checkpointed",
                        job_dir.string(), step, stages, replicas, job.parallel.stages, job.parallel.replicas);
@@ -390,13 +438,13 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
   for (int64_t s = 0; s < job.parallel.stages; ++s) {
     const auto& [first, count] = ranges[static_cast<size_t>(s)];
     const model::StageModel shape_only(job.model, first, count, job.train.seed);
-    for (int64_t r = 0; r < job.parallel.replicas; ++r) {
+    for (int64_t r = 0; r < running.parallel.replicas; ++r) {
       auto loaded = CheckpointStore(mirror.role_dir(s, r), 1).load(step);
       if (!loaded.ok())
         return input_error("{}: the checkpoint of stage {} replica {} at step {} is not usable: {}", job_dir.string(),
                            s, r, step, loaded.message());
       const std::string role = fmt::format("{}: the checkpoint of stage {} replica {} at step {}", job_dir.string(), s, r, step);
-      if (auto differs = differs_from_job(*loaded, shape_only, job, s, state.job_id))
+      if (auto differs = differs_from_job(*loaded, shape_only, running, s, state.job_id))
         return input_error("{} {}; the job must stay the one checkpointed", role, *differs);
       if (s == 0 && r == 0) saved_cursor = loaded->manifest.state.part(StatePart::cursor);
     }
@@ -406,7 +454,7 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
     // state the nodes check: refuse it here, not after setup naming a node.
     static const std::set<std::string> cursor_fields = {"train.global_batch", "data.corpus", "data.tokenizer_corpus",
                                                         "data.holdout_fraction", "model.seq_len"};
-    for (const auto& [key, change] : changed_fields(state.job_toml, job_to_toml(job))) {
+    for (const auto& [key, change] : changed_fields(state.job_toml, job_to_toml(running))) {
       if (cursor_fields.count(key))
         return input_error("{}: job.toml's {} changes the data cursor its checkpoint of step {} holds; the job must "
                            "stay the one checkpointed", job_dir.string(), change, step);
@@ -422,17 +470,17 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
     state.corpus = std::make_shared<const model::TokenizedCorpus>(std::move(corpus).value());
     const model::Dataset data(state.corpus->tokens, job.model.seq_len, job.data.holdout_fraction);
     TrainingState cursor_only;
-    cursor_only.cursor = {step, data.train_samples(), job.train.global_batch, job.parallel.replicas};
+    cursor_only.cursor = {step, data.train_samples(), job.train.global_batch, running.parallel.replicas};
     if (training_state_digest(cursor_only).part(StatePart::cursor) != saved_cursor)
       return input_error("{}: its checkpoint of step {} does not hold the data cursor job.toml gives ({} training "
                          "samples, global batch {}, {} replicas): the corpus or the batch differ; the job must stay "
                          "the one checkpointed", job_dir.string(), step, data.train_samples(), job.train.global_batch,
-                         job.parallel.replicas);
+                         running.parallel.replicas);
   }
-  if (state.planned_replicas < 0 || (state.planned_replicas > 0 && (state.planned_replicas < job.parallel.replicas ||
+  if (state.planned_replicas < 0 || (state.planned_replicas > 0 && (state.planned_replicas < running.parallel.replicas ||
                                                                     job.train.global_batch % state.planned_replicas)))
     return input_error("{}: planned_replicas {} does not fit job.toml's {} replicas and global batch of {}",
-                       (job_dir / "state.json").string(), state.planned_replicas, job.parallel.replicas,
+                       (job_dir / "state.json").string(), state.planned_replicas, running.parallel.replicas,
                        job.train.global_batch);
   return state;
 }

@@ -244,6 +244,13 @@ struct RecoveryOptions {
   // mirrored checkpoint, between the job dir's state.json write and the prune
   // of the older checkpoints (0: never).
   int kill_self_at_mirror = 0;
+  // --resume: the job dir's checkpoint layout (JobDirState::layout).
+  std::string layout = "checkpoints";
+  // Test (train --kill-self-at-relayout): SIGKILL the client at its first
+  // re-plan or grow-back once the new checkpoint layout is "built" (state.json
+  // still names the old one) or "switched" (state.json names the new one, the
+  // old one is not deleted yet); "": never.
+  std::string kill_self_at_relayout;
 };
 
 // What a job dir holds besides the checkpoints (JOB_DIR/state.json).
@@ -256,12 +263,19 @@ struct JobDirState {
   // dir written before it was recorded.
   std::string job_toml;
   // The checkpoint of checkpoint_step was saved before a re-plan changed the
-  // replica count (job.toml has the new one): its cursor and seeds are of
-  // the old roles, so it is restored as the re-plan restores it.
+  // replica count: its cursor and seeds are of the old roles, so it is
+  // restored as the re-plan restores it.
   bool replanned = false;
   // The replicas the job was planned with (0: job.toml's): after a re-plan
   // each step's samples are still drawn over that many shards.
   int64_t planned_replicas = 0;
+  // The replicas the job runs on from checkpoint_step (0: job.toml's). A
+  // re-plan or grow-back changes them here, not in job.toml, which keeps the
+  // job as planned: state.json is the one file that moves atomically.
+  int64_t replicas = 0;
+  // The directory under the job dir that holds the checkpoints
+  // (CheckpointMirror's layout).
+  std::string layout = "checkpoints";
   // Filled by read_job_dir: the fields of the job it was given that differ
   // from job_toml, as "train.lr = 0.5 (was 0.003)".
   std::vector<std::string> changed;

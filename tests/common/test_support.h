@@ -71,6 +71,14 @@ inline bool wait_for_text(const fs::path& file, const std::string& text, std::ch
   return false;
 }
 
+// The job dir a `train --job-dir JOBS_DIR` made (its one entry; empty: none).
+inline fs::path only_job_dir(const fs::path& jobs_dir) {
+  fs::path out;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(jobs_dir, ec)) out = entry.path();
+  return out;
+}
+
 // A `solvernet dht` bootstrap listening on a free UDP port of 127.0.0.1
 // (ADDRESS is "127.0.0.1:PORT"). Waits for its "listening" line, so nodes and
 // clients started next find it; a port another process took between the pick

@@ -400,8 +400,7 @@ TEST(Churn, StoppedJobResumesFromItsJobDir) {
   const std::string err = read_file(dir / "client.err").value_or("");
   EXPECT_NE(err.find("no spare node is available"), std::string::npos) << err;
   EXPECT_NE(err.find("solvernet train --resume"), std::string::npos) << err;
-  fs::path job_dir;
-  for (const auto& entry : fs::directory_iterator(dir / "jobs")) job_dir = entry.path();
+  const fs::path job_dir = test::only_job_dir(dir / "jobs");
   ASSERT_FALSE(job_dir.empty());
   // Another node takes the dead one's place; the job goes on from its job dir.
   auto fresh = node(2, "b");
@@ -443,8 +442,7 @@ TEST(Churn, ResumeAfterTheClientWasKilledEndsTheStoppedRunOnItsNodes) {
   ASSERT_TRUE(client.ok());
   ASSERT_TRUE(test::wait_for_text(dir / "client.err", "step 6/60", 60s)) << read_file(dir / "client.err").value_or("");
   client->kill_now();
-  fs::path job_dir;
-  for (const auto& entry : fs::directory_iterator(dir / "jobs")) job_dir = entry.path();
+  const fs::path job_dir = test::only_job_dir(dir / "jobs");
   ASSERT_FALSE(job_dir.empty());
   auto resumed = test::run_command({test::solvernet_bin(), "train", "--resume", job_dir.string(), "--bootstrap",
                                     net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
@@ -773,6 +771,69 @@ TEST(Churn, JobStoppedRightAfterAReplanResumesAsTheReplanWouldHaveGoneOn) {
   EXPECT_EQ(summary["losses"], replanned.summary["losses"]);
   EXPECT_EQ(summary["model_hash"], replanned.summary["model_hash"]);
   fs::remove_all(dir);
+}
+
+// A client killed in the middle of a re-plan's change of the job dir
+// (--kill-self-at-relayout: the renumbered checkpoint layout built beside the
+// old one but state.json not moved to it yet, or moved but the old layout not
+// deleted yet) leaves a job dir `train --resume` takes: the first resumes the
+// job as it was before the re-plan (bitwise the undisturbed run), the second
+// as the re-plan went on (bitwise the uninterrupted re-plan). The roles were
+// renamed in place before, and a kill between two renames left a job dir
+// --resume refused.
+TEST(Churn, AClientKilledMidReplanLeavesAJobDirThatResumes) {
+  const auto& undisturbed = reference("churn.toml", 4);
+  ASSERT_EQ(undisturbed.status, 0) << undisturbed.err;
+  const auto& replanned = replanned_run();
+  ASSERT_EQ(replanned.status, 0) << replanned.err;
+  for (const std::string phase : {"built", "switched"}) {
+    SCOPED_TRACE(phase);
+    auto dir = test::scratch("churn", "relayout-" + phase);
+    // The last node dies as the client fetches its checkpoint of step 6: no
+    // spare, so the job re-plans on the other group from the one of step 3.
+    auto net = own_network(dir, 4, {"--kill-self-at", "fetch-checkpoint:2"});
+    ASSERT_TRUE(net.ok()) << net.message();
+    const std::vector<std::string> common = {"--bootstrap", net->dht.address, "--topology", data("churn-net.toml").string(),
+                                             "--peer-timeout-s", "4", "--key", (dir / "client.key").string(),
+                                             "--wait-s", "30", "--json"};
+    std::vector<std::string> first = {test::solvernet_bin(), "train", "--job", data("churn.toml").string(), "--job-dir",
+                                      (dir / "jobs").string(), "--spare-wait-s", "0", "--kill-self-at-relayout", phase};
+    first.insert(first.end(), common.begin(), common.end());
+    const auto killed = test::run_command(first, dir, 120s);
+    ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.err;
+    const fs::path job_dir = test::only_job_dir(dir / "jobs");
+    ASSERT_FALSE(job_dir.empty());
+    const auto state = nlohmann::json::parse(read_file(job_dir / "state.json").value_or("{}"));
+    EXPECT_EQ(state.value("checkpoint_step", 0), 3) << state.dump(2);
+    EXPECT_EQ(state.value("layout", ""), phase == "built" ? "checkpoints" : "checkpoints-1") << state.dump(2);
+    EXPECT_EQ(state.value("replicas", 0), phase == "built" ? 2 : 1) << state.dump(2);
+    EXPECT_TRUE(fs::is_directory(job_dir / "checkpoints") && fs::is_directory(job_dir / "checkpoints-1"));
+    // Before the re-plan the job needs 4 nodes: one more joins. (After it,
+    // two idle nodes would make the job grow back, as the re-plan it is
+    // compared with could not.)
+    if (phase == "built") {
+      SpawnOptions quiet;
+      quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
+      auto joined = own_node(dir, 4, "b", net->dht.address, quiet);
+      ASSERT_TRUE(joined.ok()) << joined.message();
+      net->nodes.push_back(std::move(joined).value());
+    }
+    std::vector<std::string> resume = {test::solvernet_bin(), "train", "--resume", job_dir.string(), "--out",
+                                       (dir / "model.safetensors").string()};
+    resume.insert(resume.end(), common.begin(), common.end());
+    const auto resumed = test::run_command(resume, dir, 120s);
+    ASSERT_EQ(resumed.status, 0) << resumed.err;
+    const auto summary = nlohmann::json::parse(resumed.out);
+    EXPECT_EQ(summary["recovery"]["resumed_from"], 3);
+    const auto& want = phase == "built" ? undisturbed.summary : replanned.summary;
+    EXPECT_EQ(summary["replicas"], phase == "built" ? 2 : 1);
+    EXPECT_EQ(summary["losses"], want["losses"]);
+    EXPECT_EQ(summary["model_hash"], want["model_hash"]);
+    // Only the layout state.json names is left.
+    EXPECT_EQ(fs::is_directory(job_dir / "checkpoints"), phase == "built");
+    EXPECT_EQ(fs::is_directory(job_dir / "checkpoints-1"), phase != "built");
+    fs::remove_all(dir);
+  }
 }
 
 // The DHT bootstrap killed mid-job, with a member: the job re-plans on one

@@ -252,6 +252,12 @@ TEST_F(JobDir, AFieldOfStateJsonOfTheWrongTypeIsNamed) {
       {[](nlohmann::json& j) { j["job_toml"] = nullptr; }, "job_toml is null, not a string"},
       {[](nlohmann::json& j) { j["replanned"] = "yes"; }, "replanned is a string, not true or false"},
       {[](nlohmann::json& j) { j["planned_replicas"] = 2.5; }, "planned_replicas is a real number, not an integer"},
+      {[](nlohmann::json& j) { j["replicas"] = "2"; }, "replicas is a string, not an integer"},
+      {[](nlohmann::json& j) { j["replicas"] = 3; }, "replicas 3 does not fit the 2 planned"},
+      {[](nlohmann::json& j) { j["layout"] = 1; }, "layout is an integer, not a string"},
+      // Only a layout's own name: the job dir's checkpoints are deleted by what it does not name.
+      {[](nlohmann::json& j) { j["layout"] = "../checkpoints"; }, "layout \"../checkpoints\" is not a checkpoint layout's name"},
+      {[](nlohmann::json& j) { j["layout"] = "checkpoints-01"; }, "layout \"checkpoints-01\" is not a checkpoint layout's name"},
   };
   for (const auto& [change, needle] : cases) {
     ASSERT_TRUE(write_file_atomic(job_dir_ / "state.json", written).ok());
@@ -504,8 +510,7 @@ TEST(KilledMidMirror, TheJobDirResumesToTheUndisturbedModel) {
   first.insert(first.end(), common.begin(), common.end());
   const auto killed = test::run_command(first, dir, 120s);
   ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.err;
-  fs::path job_dir;
-  for (const auto& entry : fs::directory_iterator(dir / "jobs")) job_dir = entry.path();
+  const fs::path job_dir = test::only_job_dir(dir / "jobs");
   ASSERT_FALSE(job_dir.empty());
   std::vector<std::string> resume = {test::solvernet_bin(), "train", "--resume", job_dir.string(), "--json", "--out",
                                      (dir / "model.safetensors").string()};
