@@ -107,38 +107,8 @@ fs::path advised_job_dir(const std::string& err) {
   return err.substr(start, err.find(' ', start) - start);
 }
 
-// A node of one's own (not a devnet's) in REGION of the churn topology, its
-// data dir DIR/n<I>; EXTRA adds flags.
-Result<ChildProcess> own_node(const fs::path& dir, int i, const std::string& region, const std::string& bootstrap,
-                              const SpawnOptions& quiet, const std::vector<std::string>& extra = {}) {
-  std::vector<std::string> argv = {test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
-                                   "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", bootstrap, "--region",
-                                   region};
-  argv.insert(argv.end(), extra.begin(), extra.end());
-  return ChildProcess::spawn(argv, quiet);
-}
-
-// A DHT bootstrap and COUNT nodes of one's own (own_node: the first half in
-// region a, the rest in b), their output in DIR/procs.log; LAST_FLAGS are added
-// to the last node's, EVERY_FLAGS to each node's. The processes stop when it goes.
-struct OwnNetwork {
-  test::Bootstrap dht;
-  std::vector<ChildProcess> nodes;
-};
-Result<OwnNetwork> own_network(const fs::path& dir, int count, const std::vector<std::string>& last_flags = {},
-                               const std::vector<std::string>& every_flags = {}) {
-  SpawnOptions quiet;
-  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
-  SN_ASSIGN(auto dht, test::start_dht(dir / "dht.log"));
-  OwnNetwork net{std::move(dht), {}};
-  for (int i = 0; i < count; ++i) {
-    std::vector<std::string> flags = every_flags;
-    if (i == count - 1) flags.insert(flags.end(), last_flags.begin(), last_flags.end());
-    SN_ASSIGN(auto node, own_node(dir, i, i < count / 2 ? "a" : "b", net.dht.address, quiet, flags));
-    net.nodes.push_back(std::move(node));
-  }
-  return net;
-}
+using test::own_network;
+using test::own_node;
 
 // No spare in the 2 × 2 job: the kill of stage 1 replica 1 re-plans it on 1
 // replica from the checkpoint of step 3 (once per test binary).

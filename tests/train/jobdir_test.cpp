@@ -490,20 +490,9 @@ TEST(KilledMidMirror, TheJobDirResumesToTheUndisturbedModel) {
                                      dir, 120s);
   ASSERT_EQ(ref.status, 0) << ref.err;
   const auto want = nlohmann::json::parse(ref.out);
-  SpawnOptions quiet;
-  quiet.stdout_path = quiet.stderr_path = dir / "procs.log";
-  auto dht = test::start_dht(dir / "dht.log");
-  ASSERT_TRUE(dht.ok()) << dht.message();
-  std::vector<ChildProcess> nodes;
-  for (int i = 0; i < 2; ++i) {
-    auto node = ChildProcess::spawn({test::solvernet_bin(), "node", "--data", (dir / ("n" + std::to_string(i))).string(),
-                                     "--listen", "127.0.0.1:0", "--dht-port", "0", "--bootstrap", dht->address,
-                                     "--region", i == 0 ? "a" : "b"},
-                                    quiet);
-    ASSERT_TRUE(node.ok()) << node.message();
-    nodes.push_back(std::move(node).value());
-  }
-  const std::vector<std::string> common = {"--bootstrap", dht->address, "--topology", topology, "--peer-timeout-s", "4",
+  auto net = test::own_network(dir, 2);
+  ASSERT_TRUE(net.ok()) << net.message();
+  const std::vector<std::string> common = {"--bootstrap", net->dht.address, "--topology", topology, "--peer-timeout-s", "4",
                                            "--key", (dir / "client.key").string(), "--wait-s", "30"};
   std::vector<std::string> first = {test::solvernet_bin(), "train", "--job", job, "--steps", "30", "--job-dir",
                                     (dir / "jobs").string(), "--kill-self-at-mirror", "2"};
@@ -521,8 +510,7 @@ TEST(KilledMidMirror, TheJobDirResumesToTheUndisturbedModel) {
   EXPECT_EQ(summary["recovery"]["resumed_from"], 6);
   EXPECT_EQ(summary["losses"], want["losses"]);
   EXPECT_EQ(summary["model_hash"], want["model_hash"]);
-  for (auto& node : nodes) node.terminate();
-  dht->process.terminate();
+  net = Error{};  // the nodes stop
   fs::remove_all(dir);
 }
 
