@@ -194,9 +194,16 @@ void Discovery::republish_loop() {
   // bootstrap made it 993 puts in 2.2 s.
   Backoff rejoin(std::chrono::milliseconds(200), std::chrono::milliseconds(5000));
   Backoff put_retry(std::chrono::milliseconds(1000), std::chrono::milliseconds(30000));
+  // Joined, the bootstrap is still pinged every bootstrap_refresh: nodes that
+  // reach one another stay joined when the bootstrap restarts empty, and
+  // without a ping from them it never learns of them (the nodes that join
+  // through it then form a second DHT). One ping per bootstrap is cheap; the
+  // jitter keeps a network's nodes from pinging it in step.
+  Backoff refresh(options_.bootstrap_refresh, options_.bootstrap_refresh);
   std::unique_lock<std::mutex> lock(mutex_);
   bool joined = connected();
   auto next_ping = Clock::now() + rejoin.next();
+  auto next_refresh = Clock::now() + refresh.next();
   while (!stopping_) {
     auto wake = Clock::now() + std::chrono::milliseconds(1000);
     if (!joined) wake = std::min(wake, next_ping);
@@ -208,6 +215,13 @@ void Discovery::republish_loop() {
     joined = connected();
     if (joined) {
       rejoin.reset();
+      if (!bootstrap_.empty() && Clock::now() >= next_refresh) {
+        lock.unlock();
+        ping_bootstrap();
+        lock.lock();
+        if (stopping_) break;
+        next_refresh = Clock::now() + refresh.next();
+      }
     } else if (was_joined) {
       next_ping = Clock::now() + rejoin.next();
     } else if (Clock::now() >= next_ping) {

@@ -30,6 +30,10 @@ struct DiscoveryOptions {
   std::string network = "solvernet";                     // separate networks never mix
   std::chrono::milliseconds republish_every{5000};
   std::chrono::milliseconds stale_after{20000};
+  // While joined, the bootstrap is pinged again this often (± 20 %): a
+  // restarted bootstrap knows no one, and the nodes that still reach one
+  // another would never ask it again, leaving the DHT split in two.
+  std::chrono::milliseconds bootstrap_refresh{10000};
 };
 
 class Discovery {
@@ -60,7 +64,8 @@ class Discovery {
   // again. While no DHT node answers, the bootstrap is asked again at
   // doubling pauses up to 5 s, and the node logs one warning when the DHT
   // becomes unreachable (after 3 s at the start) and one line when it
-  // answers again, not one per attempt.
+  // answers again, not one per attempt. (The bootstrap is pinged every
+  // bootstrap_refresh even while joined, announcing or not.)
   void announce(const solvernet::v1::NodeInfo& info, const NodeKey& key);
   void update_announcement(const solvernet::v1::NodeInfo& info);
   // Verified live nodes, one per id (newest wins), waiting up to TIMEOUT for the DHT.
