@@ -221,9 +221,18 @@ Status check_run_inputs(const RunSpec& spec, bool local) {
 }
 
 namespace {
+// Channels by address and node id, kept between looks: a look that opened
+// one per node made a TLS handshake with every idle node of the network
+// every 2 s for every running job.
+using ChannelCache = std::map<std::pair<std::string, std::string>, std::shared_ptr<grpc::Channel>>;
+
 // Whether each of CANDIDATES answers a Ping within TIMEOUT with its own node
 // id. All pings at once: the wait is one timeout, not one per dead node.
-std::vector<bool> answering(const std::vector<solvernet::v1::NodeInfo>& candidates, std::chrono::milliseconds timeout) {
+// With CHANNELS, a node's channel is reused while it answers, and dropped
+// when it does not (a channel in reconnect backoff would fail a restarted
+// node's ping), as are those of nodes no longer among CANDIDATES.
+std::vector<bool> answering(const std::vector<solvernet::v1::NodeInfo>& candidates, std::chrono::milliseconds timeout,
+                            ChannelCache* channels = nullptr) {
   struct Call {
     solvernet::v1::PingReply reply;
     grpc::ClientContext context;
@@ -232,10 +241,15 @@ std::vector<bool> answering(const std::vector<solvernet::v1::NodeInfo>& candidat
   grpc::CompletionQueue queue;
   std::vector<std::unique_ptr<Call>> calls;
   std::vector<std::unique_ptr<solvernet::v1::Node::Stub>> stubs;
+  ChannelCache used;
   const auto deadline = std::chrono::system_clock::now() + timeout;
   for (size_t i = 0; i < candidates.size(); ++i) {
     // The node the DHT named, proven by its TLS certificate.
-    stubs.push_back(solvernet::v1::Node::NewStub(net::make_channel(candidates[i].address(), candidates[i].node_id())));
+    const std::pair<std::string, std::string> key{candidates[i].address(), candidates[i].node_id()};
+    std::shared_ptr<grpc::Channel> channel = channels && channels->count(key) ? channels->at(key) : nullptr;
+    if (!channel) channel = net::make_channel(key.first, key.second);
+    stubs.push_back(solvernet::v1::Node::NewStub(channel));
+    used.emplace(key, std::move(channel));
     calls.push_back(std::make_unique<Call>());
     calls[i]->context.set_deadline(deadline);
     solvernet::v1::PingRequest request;
@@ -255,6 +269,12 @@ std::vector<bool> answering(const std::vector<solvernet::v1::NodeInfo>& candidat
   void* tag = nullptr;
   bool ok = false;
   while (queue.Next(&tag, &ok)) {
+  }
+  if (channels) {
+    channels->clear();
+    for (size_t i = 0; i < candidates.size(); ++i)
+      if (live[i]) channels->emplace(std::make_pair(candidates[i].address(), candidates[i].node_id()),
+                                     used.at({candidates[i].address(), candidates[i].node_id()}));
   }
   return live;
 }
@@ -393,20 +413,30 @@ nlohmann::json placement_at_end(const train::TrainResult& result, int64_t stages
 // must not wait for the DHT there (with the bootstrap dead, one look took
 // ~2 s: an every-step job ran ~5x slower after a re-plan, DiLoCo ~30x after
 // a drop). A look lists the DHT (at most kListWait) and pings the idle nodes
-// listed (at most kPingWait, all at once); looks come kEvery apart, or
-// kSoonest after the last once latest() asks (a recovery waiting for a
-// spare polls it). While the DHT does not answer (not joined, or an empty
-// listing: a job's own members are always listed), the last list's nodes
-// are pinged again instead, and the DHT is asked again at doubling pauses.
+// listed (at most kPingWait, all at once, over channels kept between
+// looks); looks come kEvery apart while latest() was asked within
+// kAskedLately (a re-planned job asks at every mirrored checkpoint), else
+// kEveryUnasked apart (every running job pinged every idle node every 2 s),
+// and kSoonest after the last once latest() asks (a recovery waiting for a
+// spare polls it). While the DHT does not answer (not joined, or
+// an empty listing: a job's own members are always listed), the last list's
+// nodes are pinged again instead, and the DHT is asked again at doubling
+// pauses. The first "last list" is the idle nodes the client found before
+// the job: its own DHT node joins through the bootstrap alone, and a
+// bootstrap that died as the job began left it with none for the job's life.
 class IdleNodeWatch {
  public:
   static constexpr auto kEvery = std::chrono::milliseconds(2000);
+  static constexpr auto kEveryUnasked = std::chrono::milliseconds(10000);
+  static constexpr auto kAskedLately = std::chrono::milliseconds(30000);
   static constexpr auto kSoonest = std::chrono::milliseconds(200);
   static constexpr auto kListWait = std::chrono::milliseconds(1500);
   static constexpr auto kPingWait = std::chrono::milliseconds(1000);
 
-  // Starts the first look at once, in the background.
-  explicit IdleNodeWatch(std::vector<std::string> bootstrap) : bootstrap_(std::move(bootstrap)) {
+  // Starts the first look at once, in the background. FOUND: the idle nodes
+  // the client found before the job, pinged while the DHT does not answer.
+  IdleNodeWatch(std::vector<std::string> bootstrap, std::vector<solvernet::v1::NodeInfo> found)
+      : bootstrap_(std::move(bootstrap)), found_(std::move(found)) {
     thread_ = std::thread([this] { run(); });
   }
   ~IdleNodeWatch() { stop(); }
@@ -420,6 +450,7 @@ class IdleNodeWatch {
   std::vector<net::MemberInfo> latest() {
     std::lock_guard<std::mutex> lock(mutex_);
     fresh_wanted_ = true;
+    asked_at_ = std::chrono::steady_clock::now();
     wake_.notify_all();
     std::vector<net::MemberInfo> out;
     for (const auto& node : idle_)
@@ -442,7 +473,8 @@ class IdleNodeWatch {
   void run() {
     Backoff dht_silent(std::chrono::milliseconds(1000), std::chrono::milliseconds(15000));
     std::unique_ptr<net::Discovery> dht;
-    std::vector<solvernet::v1::NodeInfo> known;  // the newest look's idle nodes that answered
+    std::vector<solvernet::v1::NodeInfo> known = found_;  // the newest look's idle nodes that answered
+    ChannelCache channels;
     std::set<std::string> reported_silent;
     bool dht_answered = true;
     while (true) {
@@ -463,7 +495,7 @@ class IdleNodeWatch {
       } else {
         candidates = known;
       }
-      const std::vector<bool> answers = answering(candidates, kPingWait);
+      const std::vector<bool> answers = answering(candidates, kPingWait, &channels);
       known.clear();
       std::vector<net::MemberInfo> idle;
       for (size_t i = 0; i < candidates.size(); ++i) {
@@ -487,9 +519,10 @@ class IdleNodeWatch {
                        fmt::join(bootstrap_, ", "), idle.size());
       }
       if (listed) dht_silent.reset();
-      const auto pause = listed ? std::chrono::milliseconds(kEvery) : dht_silent.next();
       const auto looked = std::chrono::steady_clock::now();
       std::unique_lock<std::mutex> lock(mutex_);
+      const bool asked_lately = asked_at_ && looked - *asked_at_ < kAskedLately;
+      const auto pause = !listed ? dht_silent.next() : asked_lately ? kEvery : kEveryUnasked;
       idle_ = std::move(idle);
       handed_out_.clear();
       if (wake_.wait_until(lock, looked + kSoonest, [&] { return stopping_; })) break;
@@ -500,9 +533,11 @@ class IdleNodeWatch {
   }
 
   const std::vector<std::string> bootstrap_;
+  const std::vector<solvernet::v1::NodeInfo> found_;
   std::mutex mutex_;
   std::condition_variable wake_;
   bool stopping_ = false, fresh_wanted_ = false;
+  std::optional<std::chrono::steady_clock::time_point> asked_at_;  // latest() last called
   std::vector<net::MemberInfo> idle_;
   std::set<std::string> handed_out_;  // node ids latest() returned since the newest look
   std::thread thread_;
@@ -652,7 +687,10 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     // of each poll), looked through by a thread of its own from the job's
     // start: the training loop takes its newest list at once.
     if (!spec.bootstrap.empty()) {
-      idle_watch = std::make_shared<IdleNodeWatch>(spec.bootstrap);
+      std::vector<solvernet::v1::NodeInfo> unplaced;
+      for (const auto& node : nodes)
+        if (!placed.count(node.node_id())) unplaced.push_back(node);
+      idle_watch = std::make_shared<IdleNodeWatch>(spec.bootstrap, std::move(unplaced));
       options.recovery.find_spares = [idle_watch] { return idle_watch->latest(); };
     }
   }
