@@ -187,6 +187,11 @@ class JobSession {
   // An idle node that answers, not one of the LIVE members (a dead member
   // restarted with its data dir has its old node id and is welcome back).
   std::optional<net::MemberInfo> take_spare(const std::set<std::string>& live);
+  // A lost member (one of members_ not in LIVE) that answers again, idle, at
+  // its last address: restarted with its data dir, it has its old node id.
+  // Found without the DHT, which a node restarted while its bootstrap is
+  // down cannot join.
+  std::optional<net::MemberInfo> lost_member_back(const std::set<std::string>& live);
   Status diloco_outer_step(int64_t steps_done);
   // The held-out batch BATCHES, every group's share of it (a dropped
   // group's too) on a live group: after the last outer step every live
@@ -644,6 +649,7 @@ std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string
       for (auto& found : recovery.find_spares())
         if (!members.count(found.node_id)) spares_.push_back(std::move(found));
     if (!spares_.empty()) continue;
+    if (auto back = lost_member_back(members)) return back;
     if (options_.cancel && options_.cancel->load()) return std::nullopt;
     if (const int64_t paused = paused_ms.exchange(0); paused > 0) {
       deadline += milliseconds(paused);
@@ -662,6 +668,15 @@ std::optional<net::MemberInfo> JobSession::take_spare(const std::set<std::string
     std::this_thread::sleep_for(pause);
     pause = std::min(2 * pause, milliseconds(500));
   }
+}
+
+std::optional<net::MemberInfo> JobSession::lost_member_back(const std::set<std::string>& live) {
+  for (const auto& m : members_)
+    if (!live.count(m.node_id) && answers_idle(m, deadlines_.fleet.ping)) {
+      spdlog::info("{} answers again, idle: taken back as a spare", member_name(m));
+      return m;
+    }
+  return std::nullopt;
 }
 
 Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "net/announce.h"
 #include "net/rpc.h"
 #include "train/control.h"
 
@@ -75,6 +76,17 @@ bool answers_ping(const net::MemberInfo& node, std::chrono::milliseconds timeout
   solvernet::v1::PingRequest request;
   solvernet::v1::PingReply reply;
   return stub->Ping(&context, request, &reply).ok() && reply.node_id() == node.node_id;
+}
+
+bool answers_idle(const net::MemberInfo& node, std::chrono::milliseconds timeout) {
+  auto stub = solvernet::v1::Node::NewStub(net::make_channel(node.address, node.node_id));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + timeout);
+  solvernet::v1::Empty request;
+  solvernet::v1::SignedNodeInfo reply;
+  if (!stub->GetInfo(&context, request, &reply).ok()) return false;
+  auto info = net::verify_node_info(reply);
+  return info.ok() && info->node_id() == node.node_id && info->busy_job_id().empty();
 }
 
 Fleet::Fleet(const std::vector<net::MemberInfo>& members, std::string job_id, const NodeKey& client_key,

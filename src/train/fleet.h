@@ -46,6 +46,9 @@ std::string member_name(const net::MemberInfo& member);
 
 // Whether NODE answers a Ping within TIMEOUT with its own node id.
 bool answers_ping(const net::MemberInfo& node, std::chrono::milliseconds timeout);
+// Whether NODE answers within TIMEOUT with its own signed announcement
+// (GetInfo, over a channel that checks its node id) and holds no job.
+bool answers_idle(const net::MemberInfo& node, std::chrono::milliseconds timeout);
 
 class Fleet {
  public:
