@@ -26,6 +26,16 @@ Status sync_directory(const std::filesystem::path& dir);
 // Creates DIR (and parents) and checks that it is writable.
 Status ensure_directory(const std::filesystem::path& dir);
 
+// The writes above that find the disk or the quota full (ENOSPC, EDQUOT)
+// fail with kind resource_exhausted and the text "PATH: disk full (…)".
+// Whether MESSAGE holds such an error (its own, or a peer's passed on in its
+// text): the owner of that disk is out of room, not otherwise at fault.
+bool says_disk_full(std::string_view message);
+// Tests only: files written from now on under DIR find the disk full once
+// FILES_LEFT of them were written whole; each takes half its data, then
+// fails with ENOSPC. An empty DIR turns it off.
+void simulate_disk_full_for_tests(const std::filesystem::path& dir, int files_left);
+
 // Checks before any work starts that write_file_atomic(PATH) can succeed later: PATH
 // is not a directory and its directory exists and is writable. Nothing is created.
 // Input errors (exit 2) name FLAG, e.g. "--out runs/x/model.safetensors: directory

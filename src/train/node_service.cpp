@@ -224,8 +224,10 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the checkpoint's manifest must come once, last");
     if (auto made = ensure_directory(store.dir()); !made.ok()) return net::to_grpc(made.error());
     for (const auto& f : request->files())
-      if (auto written = write_file_atomic(store.dir() / f.name(), f.data()); !written.ok())
+      if (auto written = write_file_atomic(store.dir() / f.name(), f.data()); !written.ok()) {
+        store.remove_step(request->step());
         return net::to_grpc(written.error());
+      }
     if (auto loaded = store.load(request->step()); !loaded.ok()) {
       std::error_code ec;
       std::filesystem::remove(store.manifest_path(request->step()), ec);

@@ -181,7 +181,12 @@ Status CheckpointMirror::store(int64_t stage, int64_t replica, int64_t step,
     // Names come from the node: only files of this step, inside this directory.
     if (!f.name().starts_with(stem) || f.name().find('/') != std::string::npos)
       return kind_error(ErrorKind::bad_peer, "the checkpoint of step {} holds a file named \"{}\"", step, f.name());
-    SN_TRY(write_file_atomic(store.dir() / f.name(), f.data()));
+    // A failed write (the job dir's disk full) leaves no file of this step:
+    // state.json moves to a step only once it is stored for every role.
+    if (auto written = write_file_atomic(store.dir() / f.name(), f.data()); !written.ok()) {
+      store.remove_step(step);
+      return written;
+    }
   }
   if (auto loaded = store.load(step); !loaded.ok()) {
     std::error_code ec;

@@ -215,14 +215,20 @@ Status CheckpointStore::save(int64_t step, const NamedTensors& tensors,
   const std::string data = model::safetensors_bytes(tensors, metadata);
   std::vector<CheckpointFile> files{{data_path(step).filename().string(), data.size(), hash_string(data)}};
   // Data first, manifest last: a manifest on disk always names durable data.
-  SN_TRY(write_file_atomic(data_path(step), data));
-  for (const auto& [name, source] : extra_files) {
-    SN_ASSIGN(std::string bytes, read_file(source));
-    const auto target = dir_ / fmt::format("step-{:012d}.{}", step, name);
-    SN_TRY(write_file_atomic(target, bytes));
-    files.push_back({target.filename().string(), bytes.size(), hash_string(bytes)});
+  const auto write_all = [&]() -> Status {
+    SN_TRY(write_file_atomic(data_path(step), data));
+    for (const auto& [name, source] : extra_files) {
+      SN_ASSIGN(std::string bytes, read_file(source));
+      const auto target = dir_ / fmt::format("step-{:012d}.{}", step, name);
+      SN_TRY(write_file_atomic(target, bytes));
+      files.push_back({target.filename().string(), bytes.size(), hash_string(bytes)});
+    }
+    return write_file_atomic(manifest_path(step), manifest_json(step, labels, state, files));
+  };
+  if (Status written = write_all(); !written.ok()) {
+    remove_step(step);
+    return written;
   }
-  SN_TRY(write_file_atomic(manifest_path(step), manifest_json(step, labels, state, files)));
 
   // Prune: the oldest complete checkpoints beyond KEEP (manifest first, so a
   // crash mid-prune leaves orphan data, never a manifest without its data),
@@ -252,6 +258,14 @@ Status CheckpointStore::save(int64_t step, const NamedTensors& tensors,
     if (s && !kept.count(*s)) std::filesystem::remove(entry.path(), ec);
   }
   return ok_status();
+}
+
+void CheckpointStore::remove_step(int64_t step) const {
+  std::error_code ec;
+  std::filesystem::remove(manifest_path(step), ec);
+  const std::string stem = data_path(step).stem().string() + ".";
+  for (const auto& entry : std::filesystem::directory_iterator(dir_, ec))
+    if (entry.path().filename().string().starts_with(stem)) std::filesystem::remove(entry.path(), ec);
 }
 
 std::vector<int64_t> CheckpointStore::steps() const {

@@ -126,8 +126,9 @@ class CheckpointStore {
   // manifest with their BLAKE2b: AQ-SGD buffers), then its manifest, each through a temp file, fsync, rename and fsync of the
   // directory; then deletes all but the KEEP newest complete checkpoints up
   // to STEP, every checkpoint of a later step (a rolled-back run's), and any
-  // temp file a killed writer left. On failure the checkpoints already on
-  // disk are untouched (a stray temp file may remain until the next save).
+  // temp file a killed writer left. On failure (a full disk) no file of
+  // STEP is left, not even of an earlier save of STEP, whose files it may
+  // have replaced in part; the checkpoints of other steps are untouched.
   Status save(int64_t step, const NamedTensors& tensors, const std::map<std::string, std::string>& labels,
               const StateDigest& state,
               const std::vector<std::pair<std::string, std::filesystem::path>>& extra_files = {});
@@ -140,6 +141,8 @@ class CheckpointStore {
   // missing, truncated, altered or unparsable one. The caller restores the
   // tensors and compares the state it rebuilt with manifest.state.
   Result<LoadedCheckpoint> load(int64_t step) const;
+  // Deletes STEP's manifest, then every file of STEP (best effort).
+  void remove_step(int64_t step) const;
 
  private:
   std::filesystem::path dir_;

@@ -343,3 +343,16 @@ TEST(Job, DilocoTableParsesRoundTripsAndNamesItsLimits) {
   auto typo = parse_job_string("[diloco]\ninner_step = 3\n", "j.toml");
   ASSERT_FALSE(typo.ok());
 }
+
+// A real full device (/dev/full answers every write with ENOSPC): the write
+// fails as resource_exhausted, "disk full", so a caller can tell whose disk
+// ran out from a bug (docs/resilience.md, "A full disk").
+TEST(Fs, AWriteToAFullDiskIsResourceExhausted) {
+  ASSERT_TRUE(std::filesystem::exists("/dev/full"));
+  const Status full = append_file("/dev/full", "x");
+  ASSERT_FALSE(full.ok());
+  EXPECT_EQ(full.error().kind, ErrorKind::resource_exhausted) << full.message();
+  EXPECT_TRUE(says_disk_full(full.message())) << full.message();
+  EXPECT_EQ(full.message(), "/dev/full: disk full (No space left on device)");
+  EXPECT_FALSE(says_disk_full("/tmp/x: write failed: Permission denied"));
+}

@@ -311,6 +311,39 @@ TEST(Checkpoints, TruncatedTamperedOrBrokenFilesAreRefusedByName) {
   fs::remove_all(dir);
 }
 
+// A save that finds the disk full (simulated: the data file is written
+// whole, the AQ-SGD buffer copy only in half) fails as resource_exhausted and
+// leaves no file of its step, not even the earlier save of that step whose
+// files it began to replace; the checkpoint before stays loadable.
+TEST(Checkpoints, ASaveThatFindsTheDiskFullLeavesNoFileOfItsStep) {
+  auto dir = scratch("disk-full");
+  CheckpointStore store(dir, 3);
+  TrainingState state = sample_state();
+  ASSERT_TRUE(write_file_atomic(dir.parent_path() / (dir.filename().string() + ".buf"), std::string(4096, 'b')).ok());
+  const std::vector<std::pair<std::string, fs::path>> extra{{"fwd-out.buf", dir.parent_path() / (dir.filename().string() + ".buf")}};
+  auto save = [&](int64_t step) {
+    state.cursor.next_step = step;
+    return store.save(step, state.weights, {{"job_id", "j"}}, training_state_digest(state), extra);
+  };
+  ASSERT_TRUE(save(1).ok());
+  ASSERT_TRUE(save(2).ok());
+  simulate_disk_full_for_tests(dir, 1);
+  const Status full = save(2);
+  simulate_disk_full_for_tests("", 0);
+  ASSERT_FALSE(full.ok());
+  EXPECT_EQ(full.error().kind, ErrorKind::resource_exhausted) << full.message();
+  EXPECT_TRUE(says_disk_full(full.message())) << full.message();
+  EXPECT_NE(full.message().find("step-000000000002.fwd-out.buf"), std::string::npos) << full.message();
+  EXPECT_EQ(store.steps(), (std::vector<int64_t>{1}));
+  for (const auto& entry : fs::directory_iterator(dir))
+    EXPECT_FALSE(entry.path().filename().string().starts_with("step-000000000002")) << entry.path() << " was left";
+  EXPECT_TRUE(store.load(1).ok());
+  ASSERT_TRUE(save(2).ok());
+  EXPECT_TRUE(store.load(2).ok());
+  fs::remove(dir.parent_path() / (dir.filename().string() + ".buf"));
+  fs::remove_all(dir);
+}
+
 TEST(StateHash, CostIsOnePassOverWeightsAndMoments) {
   // 2M parameters: weights and both moments are 24 MB to hash.
   TrainingState s;
