@@ -53,6 +53,7 @@ struct NodeArgs {
   std::string cheat;
   std::string kill_self_at;       // tests: CALL:N, SIGKILL itself on its N-th request of kind CALL
   std::string stall_at;           // tests: CALL:N:MS, sleep MS before handling its N-th request of kind CALL
+  std::string disk_full_at;       // tests: CALL:N, its data dir's disk is full from its N-th request of kind CALL on
   std::string chain_rpc;          // settlement: the node commits its step leaves and answers disputes
   std::string deployment;         // the market's deployment JSON (default: the dev market at --chain-rpc)
   double probe_every_s = 30;      // 0: no probes
@@ -205,10 +206,10 @@ int run_node(const NodeArgs& args) {
     return fail("node", fmt::format("--probe-peers must be in 1..256, got {}", args.probe_peers), 2);
   if (args.probe_limit < 1 || args.probe_limit > 100000)
     return fail("node", fmt::format("--probe-limit must be in 1..100000, got {}", args.probe_limit), 2);
-  // Test-only fault points: CALL:N (--kill-self-at) and CALL:N:MS (--stall-at).
+  // Test-only fault points: CALL:N (--kill-self-at, --disk-full-at) and CALL:N:MS (--stall-at).
   const auto parse_fault_point = [](const std::string& flag, const std::string& text, int fields, std::string& call,
                                     int& count, int64_t& ms) -> bool {
-    static const std::set<std::string> calls{"outer", "eval", "setup", "put-checkpoint", "fetch-checkpoint"};
+    static const std::set<std::string> calls{"step", "outer", "eval", "setup", "put-checkpoint", "fetch-checkpoint"};
     std::vector<std::string> parts;
     for (size_t start = 0;;) {
       const auto colon = text.find(':', start);
@@ -232,13 +233,16 @@ int run_node(const NodeArgs& args) {
          2);
     return false;
   };
-  std::string kill_self_call, stall_call;
-  int kill_self_count = 0, stall_count = 0;
+  std::string kill_self_call, stall_call, disk_full_call;
+  int kill_self_count = 0, stall_count = 0, disk_full_count = 0;
   int64_t unused_ms = 0, stall_ms = 0;
   if (!args.kill_self_at.empty() &&
       !parse_fault_point("--kill-self-at", args.kill_self_at, 2, kill_self_call, kill_self_count, unused_ms))
     return 2;
   if (!args.stall_at.empty() && !parse_fault_point("--stall-at", args.stall_at, 3, stall_call, stall_count, stall_ms))
+    return 2;
+  if (!args.disk_full_at.empty() &&
+      !parse_fault_point("--disk-full-at", args.disk_full_at, 2, disk_full_call, disk_full_count, unused_ms))
     return 2;
 
   if (args.memory_limit_mb < 0 || args.memory_limit_mb > (int64_t{1} << 30))
@@ -363,6 +367,8 @@ int run_node(const NodeArgs& args) {
   train_options.stall_at_call = stall_call;
   train_options.stall_at_count = stall_count;
   train_options.stall_at_ms = stall_ms;
+  train_options.disk_full_at_call = disk_full_call;
+  train_options.disk_full_at_count = disk_full_count;
   if (cheat.active()) spdlog::warn("CHEAT --cheat {}: this node trains dishonestly", args.cheat);
   train_service = train::make_train_service(train_options);
   runtime.add_service(train_service.get());
@@ -531,10 +537,13 @@ CommandRegistration node_command(
                      "malformed-states (outputs one column short) when serving; withhold (refuse to serve evidence) "
                      "when training");
       app.add_option("--kill-self-at", args->kill_self_at,
-                     "Test: CALL:N, kill -9 this node on its N-th request of kind CALL (outer, eval, setup, "
+                     "Test: CALL:N, kill -9 this node on its N-th request of kind CALL (step, outer, eval, setup, "
                      "put-checkpoint, fetch-checkpoint)")->group("");
       app.add_option("--stall-at", args->stall_at,
                      "Test: CALL:N:MS, sleep MS milliseconds before handling the N-th request of kind CALL")->group("");
+      app.add_option("--disk-full-at", args->disk_full_at,
+                     "Test: CALL:N, from the N-th request of kind CALL on, this node's data dir is a full disk: "
+                     "one more file is written, then every write fails with ENOSPC")->group("");
       app.add_option("--probe-every-s", args->probe_every_s,
                      "Measure RTT and throughput to peers this often, ±20% (0: never)")->capture_default_str();
       app.add_option("--probe-peers", args->probe_peers, "Peers probed: the most recently announced")->capture_default_str();

@@ -37,6 +37,7 @@ struct TrainArgs {
   int spare_wait_s = 0;
   int kill_self_at_mirror = 0;  // test only
   std::string kill_self_at_relayout;  // test only
+  int job_dir_full_at_mirror = 0;  // test only
 };
 
 int run_train(const TrainArgs& args) {
@@ -77,6 +78,10 @@ int run_train(const TrainArgs& args) {
   spec.job = *job;
   spec.kill_self_at_mirror = args.kill_self_at_mirror;
   spec.kill_self_at_relayout = args.kill_self_at_relayout;
+  if (args.job_dir_full_at_mirror < 0)
+    return fail("train", fmt::format("--job-dir-full-at-mirror must be >= 1 (0: never), got {}", args.job_dir_full_at_mirror),
+                2);
+  spec.job_dir_full_at_mirror = args.job_dir_full_at_mirror;
   spec.spares = args.spares;
   spec.spare_wait_s = args.spare_wait_s;
   spec.bootstrap = args.bootstrap;
@@ -218,6 +223,9 @@ CommandRegistration train_command(
       app.add_option("--kill-self-at-relayout", args->kill_self_at_relayout,
                      "Test: built|switched, kill -9 this client at its first re-plan or grow-back once the new "
                      "checkpoint layout is built, or once state.json names it")->group("");
+      app.add_option("--job-dir-full-at-mirror", args->job_dir_full_at_mirror,
+                     "Test: N, from the N-th mirrored checkpoint on, the job dir is a full disk: one more file is "
+                     "written, then every write fails with ENOSPC")->group("");
       add_insecure_flag(app);
       return [args] { return run_train(*args); };
     });

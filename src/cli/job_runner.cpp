@@ -680,6 +680,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     options.recovery.kill_self_at_mirror = spec.kill_self_at_mirror;
     options.recovery.kill_self_at_relayout = spec.kill_self_at_relayout;
     options.recovery.layout = spec.resume_layout;
+    options.recovery.job_dir_full_at_mirror = spec.job_dir_full_at_mirror;
     // Nodes that joined (or came back) since the job began are found through the DHT.
     // (A member that died and came back with its data dir is one of them; the
     // client leaves out its current members itself.)

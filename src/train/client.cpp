@@ -247,6 +247,9 @@ class JobSession {
   std::vector<net::MemberInfo> spares_;
   int recoveries_ = 0;
   std::map<std::string, int> local_data_failures_;  // by node id: its own checkpoint copy was unusable
+  // Node ids this job no longer takes, as a spare or a group growing back:
+  // their own disk was full, or their checkpoint copy failed again.
+  std::set<std::string> unfit_nodes_;
   std::set<int64_t> diverged_stages_;  // [verify] on chain: stages whose replicas' divergence is recorded
   // Per member: the state hash it reported after its newest step (steps done,
   // hash); a checkpoint it hands over for that step must hold that state.
@@ -495,6 +498,21 @@ void JobSession::account_traffic(const solvernet::v1::RunStepReply& reply, int64
 
 Status JobSession::mirror_checkpoints(int64_t step) {
   const auto started = Clock::now();
+  // Mirrors are stored in order, state.json moving to each once it is whole:
+  // the newest whole one is the checkpoint it names.
+  const int64_t recorded = mirror_->newest_common_step();
+  // The client's own disk: no node is at fault, and no recovery can help.
+  const auto job_dir_full = [&](const Error& full) -> Error {
+    mirror_->prune_all_but(recorded);
+    Error error = kind_error(ErrorKind::resource_exhausted, "the job dir's disk is full ({}); no node is at fault; {} once "
+                             "the disk has room", full.message, resume_advice(options_.recovery.job_dir, recorded));
+    fleet_->end_all(true, error.message);
+    return error;
+  };
+  if (mirrors_ + 1 == options_.recovery.job_dir_full_at_mirror) {
+    spdlog::warn("--job-dir-full-at-mirror {}: the job dir's disk is full from now on", mirrors_ + 1);
+    simulate_disk_full_for_tests(options_.recovery.job_dir, 1);
+  }
   std::vector<solvernet::v1::FetchCheckpointReply> replies(members_.size());
   const auto fetch = [&](size_t i, grpc::ClientContext& context) {
     solvernet::v1::FetchCheckpointRequest request;
@@ -529,6 +547,7 @@ Status JobSession::mirror_checkpoints(int64_t step) {
     std::vector<solvernet::v1::CheckpointBlob> files(replies[i].files().begin(), replies[i].files().end());
     for (const auto& f : files) result_.mirror_bytes += static_cast<int64_t>(f.data().size());
     if (auto stored = mirror_->store(members_[i].stage, members_[i].replica, step, files); !stored.ok()) {
+      if (says_disk_full(stored.message())) return job_dir_full(stored.error());
       Error error = stored.error();
       error.message = member_name(members_[i]) + ": " + error.message;
       SN_TRY(lost(i, error));
@@ -563,7 +582,8 @@ Status JobSession::mirror_checkpoints(int64_t step) {
   // at any point leaves state.json naming a whole checkpoint; the one it no
   // longer names is deleted by the next mirror or --resume. A failed write
   // keeps the previous one, which state.json still names.
-  SN_TRY(write_state(step, ""));
+  if (auto written = write_state(step, ""); !written.ok())
+    return says_disk_full(written.message()) ? job_dir_full(written.error()) : written.error();
   if (++mirrors_ == options_.recovery.kill_self_at_mirror) {
     spdlog::warn("--kill-self-at-mirror {}: killing this client", mirrors_);
     std::raise(SIGKILL);
@@ -712,7 +732,17 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
           spdlog::warn("{} said its own checkpoint was unusable {} times; it is replaced", member_name(members_[i]),
                        local_data_failures_[who]);
           dead.push_back(i);
+          unfit_nodes_.insert(who);
         }
+    // A member whose own disk is full (Fleet::blame) answers pings but cannot
+    // write the checkpoints a recovery restores from: it is replaced at once.
+    if (const std::string who = fleet_->last_culprit(); !who.empty() && says_disk_full(failure.message))
+      for (size_t i = 0; i < members_.size(); ++i)
+        if (members_[i].node_id == who && std::find(dead.begin(), dead.end(), i) == dead.end()) {
+          dead.push_back(i);
+          unfit_nodes_.insert(who);
+        }
+    live.insert(unfit_nodes_.begin(), unfit_nodes_.end());  // take_spare skips these too
     std::vector<size_t> unreplaced;
     for (size_t i : dead) {
       // Once one member finds no spare, the others are not replaced either:
@@ -831,7 +861,8 @@ std::vector<net::MemberInfo> JobSession::ready_idle_nodes(const std::set<std::st
   // Spares are idle, not leased: only those that answer now count.
   std::vector<net::MemberInfo> ready;
   for (const auto& spare : spares_)
-    if (!in_job.count(spare.node_id) && answers_ping(spare, deadlines_.fleet.ping)) ready.push_back(spare);
+    if (!in_job.count(spare.node_id) && !unfit_nodes_.count(spare.node_id) && answers_ping(spare, deadlines_.fleet.ping))
+      ready.push_back(spare);
   spares_.clear();
   return ready;
 }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/fs.h"
 #include "net/announce.h"
 #include "net/rpc.h"
 #include "train/control.h"
@@ -253,6 +254,16 @@ Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& sta
                         "{} stopped responding during {} (no answer to pings for {:.0f} s); the job needs another "
                         "node in its place",
                         member_name(members_[i]), what, seconds_of(timeouts_.liveness));
+  // A member whose own disk is full cannot go on (its checkpoints are what a
+  // recovery restores from), nor is it otherwise at fault; the peers aborted
+  // after it are not at all. Kind unavailable: it is replaced like a dead one.
+  for (size_t i = 0; i < members_.size(); ++i)
+    if (net::error_kind_of(statuses[i].error_code()) == ErrorKind::resource_exhausted &&
+        says_disk_full(statuses[i].error_message())) {
+      last_culprit_ = members_[i].node_id;
+      return kind_error(ErrorKind::unavailable, "{} ran out of disk during {} ({}); the job needs another node in its place",
+                        member_name(members_[i]), what, statuses[i].error_message());
+    }
   int culprit = -1;
   for (size_t i = 0; i < members_.size(); ++i)
     if (!statuses[i].ok() && (culprit < 0 || rank_of(statuses[i].error_code()) <

@@ -95,8 +95,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!owner.ok()) return net::to_grpc(owner.error());
     auto slot = current(request->job_id());
     if (!slot) return no_job(request->job_id());
-    if (request->outer_sync()) test_fault_at("outer");
-    if (request->forward_only()) test_fault_at("eval");
+    test_fault_at(request->outer_sync() ? "outer" : request->forward_only() ? "eval" : "step");
     std::lock_guard<std::mutex> step_lock(slot->step_mutex);
     auto result = slot->worker->run_step(*request);
     if (!result.ok()) {
@@ -239,9 +238,14 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
   }
 
  private:
-  // Tests (node --kill-self-at CALL:N, --stall-at CALL:N:MS): dies on, or
-  // sleeps before, the N-th request of kind CALL.
+  // Tests (node --kill-self-at CALL:N, --stall-at CALL:N:MS, --disk-full-at
+  // CALL:N): dies on, sleeps before, or finds its disk full from the N-th
+  // request of kind CALL.
   void test_fault_at(const std::string& call) {
+    if (call == options_.disk_full_at_call && ++disk_full_requests_ == options_.disk_full_at_count) {
+      spdlog::warn("--disk-full-at {}:{}: this node's disk is full from now on", call, options_.disk_full_at_count);
+      simulate_disk_full_for_tests(options_.data_dir, 1);
+    }
     if (call == options_.stall_at_call && ++stall_requests_ == options_.stall_at_count) {
       spdlog::warn("--stall-at {}:{}:{}: stalling this request", call, options_.stall_at_count, options_.stall_at_ms);
       std::this_thread::sleep_for(std::chrono::milliseconds(options_.stall_at_ms));
@@ -294,7 +298,8 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
   NodeServiceOptions options_;
   std::mutex mutex_;
   std::atomic<int> kill_self_requests_{0};
-  std::atomic<int> stall_requests_{0};  // requests of kind kill_self_at_call received
+  std::atomic<int> stall_requests_{0};  // requests of kind stall_at_call received
+  std::atomic<int> disk_full_requests_{0};
   std::map<std::string, std::shared_ptr<Slot>> jobs_;
 };
 

@@ -70,8 +70,8 @@ struct NodeServiceOptions {
   Cheat cheat;                                     // none: an honest node
   // Tests only (node --kill-self-at CALL:N): N > 0, the node kills itself
   // (SIGKILL) on receiving its N-th request of kind CALL, so a member dies
-  // exactly there. CALL: outer (a DiLoCo outer step), eval (a forward-only
-  // step), setup, put-checkpoint, fetch-checkpoint.
+  // exactly there. CALL: step (a training step), outer (a DiLoCo outer
+  // step), eval (a forward-only step), setup, put-checkpoint, fetch-checkpoint.
   std::string kill_self_at_call;
   int kill_self_at_count = 0;
   // Tests only (node --stall-at CALL:N:MS): the node sleeps MS before
@@ -80,6 +80,11 @@ struct NodeServiceOptions {
   std::string stall_at_call;
   int stall_at_count = 0;
   int64_t stall_at_ms = 0;
+  // Tests only (node --disk-full-at CALL:N): from its N-th request of kind
+  // CALL on, the node's data dir behaves as a full disk (one more file is
+  // written whole, then writes fail with ENOSPC; core/fs.h).
+  std::string disk_full_at_call;
+  int disk_full_at_count = 0;
 };
 
 // The Train gRPC service: SetupJob, RunStep, FetchWeights, EndJob, RenewLease,
@@ -251,6 +256,9 @@ struct RecoveryOptions {
   // still names the old one) or "switched" (state.json names the new one, the
   // old one is not deleted yet); "": never.
   std::string kill_self_at_relayout;
+  // Test (train --job-dir-full-at-mirror): from its N-th mirrored checkpoint
+  // on, the job dir behaves as a full disk (core/fs.h; 0: never).
+  int job_dir_full_at_mirror = 0;
 };
 
 // What a job dir holds besides the checkpoints (JOB_DIR/state.json).

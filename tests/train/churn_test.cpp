@@ -907,3 +907,106 @@ TEST(Churn, ReplicaDisagreementEndsWithResumeAdviceFromBeforeIt) {
   EXPECT_EQ(state.value("checkpoint_step", 0), checkpoint) << state.dump(2);
   fs::remove_all(dir);
 }
+
+// A member whose own disk fills up (node --disk-full-at step:4: its
+// checkpoint of step 6 finds the disk full) is a member lost: a spare takes
+// its role from the mirror and the job finishes with the undisturbed
+// weights. The full node leaves no file of that step behind.
+TEST(Churn, AMemberWhoseDiskFillsUpIsReplaced) {
+  const auto& ref = reference("churn-pipeline.toml", 3, 60);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto dir = test::scratch("churn", "member-disk-full");
+  auto net = own_network(dir, 2, {"--disk-full-at", "step:4"});
+  ASSERT_TRUE(net.ok()) << net.message();
+  auto client = train_client(dir, {"--job", data("churn-pipeline.toml").string(), "--steps", "60", "--bootstrap",
+                                   net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   "4", "--key", (dir / "client.key").string(), "--job-dir", (dir / "jobs").string(),
+                                   "--spare-wait-s", "60", "--json", "--out", (dir / "model.safetensors").string()});
+  ASSERT_TRUE(client.ok());
+  // The spare comes once the two members hold the job, so it is not one of them.
+  EXPECT_TRUE(wait_for_first_checkpoint(dir / "jobs", 60s)) << read_file(dir / "client.err").value_or("");
+  SpawnOptions quiet;
+  quiet.stdout_path = quiet.stderr_path = dir / "spare.log";
+  auto spare = own_node(dir, 2, "b", net->dht.address, quiet);
+  ASSERT_TRUE(spare.ok());
+  const auto status = client->wait_for(180s);
+  const std::string err = read_file(dir / "client.err").value_or(""), log = read_file(dir / "procs.log").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 0) << err;
+  EXPECT_NE(err.find("ran out of disk"), std::string::npos) << err << log;
+  const auto summary = nlohmann::json::parse(read_file(dir / "client.out").value_or("{}"), nullptr, false);
+  ASSERT_FALSE(summary.is_discarded()) << err;
+  const auto full_node = NodeKey::load_or_create(dir / "n1");
+  const auto spare_node = NodeKey::load_or_create(dir / "n2");
+  ASSERT_TRUE(full_node.ok() && spare_node.ok());
+  ASSERT_EQ(summary["recovery"]["recoveries"].size(), 1u) << summary["recovery"].dump(2) << err;
+  const auto& recovery = summary["recovery"]["recoveries"][0];
+  ASSERT_EQ(recovery["dead"].size(), 1u) << recovery.dump();
+  ASSERT_EQ(recovery["replacements"].size(), 1u) << recovery.dump();
+  EXPECT_NE(recovery["dead"][0].get<std::string>().find(full_node->node_id().substr(0, 8)), std::string::npos)
+      << recovery.dump();
+  EXPECT_NE(recovery["replacements"][0].get<std::string>().find(spare_node->node_id().substr(0, 8)), std::string::npos)
+      << recovery.dump();
+  EXPECT_EQ(summary["model_hash"], ref.summary["model_hash"]);
+  // Each step's files in the full node's checkpoints come with their manifest.
+  std::error_code error;
+  for (auto it = fs::recursive_directory_iterator(dir / "n1" / "checkpoints", error);
+       !error && it != fs::recursive_directory_iterator(); it.increment(error)) {
+    const auto name = it->path().filename().string();
+    if (!name.starts_with("step-")) continue;
+    EXPECT_TRUE(fs::exists(it->path().parent_path() / (name.substr(0, 17) + ".manifest.json")))
+        << it->path() << " was left without its manifest";
+  }
+  spare->terminate();
+  net = Error{};
+  fs::remove_all(dir);
+}
+
+// The client's own job dir filling up (train --job-dir-full-at-mirror 2: the
+// checkpoint of step 6 finds it full) is no node's fault: one line says so,
+// blames no node on the client or the nodes, and gives the --resume advice
+// for the checkpoint of step 3, the one state.json names; no file of step 6
+// is left in the job dir, and the resumed job ends with the undisturbed weights.
+TEST(Churn, AFullJobDirStopsTheJobWithResumeAdviceAndBlamesNoNode) {
+  const auto& ref = reference("churn-pipeline.toml", 3, 60);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto dir = test::scratch("churn", "job-dir-full");
+  auto net = own_network(dir, 2);
+  ASSERT_TRUE(net.ok()) << net.message();
+  const std::string key = (dir / "client.key").string();
+  auto client = train_client(dir, {"--job", data("churn-pipeline.toml").string(), "--steps", "60", "--bootstrap",
+                                   net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   "4", "--key", key, "--job-dir", (dir / "jobs").string(), "--json",
+                                   "--job-dir-full-at-mirror", "2"});
+  ASSERT_TRUE(client.ok());
+  const auto status = client->wait_for(120s);
+  const std::string err = read_file(dir / "client.err").value_or(""), log = read_file(dir / "procs.log").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 1) << err;
+  const auto line = err.find("solvernet train: the job dir's disk is full");
+  ASSERT_NE(line, std::string::npos) << err;
+  EXPECT_NE(err.find("no node is at fault", line), std::string::npos) << err;
+  EXPECT_NE(err.find("the job stopped at its checkpoint of step 3", line), std::string::npos) << err;
+  // Neither the client's line nor a node's abort names a member as at fault.
+  EXPECT_EQ(err.find("(stage "), std::string::npos) << err;
+  EXPECT_NE(log.find("aborted: the job dir's disk is full"), std::string::npos) << log;
+  EXPECT_EQ(log.find("aborted: node "), std::string::npos) << log;
+  const fs::path job_dir = advised_job_dir(err);
+  ASSERT_FALSE(job_dir.empty()) << err;
+  std::error_code error;
+  for (auto it = fs::recursive_directory_iterator(job_dir / "checkpoints", error);
+       !error && it != fs::recursive_directory_iterator(); it.increment(error))
+    EXPECT_FALSE(it->path().filename().string().starts_with("step-000000000006")) << it->path() << " was left";
+  auto resumed = test::run_command({test::solvernet_bin(), "train", "--resume", job_dir.string(), "--bootstrap",
+                                    net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                    "4", "--key", key, "--json", "--wait-s", "30", "--out",
+                                    (dir / "model.safetensors").string()},
+                                   dir, 120s);
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  const auto summary = nlohmann::json::parse(resumed.out, nullptr, false);
+  ASSERT_FALSE(summary.is_discarded()) << resumed.out;
+  EXPECT_EQ(summary["recovery"]["resumed_from"], 3);
+  EXPECT_EQ(summary["model_hash"], ref.summary["model_hash"]);
+  net = Error{};
+  fs::remove_all(dir);
+}
