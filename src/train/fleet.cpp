@@ -435,10 +435,7 @@ void Fleet::end_in_background(size_t member, net::MemberInfo who, std::string re
   std::unique_lock<std::mutex> lock(renew_mutex_);
   // After one lease with no renewal the node has dropped the job by itself.
   const auto give_up = Steady::now() + lease_;
-  solvernet::v1::EndJobRequest request;
-  request.set_job_id(job_id_);
-  request.set_abort(true);
-  request.set_reason(reason);
+  auto request = end_request(true, reason);
   for (int attempt = 1; !renew_stop_; ++attempt) {
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + timeouts_.end);
@@ -467,6 +464,14 @@ void Fleet::end_in_background(size_t member, net::MemberInfo who, std::string re
   }
 }
 
+solvernet::v1::EndJobRequest Fleet::end_request(bool abort, const std::string& reason) const {
+  solvernet::v1::EndJobRequest request;
+  request.set_job_id(job_id_);
+  request.set_abort(abort);
+  request.set_reason(reason);
+  return request;
+}
+
 std::set<std::string> Fleet::still_ending() const {
   std::lock_guard<std::mutex> lock(renew_mutex_);
   std::set<std::string> out;
@@ -484,20 +489,22 @@ void Fleet::end_all(bool abort, const std::string& reason, const std::vector<boo
     unanswered = ending_;
   }
   stop_background();
+  // After Ctrl-C the user waits on this: a member frozen unnoticed would hold
+  // it for a whole EndJob deadline. A live member answers within a second.
+  const bool interrupted = cancel_ && cancel_->load();
   std::vector<std::thread> threads;
   for (size_t i = 0; i < members_.size(); ++i)
     threads.emplace_back([&, i] {
       // A released member that answered has left already.
       if (released[i] && !unanswered.count(i)) return;
-      solvernet::v1::EndJobRequest request;
-      request.set_job_id(job_id_);
-      request.set_abort(abort || released[i]);
-      request.set_reason(released[i] ? "replica group dropped" : reason);
+      auto request = end_request(abort || released[i], released[i] ? "replica group dropped" : reason);
       const bool frozen = (i < silent.size() && silent[i]) || unanswered.count(i);
-      for (int attempt = 0; attempt < (frozen ? 1 : 2); ++attempt) {
+      for (int attempt = 0; attempt < (frozen || interrupted ? 1 : 2); ++attempt) {
         grpc::ClientContext context;
         context.set_deadline(std::chrono::system_clock::now() +
-                             (frozen ? std::chrono::milliseconds(200) : timeouts_.end));
+                             (frozen        ? std::chrono::milliseconds(200)
+                              : interrupted ? std::min<std::chrono::milliseconds>(timeouts_.end, std::chrono::seconds(1))
+                                            : timeouts_.end));
         sign_request(signer_, "EndJob", request);
         solvernet::v1::Empty reply;
         grpc::Status status = train_stubs_[i]->EndJob(&context, request, &reply);

@@ -125,6 +125,8 @@ class Fleet {
 
  private:
   Error blame(const std::string& what, const std::vector<grpc::Status>& statuses, const std::vector<bool>& silent);
+  // This job's EndJob, unsigned (each attempt signs it afresh).
+  solvernet::v1::EndJobRequest end_request(bool abort, const std::string& reason) const;
   std::string last_culprit_;  // node id blame() named last
   void renew_loop();
   // Since the last renewal round began (renew_mutex_ held).
