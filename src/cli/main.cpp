@@ -1,8 +1,10 @@
+#include <grpc/support/log.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
@@ -12,6 +14,7 @@
 #include "cli/command.h"
 #include "cli/signals.h"
 #include "core/kernels.h"
+#include "core/log.h"
 #include "net/tls.h"
 
 namespace sn::cli {
@@ -36,10 +39,20 @@ int fail(const std::string& command, const std::string& message, int code) {
   return code;
 }
 
+// gRPC's own log lines (`E1201 … tls_security_connector.cc:382] …` when a
+// frozen node is pinged) say in gRPC's words what our errors already say:
+// shown at --log-level debug only, but for a failed assertion (the process
+// aborts next). GRPC_VERBOSITY set leaves gRPC's logging as is.
+static void grpc_log_when_verbose(gpr_log_func_args* args) {
+  if (sn::verbose_logging() || std::strncmp(args->message, "assertion failed", 16) == 0)
+    std::fprintf(stderr, "grpc %s:%d] %s\n", args->file, args->line, args->message);
+}
+
 }  // namespace sn::cli
 
 int main(int argc, char** argv) {
   sn::pin_blas_kernels();
+  if (!std::getenv("GRPC_VERBOSITY")) gpr_set_log_function(sn::cli::grpc_log_when_verbose);
   // A peer that vanishes mid-write must surface as an error, not kill us.
   signal(SIGPIPE, SIG_IGN);
   CLI::App app{"solvernet: a decentralized compute network for AI (train, plan, serve, settle)",
