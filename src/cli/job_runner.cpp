@@ -110,6 +110,8 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
   s["loss_last"] = result.losses.empty() ? 0.0 : result.losses.back();
   s["losses"] = result.losses;
   s["holdout_loss"] = std::isnan(result.holdout_loss) ? nlohmann::json(nullptr) : nlohmann::json(result.holdout_loss);
+  s["holdout_loss_missing"] =
+      result.holdout_loss_missing.empty() ? nlohmann::json(nullptr) : nlohmann::json(result.holdout_loss_missing);
   s["tokens_per_s"] = result.tokens_per_s;
   s["wall_s"] = result.wall_seconds;
   s["setup_s"] = result.setup_seconds;

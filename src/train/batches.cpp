@@ -1,5 +1,7 @@
 #include "train/batches.h"
 
+#include <fmt/format.h>
+
 namespace sn::train {
 
 static std::vector<std::vector<MicroBatchData>> split(const JobConfig& job, const model::Dataset& data,
@@ -32,6 +34,12 @@ std::vector<std::vector<MicroBatchData>> step_batches(const JobConfig& job, cons
 
 int64_t holdout_batch_count(const JobConfig& job, const model::Dataset& data, int64_t wanted) {
   return std::min(wanted, data.holdout_samples() / job.train.global_batch);
+}
+
+std::string no_holdout_batches_reason(const JobConfig& job, const model::Dataset& data, int64_t wanted) {
+  if (wanted <= 0) return "no held-out evaluation was asked for";
+  return fmt::format("the held-out split ({} sequences) is smaller than one global batch ({})", data.holdout_samples(),
+                     job.train.global_batch);
 }
 
 std::vector<std::vector<MicroBatchData>> holdout_batches(const JobConfig& job, const model::Dataset& data,

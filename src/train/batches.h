@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include <string>
 #include <vector>
 
 #include "core/job.h"
@@ -30,5 +31,7 @@ std::vector<std::vector<MicroBatchData>> holdout_batches(const JobConfig& job, c
                                                          int64_t index);
 // How many held-out batches of the global batch size exist (capped at WANTED).
 int64_t holdout_batch_count(const JobConfig& job, const model::Dataset& data, int64_t wanted);
+// Why holdout_batch_count is 0: the summary's holdout_loss_missing.
+std::string no_holdout_batches_reason(const JobConfig& job, const model::Dataset& data, int64_t wanted);
 
 }  // namespace sn::train

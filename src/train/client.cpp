@@ -1029,6 +1029,7 @@ Status JobSession::finish() {
     Status evaluated = evaluate();
     if (evaluated.ok() || first_live_group() >= 0) return evaluated;
     result_.holdout_loss = std::nan("");
+    result_.holdout_loss_missing = evaluated.message();
     spdlog::warn("held-out loss could not be measured: {}; training completed{}", evaluated.message(),
                  options_.model_out.empty() ? ""
                                             : fmt::format(" and the model was written to {}", options_.model_out.string()));
@@ -1545,6 +1546,7 @@ Status JobSession::evaluate() {
     sum += loss;
   }
   result_.holdout_loss = batches > 0 ? sum / static_cast<double>(batches) : std::nan("");
+  if (batches == 0) result_.holdout_loss_missing = no_holdout_batches_reason(job_, *dataset_, options_.eval_batches);
   return ok_status();
 }
 

@@ -109,6 +109,7 @@ Result<TrainResult> run_local(const JobConfig& job, const LocalOptions& options)
     }
   }
   result.holdout_loss = eval_batches > 0 ? holdout_sum / static_cast<double>(eval_batches) : std::nan("");
+  if (eval_batches == 0) result.holdout_loss_missing = no_holdout_batches_reason(job, dataset, options.eval_batches);
   if (!options.model_out.empty()) {
     SN_ASSIGN(std::string vocab, read_file(corpus.vocab_file));
     auto metadata = model::model_file_metadata(job.name, job.model, vocab);

@@ -144,6 +144,7 @@ struct TrainResult {
   std::vector<double> losses;          // per step
   int64_t train_sequences = 0;         // training-set size (DP's sample rate)
   double holdout_loss = 0;
+  std::string holdout_loss_missing;    // why holdout_loss is NaN (not measured); empty if it was
   double tokens_per_s = 0;
   double wall_seconds = 0;             // the training steps alone
   double setup_seconds = 0;

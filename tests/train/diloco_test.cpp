@@ -505,6 +505,7 @@ TEST(Diloco, AMemberKilledDuringTheHeldOutEvaluationCostsOnlyItsGroup) {
   EXPECT_EQ(d["dropped_at_step"][0], 24) << "dropped after the last step";
   EXPECT_EQ(s["losses"].size(), 24u);
   ASSERT_TRUE(s["holdout_loss"].is_number()) << s.dump();
+  EXPECT_TRUE(s["holdout_loss_missing"].is_null()) << s.dump();
   EXPECT_LT(s["holdout_loss"].get<double>(), s["losses"][0].get<double>());
   EXPECT_TRUE(fs::exists(model));
   net.reset();
@@ -530,6 +531,9 @@ TEST(Diloco, EveryGroupLostDuringTheHeldOutEvaluationStillWritesTheModel) {
   EXPECT_EQ(d["dropped_at_step"], nlohmann::json::array({24, 24})) << d.dump();
   EXPECT_EQ(s["losses"].size(), 24u);
   EXPECT_TRUE(s["holdout_loss"].is_null()) << s.dump();
+  // The summary says why, not only the warning on stderr.
+  ASSERT_TRUE(s["holdout_loss_missing"].is_string()) << s.dump();
+  EXPECT_NE(s["holdout_loss_missing"].get<std::string>().find("held-out evaluation"), std::string::npos) << s.dump();
   ASSERT_TRUE(fs::exists(model));
   EXPECT_EQ(s["model_hash"].get<std::string>(), to_hex(hash_string(read_file(model).value())));
   for (const int group : {0, 1}) {
