@@ -1010,3 +1010,29 @@ TEST(Churn, AFullJobDirStopsTheJobWithResumeAdviceAndBlamesNoNode) {
   net = Error{};
   fs::remove_all(dir);
 }
+
+// gRPC's own log lines (`E1201 … tls_security_connector.cc:382]
+// TlsChannelSecurityConnector::cancel_check_peer error …`, printed as a ping
+// of a frozen node is cancelled) stay off the client's stderr: its own line
+// says what happened.
+TEST(Churn, PingingAFrozenNodePrintsNoGrpcLogLines) {
+  auto dir = test::scratch("churn", "grpc-log");
+  auto net = own_network(dir, 2);
+  ASSERT_TRUE(net.ok()) << net.message();
+  const auto listed = test::run_command({test::solvernet_bin(), "peers", "--bootstrap", net->dht.address, "--expect",
+                                         "2", "--wait-ms", "30000"},
+                                        dir, 60s);
+  ASSERT_EQ(listed.status, 0) << listed.err;
+  ::kill(net->nodes[1].pid(), SIGSTOP);
+  const auto run = test::run_command({test::solvernet_bin(), "train", "--job", data("churn-pipeline.toml").string(),
+                                      "--bootstrap", net->dht.address, "--key", (dir / "client.key").string(),
+                                      "--wait-s", "5"},
+                                     dir, 60s);
+  ::kill(net->nodes[1].pid(), SIGCONT);
+  net = Error{};  // the nodes stop
+  EXPECT_NE(run.status, 0) << run.err;
+  EXPECT_NE(run.err.find("but only 1 answered a ping; the job needs 2"), std::string::npos) << run.err;
+  EXPECT_EQ(run.err.find("tls_security_connector"), std::string::npos) << run.err;
+  EXPECT_EQ(run.err.find("cancel_check_peer"), std::string::npos) << run.err;
+  fs::remove_all(dir);
+}
