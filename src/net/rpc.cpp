@@ -83,6 +83,11 @@ static bool tcp_port_in_use(int port) {
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_ANY);
   addr.sin_port = htons(static_cast<uint16_t>(port));
+  // As gRPC binds its listener (SO_REUSEADDR): a port held only by a killed
+  // node's connections in TIME-WAIT is free, and a node restarted on its
+  // address at once must not be refused for ~60 s.
+  const int reuse = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &reuse, sizeof(reuse));
   bool in_use = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0;
   ::close(fd);
   return in_use;

@@ -885,7 +885,12 @@ Status JobSession::grow_back(int64_t step) {
     spares_.insert(spares_.end(), ready.begin(), ready.end());
     return ok_status();
   }
-  SN_TRY(mirror_->add_replicas(grown));
+  // Growing back is optional: a job dir that cannot hold the new layout keeps the job on its replicas.
+  if (auto added = mirror_->add_replicas(grown); !added.ok()) {
+    spdlog::warn("not growing back to {} replicas: job dir: {}", grown, added.message());
+    spares_.insert(spares_.end(), ready.begin(), ready.end());
+    return ok_status();
+  }
   RecoveryReport report;
   report.failed_step = step;
   report.restored_step = step;
