@@ -725,23 +725,25 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
     // "local data") is restored from the mirror once; said again, it is
     // taken as gone, a bad disk or a node stalling the job with a claim no
     // one can check (it stays out of the spares: it is in LIVE).
-    if (const std::string who = fleet_->last_culprit();
-        !who.empty() && failure.message.find("(local data:") != std::string::npos && ++local_data_failures_[who] >= 2)
+    // A member replaced though it answers pings: counted dead, and never taken back by this job.
+    const auto replace_unfit = [&](const std::string& who, const std::function<void(const net::MemberInfo&)>& say) {
       for (size_t i = 0; i < members_.size(); ++i)
         if (members_[i].node_id == who && std::find(dead.begin(), dead.end(), i) == dead.end()) {
-          spdlog::warn("{} said its own checkpoint was unusable {} times; it is replaced", member_name(members_[i]),
-                       local_data_failures_[who]);
+          if (say) say(members_[i]);
           dead.push_back(i);
           unfit_nodes_.insert(who);
         }
+    };
+    if (const std::string who = fleet_->last_culprit();
+        !who.empty() && failure.message.find("(local data:") != std::string::npos && ++local_data_failures_[who] >= 2)
+      replace_unfit(who, [&](const net::MemberInfo& m) {
+        spdlog::warn("{} said its own checkpoint was unusable {} times; it is replaced", member_name(m),
+                     local_data_failures_[who]);
+      });
     // A member whose own disk is full (Fleet::blame) answers pings but cannot
     // write the checkpoints a recovery restores from: it is replaced at once.
     if (const std::string who = fleet_->last_culprit(); !who.empty() && says_disk_full(failure.message))
-      for (size_t i = 0; i < members_.size(); ++i)
-        if (members_[i].node_id == who && std::find(dead.begin(), dead.end(), i) == dead.end()) {
-          dead.push_back(i);
-          unfit_nodes_.insert(who);
-        }
+      replace_unfit(who, nullptr);
     live.insert(unfit_nodes_.begin(), unfit_nodes_.end());  // take_spare skips these too
     std::vector<size_t> unreplaced;
     for (size_t i : dead) {
