@@ -10,6 +10,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/process.h"
+#include "train/train.h"
 
 namespace sn::cli {
 namespace {
@@ -155,8 +156,14 @@ int run_train(const TrainArgs& args) {
     // A stopped run whose client was killed left its nodes holding the job
     // until their leases run out; its owner (this key) ends it at once.
     if (spec.resume) {
-      auto ended = end_stopped_run(args.bootstrap, spec.job_id, spec.client_key, std::chrono::seconds(args.wait_s));
-      if (!ended.ok()) return fail("train", ended.message(), ended.error().exit_code);
+      auto ended =
+          end_stopped_run(args.bootstrap, spec.job_id, spec.client_key, std::chrono::seconds(args.wait_s), !args.json);
+      if (!ended.ok())
+        return fail("train",
+                    ended.error().kind == ErrorKind::aborted
+                        ? ended.message() + "; " + train::resume_advice(spec.job_dir, spec.resume_step)
+                        : ended.message(),
+                    ended.error().exit_code);
       if (*ended > 0 && !args.json)
         std::cerr << fmt::format("train: {} node(s) still held job {} for its stopped client; ended it there\n",
                                  *ended, spec.job_id);
@@ -171,7 +178,13 @@ int run_train(const TrainArgs& args) {
       nodes = discover_nodes(args.bootstrap, want, std::chrono::seconds(std::max(1, args.wait_s / 2)),
                              std::chrono::milliseconds(5000), 0, std::chrono::milliseconds(0), show_wait);
     }
-    if (!nodes.ok()) return fail("train", nodes.message(), nodes.error().exit_code);
+    if (!nodes.ok()) {
+      // Interrupted before any node took the job: the job dir is as it was.
+      if (spec.resume && nodes.error().kind == ErrorKind::aborted)
+        return fail("train", nodes.message() + "; " + train::resume_advice(spec.job_dir, spec.resume_step),
+                    nodes.error().exit_code);
+      return fail("train", nodes.message(), nodes.error().exit_code);
+    }
     summary = run_job_on_nodes(spec, *nodes);
   }
   if (!summary.ok()) return fail("train", summary.message(), summary.error().exit_code);

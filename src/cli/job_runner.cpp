@@ -340,7 +340,10 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
                                                                nodes.size() - idle.size(), fmt::join(holders, ", ")),
                             std::max<int64_t>(0, left.count())));
     }
-    if (std::chrono::steady_clock::now() >= deadline || stop_requested()) {
+    if (stop_requested())
+      return kind_error(ErrorKind::aborted, "interrupted while waiting for nodes via {} ({} of {} idle and answering)",
+                        bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), live.size(), floor);
+    if (std::chrono::steady_clock::now() >= deadline) {
       // The count named is the one required (the rest were wanted, not needed).
       if (idle.size() >= floor)
         return kind_error(ErrorKind::unavailable, "found {} idle node(s) via {} but only {} answered a ping; the job needs {}",
@@ -547,22 +550,73 @@ class IdleNodeWatch {
 }  // namespace
 
 Result<size_t> end_stopped_run(const std::vector<std::string>& bootstrap, const std::string& job_id,
-                               const std::filesystem::path& client_key, std::chrono::milliseconds timeout) {
-  auto key = NodeKey::load_or_create_file(client_key.empty() ? default_client_key_path() : client_key);
+                               const std::filesystem::path& client_key, std::chrono::milliseconds timeout,
+                               bool show_wait) {
+  using Steady = std::chrono::steady_clock;
+  const auto key_path = client_key.empty() ? default_client_key_path() : client_key;
+  auto key = NodeKey::load_or_create_file(key_path);
   if (!key.ok()) return input_error("client key: {}", key.message());
+  install_stop_handlers();
   SN_ASSIGN(auto discovery, net::Discovery::start(0, bootstrap));
   SN_TRY(discovery->wait_for_bootstrap(std::min(timeout, std::chrono::milliseconds(5000))));
   // A fresh DHT node's first listing may miss nodes: look again until a look
   // finds no holder not yet ended (at most ~3 s).
   std::set<std::string> ended;
-  const auto until = std::chrono::steady_clock::now() + std::min(timeout, std::chrono::milliseconds(3000));
-  for (int look = 0; look == 0 || std::chrono::steady_clock::now() < until; ++look) {
+  // Nodes whose job's client renewed its lease recently: maybe it was killed
+  // a moment ago, maybe it runs. Each is asked again once that renewal is
+  // QUIET old; refused again, a renewal came since, so the client runs.
+  std::map<std::string, Steady::time_point> ask_again;
+  std::chrono::milliseconds renewed_ago{0};
+  WaitLine wait_line(show_wait);
+  const auto looks_until = Steady::now() + std::min(timeout, std::chrono::milliseconds(3000));
+  for (int look = 0;; ++look) {
+    if (stop_requested())
+      return kind_error(ErrorKind::aborted, "interrupted while ending job {}'s stopped run on its nodes", job_id);
     SN_ASSIGN(auto nodes, discovery->list_nodes(std::chrono::milliseconds(1000)));
     std::vector<net::MemberInfo> holders;
-    for (const auto& n : nodes)
-      if (n.busy_job_id() == job_id && !ended.count(n.node_id())) holders.push_back(member_of_node(n));
-    if (holders.empty() && look > 0) break;
-    for (auto& id : train::end_stopped_run(holders, job_id, *key, std::chrono::milliseconds(5000))) ended.insert(id);
+    std::map<std::string, Steady::time_point> still_asked;
+    for (const auto& n : nodes) {
+      if (n.busy_job_id() != job_id || ended.count(n.node_id())) continue;
+      auto again = ask_again.find(n.node_id());
+      if (again == ask_again.end() || Steady::now() >= again->second)
+        holders.push_back(member_of_node(n));
+      else
+        still_asked.insert(*again);
+    }
+    if (holders.empty() && still_asked.empty() && (look > 0 || Steady::now() >= looks_until)) break;
+    for (const auto& answer : train::end_stopped_run(holders, job_id, *key, std::chrono::milliseconds(5000))) {
+      using Outcome = train::TakeoverAnswer::Outcome;
+      switch (answer.outcome) {
+        case Outcome::ended: ended.insert(answer.node_id); break;
+        case Outcome::other_client:
+          return input_error("job {}: its nodes hold it for another client key than {} (client {}); resume with the "
+                             "key that started it (--key)",
+                             job_id, key_path.string(), key->node_id().substr(0, 8));
+        case Outcome::client_live:
+          if (ask_again.count(answer.node_id))
+            return input_error("job {} is still run by a live client (its lease was renewed {:.1f} s ago); stop "
+                               "that client first",
+                               job_id, answer.renewed_ago.count() / 1000.0);
+          renewed_ago = answer.renewed_ago;
+          still_asked[answer.node_id] =
+              Steady::now() + answer.quiet - answer.renewed_ago + std::chrono::milliseconds(300);
+          break;
+        case Outcome::kept: break;
+      }
+    }
+    // A node that left the job (its lease ran out) or the listing is not asked again.
+    ask_again = std::move(still_asked);
+    if (ask_again.empty()) {
+      if (Steady::now() >= looks_until) break;
+      continue;
+    }
+    auto next = std::min_element(ask_again.begin(), ask_again.end(),
+                                 [](const auto& a, const auto& b) { return a.second < b.second; })->second;
+    wait_line(fmt::format("job {}'s client renewed its lease {:.1f} s ago: was it stopped, or does it still run? "
+                          "asking its nodes again; at most {} s more",
+                          job_id, renewed_ago.count() / 1000.0,
+                          std::chrono::ceil<std::chrono::seconds>(next - Steady::now()).count()));
+    while (Steady::now() < next && !stop_requested()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   discovery->stop();
   return ended.size();

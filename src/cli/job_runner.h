@@ -89,12 +89,18 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(
     std::chrono::milliseconds grace = std::chrono::milliseconds(0), bool show_wait = false);
 
 // --resume (docs/resilience.md): the nodes listed via BOOTSTRAP that still
-// hold JOB_ID (the leases of a client that was killed) are sent EndJob,
-// signed with the key in CLIENT_KEY (the job's owner), so that discovery need
-// not wait for those leases to run out. Returns how many ended it. Errors: the
-// key cannot be read, no bootstrap answered within TIMEOUT (as discover_nodes).
+// hold JOB_ID (the leases of a client that was killed) are sent a takeover
+// EndJob, signed with the key in CLIENT_KEY (the job's owner), so that
+// discovery need not wait for those leases to run out. A node whose lease
+// was renewed within half a lease is asked again once that renewal is older
+// (SHOW_WAIT: a live line says so). Returns how many ended it. Errors
+// (invalid_input, exit 2): the nodes hold the job for another key; its
+// client still renews the lease (a live client); else the key cannot be read,
+// no bootstrap answered within TIMEOUT (as discover_nodes), or aborted on a
+// stop signal.
 Result<size_t> end_stopped_run(const std::vector<std::string>& bootstrap, const std::string& job_id,
-                               const std::filesystem::path& client_key, std::chrono::milliseconds timeout);
+                               const std::filesystem::path& client_key, std::chrono::milliseconds timeout,
+                               bool show_wait = false);
 
 // Waits until each of NODES announces a measured link (NodeInfo.links) to
 // every other one, or TIMEOUT passes, and returns their newest announcements

@@ -40,6 +40,9 @@ struct Error {
   std::string message;
   int exit_code = 1;  // what a CLI should exit with if this error ends the program
   ErrorKind kind = ErrorKind::internal;
+  // A typed cause for the wire (a serialized proto; empty: none), which
+  // net::to_grpc sends as the status's details: the peer acts on it.
+  std::string details;
 };
 
 template <class... Args>

@@ -111,10 +111,17 @@ void NodeRuntime::shutdown(std::chrono::system_clock::time_point deadline) {
 }
 
 Result<PublicKey> NodeRuntime::authorize(const std::string& job_id, const std::string& method,
-                                         const solvernet::v1::ControlAuth& auth, const Hash256& digest) {
-  auto refuse = [&](const std::string& why) -> Error {
+                                         const solvernet::v1::ControlAuth& auth, const Hash256& digest,
+                                         bool record) {
+  auto refuse = [&](const std::string& why, solvernet::v1::Refusal::Cause cause = {}) -> Error {
     spdlog::warn("refused {} for job {}: {}", method, job_id, why);
-    return kind_error(ErrorKind::permission_denied, "{} refused: {}", method, why);
+    Error error = kind_error(ErrorKind::permission_denied, "{} refused: {}", method, why);
+    if (cause != solvernet::v1::Refusal::CAUSE_UNSPECIFIED) {
+      solvernet::v1::Refusal refusal;
+      refusal.set_cause(cause);
+      error.details = refusal.SerializeAsString();
+    }
+    return error;
   };
   if (auth.client_public_key().empty() && auth.signature().empty())
     return refuse("the request is unsigned (no ControlAuth)");
@@ -139,20 +146,47 @@ Result<PublicKey> NodeRuntime::authorize(const std::string& job_id, const std::s
   JobRecord& job = it->second;
   if (job.owner != key)
     return refuse(fmt::format("job {} belongs to client {}, not to client {}", job_id,
-                              node_id_of(job.owner).substr(0, 8), node_id_of(key).substr(0, 8)));
+                              node_id_of(job.owner).substr(0, 8), node_id_of(key).substr(0, 8)),
+                  solvernet::v1::Refusal::OTHER_CLIENT);
   const uint64_t sequence = auth.sequence();
+  if (sequence < job.taken_over_sequence)
+    return refuse(fmt::format("job {} was taken over by another client with its key (a resume of its stopped run)",
+                              job_id),
+                  solvernet::v1::Refusal::TAKEN_OVER);
   const bool seen = std::find(job.recent_sequences.begin(), job.recent_sequences.end(), sequence) !=
                     job.recent_sequences.end();
   if (seen || sequence + kSequenceWindow <= job.highest_sequence)
     return refuse(fmt::format("replayed request: sequence {} was used before (highest so far {})", sequence,
                               job.highest_sequence));
-  job.highest_sequence = std::max(job.highest_sequence, sequence);
-  job.recent_sequences.push_back(sequence);
-  std::erase_if(job.recent_sequences, [&](uint64_t s) { return s + kSequenceWindow <= job.highest_sequence; });
+  if (!record) return key;
+  record_sequence(job, sequence);
   const auto lease = job.lease.count() > 0 ? job.lease : options_.lease;
   if (job.held) job.lease_until = SteadyClock::now() + lease;
   job.forget_after = SteadyClock::now() + lease + 2 * options_.control_window;
   return key;
+}
+
+std::optional<NodeRuntime::Renewal> NodeRuntime::last_renewal(const std::string& job_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end() || !it->second.held) return std::nullopt;
+  const JobRecord& job = it->second;
+  return Renewal{std::chrono::duration_cast<std::chrono::milliseconds>(SteadyClock::now() - (job.lease_until - job.lease)),
+                 job.lease};
+}
+
+void NodeRuntime::taken_over(const std::string& job_id, uint64_t sequence) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) return;
+  record_sequence(it->second, sequence);
+  it->second.taken_over_sequence = std::max(it->second.taken_over_sequence, sequence);
+}
+
+void NodeRuntime::record_sequence(JobRecord& job, uint64_t sequence) {
+  job.highest_sequence = std::max(job.highest_sequence, sequence);
+  job.recent_sequences.push_back(sequence);
+  std::erase_if(job.recent_sequences, [&](uint64_t s) { return s + kSequenceWindow <= job.highest_sequence; });
 }
 
 Status NodeRuntime::admit(const std::string& job_id, const PublicKey& owner, int64_t memory_bytes,

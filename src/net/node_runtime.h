@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -77,10 +78,26 @@ class NodeRuntime {
   // signature over DIGEST, a time within the control window, and, if the job
   // is held (or was recently), the key that owns it and a sequence number not
   // used before (and not more than 1024 below the highest seen). A job id not
-  // seen before becomes the signer's. Renews the job's lease. Error kind permission_denied, saying why; the caller's job
-  // is left untouched. Logged at warn.
+  // seen before becomes the signer's. Records the sequence and renews the
+  // job's lease, unless RECORD is false (a takeover: checked first, recorded
+  // by taken_over once accepted). Error kind permission_denied, saying why;
+  // the caller's job is left untouched. Logged at warn. Its details carry a
+  // Refusal where the client acts on it: OTHER_CLIENT (the job is another
+  // key's), TAKEN_OVER (the request is older than a takeover of the job).
   Result<PublicKey> authorize(const std::string& job_id, const std::string& method,
-                              const solvernet::v1::ControlAuth& auth, const Hash256& digest);
+                              const solvernet::v1::ControlAuth& auth, const Hash256& digest, bool record = true);
+
+  // How long ago JOB_ID's lease was last renewed, and that lease; nullopt if
+  // the job is not held.
+  struct Renewal {
+    std::chrono::milliseconds ago{0}, lease{0};
+  };
+  std::optional<Renewal> last_renewal(const std::string& job_id) const;
+  // A client of JOB_ID's key took it over with the request of SEQUENCE (a
+  // resume of its stopped run), authorized without being recorded: records
+  // it, and refuses requests below SEQUENCE from now on as TAKEN_OVER, the
+  // job's previous client's.
+  void taken_over(const std::string& job_id, uint64_t sequence);
 
   // Reserves MEMORY_BYTES for JOB_ID owned by OWNER, under a lease of lease().
   // If JOB_ID is already held by OWNER, its reservation is replaced. Fails with
@@ -108,10 +125,12 @@ class NodeRuntime {
     int64_t admitted_seq = 0;  // admission order
     std::chrono::steady_clock::time_point lease_until, forget_after;
     uint64_t highest_sequence = 0;
+    uint64_t taken_over_sequence = 0;  // requests below it are the previous client's (taken_over)
     std::vector<uint64_t> recent_sequences;  // accepted, within 1024 of highest
     std::function<void(const std::string& why)> on_expire;
   };
   void reaper_loop();
+  static void record_sequence(JobRecord& job, uint64_t sequence);  // mutex_ held
   void notify_change();
 
   NodeRuntimeOptions options_;

@@ -68,7 +68,9 @@ inline Error from_grpc(const grpc::Status& status, const std::string& what) {
 }
 
 // The status a handler returns for ERROR: its code follows the error's kind.
-inline grpc::Status to_grpc(const Error& error) { return grpc::Status(grpc_code_of(error.kind), error.message); }
+inline grpc::Status to_grpc(const Error& error) {
+  return grpc::Status(grpc_code_of(error.kind), error.message, error.details);
+}
 inline grpc::Status to_grpc(const Error& error, grpc::StatusCode code) { return grpc::Status(code, error.message); }
 
 }  // namespace sn::net

@@ -47,7 +47,7 @@ net::ControlBody control_body(const solvernet::v1::FetchWeightsRequest&) { retur
 
 net::ControlBody control_body(const solvernet::v1::EndJobRequest& r) {
   net::ControlBody body;
-  body.add_bool(r.abort()).add(r.reason());
+  body.add_bool(r.abort()).add(r.reason()).add_bool(r.takeover());
   return body;
 }
 

@@ -56,6 +56,14 @@ bool suspension_explains(const std::vector<grpc::Status>& statuses, const std::v
   return true;
 }
 
+// Whether a node refused the call as a request of a client whose job a
+// takeover by its key ended (NodeRuntime::taken_over).
+bool taken_over(const grpc::Status& status) {
+  solvernet::v1::Refusal refusal;
+  return status.error_code() == grpc::StatusCode::PERMISSION_DENIED &&
+         refusal.ParseFromString(status.error_details()) && refusal.cause() == solvernet::v1::Refusal::TAKEN_OVER;
+}
+
 }  // namespace
 
 FleetTimeouts fleet_timeouts(std::chrono::milliseconds peer_timeout, double rtt_ms) {
@@ -227,7 +235,9 @@ Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadlin
   for (auto& t : pingers) t.join();
   if (abort_reason.empty()) return ok_status();
   const auto paused = pause_explains(what);
+  const bool taken = std::any_of(statuses.begin(), statuses.end(), taken_over);
   Error error = abort_reason == "interrupted by the user" ? kind_error(ErrorKind::aborted, "interrupted during {}", what)
+                : taken                                  ? blame(what, statuses, silent)
                 : paused                                 ? *paused
                 : client_gap.count() > 0 && suspension_explains(statuses, silent)
                     ? kind_error(ErrorKind::timeout,
@@ -248,6 +258,13 @@ Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& sta
     if (net::error_kind_of(statuses[i].error_code()) == ErrorKind::diverged)
       return kind_error(ErrorKind::diverged, "the job diverged during {} (stage {}: {})", what, members_[i].stage,
                         statuses[i].error_message());
+  // The job is this key's, and another client of it took it over (a resume
+  // run while this client was stopped, or of a copy of its job dir).
+  if (std::any_of(statuses.begin(), statuses.end(), taken_over))
+    return kind_error(ErrorKind::aborted,
+                      "another client with this client's key took job {} over during {} (a `train --resume` of its "
+                      "job dir while this client did not renew its lease); this client stops, no node is at fault",
+                      job_id_, what);
   for (size_t i = 0; i < members_.size(); ++i)
     if (silent[i])
       return kind_error(ErrorKind::timeout,

@@ -128,9 +128,30 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
 
   grpc::Status EndJob(grpc::ServerContext*, const solvernet::v1::EndJobRequest* request,
                       solvernet::v1::Empty*) override {
+    // A takeover is not recorded (nor renews the lease) until accepted: the
+    // renewal time tells a stopped client from a live one, and a refused
+    // takeover must not put the live client's sequence numbers below the window.
     auto owner = options_.runtime->authorize(request->job_id(), "EndJob", request->auth(),
-                                             request_digest("EndJob", *request));
+                                             request_digest("EndJob", *request), !request->takeover());
     if (!owner.ok()) return net::to_grpc(owner.error());
+    if (request->takeover()) {
+      // The client renews every lease / 3 (and with every step): half a
+      // lease without a renewal means it stopped.
+      const auto renewal = options_.runtime->last_renewal(request->job_id());
+      if (renewal && renewal->ago < renewal->lease / 2) {
+        solvernet::v1::Refusal refusal;
+        refusal.set_cause(solvernet::v1::Refusal::CLIENT_LIVE);
+        refusal.set_renewed_ms_ago(renewal->ago.count());
+        refusal.set_quiet_ms((renewal->lease / 2).count());
+        spdlog::warn("refused a takeover of job {}: its lease was renewed {:.1f} s ago, its client runs",
+                     request->job_id(), renewal->ago.count() / 1000.0);
+        return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                            fmt::format("job {} is still run by a live client (its lease was renewed {:.1f} s ago)",
+                                        request->job_id(), renewal->ago.count() / 1000.0),
+                            refusal.SerializeAsString());
+      }
+      options_.runtime->taken_over(request->job_id(), request->auth().sequence());
+    }
     if (request->abort())
       spdlog::warn("job {} aborted: {}", request->job_id(), request->reason());
     else

@@ -490,10 +490,10 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
   return state;
 }
 
-std::vector<std::string> end_stopped_run(const std::vector<net::MemberInfo>& nodes, const std::string& job_id,
-                                         const NodeKey& client_key, std::chrono::milliseconds timeout) {
+std::vector<TakeoverAnswer> end_stopped_run(const std::vector<net::MemberInfo>& nodes, const std::string& job_id,
+                                            const NodeKey& client_key, std::chrono::milliseconds timeout) {
   net::ControlSigner signer(client_key);
-  std::vector<char> ended(nodes.size(), 0);
+  std::vector<TakeoverAnswer> answers(nodes.size());
   std::vector<std::thread> calls;
   for (size_t i = 0; i < nodes.size(); ++i)
     calls.emplace_back([&, i] {
@@ -501,18 +501,29 @@ std::vector<std::string> end_stopped_run(const std::vector<net::MemberInfo>& nod
       solvernet::v1::EndJobRequest request;
       request.set_job_id(job_id);
       request.set_abort(true);
+      request.set_takeover(true);
       request.set_reason("its client stopped and resumed it");
       sign_request(signer, "EndJob", request);
       grpc::ClientContext context;
       context.set_deadline(std::chrono::system_clock::now() + timeout);
       solvernet::v1::Empty reply;
-      ended[i] = stub->EndJob(&context, request, &reply).ok();
+      const grpc::Status status = stub->EndJob(&context, request, &reply);
+      TakeoverAnswer& answer = answers[i];
+      answer.node_id = nodes[i].node_id;
+      solvernet::v1::Refusal refusal;
+      const bool typed = !status.ok() && refusal.ParseFromString(status.error_details());
+      if (status.ok())
+        answer.outcome = TakeoverAnswer::Outcome::ended;
+      else if (typed && refusal.cause() == solvernet::v1::Refusal::OTHER_CLIENT)
+        answer.outcome = TakeoverAnswer::Outcome::other_client;
+      else if (typed && refusal.cause() == solvernet::v1::Refusal::CLIENT_LIVE) {
+        answer.outcome = TakeoverAnswer::Outcome::client_live;
+        answer.renewed_ago = std::chrono::milliseconds(refusal.renewed_ms_ago());
+        answer.quiet = std::chrono::milliseconds(refusal.quiet_ms());
+      }
     });
   for (auto& call : calls) call.join();
-  std::vector<std::string> out;
-  for (size_t i = 0; i < nodes.size(); ++i)
-    if (ended[i]) out.push_back(nodes[i].node_id);
-  return out;
+  return answers;
 }
 
 std::string resume_advice(const fs::path& job_dir, int64_t step, const std::string& note) {

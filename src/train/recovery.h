@@ -82,10 +82,6 @@ class CheckpointMirror {
 Status write_job_file(const std::filesystem::path& job_dir, const JobConfig& job);
 Status write_job_state(const std::filesystem::path& job_dir, const JobDirState& state);
 
-// The advice printed when a job stops with a checkpoint it can resume from;
-// NOTE (e.g. "before the divergence") follows the step it names.
-std::string resume_advice(const std::filesystem::path& job_dir, int64_t step, const std::string& note = "");
-
 // Replicas of one stage that should hold bitwise equal state but report
 // different HASHES (one per replica, NAMES alike). Who lied cannot be told
 // from hashes alone unless most replicas agree: then the others are blamed;

@@ -302,14 +302,29 @@ struct JobDirState {
 // listed in `changed`.
 Result<JobDirState> read_job_dir(const std::filesystem::path& job_dir, const JobConfig& job);
 
+// The advice printed when a job stops with a checkpoint it can resume from;
+// NOTE (e.g. "before the divergence") follows the step it names.
+std::string resume_advice(const std::filesystem::path& job_dir, int64_t step, const std::string& note = "");
+
+// One node's answer to end_stopped_run.
+struct TakeoverAnswer {
+  enum class Outcome {
+    ended,         // the node dropped the job (it is idle now)
+    other_client,  // the job is another client key's
+    client_live,   // the job's lease was renewed RENEWED_AGO ago, under QUIET: its client runs
+    kept,          // no answer, or refused otherwise: the node keeps it until its lease runs out
+  };
+  Outcome outcome = Outcome::kept;
+  std::string node_id;
+  std::chrono::milliseconds renewed_ago{0}, quiet{0};
+};
 // --resume after the stopped run's client was killed: its nodes still hold
-// job JOB_ID under leases nobody renews. Sends each of NODES (in parallel)
-// EndJob for JOB_ID, abort, signed with CLIENT_KEY (the job's owner), each
-// call within TIMEOUT. Returns the node ids that ended it (idle now); a node
-// that refuses (the job is another key's) or does not answer keeps it until
-// its lease runs out.
-std::vector<std::string> end_stopped_run(const std::vector<net::MemberInfo>& nodes, const std::string& job_id,
-                                         const NodeKey& client_key, std::chrono::milliseconds timeout);
+// job JOB_ID under leases nobody renews. Sends each of NODES (in parallel) a
+// takeover EndJob for JOB_ID, abort, signed with CLIENT_KEY (the job's
+// owner), each call within TIMEOUT; a node ends the job only if its lease
+// went unrenewed for QUIET (half the lease). One answer per node, in order.
+std::vector<TakeoverAnswer> end_stopped_run(const std::vector<net::MemberInfo>& nodes, const std::string& job_id,
+                                            const NodeKey& client_key, std::chrono::milliseconds timeout);
 
 struct DistributedOptions {
   std::string job_id;                  // empty: derived from job name + time

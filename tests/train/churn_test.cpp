@@ -1034,5 +1034,62 @@ TEST(Churn, PingingAFrozenNodePrintsNoGrpcLogLines) {
   EXPECT_NE(run.err.find("but only 1 answered a ping; the job needs 2"), std::string::npos) << run.err;
   EXPECT_EQ(run.err.find("tls_security_connector"), std::string::npos) << run.err;
   EXPECT_EQ(run.err.find("cancel_check_peer"), std::string::npos) << run.err;
+}
+
+// `train --resume` of a copy of a running job's dir (same job id, same key;
+// the job dir's lock cannot see a copy) must not end the live run: its nodes
+// refuse the takeover while its client renews the lease, and the resume stops
+// in one line (exit 2) without blaming a node. A resume with another key is
+// told at once that the job is another key's. The original run finishes.
+TEST(Churn, ResumeOfACopyOfARunningJobIsRefusedAndTheRunFinishes) {
+  auto dir = test::scratch("churn", "resume-live");
+  // A short lease: a stopped client's nodes are told from a live one's after 3 s.
+  auto net = own_network(dir, 2, {}, {"--lease-s", "6"});
+  ASSERT_TRUE(net.ok()) << net.message();
+  const std::string key = (dir / "client.key").string();
+  auto client = train_client(dir, {"--job", data("churn-pipeline.toml").string(), "--steps", "200", "--bootstrap",
+                                   net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   "4", "--key", key, "--job-dir", (dir / "jobs").string()});
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(test::wait_for_text(dir / "client.err", "step 20/200", 60s)) << read_file(dir / "client.err").value_or("");
+  fs::path job_dir;
+  for (const auto& entry : fs::directory_iterator(dir / "jobs")) job_dir = entry.path();
+  ASSERT_FALSE(job_dir.empty());
+  // Both at once, while the run goes on: with the job's key, and with another
+  // (each with a copy of its own: one client per job dir).
+  std::map<std::string, ChildProcess> resumes;
+  for (const std::string who : {"same", "other"}) {
+    const fs::path copy = dir / who / job_dir.filename();
+    fs::create_directories(copy.parent_path());
+    fs::copy(job_dir, copy, fs::copy_options::recursive);
+    SpawnOptions out;
+    out.stdout_path = dir / (who + ".out");
+    out.stderr_path = dir / (who + ".err");
+    auto resume = ChildProcess::spawn(
+        {test::solvernet_bin(), "train", "--resume", copy.string(), "--bootstrap", net->dht.address, "--topology",
+         data("churn-net.toml").string(), "--peer-timeout-s", "4", "--key",
+         who == "same" ? key : (dir / "other.key").string(), "--wait-s", "10"},
+        out);
+    ASSERT_TRUE(resume.ok()) << resume.message();
+    resumes.emplace(who, std::move(*resume));
+  }
+  std::map<std::string, int> status;
+  for (auto& [who, resume] : resumes) status[who] = resume.wait_for(120s).value_or(-1);
+  ASSERT_TRUE(client->running()) << "the run ended before the resumes did; nothing was tested";
+  const std::string same = read_file(dir / "same.err").value_or("");
+  const std::string other = read_file(dir / "other.err").value_or("");
+  EXPECT_EQ(status["other"], 2) << other;
+  EXPECT_NE(other.find("its nodes hold it for another client key"), std::string::npos) << other;
+  EXPECT_NE(other.find("resume with the key that started it (--key)"), std::string::npos) << other;
+  EXPECT_EQ(status["same"], 2) << same;
+  EXPECT_NE(same.find("job " + job_dir.filename().string() + " is still run by a live client"), std::string::npos)
+      << same;
+  EXPECT_NE(same.find("stop that client first"), std::string::npos) << same;
+  for (const auto& err : {other, same}) EXPECT_EQ(err.find("node "), std::string::npos) << err;
+  const auto finished = client->wait_for(300s);
+  const std::string err = read_file(dir / "client.err").value_or("");
+  ASSERT_TRUE(finished.has_value()) << err;
+  EXPECT_EQ(*finished, 0) << err;
+  net = Error{};  // the nodes stop
   fs::remove_all(dir);
 }
