@@ -295,11 +295,27 @@ int run_node(const NodeArgs& args) {
   runtime_options.key = &*key;
   runtime_options.memory_limit_bytes = args.memory_limit_mb << 20;
   runtime_options.lease = std::chrono::milliseconds(static_cast<int64_t>(args.lease_s * 1000));
+  net::NodeRuntime* runtime_ptr = nullptr;
+  // A node whose disk is full withdraws its announcement (a signed
+  // tombstone; its GetInfo says the same) until its data dir takes a write
+  // again: listed idle, it would be given jobs whose checkpoints it cannot write.
+  bool withdrawn = false;
+  const auto announcement = [&] {  // info_mutex held
+    const bool full = runtime_ptr && runtime_ptr->disk_full();
+    if (full && !withdrawn)
+      spdlog::warn("this node's disk is full: it withdraws its announcement and takes no jobs until its data dir {} "
+                   "takes a write again (tried every 2 s)",
+                   args.data_dir);
+    else if (!full && withdrawn)
+      spdlog::info("this node's data dir {} takes writes again: it announces itself again", args.data_dir);
+    withdrawn = full;
+    return full ? net::tombstone_info(*key, info.timestamp_ms()) : info;
+  };
   runtime_options.signed_info = [&] {
     std::lock_guard<std::mutex> lock(info_mutex);
-    return net::sign_node_info(info, *key);
+    return net::sign_node_info(announcement(), *key);
   };
-  net::NodeRuntime* runtime_ptr = nullptr;
+  runtime_options.data_dir = args.data_dir;
   runtime_options.on_jobs_change = [&] {
     if (!runtime_ptr) return;
     net::HeldJobs held = runtime_ptr->held();
@@ -313,7 +329,7 @@ int run_node(const NodeArgs& args) {
       info.clear_serving();
       *info.add_serving() = *served;
     }
-    if (discovery) discovery->update_announcement(info);
+    if (discovery) discovery->update_announcement(announcement());
   };
   // Model distribution: the chunks of DATA/models are served (the store
   // outlives the runtime that serves it), and the models held whole announced.
@@ -326,7 +342,7 @@ int run_node(const NodeArgs& args) {
     info.clear_models();
     for (const auto& id : ids) info.add_models(id);
     spdlog::info("announcing {} model(s) held in {}", ids.size(), (*model_store)->dir().string());
-    if (discovery) discovery->update_announcement(info);
+    if (discovery) discovery->update_announcement(announcement());
   });
 
   // The DHT first: a node choosing its span reads the swarm's before it serves.
@@ -443,7 +459,7 @@ int run_node(const NodeArgs& args) {
   {
     std::lock_guard<std::mutex> lock(info_mutex);
     discovery = std::move(dht).value();
-    discovery->announce(info, *key);
+    discovery->announce(announcement(), *key);
   }
   std::cout << "node " << key->node_id() << " listening on " << address << " (dht port "
             << discovery->port() << ", region " << args.region << ", "
@@ -468,7 +484,7 @@ int run_node(const NodeArgs& args) {
       std::lock_guard<std::mutex> lock(info_mutex);
       if (const size_t announced = net::set_link_estimates(info, estimates); announced < estimates.size())
         spdlog::debug("announcing {} of {} link estimates (the DHT's 4 KiB value limit)", announced, estimates.size());
-      discovery->update_announcement(info);
+      discovery->update_announcement(announcement());
     };
     // A node holding a job (training, or an inference session) sends no probes: they would
     // take its link and CPU from the job, and measure the job's own traffic.

@@ -45,13 +45,17 @@ Result<solvernet::v1::NodeInfo> verify_node_info(const solvernet::v1::SignedNode
   return info;
 }
 
-solvernet::v1::SignedNodeInfo sign_tombstone(const NodeKey& key, int64_t timestamp_ms) {
+solvernet::v1::NodeInfo tombstone_info(const NodeKey& key, int64_t timestamp_ms) {
   solvernet::v1::NodeInfo info;
   info.set_node_id(key.node_id());
   info.set_public_key(key.public_key().data(), key.public_key().size());
   info.set_timestamp_ms(timestamp_ms);
   info.set_withdrawn(true);
-  return sign_node_info(info, key);
+  return info;
+}
+
+solvernet::v1::SignedNodeInfo sign_tombstone(const NodeKey& key, int64_t timestamp_ms) {
+  return sign_node_info(tombstone_info(key, timestamp_ms), key);
 }
 
 uint64_t announcement_value_id(const std::string& node_id) {

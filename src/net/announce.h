@@ -17,6 +17,8 @@ solvernet::v1::SignedNodeInfo sign_node_info(const solvernet::v1::NodeInfo& info
 // A withdrawal: node id, key, TIMESTAMP_MS and withdrawn = true, signed like an
 // announcement, so only the node's own key can withdraw it.
 solvernet::v1::SignedNodeInfo sign_tombstone(const NodeKey& key, int64_t timestamp_ms);
+// The same unsigned, for Discovery::update_announcement (which stamps and signs it).
+solvernet::v1::NodeInfo tombstone_info(const NodeKey& key, int64_t timestamp_ms);
 
 // Checks the encoding, the key size, that node_id is the hash of public_key,
 // and the signature. The error names what is wrong.

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <utility>
 
+#include "core/fs.h"
 #include "net/control.h"
 #include "net/rpc.h"
 
@@ -15,6 +16,16 @@ namespace {
 using SteadyClock = std::chrono::steady_clock;
 constexpr uint64_t kSequenceWindow = 1024;
 constexpr int64_t kMiB = 1 << 20;
+constexpr auto kDiskCheckEvery = std::chrono::seconds(2);
+
+// Whether DIR takes a write of 1 MiB now (written whole, then removed).
+bool takes_a_write(const std::filesystem::path& dir) {
+  const auto path = dir / ".disk-check";
+  const bool written = write_file_atomic(path, std::string(kMiB, '\0')).ok();
+  std::error_code ignored;
+  std::filesystem::remove(path, ignored);
+  return written;
+}
 
 int64_t now_us() {
   return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -253,6 +264,22 @@ HeldJobs NodeRuntime::held() const {
   return out;
 }
 
+void NodeRuntime::report_disk_full() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (options_.data_dir.empty() || disk_full_) return;
+    disk_full_ = true;
+    next_disk_check_ = SteadyClock::now() + kDiskCheckEvery;
+  }
+  wake_.notify_all();
+  notify_change();
+}
+
+bool NodeRuntime::disk_full() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return disk_full_;
+}
+
 void NodeRuntime::notify_change() {
   if (options_.on_jobs_change) options_.on_jobs_change();
 }
@@ -260,8 +287,21 @@ void NodeRuntime::notify_change() {
 void NodeRuntime::reaper_loop() {
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
+    if (disk_full_ && next_disk_check_ <= SteadyClock::now()) {
+      lock.unlock();
+      const bool writable = takes_a_write(options_.data_dir);
+      lock.lock();
+      next_disk_check_ = SteadyClock::now() + kDiskCheckEvery;
+      if (writable && disk_full_) {
+        disk_full_ = false;
+        lock.unlock();
+        notify_change();
+        lock.lock();
+      }
+      continue;
+    }
     auto now = SteadyClock::now();
-    auto next = now + std::chrono::seconds(1);
+    auto next = disk_full_ ? std::min(now + std::chrono::seconds(1), next_disk_check_) : now + std::chrono::seconds(1);
     struct Expired {
       std::string id;
       std::function<void(const std::string& why)> on_expire;

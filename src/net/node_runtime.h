@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -31,8 +32,12 @@ struct NodeRuntimeOptions {
   std::chrono::milliseconds lease{30000};             // a job not renewed within this is dropped
   std::chrono::milliseconds control_window{60000};    // signed requests older or newer than this are refused
   std::function<solvernet::v1::SignedNodeInfo()> signed_info;  // for GetInfo (empty: UNIMPLEMENTED)
-  // Runs (without the runtime's lock) after a job is admitted or released.
+  // Runs (without the runtime's lock) after a job is admitted or released,
+  // and when disk_full() changes.
   std::function<void()> on_jobs_change;
+  // This node's data dir, where a write is tried every 2 s while its disk is
+  // full (report_disk_full). Empty: a full disk is not remembered.
+  std::filesystem::path data_dir;
 };
 
 // Memory this machine has available now (MemAvailable), less a 512 MiB margin
@@ -115,6 +120,13 @@ class NodeRuntime {
   void release(const std::string& job_id);
   HeldJobs held() const;
 
+  // A module's write under the data dir failed with ENOSPC or EDQUOT (it
+  // logs why): disk_full() is true until a write of 1 MiB there succeeds
+  // again (tried every 2 s), so the node does not offer itself for jobs
+  // whose checkpoints it cannot write. on_jobs_change runs when it changes.
+  void report_disk_full();
+  bool disk_full() const;
+
  private:
   class NodeServiceImpl;
   struct JobRecord {
@@ -145,6 +157,8 @@ class NodeRuntime {
   bool stopping_ = false;
   int64_t admissions_ = 0;
   std::map<std::string, JobRecord> jobs_;
+  bool disk_full_ = false;
+  std::chrono::steady_clock::time_point next_disk_check_;
   std::thread reaper_;
 };
 

@@ -721,8 +721,8 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
     std::set<std::string> live;
     for (size_t i = 0; i < members_.size(); ++i)
       if (std::find(dead.begin(), dead.end(), i) == dead.end()) live.insert(members_[i].node_id);
-    // A member that says its own checkpoint copy is unusable (node_service's
-    // "local data") is restored from the mirror once; said again, it is
+    // A member that says its own checkpoint copy is unusable (FailureCause
+    // LOCAL_DATA) is restored from the mirror once; said again, it is
     // taken as gone, a bad disk or a node stalling the job with a claim no
     // one can check (it stays out of the spares: it is in LIVE).
     // A member replaced though it answers pings: counted dead, and never taken back by this job.
@@ -734,16 +734,16 @@ Result<int64_t> JobSession::recover(int64_t failed_step, Error failure) {
           unfit_nodes_.insert(who);
         }
     };
-    if (const std::string who = fleet_->last_culprit();
-        !who.empty() && failure.message.find("(local data:") != std::string::npos && ++local_data_failures_[who] >= 2)
-      replace_unfit(who, [&](const net::MemberInfo& m) {
+    const std::string culprit = fleet_->last_culprit();
+    const auto cause = fleet_->last_cause();
+    if (!culprit.empty() && cause == solvernet::v1::FailureCause::LOCAL_DATA && ++local_data_failures_[culprit] >= 2)
+      replace_unfit(culprit, [&](const net::MemberInfo& m) {
         spdlog::warn("{} said its own checkpoint was unusable {} times; it is replaced", member_name(m),
-                     local_data_failures_[who]);
+                     local_data_failures_[culprit]);
       });
-    // A member whose own disk is full (Fleet::blame) answers pings but cannot
-    // write the checkpoints a recovery restores from: it is replaced at once.
-    if (const std::string who = fleet_->last_culprit(); !who.empty() && says_disk_full(failure.message))
-      replace_unfit(who, nullptr);
+    // A member whose own disk is full (FailureCause DISK_FULL) answers pings but
+    // cannot write the checkpoints a recovery restores from: it is replaced at once.
+    if (!culprit.empty() && cause == solvernet::v1::FailureCause::DISK_FULL) replace_unfit(culprit, nullptr);
     live.insert(unfit_nodes_.begin(), unfit_nodes_.end());  // take_spare skips these too
     std::vector<size_t> unreplaced;
     for (size_t i : dead) {

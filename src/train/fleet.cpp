@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/fs.h"
 #include "net/announce.h"
+#include "net/failure_cause.h"
 #include "net/rpc.h"
 #include "train/control.h"
 
@@ -64,6 +64,18 @@ bool taken_over(const grpc::Status& status) {
          refusal.ParseFromString(status.error_details()) && refusal.cause() == solvernet::v1::Refusal::TAKEN_OVER;
 }
 
+// Whether NODE answers CALL (a Node-service call on the stub, with the
+// context) within TIMEOUT, over a channel of its own that checks its node id:
+// a shared one in reconnect backoff would miss a node restarted at its
+// address just now.
+bool node_answers(const net::MemberInfo& node, std::chrono::milliseconds timeout,
+                  const std::function<grpc::Status(solvernet::v1::Node::Stub&, grpc::ClientContext&)>& call) {
+  auto stub = solvernet::v1::Node::NewStub(net::make_channel(node.address, node.node_id));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + timeout);
+  return call(*stub, context).ok();
+}
+
 }  // namespace
 
 FleetTimeouts fleet_timeouts(std::chrono::milliseconds peer_timeout, double rtt_ms) {
@@ -79,23 +91,20 @@ std::string member_name(const net::MemberInfo& m) {
 }
 
 bool answers_ping(const net::MemberInfo& node, std::chrono::milliseconds timeout) {
-  auto stub = solvernet::v1::Node::NewStub(net::make_channel(node.address, node.node_id));
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + timeout);
-  solvernet::v1::PingRequest request;
   solvernet::v1::PingReply reply;
-  return stub->Ping(&context, request, &reply).ok() && reply.node_id() == node.node_id;
+  return node_answers(node, timeout,
+                      [&](auto& stub, auto& context) { return stub.Ping(&context, solvernet::v1::PingRequest{}, &reply); }) &&
+         reply.node_id() == node.node_id;
 }
 
 bool answers_idle(const net::MemberInfo& node, std::chrono::milliseconds timeout) {
-  auto stub = solvernet::v1::Node::NewStub(net::make_channel(node.address, node.node_id));
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + timeout);
-  solvernet::v1::Empty request;
   solvernet::v1::SignedNodeInfo reply;
-  if (!stub->GetInfo(&context, request, &reply).ok()) return false;
+  if (!node_answers(node, timeout,
+                    [&](auto& stub, auto& context) { return stub.GetInfo(&context, solvernet::v1::Empty{}, &reply); }))
+    return false;
   auto info = net::verify_node_info(reply);
-  return info.ok() && info->node_id() == node.node_id && info->busy_job_id().empty();
+  // Withdrawn: the node takes no jobs now (its disk is full).
+  return info.ok() && info->node_id() == node.node_id && !info->withdrawn() && info->busy_job_id().empty();
 }
 
 Fleet::Fleet(const std::vector<net::MemberInfo>& members, std::string job_id, const NodeKey& client_key,
@@ -133,6 +142,7 @@ void Fleet::join_background() {
 }
 
 Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadline, const Call& call) {
+  forget_culprit();
   const size_t n = members_.size();
   const auto liveness = timeouts_.liveness;
   const auto ping_every = std::max<std::chrono::milliseconds>(liveness / 4, std::chrono::milliseconds(100));
@@ -249,6 +259,11 @@ Status Fleet::run_all(const std::string& what, std::chrono::milliseconds deadlin
   return error;
 }
 
+void Fleet::forget_culprit() {
+  last_culprit_.clear();
+  last_cause_ = solvernet::v1::FailureCause::CAUSE_UNSPECIFIED;
+}
+
 Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& statuses,
                    const std::vector<bool>& silent) {
   // A member that found the training blown up (a loss, activation or gradient
@@ -275,9 +290,9 @@ Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& sta
   // recovery restores from), nor is it otherwise at fault; the peers aborted
   // after it are not at all. Kind unavailable: it is replaced like a dead one.
   for (size_t i = 0; i < members_.size(); ++i)
-    if (net::error_kind_of(statuses[i].error_code()) == ErrorKind::resource_exhausted &&
-        says_disk_full(statuses[i].error_message())) {
+    if (net::failure_cause_of(statuses[i]) == solvernet::v1::FailureCause::DISK_FULL) {
       last_culprit_ = members_[i].node_id;
+      last_cause_ = solvernet::v1::FailureCause::DISK_FULL;
       return kind_error(ErrorKind::unavailable, "{} ran out of disk during {} ({}); the job needs another node in its place",
                         member_name(members_[i]), what, statuses[i].error_message());
     }
@@ -290,6 +305,7 @@ Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& sta
   const auto& status = statuses[static_cast<size_t>(culprit)];
   const auto& member = members_[static_cast<size_t>(culprit)];
   last_culprit_ = member.node_id;
+  last_cause_ = net::failure_cause_of(status);
   const ErrorKind kind = net::error_kind_of(status.error_code());
   switch (kind) {
     case ErrorKind::unavailable:
@@ -309,6 +325,7 @@ Error Fleet::blame(const std::string& what, const std::vector<grpc::Status>& sta
 }
 
 Status Fleet::run_one(size_t member, const std::string& what, std::chrono::milliseconds deadline, const Call& call) {
+  forget_culprit();
   grpc::Status status;
   for (int attempt = 0; attempt < 2; ++attempt) {
     grpc::ClientContext context;

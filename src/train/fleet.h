@@ -101,8 +101,13 @@ class Fleet {
   // error to end with then (kind aborted, naming that gap and the lease,
   // during WHAT), or none.
   std::optional<Error> pause_explains(const std::string& what) const;
-  // The node id of the member the last failed call blamed (empty: none yet).
+  // The node id of the member the last run_all or run_one blamed (empty:
+  // it succeeded, or blamed none), and the cause that member gave, typed
+  // (FailureCause in its status's details: LOCAL_DATA, DISK_FULL; else
+  // CAUSE_UNSPECIFIED). A recovery replaces such a member although it
+  // answers pings; what its message says decides nothing.
   const std::string& last_culprit() const { return last_culprit_; }
+  solvernet::v1::FailureCause::Cause last_cause() const { return last_cause_; }
   // MEMBERS (indices) leave the job while the others go on (a dropped DiLoCo
   // group): their leases are no longer renewed, so each node drops the job
   // within one lease of its last renewal even if it hears nothing more, and
@@ -127,7 +132,9 @@ class Fleet {
   Error blame(const std::string& what, const std::vector<grpc::Status>& statuses, const std::vector<bool>& silent);
   // This job's EndJob, unsigned (each attempt signs it afresh).
   solvernet::v1::EndJobRequest end_request(bool abort, const std::string& reason) const;
+  void forget_culprit();  // a call begins: no culprit yet
   std::string last_culprit_;  // node id blame() named last
+  solvernet::v1::FailureCause::Cause last_cause_ = solvernet::v1::FailureCause::CAUSE_UNSPECIFIED;
   void renew_loop();
   // Since the last renewal round began (renew_mutex_ held).
   std::chrono::milliseconds round_gap() const;

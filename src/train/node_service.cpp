@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "net/failure_cause.h"
 #include "net/rpc.h"
 #include "train/control.h"
 #include "train/evidence.h"
@@ -55,7 +56,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     if (!worker.ok()) {
       options_.runtime->release(job_id);
       spdlog::warn("rejected job {}: {}", job_id, worker.message());
-      return net::to_grpc(worker.error());
+      return net::to_grpc(typed(worker.error()));
     }
     reply->set_node_id(options_.runtime->key().node_id());
     reply->set_parameters((*worker)->parameter_count());
@@ -107,7 +108,7 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
       const bool retryable = request->outer_sync() && (kind == ErrorKind::timeout || kind == ErrorKind::unavailable);
       if (!retryable) slot->worker->abort(result.message());
       return result.error().kind == ErrorKind::internal ? grpc::Status(grpc::StatusCode::ABORTED, result.message())
-                                                        : net::to_grpc(result.error());
+                                                        : net::to_grpc(typed(result.error()));
     }
     *reply = std::move(result).value();
     return grpc::Status::OK;
@@ -242,11 +243,11 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
     }
     if (manifests != 1 || request->files(request->files_size() - 1).name() != manifest_name)
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the checkpoint's manifest must come once, last");
-    if (auto made = ensure_directory(store.dir()); !made.ok()) return net::to_grpc(made.error());
+    if (auto made = ensure_directory(store.dir()); !made.ok()) return net::to_grpc(typed(made.error()));
     for (const auto& f : request->files())
       if (auto written = write_file_atomic(store.dir() / f.name(), f.data()); !written.ok()) {
         store.remove_step(request->step());
-        return net::to_grpc(written.error());
+        return net::to_grpc(typed(written.error()));
       }
     if (auto loaded = store.load(request->step()); !loaded.ok()) {
       std::error_code ec;
@@ -308,9 +309,20 @@ class TrainServiceImpl final : public solvernet::v1::Train::Service {
   }
   static grpc::Status local_data(int64_t step, const std::string& why) {
     spdlog::warn("this node's checkpoint of step {} is not usable: {}", step, why);
-    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                        fmt::format("no usable checkpoint of step {} here (local data: restore the role from another "
-                                    "copy): {}", step, why));
+    return net::to_grpc(net::with_failure_cause(
+        kind_error(ErrorKind::unavailable,
+                   "no usable checkpoint of step {} here (local data: restore the role from another copy): {}", step,
+                   why),
+        solvernet::v1::FailureCause::LOCAL_DATA));
+  }
+  // ERROR, a failure of a request of this node's, typed for the client: a
+  // write under its data dir that found the disk full (core/fs's ENOSPC and
+  // EDQUOT errors, of this very process) is FailureCause DISK_FULL, and the
+  // node takes no jobs until its data dir takes a write again.
+  Error typed(Error error) const {
+    if (error.kind != ErrorKind::resource_exhausted || !says_disk_full(error.message)) return error;
+    options_.runtime->report_disk_full();
+    return net::with_failure_cause(std::move(error), solvernet::v1::FailureCause::DISK_FULL);
   }
   static grpc::Status no_job(const std::string& job_id) {
     return grpc::Status(grpc::StatusCode::NOT_FOUND, "this node holds no job " + job_id);

@@ -14,6 +14,7 @@
 #include "model/safetensors.h"
 #include "model/tensor_wire.h"
 #include "net/collectives.h"
+#include "net/failure_cause.h"
 #include "train/allreduce.h"
 #include "train/diloco.h"
 #include "train/trace.h"
@@ -224,14 +225,18 @@ Result<std::unique_ptr<StageWorker>> StageWorker::build(const solvernet::v1::Set
     // dirs), is a fault of this node's disk, not a lie. Said as unavailable,
     // so the client sets the role up again from another copy (its mirror).
     // (A replay's checkpoint is the verifier's download: its errors stay its own.)
+    // The client acts on the typed cause (FailureCause LOCAL_DATA); the text is for people.
+    const auto local_data = [](const std::string& why) {
+      return net::with_failure_cause(
+          kind_error(ErrorKind::unavailable, "{} (local data: restore this role from another copy)", why),
+          solvernet::v1::FailureCause::LOCAL_DATA);
+    };
     auto loaded = restore_from->load(restore_step);
-    if (!loaded.ok() && !offline)
-      return kind_error(ErrorKind::unavailable, "{} (local data: restore this role from another copy)", loaded.message());
+    if (!loaded.ok() && !offline) return local_data(loaded.message());
     SN_ASSIGN(restored, std::move(loaded));
     if (auto other = checkpoint_role_mismatch(restored->manifest, w->job_id_, w->stage_, w->replica_, request.replanned());
         other && !offline)
-      return kind_error(ErrorKind::unavailable, "{}: {} (local data: restore this role from another copy)",
-                        restore_from->manifest_path(restore_step).string(), *other);
+      return local_data(fmt::format("{}: {}", restore_from->manifest_path(restore_step).string(), *other));
     if (w->job_.compression.activations != "none") SN_TRY(ensure_directory(w->buffer_dir_));
     for (const auto& [name, path] : w->buffer_files()) {
       const std::string file = fmt::format("step-{:012d}.{}.buf", restore_step, name);

@@ -25,6 +25,7 @@
 #include "model/data.h"
 #include "model/gpt.h"
 #include "net/control.h"
+#include "net/failure_cause.h"
 #include "net/rpc.h"
 #include "train/control.h"
 #include "train/evidence.h"
@@ -342,6 +343,7 @@ TEST_F(JobDir, ANodeRefusesItsCopyOfAnotherRolesCheckpointAsItsOwnLocalData) {
   const auto other = fetch(0);
   EXPECT_EQ(other.error_code(), grpc::StatusCode::UNAVAILABLE) << other.error_message();
   EXPECT_NE(other.error_message().find("local data"), std::string::npos) << other.error_message();
+  EXPECT_EQ(net::failure_cause_of(other), solvernet::v1::FailureCause::LOCAL_DATA) << other.error_message();
   EXPECT_NE(other.error_message().find("labelled job churn-1 stage 0 replica 1, not job churn-1 stage 0 replica 0"),
             std::string::npos)
       << other.error_message();

@@ -10,10 +10,12 @@
 #include "model/safetensors.h"
 #include "model/tensor_wire.h"
 #include "net/local_mesh.h"
+#include "net/failure_cause.h"
 #include "net/rpc.h"
 #include "train/allreduce.h"
 #include "train/stage_worker.h"
 #include "train/control.h"
+#include "train/fleet.h"
 #include "train/train.h"
 
 using namespace sn;
@@ -201,6 +203,7 @@ struct SingleNode {
     net::NodeRuntimeOptions runtime_options;
     runtime_options.key = &key;
     runtime_options.memory_limit_bytes = memory_limit_bytes;
+    runtime_options.data_dir = dir;
     runtime = std::make_unique<net::NodeRuntime>(runtime_options);
     NodeServiceOptions options;
     options.runtime = runtime.get();
@@ -390,6 +393,8 @@ TEST(NodeService, WritesCheckpointsEveryKStepsKeepsTheLastNAndResumesFromThem) {
   auto missing = node.setup("j1", node.key, 2);
   ASSERT_FALSE(missing.ok());
   EXPECT_NE(missing.error_message().find("no checkpoint of step 2"), std::string::npos) << missing.error_message();
+  // Its own copy at fault, said typed: the client restores the role from another copy.
+  EXPECT_EQ(net::failure_cause_of(missing), solvernet::v1::FailureCause::LOCAL_DATA);
   std::string data = read_file(store.data_path(4)).value();
   data[data.size() - 3] ^= 0x10;
   ASSERT_TRUE(write_file_atomic(store.data_path(4), data).ok());
@@ -397,4 +402,73 @@ TEST(NodeService, WritesCheckpointsEveryKStepsKeepsTheLastNAndResumesFromThem) {
   ASSERT_FALSE(tampered.ok());
   EXPECT_NE(tampered.error_message().find(store.data_path(4).filename().string()), std::string::npos)
       << tampered.error_message();
+  EXPECT_EQ(net::failure_cause_of(tampered), solvernet::v1::FailureCause::LOCAL_DATA);
+}
+
+// A step whose checkpoint finds the node's disk full fails with the typed
+// cause DISK_FULL, and the node says it takes no jobs (disk_full) until its
+// data dir takes a write again, which it tries by itself.
+TEST(NodeService, ACheckpointThatFindsTheDiskFullIsSaidTypedUntilTheDataDirTakesAWrite) {
+  SingleNode node;
+  node.job.train.checkpoint_every = 1;
+  ASSERT_TRUE(node.setup("j1", node.key).ok());
+  auto tokens = torch::randint(0, 32, {2, 8}, torch::kInt64);
+  solvernet::v1::RunStepReply reply;
+  EXPECT_FALSE(node.runtime->disk_full());
+  simulate_disk_full_for_tests(node.dir, 0);
+  const auto full = node.step(0, tokens, tokens, &reply);
+  EXPECT_EQ(full.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << full.error_message();
+  EXPECT_EQ(net::failure_cause_of(full), solvernet::v1::FailureCause::DISK_FULL) << full.error_message();
+  EXPECT_TRUE(node.runtime->disk_full());
+  simulate_disk_full_for_tests("", 0);
+  for (auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+       node.runtime->disk_full() && std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(node.runtime->disk_full()) << "the data dir takes writes again, but the node still says its disk is full";
+}
+
+// The cause a recovery acts on (Fleet::last_cause) is the failed member's
+// typed FailureCause, never its message: a node that only says "local data"
+// or "disk full" in words is blamed like any other, and a Refusal (whose
+// causes share FailureCause's numbers) is no FailureCause.
+TEST(Fleet, TheCauseOfAFailureIsItsTypedDetailsNotItsMessage) {
+  const NodeKey node = NodeKey::generate(), client = NodeKey::generate();
+  net::MemberInfo member;
+  member.node_id = node.node_id();
+  member.address = "127.0.0.1:9";
+  const std::vector<net::MemberInfo> members{member};
+  Fleet fleet(members, "j1", client, FleetTimeouts{}, nullptr);
+  const auto fail_with = [&](const grpc::Status& status) {
+    return fleet.run_one(0, "step 4", std::chrono::seconds(1), [&](size_t, grpc::ClientContext&) { return status; });
+  };
+  using Cause = solvernet::v1::FailureCause;
+  const std::string local = "no usable checkpoint of step 3 here (local data: restore the role from another copy): x";
+  const std::string disk = "/data/checkpoints/x.safetensors: disk full (No space left on device)";
+
+  auto said = fail_with(grpc::Status(grpc::StatusCode::UNAVAILABLE, local));
+  EXPECT_EQ(fleet.last_culprit(), node.node_id());
+  EXPECT_EQ(fleet.last_cause(), Cause::CAUSE_UNSPECIFIED) << said.message();
+  auto typed = fail_with(net::to_grpc(net::with_failure_cause(kind_error(ErrorKind::unavailable, "{}", local),
+                                                              Cause::LOCAL_DATA)));
+  EXPECT_EQ(fleet.last_culprit(), node.node_id());
+  EXPECT_EQ(fleet.last_cause(), Cause::LOCAL_DATA) << typed.message();
+
+  said = fail_with(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, disk));
+  EXPECT_EQ(fleet.last_cause(), Cause::CAUSE_UNSPECIFIED) << said.message();
+  EXPECT_EQ(said.error().kind, ErrorKind::resource_exhausted) << said.message();
+  EXPECT_EQ(said.message().find("ran out of disk"), std::string::npos) << said.message();
+  typed = fail_with(net::to_grpc(net::with_failure_cause(kind_error(ErrorKind::resource_exhausted, "{}", disk),
+                                                         Cause::DISK_FULL)));
+  EXPECT_EQ(fleet.last_cause(), Cause::DISK_FULL) << typed.message();
+  EXPECT_EQ(typed.error().kind, ErrorKind::unavailable) << typed.message();  // replaced like a dead member
+  EXPECT_NE(typed.message().find("ran out of disk"), std::string::npos) << typed.message();
+
+  static_assert(static_cast<int>(solvernet::v1::Refusal::CLIENT_LIVE) == static_cast<int>(Cause::DISK_FULL));
+  solvernet::v1::Refusal refusal;
+  refusal.set_cause(solvernet::v1::Refusal::CLIENT_LIVE);
+  said = fail_with(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "still run by a live client",
+                                refusal.SerializeAsString()));
+  EXPECT_EQ(fleet.last_cause(), Cause::CAUSE_UNSPECIFIED) << said.message();
+  EXPECT_TRUE(fail_with(grpc::Status::OK).ok());
+  EXPECT_TRUE(fleet.last_culprit().empty());
 }
