@@ -1,21 +1,27 @@
 // Multi-process tests of process lifetimes, on 127.0.0.1 with real solvernet
 // processes: a SIGKILLed devnet leaves nothing behind (even with a node frozen
 // mid-step), `chain up` refuses a
-// port another anvil holds, one node per data dir, an unreachable bootstrap is
+// port another anvil holds, one node per data dir, a node SIGKILLed and
+// started again at once on its address, an unreachable bootstrap is
 // reported, a dead node still listed is not placed, and signals give 130/143
 // and stop corpus preparation at once.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "core/fs.h"
@@ -244,6 +250,78 @@ TEST_F(Life, SecondNodeOnOneDataDirExitsTwoNamingThePid) {
   ASSERT_TRUE(third.ok());
   EXPECT_TRUE(wait_for_text(*third, dir / "third.log", "listening on"));
   third->terminate();
+  fs::remove_all(dir);
+}
+
+// Whether the loopback TCP connection from local port FROM to port TO has
+// been accepted by the process listening on TO (/proc/net/tcp and tcp6, as
+// gRPC listens dual-stack: its socket there has an inode once accept() took
+// it from the listen queue).
+bool accepted(int from, int to) {
+  const auto port_of = [](const std::string& address) {
+    const auto colon = address.rfind(':');
+    return colon == std::string::npos ? -1 : std::stoi(address.substr(colon + 1), nullptr, 16);
+  };
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream tcp(table);
+    std::string line;
+    std::getline(tcp, line);  // the header
+    while (std::getline(tcp, line)) {
+      std::istringstream fields(line);
+      std::string slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode;
+      fields >> slot >> local >> remote >> state >> queues >> timer >> retransmits >> uid >> timeout >> inode;
+      if (port_of(local) == to && port_of(remote) == from && !inode.empty() && inode != "0") return true;
+    }
+  }
+  return false;
+}
+
+// A node killed (SIGKILL) while a connection to it was open, and started
+// again at once on its address, is not refused: the killed node's side of
+// that connection lingers in TIME-WAIT for ~60 s, and the port check bound
+// without SO_REUSEADDR took that for "port N is in use" (exit 2), so a lost
+// member could not come back where its client looks for it.
+TEST_F(Life, NodeRestartedOnItsAddressRightAfterSigkillIsNotRefused) {
+  auto dir = scratch("restart-at-once");
+  const fs::path data = dir / "data";
+  SpawnOptions first_log;
+  first_log.stdout_path = first_log.stderr_path = dir / "first.log";
+  auto first = ChildProcess::spawn({bin(), "node", "--data", data.string(), "--listen", "127.0.0.1:0", "--dht-port", "0"},
+                                   first_log);
+  ASSERT_TRUE(first.ok());
+  const std::string address = test::node_address(dir / "first.log", "");
+  ASSERT_FALSE(address.empty()) << read_file(dir / "first.log").value_or("");
+  const int port = std::stoi(address.substr(address.rfind(':') + 1));
+  // A client's connection, held open across the kill (as a job's client holds one).
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in to{};
+  to.sin_family = AF_INET;
+  to.sin_port = htons(static_cast<uint16_t>(port));
+  to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&to), sizeof(to)), 0) << std::strerror(errno);
+  sockaddr_in from{};
+  socklen_t from_size = sizeof(from);
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&from), &from_size), 0);
+  // Unaccepted, it would be reset at the kill and leave nothing behind.
+  bool taken = false;
+  for (auto until = std::chrono::steady_clock::now() + 10s; !taken && std::chrono::steady_clock::now() < until;) {
+    taken = accepted(ntohs(from.sin_port), port);
+    if (!taken) std::this_thread::sleep_for(20ms);
+  }
+  ASSERT_TRUE(taken) << "the node did not accept the connection";
+  ::kill(first->pid(), SIGKILL);
+  first->wait();
+  ::close(fd);  // the killed node's side closed first: it is the one left in TIME-WAIT
+  SpawnOptions again_log;
+  again_log.stdout_path = again_log.stderr_path = dir / "again.log";
+  auto again = ChildProcess::spawn({bin(), "node", "--data", data.string(), "--listen", address, "--dht-port", "0"},
+                                   again_log);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(wait_for_text(*again, dir / "again.log", "listening on " + address));
+  EXPECT_EQ(read_file(dir / "again.log").value_or("").find("is in use"), std::string::npos)
+      << read_file(dir / "again.log").value_or("");
+  again->terminate();
   fs::remove_all(dir);
 }
 

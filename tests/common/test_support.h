@@ -119,6 +119,17 @@ inline Result<ChildProcess> own_node(const fs::path& dir, int i, const std::stri
   return ChildProcess::spawn(argv, quiet);
 }
 
+// The address the node NODE_ID (empty: any) printed in LOG as it started
+// ("node ID listening on ADDRESS (…"), waiting up to LIMIT; empty if none.
+inline std::string node_address(const fs::path& log, const std::string& node_id,
+                                std::chrono::seconds limit = std::chrono::seconds(30)) {
+  const std::string line = node_id.empty() ? " listening on " : "node " + node_id + " listening on ";
+  if (!wait_for_text(log, line, limit)) return "";
+  const std::string text = read_file(log).value_or("");
+  const auto at = text.find(line) + line.size();
+  return text.substr(at, text.find(' ', at) - at);
+}
+
 // A DHT bootstrap and COUNT nodes of one's own (own_node: the first half in
 // region a, the rest in b), their output in DIR/procs.log; LAST_FLAGS are added
 // to the last node's, EVERY_FLAGS to each node's. The processes stop when it goes.

@@ -73,9 +73,14 @@ const DevnetRun& reference(const std::string& job, int nodes, int steps = 0) {
   return runs[key];
 }
 
-std::string node_id_of(const fs::path& devnet_dir, int node) {
-  auto key = NodeKey::load_or_create(devnet_dir / ("node" + std::to_string(node)));
+// The node id of the node whose data dir is DATA_DIR (empty: none).
+std::string node_id_in(const fs::path& data_dir) {
+  auto key = NodeKey::load_or_create(data_dir);
   return key.ok() ? key->node_id() : "";
+}
+
+std::string node_id_of(const fs::path& devnet_dir, int node) {
+  return node_id_in(devnet_dir / ("node" + std::to_string(node)));
 }
 
 // The recovery report of a summary, checked for one recovery that replaced one node.
@@ -957,7 +962,73 @@ TEST(Churn, AMemberWhoseDiskFillsUpIsReplaced) {
     EXPECT_TRUE(fs::exists(it->path().parent_path() / (name.substr(0, 17) + ".manifest.json")))
         << it->path() << " was left without its manifest";
   }
+  // The full node no longer offers itself for jobs: it withdrew its
+  // announcement (its data dir never takes a write again here), while the
+  // member and the spare are listed.
+  EXPECT_NE(log.find("this node's disk is full: it withdraws its announcement"), std::string::npos) << log;
+  std::set<std::string> listed;
+  for (auto until = std::chrono::steady_clock::now() + 30s; std::chrono::steady_clock::now() < until;) {
+    const auto peers = test::run_command(
+        {test::solvernet_bin(), "peers", "--bootstrap", net->dht.address, "--json", "--wait-ms", "2000"}, dir, 30s);
+    const auto nodes = nlohmann::json::parse(peers.out, nullptr, false);
+    listed.clear();
+    if (nodes.is_array())
+      for (const auto& n : nodes) listed.insert(n.value("node_id", ""));
+    if (!listed.count(full_node->node_id()) && listed.size() == 2) break;
+    std::this_thread::sleep_for(500ms);
+  }
+  EXPECT_FALSE(listed.count(full_node->node_id())) << "the node whose disk is full is still listed";
+  EXPECT_TRUE(listed.count(node_id_in(dir / "n0")) && listed.count(spare_node->node_id()))
+      << listed.size() << " node(s) listed";
   spare->terminate();
+  net = Error{};
+  fs::remove_all(dir);
+}
+
+// The lost-member take-back without the DHT: the bootstrap killed, then a
+// member (SIGKILL) restarted at once on its address with its data dir. No
+// spare can be found through the DHT; the recovery asks the lost member at
+// its address, finds it idle and takes it back, and the job finishes. It
+// needs both: the take-back (take_spare's answers_idle) and a node restarted
+// on its address at once not being refused for the killed one's TIME-WAIT
+// connections (the client held connections to it).
+TEST(Churn, ALostMemberRestartedAtItsAddressIsTakenBackWithoutTheDht) {
+  auto dir = test::scratch("churn", "take-back");
+  auto net = own_network(dir, 2);
+  ASSERT_TRUE(net.ok()) << net.message();
+  auto client = train_client(dir, {"--job", data("churn-pipeline.toml").string(), "--steps", "100", "--bootstrap",
+                                   net->dht.address, "--topology", data("churn-net.toml").string(), "--peer-timeout-s",
+                                   "4", "--key", (dir / "client.key").string(), "--job-dir", (dir / "jobs").string(),
+                                   "--spare-wait-s", "60", "--json"});
+  ASSERT_TRUE(client.ok());
+  ASSERT_TRUE(wait_for_first_checkpoint(dir / "jobs", 90s)) << read_file(dir / "client.err").value_or("");
+  const std::string member = node_id_in(dir / "n1");  // made by the node, which holds the job by now
+  const std::string address = test::node_address(dir / "procs.log", member);
+  ASSERT_FALSE(address.empty()) << read_file(dir / "procs.log").value_or("");
+  ::kill(net->dht.process.pid(), SIGKILL);
+  ::kill(net->nodes[1].pid(), SIGKILL);
+  net->nodes[1].wait();
+  SpawnOptions restarted_log;
+  restarted_log.stdout_path = restarted_log.stderr_path = dir / "restarted.log";
+  auto restarted = ChildProcess::spawn({test::solvernet_bin(), "node", "--data", (dir / "n1").string(), "--listen",
+                                        address, "--dht-port", "0", "--bootstrap", net->dht.address, "--region", "b"},
+                                       restarted_log);
+  ASSERT_TRUE(restarted.ok());
+  const auto status = client->wait_for(240s);
+  const std::string err = read_file(dir / "client.err").value_or("");
+  const std::string restarted_out = read_file(dir / "restarted.log").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 0) << err << "\nthe restarted node: " << restarted_out;
+  EXPECT_TRUE(restarted->running()) << restarted_out;
+  const auto summary = nlohmann::json::parse(read_file(dir / "client.out").value_or("{}"), nullptr, false);
+  ASSERT_FALSE(summary.is_discarded()) << err;
+  const auto& recoveries = summary["recovery"]["recoveries"];
+  ASSERT_EQ(recoveries.size(), 1u) << summary["recovery"].dump(2) << err;
+  ASSERT_EQ(recoveries[0]["replacements"].size(), 1u) << recoveries.dump(2);
+  const std::string back = recoveries[0]["replacements"][0];
+  EXPECT_NE(back.find("node " + member.substr(0, 8)), std::string::npos) << back;
+  EXPECT_NE(back.find(" at " + address), std::string::npos) << back;
+  restarted->terminate();
   net = Error{};
   fs::remove_all(dir);
 }
