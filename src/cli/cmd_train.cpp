@@ -7,6 +7,7 @@
 
 #include "cli/command.h"
 #include "cli/job_runner.h"
+#include "cli/signals.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/process.h"
@@ -39,10 +40,14 @@ struct TrainArgs {
   int kill_self_at_mirror = 0;  // test only
   std::string kill_self_at_relayout;  // test only
   int job_dir_full_at_mirror = 0;  // test only
+  bool out_disk_full = false;  // test only
 };
 
 int run_train(const TrainArgs& args) {
   init_logging("train", "warn");
+  // From the start: a Ctrl-C before the first wait (reading the job dir,
+  // checking the corpus) would otherwise end the process with no word.
+  install_stop_handlers();
   if (args.job_file.empty() == args.resume.empty())
     return fail("train", "give --job FILE, or --resume JOB_DIR to continue a stopped job", 2);
   if (!args.resume.empty() && args.local) return fail("train", "--resume continues a job on nodes, not --local", 2);
@@ -97,6 +102,10 @@ int run_train(const TrainArgs& args) {
     if (spec.job.diloco.enabled)
       return fail("train", fmt::format("{}: resuming a [diloco] job is not supported yet; start it again", args.resume), 2);
     auto state = train::read_job_dir(args.resume, spec.job);
+    if (stop_requested())
+      return fail("train", "interrupted while reading the job dir; " +
+                               (state.ok() ? train::resume_advice(args.resume, state->checkpoint_step)
+                                           : fmt::format("it is as it was: {}", args.resume)));
     if (!state.ok()) return fail("train", state.message(), 2);
     if (state->finished == "completed")
       return fail("train", fmt::format("{}: the job {} has completed; nothing to resume", args.resume, state->job_id), 2);
@@ -108,6 +117,8 @@ int run_train(const TrainArgs& args) {
     spec.resume_replanned = state->replanned;
     spec.planned_replicas = state->planned_replicas;
     spec.job.parallel.replicas = state->replicas;  // job.toml keeps the planned ones
+    spec.layout_replicas = state->replicas;
+    if (spec.planned_replicas == 0) spec.planned_replicas = job->parallel.replicas;
     spec.resume_layout = state->layout;
     spec.resumed_corpus = state->corpus;
     changed = state->changed;
@@ -140,6 +151,11 @@ int run_train(const TrainArgs& args) {
   if (args.plan_from == "topology" && !spec.topology) return fail("train", "--plan-from topology needs a --topology", 2);
   spec.plan_from_probes = args.plan_from == "probes";
   if (auto checked = check_run_inputs(spec, args.local); !checked.ok()) return fail("train", checked.message(), 2);
+  if (stop_requested())
+    return fail("train", "interrupted while checking the job's inputs, before any node was contacted" +
+                             (spec.resume ? "; " + train::resume_advice(spec.job_dir, spec.resume_step) : ""));
+  if (args.out_disk_full && !spec.model_out.empty())
+    simulate_disk_full_for_tests(spec.model_out.has_parent_path() ? spec.model_out.parent_path() : ".", 0);
   Result<nlohmann::json> summary = Error{};
   if (args.local) {
     summary = run_job_locally(spec);
@@ -170,13 +186,33 @@ int run_train(const TrainArgs& args) {
     }
     // Spares are asked for, not required: with too few nodes the job runs without them.
     const bool show_wait = !args.json;
-    auto nodes = discover_nodes(args.bootstrap, want + static_cast<size_t>(spec.spares),
-                                std::chrono::seconds(spec.spares > 0 ? std::max(1, args.wait_s / 2) : args.wait_s),
-                                std::chrono::milliseconds(5000), 0, std::chrono::milliseconds(0), show_wait);
-    if (!nodes.ok() && spec.spares > 0) {
+    // A resumed job that finds fewer nodes than its replicas need, once the
+    // whole wait is over, starts on the whole replicas they fill, as a job
+    // that loses a replica group re-plans (and grows back the same way).
+    const size_t enough = spec.resume && spec.resume_step > 0 && train::replannable(spec.job)
+                              ? static_cast<size_t>(spec.job.parallel.stages)
+                              : want;
+    const auto wait = std::chrono::seconds(spec.spares > 0 ? std::max(1, args.wait_s / 2) : args.wait_s);
+    auto nodes = spec.spares > 0 ? discover_nodes(args.bootstrap, want + static_cast<size_t>(spec.spares), wait,
+                                                  std::chrono::milliseconds(5000), 0, std::chrono::milliseconds(0),
+                                                  show_wait)
+                                 : discover_nodes(args.bootstrap, want, wait, std::chrono::milliseconds(5000), enough,
+                                                  wait, show_wait);
+    if (!nodes.ok() && spec.spares > 0 && nodes.error().kind != ErrorKind::aborted) {
       std::cerr << "train: " << nodes.message() << "; running without all the spares\n";
-      nodes = discover_nodes(args.bootstrap, want, std::chrono::seconds(std::max(1, args.wait_s / 2)),
-                             std::chrono::milliseconds(5000), 0, std::chrono::milliseconds(0), show_wait);
+      nodes = discover_nodes(args.bootstrap, want, wait, std::chrono::milliseconds(5000), enough, wait, show_wait);
+    }
+    if (nodes.ok() && nodes->size() < want) {
+      const int64_t stages = spec.job.parallel.stages, replicas = spec.job.parallel.replicas;
+      const int64_t fit = train::replicas_that_fit(spec.job, static_cast<int64_t>(nodes->size()));
+      if (fit < 1)
+        return fail("train", fmt::format("found {} idle node(s), the job needs {}; {}", nodes->size(), want,
+                                         train::resume_advice(spec.job_dir, spec.resume_step)));
+      std::cerr << fmt::format("train: found {} idle node(s) of the {} that {} stages × {} replicas need; resuming on "
+                               "{} replica(s) from its checkpoint of step {}, re-planned as a job that loses a replica "
+                               "group is (it grows back once idle nodes fill whole replicas)\n",
+                               nodes->size(), want, stages, replicas, fit, spec.resume_step);
+      spec.job.parallel.replicas = fit;
     }
     if (!nodes.ok()) {
       // Interrupted before any node took the job: the job dir is as it was.
@@ -239,6 +275,8 @@ CommandRegistration train_command(
       app.add_option("--job-dir-full-at-mirror", args->job_dir_full_at_mirror,
                      "Test: N, from the N-th mirrored checkpoint on, the job dir is a full disk: one more file is "
                      "written, then every write fails with ENOSPC")->group("");
+      app.add_flag("--out-disk-full", args->out_disk_full,
+                   "Test: --out's directory is a full disk: writing the model there fails with ENOSPC")->group("");
       add_insecure_flag(app);
       return [args] { return run_train(*args); };
     });

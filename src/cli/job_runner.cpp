@@ -1,5 +1,6 @@
 #include "cli/job_runner.h"
 
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -178,7 +179,18 @@ nlohmann::json summary_of(const RunSpec& spec, const train::TrainResult& result,
 
 Status check_run_inputs(const RunSpec& spec, bool local) {
   // Every flag here has the same reach as a job file field: refused before any work.
-  if (!spec.model_out.empty()) SN_TRY(check_output_file(spec.model_out, "--out"));
+  if (!spec.model_out.empty()) {
+    SN_TRY(check_output_file(spec.model_out, "--out"));
+    // The weights alone (fp32) need this much room once the job is done.
+    const auto dir = spec.model_out.has_parent_path() ? spec.model_out.parent_path() : std::filesystem::path(".");
+    const double weights = 4.0 * static_cast<double>(spec.job.model.parameter_count());
+    struct statvfs disk {};
+    if (::statvfs(dir.c_str(), &disk) == 0 &&
+        static_cast<double>(disk.f_bavail) * static_cast<double>(disk.f_frsize) < weights)
+      return input_error("--out {}: its disk has {} free, the model's weights need {}", spec.model_out.string(),
+                         megabytes(static_cast<int64_t>(disk.f_bavail * disk.f_frsize)),
+                         megabytes(static_cast<int64_t>(weights)));
+  }
   // Where this process builds the whole model (to train it locally, to check --init,
   // to measure compute for the scheduler or scaled links), a model too large for it
   // is refused here rather than as a bad_alloc. Nodes hold only their stages.
@@ -335,14 +347,14 @@ Result<std::vector<solvernet::v1::NodeInfo>> discover_nodes(const std::vector<st
         if (!n.busy_job_id().empty()) holders.insert(n.busy_job_id());
       const auto left = std::chrono::duration_cast<std::chrono::seconds>(deadline - std::chrono::steady_clock::now());
       wait_line(fmt::format("waiting for nodes via {}: {} of {} idle and answering{}; at most {} s more",
-                            bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), live.size(), floor,
+                            bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), live.size(), want,
                             holders.empty() ? "" : fmt::format(", {} busy with job {} until it ends or its lease runs out",
                                                                nodes.size() - idle.size(), fmt::join(holders, ", ")),
                             std::max<int64_t>(0, left.count())));
     }
     if (stop_requested())
       return kind_error(ErrorKind::aborted, "interrupted while waiting for nodes via {} ({} of {} idle and answering)",
-                        bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), live.size(), floor);
+                        bootstrap.empty() ? std::string("(no bootstrap)") : bootstrap.front(), live.size(), want);
     if (std::chrono::steady_clock::now() >= deadline) {
       // The count named is the one required (the rest were wanted, not needed).
       if (idle.size() >= floor)
@@ -736,6 +748,7 @@ Result<nlohmann::json> run_job_on_nodes(const RunSpec& spec, const std::vector<s
     options.recovery.kill_self_at_mirror = spec.kill_self_at_mirror;
     options.recovery.kill_self_at_relayout = spec.kill_self_at_relayout;
     options.recovery.layout = spec.resume_layout;
+    options.recovery.layout_replicas = spec.layout_replicas;
     options.recovery.job_dir_full_at_mirror = spec.job_dir_full_at_mirror;
     // Nodes that joined (or came back) since the job began are found through the DHT.
     // (A member that died and came back with its data dir is one of them; the

@@ -55,6 +55,7 @@ struct RunSpec {
   int kill_self_at_mirror = 0;         // test: see RecoveryOptions::kill_self_at_mirror
   std::string kill_self_at_relayout;   // test: see RecoveryOptions::kill_self_at_relayout
   std::string resume_layout = "checkpoints";  // --resume: the job dir's checkpoint layout
+  int64_t layout_replicas = 0;         // --resume: the replicas that layout holds (job.parallel.replicas may be fewer)
   int job_dir_full_at_mirror = 0;      // test: see RecoveryOptions::job_dir_full_at_mirror
   // Called after every step with the job's current members (the devnet's hidden kill switch).
   std::function<void(const train::StepReport&)> on_step;

@@ -15,6 +15,7 @@
 #include "cli/signals.h"
 #include "core/kernels.h"
 #include "core/log.h"
+#include "core/process.h"
 #include "net/tls.h"
 
 namespace sn::cli {
@@ -48,10 +49,57 @@ static void grpc_log_when_verbose(gpr_log_func_args* args) {
     std::fprintf(stderr, "grpc %s:%d] %s\n", args->file, args->line, args->message);
 }
 
+// Set across pin_blas_kernels' re-execution of this program, while the stop
+// signals are blocked (see main()).
+constexpr const char* kStopsBlockedForExec = "SOLVERNET_STOPS_BLOCKED_FOR_EXEC";
+
+// Runs before any shared library's initializers (LibTorch's take seconds on
+// a loaded machine, twice: pin_blas_kernels starts the program again): a
+// Ctrl-C in that time is noted for the command to report, rather than end
+// the process with no word.
+static struct sigaction inherited_sigint, inherited_sigterm;
+static void note_stop_signals_from_the_start(int, char**, char** env) {
+  struct sigaction action {};
+  action.sa_handler = [](int signal_number) { sn::note_stop_signal(signal_number); };
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGINT, &action, &inherited_sigint);
+  sigaction(SIGTERM, &action, &inherited_sigterm);
+  // Started again by main(): the stop signals it blocked (one may be pending) come here now.
+  // Plain C: libstdc++'s own initializers have not run yet.
+  const size_t length = std::strlen(kStopsBlockedForExec);
+  for (char** e = env; e && *e; ++e)
+    if (std::strncmp(*e, kStopsBlockedForExec, length) == 0 && (*e)[length] == '=') {
+      sigset_t stops;
+      sigemptyset(&stops);
+      sigaddset(&stops, SIGINT);
+      sigaddset(&stops, SIGTERM);
+      sigprocmask(SIG_UNBLOCK, &stops, nullptr);
+    }
+}
+__attribute__((section(".preinit_array"), used)) static void (*const note_stop_signals_early)(int, char**, char**) =
+    note_stop_signals_from_the_start;
+
 }  // namespace sn::cli
 
 int main(int argc, char** argv) {
+  // The inherited actions again, until a command installs its own handling
+  // (cli/signals.h). pin_blas_kernels may start this program again: the stop
+  // signals stay blocked across that exec, and one that came is left pending
+  // for the new start's handler. A stop is said once the command is known.
+  sigset_t stops;
+  sigemptyset(&stops);
+  sigaddset(&stops, SIGINT);
+  sigaddset(&stops, SIGTERM);
+  sigprocmask(SIG_BLOCK, &stops, nullptr);
+  sigaction(SIGINT, &sn::cli::inherited_sigint, nullptr);
+  sigaction(SIGTERM, &sn::cli::inherited_sigterm, nullptr);
+  const bool stopped = sn::stop_requested();
+  if (stopped) raise(sn::stop_signal());
+  setenv(sn::cli::kStopsBlockedForExec, "1", 1);
   sn::pin_blas_kernels();
+  unsetenv(sn::cli::kStopsBlockedForExec);
+  if (stopped) sn::cli::note_stop_signals_from_the_start(argc, argv, nullptr);
+  sigprocmask(SIG_UNBLOCK, &stops, nullptr);
   if (!std::getenv("GRPC_VERBOSITY")) gpr_set_log_function(sn::cli::grpc_log_when_verbose);
   // A peer that vanishes mid-write must surface as an error, not kill us.
   signal(SIGPIPE, SIG_IGN);
@@ -77,6 +125,10 @@ int main(int argc, char** argv) {
   }
   for (auto& [sub, run] : runners)
     if (sub->parsed()) {
+      if (sn::stop_requested()) {
+        sn::cli::fail(sub->get_name(), "interrupted as it started; nothing was done");
+        return sn::cli::stop_exit_code();
+      }
       // Errors are values; these catch what escaped a library anyway. A user sees one
       // line: LibTorch's what() carries a stack trace after its first line.
       int code = 1;

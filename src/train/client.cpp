@@ -13,6 +13,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <stop_token>
@@ -167,6 +168,10 @@ class JobSession {
   // RESTORE: the checkpoint the members restart from, recorded in state.json
   // as one that predates the re-plan.
   bool replan(const std::vector<size_t>& unreplaced, int64_t restore, std::string& why);
+  // --resume with fewer replicas than the job dir's layout holds (too few
+  // nodes): the layout keeps the first ones, from the resumed checkpoint,
+  // as replan() keeps the groups left whole.
+  Status replan_at_resume();
   // At the mirrored checkpoint of STEP of a re-planned job: if idle nodes
   // answer (no waiting) for whole groups, adds groups back towards the
   // planned replicas and sets every member up from that checkpoint (the new
@@ -316,7 +321,8 @@ Status JobSession::prepare_data() {
     return make_error("resuming at step {} with {} earlier losses", start_step_, result_.losses.size());
   if (recovery_enabled()) {
     result_.job_dir = recovery.job_dir;
-    mirror_.emplace(recovery.job_dir, stages_, replicas_, recovery.layout);
+    mirror_.emplace(recovery.job_dir, stages_, recovery.layout_replicas > 0 ? recovery.layout_replicas : replicas_,
+                    recovery.layout);
     // job.toml keeps the job as planned (state.json has the replicas it runs on).
     JobConfig planned = job_;
     planned.parallel.replicas = planned_replicas_;
@@ -327,6 +333,7 @@ Status JobSession::prepare_data() {
     if (start_step_ > 0) mirror_->prune_all_but(start_step_);
     // The checkpoint resumed from is one a re-plan restarted from: restored the same way.
     if (recovery.resume_replanned && start_step_ > 0) replanned_at_ = start_step_;
+    if (start_step_ > 0 && replicas_ < mirror_->replicas()) SN_TRY(replan_at_resume());
   }
   step_deadline_.emplace(deadlines_.step, deadlines_.step_floor);
   return ok_status();
@@ -848,6 +855,28 @@ bool JobSession::replan(const std::vector<size_t>& unreplaced, int64_t restore, 
   // state.json moves to the renumbered layout, and says its checkpoint predates the re-plan.
   if (mirror_) switch_layout(restore);
   return true;
+}
+
+Status JobSession::replan_at_resume() {
+  RecoveryReport report;
+  report.failed_step = report.restored_step = start_step_;
+  report.replicas_before = mirror_->replicas();
+  report.replicas_after = replicas_;
+  report.aqsgd = job_.compression.activations == "aqsgd"
+                     ? "restored from the checkpoint; samples new to a pair are sent in full once"
+                     : "none";
+  std::vector<int64_t> kept(static_cast<size_t>(replicas_));
+  std::iota(kept.begin(), kept.end(), int64_t{0});
+  if (auto renumbered = mirror_->renumber_replicas(kept); !renumbered.ok())
+    return Error{fmt::format("cannot re-plan the job on {} replicas: {}; {}", replicas_, renumbered.message(),
+                             resume_advice(options_.recovery.job_dir, start_step_)),
+                 1, renumbered.error().kind};
+  replanned_at_ = start_step_;
+  switch_layout(start_step_);
+  spdlog::info("re-planned from {} to {} replicas at step {}: too few nodes", report.replicas_before, replicas_,
+               start_step_);
+  result_.recoveries.push_back(report);
+  return ok_status();
 }
 
 std::vector<net::MemberInfo> JobSession::ready_idle_nodes(const std::set<std::string>& in_job) {
@@ -1587,12 +1616,29 @@ Status JobSession::fetch_model() {
     for (auto& [name, tensor] : tensors)
       if (seen.insert(name).second) whole.emplace_back(name, tensor);
   }
-  SN_TRY(ensure_directory(options_.model_out.has_parent_path() ? options_.model_out.parent_path()
-                                                                : std::filesystem::path(".")));
   auto metadata = model::model_file_metadata(job_.name, job_.model, tokenizer_vocab_);
   metadata["job"] = job_.name;
   metadata["steps"] = std::to_string(job_.train.steps);
-  SN_TRY(model::save_safetensors(options_.model_out, whole, metadata));
+  Status saved = ensure_directory(options_.model_out.has_parent_path() ? options_.model_out.parent_path()
+                                                                        : std::filesystem::path("."));
+  if (saved.ok()) saved = model::save_safetensors(options_.model_out, whole, metadata);  // atomic: nothing half-written
+  if (!saved.ok()) {
+    // The training is not lost with the file: the job dir keeps its newest
+    // checkpoint (state.json is not marked completed), and a resume from it
+    // runs the steps after it again, to the same weights.
+    const int64_t kept = resumable_step();
+    const std::string what = fmt::format("--out {}: {}", options_.model_out.string(), saved.message());
+    if (kept <= 0)
+      return Error{fmt::format("{}; the trained model is lost (no job dir kept a checkpoint of it: give --job-dir)",
+                               what),
+                   1, saved.error().kind};
+    return Error{fmt::format("{}; the trained model is not lost: the job dir {} keeps its checkpoint of step {}, and "
+                             "solvernet train --resume {} --bootstrap HOST:PORT --out OTHER_PATH runs the {} step(s) "
+                             "after it again and writes the model there",
+                             what, options_.recovery.job_dir.string(), kept, options_.recovery.job_dir.string(),
+                             job_.train.steps - kept),
+                 1, saved.error().kind};
+  }
   SN_ASSIGN(std::string bytes, read_file(options_.model_out));
   result_.model_path = options_.model_out;
   result_.model_hash = to_hex(hash_string(bytes));

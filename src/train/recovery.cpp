@@ -434,10 +434,17 @@ Result<JobDirState> read_job_dir(const fs::path& job_dir, const JobConfig& job) 
                        held.empty() ? std::string("it holds none")
                                     : fmt::format("it holds step{} {}", held.size() > 1 ? "s" : "", fmt::join(held, ", ")));
   }
-  if (stages != job.parallel.stages || replicas != running.parallel.replicas)
-    return input_error("{}: its checkpoints of step {} are of {} stages × {} replicas, job.toml asks for {} × {}; "
-                       "the job must stay the one checkpointed",
-                       job_dir.string(), step, stages, replicas, job.parallel.stages, job.parallel.replicas);
+  if (stages != job.parallel.stages || replicas != running.parallel.replicas) {
+    // After a re-plan the replicas checked are state.json's, not job.toml's planned ones.
+    const std::string expected =
+        running.parallel.replicas == job.parallel.replicas
+            ? fmt::format("job.toml asks for {} × {}", job.parallel.stages, job.parallel.replicas)
+            : fmt::format("the job runs on {} × {} (job.toml's stages, state.json's replicas: re-planned from {})",
+                          job.parallel.stages, running.parallel.replicas, job.parallel.replicas);
+    return input_error("{}: its checkpoints of step {} are of {} stages × {} replicas, {}; the job must stay the one "
+                       "checkpointed",
+                       job_dir.string(), step, stages, replicas, expected);
+  }
   const auto ranges = stage_layer_ranges(job.model.layers, job.parallel.stages);
   Hash256 saved_cursor{};  // every role's is the same: stage 0 replica 0's
   for (int64_t s = 0; s < job.parallel.stages; ++s) {
@@ -526,13 +533,31 @@ std::vector<TakeoverAnswer> end_stopped_run(const std::vector<net::MemberInfo>& 
   return answers;
 }
 
+bool replannable(const JobConfig& job) { return !job.verify.enabled && !job.privacy.enabled; }
+
+int64_t replicas_that_fit(const JobConfig& job, int64_t nodes) {
+  for (int64_t r = std::min(job.parallel.replicas, nodes / std::max<int64_t>(1, job.parallel.stages)); r > 0; --r)
+    if (job.train.global_batch % (r * job.parallel.micro_batches) == 0) return r;
+  return 0;
+}
+
 std::string resume_advice(const fs::path& job_dir, int64_t step, const std::string& note) {
   if (step <= 0)
     return fmt::format("no checkpoint was mirrored yet (set train.checkpoint_every); the job dir is {}",
                        job_dir.string());
+  // The layout state.json names is the one --resume reads (checkpoints-<n>
+  // after a re-plan or grow-back); read now, as the job leaves it.
+  std::string layout;
+  if (auto text = read_file(job_dir / "state.json"); text.ok()) {
+    const auto j = nlohmann::json::parse(*text, nullptr, false);
+    if (j.is_object() && j.contains("layout") && j["layout"].is_string() &&
+        CheckpointMirror::is_layout_name(j["layout"].get<std::string>()))
+      layout = j["layout"].get<std::string>();
+  }
   return fmt::format("the job stopped at its checkpoint of step {}{} in {}; continue it with: solvernet train --resume "
                      "{} --bootstrap HOST:PORT",
-                     step, note.empty() ? "" : " (" + note + ")", (job_dir / "checkpoints").string(), job_dir.string());
+                     step, note.empty() ? "" : " (" + note + ")", (layout.empty() ? job_dir : job_dir / layout).string(),
+                     job_dir.string());
 }
 
 std::optional<ReplicaDisagreement> replica_disagreement(const std::vector<std::string>& names,

@@ -36,6 +36,7 @@ class CheckpointMirror {
                    std::string layout = kFirstLayout);
 
   const std::string& layout() const { return layout_; }
+  int64_t replicas() const { return replicas_; }
   std::filesystem::path role_dir(int64_t stage, int64_t replica) const;
   // Writes FILES (the manifest last) as ROLE's checkpoint of STEP, then loads
   // it whole to check sizes and BLAKE2b against the manifest. On failure the

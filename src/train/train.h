@@ -250,8 +250,13 @@ struct RecoveryOptions {
   // mirrored checkpoint, between the job dir's state.json write and the prune
   // of the older checkpoints (0: never).
   int kill_self_at_mirror = 0;
-  // --resume: the job dir's checkpoint layout (JobDirState::layout).
+  // --resume: the job dir's checkpoint layout (JobDirState::layout), and
+  // the replicas it holds (JobDirState::replicas; 0: the job's). The job's
+  // replicas may be fewer (too few nodes came): it re-plans on the first
+  // ones at resume_step before the members are set up, as a job that lost
+  // the other groups there would have.
   std::string layout = "checkpoints";
+  int64_t layout_replicas = 0;
   // Test (train --kill-self-at-relayout): SIGKILL the client at its first
   // re-plan or grow-back once the new checkpoint layout is "built" (state.json
   // still names the old one) or "switched" (state.json names the new one, the
@@ -301,6 +306,14 @@ struct JobDirState {
 // missing or differs. Fields outside the state (lr, …) may differ: they are
 // listed in `changed`.
 Result<JobDirState> read_job_dir(const std::filesystem::path& job_dir, const JobConfig& job);
+
+// Whether JOB may go on with fewer replica groups than planned (a re-plan):
+// not a [verify] job (its evidence is per planned role) nor a [privacy] one
+// (pair keys, threshold and noise are per planned replica).
+bool replannable(const JobConfig& job);
+// The most replicas of JOB, at most its own, that NODES fill whole (one node
+// per stage each) and its global batch splits over (0: none).
+int64_t replicas_that_fit(const JobConfig& job, int64_t nodes);
 
 // The advice printed when a job stops with a checkpoint it can resume from;
 // NOTE (e.g. "before the divergence") follows the step it names.

@@ -1164,3 +1164,99 @@ TEST(Churn, ResumeOfACopyOfARunningJobIsRefusedAndTheRunFinishes) {
   net = Error{};  // the nodes stop
   fs::remove_all(dir);
 }
+
+// --out on a full disk (train --out-disk-full: writing the model finds its
+// directory full) does not lose the finished training: the one line says
+// that the job dir keeps its newest checkpoint and how `train --resume ...
+// --out OTHER_PATH` gets the model back; nothing is left at --out, and the
+// resume writes the model the undisturbed run makes. It said only
+// "PATH: write failed: No space left on device".
+TEST(Churn, AnOutOnAFullDiskLeavesTheJobResumableAndSaysHow) {
+  const auto& ref = reference("churn-pipeline.toml", 3, 60);
+  ASSERT_EQ(ref.status, 0) << ref.err;
+  auto dir = test::scratch("churn", "out-full");
+  auto net = own_network(dir, 2);
+  ASSERT_TRUE(net.ok()) << net.message();
+  fs::create_directories(dir / "full");
+  const std::vector<std::string> common = {"--bootstrap", net->dht.address, "--topology", data("churn-net.toml").string(),
+                                           "--peer-timeout-s", "4", "--key", (dir / "client.key").string(),
+                                           "--wait-s", "30", "--json"};
+  std::vector<std::string> first = {test::solvernet_bin(), "train", "--job", data("churn-pipeline.toml").string(),
+                                    "--steps", "60", "--job-dir", (dir / "jobs").string(), "--out",
+                                    (dir / "full" / "model.safetensors").string(), "--out-disk-full"};
+  first.insert(first.end(), common.begin(), common.end());
+  const auto failed = test::run_command(first, dir, 120s);
+  EXPECT_EQ(failed.status, 1) << failed.err;
+  const fs::path job_dir = test::only_job_dir(dir / "jobs");
+  ASSERT_FALSE(job_dir.empty());
+  const auto at = failed.err.find("solvernet train: --out " + (dir / "full" / "model.safetensors").string() + ": ");
+  ASSERT_NE(at, std::string::npos) << failed.err;
+  const std::string line = failed.err.substr(at, failed.err.find('\n', at) - at);
+  EXPECT_NE(line.find("disk full"), std::string::npos) << line;
+  EXPECT_NE(line.find("the trained model is not lost: the job dir " + job_dir.string() +
+                      " keeps its checkpoint of step 57, and solvernet train --resume " + job_dir.string() +
+                      " --bootstrap HOST:PORT --out OTHER_PATH runs the 3 step(s) after it again"),
+            std::string::npos)
+      << line;
+  EXPECT_TRUE(fs::is_empty(dir / "full")) << "something was left at --out";
+  const auto state = nlohmann::json::parse(read_file(job_dir / "state.json").value_or("{}"));
+  EXPECT_EQ(state.value("checkpoint_step", 0), 57) << state.dump(2);
+  EXPECT_EQ(state.value("finished", "?"), "") << state.dump(2);
+  std::vector<std::string> resume = {test::solvernet_bin(), "train", "--resume", job_dir.string(), "--out",
+                                     (dir / "model.safetensors").string()};
+  resume.insert(resume.end(), common.begin(), common.end());
+  const auto resumed = test::run_command(resume, dir, 120s);
+  net = Error{};  // the nodes stop
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  const auto summary = nlohmann::json::parse(resumed.out);
+  EXPECT_EQ(summary["recovery"]["resumed_from"], 57);
+  EXPECT_EQ(summary["losses"], ref.summary["losses"]);
+  EXPECT_EQ(summary["model_hash"], ref.summary["model_hash"]);
+  fs::remove_all(dir);
+}
+
+// A 2 × 2 job dir (its client killed at its first mirrored checkpoint, step
+// 3) resumed with 3 nodes up: once --wait-s is over with no fourth, it
+// starts on the 1 replica they fill whole, re-planned at that checkpoint
+// (one warning line), and ends bitwise as the run whose re-plan from the
+// checkpoint of step 3 went on uninterrupted. It stopped: "found 3 idle
+// node(s) via …, the job needs 4".
+TEST(Churn, AResumeWithTooFewNodesForItsReplicasReplansAtItsCheckpoint) {
+  const auto& replanned = replanned_run();
+  ASSERT_EQ(replanned.status, 0) << replanned.err;
+  auto dir = test::scratch("churn", "resume-replan");
+  // A short lease: the killed client's nodes are taken over after 3 s.
+  auto net = own_network(dir, 4, {}, {"--lease-s", "6"});
+  ASSERT_TRUE(net.ok()) << net.message();
+  const std::vector<std::string> common = {"--bootstrap", net->dht.address, "--topology", data("churn-net.toml").string(),
+                                           "--peer-timeout-s", "4", "--key", (dir / "client.key").string(), "--json"};
+  std::vector<std::string> first = {test::solvernet_bin(), "train", "--job", data("churn.toml").string(), "--job-dir",
+                                    (dir / "jobs").string(), "--wait-s", "30", "--kill-self-at-mirror", "1"};
+  first.insert(first.end(), common.begin(), common.end());
+  const auto killed = test::run_command(first, dir, 120s);
+  ASSERT_EQ(killed.status, 128 + SIGKILL) << killed.err;
+  const fs::path job_dir = test::only_job_dir(dir / "jobs");
+  ASSERT_FALSE(job_dir.empty());
+  net->nodes[3].kill_now();
+  std::vector<std::string> resume = {test::solvernet_bin(), "train", "--resume", job_dir.string(), "--wait-s", "5",
+                                     "--out", (dir / "model.safetensors").string()};
+  resume.insert(resume.end(), common.begin(), common.end());
+  const auto resumed = test::run_command(resume, dir, 120s);
+  net = Error{};  // the nodes stop
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  EXPECT_NE(resumed.err.find("train: found 3 idle node(s) of the 4 that 2 stages × 2 replicas need; resuming on 1 "
+                             "replica(s) from its checkpoint of step 3"),
+            std::string::npos)
+      << resumed.err;
+  const auto summary = nlohmann::json::parse(resumed.out);
+  EXPECT_EQ(summary["recovery"]["resumed_from"], 3);
+  EXPECT_EQ(summary["replicas"], 1);
+  ASSERT_EQ(summary["recovery"]["recoveries"].size(), 1u) << summary["recovery"].dump(2);
+  EXPECT_EQ(summary["recovery"]["recoveries"][0]["kind"], "re-plan");
+  EXPECT_EQ(summary["losses"], replanned.summary["losses"]);
+  EXPECT_EQ(summary["model_hash"], replanned.summary["model_hash"]);
+  // Only the renumbered layout is left.
+  EXPECT_FALSE(fs::is_directory(job_dir / "checkpoints"));
+  EXPECT_TRUE(fs::is_directory(job_dir / "checkpoints-1"));
+  fs::remove_all(dir);
+}

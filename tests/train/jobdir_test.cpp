@@ -102,6 +102,15 @@ class JobDir : public ::testing::Test {
     edit(job);
     ASSERT_TRUE(train::write_job_file(job_dir_, job).ok());
   }
+  // Whether process PID holds the job dir's lock within 30 s (a --resume
+  // takes it before it reads the job dir).
+  bool holds_the_lock(pid_t pid) const {
+    const std::string holder = std::to_string(pid) + "\n";
+    for (auto until = std::chrono::steady_clock::now() + 30s;
+         read_file(job_dir_ / "lock").value_or("") != holder && std::chrono::steady_clock::now() < until;)
+      std::this_thread::sleep_for(50ms);
+    return read_file(job_dir_ / "lock").value_or("") == holder;
+  }
   void expect_refused(const test::CommandRun& r, const std::string& needle) const {
     EXPECT_EQ(r.status, 2) << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "not one line:\n" << r.err;
@@ -361,11 +370,7 @@ TEST_F(JobDir, ASecondResumeOfAJobDirInUseIsRefusedNamingTheFirst) {
                                     dht->address, "--wait-s", "60"},
                                    options);
   ASSERT_TRUE(first.ok()) << first.message();
-  const std::string holder = std::to_string(first->pid()) + "\n";
-  for (auto until = std::chrono::steady_clock::now() + 30s;
-       read_file(job_dir_ / "lock").value_or("") != holder && std::chrono::steady_clock::now() < until;)
-    std::this_thread::sleep_for(50ms);
-  ASSERT_EQ(read_file(job_dir_ / "lock").value_or(""), holder) << read_file(dir_ / "first.log").value_or("");
+  ASSERT_TRUE(holds_the_lock(first->pid())) << read_file(dir_ / "first.log").value_or("");
   expect_refused(resume(), fmt::format("job dir {} is in use by another process (pid {})", job_dir_.string(),
                                        first->pid()));
   first->kill_now();
@@ -514,6 +519,69 @@ TEST(KilledMidMirror, TheJobDirResumesToTheUndisturbedModel) {
   EXPECT_EQ(summary["model_hash"], want["model_hash"]);
   net = Error{};  // the nodes stop
   fs::remove_all(dir);
+}
+
+// The job dir as a re-plan onto replica group 0 of 2 leaves it at its
+// checkpoint of step 3: the roles in checkpoints-1, state.json naming that
+// layout, 1 replica of the 2 planned, and the job as it ran (1 replica).
+void replan_stopped_job(const fs::path& job_dir) {
+  train::CheckpointMirror mirror(job_dir, 2, 2);
+  ASSERT_TRUE(mirror.renumber_replicas({0}).ok());
+  JobConfig ran = churn_job();
+  ran.parallel.replicas = 1;
+  rewrite_state(job_dir, [&](nlohmann::json& j) {
+    j["replicas"] = 1;
+    j["planned_replicas"] = 2;
+    j["replanned"] = true;
+    j["layout"] = mirror.layout();
+    j["job_toml"] = job_to_toml(ran);
+  });
+  mirror.remove_retired_layout();
+}
+
+// After a re-plan --resume checks the roles against state.json's replicas
+// (job.toml keeps the planned ones), and its refusal names what it checked:
+// it said "are of 2 stages × 2 replicas, job.toml asks for 2 × 2".
+TEST_F(JobDir, AfterAReplanTheRefusalNamesTheReplicasItChecked) {
+  rewrite_state(job_dir_, [](nlohmann::json& j) {
+    j["replicas"] = 1;
+    j["planned_replicas"] = 2;
+    j["replanned"] = true;
+  });
+  expect_refused(resume(), "its checkpoints of step 3 are of 2 stages × 2 replicas, the job runs on 2 × 1 (job.toml's "
+                           "stages, state.json's replicas: re-planned from 2)");
+}
+
+// Ctrl-C of a --resume --json before any node came (stdout stays for the
+// summary; no wait line on stderr) ends it, exit 130, with one line on
+// stderr: the interruption and the advice, naming the directory that holds
+// the checkpoints after a re-plan (it named JOB_DIR/checkpoints, which the
+// re-plan deleted).
+TEST_F(JobDir, CtrlCOfAResumeSaysSoInOneLineNamingTheReplannedLayout) {
+  replan_stopped_job(job_dir_);
+  ASSERT_FALSE(fs::exists(job_dir_ / "checkpoints"));
+  auto dht = test::start_dht(dir_ / "dht.log");
+  ASSERT_TRUE(dht.ok()) << dht.message();
+  SpawnOptions options;
+  options.stdout_path = dir_ / "out.txt";
+  options.stderr_path = dir_ / "err.txt";
+  auto resume = ChildProcess::spawn({test::solvernet_bin(), "train", "--resume", job_dir_.string(), "--bootstrap",
+                                     dht->address, "--wait-s", "60", "--json"},
+                                    options);
+  ASSERT_TRUE(resume.ok()) << resume.message();
+  ASSERT_TRUE(holds_the_lock(resume->pid())) << read_file(dir_ / "err.txt").value_or("");
+  ::kill(resume->pid(), SIGINT);
+  const auto status = resume->wait_for(30s);
+  const std::string err = read_file(dir_ / "err.txt").value_or("");
+  ASSERT_TRUE(status.has_value()) << err;
+  EXPECT_EQ(*status, 130) << err;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << "not one line:\n" << err;
+  EXPECT_NE(err.find("solvernet train: interrupted while "), std::string::npos) << err;
+  EXPECT_NE(err.find("the job stopped at its checkpoint of step 3 in " + (job_dir_ / "checkpoints-1").string() +
+                     "; continue it with: solvernet train --resume " + job_dir_.string()),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(read_file(dir_ / "out.txt").value_or(""), "");
 }
 
 }  // namespace
