@@ -91,7 +91,7 @@ Result<std::unique_ptr<ActivationBuffer>> ActivationBuffer::open(
     return make_error("aqsgd: cannot stat {}: {}", path.string(), std::strerror(errno));
   const bool fresh = info.st_size == 0;
   if (fresh) {
-    // Sparse: the slots cost disk only once written, and read as "absent".
+    // Empty slots read as "absent" (zeros), reserved below or not.
     if (::ftruncate(buffer->fd_, static_cast<off_t>(file_bytes)) != 0)
       return make_error("aqsgd: cannot size {} to {} bytes: {}", path.string(), file_bytes,
                         std::strerror(errno));
@@ -99,6 +99,18 @@ Result<std::unique_ptr<ActivationBuffer>> ActivationBuffer::open(
     return make_error("aqsgd: {} is not a buffer file (only {} bytes)", path.string(), info.st_size);
   }
   buffer->map_bytes_ = fresh ? file_bytes : static_cast<size_t>(info.st_size);
+  // The mapping is written through stores, which cannot return ENOSPC: a page
+  // a full disk cannot back kills the process with SIGBUS. Reserving every
+  // block now turns that into this error, before the job relies on the buffer.
+  if (const int err = ::posix_fallocate(buffer->fd_, 0, static_cast<off_t>(buffer->map_bytes_)); err != 0) {
+    if (fresh) ::unlink(path.c_str());  // a later open must not take the unreserved file as made
+    if (err == ENOSPC || err == EDQUOT)
+      return kind_error(ErrorKind::resource_exhausted, "{}: disk full ({}; the AQ-SGD buffer needs {} bytes)",
+                        path.string(), std::strerror(err), buffer->map_bytes_);
+    if (err != EOPNOTSUPP && err != EINVAL)  // a filesystem without fallocate: stores still work while it has room
+      return make_error("aqsgd: cannot reserve {} bytes for {}: {}", buffer->map_bytes_, path.string(),
+                        std::strerror(err));
+  }
   void* map = ::mmap(nullptr, buffer->map_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, buffer->fd_, 0);
   if (map == MAP_FAILED) {
     buffer->map_bytes_ = 0;

@@ -18,7 +18,9 @@ namespace sn::compress::detail {
 
 class ActivationBuffer {
  public:
-  // Creates the file (sparse, all slots empty) or reopens it; a file made for
+  // Creates the file (all slots empty) or reopens it, and reserves its blocks:
+  // a disk without room for it is an error here (resource_exhausted, "PATH:
+  // disk full (…)"), not a SIGBUS at a later store. A file made for
   // another sample count or shape is an error. Holds an exclusive flock on it.
   static Result<std::unique_ptr<ActivationBuffer>> open(const ActivationBufferOptions& options);
   ~ActivationBuffer();
