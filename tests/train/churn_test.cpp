@@ -816,9 +816,10 @@ TEST(Churn, AClientKilledMidReplanLeavesAJobDirThatResumes) {
 // looks for idle nodes to grow back with. That look waited for the DHT on
 // the training path, which without its bootstrap took at least 2 s each time
 // (an every-step job ran ~5x slower); the idle-node list is now kept by a
-// thread of its own, so the job completes and no step after the re-plan
-// takes 2 s (measured: 0.01-0.05 s, and 0.25-1.0 s at the checkpoints, which
-// mirror the members' checkpoints; a look for the DHT added at least 2 s).
+// thread of its own, so the job completes, no step between checkpoints takes
+// 2 s and the checkpoint steps' median stays under 2 s (measured: 0.01-0.05 s, and 0.25-1.0 s at the checkpoints, which
+// mirror the members' checkpoints, up to 2.7 s on a loaded machine; a look for
+// the DHT added at least 2 s to every checkpoint step).
 TEST(Churn, DeadBootstrapDoesNotSlowTheStepsOfAReplannedJob) {
   auto dir = test::scratch("churn", "dead-dht");
   auto net = own_network(dir, 4);
@@ -846,11 +847,21 @@ TEST(Churn, DeadBootstrapDoesNotSlowTheStepsOfAReplannedJob) {
   EXPECT_EQ(recoveries[0]["kind"], "re-plan");
   const auto& seconds = summary["step_seconds"];
   ASSERT_EQ(seconds.size(), 30u) << summary.dump(2);
-  // The steps run after the re-plan, without the bootstrap.
+  // The steps run after the re-plan, without the bootstrap. A look for the
+  // DHT at every checkpoint added at least 2 s to each checkpoint step; the
+  // checkpoint steps themselves (they mirror the members' checkpoints) took up
+  // to 2.7 s on a loaded machine, so their median is bounded, not each one.
+  std::vector<double> checkpoint_steps;
   for (size_t i = recoveries[0]["restored_step"].get<size_t>(); i < seconds.size(); ++i) {
     ASSERT_TRUE(seconds[i].is_number()) << "step " << i + 1 << ": " << seconds.dump();
-    EXPECT_LT(seconds[i].get<double>(), 2.0) << "step " << i + 1 << ": " << seconds.dump();
+    if ((i + 1) % 3 == 0)
+      checkpoint_steps.push_back(seconds[i].get<double>());
+    else
+      EXPECT_LT(seconds[i].get<double>(), 2.0) << "step " << i + 1 << ": " << seconds.dump();
   }
+  ASSERT_FALSE(checkpoint_steps.empty()) << seconds.dump();
+  std::sort(checkpoint_steps.begin(), checkpoint_steps.end());
+  EXPECT_LT(checkpoint_steps[checkpoint_steps.size() / 2], 2.0) << "checkpoint steps: " << seconds.dump();
   net = Error{};  // the nodes stop
   fs::remove_all(dir);
 }
