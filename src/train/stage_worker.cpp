@@ -4,6 +4,7 @@
 
 #include <sodium.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -244,8 +245,19 @@ Result<std::unique_ptr<StageWorker>> StageWorker::build(const solvernet::v1::Set
                                       [&](const CheckpointFile& f) { return f.name == file; });
       if (!listed) continue;  // a checkpoint without buffers: they go on from the live files
       std::error_code ec;
-      std::filesystem::copy_file(restore_from->dir() / file, path, std::filesystem::copy_options::overwrite_existing, ec);
-      if (ec) return make_error("cannot restore {} from {}: {}", path.string(), (restore_from->dir() / file).string(), ec.message());
+      const auto source = restore_from->dir() / file;
+      std::filesystem::copy_file(source, path, std::filesystem::copy_options::overwrite_existing, ec);
+      if (ec) {
+        std::error_code ignored;
+        std::filesystem::remove(path, ignored);  // a partial buffer must not be taken for this step's
+        // copy_file's sendfile reports a full tmpfs as EIO: ask the filesystem whether the copy fits.
+        const auto room = std::filesystem::space(path.parent_path(), ignored).available;
+        const auto needed = std::filesystem::file_size(source, ignored);
+        if (ec.value() == ENOSPC || ec.value() == EDQUOT || (!ignored && room < needed))
+          return kind_error(ErrorKind::resource_exhausted, "{}: disk full ({}; restoring it from {} needs {} bytes)",
+                            path.string(), ec.message(), source.string(), needed);
+        return make_error("cannot restore {} from {}: {}", path.string(), source.string(), ec.message());
+      }
     }
   }
   if (!restore_from && !w->offline_)
