@@ -62,8 +62,11 @@ static void note_stop_signals_from_the_start(int, char**, char** env) {
   struct sigaction action {};
   action.sa_handler = [](int signal_number) { sn::note_stop_signal(signal_number); };
   sigemptyset(&action.sa_mask);
-  sigaction(SIGINT, &action, &inherited_sigint);
-  sigaction(SIGTERM, &action, &inherited_sigterm);
+  // A signal inherited as ignored (a background job of a script) stays ignored.
+  sigaction(SIGINT, nullptr, &inherited_sigint);
+  sigaction(SIGTERM, nullptr, &inherited_sigterm);
+  if (inherited_sigint.sa_handler != SIG_IGN) sigaction(SIGINT, &action, nullptr);
+  if (inherited_sigterm.sa_handler != SIG_IGN) sigaction(SIGTERM, &action, nullptr);
   // Started again by main(): the stop signals it blocked (one may be pending) come here now.
   // Plain C: libstdc++'s own initializers have not run yet.
   const size_t length = std::strlen(kStopsBlockedForExec);
