@@ -318,7 +318,7 @@ TEST(Churn, NoSpareReplansOnFewerReplicas) {
 // checkpoint), and the job finishes on them.
 TEST(Churn, ReplannedJobGrowsBackWhenANodeJoins) {
   auto run = devnet("grow", "churn.toml",
-                    {"--nodes", "4", "--spares", "0", "--spare-wait-s", "0", "--steps", "30", "--kill-at", "4:1.1",
+                    {"--nodes", "4", "--spares", "0", "--spare-wait-s", "0", "--steps", "60", "--kill-at", "4:1.1",
                      "--kill-delay-ms", "30", "--join-at-step", "7"});
   ASSERT_EQ(run.status, 0) << run.err;
   ASSERT_TRUE(run.summary.contains("recovery")) << run.summary.dump(2) << run.err;
@@ -337,7 +337,7 @@ TEST(Churn, ReplannedJobGrowsBackWhenANodeJoins) {
   EXPECT_EQ(at_end[1].size(), 2u);
   EXPECT_TRUE(run.summary["recovery"]["idle_spares"].empty());
   const auto losses = run.summary["losses"].get<std::vector<double>>();
-  ASSERT_EQ(losses.size(), 30u);
+  ASSERT_EQ(losses.size(), 60u);
   for (double loss : losses) ASSERT_TRUE(std::isfinite(loss));
   EXPECT_LT(losses.back(), losses.front());
   fs::remove_all(run.devnet_dir);
